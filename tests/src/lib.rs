@@ -1,0 +1,170 @@
+//! Helpers for ferrolb's end-to-end tests on netns labs (the tests are in `tests/tests/`).
+//!
+//! - [`require`]: a test that needs root and host tools runs when it can; when it cannot, it
+//!   fails if `CI` is set and otherwise prints why it skipped.
+//! - [`TestLab`]: a lab under a unique per-run name and lab directory, torn down on drop
+//!   (on panic too); its directory (node logs) is kept only when the test failed.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use ferrolb_lab::{Lab, LabError, UpOptions};
+
+/// Checks what a privileged test needs: root and the named programs. Returns false (the test
+/// should return) when something is missing and `CI` is not set; panics when `CI` is set.
+pub fn require(test: &str, programs: &[&str]) -> bool {
+    let mut missing = Vec::new();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        missing.push("root".to_string());
+    }
+    for p in programs {
+        if !program_exists(p) {
+            missing.push(format!("program '{p}'"));
+        }
+    }
+    if missing.is_empty() {
+        return true;
+    }
+    let why = format!("{test}: cannot run: missing {}", missing.join(", "));
+    if std::env::var_os("CI").is_some() {
+        panic!("{why} (CI is set, so this is a failure; run scripts/deps.sh)");
+    }
+    eprintln!("SKIPPED {why} (set CI=1 to make this a failure)");
+    false
+}
+
+fn program_exists(p: &str) -> bool {
+    if p.starts_with('/') {
+        return Path::new(p).exists();
+    }
+    std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|d| d.join(p).is_file()))
+        .unwrap_or(false)
+}
+
+/// Programs every FRR lab needs.
+pub const FRR_LAB: &[&str] = &[
+    "ip",
+    "nft",
+    "ethtool",
+    "sysctl",
+    "ping",
+    "vtysh",
+    "/usr/lib/frr/frrinit.sh",
+];
+
+/// The repository root.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+/// A lab name unique to this process and call: `t<pid>-<n>-<label>`.
+pub fn unique_name(label: &str) -> String {
+    static SEQ: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "t{}-{}-{label}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A lab owned by one test.
+pub struct TestLab {
+    lab: Option<Lab>,
+    dir: PathBuf,
+}
+
+impl TestLab {
+    /// Brings `topology` (relative to the repository root) up under a unique name, with
+    /// `exec` failures treated as errors.
+    pub fn up(topology: &str, label: &str) -> Result<TestLab, LabError> {
+        let name = unique_name(label);
+        let dir = std::env::temp_dir().join("ferrolb-tests").join(&name);
+        let opts = UpOptions {
+            name: Some(name),
+            lab_dir: Some(dir.clone()),
+            strict_exec: true,
+            ..UpOptions::default()
+        };
+        let lab = Lab::up(repo_root().join(topology), opts)?;
+        Ok(TestLab {
+            lab: Some(lab),
+            dir,
+        })
+    }
+
+    /// Tears the lab down now, returning what could not be removed.
+    pub fn down(mut self) -> Result<(), LabError> {
+        match self.lab.take() {
+            Some(lab) => lab.down(),
+            None => Ok(()),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+}
+
+impl std::ops::Deref for TestLab {
+    type Target = Lab;
+    fn deref(&self) -> &Lab {
+        // Only `down` and `drop` take the lab, and both consume or end the TestLab.
+        self.lab
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("lab already torn down"))
+    }
+}
+
+impl Drop for TestLab {
+    fn drop(&mut self) {
+        if let Some(lab) = self.lab.take()
+            && let Err(e) = lab.down()
+        {
+            eprintln!("teardown of {} incomplete: {e}", self.dir.display());
+        }
+        if std::thread::panicking() {
+            eprintln!("lab directory kept for debugging: {}", self.dir.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// The state of a BGP neighbour as FRR reports it (`show bgp summary json`).
+pub fn frr_bgp_state(lab: &Lab, node: &str, peer: &str) -> Result<String, LabError> {
+    let v = lab.vtysh_json(node, "show bgp summary json")?;
+    Ok(v["ipv4Unicast"]["peers"][peer]["state"]
+        .as_str()
+        .unwrap_or("absent")
+        .to_string())
+}
+
+/// The BFD status of a peer as FRR reports it (`show bfd peers json`): "up", "down", ...
+pub fn frr_bfd_status(lab: &Lab, node: &str, peer: &str) -> Result<String, LabError> {
+    let v = lab.vtysh_json(node, "show bfd peers json")?;
+    Ok(v.as_array()
+        .and_then(|a| a.iter().find(|p| p["peer"].as_str() == Some(peer)))
+        .and_then(|p| p["status"].as_str())
+        .unwrap_or("absent")
+        .to_string())
+}
+
+/// Waits until FRR on `node` has the BGP session to `peer` Established.
+pub fn wait_established(
+    lab: &Lab,
+    node: &str,
+    peer: &str,
+    timeout: Duration,
+) -> Result<Duration, LabError> {
+    lab.wait_until(
+        &format!("{node}: BGP to {peer} Established"),
+        timeout,
+        || Ok(frr_bgp_state(lab, node, peer)? == "Established"),
+    )
+}
