@@ -347,3 +347,75 @@ fn containerlab_bgp_ecmp_gives_the_tor_two_paths_and_ha_pair_prefers_lb1() {
         "ha-pair best path must be lb1: {route}"
     );
 }
+
+#[test]
+fn stages_wait_for_healthcheck_and_startup_delay_order_the_nodes() {
+    if !require("stages", &["ip", "ethtool", "sysctl", "date"]) {
+        return;
+    }
+    let dir = std::env::temp_dir()
+        .join("ferrolb-tests")
+        .join(ferrolb_tests::unique_name("stages"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let topo = dir.join("stages.clab.yml");
+    // b is listed first, so only its wait-for keeps it from configuring before a.
+    // b configures only once a is healthy (a's healthcheck passes ~0.5 s after its exec);
+    // c starts 1 s late by startup-delay and holds up nobody.
+    std::fs::write(
+        &topo,
+        r#"name: stages
+topology:
+  defaults: {kind: linux, image: alpine:3, cmd: sleep 60}
+  nodes:
+    b:
+      exec: ["sh -c 'date +%s%N > /var/log/start'"]
+      stages:
+        configure:
+          wait-for: [{node: a, stage: healthy}]
+          exec: [{command: "sh -c 'date +%s%N > /var/log/stage-exit'", phase: on-exit}]
+    a:
+      exec: ["sh -c 'sleep 0.5; date +%s%N > /var/log/done'"]
+      healthcheck: {test: ["CMD-SHELL", "test -f /var/log/done"], interval: 1, retries: 5}
+    c:
+      startup-delay: 1
+      exec: ["sh -c 'date +%s%N > /var/log/start'"]
+  links:
+    - endpoints: [a:eth1, b:eth1]
+"#,
+    )
+    .unwrap();
+    let opts = UpOptions {
+        name: Some(ferrolb_tests::unique_name("stages")),
+        lab_dir: Some(dir.join("lab")),
+        strict_exec: true,
+        ..Default::default()
+    };
+    let t0 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let lab = Lab::up(&topo, opts).expect("up");
+    let read = |node: &str, f: &str| -> u128 {
+        std::fs::read_to_string(lab.log_dir(node).join(f))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let (a_done, b_start, b_exit, c_start) = (
+        read("a", "done"),
+        read("b", "start"),
+        read("b", "stage-exit"),
+        read("c", "start"),
+    );
+    assert!(b_start > a_done, "b configured before a was healthy");
+    assert!(b_exit >= b_start, "on-exit ran before the stage's exec");
+    assert!(c_start >= t0 + 1_000_000_000, "startup-delay not honoured");
+    // c's delay did not hold up a and b: they were done well before c started.
+    assert!(
+        a_done < c_start && b_start < c_start,
+        "a={a_done} b={b_start} c={c_start}"
+    );
+    lab.down().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
