@@ -766,11 +766,16 @@ impl Lab {
         let Some(spec) = node.stages.get(&stage) else {
             return Ok(());
         };
-        if !self.fds.contains_key(&node.name) {
-            // create/on-enter runs once the namespaces exist (there is no container before).
-            if stage == Stage::Create && phase == Phase::OnEnter {
-                return Ok(());
+        // There is no node before `create`: its on-enter commands run with its on-exit ones.
+        let effective = |p: Phase| {
+            if stage == Stage::Create {
+                Phase::OnExit
+            } else {
+                p
             }
+        };
+        if effective(phase) != phase {
+            return Ok(());
         }
         let magic = Magic {
             lab: &self.topo.name,
@@ -780,12 +785,7 @@ impl Lab {
         let lines: Vec<String> = spec
             .exec
             .iter()
-            .filter(|e| {
-                e.phase == phase
-                    || (stage == Stage::Create
-                        && phase == Phase::OnExit
-                        && e.phase == Phase::OnEnter)
-            })
+            .filter(|e| effective(e.phase) == phase)
             .map(|e| magic.apply(&e.command))
             .collect();
         for line in lines {
