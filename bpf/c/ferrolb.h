@@ -1,0 +1,189 @@
+/* SPDX-License-Identifier: GPL-2.0 OR Apache-2.0 */
+/*
+ * ferrolb datapath: the one header shared by the eBPF program (lb.bpf.c) and
+ * the Rust mirror (bpf/src/maps.rs). Every struct here has a #[repr(C)] twin
+ * with compile-time size and offset checks. Bump FLB_LAYOUT_VERSION whenever a
+ * struct or map definition changes: pinned maps live under .../v<layout>/ and
+ * aya does not check key/value sizes of a reused pin.
+ *
+ * Addresses are stored as four 32-bit words in network byte order. IPv4 uses
+ * word 0 and leaves words 1..3 zero, so IPv6 fits without a layout change.
+ */
+#ifndef FERROLB_H
+#define FERROLB_H
+
+#define FLB_LAYOUT_VERSION 1
+
+#define FLB_MAX_ENDPOINTS 32
+/* Lookup-table length per endpoint set: a prime, >= 100 x FLB_MAX_ENDPOINTS
+ * so Maglev spreads within about 1 % (Maglev paper, section 5.3). */
+#define FLB_LUT_SIZE 4099
+#define FLB_LUT_NONE 0xff
+#define FLB_MAX_RANGES 8
+
+#define FLB_FAMILY_V4 4
+#define FLB_FAMILY_V6 6
+
+/* NAT modes, loxilb numbering. */
+#define FLB_MODE_DNAT 0
+#define FLB_MODE_ONEARM 1
+#define FLB_MODE_FULLNAT 2
+
+/* Endpoint selection, loxilb numbering. */
+#define FLB_SEL_RR 0
+#define FLB_SEL_HASH 1
+#define FLB_SEL_PRIO 2
+#define FLB_SEL_PERSIST 3
+#define FLB_SEL_LC 4
+
+/* Conntrack TCP states (also used for UDP/ICMP: NONE then EST). */
+#define FLB_CT_NONE 0
+#define FLB_CT_SYN_SENT 1
+#define FLB_CT_SYN_RECV 2
+#define FLB_CT_EST 3
+#define FLB_CT_FIN_WAIT 4
+#define FLB_CT_TIME_WAIT 5
+#define FLB_CT_CLOSE 6
+
+/* Conntrack timeouts that do not come from the rule, in seconds. */
+#define FLB_TO_SYN_S 60
+#define FLB_TO_FIN_WAIT_S 120
+#define FLB_TO_TIME_WAIT_S 10
+#define FLB_TO_CLOSE_S 10
+
+/* flb_ct.flags */
+#define FLB_CTF_LOCAL 0x01  /* created by this node's datapath */
+#define FLB_CTF_SYNCED 0x02 /* installed from a peer's event stream */
+#define FLB_CTF_LC 0x04     /* counted in ep_conns (least-connections) */
+
+/* flb_ct.fin */
+#define FLB_FIN_ORIG 0x01
+#define FLB_FIN_REPLY 0x02
+
+/* Indexes of the per-CPU `counters` array. */
+#define FLB_CNT_DROP_FRAGMENT 0
+#define FLB_CNT_DROP_NO_ENDPOINT 1
+#define FLB_CNT_DROP_NAT_PORTS 2
+#define FLB_CNT_DROP_MALFORMED 3
+#define FLB_CNT_CT_CREATED 4
+#define FLB_CNT_EVENTS_LOST 5
+#define FLB_CNT_ICMP_ERR_XLATED 6
+#define FLB_CNT_REDIRECTED 7
+#define FLB_CNT_MAX 8
+
+/* Conntrack event types. */
+#define FLB_EV_CREATED 1
+#define FLB_EV_ESTABLISHED 2
+#define FLB_EV_CLOSED 3
+
+struct flb_svc_key {
+	__u32 addr[4];
+	__u16 port; /* network order; 0 for ICMP */
+	__u8 proto;
+	__u8 family;
+};
+
+struct flb_svc {
+	__u32 id;        /* index into svc_stats, rr_state; ep index base id*32 */
+	__u32 be_slot;   /* index into backends (double-buffered by the agent) */
+	__u32 timeout_s; /* inactivity timeout for EST TCP, UDP and ICMP */
+	__u16 port_base; /* host order: first port of the rule */
+	__u8 mode;
+	__u8 sel;
+};
+
+struct flb_range {
+	__u16 lo; /* host order, inclusive */
+	__u16 hi;
+	__u32 pad;
+	struct flb_svc svc;
+};
+
+struct flb_range_key {
+	__u32 addr[4];
+	__u8 proto;
+	__u8 family;
+	__u16 pad;
+};
+
+struct flb_ranges {
+	struct flb_range r[FLB_MAX_RANGES];
+};
+
+struct flb_ep {
+	__u32 addr[4];
+	__u32 snat_addr[4]; /* one-arm: source address toward this endpoint */
+	__u16 port;         /* host order; 0 keeps the client's port */
+	__u16 weight;
+	__u8 active;
+	__u8 pad[3];
+};
+
+struct flb_backends {
+	__u32 count;   /* used entries of ep[] */
+	__u32 lut_len; /* used entries of lut[] */
+	struct flb_ep ep[FLB_MAX_ENDPOINTS];
+	__u8 lut[FLB_LUT_SIZE]; /* endpoint indexes; FLB_LUT_NONE = empty */
+	__u8 pad[5];
+};
+
+struct flb_ct_key {
+	__u32 saddr[4];
+	__u32 daddr[4];
+	__u16 sport; /* network order; ICMP echo: identifier */
+	__u16 dport; /* network order; ICMP echo: 0 */
+	__u8 proto;
+	__u8 family;
+	__u16 zone;
+};
+
+/* One entry per direction. The entry alone describes the translation:
+ * rewrite (saddr, sport, daddr, dport) of a packet matching the key to
+ * (nat_saddr, nat_sport, nat_daddr, nat_dport). The other direction's key is
+ * (nat_daddr, nat_dport) -> (nat_saddr, nat_sport) (ICMP: ports id, 0). */
+struct flb_ct {
+	__u32 nat_saddr[4];
+	__u32 nat_daddr[4];
+	__u16 nat_sport;
+	__u16 nat_dport;
+	__u32 svc_id;
+	__u32 timeout_s;
+	__u16 ep_idx;
+	__u16 origin; /* node id that created the entry */
+	__u8 dir;     /* 0 original (client -> VIP), 1 reply */
+	__u8 state;
+	__u8 flags;
+	__u8 mode;
+	__u8 fin;
+	__u8 pad[3];
+	__u64 created_ns; /* CLOCK_MONOTONIC */
+	__u64 last_ns;
+	__u64 packets;
+	__u64 bytes;
+};
+
+struct flb_ct_event {
+	__u32 type;
+	__u32 pad;
+	struct flb_ct_key key;
+	struct flb_ct val;
+};
+
+struct flb_affinity_key {
+	__u32 svc_id;
+	__u32 pad;
+	__u32 addr[4];
+};
+
+struct flb_affinity {
+	__u32 ep_idx;
+	__u32 pad;
+	__u64 last_ns;
+};
+
+struct flb_stats {
+	__u64 packets;
+	__u64 bytes;
+};
+
+#endif

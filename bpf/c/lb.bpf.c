@@ -1,0 +1,850 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * ferrolb L4 load-balancer datapath, TC ingress.
+ *
+ * Per packet: parse (parse_v4) -> conntrack lookup (ct_lookup) -> on a miss,
+ * service lookup and endpoint selection (svc_lookup, select_ep) and creation
+ * of both conntrack entries (ct_create) -> translation (xlate_v4) -> forward
+ * (fwd_v4: FIB lookup and redirect, so a rewritten source address that is
+ * local to this node is never seen by the stack's martian-source check).
+ * These steps are separate inline functions so an XDP entry can reuse them.
+ *
+ * Traffic that is neither tracked nor addressed to a service passes
+ * untouched (TC_ACT_OK). IPv4 fragments addressed to a service VIP are
+ * dropped and counted (FLB_CNT_DROP_FRAGMENT): only the first fragment
+ * carries ports, so they cannot be balanced consistently. ICMP errors about
+ * a tracked flow are translated back (inner and outer headers).
+ */
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/ip.h>
+#include <linux/in.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "ferrolb.h"
+
+/* <linux/icmp.h> drags in libc socket headers that do not build for BPF. */
+struct icmphdr {
+	__u8 type;
+	__u8 code;
+	__sum16 checksum;
+	union {
+		struct {
+			__be16 id;
+			__be16 sequence;
+		} echo;
+		__be32 gateway;
+	} un;
+};
+#define ICMP_ECHOREPLY 0
+#define ICMP_DEST_UNREACH 3
+#define ICMP_ECHO 8
+#define ICMP_TIME_EXCEEDED 11
+#define ICMP_PARAMETERPROB 12
+
+char _license[] SEC("license") = "GPL";
+
+/* Patched at load time by the agent. */
+volatile const __u16 NODE_ID = 0;
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct flb_svc_key);
+	__type(value, struct flb_svc);
+	__uint(max_entries, 4096);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+} services SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct flb_range_key);
+	__type(value, struct flb_ranges);
+	__uint(max_entries, 1024);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+} ranges SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct flb_backends);
+	__uint(max_entries, 8192);
+} backends SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct flb_ct_key);
+	__type(value, struct flb_ct);
+	__uint(max_entries, 1048576);
+} conntrack SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct flb_affinity_key);
+	__type(value, struct flb_affinity);
+	__uint(max_entries, 65536);
+} affinity SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(max_entries, 4096);
+} rr_state SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(max_entries, 4096 * FLB_MAX_ENDPOINTS);
+} ep_conns SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct flb_stats);
+	__uint(max_entries, 4096);
+} svc_stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct flb_stats);
+	__uint(max_entries, 4096 * FLB_MAX_ENDPOINTS);
+} ep_stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, FLB_CNT_MAX);
+} counters SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 20);
+} events SEC(".maps");
+
+#define IP_MF 0x2000
+#define IP_OFFSET 0x1fff
+#define ETH_HLEN_ 14
+#define IP_CSUM_OFF (ETH_HLEN_ + offsetof(struct iphdr, check))
+#define IP_SRC_OFF (ETH_HLEN_ + offsetof(struct iphdr, saddr))
+#define IP_DST_OFF (ETH_HLEN_ + offsetof(struct iphdr, daddr))
+#define IP_TTL_OFF (ETH_HLEN_ + offsetof(struct iphdr, ttl))
+
+#ifndef AF_INET
+#define AF_INET 2
+#endif
+
+struct pkt {
+	__u32 l4off;
+	__u32 len;
+	__u32 saddr;
+	__u32 daddr;
+	__u16 sport;
+	__u16 dport;
+	__u8 proto;
+	__u8 tcp_flags; /* FIN 0x01 SYN 0x02 RST 0x04 ACK 0x10 */
+	__u8 icmp_type;
+	__u8 is_icmp_err;
+	__u8 frag;
+};
+
+static __always_inline void count(__u32 idx)
+{
+	__u64 *c = bpf_map_lookup_elem(&counters, &idx);
+	if (c)
+		*c += 1;
+}
+
+static __always_inline void stats_add(void *map, __u32 idx, __u32 len)
+{
+	struct flb_stats *s = bpf_map_lookup_elem(map, &idx);
+	if (s) {
+		s->packets += 1;
+		s->bytes += len;
+	}
+}
+
+static __always_inline __u32 l4_csum_off(__u8 proto)
+{
+	if (proto == IPPROTO_TCP)
+		return offsetof(struct tcphdr, check);
+	if (proto == IPPROTO_UDP)
+		return offsetof(struct udphdr, check);
+	return offsetof(struct icmphdr, checksum);
+}
+
+/* Parse Ethernet + IPv4 + the L4 header fields we need. Returns 0 when the
+ * packet is IPv4 with a parsable L4 header (or a non-first fragment), -1 to
+ * pass it untouched. */
+static __always_inline int parse_v4(struct __sk_buff *skb, struct pkt *p)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	if ((void *)(eth + 1) > end)
+		return -1;
+	if (eth->h_proto != bpf_htons(ETH_P_IP))
+		return -1;
+	struct iphdr *ip = (void *)(eth + 1);
+	if ((void *)(ip + 1) > end)
+		return -1;
+	if (ip->ihl < 5 || ip->version != 4)
+		return -1;
+	p->l4off = ETH_HLEN_ + ip->ihl * 4;
+	p->len = skb->len;
+	p->saddr = ip->saddr;
+	p->daddr = ip->daddr;
+	p->proto = ip->protocol;
+	p->frag = (ip->frag_off & bpf_htons(IP_MF | IP_OFFSET)) != 0;
+	if (p->frag)
+		return 0;
+	if (p->proto == IPPROTO_TCP) {
+		struct tcphdr tcp;
+		if (bpf_skb_load_bytes(skb, p->l4off, &tcp, sizeof(tcp)) < 0)
+			return -1;
+		p->sport = tcp.source;
+		p->dport = tcp.dest;
+		p->tcp_flags = ((__u8 *)&tcp)[13];
+	} else if (p->proto == IPPROTO_UDP) {
+		struct udphdr udp;
+		if (bpf_skb_load_bytes(skb, p->l4off, &udp, sizeof(udp)) < 0)
+			return -1;
+		p->sport = udp.source;
+		p->dport = udp.dest;
+	} else if (p->proto == IPPROTO_ICMP) {
+		struct icmphdr icmp;
+		if (bpf_skb_load_bytes(skb, p->l4off, &icmp, sizeof(icmp)) < 0)
+			return -1;
+		p->icmp_type = icmp.type;
+		if (icmp.type == ICMP_ECHO || icmp.type == ICMP_ECHOREPLY) {
+			p->sport = icmp.un.echo.id;
+			p->dport = 0;
+		} else if (icmp.type == ICMP_DEST_UNREACH || icmp.type == ICMP_TIME_EXCEEDED ||
+			   icmp.type == ICMP_PARAMETERPROB) {
+			p->is_icmp_err = 1;
+		} else {
+			return -1;
+		}
+	} else {
+		return -1;
+	}
+	return 0;
+}
+
+static __always_inline void ct_key_v4(struct flb_ct_key *k, __u32 s, __u32 d, __u16 sp, __u16 dp,
+				      __u8 proto)
+{
+	__builtin_memset(k, 0, sizeof(*k));
+	k->saddr[0] = s;
+	k->daddr[0] = d;
+	k->sport = sp;
+	k->dport = dp;
+	k->proto = proto;
+	k->family = FLB_FAMILY_V4;
+}
+
+/* The key of the other direction of the flow an entry belongs to. */
+static __always_inline void ct_peer_key(struct flb_ct_key *pk, const struct flb_ct_key *k,
+					const struct flb_ct *v)
+{
+	__builtin_memset(pk, 0, sizeof(*pk));
+	pk->saddr[0] = v->nat_daddr[0];
+	pk->daddr[0] = v->nat_saddr[0];
+	pk->proto = k->proto;
+	pk->family = k->family;
+	if (k->proto == IPPROTO_ICMP) {
+		pk->sport = v->nat_sport;
+		pk->dport = 0;
+	} else {
+		pk->sport = v->nat_dport;
+		pk->dport = v->nat_sport;
+	}
+}
+
+static __always_inline __u64 ct_timeout_ns(const struct flb_ct *v, __u8 proto)
+{
+	__u32 s = v->timeout_s;
+	if (proto == IPPROTO_TCP) {
+		switch (v->state) {
+		case FLB_CT_SYN_SENT:
+		case FLB_CT_SYN_RECV:
+			s = FLB_TO_SYN_S;
+			break;
+		case FLB_CT_FIN_WAIT:
+			s = FLB_TO_FIN_WAIT_S;
+			break;
+		case FLB_CT_TIME_WAIT:
+			s = FLB_TO_TIME_WAIT_S;
+			break;
+		case FLB_CT_CLOSE:
+			s = FLB_TO_CLOSE_S;
+			break;
+		default:
+			break;
+		}
+	}
+	return (__u64)s * 1000000000ULL;
+}
+
+static __always_inline void emit(__u32 type, const struct flb_ct_key *k, const struct flb_ct *v)
+{
+	struct flb_ct_event *ev = bpf_ringbuf_reserve(&events, sizeof(*ev), 0);
+	if (!ev) {
+		count(FLB_CNT_EVENTS_LOST);
+		return;
+	}
+	ev->type = type;
+	ev->pad = 0;
+	__builtin_memcpy(&ev->key, k, sizeof(*k));
+	__builtin_memcpy(&ev->val, v, sizeof(*v));
+	bpf_ringbuf_submit(ev, 0);
+}
+
+static __always_inline void lc_dec(const struct flb_ct *v)
+{
+	if (!(v->flags & FLB_CTF_LC))
+		return;
+	__u32 idx = v->svc_id * FLB_MAX_ENDPOINTS + (v->ep_idx & (FLB_MAX_ENDPOINTS - 1));
+	__u32 *c = bpf_map_lookup_elem(&ep_conns, &idx);
+	if (c && *c > 0)
+		__sync_fetch_and_add(c, -1);
+}
+
+/* TCP state machine, both directions share one state (copied to both
+ * entries when it changes). Returns the new state; *fin is updated. */
+static __always_inline __u8 tcp_next(__u8 st, __u8 *fin, __u8 dir, __u8 flags)
+{
+	if (flags & 0x04) /* RST */
+		return FLB_CT_CLOSE;
+	if (flags & 0x01) { /* FIN */
+		*fin |= dir ? FLB_FIN_REPLY : FLB_FIN_ORIG;
+		if ((*fin & (FLB_FIN_ORIG | FLB_FIN_REPLY)) == (FLB_FIN_ORIG | FLB_FIN_REPLY))
+			return FLB_CT_TIME_WAIT;
+		return st >= FLB_CT_FIN_WAIT ? st : FLB_CT_FIN_WAIT;
+	}
+	switch (st) {
+	case FLB_CT_SYN_SENT:
+		if (dir == 1 && (flags & 0x12) == 0x12)
+			return FLB_CT_SYN_RECV;
+		/* A reply ACK without SYN-ACK: we joined late; trust it. */
+		if (dir == 1 && (flags & 0x10))
+			return FLB_CT_EST;
+		return st;
+	case FLB_CT_SYN_RECV:
+		if (dir == 0 && (flags & 0x12) == 0x10)
+			return FLB_CT_EST;
+		return st;
+	default:
+		return st;
+	}
+}
+
+static __always_inline __u32 flow_hash(const struct pkt *p)
+{
+	/* Deterministic (no per-node seed): every node maps a flow to the
+	 * same lookup-table slot. murmur3 finaliser over the 5-tuple. */
+	__u32 h = p->saddr * 0x9e3779b1u;
+	h ^= p->daddr + 0x7f4a7c15u + (h << 6) + (h >> 2);
+	h ^= (((__u32)p->sport << 16) | p->dport) + 0x165667b1u + (h << 6) + (h >> 2);
+	h ^= p->proto;
+	h ^= h >> 16;
+	h *= 0x85ebca6bu;
+	h ^= h >> 13;
+	h *= 0xc2b2ae35u;
+	h ^= h >> 16;
+	return h;
+}
+
+static __always_inline int ep_ok(const struct flb_backends *be, __u32 i)
+{
+	if (i >= FLB_MAX_ENDPOINTS || i >= be->count)
+		return 0;
+	return be->ep[i].active;
+}
+
+static __always_inline __u32 pick_lut(const struct flb_backends *be, __u32 n)
+{
+	__u32 len = be->lut_len;
+	if (len == 0 || len > FLB_LUT_SIZE)
+		return FLB_LUT_NONE;
+	__u32 slot = n % len;
+	/* Keep the bound check: clang proves it redundant, the verifier cannot. */
+	asm volatile("" : "+r"(slot));
+	if (slot >= FLB_LUT_SIZE)
+		return FLB_LUT_NONE;
+	return be->lut[slot];
+}
+
+static __always_inline __u32 rr_next(__u32 svc_id)
+{
+	__u32 *c = bpf_map_lookup_elem(&rr_state, &svc_id);
+	if (!c)
+		return 0;
+	return __sync_fetch_and_add(c, 1);
+}
+
+struct lc_ctx {
+	const struct flb_backends *be;
+	__u32 base;
+	__u32 best;
+	__u32 best_n;
+};
+
+static long lc_step(__u32 k, void *arg)
+{
+	struct lc_ctx *c = arg;
+	if (!ep_ok(c->be, k))
+		return 0;
+	__u32 idx = c->base + k;
+	__u32 *n = bpf_map_lookup_elem(&ep_conns, &idx);
+	__u32 v = n ? *n : 0;
+	if (v < c->best_n) {
+		c->best_n = v;
+		c->best = k;
+	}
+	return 0;
+}
+
+/* Returns an endpoint index or FLB_LUT_NONE. */
+static __always_inline __u32 select_ep(const struct flb_svc *svc, const struct flb_backends *be,
+				       const struct pkt *p, __u8 *lc_counted)
+{
+	__u32 i = FLB_LUT_NONE;
+	__u64 now = bpf_ktime_get_ns();
+
+	switch (svc->sel) {
+	case FLB_SEL_HASH:
+		i = pick_lut(be, flow_hash(p));
+		break;
+	case FLB_SEL_PERSIST: {
+		struct flb_affinity_key ak = {};
+		ak.svc_id = svc->id;
+		ak.addr[0] = p->saddr;
+		struct flb_affinity *a = bpf_map_lookup_elem(&affinity, &ak);
+		if (a && now - a->last_ns < (__u64)svc->timeout_s * 1000000000ULL &&
+		    ep_ok(be, a->ep_idx)) {
+			a->last_ns = now;
+			return a->ep_idx;
+		}
+		i = pick_lut(be, rr_next(svc->id));
+		if (i != FLB_LUT_NONE) {
+			struct flb_affinity na = {.ep_idx = i, .last_ns = now};
+			bpf_map_update_elem(&affinity, &ak, &na, BPF_ANY);
+		}
+		break;
+	}
+	case FLB_SEL_LC: {
+		struct lc_ctx c = {
+			.be = be, .base = svc->id * FLB_MAX_ENDPOINTS, .best = FLB_LUT_NONE,
+			.best_n = 0xffffffff};
+		/* bpf_loop: the verifier checks the body once, not 32 times. */
+		bpf_loop(FLB_MAX_ENDPOINTS, lc_step, &c, 0);
+		if (c.best != FLB_LUT_NONE) {
+			__u32 idx = c.base + c.best;
+			__u32 *n = bpf_map_lookup_elem(&ep_conns, &idx);
+			if (n) {
+				__sync_fetch_and_add(n, 1);
+				*lc_counted = 1;
+			}
+		}
+		return c.best;
+	}
+	default: /* FLB_SEL_RR and FLB_SEL_PRIO: the table holds the sequence */
+		i = pick_lut(be, rr_next(svc->id));
+		break;
+	}
+	if (!ep_ok(be, i))
+		return FLB_LUT_NONE;
+	return i;
+}
+
+static __always_inline struct flb_svc *svc_lookup(const struct pkt *p)
+{
+	struct flb_svc_key k = {};
+	k.addr[0] = p->daddr;
+	k.port = p->proto == IPPROTO_ICMP ? 0 : p->dport;
+	k.proto = p->proto;
+	k.family = FLB_FAMILY_V4;
+	struct flb_svc *s = bpf_map_lookup_elem(&services, &k);
+	if (s || p->proto == IPPROTO_ICMP)
+		return s;
+	struct flb_range_key rk = {};
+	rk.addr[0] = p->daddr;
+	rk.proto = p->proto;
+	rk.family = FLB_FAMILY_V4;
+	struct flb_ranges *r = bpf_map_lookup_elem(&ranges, &rk);
+	if (!r)
+		return 0;
+	__u16 port = bpf_ntohs(p->dport);
+	for (int j = 0; j < FLB_MAX_RANGES; j++) {
+		if (r->r[j].hi != 0 && port >= r->r[j].lo && port <= r->r[j].hi)
+			return &r->r[j].svc;
+	}
+	return 0;
+}
+
+/* Is this address a VIP of any service? Used only for the fragment rule. */
+static __always_inline int is_vip(__u32 daddr, __u8 proto)
+{
+	struct flb_range_key rk = {};
+	rk.addr[0] = daddr;
+	rk.proto = proto;
+	rk.family = FLB_FAMILY_V4;
+	/* The agent keeps one (possibly empty) ranges entry per VIP and
+	 * protocol, so this is a single lookup. */
+	return bpf_map_lookup_elem(&ranges, &rk) != 0;
+}
+
+/* Create both conntrack entries for a new flow. Returns 0 and fills *out
+ * with the original-direction entry, or a negative value to drop. */
+static __always_inline int ct_create(const struct pkt *p, const struct flb_svc *svc,
+				     struct flb_ct_key *okey, struct flb_ct *out)
+{
+	__u32 slot = svc->be_slot;
+	struct flb_backends *be = bpf_map_lookup_elem(&backends, &slot);
+	if (!be) {
+		count(FLB_CNT_DROP_NO_ENDPOINT);
+		return -1;
+	}
+	__u8 lc = 0;
+	__u32 i = select_ep(svc, be, p, &lc);
+	if (i >= FLB_MAX_ENDPOINTS) {
+		count(FLB_CNT_DROP_NO_ENDPOINT);
+		return -1;
+	}
+	const struct flb_ep *ep = &be->ep[i];
+	__u64 now = bpf_ktime_get_ns();
+
+	__u16 eport = p->dport;
+	if (p->proto != IPPROTO_ICMP && ep->port != 0)
+		eport = bpf_htons(ep->port + (bpf_ntohs(p->dport) - svc->port_base));
+
+	__u32 snat = p->saddr;
+	if (svc->mode == FLB_MODE_FULLNAT)
+		snat = p->daddr;
+	else if (svc->mode == FLB_MODE_ONEARM)
+		snat = ep->snat_addr[0];
+
+	struct flb_ct o = {};
+	o.nat_saddr[0] = snat;
+	o.nat_daddr[0] = ep->addr[0];
+	o.nat_sport = p->sport;
+	o.nat_dport = p->proto == IPPROTO_ICMP ? 0 : eport;
+	o.svc_id = svc->id;
+	o.timeout_s = svc->timeout_s;
+	o.ep_idx = i;
+	o.origin = NODE_ID;
+	o.dir = 0;
+	o.flags = FLB_CTF_LOCAL | (lc ? FLB_CTF_LC : 0);
+	o.mode = svc->mode;
+	o.created_ns = now;
+	o.last_ns = now;
+	if (p->proto == IPPROTO_TCP) {
+		if ((p->tcp_flags & 0x12) == 0x02)
+			o.state = FLB_CT_SYN_SENT;
+		else
+			o.state = FLB_CT_EST; /* picked up mid-stream */
+	} else {
+		o.state = FLB_CT_EST;
+	}
+
+	struct flb_ct r = o;
+	r.nat_saddr[0] = p->daddr;
+	r.nat_daddr[0] = p->saddr;
+	r.nat_sport = p->proto == IPPROTO_ICMP ? p->sport : p->dport;
+	r.nat_dport = p->proto == IPPROTO_ICMP ? 0 : p->sport;
+	r.dir = 1;
+
+	struct flb_ct_key rkey;
+	int ok = -1;
+	if (snat == p->saddr) {
+		/* Client address kept: the reply key cannot collide with
+		 * another client's flow. */
+		ct_key_v4(&rkey, ep->addr[0], snat, p->proto == IPPROTO_ICMP ? p->sport : eport,
+			  p->proto == IPPROTO_ICMP ? 0 : p->sport, p->proto);
+		ok = bpf_map_update_elem(&conntrack, &rkey, &r, BPF_ANY);
+	} else {
+		/* Source rewritten: find a free source port (ICMP: echo id)
+		 * so that two clients never share a translated 5-tuple. */
+		__u32 h = flow_hash(p);
+		for (int t = 0; t < 8; t++) {
+			__u16 nport = bpf_htons(1024 + ((h + t * 7919) % 64511));
+			ct_key_v4(&rkey, ep->addr[0], snat,
+				  p->proto == IPPROTO_ICMP ? nport : eport,
+				  p->proto == IPPROTO_ICMP ? 0 : nport, p->proto);
+			if (bpf_map_update_elem(&conntrack, &rkey, &r, BPF_NOEXIST) == 0) {
+				o.nat_sport = nport;
+				ok = 0;
+				break;
+			}
+		}
+	}
+	if (ok != 0) {
+		if (lc)
+			lc_dec(&o);
+		count(FLB_CNT_DROP_NAT_PORTS);
+		return -1;
+	}
+	if (bpf_map_update_elem(&conntrack, okey, &o, BPF_ANY) != 0) {
+		bpf_map_delete_elem(&conntrack, &rkey);
+		if (lc)
+			lc_dec(&o);
+		count(FLB_CNT_DROP_NAT_PORTS);
+		return -1;
+	}
+	count(FLB_CNT_CT_CREATED);
+	emit(FLB_EV_CREATED, okey, &o);
+	*out = o;
+	return 0;
+}
+
+/* Rewrite one 32-bit address field of the IPv4 header (and the L4 pseudo
+ * header checksum for TCP/UDP). */
+static __always_inline int set_addr(struct __sk_buff *skb, const struct pkt *p, __u32 off,
+				    __u32 old, __u32 new)
+{
+	if (old == new)
+		return 0;
+	if (p->proto != IPPROTO_ICMP) {
+		__u64 f = BPF_F_PSEUDO_HDR | sizeof(new);
+		if (p->proto == IPPROTO_UDP)
+			f |= BPF_F_MARK_MANGLED_0;
+		if (bpf_l4_csum_replace(skb, p->l4off + l4_csum_off(p->proto), old, new, f) < 0)
+			return -1;
+	}
+	if (bpf_l3_csum_replace(skb, IP_CSUM_OFF, old, new, sizeof(new)) < 0)
+		return -1;
+	return bpf_skb_store_bytes(skb, off, &new, sizeof(new), 0);
+}
+
+static __always_inline int set_port(struct __sk_buff *skb, const struct pkt *p, __u32 off,
+				    __u16 old, __u16 new)
+{
+	if (old == new)
+		return 0;
+	__u64 f = sizeof(new);
+	if (p->proto == IPPROTO_UDP)
+		f |= BPF_F_MARK_MANGLED_0;
+	if (bpf_l4_csum_replace(skb, p->l4off + l4_csum_off(p->proto), old, new, f) < 0)
+		return -1;
+	return bpf_skb_store_bytes(skb, off, &new, sizeof(new), 0);
+}
+
+static __always_inline int xlate_v4(struct __sk_buff *skb, const struct pkt *p,
+				    const struct flb_ct *v)
+{
+	if (set_addr(skb, p, IP_SRC_OFF, p->saddr, v->nat_saddr[0]) < 0)
+		return -1;
+	if (set_addr(skb, p, IP_DST_OFF, p->daddr, v->nat_daddr[0]) < 0)
+		return -1;
+	if (p->proto == IPPROTO_ICMP)
+		return set_port(skb, p, p->l4off + offsetof(struct icmphdr, un.echo.id), p->sport,
+				v->nat_sport);
+	if (set_port(skb, p, p->l4off, p->sport, v->nat_sport) < 0)
+		return -1;
+	return set_port(skb, p, p->l4off + 2, p->dport, v->nat_dport);
+}
+
+/* Forward a rewritten packet ourselves: the stack would drop a forwarded
+ * packet whose source is one of our own addresses (the VIP in full-NAT, the
+ * interface address in one-arm). Falls back to the stack when the FIB has
+ * no forwarding answer (local delivery, no route). */
+static __always_inline int fwd_v4(struct __sk_buff *skb)
+{
+	struct iphdr ip;
+	if (bpf_skb_load_bytes(skb, ETH_HLEN_, &ip, sizeof(ip)) < 0)
+		return TC_ACT_OK;
+	if (ip.ttl <= 1)
+		return TC_ACT_OK; /* let the stack send time-exceeded */
+	struct bpf_fib_lookup fib = {};
+	fib.family = AF_INET;
+	fib.ipv4_src = ip.saddr;
+	fib.ipv4_dst = ip.daddr;
+	fib.l4_protocol = ip.protocol;
+	fib.tot_len = bpf_ntohs(ip.tot_len);
+	fib.ifindex = skb->ingress_ifindex;
+	int rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
+		return TC_ACT_OK;
+	/* Decrement TTL like a router (RFC 1812 incremental checksum). */
+	__u16 old = *(__u16 *)&ip.ttl;
+	ip.ttl -= 1;
+	__u16 new = *(__u16 *)&ip.ttl;
+	bpf_l3_csum_replace(skb, IP_CSUM_OFF, old, new, sizeof(new));
+	bpf_skb_store_bytes(skb, IP_TTL_OFF, &ip.ttl, 1, 0);
+	count(FLB_CNT_REDIRECTED);
+	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+		return bpf_redirect_neigh(fib.ifindex, 0, 0, 0);
+	if (bpf_skb_store_bytes(skb, 0, fib.dmac, ETH_ALEN, 0) < 0 ||
+	    bpf_skb_store_bytes(skb, ETH_ALEN, fib.smac, ETH_ALEN, 0) < 0)
+		return TC_ACT_OK;
+	return bpf_redirect(fib.ifindex, 0);
+}
+
+static __always_inline __u16 csum_fold32(__u32 c)
+{
+	c = (c & 0xffff) + (c >> 16);
+	c = (c & 0xffff) + (c >> 16);
+	return (__u16)c;
+}
+
+/* RFC 1624 eqn. 3 for a 32-bit field: HC' = ~(~HC + ~m + m'). */
+static __always_inline __u16 csum_upd32(__u16 hc, __u32 old, __u32 new)
+{
+	__u32 s = (__u16)~hc;
+	s += (__u16)~(old & 0xffff);
+	s += (__u16)~(old >> 16);
+	s += new & 0xffff;
+	s += new >> 16;
+	return ~csum_fold32(s);
+}
+
+/* Translate an ICMP error whose quoted packet belongs to a tracked flow:
+ * the quoted header is put back as the receiver sent it, and the outer
+ * destination becomes the receiver. Returns TC verdict or -1 when the error
+ * is not about a tracked flow. */
+static __always_inline int icmp_err_v4(struct __sk_buff *skb, const struct pkt *p)
+{
+	__u32 ioff = p->l4off + sizeof(struct icmphdr);
+	struct iphdr in;
+	if (bpf_skb_load_bytes(skb, ioff, &in, sizeof(in)) < 0)
+		return -1;
+	if (in.ihl != 5 || (in.protocol != IPPROTO_TCP && in.protocol != IPPROTO_UDP))
+		return -1;
+	__u32 poff = ioff + sizeof(in);
+	__u16 ports[2];
+	if (bpf_skb_load_bytes(skb, poff, ports, sizeof(ports)) < 0)
+		return -1;
+	/* The quoted packet went out as src -> dst; the entry of the other
+	 * direction has the key dst -> src. */
+	struct flb_ct_key k;
+	ct_key_v4(&k, in.daddr, in.saddr, ports[1], ports[0], in.protocol);
+	struct flb_ct *e = bpf_map_lookup_elem(&conntrack, &k);
+	if (!e)
+		return -1;
+	__u32 nsrc = e->nat_daddr[0], ndst = e->nat_saddr[0];
+	__u16 nsp = e->nat_dport, ndp = e->nat_sport;
+	__u32 icsum = p->l4off + offsetof(struct icmphdr, checksum);
+
+	/* Inner IP header checksum, then addresses; each changed 16/32-bit
+	 * word is also folded into the ICMP checksum. */
+	__u16 ncheck = csum_upd32(in.check, in.saddr, nsrc);
+	ncheck = csum_upd32(ncheck, in.daddr, ndst);
+	if (bpf_l4_csum_replace(skb, icsum, in.saddr, nsrc, 4) < 0 ||
+	    bpf_l4_csum_replace(skb, icsum, in.daddr, ndst, 4) < 0 ||
+	    bpf_l4_csum_replace(skb, icsum, in.check, ncheck, 2) < 0 ||
+	    bpf_l4_csum_replace(skb, icsum, ports[0], nsp, 2) < 0 ||
+	    bpf_l4_csum_replace(skb, icsum, ports[1], ndp, 2) < 0)
+		return TC_ACT_SHOT;
+	if (bpf_skb_store_bytes(skb, ioff + offsetof(struct iphdr, check), &ncheck, 2, 0) < 0 ||
+	    bpf_skb_store_bytes(skb, ioff + offsetof(struct iphdr, saddr), &nsrc, 4, 0) < 0 ||
+	    bpf_skb_store_bytes(skb, ioff + offsetof(struct iphdr, daddr), &ndst, 4, 0) < 0 ||
+	    bpf_skb_store_bytes(skb, poff, &nsp, 2, 0) < 0 ||
+	    bpf_skb_store_bytes(skb, poff + 2, &ndp, 2, 0) < 0)
+		return TC_ACT_SHOT;
+	/* Outer destination: the host that sent the quoted packet. */
+	if (set_addr(skb, p, IP_DST_OFF, p->daddr, nsrc) < 0)
+		return TC_ACT_SHOT;
+	count(FLB_CNT_ICMP_ERR_XLATED);
+	return fwd_v4(skb);
+}
+
+SEC("classifier")
+int flb_ingress(struct __sk_buff *skb)
+{
+	struct pkt p = {};
+	if (parse_v4(skb, &p) < 0)
+		return TC_ACT_OK;
+	if (p.frag) {
+		if (is_vip(p.daddr, p.proto)) {
+			count(FLB_CNT_DROP_FRAGMENT);
+			return TC_ACT_SHOT;
+		}
+		return TC_ACT_OK;
+	}
+	if (p.is_icmp_err) {
+		int rc = icmp_err_v4(skb, &p);
+		return rc < 0 ? TC_ACT_OK : rc;
+	}
+	/* Only echo requests start ICMP flows; replies match existing ones. */
+	struct flb_ct_key key;
+	ct_key_v4(&key, p.saddr, p.daddr, p.sport, p.dport, p.proto);
+	__u64 now = bpf_ktime_get_ns();
+	struct flb_ct *e = bpf_map_lookup_elem(&conntrack, &key);
+	struct flb_ct ce;
+	if (e) {
+		int fresh = now - e->last_ns <= ct_timeout_ns(e, p.proto);
+		if (!fresh) {
+			/* One direction may be quiet (one-way UDP); the flow is
+			 * alive while either direction is. */
+			struct flb_ct_key pk;
+			ct_peer_key(&pk, &key, e);
+			struct flb_ct *pe = bpf_map_lookup_elem(&conntrack, &pk);
+			fresh = pe && now - pe->last_ns <= ct_timeout_ns(pe, p.proto);
+		}
+		/* A new SYN on a closed flow starts a new connection. */
+		if (p.proto == IPPROTO_TCP && e->dir == 0 && (p.tcp_flags & 0x12) == 0x02 &&
+		    e->state >= FLB_CT_TIME_WAIT)
+			fresh = 0;
+		if (!fresh)
+			e = 0;
+	}
+	if (!e) {
+		if (p.proto == IPPROTO_ICMP && p.icmp_type != ICMP_ECHO)
+			return TC_ACT_OK;
+		struct flb_svc *svc = svc_lookup(&p);
+		if (!svc)
+			return TC_ACT_OK;
+		if (ct_create(&p, svc, &key, &ce) < 0)
+			return TC_ACT_SHOT;
+		e = bpf_map_lookup_elem(&conntrack, &key);
+		if (!e)
+			e = &ce; /* evicted already: still translate this packet */
+	}
+
+	e->last_ns = now;
+	__sync_fetch_and_add(&e->packets, 1);
+	__sync_fetch_and_add(&e->bytes, p.len);
+	if (p.proto == IPPROTO_TCP) {
+		__u8 fin = e->fin;
+		__u8 st = tcp_next(e->state, &fin, e->dir, p.tcp_flags);
+		if (st != e->state || fin != e->fin) {
+			__u8 old = e->state;
+			e->state = st;
+			e->fin = fin;
+			struct flb_ct_key pk;
+			ct_peer_key(&pk, &key, e);
+			struct flb_ct *pe = bpf_map_lookup_elem(&conntrack, &pk);
+			if (pe) {
+				pe->state = st;
+				pe->fin = fin;
+				pe->last_ns = now;
+			}
+			if (st == FLB_CT_EST && old != FLB_CT_EST)
+				emit(FLB_EV_ESTABLISHED, &key, e);
+			if (st >= FLB_CT_TIME_WAIT && old < FLB_CT_TIME_WAIT) {
+				if (e->dir == 0)
+					lc_dec(e);
+				else if (pe)
+					lc_dec(pe);
+				emit(FLB_EV_CLOSED, &key, e);
+			}
+		}
+	}
+	stats_add(&svc_stats, e->svc_id, p.len);
+	stats_add(&ep_stats, e->svc_id * FLB_MAX_ENDPOINTS + (e->ep_idx & (FLB_MAX_ENDPOINTS - 1)),
+		  p.len);
+
+	struct flb_ct v = *e;
+	if (xlate_v4(skb, &p, &v) < 0) {
+		count(FLB_CNT_DROP_MALFORMED);
+		return TC_ACT_SHOT;
+	}
+	return fwd_v4(skb);
+}

@@ -1,0 +1,628 @@
+//! Loading, pinning and attaching the datapath, and the typed map API the agent uses.
+//!
+//! With a pin directory, every map and every TC link is pinned there: a map that is already
+//! pinned is adopted (its contents and size kept), and an interface whose link is already
+//! pinned gets the new program swapped in atomically (`bpf_link_update`). Stopping the agent
+//! therefore leaves the datapath forwarding; [`purge`] removes it.
+//!
+//! This module knows nothing of rules, REST or HA: it reads and writes map entries.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use aya::maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues, RingBuf};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
+use aya::programs::{LinkOrder, ProgramError, SchedClassifier, TcAttachType, TestRun};
+use aya::{Ebpf, EbpfLoader};
+use tracing::{debug, info, warn};
+
+use crate::maps::*;
+use crate::{BpfError, Result};
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb.bpf.o"));
+
+const PROGRAM: &str = "flb_ingress";
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Load-time parameters. Sizes apply when the maps are created; adopted pinned maps keep
+/// theirs (read them back with [`Datapath::capacity`]).
+#[derive(Debug, Clone)]
+pub struct DatapathConfig {
+    /// Where maps and links are pinned; `None` keeps everything private to this process
+    /// (tests).
+    pub pin_dir: Option<PathBuf>,
+    pub max_services: u32,
+    pub max_conntrack: u32,
+    pub max_affinity: u32,
+    /// Written into every conntrack entry this node creates (`origin`).
+    pub node_id: u16,
+}
+
+impl Default for DatapathConfig {
+    fn default() -> Self {
+        DatapathConfig {
+            pin_dir: None,
+            max_services: 4096,
+            max_conntrack: 1 << 20,
+            max_affinity: 65536,
+            node_id: 0,
+        }
+    }
+}
+
+/// Actual map sizes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Capacity {
+    pub services: u32,
+    pub conntrack: u32,
+}
+
+/// The loaded datapath: the program and typed handles on its maps.
+pub struct Datapath {
+    ebpf: Ebpf,
+    pin_dir: Option<PathBuf>,
+    services: HashMap<MapData, SvcKey, Svc>,
+    ranges: HashMap<MapData, RangeKey, Ranges>,
+    backends: Array<MapData, Backends>,
+    conntrack: HashMap<MapData, CtKey, Ct>,
+    affinity: HashMap<MapData, AffinityKey, Affinity>,
+    rr_state: Array<MapData, u32>,
+    ep_conns: Array<MapData, u32>,
+    svc_stats: PerCpuArray<MapData, Stats>,
+    ep_stats: PerCpuArray<MapData, Stats>,
+    counters: PerCpuArray<MapData, u64>,
+    events: Option<RingBuf<MapData>>,
+    capacity: Capacity,
+    attached: Vec<String>,
+}
+
+/// The default pin directory for the current network namespace:
+/// `<base>/<netns inode>/v<layout>`.
+pub fn default_pin_dir(base: &Path) -> Result<PathBuf> {
+    let meta = std::fs::metadata("/proc/self/ns/net").map_err(|e| BpfError::Io {
+        context: "stat /proc/self/ns/net".into(),
+        source: e,
+    })?;
+    use std::os::unix::fs::MetadataExt;
+    Ok(base
+        .join(meta.ino().to_string())
+        .join(format!("v{LAYOUT_VERSION}")))
+}
+
+/// Mounts bpffs on `/sys/fs/bpf` when the directory holding `dir` is not on one (a fresh
+/// machine or a lab node's private sysfs).
+pub fn ensure_bpffs(dir: &Path) -> Result<()> {
+    let root = Path::new("/sys/fs/bpf");
+    if !dir.starts_with(root) {
+        return Ok(());
+    }
+    if fs_magic(root)? == BPF_FS_MAGIC {
+        return Ok(());
+    }
+    info!("mounting bpffs on /sys/fs/bpf");
+    let src = c"bpffs";
+    let target = c"/sys/fs/bpf";
+    let fstype = c"bpf";
+    // SAFETY: all pointers are valid NUL-terminated strings; data is null.
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(BpfError::Io {
+            context: "mount bpffs on /sys/fs/bpf".into(),
+            source: io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
+fn fs_magic(p: &Path) -> Result<i64> {
+    let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes())
+        .map_err(|_| BpfError::Invalid(format!("path {} has a NUL byte", p.display())))?;
+    // SAFETY: statfs writes into the zeroed struct we own.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c is a valid C string, st a valid out pointer.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(BpfError::Io {
+            context: format!("statfs {}", p.display()),
+            source: io::Error::last_os_error(),
+        });
+    }
+    #[allow(clippy::unnecessary_cast)]
+    Ok(st.f_type as i64)
+}
+
+/// Removes a pinned datapath: unpinning the links detaches the program from every interface,
+/// unpinning the maps frees them. Returns how many pins were removed.
+pub fn purge(pin_dir: &Path) -> Result<usize> {
+    let entries = match std::fs::read_dir(pin_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => {
+            return Err(BpfError::Io {
+                context: format!("read {}", pin_dir.display()),
+                source: e,
+            });
+        }
+    };
+    let mut n = 0;
+    for e in entries.flatten() {
+        std::fs::remove_file(e.path()).map_err(|err| BpfError::Io {
+            context: format!("unpin {}", e.path().display()),
+            source: err,
+        })?;
+        n += 1;
+    }
+    let _ = std::fs::remove_dir(pin_dir);
+    if let Some(parent) = pin_dir.parent() {
+        let _ = std::fs::remove_dir(parent);
+    }
+    Ok(n)
+}
+
+fn map_err(name: &str) -> impl Fn(aya::maps::MapError) -> BpfError + '_ {
+    move |e| BpfError::Map {
+        map: name.to_string(),
+        source: e,
+    }
+}
+
+fn max_entries(ebpf: &Ebpf, name: &'static str) -> Result<u32> {
+    use aya::maps::Map;
+    let m = ebpf
+        .map(name)
+        .ok_or_else(|| BpfError::Invalid(format!("the object has no map '{name}'")))?;
+    let data = match m {
+        Map::HashMap(d) | Map::LruHashMap(d) | Map::Array(d) => d,
+        _ => return Err(BpfError::Invalid(format!("map '{name}' has an unexpected type"))),
+    };
+    Ok(data.info().map_err(map_err(name))?.max_entries())
+}
+
+fn take<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T>
+where
+    T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>,
+{
+    let m = ebpf
+        .take_map(name)
+        .ok_or_else(|| BpfError::Invalid(format!("the object has no map '{name}'")))?;
+    T::try_from(m).map_err(map_err(name))
+}
+
+const MAPS: [&str; 11] = [
+    "services",
+    "ranges",
+    "backends",
+    "conntrack",
+    "affinity",
+    "rr_state",
+    "ep_conns",
+    "svc_stats",
+    "ep_stats",
+    "counters",
+    "events",
+];
+
+impl Datapath {
+    /// Loads the program and creates (or adopts) the maps. Nothing is attached yet.
+    pub fn load(cfg: &DatapathConfig) -> Result<Datapath> {
+        if cfg.max_services == 0 || cfg.max_services > 1 << 20 {
+            return Err(BpfError::Invalid(format!(
+                "max services {} out of range 1..={}",
+                cfg.max_services,
+                1 << 20
+            )));
+        }
+        if cfg.max_conntrack < 1024 {
+            return Err(BpfError::Invalid(format!(
+                "max conntrack entries {} below 1024",
+                cfg.max_conntrack
+            )));
+        }
+        let pins: Vec<(&'static str, PathBuf)> = match &cfg.pin_dir {
+            Some(dir) => {
+                ensure_bpffs(dir)?;
+                std::fs::create_dir_all(dir).map_err(|e| BpfError::Io {
+                    context: format!("create {}", dir.display()),
+                    source: e,
+                })?;
+                MAPS.iter().map(|m| (*m, dir.join(m))).collect()
+            }
+            None => Vec::new(),
+        };
+        let svc = cfg.max_services;
+        let ep = svc * MAX_ENDPOINTS as u32;
+        let mut loader = EbpfLoader::new();
+        loader
+            .override_global("NODE_ID", &cfg.node_id, true)
+            .map_max_entries("services", svc)
+            .map_max_entries("ranges", svc)
+            .map_max_entries("backends", svc * 2)
+            .map_max_entries("conntrack", cfg.max_conntrack)
+            .map_max_entries("affinity", cfg.max_affinity.max(1024))
+            .map_max_entries("rr_state", svc)
+            .map_max_entries("ep_conns", ep)
+            .map_max_entries("svc_stats", svc)
+            .map_max_entries("ep_stats", ep);
+        for (name, path) in &pins {
+            loader.map_pin_path(name, path.as_path());
+        }
+        let mut ebpf = loader.load(OBJECT).map_err(BpfError::Load)?;
+        let prog: &mut SchedClassifier = program(&mut ebpf)?;
+        prog.load().map_err(|e| BpfError::Program {
+            context: "load flb_ingress (verifier)".into(),
+            source: e,
+        })?;
+
+        let capacity = Capacity {
+            services: max_entries(&ebpf, "services")?,
+            conntrack: max_entries(&ebpf, "conntrack")?,
+        };
+        let services: HashMap<MapData, SvcKey, Svc> = take(&mut ebpf, "services")?;
+        let conntrack: HashMap<MapData, CtKey, Ct> = take(&mut ebpf, "conntrack")?;
+        Ok(Datapath {
+            ranges: take(&mut ebpf, "ranges")?,
+            backends: take(&mut ebpf, "backends")?,
+            affinity: take(&mut ebpf, "affinity")?,
+            rr_state: take(&mut ebpf, "rr_state")?,
+            ep_conns: take(&mut ebpf, "ep_conns")?,
+            svc_stats: take(&mut ebpf, "svc_stats")?,
+            ep_stats: take(&mut ebpf, "ep_stats")?,
+            counters: take(&mut ebpf, "counters")?,
+            events: Some(take(&mut ebpf, "events")?),
+            services,
+            conntrack,
+            capacity,
+            pin_dir: cfg.pin_dir.clone(),
+            ebpf,
+            attached: Vec::new(),
+        })
+    }
+
+    pub fn capacity(&self) -> Capacity {
+        self.capacity
+    }
+
+    pub fn pin_dir(&self) -> Option<&Path> {
+        self.pin_dir.as_deref()
+    }
+
+    /// Interfaces this process attached to (or took over).
+    pub fn attached(&self) -> &[String] {
+        &self.attached
+    }
+
+    /// Attaches at TC ingress of `iface`. With a pin directory, an existing pinned link is
+    /// updated in place (no packet sees a gap) and a new link is pinned.
+    pub fn attach(&mut self, iface: &str) -> Result<()> {
+        let pin = self
+            .pin_dir
+            .as_ref()
+            .map(|d| d.join(format!("link_ingress_{iface}")));
+        let prog: &mut SchedClassifier = program(&mut self.ebpf)?;
+        let perr = |context: String| move |e: ProgramError| BpfError::Program { context, source: e };
+        if let Some(pin) = &pin {
+            match PinnedLink::from_pin(pin) {
+                Ok(old) => {
+                    let link: SchedClassifierLink = FdLink::from(old)
+                        .try_into()
+                        .map_err(|e: aya::programs::links::LinkError| BpfError::Link {
+                            context: format!("adopt pinned link {}", pin.display()),
+                            source: e,
+                        })?;
+                    match prog.attach_to_link(link) {
+                        Ok(id) => {
+                            // The pin keeps the link; our fd may close.
+                            let _ = prog.take_link(id);
+                            info!(iface, "took over the pinned datapath link");
+                            self.attached.push(iface.to_string());
+                            return Ok(());
+                        }
+                        Err(e) => {
+                            warn!(iface, error = %e, "pinned link is stale; attaching anew");
+                            let _ = std::fs::remove_file(pin);
+                        }
+                    }
+                }
+                Err(e) => debug!(iface, error = %e, "no pinned link"),
+            }
+        }
+        let id = prog
+            .attach_with_options(
+                iface,
+                TcAttachType::Ingress,
+                TcAttachOptions::TcxOrder(LinkOrder::default()),
+            )
+            .map_err(perr(format!("attach to {iface} ingress")))?;
+        if let Some(pin) = &pin {
+            let link = prog
+                .take_link(id)
+                .map_err(perr(format!("take link of {iface}")))?;
+            let fd: FdLink = link.try_into().map_err(|e| BpfError::Link {
+                context: format!("link of {iface} is not a bpf_link"),
+                source: e,
+            })?;
+            fd.pin(pin).map_err(|e| BpfError::Pin {
+                path: pin.clone(),
+                source: e,
+            })?;
+        }
+        self.attached.push(iface.to_string());
+        Ok(())
+    }
+
+    /// Runs the program once on `packet` with `BPF_PROG_TEST_RUN`. Returns the TC verdict and
+    /// the packet as the program left it.
+    pub fn test_run(&mut self, packet: &[u8]) -> Result<(u32, Vec<u8>)> {
+        let prog: &mut SchedClassifier = program(&mut self.ebpf)?;
+        let mut out = vec![0u8; packet.len() + 256];
+        let mut opts = aya::programs::TestRunOptions::default();
+        opts.data_in = Some(packet);
+        opts.data_out = Some(&mut out);
+        let r = prog.test_run(opts).map_err(|e| BpfError::Program {
+            context: "BPF_PROG_TEST_RUN".into(),
+            source: e,
+        })?;
+        out.truncate(r.data_size_out as usize);
+        Ok((r.return_value, out))
+    }
+
+    // --- services -------------------------------------------------------------------------
+
+    pub fn set_service(&mut self, key: &SvcKey, svc: &Svc) -> Result<()> {
+        self.services
+            .insert(key, svc, 0)
+            .map_err(map_err("services"))
+    }
+
+    pub fn delete_service(&mut self, key: &SvcKey) -> Result<()> {
+        ignore_missing(self.services.remove(key)).map_err(map_err("services"))
+    }
+
+    pub fn service_keys(&self) -> Vec<SvcKey> {
+        self.services.keys().filter_map(|k| k.ok()).collect()
+    }
+
+    pub fn set_ranges(&mut self, key: &RangeKey, r: &Ranges) -> Result<()> {
+        self.ranges.insert(key, r, 0).map_err(map_err("ranges"))
+    }
+
+    pub fn delete_ranges(&mut self, key: &RangeKey) -> Result<()> {
+        ignore_missing(self.ranges.remove(key)).map_err(map_err("ranges"))
+    }
+
+    pub fn range_keys(&self) -> Vec<RangeKey> {
+        self.ranges.keys().filter_map(|k| k.ok()).collect()
+    }
+
+    pub fn set_backends(&mut self, slot: u32, be: &Backends) -> Result<()> {
+        self.backends.set(slot, be, 0).map_err(map_err("backends"))
+    }
+
+    pub fn backends(&self, slot: u32) -> Result<Backends> {
+        self.backends.get(&slot, 0).map_err(map_err("backends"))
+    }
+
+    /// Resets the per-service selection state (round-robin counter, least-connection counts)
+    /// before an id is reused for a new service.
+    pub fn reset_service_state(&mut self, id: u32) -> Result<()> {
+        self.rr_state.set(id, 0, 0).map_err(map_err("rr_state"))?;
+        for i in 0..MAX_ENDPOINTS as u32 {
+            self.ep_conns
+                .set(id * MAX_ENDPOINTS as u32 + i, 0, 0)
+                .map_err(map_err("ep_conns"))?;
+        }
+        Ok(())
+    }
+
+    /// Active-connection count of an endpoint (least-connections).
+    pub fn ep_conns(&self, id: u32, ep: u32) -> u32 {
+        self.ep_conns
+            .get(&(id * MAX_ENDPOINTS as u32 + ep), 0)
+            .unwrap_or(0)
+    }
+
+    // --- conntrack ------------------------------------------------------------------------
+
+    pub fn ct_get(&self, key: &CtKey) -> Result<Option<Ct>> {
+        match self.conntrack.get(key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err("conntrack")(e)),
+        }
+    }
+
+    pub fn ct_insert(&mut self, key: &CtKey, val: &Ct) -> Result<()> {
+        self.conntrack
+            .insert(key, val, 0)
+            .map_err(map_err("conntrack"))
+    }
+
+    pub fn ct_delete(&mut self, key: &CtKey) -> Result<()> {
+        ignore_missing(self.conntrack.remove(key)).map_err(map_err("conntrack"))
+    }
+
+    /// Every conntrack entry (one syscall pair per entry: aya 0.14 has no batch lookups).
+    pub fn ct_entries(&self) -> Vec<(CtKey, Ct)> {
+        self.conntrack.iter().filter_map(|r| r.ok()).collect()
+    }
+
+    /// Deletes entries idle past their timeout (a flow is idle when both of its entries
+    /// are). Runs beside the datapath: map operations lock one bucket at a time. Returns the
+    /// number of entries removed.
+    pub fn ct_collect(&mut self, now_ns: u64) -> usize {
+        let entries = self.ct_entries();
+        let mut removed = 0;
+        for (k, v) in &entries {
+            if !v.expired(k.proto, now_ns) {
+                continue;
+            }
+            let peer = k.peer(v);
+            if let Ok(Some(pv)) = self.ct_get(&peer)
+                && !pv.expired(k.proto, now_ns)
+            {
+                continue;
+            }
+            if v.dir == 0
+                && v.flags & CTF_LC != 0
+                && v.state() < CtState::TimeWait
+                && v.ep_idx < MAX_ENDPOINTS as u16
+            {
+                let idx = v.svc_id * MAX_ENDPOINTS as u32 + u32::from(v.ep_idx);
+                if let Ok(n) = self.ep_conns.get(&idx, 0) {
+                    let _ = self.ep_conns.set(idx, n.saturating_sub(1), 0);
+                }
+            }
+            if self.conntrack.remove(k).is_ok() {
+                removed += 1;
+            }
+        }
+        removed
+    }
+
+    /// Drops conntrack entries of one service whose endpoint satisfies `gone`, e.g. after the
+    /// endpoint was removed from the rule.
+    pub fn ct_flush_service(&mut self, svc_id: u32, gone: impl Fn(u16) -> bool) -> usize {
+        let mut n = 0;
+        for (k, v) in self.ct_entries() {
+            if v.svc_id == svc_id && gone(v.ep_idx) && self.conntrack.remove(&k).is_ok() {
+                n += 1;
+            }
+        }
+        n
+    }
+
+    pub fn affinity_flush(&mut self, svc_id: u32) {
+        let keys: Vec<AffinityKey> = self
+            .affinity
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| k.svc_id == svc_id)
+            .collect();
+        for k in keys {
+            let _ = self.affinity.remove(&k);
+        }
+    }
+
+    // --- statistics -----------------------------------------------------------------------
+
+    fn sum(v: PerCpuValues<Stats>) -> Stats {
+        v.iter().fold(Stats::default(), |a, s| Stats {
+            packets: a.packets + s.packets,
+            bytes: a.bytes + s.bytes,
+        })
+    }
+
+    pub fn service_stats(&self, id: u32) -> Stats {
+        self.svc_stats
+            .get(&id, 0)
+            .map(Self::sum)
+            .unwrap_or_default()
+    }
+
+    pub fn endpoint_stats(&self, id: u32, ep: u32) -> Stats {
+        self.ep_stats
+            .get(&(id * MAX_ENDPOINTS as u32 + ep), 0)
+            .map(Self::sum)
+            .unwrap_or_default()
+    }
+
+    /// Zeroes a service's counters (when its id is given to a new service).
+    pub fn reset_stats(&mut self, id: u32) -> Result<()> {
+        let cpus = aya::util::nr_cpus().map_err(|(c, e)| BpfError::Io {
+            context: c.to_string(),
+            source: e,
+        })?;
+        let zero = || {
+            PerCpuValues::try_from(vec![Stats::default(); cpus]).map_err(|e| BpfError::Io {
+                context: "per-CPU values".into(),
+                source: e,
+            })
+        };
+        self.svc_stats
+            .set(id, zero()?, 0)
+            .map_err(map_err("svc_stats"))?;
+        for i in 0..MAX_ENDPOINTS as u32 {
+            self.ep_stats
+                .set(id * MAX_ENDPOINTS as u32 + i, zero()?, 0)
+                .map_err(map_err("ep_stats"))?;
+        }
+        Ok(())
+    }
+
+    /// The datapath's global counters (drops by reason and others), summed over CPUs.
+    pub fn counters(&self) -> [u64; COUNTERS] {
+        let mut out = [0u64; COUNTERS];
+        for (i, o) in out.iter_mut().enumerate() {
+            if let Ok(v) = self.counters.get(&(i as u32), 0) {
+                *o = v.iter().sum();
+            }
+        }
+        out
+    }
+
+    /// The ring buffer of conntrack events; taken once (by the task that consumes it).
+    pub fn take_events(&mut self) -> Option<EventStream> {
+        self.events.take().map(|rb| EventStream { rb })
+    }
+}
+
+/// Conntrack events (created, established, closed) from the datapath's ring buffer.
+pub struct EventStream {
+    rb: RingBuf<MapData>,
+}
+
+impl EventStream {
+    /// The next event if one is ready; never blocks.
+    pub fn try_next(&mut self) -> Option<CtEvent> {
+        loop {
+            let item = self.rb.next()?;
+            if let Some(ev) = CtEvent::from_bytes(&item) {
+                return Some(ev);
+            }
+        }
+    }
+}
+
+impl AsRawFd for EventStream {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.rb.as_raw_fd()
+    }
+}
+
+fn program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
+    ebpf.program_mut(PROGRAM)
+        .ok_or_else(|| BpfError::Invalid(format!("the object has no program {PROGRAM}")))?
+        .try_into()
+        .map_err(|e| BpfError::Program {
+            context: format!("{PROGRAM} is not a classifier"),
+            source: e,
+        })
+}
+
+fn ignore_missing(r: std::result::Result<(), aya::maps::MapError>) -> std::result::Result<(), aya::maps::MapError> {
+    match r {
+        Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(ref e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}
+
+/// Monotonic time in nanoseconds, the clock `bpf_ktime_get_ns` uses.
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: ts is a valid out pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+}
