@@ -460,8 +460,13 @@ impl Datapath {
     /// number of entries removed.
     pub fn ct_collect(&mut self, now_ns: u64) -> usize {
         let entries = self.ct_entries();
+        self.ct_collect_from(&entries, now_ns)
+    }
+
+    /// [`Datapath::ct_collect`] over a listing the caller already took.
+    pub fn ct_collect_from(&mut self, entries: &[(CtKey, Ct)], now_ns: u64) -> usize {
         let mut removed = 0;
-        for (k, v) in &entries {
+        for (k, v) in entries {
             if !v.expired(k.proto, now_ns) {
                 continue;
             }

@@ -140,7 +140,7 @@ pub fn words_addr(w: &[u32; 4], family: u8) -> IpAddr {
 }
 
 #[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SvcKey {
     pub addr: [u32; 4],
     /// Network order; 0 for ICMP.
@@ -171,7 +171,7 @@ pub struct Range {
 }
 
 #[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RangeKey {
     pub addr: [u32; 4],
     pub proto: u8,
@@ -230,7 +230,7 @@ impl std::fmt::Debug for Backends {
 }
 
 #[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CtKey {
     pub saddr: [u32; 4],
     pub daddr: [u32; 4],

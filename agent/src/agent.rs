@@ -1,0 +1,192 @@
+//! The daemon: loads (or adopts) the datapath, restores the rules, attaches to interfaces,
+//! and runs the REST API, the conntrack collector, the interface watcher and the event reader
+//! until SIGTERM or SIGINT. Exiting leaves the datapath pinned and forwarding.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use ferrolb_bpf::{Datapath, DatapathConfig, default_pin_dir, monotonic_ns};
+use tokio::io::unix::AsyncFd;
+use tracing::{debug, info, warn};
+
+use crate::api::{self, App};
+use crate::config::Config;
+use crate::lb::Engine;
+use crate::metrics::Metrics;
+use crate::store::Store;
+
+/// Where pinned datapaths live by default.
+pub const BPFFS_BASE: &str = "/sys/fs/bpf/ferrolb";
+
+/// Names of this namespace's interfaces.
+pub fn interfaces() -> Vec<String> {
+    let mut out = Vec::new();
+    // SAFETY: if_nameindex returns a heap array terminated by a zero entry, freed below.
+    unsafe {
+        let list = libc::if_nameindex();
+        if list.is_null() {
+            return out;
+        }
+        let mut p = list;
+        while (*p).if_index != 0 && !(*p).if_name.is_null() {
+            out.push(
+                std::ffi::CStr::from_ptr((*p).if_name)
+                    .to_string_lossy()
+                    .into_owned(),
+            );
+            p = p.add(1);
+        }
+        libc::if_freenameindex(list);
+    }
+    out
+}
+
+fn pin_dir(cfg: &Config) -> Result<std::path::PathBuf> {
+    match &cfg.flags.bpf_pin_dir {
+        Some(d) => Ok(d.clone()),
+        None => default_pin_dir(std::path::Path::new(BPFFS_BASE))
+            .context("find this network namespace's pin directory"),
+    }
+}
+
+/// `--remove-datapath`.
+pub fn remove_datapath(cfg: &Config) -> Result<()> {
+    let dir = pin_dir(cfg)?;
+    let _ = ferrolb_bpf::ensure_bpffs(&dir);
+    let n = ferrolb_bpf::purge(&dir).with_context(|| format!("remove {}", dir.display()))?;
+    println!("removed {n} pinned objects from {}", dir.display());
+    Ok(())
+}
+
+fn attach_new(dp: &mut Datapath, cfg: &Config, done: &mut BTreeSet<String>) {
+    for iface in interfaces() {
+        if done.contains(&iface) || !cfg.wants(&iface) {
+            continue;
+        }
+        match dp.attach(&iface) {
+            Ok(()) => {
+                info!(iface, "datapath attached (TC ingress)");
+                done.insert(iface);
+            }
+            Err(e) => warn!(iface, error = %e, "cannot attach datapath"),
+        }
+    }
+}
+
+pub async fn run(cfg: Config) -> Result<()> {
+    let dir = pin_dir(&cfg)?;
+    let adopted = dir.join("conntrack").exists();
+    let dp = Datapath::load(&DatapathConfig {
+        pin_dir: Some(dir.clone()),
+        max_services: cfg.flags.max_services,
+        max_conntrack: cfg.flags.max_conntrack,
+        node_id: cfg.flags.self_id.unwrap_or(0),
+        ..Default::default()
+    })
+    .with_context(|| format!("load the datapath (pinned at {})", dir.display()))?;
+    info!(
+        pin_dir = %dir.display(),
+        adopted,
+        services = dp.capacity().services,
+        conntrack = dp.capacity().conntrack,
+        "datapath loaded"
+    );
+    let mut dp = dp;
+    let events = dp.take_events();
+    let store = Store::new(&cfg.flags.config_path);
+    let mut engine = Engine::start(dp, store, adopted).context("restore saved rules")?;
+    let mut attached = BTreeSet::new();
+    attach_new(engine.datapath_mut(), &cfg, &mut attached);
+    let app = Arc::new(App {
+        engine: Mutex::new(engine),
+        metrics: Metrics::default(),
+    });
+    let cfg = Arc::new(cfg);
+
+    // Conntrack collector and interface watcher.
+    {
+        let app = app.clone();
+        let cfg = cfg.clone();
+        tokio::spawn(async move {
+            let mut gc = tokio::time::interval(Duration::from_secs(cfg.flags.gc_interval));
+            gc.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                gc.tick().await;
+                let app = app.clone();
+                let cfg = cfg.clone();
+                let mut attached_now = std::mem::take(&mut attached);
+                let res = tokio::task::spawn_blocking(move || {
+                    let Ok(mut e) = app.engine.lock() else {
+                        return attached_now;
+                    };
+                    let n = e.collect(monotonic_ns());
+                    if n > 0 {
+                        debug!(removed = n, "conntrack collector pass");
+                    }
+                    attach_new(e.datapath_mut(), &cfg, &mut attached_now);
+                    attached_now
+                })
+                .await;
+                match res {
+                    Ok(a) => attached = a,
+                    Err(e) => warn!(error = %e, "collector task failed"),
+                }
+            }
+        });
+    }
+
+    // Conntrack events from the ring buffer.
+    if let Some(ev) = events {
+        let app = app.clone();
+        tokio::spawn(async move {
+            // SAFETY: the ring buffer owns its map fd for its whole life, and the EventStream
+            // (moved into the AsyncFd) always returns that same fd.
+            let reg = unsafe { AsyncFd::register_with_interest(ev, tokio::io::Interest::READABLE) };
+            let mut afd = match reg {
+                Ok(a) => a,
+                Err(e) => {
+                    warn!(error = %e, "cannot poll the conntrack event ring buffer");
+                    return;
+                }
+            };
+            loop {
+                let Ok(mut guard) = afd.readable_mut().await else {
+                    return;
+                };
+                while let Some(e) = guard.get_inner_mut().try_next() {
+                    if let Some(k) = e.kind() {
+                        app.metrics.event(k);
+                    }
+                }
+                guard.clear_ready();
+            }
+        });
+    }
+
+    let shutdown = async {
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+        info!("stopping; the datapath stays pinned and keeps forwarding");
+    };
+
+    if cfg.flags.no_api {
+        shutdown.await;
+        return Ok(());
+    }
+    let addr = std::net::SocketAddr::new(cfg.flags.host, cfg.flags.port);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("listen on {addr} (--host/--port)"))?;
+    info!(%addr, "REST API listening (base /netlox/v1)");
+    axum::serve(listener, api::router(app))
+        .with_graceful_shutdown(shutdown)
+        .await
+        .context("serve the REST API")?;
+    Ok(())
+}

@@ -1,0 +1,717 @@
+//! The wire types of the loxilb-compatible REST API and the parser that turns a request body
+//! into a validated [`RuleSpec`].
+//!
+//! Parsing is done by hand from a `serde_json::Value`, not with derived `Deserialize`, so that
+//! keys match case-insensitively (kube-loxilb sends `BGP` and `Monitor`), unknown keys are
+//! ignored, absent keys are zero, and every error names the field and the reason
+//! (`serviceArguments.port: must be 1..=65535, got 0`). Replies use loxilb's exact spelling.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// Endpoints per rule (the datapath's `FLB_MAX_ENDPOINTS`).
+pub const MAX_ENDPOINTS: usize = ferrolb_bpf::maps::MAX_ENDPOINTS;
+/// loxilb's ceiling for `inactiveTimeOut`.
+pub const MAX_TIMEOUT_S: u32 = 86_400;
+
+/// A request that cannot be applied, with the field it is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub field: String,
+    pub reason: String,
+}
+
+impl FieldError {
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> FieldError {
+        FieldError {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            write!(f, "{}", self.reason)
+        } else {
+            write!(f, "{}: {}", self.field, self.reason)
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Icmp,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Icmp => "icmp",
+        }
+    }
+
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => ferrolb_bpf::maps::PROTO_TCP,
+            Protocol::Udp => ferrolb_bpf::maps::PROTO_UDP,
+            Protocol::Icmp => ferrolb_bpf::maps::PROTO_ICMP,
+        }
+    }
+
+    pub fn from_number(n: u8) -> Option<Protocol> {
+        match n {
+            6 => Some(Protocol::Tcp),
+            17 => Some(Protocol::Udp),
+            1 => Some(Protocol::Icmp),
+            _ => None,
+        }
+    }
+
+    pub fn parse(s: &str, field: &str) -> Result<Protocol, FieldError> {
+        match s.to_ascii_lowercase().as_str() {
+            "tcp" => Ok(Protocol::Tcp),
+            "udp" => Ok(Protocol::Udp),
+            "icmp" => Ok(Protocol::Icmp),
+            "sctp" => Err(FieldError::new(
+                field,
+                "sctp is not supported by this datapath yet (tcp, udp, icmp are)",
+            )),
+            other => Err(FieldError::new(
+                field,
+                format!("unknown protocol '{other}' (tcp, udp, icmp)"),
+            )),
+        }
+    }
+
+    /// loxilb's default inactivity timeout (seconds).
+    pub fn default_timeout_s(self) -> u32 {
+        match self {
+            Protocol::Tcp => 240,
+            _ => 20,
+        }
+    }
+}
+
+/// A rule's identity (loxilb's key): external IP, port range, protocol, block, host.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
+pub struct RuleKey {
+    pub external_ip: IpAddr,
+    pub port: u16,
+    pub port_max: u16,
+    pub protocol: Protocol,
+    pub block: u32,
+    pub host: String,
+}
+
+impl fmt::Display for RuleKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.external_ip, self.port)?;
+        if self.port_max > self.port {
+            write!(f, "-{}", self.port_max)?;
+        }
+        write!(f, "/{}", self.protocol.as_str())?;
+        if self.block != 0 {
+            write!(f, " block {}", self.block)?;
+        }
+        if !self.host.is_empty() {
+            write!(f, " host {}", self.host)?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct EndpointSpec {
+    pub ip: IpAddr,
+    pub target_port: u16,
+    pub weight: u16,
+}
+
+/// Everything of `serviceArguments` that ferrolb keeps (and returns on GET).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceSpec {
+    pub sel: u8,
+    pub mode: u8,
+    pub bgp: bool,
+    pub monitor: bool,
+    pub inactive_timeout_s: u32,
+    pub managed: bool,
+    pub probe_type: String,
+    pub probe_port: u16,
+    pub probe_req: String,
+    pub probe_resp: String,
+    pub probe_timeout: u32,
+    pub probe_retries: u32,
+    pub security: u32,
+    pub name: String,
+    pub private_ip: String,
+    pub proxy_protocol_v2: bool,
+    pub egress: bool,
+    pub snat: bool,
+}
+
+/// A validated create/modify request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuleSpec {
+    pub key: RuleKey,
+    pub service: ServiceSpec,
+    pub endpoints: Vec<EndpointSpec>,
+    /// 0 create or replace, 1 attach endpoints, 2 detach endpoints.
+    pub oper: u8,
+}
+
+pub const SEL_NAMES: [&str; 5] = ["rr", "hash", "priority", "persist", "lc"];
+pub const MODE_NAMES: [&str; 3] = ["default", "onearm", "fullnat"];
+
+/// Case-insensitive view of a JSON object.
+struct Obj<'a> {
+    map: &'a Map<String, Value>,
+    path: String,
+}
+
+impl<'a> Obj<'a> {
+    fn new(v: &'a Value, path: &str) -> Result<Obj<'a>, FieldError> {
+        match v {
+            Value::Object(map) => Ok(Obj {
+                map,
+                path: path.to_string(),
+            }),
+            other => Err(FieldError::new(
+                path,
+                format!("must be an object, got {}", kind(other)),
+            )),
+        }
+    }
+
+    fn field(&self, name: &str) -> String {
+        if self.path.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.path)
+        }
+    }
+
+    fn get(&self, name: &str) -> Option<&'a Value> {
+        self.map
+            .get(name)
+            .or_else(|| {
+                self.map
+                    .iter()
+                    .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                    .map(|(_, v)| v)
+            })
+            .filter(|v| !v.is_null())
+    }
+
+    fn int(&self, name: &str, min: i64, max: i64) -> Result<Option<i64>, FieldError> {
+        let Some(v) = self.get(name) else {
+            return Ok(None);
+        };
+        let field = self.field(name);
+        let n = match v {
+            Value::Number(n) => n.as_i64().ok_or_else(|| {
+                FieldError::new(&field, format!("must be an integer, got {n}"))
+            })?,
+            other => {
+                return Err(FieldError::new(
+                    &field,
+                    format!("must be an integer, got {}", kind(other)),
+                ));
+            }
+        };
+        if n < min || n > max {
+            return Err(FieldError::new(
+                &field,
+                format!("must be {min}..={max}, got {n}"),
+            ));
+        }
+        Ok(Some(n))
+    }
+
+    fn string(&self, name: &str) -> Result<Option<&'a str>, FieldError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.as_str())),
+            Some(other) => Err(FieldError::new(
+                self.field(name),
+                format!("must be a string, got {}", kind(other)),
+            )),
+        }
+    }
+
+    fn boolean(&self, name: &str) -> Result<bool, FieldError> {
+        match self.get(name) {
+            None => Ok(false),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(other) => Err(FieldError::new(
+                self.field(name),
+                format!("must be true or false, got {}", kind(other)),
+            )),
+        }
+    }
+
+    fn array(&self, name: &str) -> Result<Option<&'a Vec<Value>>, FieldError> {
+        match self.get(name) {
+            None => Ok(None),
+            Some(Value::Array(a)) => Ok(Some(a)),
+            Some(other) => Err(FieldError::new(
+                self.field(name),
+                format!("must be a list, got {}", kind(other)),
+            )),
+        }
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn parse_ip(s: &str, field: &str) -> Result<IpAddr, FieldError> {
+    let ip: IpAddr = s
+        .trim()
+        .parse()
+        .map_err(|_| FieldError::new(field, format!("'{s}' is not an IP address")))?;
+    if ip.is_ipv6() {
+        return Err(FieldError::new(
+            field,
+            format!("{ip}: IPv6 is not supported by this datapath yet"),
+        ));
+    }
+    if ip.is_unspecified() || ip.is_multicast() || ip.is_loopback() {
+        return Err(FieldError::new(
+            field,
+            format!("{ip} cannot be used here (unspecified, loopback or multicast)"),
+        ));
+    }
+    Ok(ip)
+}
+
+/// Parses and validates a `LoadbalanceEntry` body.
+pub fn parse_rule(body: &[u8]) -> Result<RuleSpec, FieldError> {
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| FieldError::new("", format!("invalid JSON: {e}")))?;
+    let top = Obj::new(&v, "")?;
+    let sa_v = top.get("serviceArguments").ok_or_else(|| {
+        FieldError::new("serviceArguments", "required (with externalIP and port)")
+    })?;
+    let sa = Obj::new(sa_v, "serviceArguments")?;
+
+    let ext = sa
+        .string("externalIP")?
+        .ok_or_else(|| FieldError::new(sa.field("externalIP"), "required"))?;
+    let external_ip = parse_ip(ext, &sa.field("externalIP"))?;
+    let port = sa
+        .int("port", 1, 65535)?
+        .ok_or_else(|| FieldError::new(sa.field("port"), "required"))? as u16;
+    let port_max = sa.int("portMax", 0, 65535)?.unwrap_or(0) as u16;
+    if port_max != 0 && port_max < port {
+        return Err(FieldError::new(
+            sa.field("portMax"),
+            format!("must be 0 or >= port ({port}), got {port_max}"),
+        ));
+    }
+    let protocol = match sa.string("protocol")? {
+        None | Some("") => Protocol::Tcp,
+        Some(p) => Protocol::parse(p, &sa.field("protocol"))?,
+    };
+    if protocol == Protocol::Icmp && port_max != 0 {
+        return Err(FieldError::new(
+            sa.field("portMax"),
+            "icmp rules have no port range",
+        ));
+    }
+    let sel = sa.int("sel", i64::MIN, i64::MAX)?.unwrap_or(0);
+    let sel = match sel {
+        0..=4 => sel as u8,
+        5 | 6 => {
+            return Err(FieldError::new(
+                sa.field("sel"),
+                format!("{sel} (n2/n3 L7 selection) is not supported; use 0 rr, 1 hash, 2 priority, 3 persist or 4 lc"),
+            ));
+        }
+        _ => {
+            return Err(FieldError::new(
+                sa.field("sel"),
+                format!("{sel} is not a selection algorithm; use 0 rr, 1 hash, 2 priority, 3 persist or 4 lc"),
+            ));
+        }
+    };
+    let mode = sa.int("mode", i64::MIN, i64::MAX)?.unwrap_or(0);
+    let mode = match mode {
+        0..=2 => mode as u8,
+        3 => {
+            return Err(FieldError::new(
+                sa.field("mode"),
+                "3 (dsr) is not supported yet; use 0 default (DNAT), 1 onearm or 2 fullnat",
+            ));
+        }
+        4 | 5 => {
+            return Err(FieldError::new(
+                sa.field("mode"),
+                format!("{mode} ({}) is not supported; use 0 default (DNAT), 1 onearm or 2 fullnat",
+                    if mode == 4 { "fullproxy" } else { "hostonearm" }),
+            ));
+        }
+        _ => {
+            return Err(FieldError::new(
+                sa.field("mode"),
+                format!("{mode} is not a NAT mode; use 0 default (DNAT), 1 onearm or 2 fullnat"),
+            ));
+        }
+    };
+    let timeout = sa
+        .int("inactiveTimeOut", 0, i64::from(MAX_TIMEOUT_S))?
+        .unwrap_or(0) as u32;
+    let block = sa.int("block", 0, i64::from(u32::MAX))?.unwrap_or(0) as u32;
+    let oper = sa.int("oper", 0, 2)?.unwrap_or(0) as u8;
+    let host = sa.string("host")?.unwrap_or("").to_string();
+    if !host.is_empty() {
+        return Err(FieldError::new(
+            sa.field("host"),
+            "host-based (L7) rules are not supported; leave it empty",
+        ));
+    }
+    let probe_port = sa.int("probeport", 0, 65535)?.unwrap_or(0) as u16;
+    let service = ServiceSpec {
+        sel,
+        mode,
+        bgp: sa.boolean("bgp")?,
+        monitor: sa.boolean("monitor")?,
+        inactive_timeout_s: timeout,
+        managed: sa.boolean("managed")?,
+        probe_type: sa.string("probetype")?.unwrap_or("").to_string(),
+        probe_port,
+        probe_req: sa.string("probereq")?.unwrap_or("").to_string(),
+        probe_resp: sa.string("proberesp")?.unwrap_or("").to_string(),
+        probe_timeout: sa.int("probeTimeout", 0, i64::from(u32::MAX))?.unwrap_or(0) as u32,
+        probe_retries: sa.int("probeRetries", 0, i64::from(u32::MAX))?.unwrap_or(0) as u32,
+        security: sa.int("security", 0, i64::from(u32::MAX))?.unwrap_or(0) as u32,
+        name: sa.string("name")?.unwrap_or("").to_string(),
+        private_ip: sa.string("privateIP")?.unwrap_or("").to_string(),
+        proxy_protocol_v2: sa.boolean("proxyprotocolv2")?,
+        egress: sa.boolean("egress")?,
+        snat: sa.boolean("snat")?,
+    };
+    if service.proxy_protocol_v2 {
+        return Err(FieldError::new(
+            sa.field("proxyprotocolv2"),
+            "PROXY protocol needs a proxy mode, which is not supported",
+        ));
+    }
+    if service.egress || service.snat {
+        return Err(FieldError::new(
+            sa.field(if service.egress { "egress" } else { "snat" }),
+            "egress/SNAT rules are not supported yet",
+        ));
+    }
+    for list in ["secondaryIPs", "allowedSources"] {
+        if let Some(a) = top.array(list)?
+            && !a.is_empty()
+        {
+            return Err(FieldError::new(
+                list,
+                if list == "allowedSources" {
+                    "source filtering is not enforced by this datapath yet; refusing rather than \
+                     exposing the service to every source"
+                } else {
+                    "secondary IPs (SCTP multihoming) are not supported"
+                },
+            ));
+        }
+    }
+
+    let eps = top
+        .array("endpoints")?
+        .ok_or_else(|| FieldError::new("endpoints", "required (a list, may be empty)"))?;
+    if eps.len() > MAX_ENDPOINTS {
+        return Err(FieldError::new(
+            "endpoints",
+            format!("at most {MAX_ENDPOINTS} endpoints per rule, got {}", eps.len()),
+        ));
+    }
+    let mut endpoints = Vec::with_capacity(eps.len());
+    let mut seen = HashSet::new();
+    for (i, e) in eps.iter().enumerate() {
+        let o = Obj::new(e, &format!("endpoints[{i}]"))?;
+        let ip_s = o
+            .string("endpointIP")?
+            .ok_or_else(|| FieldError::new(o.field("endpointIP"), "required"))?;
+        let ip = parse_ip(ip_s, &o.field("endpointIP"))?;
+        let target_port = o.int("targetPort", 0, 65535)?.unwrap_or(0) as u16;
+        let weight = o.int("weight", 0, 65535)?.unwrap_or(0) as u16;
+        if !seen.insert((ip, target_port)) {
+            return Err(FieldError::new(
+                o.field("endpointIP"),
+                format!("duplicate endpoint {ip}:{target_port}"),
+            ));
+        }
+        endpoints.push(EndpointSpec {
+            ip,
+            target_port,
+            weight,
+        });
+    }
+    if port_max != 0 && u32::from(port_max) - u32::from(port) > 0 {
+        for (i, e) in endpoints.iter().enumerate() {
+            if e.target_port != 0
+                && u32::from(e.target_port) + u32::from(port_max - port) > 65535
+            {
+                return Err(FieldError::new(
+                    format!("endpoints[{i}].targetPort"),
+                    "target port plus the rule's port range exceeds 65535",
+                ));
+            }
+        }
+    }
+    Ok(RuleSpec {
+        key: RuleKey {
+            external_ip,
+            port,
+            port_max: if port_max == port { 0 } else { port_max },
+            protocol,
+            block,
+            host,
+        },
+        service,
+        endpoints,
+        oper,
+    })
+}
+
+// --- replies (loxilb spelling) ----------------------------------------------------------------
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LbServiceArgs {
+    #[serde(rename = "externalIP")]
+    pub external_ip: String,
+    #[serde(rename = "privateIP")]
+    pub private_ip: String,
+    pub port: u16,
+    #[serde(rename = "portMax")]
+    pub port_max: u16,
+    pub protocol: String,
+    pub sel: u8,
+    pub mode: u8,
+    pub bgp: bool,
+    pub monitor: bool,
+    #[serde(rename = "inactiveTimeOut")]
+    pub inactive_timeout: u32,
+    pub block: u32,
+    pub managed: bool,
+    pub probetype: String,
+    pub probeport: u16,
+    pub probereq: String,
+    pub proberesp: String,
+    #[serde(rename = "probeTimeout")]
+    pub probe_timeout: u32,
+    #[serde(rename = "probeRetries")]
+    pub probe_retries: u32,
+    pub security: u32,
+    pub name: String,
+    pub oper: u8,
+    pub host: String,
+    pub proxyprotocolv2: bool,
+    pub egress: bool,
+    pub snat: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LbEndpoint {
+    #[serde(rename = "endpointIP")]
+    pub endpoint_ip: String,
+    #[serde(rename = "targetPort")]
+    pub target_port: u16,
+    pub weight: u16,
+    pub state: String,
+    pub counter: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LbEntry {
+    #[serde(rename = "serviceArguments")]
+    pub service_arguments: LbServiceArgs,
+    #[serde(rename = "secondaryIPs")]
+    pub secondary_ips: Vec<Value>,
+    #[serde(rename = "allowedSources")]
+    pub allowed_sources: Vec<Value>,
+    pub endpoints: Vec<LbEndpoint>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LbList {
+    #[serde(rename = "lbAttr")]
+    pub lb_attr: Vec<LbEntry>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CtEntry {
+    #[serde(rename = "destinationIP")]
+    pub destination_ip: String,
+    #[serde(rename = "sourceIP")]
+    pub source_ip: String,
+    #[serde(rename = "destinationPort")]
+    pub destination_port: u16,
+    #[serde(rename = "sourcePort")]
+    pub source_port: u16,
+    pub protocol: String,
+    #[serde(rename = "conntrackState")]
+    pub conntrack_state: String,
+    #[serde(rename = "conntrackAct")]
+    pub conntrack_act: String,
+    pub packets: u64,
+    pub bytes: u64,
+    #[serde(rename = "servName")]
+    pub serv_name: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CtList {
+    #[serde(rename = "ctAttr")]
+    pub ct_attr: Vec<CtEntry>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CiState {
+    pub instance: String,
+    pub state: String,
+    pub vip: String,
+    pub sync: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct CiList {
+    #[serde(rename = "Attr")]
+    pub attr: Vec<CiState>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Version {
+    pub version: String,
+    #[serde(rename = "buildInfo")]
+    pub build_info: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(body: &str) -> String {
+        parse_rule(body.as_bytes()).unwrap_err().to_string()
+    }
+
+    const KUBE_LOXILB: &str = r#"{"serviceArguments":{"externalIP":"123.123.123.1","privateIP":"","port":80,
+  "protocol":"tcp","sel":0,"mode":2,"BGP":true,"Monitor":false,"inactiveTimeOut":0,"block":0,
+  "managed":true,"probetype":"","probeport":0,"probereq":"","proberesp":"",
+  "name":"default_nginx-lb:llb-inst0"},"secondaryIPs":[],"allowedSources":[],
+  "endpoints":[{"endpointIP":"192.168.80.10","targetPort":31234,"weight":1,"state":"","counter":""}]}"#;
+
+    #[test]
+    fn kube_loxilb_create_body_parses() {
+        let r = parse_rule(KUBE_LOXILB.as_bytes()).unwrap();
+        assert_eq!(r.key.external_ip.to_string(), "123.123.123.1");
+        assert_eq!(r.key.port, 80);
+        assert_eq!(r.key.protocol, Protocol::Tcp);
+        assert_eq!(r.service.mode, 2);
+        assert!(r.service.bgp, "BGP matched case-insensitively");
+        assert!(r.service.managed);
+        assert_eq!(r.service.name, "default_nginx-lb:llb-inst0");
+        assert_eq!(
+            r.endpoints,
+            vec![EndpointSpec {
+                ip: "192.168.80.10".parse().unwrap(),
+                target_port: 31234,
+                weight: 1
+            }]
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_ignored_and_absent_keys_are_zero() {
+        let r = parse_rule(
+            br#"{"serviceArguments":{"externalIP":"20.20.20.1","port":2020,"path_prefix":"/",
+            "backend_protocol":"http","mtls_frontend":{"x":1}},"endpoints":[{"endpointIP":"31.31.31.1","targetPort":8080,"weight":1}]}"#,
+        )
+        .unwrap();
+        assert_eq!(r.service.sel, 0);
+        assert_eq!(r.oper, 0);
+        assert!(!r.service.managed);
+        assert_eq!(r.key.protocol, Protocol::Tcp);
+    }
+
+    #[test]
+    fn bad_input_names_the_field() {
+        let base = |sa: &str, eps: &str| {
+            format!(r#"{{"serviceArguments":{{{sa}}},"endpoints":{eps}}}"#)
+        };
+        let ep = r#"[{"endpointIP":"10.0.0.1","targetPort":80,"weight":1}]"#;
+        let cases = [
+            ("{", "invalid JSON"),
+            ("[]", "must be an object"),
+            (r#"{"endpoints":[]}"#, "serviceArguments: required"),
+            (&base(r#""port":80"#, ep), "serviceArguments.externalIP: required"),
+            (&base(r#""externalIP":"1.2.3.4""#, ep), "serviceArguments.port: required"),
+            (&base(r#""externalIP":"1.2.3.4","port":80"#, "null"), "endpoints: required"),
+            (&base(r#""externalIP":"1.2.3.4","port":0"#, ep), "serviceArguments.port: must be 1..=65535, got 0"),
+            (&base(r#""externalIP":"1.2.3.4","port":65536"#, ep), "serviceArguments.port: must be 1..=65535, got 65536"),
+            (&base(r#""externalIP":"1.2.3.4","port":"80""#, ep), "serviceArguments.port: must be an integer, got a string"),
+            (&base(r#""externalIP":"1.2.3.999","port":80"#, ep), "serviceArguments.externalIP: '1.2.3.999' is not an IP address"),
+            (&base(r#""externalIP":"1.2.3.4","port":80,"sel":7"#, ep), "serviceArguments.sel: 7 is not a selection algorithm"),
+            (&base(r#""externalIP":"1.2.3.4","port":80,"sel":6"#, ep), "serviceArguments.sel: 6 (n2/n3"),
+            (&base(r#""externalIP":"1.2.3.4","port":80,"mode":-1"#, ep), "serviceArguments.mode: -1 is not a NAT mode"),
+            (&base(r#""externalIP":"1.2.3.4","port":80,"mode":3"#, ep), "serviceArguments.mode: 3 (dsr) is not supported yet"),
+            (&base(r#""externalIP":"1.2.3.4","port":80,"mode":4"#, ep), "serviceArguments.mode: 4 (fullproxy) is not supported"),
+            (&base(r#""externalIP":"1.2.3.4","port":80,"protocol":"sctp""#, ep), "serviceArguments.protocol: sctp is not supported"),
+            (&base(r#""externalIP":"1.2.3.4","port":80,"bgp":"yes""#, ep), "serviceArguments.bgp: must be true or false"),
+            (&base(r#""externalIP":"1.2.3.4","port":80,"inactiveTimeOut":86401"#, ep), "serviceArguments.inactiveTimeOut: must be 0..=86400"),
+            (&base(r#""externalIP":"1.2.3.4","port":80,"portMax":79"#, ep), "serviceArguments.portMax: must be 0 or >= port"),
+            (&base(r#""externalIP":"1.2.3.4","port":80"#, r#"[{"endpointIP":"10.0.0.1","targetPort":80},{"endpointIP":"10.0.0.1","targetPort":80}]"#), "endpoints[1].endpointIP: duplicate endpoint 10.0.0.1:80"),
+            (&base(r#""externalIP":"1.2.3.4","port":80"#, r#"[{"targetPort":80}]"#), "endpoints[0].endpointIP: required"),
+            (&base(r#""externalIP":"1.2.3.4","port":80"#, r#"[{"endpointIP":"x","targetPort":80}]"#), "endpoints[0].endpointIP: 'x' is not an IP address"),
+            (&base(r#""externalIP":"1.2.3.4","port":80"#, r#"[{"endpointIP":"10.0.0.1","targetPort":-5}]"#), "endpoints[0].targetPort: must be 0..=65535"),
+            (&base(r#""externalIP":"1.2.3.4","port":80"#, r#"{"a":1}"#), "endpoints: must be a list"),
+            (&base(r#""externalIP":"2001:db8::1","port":80"#, ep), "IPv6 is not supported"),
+        ];
+        for (body, want) in cases {
+            let got = err(body);
+            assert!(got.starts_with(want) || got.contains(want), "{body}\n  got: {got}\n want: {want}");
+        }
+        let many: Vec<String> = (0..33)
+            .map(|i| format!(r#"{{"endpointIP":"10.0.1.{i}","targetPort":80,"weight":1}}"#))
+            .collect();
+        let body = base(r#""externalIP":"1.2.3.4","port":80"#, &format!("[{}]", many.join(",")));
+        assert_eq!(err(&body), "endpoints: at most 32 endpoints per rule, got 33");
+    }
+
+    #[test]
+    fn reply_shapes_use_loxilb_spelling() {
+        let e = LbEndpoint {
+            endpoint_ip: "1.1.1.1".into(),
+            target_port: 80,
+            weight: 1,
+            state: "active".into(),
+            counter: "1:60".into(),
+        };
+        let v = serde_json::to_value(&e).unwrap();
+        assert_eq!(v["endpointIP"], "1.1.1.1");
+        assert_eq!(v["targetPort"], 80);
+        assert_eq!(v["counter"], "1:60");
+    }
+}

@@ -1,0 +1,409 @@
+//! `ferroctl`: a loxicmd-style CLI for any ferrolb node's REST API. Human tables by default,
+//! `--json` for scripts, `--url` to pick the node.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::{Parser, Subcommand};
+use ferrolb_agent::client::{HttpResponse, request};
+use serde_json::{Value, json};
+
+#[derive(Debug, Parser)]
+#[command(name = "ferroctl", version, about = "Control a ferrolb node over its REST API")]
+struct Cli {
+    /// Base URL of the node's API.
+    #[arg(long, global = true, default_value = "http://127.0.0.1:11111")]
+    url: String,
+    /// Print the API's JSON instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+    /// Seconds to wait for the node.
+    #[arg(long, global = true, default_value_t = 5)]
+    timeout: u64,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Show rules (lb), connections (ct) or the HA state (ha).
+    Get {
+        #[arg(value_parser = ["lb", "ct", "ha"])]
+        what: String,
+    },
+    /// Create a rule: `create lb VIP --tcp=PORT:TARGETPORT --endpoints=IP:WEIGHT,...`.
+    Create {
+        #[command(subcommand)]
+        what: CreateWhat,
+    },
+    /// Delete a rule: `delete lb VIP --tcp=PORT` (or `--name NAME`, or `--all`).
+    Delete {
+        #[command(subcommand)]
+        what: DeleteWhat,
+    },
+    /// Show the node's version.
+    Version,
+}
+
+#[derive(Debug, Subcommand)]
+enum CreateWhat {
+    Lb(CreateLb),
+}
+
+#[derive(Debug, Subcommand)]
+enum DeleteWhat {
+    Lb(DeleteLb),
+}
+
+#[derive(Debug, clap::Args)]
+struct CreateLb {
+    /// The VIP (external IP).
+    vip: String,
+    /// TCP ports: PORT[:TARGETPORT], comma-separated.
+    #[arg(long)]
+    tcp: Option<String>,
+    /// UDP ports: PORT[:TARGETPORT], comma-separated.
+    #[arg(long)]
+    udp: Option<String>,
+    /// Balance ICMP echo.
+    #[arg(long)]
+    icmp: bool,
+    /// Endpoints: IP:WEIGHT, comma-separated.
+    #[arg(long, required = true)]
+    endpoints: String,
+    /// NAT mode: default (DNAT), onearm, fullnat.
+    #[arg(long, default_value = "default")]
+    mode: String,
+    /// Endpoint selection: rr, hash, priority, persist, lc.
+    #[arg(long, default_value = "rr")]
+    select: String,
+    /// Rule name.
+    #[arg(long, default_value = "")]
+    name: String,
+    /// Inactivity timeout in seconds (0 = protocol default).
+    #[arg(long, default_value_t = 0)]
+    inatimeout: u32,
+}
+
+#[derive(Debug, clap::Args)]
+struct DeleteLb {
+    /// The VIP (external IP).
+    vip: Option<String>,
+    #[arg(long)]
+    tcp: Option<String>,
+    #[arg(long)]
+    udp: Option<String>,
+    #[arg(long)]
+    icmp: bool,
+    /// Delete by rule name instead.
+    #[arg(long)]
+    name: Option<String>,
+    /// Delete every rule.
+    #[arg(long)]
+    all: bool,
+}
+
+fn ports(spec: &str, what: &str) -> Result<Vec<(u16, u16)>> {
+    spec.split(',')
+        .map(|p| {
+            let mut it = p.split(':');
+            let port: u16 = it
+                .next()
+                .unwrap_or("")
+                .trim()
+                .parse()
+                .map_err(|_| anyhow!("--{what}: '{p}' is not PORT[:TARGETPORT]"))?;
+            let target: u16 = match it.next() {
+                Some(t) => t
+                    .trim()
+                    .parse()
+                    .map_err(|_| anyhow!("--{what}: '{p}' is not PORT[:TARGETPORT]"))?,
+                None => port,
+            };
+            Ok((port, target))
+        })
+        .collect()
+}
+
+fn pick(names: &[&str], v: &str, flag: &str) -> Result<usize> {
+    names
+        .iter()
+        .position(|n| *n == v)
+        .ok_or_else(|| anyhow!("--{flag}: '{v}' is not one of {}", names.join(", ")))
+}
+
+struct Client {
+    base: String,
+    timeout: Duration,
+}
+
+impl Client {
+    fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Result<HttpResponse> {
+        let url = format!("{}/netlox/v1{path}", self.base.trim_end_matches('/'));
+        let bytes = body.map(|b| b.to_string().into_bytes());
+        request(method, &url, bytes.as_deref(), self.timeout)
+            .with_context(|| format!("{method} {url}"))
+    }
+
+    fn ok(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
+        let r = self.call(method, path, body)?;
+        let v = r.json().unwrap_or(Value::Null);
+        if r.status != 200 {
+            let msg = v["message"].as_str().map(str::to_string).unwrap_or_else(|| r.text());
+            bail!("{} {}: {msg}", r.status, path);
+        }
+        Ok(v)
+    }
+}
+
+fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
+    let mut w: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        cells
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<width$}", width = w[i]))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    let mut out = line(headers.iter().map(|s| s.to_string()).collect());
+    out.push('\n');
+    for r in rows {
+        out.push_str(&line(r));
+        out.push('\n');
+    }
+    out
+}
+
+const SEL: [&str; 5] = ["rr", "hash", "priority", "persist", "lc"];
+const MODE: [&str; 3] = ["default", "onearm", "fullnat"];
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let c = Client {
+        base: cli.url.clone(),
+        timeout: Duration::from_secs(cli.timeout.max(1)),
+    };
+    match cli.cmd {
+        Cmd::Version => {
+            let v = c.ok("GET", "/version", None)?;
+            if cli.json {
+                println!("{v}");
+            } else {
+                println!("{}", v["buildInfo"].as_str().unwrap_or_default());
+            }
+        }
+        Cmd::Get { what } => match what.as_str() {
+            "lb" => {
+                let v = c.ok("GET", "/config/loadbalancer/all", None)?;
+                if cli.json {
+                    println!("{v}");
+                    return Ok(());
+                }
+                let mut rows = Vec::new();
+                for r in v["lbAttr"].as_array().into_iter().flatten() {
+                    let s = &r["serviceArguments"];
+                    let sel = s["sel"].as_u64().unwrap_or(0) as usize;
+                    let mode = s["mode"].as_u64().unwrap_or(0) as usize;
+                    let port = match s["portMax"].as_u64() {
+                        Some(m) if m > s["port"].as_u64().unwrap_or(0) => {
+                            format!("{}-{m}", s["port"])
+                        }
+                        _ => s["port"].to_string(),
+                    };
+                    for (i, e) in r["endpoints"].as_array().into_iter().flatten().enumerate() {
+                        let first = i == 0;
+                        let f = |x: String| if first { x } else { String::new() };
+                        rows.push(vec![
+                            f(s["externalIP"].as_str().unwrap_or_default().to_string()),
+                            f(port.clone()),
+                            f(s["protocol"].as_str().unwrap_or_default().to_string()),
+                            f(s["name"].as_str().unwrap_or_default().to_string()),
+                            f(MODE.get(mode).unwrap_or(&"?").to_string()),
+                            f(SEL.get(sel).unwrap_or(&"?").to_string()),
+                            format!(
+                                "{}:{}",
+                                e["endpointIP"].as_str().unwrap_or_default(),
+                                e["targetPort"]
+                            ),
+                            e["weight"].to_string(),
+                            e["state"].as_str().unwrap_or_default().to_string(),
+                            e["counter"].as_str().unwrap_or_default().to_string(),
+                        ]);
+                    }
+                    if r["endpoints"].as_array().is_none_or(|a| a.is_empty()) {
+                        rows.push(vec![
+                            s["externalIP"].as_str().unwrap_or_default().to_string(),
+                            port,
+                            s["protocol"].as_str().unwrap_or_default().to_string(),
+                            s["name"].as_str().unwrap_or_default().to_string(),
+                            MODE.get(mode).unwrap_or(&"?").to_string(),
+                            SEL.get(sel).unwrap_or(&"?").to_string(),
+                            "-".into(),
+                            String::new(),
+                            String::new(),
+                            String::new(),
+                        ]);
+                    }
+                }
+                print!(
+                    "{}",
+                    table(
+                        &["VIP", "PORT", "PROTO", "NAME", "MODE", "SELECT", "ENDPOINT", "WEIGHT", "STATE", "PACKETS:BYTES"],
+                        rows
+                    )
+                );
+            }
+            "ct" => {
+                let v = c.ok("GET", "/config/conntrack/all", None)?;
+                if cli.json {
+                    println!("{v}");
+                    return Ok(());
+                }
+                let rows = v["ctAttr"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|e| {
+                        vec![
+                            format!("{}:{}", e["sourceIP"].as_str().unwrap_or_default(), e["sourcePort"]),
+                            format!(
+                                "{}:{}",
+                                e["destinationIP"].as_str().unwrap_or_default(),
+                                e["destinationPort"]
+                            ),
+                            e["protocol"].as_str().unwrap_or_default().to_string(),
+                            e["conntrackState"].as_str().unwrap_or_default().to_string(),
+                            e["conntrackAct"].as_str().unwrap_or_default().to_string(),
+                            e["packets"].to_string(),
+                            e["bytes"].to_string(),
+                            e["servName"].as_str().unwrap_or_default().to_string(),
+                        ]
+                    })
+                    .collect();
+                print!(
+                    "{}",
+                    table(
+                        &["SOURCE", "DESTINATION", "PROTO", "STATE", "ACTION", "PACKETS", "BYTES", "SERVICE"],
+                        rows
+                    )
+                );
+            }
+            _ => {
+                let v = c.ok("GET", "/config/cistate/all", None)?;
+                if cli.json {
+                    println!("{v}");
+                    return Ok(());
+                }
+                let rows = v["Attr"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|e| {
+                        vec![
+                            e["instance"].as_str().unwrap_or_default().to_string(),
+                            e["state"].as_str().unwrap_or_default().to_string(),
+                            e["vip"].as_str().unwrap_or_default().to_string(),
+                        ]
+                    })
+                    .collect();
+                print!("{}", table(&["INSTANCE", "STATE", "VIP"], rows));
+            }
+        },
+        Cmd::Create {
+            what: CreateWhat::Lb(a),
+        } => {
+            let sel = pick(&SEL, &a.select, "select")?;
+            let mode = pick(&MODE, &a.mode, "mode")
+                .or_else(|_| if a.mode == "dnat" { Ok(0) } else { Err(anyhow!("--mode: '{}' is not one of default, onearm, fullnat", a.mode)) })?;
+            let eps: Vec<(String, u16)> = a
+                .endpoints
+                .split(',')
+                .map(|e| {
+                    let (ip, w) = e.rsplit_once(':').unwrap_or((e, "1"));
+                    let w: u16 = w
+                        .parse()
+                        .map_err(|_| anyhow!("--endpoints: '{e}' is not IP:WEIGHT"))?;
+                    Ok((ip.to_string(), w))
+                })
+                .collect::<Result<_>>()?;
+            let mut rules: Vec<(String, u16, u16)> = Vec::new();
+            if let Some(t) = &a.tcp {
+                rules.extend(ports(t, "tcp")?.into_iter().map(|(p, t)| ("tcp".into(), p, t)));
+            }
+            if let Some(u) = &a.udp {
+                rules.extend(ports(u, "udp")?.into_iter().map(|(p, t)| ("udp".into(), p, t)));
+            }
+            if a.icmp {
+                rules.push(("icmp".into(), 1, 0));
+            }
+            if rules.is_empty() {
+                bail!("give at least one of --tcp, --udp, --icmp");
+            }
+            for (proto, port, target) in rules {
+                let body = json!({
+                    "serviceArguments": {
+                        "externalIP": a.vip, "port": port, "protocol": proto,
+                        "sel": sel, "mode": mode, "name": a.name,
+                        "inactiveTimeOut": a.inatimeout,
+                    },
+                    "endpoints": eps.iter().map(|(ip, w)| json!({
+                        "endpointIP": ip, "targetPort": target, "weight": w
+                    })).collect::<Vec<_>>(),
+                });
+                let v = c.ok("POST", "/config/loadbalancer", Some(&body))?;
+                if cli.json {
+                    println!("{v}");
+                } else {
+                    println!("created {}:{port}/{proto}", a.vip);
+                }
+            }
+        }
+        Cmd::Delete {
+            what: DeleteWhat::Lb(a),
+        } => {
+            let mut paths = Vec::new();
+            if a.all {
+                paths.push("/config/loadbalancer/all".to_string());
+            } else if let Some(n) = &a.name {
+                paths.push(format!("/config/loadbalancer/name/{n}"));
+            } else {
+                let vip = a
+                    .vip
+                    .as_deref()
+                    .ok_or_else(|| anyhow!("give the VIP, --name or --all"))?;
+                for (flag, proto) in [(&a.tcp, "tcp"), (&a.udp, "udp")] {
+                    if let Some(p) = flag {
+                        for (port, _) in ports(p, proto)? {
+                            paths.push(format!(
+                                "/config/loadbalancer/externalipaddress/{vip}/port/{port}/protocol/{proto}"
+                            ));
+                        }
+                    }
+                }
+                if a.icmp {
+                    paths.push(format!(
+                        "/config/loadbalancer/externalipaddress/{vip}/port/1/protocol/icmp"
+                    ));
+                }
+                if paths.is_empty() {
+                    bail!("give at least one of --tcp, --udp, --icmp");
+                }
+            }
+            for p in paths {
+                c.ok("DELETE", &p, None)?;
+                if !cli.json {
+                    println!("deleted {p}");
+                }
+            }
+        }
+    }
+    Ok(())
+}

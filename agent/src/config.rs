@@ -1,0 +1,333 @@
+//! Command-line flags (loxilb-compatible names, `--flag=value` and `--flag value`) and the
+//! validated [`Config`] they become. Flags of features that later releases bring (`--cluster`,
+//! `--self`, `--ka`, `--bgp`, `--tls`) are parsed and validated, then refused with a message
+//! saying so, rather than silently ignored.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+
+use anyhow::{Result, anyhow, bail};
+use clap::Parser;
+use regex::Regex;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ferrolb",
+    version,
+    about = "ferrolb: an L4 load balancer with an eBPF datapath and a loxilb-compatible REST API",
+    long_about = "ferrolb forwards TCP, UDP and ICMP to backends in eBPF (TC ingress on every \
+interface except lo), tracks every connection, and is programmed through a REST API that is \
+wire-compatible with loxilb's (base /netlox/v1), so kube-loxilb and loxicmd-style workflows \
+work unchanged. Rules persist under --config-path and the datapath stays pinned in bpffs, so a \
+restart (or a crash) does not drop established connections."
+)]
+pub struct Flags {
+    /// REST API listen address.
+    #[arg(long, default_value = "0.0.0.0", value_name = "IP")]
+    pub host: IpAddr,
+
+    /// REST API listen port (also serves /metrics).
+    #[arg(long, default_value_t = 11111, value_name = "PORT")]
+    pub port: u16,
+
+    /// Do not serve the REST API (loxilb's `-a/--api` did this despite its help text; ferrolb
+    /// spells it out).
+    #[arg(long)]
+    pub no_api: bool,
+
+    /// State directory: rules are saved here atomically and restored on start.
+    #[arg(long, default_value = "/etc/ferrolb/", value_name = "DIR")]
+    pub config_path: PathBuf,
+
+    /// Only attach to interfaces whose name matches this regex (lo never).
+    #[arg(long, value_name = "REGEX")]
+    pub whitelist: Option<String>,
+
+    /// Never attach to interfaces whose name matches this regex.
+    #[arg(long, value_name = "REGEX")]
+    pub blacklist: Option<String>,
+
+    /// Log level: trace, debug, info, warning (or warn), error.
+    #[arg(long, default_value = "info", value_name = "LEVEL")]
+    pub loglevel: String,
+
+    /// Serve HTTPS too (not supported yet: refused at start).
+    #[arg(long)]
+    pub tls: bool,
+    /// HTTPS listen address.
+    #[arg(long, default_value = "0.0.0.0", value_name = "IP")]
+    pub tls_host: IpAddr,
+    /// HTTPS listen port.
+    #[arg(long, default_value_t = 8091, value_name = "PORT")]
+    pub tls_port: u16,
+    /// HTTPS certificate (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub tls_certificate: Option<PathBuf>,
+    /// HTTPS private key (PEM).
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Accepted for loxilb compatibility: metrics are always served at /metrics.
+    #[arg(short = 'p', long)]
+    pub prometheus: bool,
+
+    /// Accepted for loxilb compatibility: the datapath needs no egress hook.
+    #[arg(long)]
+    pub egr_hooks: bool,
+
+    /// Conntrack sync transport: grpc (netrpc is accepted with a warning and means grpc).
+    #[arg(long, value_name = "netrpc|grpc")]
+    pub rpc: Option<String>,
+
+    /// Cluster peers for connection sync, comma-separated (comes with HA; refused for now).
+    #[arg(long, value_name = "IP[,IP...]")]
+    pub cluster: Option<String>,
+
+    /// This node's id in the cluster (0..N-1).
+    #[arg(long = "self", value_name = "N")]
+    pub self_id: Option<u16>,
+
+    /// BFD keepalive: REMOTE:SOURCE[:INTERVAL_US or :Nms], comma-separated for several peers
+    /// (comes with BFD; refused for now).
+    #[arg(long, value_name = "REMOTE:SOURCE[:INTERVAL]")]
+    pub ka: Option<String>,
+
+    /// Advertise VIPs over BGP (comes with the BGP speaker; refused for now).
+    #[arg(short = 'b', long)]
+    pub bgp: bool,
+
+    /// bpffs directory for the pinned datapath (default /sys/fs/bpf/ferrolb/<netns>/v<layout>).
+    #[arg(long, value_name = "DIR")]
+    pub bpf_pin_dir: Option<PathBuf>,
+
+    /// Datapath services (rules) the maps are sized for, at first creation.
+    #[arg(long, default_value_t = 4096, value_name = "N")]
+    pub max_services: u32,
+
+    /// Conntrack entries (two per flow) the map is sized for, at first creation.
+    #[arg(long, default_value_t = 1 << 20, value_name = "N")]
+    pub max_conntrack: u32,
+
+    /// Seconds between conntrack collector passes.
+    #[arg(long, default_value_t = 5, value_name = "SECONDS")]
+    pub gc_interval: u64,
+
+    /// Remove the pinned datapath of this network namespace (detaches from every interface,
+    /// frees the maps) and exit. Established flows stop being forwarded.
+    #[arg(long)]
+    pub remove_datapath: bool,
+}
+
+/// A parsed `--ka` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Keepalive {
+    pub remote: IpAddr,
+    pub source: IpAddr,
+    pub interval_us: u32,
+}
+
+#[derive(Debug)]
+pub struct Config {
+    pub flags: Flags,
+    pub whitelist: Option<Regex>,
+    pub blacklist: Option<Regex>,
+    pub log_filter: &'static str,
+}
+
+pub fn log_filter(level: &str) -> Result<&'static str> {
+    Ok(match level.to_ascii_lowercase().as_str() {
+        "trace" => "trace",
+        "debug" => "debug",
+        "info" => "info",
+        "warning" | "warn" => "warn",
+        "error" | "critical" | "emergency" | "alert" => "error",
+        other => bail!("--loglevel: unknown level '{other}' (trace, debug, info, warning, error)"),
+    })
+}
+
+pub fn parse_cluster(s: &str) -> Result<Vec<IpAddr>> {
+    s.split(',')
+        .map(|p| {
+            p.trim()
+                .parse()
+                .map_err(|_| anyhow!("--cluster: '{p}' is not an IP address"))
+        })
+        .collect()
+}
+
+pub fn parse_ka(s: &str) -> Result<Vec<Keepalive>> {
+    s.split(',')
+        .map(|item| {
+            let parts: Vec<&str> = item.trim().split(':').collect();
+            if parts.len() < 2 || parts.len() > 3 {
+                bail!("--ka: '{item}' must be REMOTE:SOURCE[:INTERVAL]");
+            }
+            let remote = parts[0]
+                .parse()
+                .map_err(|_| anyhow!("--ka: remote '{}' is not an IPv4 address", parts[0]))?;
+            let source = parts[1]
+                .parse()
+                .map_err(|_| anyhow!("--ka: source '{}' is not an IPv4 address", parts[1]))?;
+            let interval_us = match parts.get(2) {
+                None => 100_000,
+                Some(v) => {
+                    let (num, mult) = match v.strip_suffix("ms") {
+                        Some(n) => (n, 1000),
+                        None => (*v, 1),
+                    };
+                    let n: u32 = num
+                        .parse()
+                        .map_err(|_| anyhow!("--ka: interval '{v}' is not a number"))?;
+                    let us = n.checked_mul(mult).unwrap_or(u32::MAX);
+                    if !(10_000..=10_000_000).contains(&us) {
+                        bail!("--ka: interval {us} us out of range 10000..=10000000 (10 ms..10 s)");
+                    }
+                    us
+                }
+            };
+            Ok(Keepalive {
+                remote,
+                source,
+                interval_us,
+            })
+        })
+        .collect()
+}
+
+impl Config {
+    pub fn from_flags(flags: Flags) -> Result<Config> {
+        let log_filter = log_filter(&flags.loglevel)?;
+        let re = |name: &str, v: &Option<String>| -> Result<Option<Regex>> {
+            v.as_deref()
+                .map(|s| Regex::new(s).map_err(|e| anyhow!("--{name}: invalid regex: {e}")))
+                .transpose()
+        };
+        let whitelist = re("whitelist", &flags.whitelist)?;
+        let blacklist = re("blacklist", &flags.blacklist)?;
+        if let Some(r) = &flags.rpc {
+            match r.as_str() {
+                "grpc" | "netrpc" => {}
+                other => bail!("--rpc: '{other}' is not netrpc or grpc"),
+            }
+        }
+        // Validate the HA flags fully, then refuse them: the features are not in this build.
+        let mut later = Vec::new();
+        if let Some(c) = &flags.cluster {
+            parse_cluster(c)?;
+            later.push("--cluster (connection sync)");
+        }
+        if flags.self_id.is_some() {
+            later.push("--self (cluster node id)");
+        }
+        if let Some(k) = &flags.ka {
+            parse_ka(k)?;
+            later.push("--ka (BFD keepalive)");
+        }
+        if flags.bgp {
+            later.push("-b/--bgp (BGP speaker)");
+        }
+        if flags.tls {
+            later.push("--tls (HTTPS listener)");
+        }
+        if !later.is_empty() {
+            bail!(
+                "{} not supported by this build yet: ferrolb {} runs as a single node with a \
+                 plain-HTTP API. HA (BFD, BGP, connection sync) arrives in a later release.",
+                later.join(", "),
+                env!("CARGO_PKG_VERSION")
+            );
+        }
+        if flags.max_services == 0 || flags.max_services > 1 << 20 {
+            bail!("--max-services: must be 1..=1048576");
+        }
+        if flags.max_conntrack < 1024 {
+            bail!("--max-conntrack: must be at least 1024");
+        }
+        if flags.gc_interval == 0 {
+            bail!("--gc-interval: must be at least 1 second");
+        }
+        Ok(Config {
+            flags,
+            whitelist,
+            blacklist,
+            log_filter,
+        })
+    }
+
+    /// Whether the agent manages an interface.
+    pub fn wants(&self, iface: &str) -> bool {
+        if iface == "lo" {
+            return false;
+        }
+        if let Some(w) = &self.whitelist
+            && !w.is_match(iface)
+        {
+            return false;
+        }
+        if let Some(b) = &self.blacklist
+            && b.is_match(iface)
+        {
+            return false;
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(args: &[&str]) -> Result<Config> {
+        let mut v = vec!["ferrolb"];
+        v.extend_from_slice(args);
+        Config::from_flags(Flags::try_parse_from(v)?)
+    }
+
+    #[test]
+    fn loxilb_style_flags_parse_both_ways() {
+        let c = cfg(&["--port=2222", "--host", "127.0.0.1", "-p", "--egr-hooks", "--rpc=netrpc"])
+            .unwrap();
+        assert_eq!(c.flags.port, 2222);
+        assert_eq!(c.flags.host.to_string(), "127.0.0.1");
+        let d = cfg(&[]).unwrap();
+        assert_eq!(d.flags.port, 11111);
+        assert_eq!(d.flags.config_path, PathBuf::from("/etc/ferrolb/"));
+        assert_eq!(d.log_filter, "info");
+        assert_eq!(cfg(&["--loglevel=warning"]).unwrap().log_filter, "warn");
+        assert!(cfg(&["--loglevel=loud"]).unwrap_err().to_string().contains("--loglevel"));
+    }
+
+    #[test]
+    fn ha_flags_are_validated_then_refused() {
+        let e = cfg(&["--cluster=192.168.58.111", "--self=0", "--ka=192.168.58.111:192.168.58.110"])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--cluster") && e.contains("--ka") && e.contains("not supported by this build yet"), "{e}");
+        let e = cfg(&["--cluster=1.2.3"]).unwrap_err().to_string();
+        assert!(e.contains("--cluster: '1.2.3' is not an IP address"), "{e}");
+        let e = cfg(&["--ka=1.1.1.1"]).unwrap_err().to_string();
+        assert!(e.contains("REMOTE:SOURCE"), "{e}");
+        assert!(cfg(&["-b"]).unwrap_err().to_string().contains("--bgp"));
+        assert!(cfg(&["--rpc=carrier-pigeon"]).is_err());
+    }
+
+    #[test]
+    fn keepalive_intervals() {
+        let k = parse_ka("10.0.0.2:10.0.0.1:200000,10.0.0.3:10.0.0.1:50ms").unwrap();
+        assert_eq!(k[0].interval_us, 200_000);
+        assert_eq!(k[1].interval_us, 50_000);
+        assert_eq!(parse_ka("10.0.0.2:10.0.0.1").unwrap()[0].interval_us, 100_000);
+        assert!(parse_ka("10.0.0.2:10.0.0.1:5").is_err());
+    }
+
+    #[test]
+    fn interface_selection() {
+        let c = cfg(&["--whitelist=^eth", "--blacklist=eth9"]).unwrap();
+        assert!(c.wants("eth1"));
+        assert!(!c.wants("eth9"));
+        assert!(!c.wants("veth0"));
+        assert!(!c.wants("lo"));
+        assert!(!cfg(&[]).unwrap().wants("lo"));
+        assert!(cfg(&["--whitelist=("]).unwrap_err().to_string().contains("--whitelist"));
+    }
+}

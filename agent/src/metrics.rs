@@ -1,0 +1,251 @@
+//! Prometheus text exposition (`/metrics`, `/netlox/v1/metrics`), rendered from the datapath's
+//! counters, the last conntrack census and the agent's own counters. Labels never carry
+//! client addresses: cardinality follows rules and endpoints only.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use ferrolb_bpf::maps::{CtState, Counter, EventKind};
+
+use crate::lb::Engine;
+
+#[derive(Default)]
+pub struct Metrics {
+    api: Mutex<BTreeMap<(String, String, u16), u64>>,
+    events: [AtomicU64; 3],
+}
+
+impl Metrics {
+    pub fn api_request(&self, method: &str, route: &str, status: u16) {
+        if let Ok(mut m) = self.api.lock() {
+            *m.entry((method.to_string(), route.to_string(), status))
+                .or_default() += 1;
+        }
+    }
+
+    pub fn event(&self, k: EventKind) {
+        let i = match k {
+            EventKind::Created => 0,
+            EventKind::Established => 1,
+            EventKind::Closed => 2,
+        };
+        self.events[i].fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+fn esc(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+fn head(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+/// The whole exposition.
+pub fn render(m: &Metrics, e: &Engine) -> String {
+    let mut o = String::with_capacity(4096);
+    let dp = e.datapath();
+
+    head(&mut o, "ferrolb_rules_installed", "gauge", "Load-balancer rules installed.");
+    let _ = writeln!(o, "ferrolb_rules_installed {}", e.rules().len());
+
+    head(
+        &mut o,
+        "ferrolb_service_packets_total",
+        "counter",
+        "Packets forwarded per rule (both directions).",
+    );
+    let mut svc_lines = Vec::new();
+    for r in e.rules().rules.values() {
+        let st = dp.service_stats(r.id);
+        let labels = format!(
+            "service=\"{}\",vip=\"{}\",port=\"{}\",protocol=\"{}\"",
+            esc(&r.label()),
+            r.key.external_ip,
+            r.key.port,
+            r.key.protocol.as_str()
+        );
+        let _ = writeln!(o, "ferrolb_service_packets_total{{{labels}}} {}", st.packets);
+        svc_lines.push(format!("ferrolb_service_bytes_total{{{labels}}} {}", st.bytes));
+    }
+    head(
+        &mut o,
+        "ferrolb_service_bytes_total",
+        "counter",
+        "Bytes forwarded per rule (both directions).",
+    );
+    for l in svc_lines {
+        let _ = writeln!(o, "{l}");
+    }
+
+    let eps = e.endpoint_counters();
+    head(
+        &mut o,
+        "ferrolb_endpoint_packets_total",
+        "counter",
+        "Packets forwarded per endpoint (both directions).",
+    );
+    for (svc, ep, p, _) in &eps {
+        let _ = writeln!(
+            o,
+            "ferrolb_endpoint_packets_total{{service=\"{}\",endpoint=\"{ep}\"}} {p}",
+            esc(svc)
+        );
+    }
+    head(
+        &mut o,
+        "ferrolb_endpoint_bytes_total",
+        "counter",
+        "Bytes forwarded per endpoint (both directions).",
+    );
+    for (svc, ep, _, b) in &eps {
+        let _ = writeln!(
+            o,
+            "ferrolb_endpoint_bytes_total{{service=\"{}\",endpoint=\"{ep}\"}} {b}",
+            esc(svc)
+        );
+    }
+
+    head(
+        &mut o,
+        "ferrolb_conntrack_flows",
+        "gauge",
+        "Tracked flows by protocol and state (at the last collector pass).",
+    );
+    for proto in ["tcp", "udp", "icmp"] {
+        for st in CtState::ALL {
+            if proto != "tcp" && st != CtState::Established {
+                continue;
+            }
+            let n = e
+                .census
+                .flows
+                .get(&(proto.to_string(), st.name()))
+                .copied()
+                .unwrap_or(0);
+            let _ = writeln!(
+                o,
+                "ferrolb_conntrack_flows{{protocol=\"{proto}\",state=\"{}\"}} {n}",
+                st.name()
+            );
+        }
+    }
+    let cap = dp.capacity().conntrack;
+    head(
+        &mut o,
+        "ferrolb_conntrack_entries",
+        "gauge",
+        "Conntrack map entries (two per flow).",
+    );
+    let _ = writeln!(o, "ferrolb_conntrack_entries {}", e.census.entries);
+    head(&mut o, "ferrolb_conntrack_capacity", "gauge", "Conntrack map size.");
+    let _ = writeln!(o, "ferrolb_conntrack_capacity {cap}");
+    head(
+        &mut o,
+        "ferrolb_conntrack_fill_ratio",
+        "gauge",
+        "Conntrack entries / capacity.",
+    );
+    let _ = writeln!(
+        o,
+        "ferrolb_conntrack_fill_ratio {:.6}",
+        e.census.entries as f64 / f64::from(cap.max(1))
+    );
+    head(
+        &mut o,
+        "ferrolb_conntrack_collected_total",
+        "counter",
+        "Expired conntrack entries removed by the collector.",
+    );
+    let _ = writeln!(o, "ferrolb_conntrack_collected_total {}", e.census.collected_total);
+
+    let c = dp.counters();
+    head(
+        &mut o,
+        "ferrolb_datapath_drops_total",
+        "counter",
+        "Packets the datapath dropped, by reason.",
+    );
+    for (reason, idx) in [
+        ("fragment", Counter::DropFragment),
+        ("no_endpoint", Counter::DropNoEndpoint),
+        ("nat_ports_exhausted", Counter::DropNatPorts),
+        ("rewrite_failed", Counter::DropMalformed),
+    ] {
+        let _ = writeln!(
+            o,
+            "ferrolb_datapath_drops_total{{reason=\"{reason}\"}} {}",
+            c[idx as usize]
+        );
+    }
+    head(
+        &mut o,
+        "ferrolb_conntrack_created_total",
+        "counter",
+        "Flows created by the datapath.",
+    );
+    let _ = writeln!(o, "ferrolb_conntrack_created_total {}", c[Counter::CtCreated as usize]);
+    head(
+        &mut o,
+        "ferrolb_icmp_errors_translated_total",
+        "counter",
+        "ICMP errors about tracked flows translated back to the sender.",
+    );
+    let _ = writeln!(
+        o,
+        "ferrolb_icmp_errors_translated_total {}",
+        c[Counter::IcmpErrTranslated as usize]
+    );
+    head(
+        &mut o,
+        "ferrolb_conntrack_events_total",
+        "counter",
+        "Conntrack events read from the datapath ring buffer, by kind.",
+    );
+    for (i, k) in ["created", "established", "closed"].iter().enumerate() {
+        let _ = writeln!(
+            o,
+            "ferrolb_conntrack_events_total{{kind=\"{k}\"}} {}",
+            m.events[i].load(Ordering::Relaxed)
+        );
+    }
+    head(
+        &mut o,
+        "ferrolb_conntrack_events_lost_total",
+        "counter",
+        "Conntrack events lost because the ring buffer was full.",
+    );
+    let _ = writeln!(
+        o,
+        "ferrolb_conntrack_events_lost_total {}",
+        c[Counter::EventsLost as usize]
+    );
+
+    head(
+        &mut o,
+        "ferrolb_api_requests_total",
+        "counter",
+        "REST requests by method, route and status.",
+    );
+    if let Ok(api) = m.api.lock() {
+        for ((method, route, status), n) in api.iter() {
+            let _ = writeln!(
+                o,
+                "ferrolb_api_requests_total{{method=\"{method}\",route=\"{}\",status=\"{status}\"}} {n}",
+                esc(route)
+            );
+        }
+    }
+    head(&mut o, "ferrolb_build_info", "gauge", "Build information.");
+    let _ = writeln!(
+        o,
+        "ferrolb_build_info{{version=\"{}\"}} 1",
+        env!("CARGO_PKG_VERSION")
+    );
+    o
+}

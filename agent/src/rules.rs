@@ -1,0 +1,651 @@
+//! The desired load-balancer state: rules keyed like loxilb's, validated against each other,
+//! persisted, and pushed to the datapath.
+//!
+//! Every change goes: plan (pure: conflicts, ids, stable endpoint slots) -> datapath (the new
+//! endpoint set is written to the service's spare slot, then the service entry switches to
+//! it in one map update, so forwarding never sees a half-written set) -> VIPs on `lo` ->
+//! persist (atomic). A failure part way is rolled back to the previous state.
+//!
+//! Endpoints keep their slot (index in the datapath's endpoint array) across modifications,
+//! so per-endpoint counters and least-connection counts stay attached to the same endpoint.
+//! A removed endpoint's TCP flows are left to drain (as kube-proxy does); its UDP and ICMP
+//! flows are flushed so they move to a live endpoint at their next packet.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use ferrolb_bpf::Datapath;
+use ferrolb_bpf::lut::{self, LutEndpoint};
+use ferrolb_bpf::maps::{
+    Backends, Ep, FAMILY_V4, MAX_ENDPOINTS, MAX_RANGES, Range, RangeKey, Ranges,
+    Svc, SvcKey, addr_words,
+};
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::api::models::{EndpointSpec, FieldError, Protocol, RuleKey, RuleSpec, ServiceSpec};
+
+/// One endpoint of an installed rule and its slot in the datapath's endpoint array.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoint {
+    #[serde(flatten)]
+    pub spec: EndpointSpec,
+    pub slot: u8,
+    /// One-arm mode: the source address this node uses toward the endpoint.
+    #[serde(default)]
+    pub snat: Option<IpAddr>,
+}
+
+/// An installed rule.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rule {
+    pub key: RuleKey,
+    pub service: ServiceSpec,
+    pub endpoints: Vec<Endpoint>,
+    /// Datapath service id (index of its counters and selection state).
+    pub id: u32,
+    /// Which of the service's two endpoint-set slots is live (0 or 1).
+    pub flip: u8,
+}
+
+impl Rule {
+    pub fn be_slot(&self) -> u32 {
+        self.id * 2 + u32::from(self.flip)
+    }
+
+    pub fn timeout_s(&self) -> u32 {
+        if self.service.inactive_timeout_s == 0 {
+            self.key.protocol.default_timeout_s()
+        } else {
+            self.service.inactive_timeout_s
+        }
+    }
+
+    pub fn is_range(&self) -> bool {
+        self.key.port_max > self.key.port
+    }
+
+    fn port_span(&self) -> (u16, u16) {
+        if self.key.protocol == Protocol::Icmp {
+            (0, 0)
+        } else {
+            (self.key.port, self.key.port_max.max(self.key.port))
+        }
+    }
+
+    /// The rule's label in metrics and conntrack listings: its name, or its key.
+    pub fn label(&self) -> String {
+        if self.service.name.is_empty() {
+            self.key.to_string()
+        } else {
+            self.service.name.clone()
+        }
+    }
+}
+
+/// Why a change was refused; the REST layer maps these to status codes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RuleError {
+    /// 400
+    Invalid(FieldError),
+    /// 404
+    NotFound(String),
+    /// 409; the text contains "exists" for kube-loxilb.
+    Exists(String),
+    /// 409
+    Conflict(String),
+    /// 507-ish; reported as 503 (no room)
+    Full(String),
+    /// 500
+    Internal(String),
+}
+
+impl std::fmt::Display for RuleError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RuleError::Invalid(e) => write!(f, "{e}"),
+            RuleError::NotFound(s)
+            | RuleError::Exists(s)
+            | RuleError::Conflict(s)
+            | RuleError::Full(s)
+            | RuleError::Internal(s) => write!(f, "{s}"),
+        }
+    }
+}
+
+/// The rule table (pure: no datapath, no files).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RuleSet {
+    pub rules: BTreeMap<RuleKey, Rule>,
+}
+
+/// A planned change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    Create(Rule),
+    Modify { old: Rule, new: Rule },
+}
+
+impl RuleSet {
+    pub fn len(&self) -> usize {
+        self.rules.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rules.is_empty()
+    }
+
+    pub fn get(&self, key: &RuleKey) -> Option<&Rule> {
+        self.rules.get(key)
+    }
+
+    /// Plans a create/replace/attach/detach without applying it.
+    pub fn plan(&self, spec: RuleSpec, capacity: u32) -> Result<Change, RuleError> {
+        let existing = self.rules.get(&spec.key);
+        match spec.oper {
+            1 | 2 => {
+                let Some(old) = existing else {
+                    return Err(RuleError::NotFound(format!(
+                        "lb-rule {} not found (oper {} needs an existing rule)",
+                        spec.key, spec.oper
+                    )));
+                };
+                let mut eps: Vec<EndpointSpec> =
+                    old.endpoints.iter().map(|e| e.spec.clone()).collect();
+                if spec.oper == 1 {
+                    let mut added = 0;
+                    for e in &spec.endpoints {
+                        if !eps
+                            .iter()
+                            .any(|x| x.ip == e.ip && x.target_port == e.target_port)
+                        {
+                            eps.push(e.clone());
+                            added += 1;
+                        }
+                    }
+                    if added == 0 {
+                        return Err(RuleError::Exists(format!(
+                            "lb-rule {} endpoints exist already",
+                            spec.key
+                        )));
+                    }
+                    if eps.len() > MAX_ENDPOINTS {
+                        return Err(RuleError::Invalid(FieldError::new(
+                            "endpoints",
+                            format!(
+                                "attaching would give {} endpoints; at most {MAX_ENDPOINTS}",
+                                eps.len()
+                            ),
+                        )));
+                    }
+                } else {
+                    let before = eps.len();
+                    eps.retain(|x| {
+                        !spec
+                            .endpoints
+                            .iter()
+                            .any(|e| x.ip == e.ip && x.target_port == e.target_port)
+                    });
+                    if eps.len() == before {
+                        return Err(RuleError::NotFound(format!(
+                            "none of the endpoints to detach belong to lb-rule {}",
+                            spec.key
+                        )));
+                    }
+                }
+                let new = Rule {
+                    endpoints: assign_slots(&old.endpoints, &eps),
+                    flip: old.flip ^ 1,
+                    ..old.clone()
+                };
+                Ok(Change::Modify {
+                    old: old.clone(),
+                    new,
+                })
+            }
+            _ => {
+                if let Some(old) = existing {
+                    let same_eps = {
+                        let a: BTreeSet<_> = old
+                            .endpoints
+                            .iter()
+                            .map(|e| (e.spec.ip, e.spec.target_port, e.spec.weight))
+                            .collect();
+                        let b: BTreeSet<_> = spec
+                            .endpoints
+                            .iter()
+                            .map(|e| (e.ip, e.target_port, e.weight))
+                            .collect();
+                        a == b
+                    };
+                    if same_eps && old.service == spec.service {
+                        return Err(RuleError::Exists(format!("lb-rule {} exists", spec.key)));
+                    }
+                    let new = Rule {
+                        service: spec.service,
+                        endpoints: assign_slots(&old.endpoints, &spec.endpoints),
+                        flip: old.flip ^ 1,
+                        ..old.clone()
+                    };
+                    return Ok(Change::Modify {
+                        old: old.clone(),
+                        new,
+                    });
+                }
+                let candidate = Rule {
+                    key: spec.key.clone(),
+                    service: spec.service,
+                    endpoints: assign_slots(&[], &spec.endpoints),
+                    id: 0,
+                    flip: 0,
+                };
+                self.check_conflicts(&candidate)?;
+                let used: BTreeSet<u32> = self.rules.values().map(|r| r.id).collect();
+                let id = (0..capacity).find(|i| !used.contains(i)).ok_or_else(|| {
+                    RuleError::Full(format!(
+                        "no room for another rule: all {capacity} datapath services are in use \
+                         (start with a larger --max-services)"
+                    ))
+                })?;
+                Ok(Change::Create(Rule { id, ..candidate }))
+            }
+        }
+    }
+
+    fn check_conflicts(&self, r: &Rule) -> Result<(), RuleError> {
+        let (lo, hi) = r.port_span();
+        let mut ranges_here = usize::from(r.is_range());
+        for other in self.rules.values() {
+            if other.key.external_ip != r.key.external_ip || other.key.protocol != r.key.protocol {
+                continue;
+            }
+            let (olo, ohi) = other.port_span();
+            if lo <= ohi && olo <= hi {
+                return Err(RuleError::Conflict(format!(
+                    "lb-rule {} overlaps lb-rule {} ({})",
+                    r.key,
+                    other.key,
+                    other.label()
+                )));
+            }
+            ranges_here += usize::from(other.is_range());
+        }
+        if r.is_range() && ranges_here > MAX_RANGES {
+            return Err(RuleError::Invalid(FieldError::new(
+                "serviceArguments.portMax",
+                format!(
+                    "at most {MAX_RANGES} port ranges per VIP and protocol ({} {})",
+                    r.key.external_ip,
+                    r.key.protocol.as_str()
+                ),
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn apply(&mut self, change: &Change) {
+        let r = match change {
+            Change::Create(r) => r,
+            Change::Modify { new, .. } => new,
+        };
+        self.rules.insert(r.key.clone(), r.clone());
+    }
+
+    /// VIPs in use (to be present on `lo`).
+    pub fn vips(&self) -> BTreeSet<IpAddr> {
+        self.rules.values().map(|r| r.key.external_ip).collect()
+    }
+
+    /// Keys of rules matching a DELETE by address/port/protocol (any block when `block` is
+    /// None).
+    pub fn find(
+        &self,
+        ip: IpAddr,
+        port: u16,
+        port_max: Option<u16>,
+        proto: Protocol,
+        block: Option<u32>,
+    ) -> Vec<RuleKey> {
+        self.rules
+            .keys()
+            .filter(|k| {
+                k.external_ip == ip
+                    && k.port == port
+                    && k.protocol == proto
+                    && port_max.is_none_or(|m| k.port_max.max(k.port) == m.max(port))
+                    && block.is_none_or(|b| k.block == b)
+            })
+            .cloned()
+            .collect()
+    }
+}
+
+/// Keeps the slot of every endpoint that stays; new endpoints take the lowest free slots.
+fn assign_slots(old: &[Endpoint], new: &[EndpointSpec]) -> Vec<Endpoint> {
+    let mut used = [false; MAX_ENDPOINTS];
+    let mut out: Vec<Option<Endpoint>> = vec![None; new.len()];
+    for (i, e) in new.iter().enumerate() {
+        if let Some(o) = old
+            .iter()
+            .find(|o| o.spec.ip == e.ip && o.spec.target_port == e.target_port)
+        {
+            used[usize::from(o.slot)] = true;
+            out[i] = Some(Endpoint {
+                spec: e.clone(),
+                slot: o.slot,
+                snat: o.snat,
+            });
+        }
+    }
+    for (i, e) in new.iter().enumerate() {
+        if out[i].is_none() {
+            let slot = used.iter().position(|u| !u).unwrap_or(MAX_ENDPOINTS - 1);
+            used[slot] = true;
+            out[i] = Some(Endpoint {
+                spec: e.clone(),
+                slot: slot as u8,
+                snat: None,
+            });
+        }
+    }
+    out.into_iter().flatten().collect()
+}
+
+// --- datapath programming -------------------------------------------------------------------
+
+fn svc_key(r: &Rule) -> SvcKey {
+    SvcKey {
+        addr: addr_words(r.key.external_ip).0,
+        port: if r.key.protocol == Protocol::Icmp {
+            0
+        } else {
+            r.key.port.to_be()
+        },
+        proto: r.key.protocol.number(),
+        family: FAMILY_V4,
+    }
+}
+
+fn range_key(ip: IpAddr, proto: Protocol) -> RangeKey {
+    RangeKey {
+        addr: addr_words(ip).0,
+        proto: proto.number(),
+        family: FAMILY_V4,
+        pad: 0,
+    }
+}
+
+fn svc_value(r: &Rule) -> Svc {
+    Svc {
+        id: r.id,
+        be_slot: r.be_slot(),
+        timeout_s: r.timeout_s(),
+        port_base: r.key.port,
+        mode: r.service.mode,
+        sel: r.service.sel,
+    }
+}
+
+/// The endpoint set and lookup table of a rule.
+pub fn backends(r: &Rule) -> Backends {
+    let mut be = Backends::default();
+    let mut lut_eps = Vec::with_capacity(r.endpoints.len());
+    let mut count = 0u32;
+    for e in &r.endpoints {
+        let s = usize::from(e.slot);
+        if s >= MAX_ENDPOINTS {
+            continue;
+        }
+        be.ep[s] = Ep {
+            addr: addr_words(e.spec.ip).0,
+            snat_addr: e.snat.map(|a| addr_words(a).0).unwrap_or_default(),
+            port: e.spec.target_port,
+            weight: e.spec.weight,
+            active: 1,
+            pad: [0; 3],
+        };
+        count = count.max(s as u32 + 1);
+        let mut identity = match e.spec.ip {
+            IpAddr::V4(a) => a.octets().to_vec(),
+            IpAddr::V6(a) => a.octets().to_vec(),
+        };
+        identity.extend(e.spec.target_port.to_be_bytes());
+        lut_eps.push(LutEndpoint {
+            slot: e.slot,
+            identity,
+            weight: e.spec.weight,
+        });
+    }
+    be.count = count;
+    let table = match r.service.sel {
+        1 => lut::maglev(&lut_eps),
+        2 => lut::weighted(&lut_eps),
+        _ => lut::round_robin(&lut_eps),
+    };
+    be.lut_len = table.len() as u32;
+    be.lut[..table.len()].copy_from_slice(&table);
+    be
+}
+
+/// Writes one rule into the datapath: its endpoint set into the spare slot, then the service
+/// entry pointing at it (the atomic switch). `fresh` resets the id's counters and selection
+/// state (a new rule, or a restart that found no state).
+pub fn install(dp: &mut Datapath, r: &Rule, fresh: bool) -> Result<(), ferrolb_bpf::BpfError> {
+    if fresh {
+        dp.reset_service_state(r.id)?;
+        dp.reset_stats(r.id)?;
+    }
+    dp.set_backends(r.be_slot(), &backends(r))?;
+    if !r.is_range() {
+        dp.set_service(&svc_key(r), &svc_value(r))?;
+    }
+    Ok(())
+}
+
+/// Rewrites the ranges entry of every (VIP, protocol) that has rules, and removes entries
+/// that have none. The entry also marks the address as a VIP for the fragment rule.
+pub fn sync_ranges(dp: &mut Datapath, rules: &RuleSet) -> Result<(), ferrolb_bpf::BpfError> {
+    let mut want: BTreeMap<(IpAddr, Protocol), Ranges> = BTreeMap::new();
+    for r in rules.rules.values() {
+        let e = want
+            .entry((r.key.external_ip, r.key.protocol))
+            .or_default();
+        if r.is_range()
+            && let Some(slot) = e.r.iter_mut().find(|x| x.hi == 0)
+        {
+            *slot = Range {
+                lo: r.key.port,
+                hi: r.key.port_max,
+                pad: 0,
+                svc: svc_value(r),
+            };
+        }
+    }
+    let want_keys: BTreeSet<RangeKey> = want
+        .keys()
+        .map(|(ip, p)| range_key(*ip, *p))
+        .collect();
+    for k in dp.range_keys() {
+        if !want_keys.contains(&k) {
+            dp.delete_ranges(&k)?;
+        }
+    }
+    for ((ip, p), v) in &want {
+        dp.set_ranges(&range_key(*ip, *p), v)?;
+    }
+    Ok(())
+}
+
+/// Applies a planned change to the datapath. The caller has already checked the plan.
+pub fn program(dp: &mut Datapath, rules_after: &RuleSet, change: &Change) -> Result<(), ferrolb_bpf::BpfError> {
+    match change {
+        Change::Create(r) => {
+            install(dp, r, true)?;
+        }
+        Change::Modify { old, new } => {
+            // `new` lives in the spare slot (plan flipped it): write it, then switch.
+            install(dp, new, false)?;
+            let removed: Vec<u8> = old
+                .endpoints
+                .iter()
+                .filter(|o| !new.endpoints.iter().any(|n| n.slot == o.slot && n.spec == o.spec))
+                .map(|o| o.slot)
+                .collect();
+            if !removed.is_empty() && old.key.protocol != Protocol::Tcp {
+                let n = dp.ct_flush_service(old.id, |slot| removed.iter().any(|r| u16::from(*r) == slot));
+                info!(rule = %old.key, flushed = n, "flushed flows of removed endpoints");
+            }
+            if old.service.sel == 3 {
+                dp.affinity_flush(old.id);
+            }
+        }
+    }
+    sync_ranges(dp, rules_after)
+}
+
+/// Removes a rule from the datapath, with its flows.
+pub fn uninstall(dp: &mut Datapath, rules_after: &RuleSet, r: &Rule) -> Result<(), ferrolb_bpf::BpfError> {
+    if !r.is_range() {
+        dp.delete_service(&svc_key(r))?;
+    }
+    sync_ranges(dp, rules_after)?;
+    let n = dp.ct_flush_service(r.id, |_| true);
+    if r.service.sel == 3 {
+        dp.affinity_flush(r.id);
+    }
+    info!(rule = %r.key, flushed = n, "rule removed");
+    Ok(())
+}
+
+/// Makes the datapath match `rules` after a start: every rule is rewritten where it is (same
+/// id, same slot, same contents, so adopted flows are undisturbed) and stale services are
+/// removed. `adopted` is false when the maps were just created.
+pub fn restore(dp: &mut Datapath, rules: &RuleSet, adopted: bool) -> Result<(), ferrolb_bpf::BpfError> {
+    let want: BTreeSet<SvcKey> = rules
+        .rules
+        .values()
+        .filter(|r| !r.is_range())
+        .map(svc_key)
+        .collect();
+    for k in dp.service_keys() {
+        if !want.contains(&k) {
+            warn!(?k, "removing a datapath service no rule describes");
+            dp.delete_service(&k)?;
+        }
+    }
+    for r in rules.rules.values() {
+        let fresh = !adopted;
+        install(dp, r, fresh)?;
+    }
+    sync_ranges(dp, rules)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::models::parse_rule;
+
+    fn spec(json: &str) -> RuleSpec {
+        parse_rule(json.as_bytes()).unwrap()
+    }
+
+    fn body(port: u16, eps: &[(&str, u16, u16)], extra: &str) -> String {
+        let e: Vec<String> = eps
+            .iter()
+            .map(|(ip, p, w)| format!(r#"{{"endpointIP":"{ip}","targetPort":{p},"weight":{w}}}"#))
+            .collect();
+        format!(
+            r#"{{"serviceArguments":{{"externalIP":"20.20.20.1","port":{port}{extra}}},"endpoints":[{}]}}"#,
+            e.join(",")
+        )
+    }
+
+    #[test]
+    fn identical_repost_exists_changed_repost_modifies() {
+        let mut rs = RuleSet::default();
+        let b = body(80, &[("10.0.0.1", 8080, 1), ("10.0.0.2", 8080, 1)], "");
+        let c = rs.plan(spec(&b), 16).unwrap();
+        assert!(matches!(c, Change::Create(ref r) if r.id == 0));
+        rs.apply(&c);
+        let again = rs.plan(spec(&b), 16).unwrap_err();
+        assert!(again.to_string().contains("exists"), "{again}");
+        // Same endpoints in another order: still identical.
+        let b2 = body(80, &[("10.0.0.2", 8080, 1), ("10.0.0.1", 8080, 1)], "");
+        assert!(matches!(rs.plan(spec(&b2), 16), Err(RuleError::Exists(_))));
+        // Drop one endpoint, add another: the kept one keeps its slot, the new one takes the
+        // freed slot.
+        let b3 = body(80, &[("10.0.0.3", 8080, 1), ("10.0.0.2", 8080, 1)], "");
+        let Change::Modify { old, new } = rs.plan(spec(&b3), 16).unwrap() else {
+            panic!("expected a modification")
+        };
+        assert_eq!(old.id, new.id);
+        let slot = |r: &Rule, ip: &str| {
+            r.endpoints
+                .iter()
+                .find(|e| e.spec.ip.to_string() == ip)
+                .map(|e| e.slot)
+        };
+        assert_eq!(slot(&new, "10.0.0.2"), slot(&old, "10.0.0.2"));
+        assert_eq!(slot(&new, "10.0.0.3"), slot(&old, "10.0.0.1"));
+    }
+
+    #[test]
+    fn attach_and_detach() {
+        let mut rs = RuleSet::default();
+        rs.apply(&rs.plan(spec(&body(80, &[("10.0.0.1", 80, 1)], "")), 16).unwrap());
+        let att = rs
+            .plan(spec(&body(80, &[("10.0.0.2", 80, 1)], r#","oper":1"#)), 16)
+            .unwrap();
+        rs.apply(&att);
+        assert_eq!(rs.rules.values().next().unwrap().endpoints.len(), 2);
+        let det = rs
+            .plan(spec(&body(80, &[("10.0.0.1", 80, 1)], r#","oper":2"#)), 16)
+            .unwrap();
+        rs.apply(&det);
+        let r = rs.rules.values().next().unwrap();
+        assert_eq!(r.endpoints.len(), 1);
+        assert_eq!(r.endpoints[0].slot, 1);
+        let missing = rs
+            .plan(spec(&body(81, &[("10.0.0.1", 80, 1)], r#","oper":1"#)), 16)
+            .unwrap_err();
+        assert!(matches!(missing, RuleError::NotFound(_)));
+    }
+
+    #[test]
+    fn overlapping_rules_conflict_and_ids_run_out() {
+        let mut rs = RuleSet::default();
+        rs.apply(&rs.plan(spec(&body(80, &[], r#","portMax":90"#)), 2).unwrap());
+        let e = rs.plan(spec(&body(85, &[], "")), 2).unwrap_err();
+        assert!(matches!(e, RuleError::Conflict(_)), "{e}");
+        // Another block with the same port still collides in the datapath.
+        let e = rs.plan(spec(&body(80, &[], r#","portMax":90,"block":1"#)), 2).unwrap_err();
+        assert!(matches!(e, RuleError::Conflict(_)), "{e}");
+        rs.apply(&rs.plan(spec(&body(91, &[], "")), 2).unwrap());
+        let e = rs.plan(spec(&body(92, &[], "")), 2).unwrap_err();
+        assert!(matches!(e, RuleError::Full(_)), "{e}");
+        // Another protocol on the same port is fine.
+        assert!(rs.plan(spec(&body(80, &[], r#","protocol":"udp""#)), 3).is_ok());
+    }
+
+    #[test]
+    fn backends_table_matches_selection() {
+        let mut rs = RuleSet::default();
+        rs.apply(
+            &rs.plan(
+                spec(&body(80, &[("10.0.0.1", 80, 3), ("10.0.0.2", 80, 1)], r#","sel":2"#)),
+                4,
+            )
+            .unwrap(),
+        );
+        let be = backends(rs.rules.values().next().unwrap());
+        assert_eq!(be.count, 2);
+        assert_eq!(be.lut_len, 4);
+        let r = rs.rules.values().next().unwrap().clone();
+        let mut h = r.clone();
+        h.service.sel = 1;
+        assert_eq!(backends(&h).lut_len as usize, ferrolb_bpf::maps::LUT_SIZE);
+        let mut rr = r;
+        rr.service.sel = 0;
+        assert_eq!(backends(&rr).lut_len, 2);
+    }
+}
