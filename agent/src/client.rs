@@ -41,7 +41,12 @@ fn split_url(url: &str) -> Result<(String, String)> {
     Ok((hostport, path.to_string()))
 }
 
-pub fn request(method: &str, url: &str, body: Option<&[u8]>, timeout: Duration) -> Result<HttpResponse> {
+pub fn request(
+    method: &str,
+    url: &str,
+    body: Option<&[u8]>,
+    timeout: Duration,
+) -> Result<HttpResponse> {
     let (hostport, path) = split_url(url)?;
     let addr = hostport
         .to_socket_addrs()

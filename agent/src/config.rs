@@ -178,7 +178,7 @@ pub fn parse_ka(s: &str) -> Result<Vec<Keepalive>> {
                     let n: u32 = num
                         .parse()
                         .map_err(|_| anyhow!("--ka: interval '{v}' is not a number"))?;
-                    let us = n.checked_mul(mult).unwrap_or(u32::MAX);
+                    let us = n.saturating_mul(mult);
                     if !(10_000..=10_000_000).contains(&us) {
                         bail!("--ka: interval {us} us out of range 10000..=10000000 (10 ms..10 s)");
                     }
@@ -285,8 +285,15 @@ mod tests {
 
     #[test]
     fn loxilb_style_flags_parse_both_ways() {
-        let c = cfg(&["--port=2222", "--host", "127.0.0.1", "-p", "--egr-hooks", "--rpc=netrpc"])
-            .unwrap();
+        let c = cfg(&[
+            "--port=2222",
+            "--host",
+            "127.0.0.1",
+            "-p",
+            "--egr-hooks",
+            "--rpc=netrpc",
+        ])
+        .unwrap();
         assert_eq!(c.flags.port, 2222);
         assert_eq!(c.flags.host.to_string(), "127.0.0.1");
         let d = cfg(&[]).unwrap();
@@ -294,15 +301,29 @@ mod tests {
         assert_eq!(d.flags.config_path, PathBuf::from("/etc/ferrolb/"));
         assert_eq!(d.log_filter, "info");
         assert_eq!(cfg(&["--loglevel=warning"]).unwrap().log_filter, "warn");
-        assert!(cfg(&["--loglevel=loud"]).unwrap_err().to_string().contains("--loglevel"));
+        assert!(
+            cfg(&["--loglevel=loud"])
+                .unwrap_err()
+                .to_string()
+                .contains("--loglevel")
+        );
     }
 
     #[test]
     fn ha_flags_are_validated_then_refused() {
-        let e = cfg(&["--cluster=192.168.58.111", "--self=0", "--ka=192.168.58.111:192.168.58.110"])
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("--cluster") && e.contains("--ka") && e.contains("not supported by this build yet"), "{e}");
+        let e = cfg(&[
+            "--cluster=192.168.58.111",
+            "--self=0",
+            "--ka=192.168.58.111:192.168.58.110",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("--cluster")
+                && e.contains("--ka")
+                && e.contains("not supported by this build yet"),
+            "{e}"
+        );
         let e = cfg(&["--cluster=1.2.3"]).unwrap_err().to_string();
         assert!(e.contains("--cluster: '1.2.3' is not an IP address"), "{e}");
         let e = cfg(&["--ka=1.1.1.1"]).unwrap_err().to_string();
@@ -316,7 +337,10 @@ mod tests {
         let k = parse_ka("10.0.0.2:10.0.0.1:200000,10.0.0.3:10.0.0.1:50ms").unwrap();
         assert_eq!(k[0].interval_us, 200_000);
         assert_eq!(k[1].interval_us, 50_000);
-        assert_eq!(parse_ka("10.0.0.2:10.0.0.1").unwrap()[0].interval_us, 100_000);
+        assert_eq!(
+            parse_ka("10.0.0.2:10.0.0.1").unwrap()[0].interval_us,
+            100_000
+        );
         assert!(parse_ka("10.0.0.2:10.0.0.1:5").is_err());
     }
 
@@ -328,6 +352,11 @@ mod tests {
         assert!(!c.wants("veth0"));
         assert!(!c.wants("lo"));
         assert!(!cfg(&[]).unwrap().wants("lo"));
-        assert!(cfg(&["--whitelist=("]).unwrap_err().to_string().contains("--whitelist"));
+        assert!(
+            cfg(&["--whitelist=("])
+                .unwrap_err()
+                .to_string()
+                .contains("--whitelist")
+        );
     }
 }

@@ -42,7 +42,8 @@ impl Engine {
         store.save(&rules, &managed)?;
         info!(
             rules = rules.len(),
-            adopted, "state restored from {}",
+            adopted,
+            "state restored from {}",
             store.path().display()
         );
         Ok(Engine {
@@ -255,10 +256,7 @@ impl Engine {
     /// packets and bytes of both directions.
     pub fn conntrack(&self) -> CtList {
         let entries = self.dp.ct_entries();
-        let by_key: BTreeMap<_, _> = entries
-            .iter()
-            .map(|(k, v)| (key_tuple(k), v))
-            .collect();
+        let by_key: BTreeMap<_, _> = entries.iter().map(|(k, v)| (key_tuple(k), v)).collect();
         let names: BTreeMap<u32, String> = self
             .rules
             .rules

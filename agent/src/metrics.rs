@@ -7,7 +7,7 @@ use std::fmt::Write;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use ferrolb_bpf::maps::{CtState, Counter, EventKind};
+use ferrolb_bpf::maps::{Counter, CtState, EventKind};
 
 use crate::lb::Engine;
 
@@ -51,7 +51,12 @@ pub fn render(m: &Metrics, e: &Engine) -> String {
     let mut o = String::with_capacity(4096);
     let dp = e.datapath();
 
-    head(&mut o, "ferrolb_rules_installed", "gauge", "Load-balancer rules installed.");
+    head(
+        &mut o,
+        "ferrolb_rules_installed",
+        "gauge",
+        "Load-balancer rules installed.",
+    );
     let _ = writeln!(o, "ferrolb_rules_installed {}", e.rules().len());
 
     head(
@@ -70,8 +75,15 @@ pub fn render(m: &Metrics, e: &Engine) -> String {
             r.key.port,
             r.key.protocol.as_str()
         );
-        let _ = writeln!(o, "ferrolb_service_packets_total{{{labels}}} {}", st.packets);
-        svc_lines.push(format!("ferrolb_service_bytes_total{{{labels}}} {}", st.bytes));
+        let _ = writeln!(
+            o,
+            "ferrolb_service_packets_total{{{labels}}} {}",
+            st.packets
+        );
+        svc_lines.push(format!(
+            "ferrolb_service_bytes_total{{{labels}}} {}",
+            st.bytes
+        ));
     }
     head(
         &mut o,
@@ -143,7 +155,12 @@ pub fn render(m: &Metrics, e: &Engine) -> String {
         "Conntrack map entries (two per flow).",
     );
     let _ = writeln!(o, "ferrolb_conntrack_entries {}", e.census.entries);
-    head(&mut o, "ferrolb_conntrack_capacity", "gauge", "Conntrack map size.");
+    head(
+        &mut o,
+        "ferrolb_conntrack_capacity",
+        "gauge",
+        "Conntrack map size.",
+    );
     let _ = writeln!(o, "ferrolb_conntrack_capacity {cap}");
     head(
         &mut o,
@@ -162,7 +179,11 @@ pub fn render(m: &Metrics, e: &Engine) -> String {
         "counter",
         "Expired conntrack entries removed by the collector.",
     );
-    let _ = writeln!(o, "ferrolb_conntrack_collected_total {}", e.census.collected_total);
+    let _ = writeln!(
+        o,
+        "ferrolb_conntrack_collected_total {}",
+        e.census.collected_total
+    );
 
     let c = dp.counters();
     head(
@@ -189,7 +210,11 @@ pub fn render(m: &Metrics, e: &Engine) -> String {
         "counter",
         "Flows created by the datapath.",
     );
-    let _ = writeln!(o, "ferrolb_conntrack_created_total {}", c[Counter::CtCreated as usize]);
+    let _ = writeln!(
+        o,
+        "ferrolb_conntrack_created_total {}",
+        c[Counter::CtCreated as usize]
+    );
     head(
         &mut o,
         "ferrolb_icmp_errors_translated_total",

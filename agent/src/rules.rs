@@ -17,8 +17,8 @@ use std::net::IpAddr;
 use ferrolb_bpf::Datapath;
 use ferrolb_bpf::lut::{self, LutEndpoint};
 use ferrolb_bpf::maps::{
-    Backends, Ep, FAMILY_V4, MAX_ENDPOINTS, MAX_RANGES, Range, RangeKey, Ranges,
-    Svc, SvcKey, addr_words,
+    Backends, Ep, FAMILY_V4, MAX_ENDPOINTS, MAX_RANGES, Range, RangeKey, Ranges, Svc, SvcKey,
+    addr_words,
 };
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
@@ -122,8 +122,8 @@ pub struct RuleSet {
 /// A planned change.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
-    Create(Rule),
-    Modify { old: Rule, new: Rule },
+    Create(Box<Rule>),
+    Modify { old: Box<Rule>, new: Box<Rule> },
 }
 
 impl RuleSet {
@@ -199,8 +199,8 @@ impl RuleSet {
                     ..old.clone()
                 };
                 Ok(Change::Modify {
-                    old: old.clone(),
-                    new,
+                    old: Box::new(old.clone()),
+                    new: Box::new(new),
                 })
             }
             _ => {
@@ -228,8 +228,8 @@ impl RuleSet {
                         ..old.clone()
                     };
                     return Ok(Change::Modify {
-                        old: old.clone(),
-                        new,
+                        old: Box::new(old.clone()),
+                        new: Box::new(new),
                     });
                 }
                 let candidate = Rule {
@@ -247,7 +247,7 @@ impl RuleSet {
                          (start with a larger --max-services)"
                     ))
                 })?;
-                Ok(Change::Create(Rule { id, ..candidate }))
+                Ok(Change::Create(Box::new(Rule { id, ..candidate })))
             }
         }
     }
@@ -288,7 +288,7 @@ impl RuleSet {
             Change::Create(r) => r,
             Change::Modify { new, .. } => new,
         };
-        self.rules.insert(r.key.clone(), r.clone());
+        self.rules.insert(r.key.clone(), (**r).clone());
     }
 
     /// VIPs in use (to be present on `lo`).
@@ -447,9 +447,7 @@ pub fn install(dp: &mut Datapath, r: &Rule, fresh: bool) -> Result<(), ferrolb_b
 pub fn sync_ranges(dp: &mut Datapath, rules: &RuleSet) -> Result<(), ferrolb_bpf::BpfError> {
     let mut want: BTreeMap<(IpAddr, Protocol), Ranges> = BTreeMap::new();
     for r in rules.rules.values() {
-        let e = want
-            .entry((r.key.external_ip, r.key.protocol))
-            .or_default();
+        let e = want.entry((r.key.external_ip, r.key.protocol)).or_default();
         if r.is_range()
             && let Some(slot) = e.r.iter_mut().find(|x| x.hi == 0)
         {
@@ -461,10 +459,7 @@ pub fn sync_ranges(dp: &mut Datapath, rules: &RuleSet) -> Result<(), ferrolb_bpf
             };
         }
     }
-    let want_keys: BTreeSet<RangeKey> = want
-        .keys()
-        .map(|(ip, p)| range_key(*ip, *p))
-        .collect();
+    let want_keys: BTreeSet<RangeKey> = want.keys().map(|(ip, p)| range_key(*ip, *p)).collect();
     for k in dp.range_keys() {
         if !want_keys.contains(&k) {
             dp.delete_ranges(&k)?;
@@ -477,7 +472,11 @@ pub fn sync_ranges(dp: &mut Datapath, rules: &RuleSet) -> Result<(), ferrolb_bpf
 }
 
 /// Applies a planned change to the datapath. The caller has already checked the plan.
-pub fn program(dp: &mut Datapath, rules_after: &RuleSet, change: &Change) -> Result<(), ferrolb_bpf::BpfError> {
+pub fn program(
+    dp: &mut Datapath,
+    rules_after: &RuleSet,
+    change: &Change,
+) -> Result<(), ferrolb_bpf::BpfError> {
     match change {
         Change::Create(r) => {
             install(dp, r, true)?;
@@ -488,11 +487,16 @@ pub fn program(dp: &mut Datapath, rules_after: &RuleSet, change: &Change) -> Res
             let removed: Vec<u8> = old
                 .endpoints
                 .iter()
-                .filter(|o| !new.endpoints.iter().any(|n| n.slot == o.slot && n.spec == o.spec))
+                .filter(|o| {
+                    !new.endpoints
+                        .iter()
+                        .any(|n| n.slot == o.slot && n.spec == o.spec)
+                })
                 .map(|o| o.slot)
                 .collect();
             if !removed.is_empty() && old.key.protocol != Protocol::Tcp {
-                let n = dp.ct_flush_service(old.id, |slot| removed.iter().any(|r| u16::from(*r) == slot));
+                let n = dp
+                    .ct_flush_service(old.id, |slot| removed.iter().any(|r| u16::from(*r) == slot));
                 info!(rule = %old.key, flushed = n, "flushed flows of removed endpoints");
             }
             if old.service.sel == 3 {
@@ -504,7 +508,11 @@ pub fn program(dp: &mut Datapath, rules_after: &RuleSet, change: &Change) -> Res
 }
 
 /// Removes a rule from the datapath, with its flows.
-pub fn uninstall(dp: &mut Datapath, rules_after: &RuleSet, r: &Rule) -> Result<(), ferrolb_bpf::BpfError> {
+pub fn uninstall(
+    dp: &mut Datapath,
+    rules_after: &RuleSet,
+    r: &Rule,
+) -> Result<(), ferrolb_bpf::BpfError> {
     if !r.is_range() {
         dp.delete_service(&svc_key(r))?;
     }
@@ -520,7 +528,11 @@ pub fn uninstall(dp: &mut Datapath, rules_after: &RuleSet, r: &Rule) -> Result<(
 /// Makes the datapath match `rules` after a start: every rule is rewritten where it is (same
 /// id, same slot, same contents, so adopted flows are undisturbed) and stale services are
 /// removed. `adopted` is false when the maps were just created.
-pub fn restore(dp: &mut Datapath, rules: &RuleSet, adopted: bool) -> Result<(), ferrolb_bpf::BpfError> {
+pub fn restore(
+    dp: &mut Datapath,
+    rules: &RuleSet,
+    adopted: bool,
+) -> Result<(), ferrolb_bpf::BpfError> {
     let want: BTreeSet<SvcKey> = rules
         .rules
         .values()
@@ -592,7 +604,10 @@ mod tests {
     #[test]
     fn attach_and_detach() {
         let mut rs = RuleSet::default();
-        rs.apply(&rs.plan(spec(&body(80, &[("10.0.0.1", 80, 1)], "")), 16).unwrap());
+        rs.apply(
+            &rs.plan(spec(&body(80, &[("10.0.0.1", 80, 1)], "")), 16)
+                .unwrap(),
+        );
         let att = rs
             .plan(spec(&body(80, &[("10.0.0.2", 80, 1)], r#","oper":1"#)), 16)
             .unwrap();
@@ -614,17 +629,25 @@ mod tests {
     #[test]
     fn overlapping_rules_conflict_and_ids_run_out() {
         let mut rs = RuleSet::default();
-        rs.apply(&rs.plan(spec(&body(80, &[], r#","portMax":90"#)), 2).unwrap());
+        rs.apply(
+            &rs.plan(spec(&body(80, &[], r#","portMax":90"#)), 2)
+                .unwrap(),
+        );
         let e = rs.plan(spec(&body(85, &[], "")), 2).unwrap_err();
         assert!(matches!(e, RuleError::Conflict(_)), "{e}");
         // Another block with the same port still collides in the datapath.
-        let e = rs.plan(spec(&body(80, &[], r#","portMax":90,"block":1"#)), 2).unwrap_err();
+        let e = rs
+            .plan(spec(&body(80, &[], r#","portMax":90,"block":1"#)), 2)
+            .unwrap_err();
         assert!(matches!(e, RuleError::Conflict(_)), "{e}");
         rs.apply(&rs.plan(spec(&body(91, &[], "")), 2).unwrap());
         let e = rs.plan(spec(&body(92, &[], "")), 2).unwrap_err();
         assert!(matches!(e, RuleError::Full(_)), "{e}");
         // Another protocol on the same port is fine.
-        assert!(rs.plan(spec(&body(80, &[], r#","protocol":"udp""#)), 3).is_ok());
+        assert!(
+            rs.plan(spec(&body(80, &[], r#","protocol":"udp""#)), 3)
+                .is_ok()
+        );
     }
 
     #[test]
@@ -632,7 +655,11 @@ mod tests {
         let mut rs = RuleSet::default();
         rs.apply(
             &rs.plan(
-                spec(&body(80, &[("10.0.0.1", 80, 3), ("10.0.0.2", 80, 1)], r#","sel":2"#)),
+                spec(&body(
+                    80,
+                    &[("10.0.0.1", 80, 3), ("10.0.0.2", 80, 1)],
+                    r#","sel":2"#,
+                )),
                 4,
             )
             .unwrap(),

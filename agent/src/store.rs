@@ -68,7 +68,10 @@ impl Store {
         if st.version != FORMAT_VERSION {
             return Err(StoreError::Corrupt {
                 path,
-                reason: format!("format version {} (this build reads {FORMAT_VERSION})", st.version),
+                reason: format!(
+                    "format version {} (this build reads {FORMAT_VERSION})",
+                    st.version
+                ),
             });
         }
         let mut rs = RuleSet::default();
@@ -146,7 +149,10 @@ mod tests {
         // A damaged document is refused with its path, never silently emptied.
         fs::write(store.path(), b"{\"version\":1,\"ru").unwrap();
         let e = store.load().unwrap_err().to_string();
-        assert!(e.contains("state.json") && e.contains("move it aside"), "{e}");
+        assert!(
+            e.contains("state.json") && e.contains("move it aside"),
+            "{e}"
+        );
         let _ = fs::remove_dir_all(&dir);
     }
 }

@@ -182,7 +182,11 @@ fn max_entries(ebpf: &Ebpf, name: &'static str) -> Result<u32> {
         .ok_or_else(|| BpfError::Invalid(format!("the object has no map '{name}'")))?;
     let data = match m {
         Map::HashMap(d) | Map::LruHashMap(d) | Map::Array(d) => d,
-        _ => return Err(BpfError::Invalid(format!("map '{name}' has an unexpected type"))),
+        _ => {
+            return Err(BpfError::Invalid(format!(
+                "map '{name}' has an unexpected type"
+            )));
+        }
     };
     Ok(data.info().map_err(map_err(name))?.max_entries())
 }
@@ -308,16 +312,17 @@ impl Datapath {
             .as_ref()
             .map(|d| d.join(format!("link_ingress_{iface}")));
         let prog: &mut SchedClassifier = program(&mut self.ebpf)?;
-        let perr = |context: String| move |e: ProgramError| BpfError::Program { context, source: e };
+        let perr =
+            |context: String| move |e: ProgramError| BpfError::Program { context, source: e };
         if let Some(pin) = &pin {
             match PinnedLink::from_pin(pin) {
                 Ok(old) => {
-                    let link: SchedClassifierLink = FdLink::from(old)
-                        .try_into()
-                        .map_err(|e: aya::programs::links::LinkError| BpfError::Link {
+                    let link: SchedClassifierLink = FdLink::from(old).try_into().map_err(
+                        |e: aya::programs::links::LinkError| BpfError::Link {
                             context: format!("adopt pinned link {}", pin.display()),
                             source: e,
-                        })?;
+                        },
+                    )?;
                     match prog.attach_to_link(link) {
                         Ok(id) => {
                             // The pin keeps the link; our fd may close.
@@ -364,9 +369,11 @@ impl Datapath {
     pub fn test_run(&mut self, packet: &[u8]) -> Result<(u32, Vec<u8>)> {
         let prog: &mut SchedClassifier = program(&mut self.ebpf)?;
         let mut out = vec![0u8; packet.len() + 256];
-        let mut opts = aya::programs::TestRunOptions::default();
-        opts.data_in = Some(packet);
-        opts.data_out = Some(&mut out);
+        let opts = aya::programs::TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            ..Default::default()
+        };
         let r = prog.test_run(opts).map_err(|e| BpfError::Program {
             context: "BPF_PROG_TEST_RUN".into(),
             source: e,
@@ -613,10 +620,16 @@ fn program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
         })
 }
 
-fn ignore_missing(r: std::result::Result<(), aya::maps::MapError>) -> std::result::Result<(), aya::maps::MapError> {
+fn ignore_missing(
+    r: std::result::Result<(), aya::maps::MapError>,
+) -> std::result::Result<(), aya::maps::MapError> {
     match r {
         Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-        Err(aya::maps::MapError::SyscallError(ref e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(aya::maps::MapError::SyscallError(ref e))
+            if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            Ok(())
+        }
         other => other,
     }
 }

@@ -256,7 +256,11 @@ fn install(dp: &mut Datapath, s: &SvcSpec) {
     dp.reset_service_state(s.id).unwrap();
     let key = SvcKey {
         addr: addr_words(s.vip.into()).0,
-        port: if s.proto == PROTO_ICMP { 0 } else { s.port.to_be() },
+        port: if s.proto == PROTO_ICMP {
+            0
+        } else {
+            s.port.to_be()
+        },
         proto: s.proto,
         family: FAMILY_V4,
     };
@@ -343,21 +347,33 @@ fn dnat_rewrites_both_directions_and_tracks_tcp_states() {
     assert_eq!(o.origin, 7);
     assert_eq!(o.flags & CTF_LOCAL, CTF_LOCAL);
 
-    let (_, out) = run(&mut dp, &tcp(ip(EP1, CLIENT, 6), 8080, 40000, SYN | ACK, b""));
+    let (_, out) = run(
+        &mut dp,
+        &tcp(ip(EP1, CLIENT, 6), 8080, 40000, SYN | ACK, b""),
+    );
     assert_eq!(out, tcp(ip(VIP, CLIENT, 6), 80, 40000, SYN | ACK, b""));
     assert_eq!(orig(&dp, 40000, 80, PROTO_TCP).state(), CtState::SynRecv);
 
     let (_, out) = run(&mut dp, &tcp(ip(CLIENT, VIP, 6), 40000, 80, ACK, b""));
     assert_eq!(out, tcp(ip(CLIENT, EP1, 6), 40000, 8080, ACK, b""));
-    assert_eq!(orig(&dp, 40000, 80, PROTO_TCP).state(), CtState::Established);
+    assert_eq!(
+        orig(&dp, 40000, 80, PROTO_TCP).state(),
+        CtState::Established
+    );
 
     let data = b"GET / HTTP/1.0\r\n\r\n";
-    let (_, out) = run(&mut dp, &tcp(ip(CLIENT, VIP, 6), 40000, 80, ACK | PSH, data));
+    let (_, out) = run(
+        &mut dp,
+        &tcp(ip(CLIENT, VIP, 6), 40000, 80, ACK | PSH, data),
+    );
     assert_eq!(out, tcp(ip(CLIENT, EP1, 6), 40000, 8080, ACK | PSH, data));
 
     run(&mut dp, &tcp(ip(CLIENT, VIP, 6), 40000, 80, FIN | ACK, b""));
     assert_eq!(orig(&dp, 40000, 80, PROTO_TCP).state(), CtState::FinWait);
-    run(&mut dp, &tcp(ip(EP1, CLIENT, 6), 8080, 40000, FIN | ACK, b""));
+    run(
+        &mut dp,
+        &tcp(ip(EP1, CLIENT, 6), 8080, 40000, FIN | ACK, b""),
+    );
     let o = orig(&dp, 40000, 80, PROTO_TCP);
     assert_eq!(o.state(), CtState::TimeWait);
     assert_eq!(o.packets, 4);
@@ -404,7 +420,10 @@ fn fullnat_sources_from_the_vip_with_a_free_port() {
     assert!(nport >= 1024);
     assert_eq!(out, tcp(ip(VIP, EP1, 6), nport, 8080, SYN, b""));
     assert!(checksums_ok(&out));
-    let (_, out) = run(&mut dp, &tcp(ip(EP1, VIP, 6), 8080, nport, SYN | ACK, b"hi"));
+    let (_, out) = run(
+        &mut dp,
+        &tcp(ip(EP1, VIP, 6), 8080, nport, SYN | ACK, b"hi"),
+    );
     assert_eq!(out, tcp(ip(VIP, CLIENT, 6), 80, 40000, SYN | ACK, b"hi"));
 
     // Another client with the same source port gets a different translated port.
@@ -432,7 +451,10 @@ fn onearm_sources_from_the_interface_address() {
     let nport = u16::from_be(orig(&dp, 5353, 53, PROTO_UDP).nat_sport);
     assert_eq!(out, udp(ip(LB_IF, EP1, 17), nport, 8080, b"query", true));
     assert!(checksums_ok(&out));
-    let (_, out) = run(&mut dp, &udp(ip(EP1, LB_IF, 17), 8080, nport, b"answer", true));
+    let (_, out) = run(
+        &mut dp,
+        &udp(ip(EP1, LB_IF, 17), 8080, nport, b"answer", true),
+    );
     assert_eq!(out, udp(ip(VIP, CLIENT, 17), 53, 5353, b"answer", true));
 }
 
@@ -593,14 +615,20 @@ fn selection_algorithms() {
     rr.eps = three.clone();
     install(&mut dp, &rr);
     let d = spread(&mut dp, 30, PROTO_TCP, 80);
-    assert_eq!([count(&d, EP1), count(&d, EP2), count(&d, EP3)], [10, 10, 10]);
+    assert_eq!(
+        [count(&d, EP1), count(&d, EP2), count(&d, EP3)],
+        [10, 10, 10]
+    );
 
     // Weighted (priority): exact shares 3:1:0... with weights 3,1,1 over 50 flows.
     let mut w = svc(11, 81, PROTO_TCP, 0, 2);
     w.eps = vec![(EP1, 8080, 3), (EP2, 8080, 1), (EP3, 8080, 1)];
     install(&mut dp, &w);
     let d = spread(&mut dp, 50, PROTO_TCP, 81);
-    assert_eq!([count(&d, EP1), count(&d, EP2), count(&d, EP3)], [30, 10, 10]);
+    assert_eq!(
+        [count(&d, EP1), count(&d, EP2), count(&d, EP3)],
+        [30, 10, 10]
+    );
 
     // Hash: the same flow always lands on the same endpoint, and a second datapath (another
     // node) with the same endpoint set in another slot order agrees.

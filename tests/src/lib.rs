@@ -83,12 +83,25 @@ impl TestLab {
     /// Brings `topology` (relative to the repository root) up under a unique name, with
     /// `exec` failures treated as errors.
     pub fn up(topology: &str, label: &str) -> Result<TestLab, LabError> {
+        TestLab::up_with(topology, label, &[])
+    }
+
+    /// [`TestLab::up`] with topology variables (`${VAR}` in the file).
+    pub fn up_with(
+        topology: &str,
+        label: &str,
+        vars: &[(&str, &str)],
+    ) -> Result<TestLab, LabError> {
         let name = unique_name(label);
         let dir = std::env::temp_dir().join("ferrolb-tests").join(&name);
         let opts = UpOptions {
             name: Some(name),
             lab_dir: Some(dir.clone()),
             strict_exec: true,
+            vars: vars
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             ..UpOptions::default()
         };
         let lab = Lab::up(repo_root().join(topology), opts)?;

@@ -110,7 +110,6 @@ pub fn router(app: Shared) -> Router {
         .route("/metrics", get(prometheus))
         .route("/openapi.yaml", get(openapi));
     Router::new()
-        .route("/netlox/v1", get(liveness))
         .nest("/netlox/v1", v1)
         .route("/metrics", get(prometheus))
         .route("/version", get(version))
@@ -187,7 +186,10 @@ async fn delete_lb(
     if keys.is_empty() {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
-            format!("lb-rule {ip}:{port}/{} block {block} not found", proto.as_str()),
+            format!(
+                "lb-rule {ip}:{port}/{} block {block} not found",
+                proto.as_str()
+            ),
         ));
     }
     e.delete(&keys)?;
@@ -279,7 +281,10 @@ async fn prometheus(State(app): State<Shared>) -> Result<Response, ApiError> {
         metrics::render(&app.metrics, &e)
     };
     Ok((
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         text,
     )
         .into_response())

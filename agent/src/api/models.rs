@@ -220,9 +220,9 @@ impl<'a> Obj<'a> {
         };
         let field = self.field(name);
         let n = match v {
-            Value::Number(n) => n.as_i64().ok_or_else(|| {
-                FieldError::new(&field, format!("must be an integer, got {n}"))
-            })?,
+            Value::Number(n) => n
+                .as_i64()
+                .ok_or_else(|| FieldError::new(&field, format!("must be an integer, got {n}")))?,
             other => {
                 return Err(FieldError::new(
                     &field,
@@ -344,13 +344,17 @@ pub fn parse_rule(body: &[u8]) -> Result<RuleSpec, FieldError> {
         5 | 6 => {
             return Err(FieldError::new(
                 sa.field("sel"),
-                format!("{sel} (n2/n3 L7 selection) is not supported; use 0 rr, 1 hash, 2 priority, 3 persist or 4 lc"),
+                format!(
+                    "{sel} (n2/n3 L7 selection) is not supported; use 0 rr, 1 hash, 2 priority, 3 persist or 4 lc"
+                ),
             ));
         }
         _ => {
             return Err(FieldError::new(
                 sa.field("sel"),
-                format!("{sel} is not a selection algorithm; use 0 rr, 1 hash, 2 priority, 3 persist or 4 lc"),
+                format!(
+                    "{sel} is not a selection algorithm; use 0 rr, 1 hash, 2 priority, 3 persist or 4 lc"
+                ),
             ));
         }
     };
@@ -366,8 +370,10 @@ pub fn parse_rule(body: &[u8]) -> Result<RuleSpec, FieldError> {
         4 | 5 => {
             return Err(FieldError::new(
                 sa.field("mode"),
-                format!("{mode} ({}) is not supported; use 0 default (DNAT), 1 onearm or 2 fullnat",
-                    if mode == 4 { "fullproxy" } else { "hostonearm" }),
+                format!(
+                    "{mode} ({}) is not supported; use 0 default (DNAT), 1 onearm or 2 fullnat",
+                    if mode == 4 { "fullproxy" } else { "hostonearm" }
+                ),
             ));
         }
         _ => {
@@ -444,7 +450,10 @@ pub fn parse_rule(body: &[u8]) -> Result<RuleSpec, FieldError> {
     if eps.len() > MAX_ENDPOINTS {
         return Err(FieldError::new(
             "endpoints",
-            format!("at most {MAX_ENDPOINTS} endpoints per rule, got {}", eps.len()),
+            format!(
+                "at most {MAX_ENDPOINTS} endpoints per rule, got {}",
+                eps.len()
+            ),
         ));
     }
     let mut endpoints = Vec::with_capacity(eps.len());
@@ -471,9 +480,7 @@ pub fn parse_rule(body: &[u8]) -> Result<RuleSpec, FieldError> {
     }
     if port_max != 0 && u32::from(port_max) - u32::from(port) > 0 {
         for (i, e) in endpoints.iter().enumerate() {
-            if e.target_port != 0
-                && u32::from(e.target_port) + u32::from(port_max - port) > 65535
-            {
+            if e.target_port != 0 && u32::from(e.target_port) + u32::from(port_max - port) > 65535 {
                 return Err(FieldError::new(
                     format!("endpoints[{i}].targetPort"),
                     "target port plus the rule's port range exceeds 65535",
@@ -658,46 +665,135 @@ mod tests {
 
     #[test]
     fn bad_input_names_the_field() {
-        let base = |sa: &str, eps: &str| {
-            format!(r#"{{"serviceArguments":{{{sa}}},"endpoints":{eps}}}"#)
-        };
+        let base =
+            |sa: &str, eps: &str| format!(r#"{{"serviceArguments":{{{sa}}},"endpoints":{eps}}}"#);
         let ep = r#"[{"endpointIP":"10.0.0.1","targetPort":80,"weight":1}]"#;
         let cases = [
             ("{", "invalid JSON"),
             ("[]", "must be an object"),
             (r#"{"endpoints":[]}"#, "serviceArguments: required"),
-            (&base(r#""port":80"#, ep), "serviceArguments.externalIP: required"),
-            (&base(r#""externalIP":"1.2.3.4""#, ep), "serviceArguments.port: required"),
-            (&base(r#""externalIP":"1.2.3.4","port":80"#, "null"), "endpoints: required"),
-            (&base(r#""externalIP":"1.2.3.4","port":0"#, ep), "serviceArguments.port: must be 1..=65535, got 0"),
-            (&base(r#""externalIP":"1.2.3.4","port":65536"#, ep), "serviceArguments.port: must be 1..=65535, got 65536"),
-            (&base(r#""externalIP":"1.2.3.4","port":"80""#, ep), "serviceArguments.port: must be an integer, got a string"),
-            (&base(r#""externalIP":"1.2.3.999","port":80"#, ep), "serviceArguments.externalIP: '1.2.3.999' is not an IP address"),
-            (&base(r#""externalIP":"1.2.3.4","port":80,"sel":7"#, ep), "serviceArguments.sel: 7 is not a selection algorithm"),
-            (&base(r#""externalIP":"1.2.3.4","port":80,"sel":6"#, ep), "serviceArguments.sel: 6 (n2/n3"),
-            (&base(r#""externalIP":"1.2.3.4","port":80,"mode":-1"#, ep), "serviceArguments.mode: -1 is not a NAT mode"),
-            (&base(r#""externalIP":"1.2.3.4","port":80,"mode":3"#, ep), "serviceArguments.mode: 3 (dsr) is not supported yet"),
-            (&base(r#""externalIP":"1.2.3.4","port":80,"mode":4"#, ep), "serviceArguments.mode: 4 (fullproxy) is not supported"),
-            (&base(r#""externalIP":"1.2.3.4","port":80,"protocol":"sctp""#, ep), "serviceArguments.protocol: sctp is not supported"),
-            (&base(r#""externalIP":"1.2.3.4","port":80,"bgp":"yes""#, ep), "serviceArguments.bgp: must be true or false"),
-            (&base(r#""externalIP":"1.2.3.4","port":80,"inactiveTimeOut":86401"#, ep), "serviceArguments.inactiveTimeOut: must be 0..=86400"),
-            (&base(r#""externalIP":"1.2.3.4","port":80,"portMax":79"#, ep), "serviceArguments.portMax: must be 0 or >= port"),
-            (&base(r#""externalIP":"1.2.3.4","port":80"#, r#"[{"endpointIP":"10.0.0.1","targetPort":80},{"endpointIP":"10.0.0.1","targetPort":80}]"#), "endpoints[1].endpointIP: duplicate endpoint 10.0.0.1:80"),
-            (&base(r#""externalIP":"1.2.3.4","port":80"#, r#"[{"targetPort":80}]"#), "endpoints[0].endpointIP: required"),
-            (&base(r#""externalIP":"1.2.3.4","port":80"#, r#"[{"endpointIP":"x","targetPort":80}]"#), "endpoints[0].endpointIP: 'x' is not an IP address"),
-            (&base(r#""externalIP":"1.2.3.4","port":80"#, r#"[{"endpointIP":"10.0.0.1","targetPort":-5}]"#), "endpoints[0].targetPort: must be 0..=65535"),
-            (&base(r#""externalIP":"1.2.3.4","port":80"#, r#"{"a":1}"#), "endpoints: must be a list"),
-            (&base(r#""externalIP":"2001:db8::1","port":80"#, ep), "IPv6 is not supported"),
+            (
+                &base(r#""port":80"#, ep),
+                "serviceArguments.externalIP: required",
+            ),
+            (
+                &base(r#""externalIP":"1.2.3.4""#, ep),
+                "serviceArguments.port: required",
+            ),
+            (
+                &base(r#""externalIP":"1.2.3.4","port":80"#, "null"),
+                "endpoints: required",
+            ),
+            (
+                &base(r#""externalIP":"1.2.3.4","port":0"#, ep),
+                "serviceArguments.port: must be 1..=65535, got 0",
+            ),
+            (
+                &base(r#""externalIP":"1.2.3.4","port":65536"#, ep),
+                "serviceArguments.port: must be 1..=65535, got 65536",
+            ),
+            (
+                &base(r#""externalIP":"1.2.3.4","port":"80""#, ep),
+                "serviceArguments.port: must be an integer, got a string",
+            ),
+            (
+                &base(r#""externalIP":"1.2.3.999","port":80"#, ep),
+                "serviceArguments.externalIP: '1.2.3.999' is not an IP address",
+            ),
+            (
+                &base(r#""externalIP":"1.2.3.4","port":80,"sel":7"#, ep),
+                "serviceArguments.sel: 7 is not a selection algorithm",
+            ),
+            (
+                &base(r#""externalIP":"1.2.3.4","port":80,"sel":6"#, ep),
+                "serviceArguments.sel: 6 (n2/n3",
+            ),
+            (
+                &base(r#""externalIP":"1.2.3.4","port":80,"mode":-1"#, ep),
+                "serviceArguments.mode: -1 is not a NAT mode",
+            ),
+            (
+                &base(r#""externalIP":"1.2.3.4","port":80,"mode":3"#, ep),
+                "serviceArguments.mode: 3 (dsr) is not supported yet",
+            ),
+            (
+                &base(r#""externalIP":"1.2.3.4","port":80,"mode":4"#, ep),
+                "serviceArguments.mode: 4 (fullproxy) is not supported",
+            ),
+            (
+                &base(r#""externalIP":"1.2.3.4","port":80,"protocol":"sctp""#, ep),
+                "serviceArguments.protocol: sctp is not supported",
+            ),
+            (
+                &base(r#""externalIP":"1.2.3.4","port":80,"bgp":"yes""#, ep),
+                "serviceArguments.bgp: must be true or false",
+            ),
+            (
+                &base(
+                    r#""externalIP":"1.2.3.4","port":80,"inactiveTimeOut":86401"#,
+                    ep,
+                ),
+                "serviceArguments.inactiveTimeOut: must be 0..=86400",
+            ),
+            (
+                &base(r#""externalIP":"1.2.3.4","port":80,"portMax":79"#, ep),
+                "serviceArguments.portMax: must be 0 or >= port",
+            ),
+            (
+                &base(
+                    r#""externalIP":"1.2.3.4","port":80"#,
+                    r#"[{"endpointIP":"10.0.0.1","targetPort":80},{"endpointIP":"10.0.0.1","targetPort":80}]"#,
+                ),
+                "endpoints[1].endpointIP: duplicate endpoint 10.0.0.1:80",
+            ),
+            (
+                &base(
+                    r#""externalIP":"1.2.3.4","port":80"#,
+                    r#"[{"targetPort":80}]"#,
+                ),
+                "endpoints[0].endpointIP: required",
+            ),
+            (
+                &base(
+                    r#""externalIP":"1.2.3.4","port":80"#,
+                    r#"[{"endpointIP":"x","targetPort":80}]"#,
+                ),
+                "endpoints[0].endpointIP: 'x' is not an IP address",
+            ),
+            (
+                &base(
+                    r#""externalIP":"1.2.3.4","port":80"#,
+                    r#"[{"endpointIP":"10.0.0.1","targetPort":-5}]"#,
+                ),
+                "endpoints[0].targetPort: must be 0..=65535",
+            ),
+            (
+                &base(r#""externalIP":"1.2.3.4","port":80"#, r#"{"a":1}"#),
+                "endpoints: must be a list",
+            ),
+            (
+                &base(r#""externalIP":"2001:db8::1","port":80"#, ep),
+                "IPv6 is not supported",
+            ),
         ];
         for (body, want) in cases {
             let got = err(body);
-            assert!(got.starts_with(want) || got.contains(want), "{body}\n  got: {got}\n want: {want}");
+            assert!(
+                got.starts_with(want) || got.contains(want),
+                "{body}\n  got: {got}\n want: {want}"
+            );
         }
         let many: Vec<String> = (0..33)
             .map(|i| format!(r#"{{"endpointIP":"10.0.1.{i}","targetPort":80,"weight":1}}"#))
             .collect();
-        let body = base(r#""externalIP":"1.2.3.4","port":80"#, &format!("[{}]", many.join(",")));
-        assert_eq!(err(&body), "endpoints: at most 32 endpoints per rule, got 33");
+        let body = base(
+            r#""externalIP":"1.2.3.4","port":80"#,
+            &format!("[{}]", many.join(",")),
+        );
+        assert_eq!(
+            err(&body),
+            "endpoints: at most 32 endpoints per rule, got 33"
+        );
     }
 
     #[test]

@@ -9,7 +9,11 @@ use ferrolb_agent::client::{HttpResponse, request};
 use serde_json::{Value, json};
 
 #[derive(Debug, Parser)]
-#[command(name = "ferroctl", version, about = "Control a ferrolb node over its REST API")]
+#[command(
+    name = "ferroctl",
+    version,
+    about = "Control a ferrolb node over its REST API"
+)]
 struct Cli {
     /// Base URL of the node's API.
     #[arg(long, global = true, default_value = "http://127.0.0.1:11111")]
@@ -149,7 +153,10 @@ impl Client {
         let r = self.call(method, path, body)?;
         let v = r.json().unwrap_or(Value::Null);
         if r.status != 200 {
-            let msg = v["message"].as_str().map(str::to_string).unwrap_or_else(|| r.text());
+            let msg = v["message"]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| r.text());
             bail!("{} {}: {msg}", r.status, path);
         }
         Ok(v)
@@ -256,7 +263,18 @@ fn main() -> Result<()> {
                 print!(
                     "{}",
                     table(
-                        &["VIP", "PORT", "PROTO", "NAME", "MODE", "SELECT", "ENDPOINT", "WEIGHT", "STATE", "PACKETS:BYTES"],
+                        &[
+                            "VIP",
+                            "PORT",
+                            "PROTO",
+                            "NAME",
+                            "MODE",
+                            "SELECT",
+                            "ENDPOINT",
+                            "WEIGHT",
+                            "STATE",
+                            "PACKETS:BYTES"
+                        ],
                         rows
                     )
                 );
@@ -273,7 +291,11 @@ fn main() -> Result<()> {
                     .flatten()
                     .map(|e| {
                         vec![
-                            format!("{}:{}", e["sourceIP"].as_str().unwrap_or_default(), e["sourcePort"]),
+                            format!(
+                                "{}:{}",
+                                e["sourceIP"].as_str().unwrap_or_default(),
+                                e["sourcePort"]
+                            ),
                             format!(
                                 "{}:{}",
                                 e["destinationIP"].as_str().unwrap_or_default(),
@@ -291,7 +313,16 @@ fn main() -> Result<()> {
                 print!(
                     "{}",
                     table(
-                        &["SOURCE", "DESTINATION", "PROTO", "STATE", "ACTION", "PACKETS", "BYTES", "SERVICE"],
+                        &[
+                            "SOURCE",
+                            "DESTINATION",
+                            "PROTO",
+                            "STATE",
+                            "ACTION",
+                            "PACKETS",
+                            "BYTES",
+                            "SERVICE"
+                        ],
                         rows
                     )
                 );
@@ -321,8 +352,16 @@ fn main() -> Result<()> {
             what: CreateWhat::Lb(a),
         } => {
             let sel = pick(&SEL, &a.select, "select")?;
-            let mode = pick(&MODE, &a.mode, "mode")
-                .or_else(|_| if a.mode == "dnat" { Ok(0) } else { Err(anyhow!("--mode: '{}' is not one of default, onearm, fullnat", a.mode)) })?;
+            let mode = pick(&MODE, &a.mode, "mode").or_else(|_| {
+                if a.mode == "dnat" {
+                    Ok(0)
+                } else {
+                    Err(anyhow!(
+                        "--mode: '{}' is not one of default, onearm, fullnat",
+                        a.mode
+                    ))
+                }
+            })?;
             let eps: Vec<(String, u16)> = a
                 .endpoints
                 .split(',')
@@ -336,10 +375,18 @@ fn main() -> Result<()> {
                 .collect::<Result<_>>()?;
             let mut rules: Vec<(String, u16, u16)> = Vec::new();
             if let Some(t) = &a.tcp {
-                rules.extend(ports(t, "tcp")?.into_iter().map(|(p, t)| ("tcp".into(), p, t)));
+                rules.extend(
+                    ports(t, "tcp")?
+                        .into_iter()
+                        .map(|(p, t)| ("tcp".into(), p, t)),
+                );
             }
             if let Some(u) = &a.udp {
-                rules.extend(ports(u, "udp")?.into_iter().map(|(p, t)| ("udp".into(), p, t)));
+                rules.extend(
+                    ports(u, "udp")?
+                        .into_iter()
+                        .map(|(p, t)| ("udp".into(), p, t)),
+                );
             }
             if a.icmp {
                 rules.push(("icmp".into(), 1, 0));

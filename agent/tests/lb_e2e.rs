@@ -1,0 +1,631 @@
+//! End-to-end tests of a single ferrolb node on the `lb-single` lab (containerlab/lb-single):
+//! a client, the LB node running the `ferrolb` built by cargo, three backends running real
+//! HTTP / TCP echo / UDP echo servers. Requests go through the REST API exactly as kube-loxilb
+//! and loxicmd send them. Every lab is torn down when its test ends (pass or fail).
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use ferrolb_tests::{TestLab, require};
+use serde_json::{Value, json};
+
+const TOPOLOGY: &str = "containerlab/lb-single/lb-single.clab.yml";
+const VIP: &str = "203.0.113.10";
+const BE: [&str; 3] = ["10.10.10.11", "10.10.10.12", "10.10.10.13"];
+const PROBE: &str = "/etc/ferrolb-lab/probe.py";
+const FERROLB: &str = env!("CARGO_BIN_EXE_ferrolb");
+const FERROCTL: &str = env!("CARGO_BIN_EXE_ferroctl");
+const PROGRAMS: &[&str] = &["ip", "ethtool", "sysctl", "curl", "python3"];
+
+fn lab(test: &str, label: &str) -> Option<TestLab> {
+    if !require(test, PROGRAMS) {
+        return None;
+    }
+    let lab = TestLab::up_with(TOPOLOGY, label, &[("FERROLB", FERROLB)]).expect("lab up");
+    wait_ready(&lab);
+    Some(lab)
+}
+
+fn wait_ready(lab: &TestLab) {
+    lab.wait_until("the REST API", Duration::from_secs(20), || {
+        Ok(api(lab, "GET", "", None).0 == 200)
+    })
+    .unwrap();
+    for be in BE {
+        lab.wait_until(&format!("backend {be}"), Duration::from_secs(20), || {
+            Ok(lab
+                .exec(
+                    "lb1",
+                    &["curl", "-sf", "-m", "1", &format!("http://{be}:8080/")],
+                )?
+                .success())
+        })
+        .unwrap();
+    }
+}
+
+/// A REST call from inside the LB node: (status, JSON body or Null).
+fn api(lab: &TestLab, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
+    let url = format!("http://127.0.0.1:11111/netlox/v1{path}");
+    let mut argv = vec![
+        "curl",
+        "-s",
+        "-m",
+        "5",
+        "-X",
+        method,
+        "-o",
+        "-",
+        "-w",
+        "\n%{http_code}",
+    ];
+    if body.is_some() {
+        argv.extend([
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            "@-",
+        ]);
+    }
+    argv.push(&url);
+    let out = lab
+        .exec_input("lb1", &argv, body.map(str::as_bytes))
+        .unwrap();
+    let text = out.stdout.trim_end().to_string();
+    let (payload, code) = text.rsplit_once('\n').unwrap_or(("", text.as_str()));
+    let status = code.trim().parse().unwrap_or(0);
+    (status, serde_json::from_str(payload).unwrap_or(Value::Null))
+}
+
+fn post(lab: &TestLab, body: &Value) -> (u16, Value) {
+    api(lab, "POST", "/config/loadbalancer", Some(&body.to_string()))
+}
+
+fn rule(port: u16, proto: &str, sel: u8, mode: u8, eps: &[(&str, u16, u16)]) -> Value {
+    json!({
+        "serviceArguments": {"externalIP": VIP, "port": port, "protocol": proto,
+                             "sel": sel, "mode": mode, "name": format!("test_{proto}{port}:llb-inst0")},
+        "endpoints": eps.iter().map(|(ip, p, w)| json!({"endpointIP": ip, "targetPort": p, "weight": w})).collect::<Vec<_>>(),
+    })
+}
+
+fn all3(port: u16) -> Vec<(&'static str, u16, u16)> {
+    BE.iter().map(|b| (*b, port, 1)).collect()
+}
+
+fn probe(lab: &TestLab, args: &[&str]) -> Vec<Value> {
+    let mut argv = vec!["python3", PROBE];
+    argv.extend_from_slice(args);
+    let out = lab.exec_ok("client", &argv).unwrap();
+    serde_json::from_str::<Value>(&out)
+        .unwrap()
+        .as_array()
+        .cloned()
+        .unwrap()
+}
+
+fn backends(res: &[Value]) -> BTreeMap<String, usize> {
+    let mut m = BTreeMap::new();
+    for r in res {
+        assert!(r.get("error").is_none(), "request failed: {r}");
+        *m.entry(r["backend"].as_str().unwrap().to_string())
+            .or_default() += 1;
+    }
+    m
+}
+
+fn peer_ip(r: &Value) -> String {
+    r["peer"]
+        .as_str()
+        .unwrap()
+        .rsplit_once(':')
+        .unwrap()
+        .0
+        .to_string()
+}
+
+#[test]
+fn balancing_algorithms_and_nat_modes() {
+    let Some(lab) = lab("balancing_algorithms_and_nat_modes", "lbalg") else {
+        return;
+    };
+    // Round robin, DNAT: exact spread; backends see the client.
+    assert_eq!(post(&lab, &rule(80, "tcp", 0, 0, &all3(8080))).0, 200);
+    let res = probe(&lab, &["http", VIP, "80", "30"]);
+    assert_eq!(
+        backends(&res),
+        BTreeMap::from([("be1".into(), 10), ("be2".into(), 10), ("be3".into(), 10)])
+    );
+    assert!(
+        res.iter().all(|r| peer_ip(r) == "198.51.100.2"),
+        "DNAT keeps the client address"
+    );
+
+    // Full NAT: backends see the VIP.
+    assert_eq!(post(&lab, &rule(81, "tcp", 0, 2, &all3(8080))).0, 200);
+    let res = probe(&lab, &["http", VIP, "81", "6"]);
+    assert_eq!(backends(&res).len(), 3);
+    assert!(
+        res.iter().all(|r| peer_ip(r) == VIP),
+        "full NAT sources from the VIP: {res:?}"
+    );
+
+    // One-arm: backends see the LB's interface address.
+    assert_eq!(post(&lab, &rule(82, "tcp", 0, 1, &all3(8080))).0, 200);
+    let res = probe(&lab, &["http", VIP, "82", "3"]);
+    assert!(res.iter().all(|r| peer_ip(r) == "10.10.10.2"), "{res:?}");
+
+    // Priority (weights 3:1:1): exact shares.
+    let w = [(BE[0], 8080, 3), (BE[1], 8080, 1), (BE[2], 8080, 1)];
+    assert_eq!(post(&lab, &rule(83, "tcp", 2, 0, &w)).0, 200);
+    let res = probe(&lab, &["http", VIP, "83", "25"]);
+    assert_eq!(
+        backends(&res),
+        BTreeMap::from([("be1".into(), 15), ("be2".into(), 5), ("be3".into(), 5)])
+    );
+
+    // Persist: every connection of one client goes to one backend; another client address
+    // is pinned too.
+    assert_eq!(post(&lab, &rule(84, "tcp", 3, 0, &all3(8080))).0, 200);
+    for src in ["198.51.100.2", "198.51.100.3"] {
+        let res = probe(&lab, &["http", VIP, "84", "12", "--src", src]);
+        assert_eq!(backends(&res).len(), 1, "persist from {src}: {res:?}");
+    }
+
+    // Hash (Maglev), UDP: each flow keeps its backend, also after its conntrack entry
+    // expired (inactiveTimeOut 1 s), so the choice comes from the hash, not the table.
+    let mut h = rule(53, "udp", 1, 2, &all3(9001));
+    h["serviceArguments"]["inactiveTimeOut"] = json!(1);
+    assert_eq!(post(&lab, &h).0, 200);
+    let ports: Vec<String> = (0..12).map(|i| (41000 + i * 7).to_string()).collect();
+    let mut args = vec!["udp", VIP, "53", "0"];
+    for p in &ports {
+        args.extend(["--sport", p]);
+    }
+    let first = probe(&lab, &args);
+    assert!(backends(&first).len() >= 2, "hash spreads flows: {first:?}");
+    std::thread::sleep(Duration::from_millis(2500));
+    let again = probe(&lab, &args);
+    let pick = |v: &[Value]| v.iter().map(|r| r["backend"].clone()).collect::<Vec<_>>();
+    assert_eq!(pick(&first), pick(&again), "same flow, same backend");
+
+    // ICMP echo balanced (full NAT) and answered.
+    assert_eq!(post(&lab, &rule(1, "icmp", 0, 2, &all3(0))).0, 200);
+    lab.exec_ok("client", &["ping", "-c", "3", "-i", "0.2", "-W", "1", VIP])
+        .unwrap();
+
+    // Counters show up per endpoint ("packets:bytes") and in metrics.
+    let (_, all) = api(&lab, "GET", "/config/loadbalancer/all", None);
+    let r80 = all["lbAttr"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["serviceArguments"]["port"] == 80)
+        .unwrap();
+    for ep in r80["endpoints"].as_array().unwrap() {
+        let (p, b) = ep["counter"].as_str().unwrap().split_once(':').unwrap();
+        assert!(p.parse::<u64>().unwrap() >= 50, "{ep}");
+        assert!(b.parse::<u64>().unwrap() > 0);
+        assert_eq!(ep["state"], "active");
+    }
+    let m = lab
+        .exec_ok("lb1", &["curl", "-sf", "http://127.0.0.1:11111/metrics"])
+        .unwrap();
+    assert!(m.contains("ferrolb_endpoint_packets_total{service=\"test_tcp80:llb-inst0\",endpoint=\"10.10.10.11:8080\"}"));
+    assert!(m.contains("ferrolb_rules_installed 7"));
+    assert!(!m.contains("198.51.100"), "no client addresses in metrics");
+}
+
+#[test]
+fn rest_api_is_loxilb_compatible() {
+    let Some(lab) = lab("rest_api_is_loxilb_compatible", "lbapi") else {
+        return;
+    };
+    // kube-loxilb's exact create body (VIP changed to the lab's).
+    let kube = r#"{"serviceArguments":{"externalIP":"203.0.113.10","privateIP":"","port":80,
+  "protocol":"tcp","sel":0,"mode":2,"BGP":true,"Monitor":false,"inactiveTimeOut":0,"block":0,
+  "managed":true,"probetype":"","probeport":0,"probereq":"","proberesp":"",
+  "name":"default_nginx-lb:llb-inst0"},"secondaryIPs":[],"allowedSources":[],
+  "endpoints":[{"endpointIP":"10.10.10.11","targetPort":8080,"weight":1,"state":"","counter":""}]}"#;
+    let (st, v) = api(&lab, "POST", "/config/loadbalancer", Some(kube));
+    assert_eq!((st, v["result"].as_str()), (200, Some("Success")));
+    // The VIP is on lo now.
+    let lo = lab
+        .exec_ok("lb1", &["ip", "-o", "addr", "show", "dev", "lo"])
+        .unwrap();
+    assert!(lo.contains("203.0.113.10/32"), "{lo}");
+    // An identical re-post (kube-loxilb reconnect) answers an "exists" error.
+    let (st, v) = api(&lab, "POST", "/config/loadbalancer", Some(kube));
+    assert_eq!(st, 409);
+    assert!(v["message"].as_str().unwrap().contains("exist"), "{v}");
+    let res = probe(&lab, &["http", VIP, "80", "2"]);
+    assert!(res.iter().all(|r| r["backend"] == "be1"));
+
+    // GET all: loxilb's shape, keys as loxilb spells them.
+    let (st, all) = api(&lab, "GET", "/config/loadbalancer/all", None);
+    assert_eq!(st, 200);
+    let e = &all["lbAttr"][0];
+    assert_eq!(e["serviceArguments"]["externalIP"], VIP);
+    assert_eq!(e["serviceArguments"]["name"], "default_nginx-lb:llb-inst0");
+    assert_eq!(e["serviceArguments"]["bgp"], true);
+    assert_eq!(e["endpoints"][0]["endpointIP"], "10.10.10.11");
+    assert!(e["endpoints"][0]["counter"].as_str().unwrap().contains(':'));
+
+    // A changed re-post modifies in place (flows kept: see endpoint_removal_keeps_other_flows).
+    let kube2 = kube.replace(
+        r#"{"endpointIP":"10.10.10.11","targetPort":8080,"weight":1,"state":"","counter":""}"#,
+        r#"{"endpointIP":"10.10.10.11","targetPort":8080,"weight":1},{"endpointIP":"10.10.10.12","targetPort":8080,"weight":1}"#,
+    );
+    let (st, _) = api(&lab, "POST", "/config/loadbalancer", Some(&kube2));
+    assert_eq!(st, 200);
+    let res = probe(&lab, &["http", VIP, "80", "4"]);
+    assert_eq!(backends(&res).len(), 2, "modified rule uses both endpoints");
+
+    // oper 1 attaches, oper 2 detaches.
+    let mut att = rule(80, "tcp", 0, 2, &[(BE[2], 8080, 1)]);
+    att["serviceArguments"]["oper"] = json!(1);
+    att["serviceArguments"]["name"] = json!("default_nginx-lb:llb-inst0");
+    assert_eq!(post(&lab, &att).0, 200);
+    let (_, all) = api(&lab, "GET", "/config/loadbalancer/all", None);
+    assert_eq!(all["lbAttr"][0]["endpoints"].as_array().unwrap().len(), 3);
+    att["serviceArguments"]["oper"] = json!(2);
+    assert_eq!(post(&lab, &att).0, 200);
+    let (_, all) = api(&lab, "GET", "/config/loadbalancer/all", None);
+    assert_eq!(all["lbAttr"][0]["endpoints"].as_array().unwrap().len(), 2);
+
+    // Bad input: 400 naming the field, nothing changes.
+    let before = api(&lab, "GET", "/config/loadbalancer/all", None).1;
+    let bad: &[(&str, &str)] = &[
+        ("{not json", "invalid JSON"),
+        (
+            r#"{"serviceArguments":{"port":80},"endpoints":[]}"#,
+            "serviceArguments.externalIP: required",
+        ),
+        (
+            r#"{"serviceArguments":{"externalIP":"203.0.113.10"},"endpoints":[]}"#,
+            "serviceArguments.port: required",
+        ),
+        (
+            r#"{"serviceArguments":{"externalIP":"203.0.113.10","port":80}}"#,
+            "endpoints: required",
+        ),
+        (
+            r#"{"serviceArguments":{"externalIP":"203.0.113.10","port":0},"endpoints":[]}"#,
+            "serviceArguments.port: must be 1..=65535",
+        ),
+        (
+            r#"{"serviceArguments":{"externalIP":"203.0.113.10","port":70000},"endpoints":[]}"#,
+            "serviceArguments.port: must be 1..=65535",
+        ),
+        (
+            r#"{"serviceArguments":{"externalIP":"203.0.113.300","port":80},"endpoints":[]}"#,
+            "serviceArguments.externalIP",
+        ),
+        (
+            r#"{"serviceArguments":{"externalIP":"203.0.113.10","port":"80"},"endpoints":[]}"#,
+            "serviceArguments.port: must be an integer",
+        ),
+        (
+            r#"{"serviceArguments":{"externalIP":"203.0.113.10","port":80,"sel":7},"endpoints":[]}"#,
+            "serviceArguments.sel",
+        ),
+        (
+            r#"{"serviceArguments":{"externalIP":"203.0.113.10","port":80,"mode":-1},"endpoints":[]}"#,
+            "serviceArguments.mode",
+        ),
+        (
+            r#"{"serviceArguments":{"externalIP":"203.0.113.10","port":80,"mode":3},"endpoints":[]}"#,
+            "not supported",
+        ),
+        (
+            r#"{"serviceArguments":{"externalIP":"203.0.113.10","port":80},"endpoints":[{"endpointIP":"10.0.0.1","targetPort":1},{"endpointIP":"10.0.0.1","targetPort":1}]}"#,
+            "duplicate endpoint",
+        ),
+    ];
+    for (body, want) in bad {
+        let (st, v) = api(&lab, "POST", "/config/loadbalancer", Some(body));
+        assert_eq!(st, 400, "{body} -> {v}");
+        let msg = v["message"].as_str().unwrap();
+        assert!(msg.contains(want), "{body}: '{msg}' lacks '{want}'");
+    }
+    let many: Vec<Value> = (0..33)
+        .map(|i| json!({"endpointIP": format!("10.0.1.{i}"), "targetPort": 80, "weight": 1}))
+        .collect();
+    let (st, v) = post(
+        &lab,
+        &json!({"serviceArguments": {"externalIP": VIP, "port": 90}, "endpoints": many}),
+    );
+    assert_eq!(st, 400);
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains("endpoints: at most 32")
+    );
+    // Oversized body: refused.
+    let huge = format!(
+        r#"{{"serviceArguments":{{"externalIP":"{VIP}","port":91,"name":"{}"}},"endpoints":[]}}"#,
+        "x".repeat(2 << 20)
+    );
+    assert_eq!(
+        api(&lab, "POST", "/config/loadbalancer", Some(&huge)).0,
+        413
+    );
+    assert_eq!(
+        api(&lab, "GET", "/config/loadbalancer/all", None).1,
+        before,
+        "bad input changed nothing"
+    );
+
+    // Deletes: loxilb's paths, query and an ignored body; 404 for what does not exist.
+    assert_eq!(post(&lab, &rule(8000, "tcp", 0, 0, &all3(8080))).0, 200);
+    let mut range = rule(9000, "tcp", 0, 0, &all3(0));
+    range["serviceArguments"]["portMax"] = json!(9010);
+    assert_eq!(post(&lab, &range).0, 200);
+    let res = probe(&lab, &["http", VIP, "9000", "1"]);
+    assert!(
+        res[0]["error"].is_string(),
+        "range rule keeps port 9000 (no server there): {res:?}"
+    );
+    assert_eq!(
+        api(&lab, "DELETE", "/config/loadbalancer/externalipaddress/203.0.113.10/port/8000/protocol/tcp?bgp=true&block=0", Some(&rule(8000, "tcp", 0, 0, &[]).to_string())).0,
+        200
+    );
+    assert_eq!(
+        api(&lab, "DELETE", "/config/loadbalancer/externalipaddress/203.0.113.10/port/8000/protocol/tcp?bgp=true&block=0", None).0,
+        404
+    );
+    assert_eq!(
+        api(&lab, "DELETE", "/config/loadbalancer/externalipaddress/203.0.113.10/port/9000/portmax/9010/protocol/tcp", None).0,
+        200
+    );
+    assert_eq!(
+        api(
+            &lab,
+            "DELETE",
+            "/config/loadbalancer/externalipaddress/203.0.113.10/port/abc/protocol/tcp",
+            None
+        )
+        .0,
+        400
+    );
+    assert_eq!(
+        api(
+            &lab,
+            "DELETE",
+            "/config/loadbalancer/name/no-such-rule",
+            None
+        )
+        .0,
+        404
+    );
+    assert_eq!(
+        api(
+            &lab,
+            "DELETE",
+            "/config/loadbalancer/name/default_nginx-lb:llb-inst0",
+            None
+        )
+        .0,
+        200
+    );
+
+    // Other endpoints kube-loxilb and operators use.
+    let (st, ci) = api(&lab, "GET", "/config/cistate/all", None);
+    assert_eq!(
+        (st, ci["Attr"][0]["state"].as_str()),
+        (200, Some("NOT_DEFINED"))
+    );
+    let (st, ver) = api(&lab, "GET", "/version", None);
+    assert_eq!(st, 200);
+    assert!(ver["buildInfo"].as_str().unwrap().contains("ferrolb"));
+    assert_eq!(api(&lab, "GET", "/config/conntrack/all", None).0, 200);
+    for path in ["/metrics", "/netlox/v1/metrics", "/netlox/v1/openapi.yaml"] {
+        let out = lab
+            .exec_ok(
+                "lb1",
+                &["curl", "-sf", &format!("http://127.0.0.1:11111{path}")],
+            )
+            .unwrap();
+        assert!(
+            out.contains("ferrolb_") || out.contains("openapi: 3"),
+            "{path}"
+        );
+    }
+    assert_eq!(api(&lab, "GET", "/no/such/path", None).0, 404);
+
+    // ferroctl, loxicmd style.
+    let ctl = |args: &[&str]| {
+        let mut argv = vec![FERROCTL];
+        argv.extend_from_slice(args);
+        lab.exec_ok("lb1", &argv).unwrap()
+    };
+    ctl(&[
+        "create",
+        "lb",
+        VIP,
+        "--tcp=8081:8080",
+        "--endpoints=10.10.10.12:1,10.10.10.13:1",
+        "--mode",
+        "fullnat",
+        "--select",
+        "hash",
+        "--name",
+        "ctl",
+    ]);
+    let table = ctl(&["get", "lb"]);
+    assert!(
+        table.contains("8081")
+            && table.contains("fullnat")
+            && table.contains("hash")
+            && table.contains("10.10.10.13:8080"),
+        "{table}"
+    );
+    let j: Value = serde_json::from_str(&ctl(&["--json", "get", "lb"])).unwrap();
+    assert_eq!(j["lbAttr"].as_array().unwrap().len(), 1);
+    let res = probe(&lab, &["http", VIP, "8081", "4"]);
+    assert!(backends(&res).keys().all(|b| b == "be2" || b == "be3"));
+    assert!(ctl(&["get", "ct"]).contains("fullnat-203.0.113.10"));
+    assert!(ctl(&["get", "ha"]).contains("NOT_DEFINED"));
+    assert!(ctl(&["version"]).contains("ferrolb"));
+    ctl(&["delete", "lb", VIP, "--tcp=8081"]);
+    let out = lab
+        .exec("lb1", &[FERROCTL, "delete", "lb", VIP, "--tcp=8081"])
+        .unwrap();
+    assert!(!out.success() && out.stderr.contains("404"), "{out:?}");
+
+    // Delete all; the VIP leaves lo.
+    assert_eq!(post(&lab, &rule(80, "tcp", 0, 0, &all3(8080))).0, 200);
+    assert_eq!(api(&lab, "DELETE", "/config/loadbalancer/all", None).0, 200);
+    assert_eq!(
+        api(&lab, "GET", "/config/loadbalancer/all", None).1["lbAttr"],
+        json!([])
+    );
+    let lo = lab
+        .exec_ok("lb1", &["ip", "-o", "addr", "show", "dev", "lo"])
+        .unwrap();
+    assert!(!lo.contains("203.0.113.10"), "{lo}");
+}
+
+fn read_stream(lab: &TestLab, name: &str) -> Vec<Value> {
+    let path = lab.log_dir("client").join(name);
+    lab.wait_until(
+        "the stream probe to finish",
+        Duration::from_secs(30),
+        || Ok(path.exists()),
+    )
+    .unwrap();
+    serde_json::from_str::<Value>(&std::fs::read_to_string(&path).unwrap())
+        .unwrap()
+        .as_array()
+        .cloned()
+        .unwrap()
+}
+
+fn start_streams(lab: &TestLab, port: u16, secs: u32, count: u32, name: &str) {
+    lab.spawn(
+        "client",
+        &format!("{name}-run"),
+        &["sh", "-c", &format!(
+            "python3 {PROBE} stream {VIP} {port} {secs} --count {count} > /var/log/{name}.tmp && mv /var/log/{name}.tmp /var/log/{name}"
+        )],
+    )
+    .unwrap();
+}
+
+#[test]
+fn endpoint_removal_keeps_other_flows() {
+    let Some(lab) = lab("endpoint_removal_keeps_other_flows", "lbrm") else {
+        return;
+    };
+    assert_eq!(post(&lab, &rule(7000, "tcp", 0, 2, &all3(9000))).0, 200);
+    start_streams(&lab, 7000, 4, 3, "streams.json");
+    std::thread::sleep(Duration::from_millis(1200));
+    // Remove be3 (a changed re-post).
+    assert_eq!(
+        post(
+            &lab,
+            &rule(7000, "tcp", 0, 2, &[(BE[0], 9000, 1), (BE[1], 9000, 1)])
+        )
+        .0,
+        200
+    );
+    let res = read_stream(&lab, "streams.json");
+    let on: BTreeMap<String, &Value> = res
+        .iter()
+        .map(|r| (r["backend"].as_str().unwrap_or("?").to_string(), r))
+        .collect();
+    assert_eq!(
+        on.len(),
+        3,
+        "the three streams went to three backends: {res:?}"
+    );
+    for r in &res {
+        assert_eq!(r["errors"], json!([]), "{r}");
+        assert_eq!(r["sent"], r["echoed"]);
+        assert!(r["max_gap_ms"].as_u64().unwrap() < 500, "{r}");
+    }
+    // New connections avoid the removed endpoint.
+    let res = probe(&lab, &["stream", VIP, "7000", "0.2", "--count", "6"]);
+    assert!(
+        res.iter()
+            .all(|r| r["backend"] != "be3" && r["errors"] == json!([])),
+        "{res:?}"
+    );
+}
+
+#[test]
+fn restart_restores_rules_and_kill9_keeps_streams() {
+    let Some(lab) = lab("restart_restores_rules_and_kill9_keeps_streams", "lbkill") else {
+        return;
+    };
+    assert_eq!(post(&lab, &rule(7000, "tcp", 0, 2, &all3(9000))).0, 200);
+    assert_eq!(post(&lab, &rule(80, "tcp", 0, 0, &all3(8080))).0, 200);
+    let rules_before = api(&lab, "GET", "/config/loadbalancer/all", None).1["lbAttr"].clone();
+
+    start_streams(&lab, 7000, 5, 2, "kill.json");
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(lab.kill("lb1", "ferrolb").unwrap(), 1);
+    // With the agent gone the pinned datapath keeps forwarding.
+    std::thread::sleep(Duration::from_millis(1000));
+    let res = probe(&lab, &["http", VIP, "80", "3"]);
+    assert_eq!(
+        backends(&res).len(),
+        3,
+        "new connections while the agent is down"
+    );
+    lab.spawn(
+        "lb1",
+        "ferrolb-restarted",
+        &[FERROLB, "--config-path", "/etc/ferrolb/"],
+    )
+    .unwrap();
+    lab.wait_until("the restarted API", Duration::from_secs(20), || {
+        Ok(api(&lab, "GET", "", None).0 == 200)
+    })
+    .unwrap();
+    // Rules restored.
+    let mut after = api(&lab, "GET", "/config/loadbalancer/all", None).1["lbAttr"].clone();
+    let strip = |v: &mut Value| {
+        for r in v.as_array_mut().unwrap() {
+            for e in r["endpoints"].as_array_mut().unwrap() {
+                e["counter"] = json!("");
+            }
+        }
+    };
+    let mut before = rules_before.clone();
+    strip(&mut before);
+    strip(&mut after);
+    assert_eq!(before, after);
+    // The restarted agent sees the running streams in its conntrack table.
+    let ct = api(&lab, "GET", "/config/conntrack/all", None).1;
+    let streams = read_stream(&lab, "kill.json");
+    for s in &streams {
+        assert_eq!(s["errors"], json!([]), "{s}");
+        assert_eq!(s["sent"], s["echoed"]);
+        assert!(s["max_gap_ms"].as_u64().unwrap() < 500, "{s}");
+        let sport = s["sport"].as_u64().unwrap();
+        assert!(
+            ct["ctAttr"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|c| c["sourcePort"] == sport && c["destinationPort"] == 7000),
+            "flow from port {sport} missing in {ct}"
+        );
+    }
+    // Round robin still works after the takeover.
+    let res = probe(&lab, &["http", VIP, "80", "3"]);
+    assert_eq!(backends(&res).len(), 3);
+
+    // The explicit removal command takes the datapath away: the VIP stops balancing.
+    assert_eq!(lab.kill("lb1", "ferrolb").unwrap(), 1);
+    let out = lab.exec_ok("lb1", &[FERROLB, "--remove-datapath"]).unwrap();
+    assert!(out.contains("removed"), "{out}");
+    let res = probe(&lab, &["http", VIP, "80", "1"]);
+    assert!(
+        res[0]["error"].is_string(),
+        "no balancing without a datapath: {res:?}"
+    );
+}

@@ -1,0 +1,119 @@
+#!/usr/bin/env python3
+"""Client probes for the lb-single lab (stdlib only). Every mode prints one JSON document.
+
+  probe.py http  VIP PORT N [--src IP]        N HTTP GETs, each on a new connection
+  probe.py udp   VIP PORT N [--sport P ...]   N datagrams, each from a new socket (or from the
+                                              given source ports, one datagram each)
+  probe.py stream VIP PORT SECONDS [--count K] K TCP echo streams, one line every 20 ms each;
+                                              reports lines sent/echoed, errors and the longest
+                                              gap without an echo, per stream
+Timeouts are bounded (2 s per request); nothing loops without a limit.
+"""
+import json
+import socket
+import sys
+import threading
+import time
+
+
+def opt(name, default=None, many=False):
+    vals = [sys.argv[i + 1] for i, a in enumerate(sys.argv[:-1]) if a == name]
+    if many:
+        return vals
+    return vals[-1] if vals else default
+
+
+def http(vip, port, n, src):
+    out = []
+    for _ in range(n):
+        try:
+            s = socket.create_connection((vip, port), timeout=2, source_address=(src, 0) if src else None)
+            s.sendall(b"GET / HTTP/1.0\r\nHost: vip\r\n\r\n")
+            data = b""
+            while True:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+            s.close()
+            body = data.split(b"\r\n\r\n", 1)[1]
+            out.append(json.loads(body))
+        except Exception as e:  # noqa: BLE001 - report, never crash
+            out.append({"error": str(e)})
+    return out
+
+
+def udp(vip, port, n, sports):
+    out = []
+    targets = [int(p) for p in sports] if sports else [0] * n
+    for sp in targets:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("0.0.0.0", sp))
+        s.settimeout(2)
+        try:
+            s.sendto(b"hello", (vip, port))
+            data, _ = s.recvfrom(65535)
+            r = json.loads(data)
+            r["sport"] = s.getsockname()[1]
+            out.append(r)
+        except Exception as e:  # noqa: BLE001
+            out.append({"error": str(e), "sport": sp})
+        finally:
+            s.close()
+    return out
+
+
+def stream(vip, port, seconds, count):
+    results = [None] * count
+
+    def one(i):
+        r = {"sent": 0, "echoed": 0, "errors": [], "max_gap_ms": 0, "backend": None, "sport": None}
+        try:
+            s = socket.create_connection((vip, port), timeout=2)
+            r["sport"] = s.getsockname()[1]
+            f = s.makefile("rb")
+            last = time.monotonic()
+            end = last + seconds
+            while time.monotonic() < end:
+                s.sendall(b"line %d\n" % r["sent"])
+                r["sent"] += 1
+                line = f.readline()
+                if not line:
+                    r["errors"].append("connection closed")
+                    break
+                r["echoed"] += 1
+                r["backend"] = line.split(b" ", 1)[0].decode()
+                now = time.monotonic()
+                r["max_gap_ms"] = max(r["max_gap_ms"], int((now - last) * 1000))
+                last = now
+                time.sleep(0.02)
+            s.close()
+        except Exception as e:  # noqa: BLE001
+            r["errors"].append(str(e))
+        results[i] = r
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+        time.sleep(0.01)
+    for t in threads:
+        t.join(seconds + 10)
+    return results
+
+
+def main():
+    mode, vip, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    if mode == "http":
+        res = http(vip, port, int(sys.argv[4]), opt("--src"))
+    elif mode == "udp":
+        res = udp(vip, port, int(sys.argv[4]), opt("--sport", many=True))
+    elif mode == "stream":
+        res = stream(vip, port, float(sys.argv[4]), int(opt("--count", "1")))
+    else:
+        sys.exit("unknown mode " + mode)
+    print(json.dumps(res), flush=True)
+
+
+if __name__ == "__main__":
+    main()
