@@ -10,10 +10,11 @@ use ferrolb_bpf::maps::{CtState, MAX_ENDPOINTS};
 use tracing::{info, warn};
 
 use crate::api::models::{
-    CtEntry, CtList, LbEndpoint, LbEntry, LbList, LbServiceArgs, Protocol, RuleKey, RuleSpec,
+    CtEntry, CtList, FieldError, LbEndpoint, LbEntry, LbList, LbServiceArgs, Protocol, RuleKey,
+    RuleSpec,
 };
 use crate::rules::{self, Change, Rule, RuleError, RuleSet};
-use crate::store::Store;
+use crate::store::{Op, Store};
 use crate::vip;
 
 /// Conntrack figures from the last collector pass (metrics read these, not the map).
@@ -35,11 +36,11 @@ pub struct Engine {
 
 impl Engine {
     /// Restores saved rules into the (possibly adopted) datapath and puts VIPs on `lo`.
-    pub fn start(mut dp: Datapath, store: Store, adopted: bool) -> anyhow::Result<Engine> {
+    pub fn start(mut dp: Datapath, mut store: Store, adopted: bool) -> anyhow::Result<Engine> {
         let (rules, managed) = store.load()?.unwrap_or_default();
         rules::restore(&mut dp, &rules, adopted)?;
         let managed = vip::sync(&rules.vips(), &managed)?;
-        store.save(&rules, &managed)?;
+        store.snapshot(&rules, &managed)?;
         info!(
             rules = rules.len(),
             adopted,
@@ -67,77 +68,144 @@ impl Engine {
         &self.rules
     }
 
-    /// Create, modify, attach or detach (by `spec.oper`).
-    pub fn apply(&mut self, mut spec: RuleSpec) -> Result<(), RuleError> {
+    /// Create, modify, attach or detach (by `spec.oper`). Datapath, VIP and journal change
+    /// together or not at all.
+    pub fn apply(&mut self, spec: RuleSpec) -> Result<(), RuleError> {
         let cap = self.dp.capacity().services;
-        // One-arm needs each endpoint's source address; a missing route is the caller's
-        // problem, named by endpoint.
-        let mut snat = BTreeMap::new();
-        if spec.service.mode == 1 {
-            for (i, e) in spec.endpoints.iter().enumerate() {
-                let src = vip::source_toward(e.ip).map_err(|err| {
-                    RuleError::Invalid(crate::api::models::FieldError::new(
+        let mut change = self.rules.plan(spec, cap)?;
+        // One-arm needs each endpoint's source address (kept for endpoints that stay).
+        if change.rule().service.mode == 1 {
+            for (i, e) in change.rule_mut().endpoints.iter_mut().enumerate() {
+                if e.snat.is_some() {
+                    continue;
+                }
+                let src = vip::source_toward(e.spec.ip).map_err(|err| {
+                    RuleError::Invalid(FieldError::new(
                         format!("endpoints[{i}].endpointIP"),
-                        format!("one-arm mode needs a route to {}: {err:#}", e.ip),
+                        format!("one-arm mode needs a route to {}: {err:#}", e.spec.ip),
                     ))
                 })?;
-                snat.insert(e.ip, src);
+                e.snat = Some(src);
             }
         }
-        if spec.service.name.is_empty() {
-            spec.service.name = String::new();
-        }
-        let mut change = self.rules.plan(spec, cap)?;
-        let fill = |r: &mut Rule| {
-            for e in &mut r.endpoints {
-                if let Some(s) = snat.get(&e.spec.ip) {
-                    e.snat = Some(*s);
-                }
+        let rule = change.rule().clone();
+        let prev = self.rules.apply(&change);
+        let undo_table = |rules: &mut RuleSet| match &prev {
+            Some(p) => {
+                rules.rules.insert(p.key.clone(), p.clone());
+            }
+            None => {
+                rules.rules.remove(&rule.key);
             }
         };
-        match &mut change {
-            Change::Create(r) => fill(r),
-            Change::Modify { new, .. } => {
-                if new.service.mode == 1 {
-                    for e in &mut new.endpoints {
-                        if e.snat.is_none() {
-                            e.snat = vip::source_toward(e.spec.ip).ok();
-                        }
-                    }
-                }
-                fill(new)
-            }
-        }
-        let before = self.rules.clone();
-        let mut after = self.rules.clone();
-        after.apply(&change);
-        if let Err(e) = rules::program(&mut self.dp, &after, &change) {
+        if let Err(e) = rules::program(&mut self.dp, &self.rules, &change) {
             warn!(error = %e, "datapath update failed; rolling back");
-            self.rollback(&before);
+            undo_table(&mut self.rules);
+            rules::revert(&mut self.dp, &self.rules, &change);
             return Err(RuleError::Internal(format!("datapath update failed: {e}")));
         }
-        self.rules = after;
-        self.commit(&before)
+        let mut ops = vec![Op::Put {
+            rule: Box::new(rule.clone()),
+        }];
+        let vip = rule.key.external_ip;
+        let new_vip = !self.managed_vips.contains(&vip);
+        if new_vip {
+            if let Err(e) = vip::add(vip) {
+                warn!(error = %e, "VIP update failed; rolling back");
+                undo_table(&mut self.rules);
+                rules::revert(&mut self.dp, &self.rules, &change);
+                return Err(RuleError::Internal(format!("{e:#}")));
+            }
+            self.managed_vips.insert(vip);
+            ops.push(Op::Vips {
+                vips: self.managed_vips.clone(),
+            });
+        }
+        if let Err(e) = self.store.record(ops, &self.rules, &self.managed_vips) {
+            warn!(error = %e, "saving state failed; rolling back");
+            undo_table(&mut self.rules);
+            rules::revert(&mut self.dp, &self.rules, &change);
+            if new_vip {
+                self.managed_vips.remove(&vip);
+                let _ = vip::del(vip);
+            }
+            return Err(RuleError::Internal(format!("saving state failed: {e}")));
+        }
+        Ok(())
     }
 
-    /// Deletes rules by key. Keys that do not exist are a 404 for the caller.
+    /// Deletes rules by key (all or nothing).
     pub fn delete(&mut self, keys: &[RuleKey]) -> Result<usize, RuleError> {
         if keys.is_empty() {
             return Err(RuleError::NotFound("lb-rule not found".into()));
         }
-        let before = self.rules.clone();
+        let mut removed: Vec<Rule> = Vec::new();
+        let mut failure = None;
         for k in keys {
             let Some(r) = self.rules.rules.remove(k) else {
                 continue;
             };
             if let Err(e) = rules::uninstall(&mut self.dp, &self.rules, &r) {
-                warn!(error = %e, "datapath delete failed; rolling back");
-                self.rollback(&before);
-                return Err(RuleError::Internal(format!("datapath update failed: {e}")));
+                self.rules.rules.insert(r.key.clone(), r);
+                failure = Some(format!("datapath update failed: {e}"));
+                break;
+            }
+            removed.push(r);
+        }
+        let mut ops: Vec<Op> = removed
+            .iter()
+            .map(|r| Op::Del { key: r.key.clone() })
+            .collect();
+        let mut dropped_vips = Vec::new();
+        if failure.is_none() {
+            let gone: BTreeSet<IpAddr> = removed
+                .iter()
+                .map(|r| r.key.external_ip)
+                .filter(|ip| {
+                    self.managed_vips.contains(ip)
+                        && !self.rules.rules.values().any(|r| r.key.external_ip == *ip)
+                })
+                .collect();
+            for ip in gone {
+                match vip::del(ip) {
+                    Ok(()) => {
+                        self.managed_vips.remove(&ip);
+                        dropped_vips.push(ip);
+                    }
+                    Err(e) => {
+                        failure = Some(format!("{e:#}"));
+                        break;
+                    }
+                }
+            }
+            if !dropped_vips.is_empty() {
+                ops.push(Op::Vips {
+                    vips: self.managed_vips.clone(),
+                });
             }
         }
-        self.commit(&before)?;
-        Ok(keys.len())
+        if failure.is_none()
+            && let Err(e) = self.store.record(ops, &self.rules, &self.managed_vips)
+        {
+            failure = Some(format!("saving state failed: {e}"));
+        }
+        if let Some(msg) = failure {
+            warn!(error = %msg, "delete failed; rolling back");
+            for ip in dropped_vips {
+                if vip::add(ip).is_ok() {
+                    self.managed_vips.insert(ip);
+                }
+            }
+            for r in removed {
+                let change = Change::Create(Box::new(r.clone()));
+                self.rules.apply(&change);
+                if let Err(e) = rules::program(&mut self.dp, &self.rules, &change) {
+                    warn!(error = %e, rule = %r.key, "could not reinstall a rule");
+                }
+            }
+            return Err(RuleError::Internal(msg));
+        }
+        Ok(removed.len())
     }
 
     pub fn find(
@@ -162,36 +230,6 @@ impl Engine {
 
     pub fn all_keys(&self) -> Vec<RuleKey> {
         self.rules.rules.keys().cloned().collect()
-    }
-
-    /// VIPs and the state file follow the rule set; on failure the previous rules are put
-    /// back (datapath included).
-    fn commit(&mut self, before: &RuleSet) -> Result<(), RuleError> {
-        let managed = match vip::sync(&self.rules.vips(), &self.managed_vips) {
-            Ok(m) => m,
-            Err(e) => {
-                warn!(error = %e, "VIP update failed; rolling back");
-                self.rollback(before);
-                return Err(RuleError::Internal(format!("VIP update failed: {e:#}")));
-            }
-        };
-        self.managed_vips = managed;
-        if let Err(e) = self.store.save(&self.rules, &self.managed_vips) {
-            warn!(error = %e, "saving state failed; rolling back");
-            self.rollback(before);
-            return Err(RuleError::Internal(format!("saving state failed: {e}")));
-        }
-        Ok(())
-    }
-
-    fn rollback(&mut self, before: &RuleSet) {
-        self.rules = before.clone();
-        if let Err(e) = rules::restore(&mut self.dp, &self.rules, true) {
-            warn!(error = %e, "rollback of the datapath failed");
-        }
-        if let Ok(m) = vip::sync(&self.rules.vips(), &self.managed_vips) {
-            self.managed_vips = m;
-        }
     }
 
     /// `GET /config/loadbalancer/all`.

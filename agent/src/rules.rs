@@ -126,6 +126,23 @@ pub enum Change {
     Modify { old: Box<Rule>, new: Box<Rule> },
 }
 
+impl Change {
+    /// The rule as it is after the change.
+    pub fn rule(&self) -> &Rule {
+        match self {
+            Change::Create(r) => r,
+            Change::Modify { new, .. } => new,
+        }
+    }
+
+    pub fn rule_mut(&mut self) -> &mut Rule {
+        match self {
+            Change::Create(r) => r,
+            Change::Modify { new, .. } => new,
+        }
+    }
+}
+
 impl RuleSet {
     pub fn len(&self) -> usize {
         self.rules.len()
@@ -283,12 +300,10 @@ impl RuleSet {
         Ok(())
     }
 
-    pub fn apply(&mut self, change: &Change) {
-        let r = match change {
-            Change::Create(r) => r,
-            Change::Modify { new, .. } => new,
-        };
-        self.rules.insert(r.key.clone(), (**r).clone());
+    /// Puts the changed rule in the table; returns the rule it replaced.
+    pub fn apply(&mut self, change: &Change) -> Option<Rule> {
+        let r = change.rule();
+        self.rules.insert(r.key.clone(), r.clone())
     }
 
     /// VIPs in use (to be present on `lo`).
@@ -442,12 +457,14 @@ pub fn install(dp: &mut Datapath, r: &Rule, fresh: bool) -> Result<(), ferrolb_b
     Ok(())
 }
 
-/// Rewrites the ranges entry of every (VIP, protocol) that has rules, and removes entries
-/// that have none. The entry also marks the address as a VIP for the fragment rule.
-pub fn sync_ranges(dp: &mut Datapath, rules: &RuleSet) -> Result<(), ferrolb_bpf::BpfError> {
-    let mut want: BTreeMap<(IpAddr, Protocol), Ranges> = BTreeMap::new();
-    for r in rules.rules.values() {
-        let e = want.entry((r.key.external_ip, r.key.protocol)).or_default();
+fn ranges_for(rules: &RuleSet, ip: IpAddr, proto: Protocol) -> Option<Ranges> {
+    let mut out: Option<Ranges> = None;
+    for r in rules
+        .rules
+        .values()
+        .filter(|r| r.key.external_ip == ip && r.key.protocol == proto)
+    {
+        let e = out.get_or_insert_with(Ranges::default);
         if r.is_range()
             && let Some(slot) = e.r.iter_mut().find(|x| x.hi == 0)
         {
@@ -459,27 +476,52 @@ pub fn sync_ranges(dp: &mut Datapath, rules: &RuleSet) -> Result<(), ferrolb_bpf
             };
         }
     }
-    let want_keys: BTreeSet<RangeKey> = want.keys().map(|(ip, p)| range_key(*ip, *p)).collect();
+    out
+}
+
+/// Rewrites the ranges entry of one (VIP, protocol): its port ranges, or removes it when no
+/// rule uses the pair. The entry also marks the address as a VIP for the fragment rule.
+pub fn sync_ranges_for(
+    dp: &mut Datapath,
+    rules: &RuleSet,
+    ip: IpAddr,
+    proto: Protocol,
+) -> Result<(), ferrolb_bpf::BpfError> {
+    match ranges_for(rules, ip, proto) {
+        Some(v) => dp.set_ranges(&range_key(ip, proto), &v),
+        None => dp.delete_ranges(&range_key(ip, proto)),
+    }
+}
+
+/// Makes every ranges entry match `rules` (start-up).
+pub fn sync_ranges(dp: &mut Datapath, rules: &RuleSet) -> Result<(), ferrolb_bpf::BpfError> {
+    let pairs: BTreeSet<(IpAddr, Protocol)> = rules
+        .rules
+        .values()
+        .map(|r| (r.key.external_ip, r.key.protocol))
+        .collect();
+    let want: BTreeSet<RangeKey> = pairs.iter().map(|(ip, p)| range_key(*ip, *p)).collect();
     for k in dp.range_keys() {
-        if !want_keys.contains(&k) {
+        if !want.contains(&k) {
             dp.delete_ranges(&k)?;
         }
     }
-    for ((ip, p), v) in &want {
-        dp.set_ranges(&range_key(*ip, *p), v)?;
+    for (ip, p) in pairs {
+        sync_ranges_for(dp, rules, ip, p)?;
     }
     Ok(())
 }
 
-/// Applies a planned change to the datapath. The caller has already checked the plan.
+/// Applies a planned change to the datapath; `rules_after` already holds the new rule.
 pub fn program(
     dp: &mut Datapath,
     rules_after: &RuleSet,
     change: &Change,
 ) -> Result<(), ferrolb_bpf::BpfError> {
-    match change {
+    let key = match change {
         Change::Create(r) => {
             install(dp, r, true)?;
+            &r.key
         }
         Change::Modify { old, new } => {
             // `new` lives in the spare slot (plan flipped it): write it, then switch.
@@ -502,9 +544,24 @@ pub fn program(
             if old.service.sel == 3 {
                 dp.affinity_flush(old.id);
             }
+            &new.key
         }
+    };
+    sync_ranges_for(dp, rules_after, key.external_ip, key.protocol)
+}
+
+/// Undoes [`program`] after a later step failed; `rules_before` is the table without the
+/// change.
+pub fn revert(dp: &mut Datapath, rules_before: &RuleSet, change: &Change) {
+    let res = match change {
+        Change::Create(r) => uninstall(dp, rules_before, r),
+        Change::Modify { old, .. } => install(dp, old, false).and_then(|()| {
+            sync_ranges_for(dp, rules_before, old.key.external_ip, old.key.protocol)
+        }),
+    };
+    if let Err(e) = res {
+        warn!(error = %e, "reverting the datapath failed");
     }
-    sync_ranges(dp, rules_after)
 }
 
 /// Removes a rule from the datapath, with its flows.
@@ -516,7 +573,7 @@ pub fn uninstall(
     if !r.is_range() {
         dp.delete_service(&svc_key(r))?;
     }
-    sync_ranges(dp, rules_after)?;
+    sync_ranges_for(dp, rules_after, r.key.external_ip, r.key.protocol)?;
     let n = dp.ct_flush_service(r.id, |_| true);
     if r.service.sel == 3 {
         dp.affinity_flush(r.id);
@@ -546,8 +603,7 @@ pub fn restore(
         }
     }
     for r in rules.rules.values() {
-        let fresh = !adopted;
-        install(dp, r, fresh)?;
+        install(dp, r, !adopted)?;
     }
     sync_ranges(dp, rules)
 }

@@ -1,12 +1,14 @@
-//! VIP ownership on `lo` and route queries, through iproute2 (`ip -j`).
+//! VIP ownership on `lo`, and route queries.
 //!
 //! A VIP in use is put on `lo` as a /32 so the node answers ARP and ping for it; an address
 //! this agent added is removed when no rule uses it any more. Addresses someone else put on
-//! `lo` are never removed. One-arm mode asks the kernel which source address it would use
-//! toward an endpoint.
+//! `lo` are never removed. Adding and removing speak rtnetlink directly (one request and its
+//! acknowledgement, about 20 µs); the start-up listing and one-arm's route query use iproute2
+//! (`ip -j`), which runs once per start or per one-arm rule.
 
 use std::collections::BTreeSet;
-use std::net::IpAddr;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr};
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
@@ -42,26 +44,169 @@ pub fn lo_addresses() -> Result<BTreeSet<IpAddr>> {
     Ok(set)
 }
 
-/// Makes `lo` carry exactly the wanted VIPs among those we manage. Returns the new managed
-/// set (wanted addresses we added or found, minus those we removed).
+/// Makes `lo` carry exactly the wanted VIPs among those we manage (start-up reconciliation).
+/// Returns the new managed set.
 pub fn sync(wanted: &BTreeSet<IpAddr>, managed: &BTreeSet<IpAddr>) -> Result<BTreeSet<IpAddr>> {
     let present = lo_addresses()?;
     let mut now = managed.clone();
     for v in wanted {
         if !present.contains(v) {
-            ip(&["addr", "add", &format!("{v}/32"), "dev", "lo"])?;
-            info!(vip = %v, "VIP added to lo");
+            add(*v)?;
         }
         now.insert(*v);
     }
     for v in managed.difference(wanted) {
         if present.contains(v) {
-            ip(&["addr", "del", &format!("{v}/32"), "dev", "lo"])?;
-            info!(vip = %v, "VIP removed from lo");
+            del(*v)?;
         }
         now.remove(v);
     }
     Ok(now)
+}
+
+/// Puts `vip`/32 on `lo` (already there is fine).
+pub fn add(vip: IpAddr) -> Result<()> {
+    let IpAddr::V4(v4) = vip else {
+        bail!("{vip}: IPv6 VIPs are not supported yet");
+    };
+    addr_request(true, v4).with_context(|| format!("add {vip}/32 to lo"))?;
+    info!(%vip, "VIP added to lo");
+    Ok(())
+}
+
+/// Removes `vip`/32 from `lo` (already gone is fine).
+pub fn del(vip: IpAddr) -> Result<()> {
+    let IpAddr::V4(v4) = vip else {
+        return Ok(());
+    };
+    addr_request(false, v4).with_context(|| format!("remove {vip}/32 from lo"))?;
+    info!(%vip, "VIP removed from lo");
+    Ok(())
+}
+
+const RTM_NEWADDR: u16 = 20;
+const RTM_DELADDR: u16 = 21;
+const NLMSG_ERROR: u16 = 2;
+const NLM_F_REQUEST: u16 = 0x1;
+const NLM_F_ACK: u16 = 0x4;
+const NLM_F_EXCL: u16 = 0x200;
+const NLM_F_CREATE: u16 = 0x400;
+const IFA_ADDRESS: u16 = 1;
+const IFA_LOCAL: u16 = 2;
+
+/// Builds an RTM_NEWADDR/RTM_DELADDR request for `ip`/32 on interface `ifindex`.
+fn addr_message(add: bool, ifindex: u32, ip: Ipv4Addr, seq: u32) -> Vec<u8> {
+    let mut m = Vec::with_capacity(40);
+    let (ty, flags) = if add {
+        (
+            RTM_NEWADDR,
+            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
+        )
+    } else {
+        (RTM_DELADDR, NLM_F_REQUEST | NLM_F_ACK)
+    };
+    // struct nlmsghdr
+    m.extend_from_slice(&0u32.to_ne_bytes()); // length, patched below
+    m.extend_from_slice(&ty.to_ne_bytes());
+    m.extend_from_slice(&flags.to_ne_bytes());
+    m.extend_from_slice(&seq.to_ne_bytes());
+    m.extend_from_slice(&0u32.to_ne_bytes());
+    // struct ifaddrmsg { family, prefixlen, flags, scope, index }
+    m.push(libc::AF_INET as u8);
+    m.push(32);
+    m.push(0);
+    m.push(0); // RT_SCOPE_UNIVERSE, as `ip addr add` gives a non-127 address on lo
+    m.extend_from_slice(&ifindex.to_ne_bytes());
+    for attr in [IFA_LOCAL, IFA_ADDRESS] {
+        m.extend_from_slice(&8u16.to_ne_bytes());
+        m.extend_from_slice(&attr.to_ne_bytes());
+        m.extend_from_slice(&ip.octets());
+    }
+    let len = m.len() as u32;
+    m[0..4].copy_from_slice(&len.to_ne_bytes());
+    m
+}
+
+/// The errno of the acknowledgement to request `seq` (0 = success).
+fn ack_errno(reply: &[u8], seq: u32) -> Option<i32> {
+    let mut off = 0;
+    while off + 16 <= reply.len() {
+        let len = u32::from_ne_bytes(reply[off..off + 4].try_into().ok()?) as usize;
+        let ty = u16::from_ne_bytes(reply[off + 4..off + 6].try_into().ok()?);
+        let s = u32::from_ne_bytes(reply[off + 8..off + 12].try_into().ok()?);
+        if len < 16 || off + len > reply.len() {
+            return None;
+        }
+        if ty == NLMSG_ERROR && s == seq && len >= 20 {
+            let e = i32::from_ne_bytes(reply[off + 16..off + 20].try_into().ok()?);
+            return Some(-e);
+        }
+        off += (len + 3) & !3;
+    }
+    None
+}
+
+fn addr_request(add: bool, ip: Ipv4Addr) -> io::Result<()> {
+    // SAFETY: plain libc calls on a socket we own and close.
+    unsafe {
+        let ifindex = libc::if_nametoindex(c"lo".as_ptr());
+        if ifindex == 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let fd = libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        );
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let tv = libc::timeval {
+            tv_sec: 2,
+            tv_usec: 0,
+        };
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        );
+        let seq = 1;
+        let msg = addr_message(add, ifindex, ip, seq);
+        let mut sa: libc::sockaddr_nl = std::mem::zeroed();
+        sa.nl_family = libc::AF_NETLINK as u16;
+        let sent = libc::sendto(
+            fd,
+            msg.as_ptr().cast(),
+            msg.len(),
+            0,
+            (&sa as *const libc::sockaddr_nl).cast(),
+            std::mem::size_of::<libc::sockaddr_nl>() as u32,
+        );
+        if sent < 0 {
+            let e = io::Error::last_os_error();
+            libc::close(fd);
+            return Err(e);
+        }
+        let mut buf = [0u8; 4096];
+        let n = libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), 0);
+        let recv_err = io::Error::last_os_error();
+        libc::close(fd);
+        if n < 0 {
+            return Err(recv_err);
+        }
+        match ack_errno(&buf[..n as usize], seq) {
+            Some(0) => Ok(()),
+            Some(e) if add && e == libc::EEXIST => Ok(()),
+            Some(e) if !add && e == libc::EADDRNOTAVAIL => Ok(()),
+            Some(e) => Err(io::Error::from_raw_os_error(e)),
+            None => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "no netlink acknowledgement",
+            )),
+        }
+    }
 }
 
 /// The source address the kernel would use to reach `dst`.
@@ -72,4 +217,36 @@ pub fn source_toward(dst: IpAddr) -> Result<IpAddr> {
         .and_then(|r| r["prefsrc"].as_str())
         .and_then(|s| s.parse().ok())
         .with_context(|| format!("no source address toward {dst}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn address_message_layout() {
+        let m = addr_message(true, 1, Ipv4Addr::new(203, 0, 113, 10), 7);
+        assert_eq!(m.len(), 16 + 8 + 8 + 8);
+        assert_eq!(u32::from_ne_bytes(m[0..4].try_into().unwrap()), 40);
+        assert_eq!(u16::from_ne_bytes(m[4..6].try_into().unwrap()), RTM_NEWADDR);
+        assert_eq!(m[16], libc::AF_INET as u8);
+        assert_eq!(m[17], 32);
+        assert_eq!(&m[28..32], &[203, 0, 113, 10]);
+        assert_eq!(&m[36..40], &[203, 0, 113, 10]);
+    }
+
+    #[test]
+    fn acknowledgements_are_parsed() {
+        let mut ack = Vec::new();
+        ack.extend_from_slice(&36u32.to_ne_bytes());
+        ack.extend_from_slice(&NLMSG_ERROR.to_ne_bytes());
+        ack.extend_from_slice(&0u16.to_ne_bytes());
+        ack.extend_from_slice(&5u32.to_ne_bytes());
+        ack.extend_from_slice(&0u32.to_ne_bytes());
+        ack.extend_from_slice(&(-libc::EEXIST).to_ne_bytes());
+        ack.extend_from_slice(&[0u8; 16]);
+        assert_eq!(ack_errno(&ack, 5), Some(libc::EEXIST));
+        assert_eq!(ack_errno(&ack, 6), None);
+        assert_eq!(ack_errno(&ack[..10], 5), None);
+    }
 }
