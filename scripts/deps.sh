@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs the system packages ferrolb's builds, labs and tests need (Debian 12), idempotently:
 # only missing packages are installed, and apt-get update runs only when something is missing.
+#   scripts/deps.sh           what builds and tests need
+#   scripts/deps.sh --bench   also what the benchmark needs (wrk, nginx)
 set -euo pipefail
 PACKAGES=(
   clang-19 libbpf-dev          # eBPF datapath (C programs built by build.rs)
@@ -8,7 +10,11 @@ PACKAGES=(
   procps util-linux kmod       # sysctl, nsenter/mount, module probing
   iputils-ping iperf3          # lab traffic
   frr bird2                    # ToR routers and interop peers
+  curl python3                 # REST calls and the lab's backend servers and probes
 )
+if [ "${1:-}" = "--bench" ]; then
+  PACKAGES+=(wrk nginx-light)
+fi
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q '^install ok installed$' || missing+=("$p")
@@ -21,7 +27,13 @@ if ((${#missing[@]})); then
   echo "deps: installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -q
-  apt-get install -y -q --no-install-recommends "${missing[@]}"
+  # Packages with daemons (nginx, frr) must not start them on the host: policy-rc.d says no.
+  guard=0
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d && guard=1
+  fi
+  apt-get install -y -q --no-install-recommends "${missing[@]}" || { [ $guard = 1 ] && rm -f /usr/sbin/policy-rc.d; exit 1; }
+  if [ $guard = 1 ]; then rm -f /usr/sbin/policy-rc.d; fi
 fi
 # No systemd on these machines: nothing starts at boot, and FRR's run directory may be missing.
 if id frr >/dev/null 2>&1 && [ ! -d /run/frr ]; then install -d -o frr -g frr -m 755 /run/frr; fi

@@ -17,6 +17,9 @@ use crate::lb::Engine;
 use crate::metrics::Metrics;
 use crate::store::Store;
 
+/// How often the conntrack event ring buffer is drained when the datapath does not wake us.
+pub const EVENT_POLL_MS: u64 = 20;
+
 /// Where pinned datapaths live by default.
 pub const BPFFS_BASE: &str = "/sys/fs/bpf/ferrolb";
 
@@ -151,16 +154,22 @@ pub async fn run(cfg: Config) -> Result<()> {
                     return;
                 }
             };
+            // The datapath wakes us only when the ring fills up; otherwise drain on a timer.
+            let mut tick = tokio::time::interval(Duration::from_millis(EVENT_POLL_MS));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                let Ok(mut guard) = afd.readable_mut().await else {
-                    return;
-                };
-                while let Some(e) = guard.get_inner_mut().try_next() {
+                tokio::select! {
+                    r = afd.readable_mut() => {
+                        let Ok(mut guard) = r else { return };
+                        guard.clear_ready();
+                    }
+                    _ = tick.tick() => {}
+                }
+                while let Some(e) = afd.get_mut().try_next() {
                     if let Some(k) = e.kind() {
                         app.metrics.event(k);
                     }
                 }
-                guard.clear_ready();
             }
         });
     }

@@ -71,6 +71,10 @@
 #define FLB_CNT_REDIRECTED 7
 #define FLB_CNT_MAX 8
 
+/* The event ring buffer wakes its reader only past this much unread data; the agent also
+ * drains it on a timer (EVENT_POLL_MS in the agent). */
+#define FLB_EVENTS_WAKEUP_BYTES (256 * 1024)
+
 /* Conntrack event types. */
 #define FLB_EV_CREATED 1
 #define FLB_EV_ESTABLISHED 2

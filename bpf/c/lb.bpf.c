@@ -79,6 +79,8 @@ struct {
 	__type(key, struct flb_ct_key);
 	__type(value, struct flb_ct);
 	__uint(max_entries, 1048576);
+	/* Per-CPU LRU lists: no global lock on insert; lookups still see every entry. */
+	__uint(map_flags, BPF_F_NO_COMMON_LRU);
 } conntrack SEC(".maps");
 
 struct {
@@ -303,7 +305,11 @@ static __always_inline void emit(__u32 type, const struct flb_ct_key *k, const s
 	ev->pad = 0;
 	__builtin_memcpy(&ev->key, k, sizeof(*k));
 	__builtin_memcpy(&ev->val, v, sizeof(*v));
-	bpf_ringbuf_submit(ev, 0);
+	/* Waking the reader per event costs a context switch per connection; the agent drains
+	 * the ring on a short timer and is woken only when the ring is filling up. */
+	__u64 avail = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA);
+	bpf_ringbuf_submit(ev, avail > FLB_EVENTS_WAKEUP_BYTES ? BPF_RB_FORCE_WAKEUP
+							       : BPF_RB_NO_WAKEUP);
 }
 
 static __always_inline void lc_dec(const struct flb_ct *v)

@@ -1,0 +1,229 @@
+#!/usr/bin/env python3
+"""ferrolb benchmark (not a test): one run, three paths, ratios against baselines measured in
+the same run on the same lab (containerlab/lb-single):
+
+  plain   client -> lb1 (routing only, no load balancer) -> be1
+  nft     client -> lb1 nftables DNAT (the kernel's conntrack NAT, what kube-proxy uses) -> be1
+  ferrolb client -> lb1 ferrolb (eBPF, DNAT mode) -> be1
+
+Each path is measured for TCP throughput (iperf3, one stream, 5 s), requests/s (wrk, keep-alive,
+32 connections, 5 s, against nginx) and new connections/s (wrk with "Connection: close").
+Every path goes to the one backend be1, so only the LB path differs. Then: 10,000 rules x 8
+endpoints installed through the REST API (time, agent memory), and a TCP echo stream measured
+while rules change (longest gap).
+
+Usage: sudo python3 scripts/bench.py [--rounds N] [--json FILE]
+Needs root and `scripts/deps.sh --bench` (wrk, nginx). Prints a table and the ratios.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TARGET = os.environ.get("CARGO_TARGET_DIR", "/var/tmp/ferrolb-target")
+FERROLAB = os.path.join(TARGET, "release", "ferrolab")
+FERROLB = os.path.join(TARGET, "release", "ferrolb")
+TOPO = os.path.join(ROOT, "containerlab", "lb-single", "lb-single.clab.yml")
+NAME = "ferrolb-bench"
+VIP = "203.0.113.10"
+NFT_VIP = "203.0.113.20"
+BE1 = "10.10.10.11"
+SECONDS = 5
+
+
+def run(argv, check=True, timeout=120):
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        sys.exit("failed: %s\n%s%s" % (" ".join(argv), p.stdout, p.stderr))
+    return p.stdout
+
+
+def lab(node, *argv, check=True, timeout=120):
+    return run([FERROLAB, "exec", "--name", NAME, TOPO, node, "--"] + list(argv), check, timeout)
+
+
+def api(method, path, body=None):
+    argv = ["curl", "-sf", "-X", method, "http://127.0.0.1:11111/netlox/v1" + path]
+    if body is not None:
+        argv += ["-H", "Content-Type: application/json", "--data-binary", json.dumps(body)]
+    return lab("lb1", *argv)
+
+
+def iperf(target):
+    out = lab("client", "iperf3", "-c", target, "-t", str(SECONDS), "-J", timeout=60)
+    return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9
+
+
+def wrk(target, close):
+    argv = ["wrk", "-t2", "-c32", "-d%ds" % SECONDS, "--timeout", "2s"]
+    if close:
+        argv += ["-H", "Connection: close"]
+    out = lab("client", *(argv + ["http://%s/" % target]), timeout=60)
+    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    errs = re.search(r"Socket errors: (.*)", out)
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if errs or non2xx:
+        print("   wrk %s%s: %s %s" % (target, " (close)" if close else "",
+                                      errs.group(0) if errs else "", non2xx.group(0) if non2xx else ""))
+    return float(m.group(1)) if m else 0.0
+
+
+def measure(target):
+    return {"gbps": iperf(target), "rps": wrk(target, False), "cps": wrk(target, True)}
+
+
+def agent_pid(tag):
+    out = run(["pgrep", "-f", tag], check=False).split()
+    return int(out[0]) if out else None
+
+
+def stop_agent():
+    for pid in run(["pgrep", "-x", "ferrolb"], check=False).split():
+        # only ours: the process must be in the lab's lb1 network namespace
+        try:
+            if os.readlink("/proc/%s/ns/net" % pid) == LB1_NETNS:
+                os.kill(int(pid), 15)
+        except OSError:
+            pass
+    time.sleep(0.5)
+    lab("lb1", FERROLB, "--remove-datapath")
+
+
+def start_agent(*extra):
+    tag = "ferrolb-bench-%d" % time.monotonic_ns()
+    cfg = "/etc/ferrolb-%s" % tag
+    lab("lb1", "sh", "-c", "%s --config-path %s --loglevel warning %s > /var/log/%s.log 2>&1 &"
+        % (FERROLB, cfg, " ".join(extra), tag))
+    for _ in range(100):
+        if lab("lb1", "curl", "-sf", "http://127.0.0.1:11111/netlox/v1", check=False):
+            return tag
+        time.sleep(0.1)
+    sys.exit("agent did not come up")
+
+
+def main():
+    rounds = 1
+    out_json = None
+    args = sys.argv[1:]
+    if "--rounds" in args:
+        rounds = int(args[args.index("--rounds") + 1])
+    if "--json" in args:
+        out_json = args[args.index("--json") + 1]
+    if os.geteuid() != 0:
+        sys.exit("run as root")
+    run(["bash", os.path.join(ROOT, "scripts", "deps.sh"), "--bench"])
+    print("building (release)...", flush=True)
+    run(["cargo", "build", "--release", "-q", "-p", "ferrolb-agent", "-p", "ferrolb-lab", "--bins"],
+        timeout=1800)
+    run([FERROLAB, "up", "--name", NAME, "--lab-dir", "/tmp/ferrolb-bench-lab", "--var", "FERROLB=" + FERROLB, "--strict", TOPO])
+    try:
+        bench(rounds, out_json)
+    finally:
+        run([FERROLAB, "down", "--name", NAME, "--cleanup", TOPO], check=False)
+
+
+def bench(rounds, out_json):
+    global LB1_NETNS
+    # The lab's lb1 network namespace, to tell its agent from any other ferrolb on the host.
+    LB1_NETNS = lab("lb1", "readlink", "/proc/self/ns/net").strip()
+    for be in ("be1", "be2", "be3"):
+        lab(be, "nginx", "-c", os.path.join(ROOT, "scripts", "bench", "nginx.conf"))
+    lab("be1", "iperf3", "-s", "-D")
+    time.sleep(0.5)
+
+    results = {"plain": [], "nft": [], "ferrolb": []}
+    for r in range(rounds):
+        print("round %d/%d" % (r + 1, rounds), flush=True)
+        # Baselines with no ferrolb datapath at all on lb1.
+        stop_agent()
+        print(" plain routing", flush=True)
+        results["plain"].append(measure(BE1))
+        lab("lb1", "nft", "add table ip flbbench")
+        lab("lb1", "nft", "add chain ip flbbench pre { type nat hook prerouting priority -100; }")
+        lab("lb1", "nft", "add rule ip flbbench pre ip daddr %s dnat to %s" % (NFT_VIP, BE1))
+        print(" nftables DNAT", flush=True)
+        results["nft"].append(measure(NFT_VIP))
+        lab("lb1", "nft", "delete table ip flbbench")
+        tag = start_agent()
+        for port, tport in ((80, 80), (5201, 5201)):
+            api("POST", "/config/loadbalancer", {
+                "serviceArguments": {"externalIP": VIP, "port": port, "protocol": "tcp", "sel": 0, "mode": 0},
+                "endpoints": [{"endpointIP": BE1, "targetPort": tport, "weight": 1}]})
+        print(" ferrolb", flush=True)
+        results["ferrolb"].append(measure(VIP))
+
+    best = {k: {m: max(x[m] for x in v) for m in ("gbps", "rps", "cps")} for k, v in results.items()}
+    print()
+    print("%-28s %12s %12s %12s" % ("path (best of %d)" % rounds, "TCP Gbit/s", "requests/s", "new conn/s"))
+    for k in ("plain", "nft", "ferrolb"):
+        b = best[k]
+        print("%-28s %12.2f %12.0f %12.0f" % (k, b["gbps"], b["rps"], b["cps"]))
+    ratios = {
+        "throughput_vs_plain": best["ferrolb"]["gbps"] / best["plain"]["gbps"],
+        "throughput_vs_nft": best["ferrolb"]["gbps"] / best["nft"]["gbps"],
+        "rps_vs_nft": best["ferrolb"]["rps"] / best["nft"]["rps"],
+        "cps_vs_nft": best["ferrolb"]["cps"] / best["nft"]["cps"],
+        "rps_vs_plain": best["ferrolb"]["rps"] / best["plain"]["rps"],
+        "cps_vs_plain": best["ferrolb"]["cps"] / best["plain"]["cps"],
+    }
+    print()
+    for k, v in ratios.items():
+        print("ratio %-22s %.2f" % (k, v))
+
+    # Rule churn while a stream runs: the longest gap between echoes.
+    api("POST", "/config/loadbalancer", {
+        "serviceArguments": {"externalIP": VIP, "port": 7000, "protocol": "tcp", "sel": 0, "mode": 2},
+        "endpoints": [{"endpointIP": "10.10.10.1%d" % i, "targetPort": 9000, "weight": 1} for i in (1, 2, 3)]})
+    stream = subprocess.Popen([FERROLAB, "exec", "--name", NAME, TOPO, "client", "--", "python3",
+                               "/etc/ferrolb-lab/probe.py", "stream", VIP, "7000", "6", "--count", "3"],
+                              stdout=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    churn = 0
+    t_end = time.monotonic() + 4
+    w = 1
+    while time.monotonic() < t_end:
+        w = 3 - w
+        api("POST", "/config/loadbalancer", {
+            "serviceArguments": {"externalIP": VIP, "port": 80, "protocol": "tcp", "sel": 0, "mode": 0},
+            "endpoints": [{"endpointIP": BE1, "targetPort": 80, "weight": w}]})
+        churn += 1
+    streams = json.loads(stream.communicate(timeout=30)[0])
+    gap = max(s["max_gap_ms"] for s in streams)
+    errors = sum(len(s["errors"]) for s in streams)
+    print("\nrule churn: %d modifications in 4 s while 3 TCP streams ran: longest gap %d ms, %d errors"
+          % (churn, gap, errors))
+
+    # Scale: 10,000 rules x 8 endpoints through the REST API.
+    stop_agent()
+    tag = start_agent("--max-services", "16384")
+    pid = agent_pid(tag)
+    load = json.loads(lab("lb1", "python3", os.path.join(ROOT, "scripts", "bench", "load_rules.py"),
+                          "127.0.0.1", "11111", "10000", "8", timeout=600))
+    status = open("/proc/%d/status" % pid).read() if pid else ""
+    rss = re.search(r"VmRSS:\s+(\d+) kB", status)
+    hwm = re.search(r"VmHWM:\s+(\d+) kB", status)
+    rss_mb = int(rss.group(1)) / 1024 if rss else -1
+    hwm_mb = int(hwm.group(1)) / 1024 if hwm else -1
+    t0 = time.monotonic()
+    listed = json.loads(api("GET", "/config/loadbalancer/all"))
+    list_s = time.monotonic() - t0
+    print("scale: %d rules x 8 endpoints in %.2f s (%.0f rules/s), agent RSS %.1f MB (peak %.1f MB), "
+          "GET all %d rules in %.2f s, errors %s"
+          % (load["rules"], load["seconds"], load["rules"] / load["seconds"], rss_mb, hwm_mb,
+             len(listed["lbAttr"]), list_s, load["errors"]))
+    stop_agent()
+    if out_json:
+        with open(out_json, "w") as f:
+            json.dump({"results": results, "best": best, "ratios": ratios,
+                       "churn": {"changes": churn, "max_gap_ms": gap, "errors": errors},
+                       "scale": {"rules": load["rules"], "seconds": load["seconds"],
+                                 "rss_mb": rss_mb, "peak_rss_mb": hwm_mb, "list_seconds": list_s}}, f, indent=1)
+
+
+LB1_NETNS = None
+
+if __name__ == "__main__":
+    main()
