@@ -108,14 +108,26 @@ impl Engine {
             rule: Box::new(rule.clone()),
         }];
         let vip = rule.key.external_ip;
-        let new_vip = !self.managed_vips.contains(&vip);
-        if new_vip {
-            if let Err(e) = vip::add(vip) {
-                warn!(error = %e, "VIP update failed; rolling back");
-                undo_table(&mut self.rules);
-                rules::revert(&mut self.dp, &self.rules, &change);
-                return Err(RuleError::Internal(format!("{e:#}")));
+        let first_use = !self.managed_vips.contains(&vip)
+            && !self
+                .rules
+                .rules
+                .values()
+                .any(|r| r.key.external_ip == vip && r.key != rule.key);
+        let mut new_vip = false;
+        if first_use {
+            match vip::add(vip) {
+                // Ours only if we put it there: an address already on lo is left alone later.
+                Ok(added) => new_vip = added,
+                Err(e) => {
+                    warn!(error = %e, "VIP update failed; rolling back");
+                    undo_table(&mut self.rules);
+                    rules::revert(&mut self.dp, &self.rules, &change);
+                    return Err(RuleError::Internal(format!("{e:#}")));
+                }
             }
+        }
+        if new_vip {
             self.managed_vips.insert(vip);
             ops.push(Op::Vips {
                 vips: self.managed_vips.clone(),
@@ -188,6 +200,12 @@ impl Engine {
             && let Err(e) = self.store.record(ops, &self.rules, &self.managed_vips)
         {
             failure = Some(format!("saving state failed: {e}"));
+        }
+        if failure.is_none() {
+            // One pass over conntrack for every removed rule's flows.
+            let ids: BTreeSet<u32> = removed.iter().map(|r| r.id).collect();
+            let n = self.dp.ct_flush_services(&ids);
+            info!(rules = removed.len(), flows_flushed = n, "rules deleted");
         }
         if let Some(msg) = failure {
             warn!(error = %msg, "delete failed; rolling back");

@@ -13,6 +13,12 @@ fn main() -> Result<()> {
         )
         .with_target(false)
         .init();
+    if cfg.flags.rpc.as_deref() == Some("netrpc") {
+        tracing::warn!("--rpc=netrpc: ferrolb syncs over gRPC only; netrpc is taken as grpc");
+    }
+    if cfg.flags.egr_hooks {
+        tracing::info!("--egr-hooks: accepted; the datapath needs no egress hook");
+    }
     if cfg.flags.remove_datapath {
         return ferrolb_agent::agent::remove_datapath(&cfg);
     }

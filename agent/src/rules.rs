@@ -564,7 +564,8 @@ pub fn revert(dp: &mut Datapath, rules_before: &RuleSet, change: &Change) {
     }
 }
 
-/// Removes a rule from the datapath, with its flows.
+/// Removes a rule from the datapath (its flows are flushed by the caller, in one pass for
+/// all removed rules).
 pub fn uninstall(
     dp: &mut Datapath,
     rules_after: &RuleSet,
@@ -574,11 +575,9 @@ pub fn uninstall(
         dp.delete_service(&svc_key(r))?;
     }
     sync_ranges_for(dp, rules_after, r.key.external_ip, r.key.protocol)?;
-    let n = dp.ct_flush_service(r.id, |_| true);
     if r.service.sel == 3 {
         dp.affinity_flush(r.id);
     }
-    info!(rule = %r.key, flushed = n, "rule removed");
     Ok(())
 }
 

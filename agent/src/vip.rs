@@ -52,8 +52,8 @@ pub fn sync(wanted: &BTreeSet<IpAddr>, managed: &BTreeSet<IpAddr>) -> Result<BTr
     for v in wanted {
         if !present.contains(v) {
             add(*v)?;
+            now.insert(*v);
         }
-        now.insert(*v);
     }
     for v in managed.difference(wanted) {
         if present.contains(v) {
@@ -64,14 +64,17 @@ pub fn sync(wanted: &BTreeSet<IpAddr>, managed: &BTreeSet<IpAddr>) -> Result<BTr
     Ok(now)
 }
 
-/// Puts `vip`/32 on `lo` (already there is fine).
-pub fn add(vip: IpAddr) -> Result<()> {
+/// Puts `vip`/32 on `lo`. Returns false when the address was already there (someone else's:
+/// the caller must not remove it later).
+pub fn add(vip: IpAddr) -> Result<bool> {
     let IpAddr::V4(v4) = vip else {
         bail!("{vip}: IPv6 VIPs are not supported yet");
     };
-    addr_request(true, v4).with_context(|| format!("add {vip}/32 to lo"))?;
-    info!(%vip, "VIP added to lo");
-    Ok(())
+    let added = addr_request(true, v4).with_context(|| format!("add {vip}/32 to lo"))?;
+    if added {
+        info!(%vip, "VIP added to lo");
+    }
+    Ok(added)
 }
 
 /// Removes `vip`/32 from `lo` (already gone is fine).
@@ -146,7 +149,8 @@ fn ack_errno(reply: &[u8], seq: u32) -> Option<i32> {
     None
 }
 
-fn addr_request(add: bool, ip: Ipv4Addr) -> io::Result<()> {
+/// Adds or removes an address; Ok(false) when there was nothing to do (present / absent).
+fn addr_request(add: bool, ip: Ipv4Addr) -> io::Result<bool> {
     // SAFETY: plain libc calls on a socket we own and close.
     unsafe {
         let ifindex = libc::if_nametoindex(c"lo".as_ptr());
@@ -197,9 +201,9 @@ fn addr_request(add: bool, ip: Ipv4Addr) -> io::Result<()> {
             return Err(recv_err);
         }
         match ack_errno(&buf[..n as usize], seq) {
-            Some(0) => Ok(()),
-            Some(e) if add && e == libc::EEXIST => Ok(()),
-            Some(e) if !add && e == libc::EADDRNOTAVAIL => Ok(()),
+            Some(0) => Ok(true),
+            Some(e) if add && e == libc::EEXIST => Ok(false),
+            Some(e) if !add && e == libc::EADDRNOTAVAIL => Ok(false),
             Some(e) => Err(io::Error::from_raw_os_error(e)),
             None => Err(io::Error::new(
                 io::ErrorKind::InvalidData,

@@ -512,6 +512,20 @@ impl Datapath {
         n
     }
 
+    /// Drops every conntrack entry of the given services, in one pass.
+    pub fn ct_flush_services(&mut self, svc_ids: &std::collections::BTreeSet<u32>) -> usize {
+        if svc_ids.is_empty() {
+            return 0;
+        }
+        let mut n = 0;
+        for (k, v) in self.ct_entries() {
+            if svc_ids.contains(&v.svc_id) && self.conntrack.remove(&k).is_ok() {
+                n += 1;
+            }
+        }
+        n
+    }
+
     pub fn affinity_flush(&mut self, svc_id: u32) {
         let keys: Vec<AffinityKey> = self
             .affinity

@@ -619,6 +619,7 @@ pub struct Version {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn err(body: &str) -> String {
         parse_rule(body.as_bytes()).unwrap_err().to_string()
@@ -794,6 +795,62 @@ mod tests {
             err(&body),
             "endpoints: at most 32 endpoints per rule, got 33"
         );
+    }
+
+    /// What a fuzzer would do, deterministically and in CI: mutated and truncated bodies and
+    /// every field swapped for every JSON type must give Ok or a FieldError, never a panic.
+    #[test]
+    fn mutated_bodies_never_panic() {
+        let base = KUBE_LOXILB.as_bytes();
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..20_000 {
+            let mut b = base.to_vec();
+            for _ in 0..(next() % 4 + 1) {
+                let i = (next() as usize) % b.len();
+                match next() % 3 {
+                    0 => b[i] = next() as u8,
+                    1 => {
+                        b.insert(i, b"{}[]\":,-0e9"[(next() % 11) as usize]);
+                    }
+                    _ => b.truncate(i.max(1)),
+                }
+            }
+            let _ = parse_rule(&b);
+        }
+        let v: Value = serde_json::from_str(KUBE_LOXILB).unwrap();
+        let keys: Vec<String> = v["serviceArguments"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect();
+        let subs = [
+            json!(null),
+            json!(true),
+            json!(-1),
+            json!(1e300),
+            json!(18446744073709551615u64),
+            json!("x"),
+            json!([]),
+            json!({}),
+        ];
+        for k in &keys {
+            for sub in &subs {
+                let mut m = v.clone();
+                m["serviceArguments"][k] = sub.clone();
+                let _ = parse_rule(m.to_string().as_bytes());
+                let mut e = v.clone();
+                e["endpoints"][0]["targetPort"] = sub.clone();
+                e["endpoints"][0]["endpointIP"] = sub.clone();
+                let _ = parse_rule(e.to_string().as_bytes());
+            }
+        }
     }
 
     #[test]
