@@ -10,7 +10,7 @@ PACKAGES=(
   procps util-linux kmod       # sysctl, nsenter/mount, module probing
   iputils-ping iperf3          # lab traffic
   frr bird2                    # ToR routers and interop peers
-  curl python3                 # REST calls and the lab's backend servers and probes
+  curl python3 openssl         # REST calls, the lab's servers and probes, test certificates
 )
 if [ "${1:-}" = "--bench" ]; then
   PACKAGES+=(wrk nginx-light)

@@ -174,7 +174,9 @@ pub async fn run(cfg: Config) -> Result<()> {
         });
     }
 
-    let shutdown = async {
+    // SIGTERM or SIGINT stops every listener (and the agent; the datapath stays).
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
         let mut term =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         tokio::select! {
@@ -182,20 +184,51 @@ pub async fn run(cfg: Config) -> Result<()> {
             _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
         }
         info!("stopping; the datapath stays pinned and keeps forwarding");
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
     };
 
-    if cfg.flags.no_api {
-        shutdown.await;
+    let mut servers = tokio::task::JoinSet::new();
+    if cfg.flags.tls {
+        let (Some(cert), Some(key)) = (&cfg.flags.tls_certificate, &cfg.flags.tls_key) else {
+            anyhow::bail!("--tls needs --tls-certificate and --tls-key");
+        };
+        let tls = crate::tls::server_config(cert, key)?;
+        let addr = std::net::SocketAddr::new(cfg.flags.tls_host, cfg.flags.tls_port);
+        let listener = crate::tls::TlsListener::bind(addr, tls).await?;
+        info!(%addr, "REST API listening over HTTPS");
+        let router = api::router(app.clone());
+        let stop = stopped(stop_rx.clone());
+        servers.spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(stop)
+                .await
+                .context("serve the REST API over HTTPS")
+        });
+    }
+    if !cfg.flags.no_api {
+        let addr = std::net::SocketAddr::new(cfg.flags.host, cfg.flags.port);
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listen on {addr} (--host/--port)"))?;
+        info!(%addr, "REST API listening (base /netlox/v1)");
+        let router = api::router(app.clone());
+        let stop = stopped(stop_rx.clone());
+        servers.spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(stop)
+                .await
+                .context("serve the REST API")
+        });
+    }
+    if servers.is_empty() {
+        stopped(stop_rx).await;
         return Ok(());
     }
-    let addr = std::net::SocketAddr::new(cfg.flags.host, cfg.flags.port);
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("listen on {addr} (--host/--port)"))?;
-    info!(%addr, "REST API listening (base /netlox/v1)");
-    axum::serve(listener, api::router(app))
-        .with_graceful_shutdown(shutdown)
-        .await
-        .context("serve the REST API")?;
+    while let Some(r) = servers.join_next().await {
+        r.context("API server task")??;
+    }
     Ok(())
 }

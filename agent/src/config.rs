@@ -1,7 +1,7 @@
 //! Command-line flags (loxilb-compatible names, `--flag=value` and `--flag value`) and the
 //! validated [`Config`] they become. Flags of features that later releases bring (`--cluster`,
-//! `--self`, `--ka`, `--bgp`, `--tls`) are parsed and validated, then refused with a message
-//! saying so, rather than silently ignored.
+//! `--self`, `--ka`, `--bgp`) are parsed and validated, then refused with a message saying so,
+//! rather than silently ignored.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -51,7 +51,8 @@ pub struct Flags {
     #[arg(long, default_value = "info", value_name = "LEVEL")]
     pub loglevel: String,
 
-    /// Serve HTTPS too (not supported yet: refused at start).
+    /// Also serve the API over HTTPS on --tls-host:--tls-port (needs --tls-certificate and
+    /// --tls-key).
     #[arg(long)]
     pub tls: bool,
     /// HTTPS listen address.
@@ -226,16 +227,24 @@ impl Config {
         if flags.bgp {
             later.push("-b/--bgp (BGP speaker)");
         }
-        if flags.tls {
-            later.push("--tls (HTTPS listener)");
-        }
         if !later.is_empty() {
             bail!(
-                "{} not supported by this build yet: ferrolb {} runs as a single node with a \
-                 plain-HTTP API. HA (BFD, BGP, connection sync) arrives in a later release.",
+                "{} not supported by this build yet: ferrolb {} runs as a single node. \
+                 HA (BFD, BGP, connection sync) arrives in a later release.",
                 later.join(", "),
                 env!("CARGO_PKG_VERSION")
             );
+        }
+        if flags.tls {
+            if flags.tls_certificate.is_none() || flags.tls_key.is_none() {
+                bail!("--tls needs --tls-certificate and --tls-key (PEM files)");
+            }
+            if !flags.no_api && flags.tls_host == flags.host && flags.tls_port == flags.port {
+                bail!(
+                    "--tls-port: {} is already the plain API's port (--port)",
+                    flags.tls_port
+                );
+            }
         }
         if flags.max_services == 0 || flags.max_services > 1 << 20 {
             bail!("--max-services: must be 1..=1048576");
@@ -330,6 +339,18 @@ mod tests {
         assert!(e.contains("REMOTE:SOURCE"), "{e}");
         assert!(cfg(&["-b"]).unwrap_err().to_string().contains("--bgp"));
         assert!(cfg(&["--rpc=carrier-pigeon"]).is_err());
+        let e = cfg(&["--tls"]).unwrap_err().to_string();
+        assert!(e.contains("--tls-certificate"), "{e}");
+        let e = cfg(&[
+            "--tls",
+            "--tls-certificate=c",
+            "--tls-key=k",
+            "--tls-port=11111",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("--tls-port"), "{e}");
+        assert!(cfg(&["--tls", "--tls-certificate=c", "--tls-key=k"]).is_ok());
     }
 
     #[test]

@@ -10,4 +10,5 @@ pub mod lb;
 pub mod metrics;
 pub mod rules;
 pub mod store;
+pub mod tls;
 pub mod vip;

@@ -16,7 +16,7 @@ const BE: [&str; 3] = ["10.10.10.11", "10.10.10.12", "10.10.10.13"];
 const PROBE: &str = "/etc/ferrolb-lab/probe.py";
 const FERROLB: &str = env!("CARGO_BIN_EXE_ferrolb");
 const FERROCTL: &str = env!("CARGO_BIN_EXE_ferroctl");
-const PROGRAMS: &[&str] = &["ip", "ethtool", "sysctl", "curl", "python3"];
+const PROGRAMS: &[&str] = &["ip", "ethtool", "sysctl", "curl", "python3", "openssl"];
 
 fn lab(test: &str, label: &str) -> Option<TestLab> {
     if !require(test, PROGRAMS) {
