@@ -2,7 +2,7 @@
 //! and runs the REST API, the conntrack collector, the interface watcher and the event reader
 //! until SIGTERM or SIGINT. Exiting leaves the datapath pinned and forwarding.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,8 +23,8 @@ pub const EVENT_POLL_MS: u64 = 20;
 /// Where pinned datapaths live by default.
 pub const BPFFS_BASE: &str = "/sys/fs/bpf/ferrolb";
 
-/// Names of this namespace's interfaces.
-pub fn interfaces() -> Vec<String> {
+/// This namespace's interfaces: (name, index).
+pub fn interfaces() -> Vec<(String, u32)> {
     let mut out = Vec::new();
     // SAFETY: if_nameindex returns a heap array terminated by a zero entry, freed below.
     unsafe {
@@ -34,11 +34,12 @@ pub fn interfaces() -> Vec<String> {
         }
         let mut p = list;
         while (*p).if_index != 0 && !(*p).if_name.is_null() {
-            out.push(
+            out.push((
                 std::ffi::CStr::from_ptr((*p).if_name)
                     .to_string_lossy()
                     .into_owned(),
-            );
+                (*p).if_index,
+            ));
             p = p.add(1);
         }
         libc::if_freenameindex(list);
@@ -63,15 +64,16 @@ pub fn remove_datapath(cfg: &Config) -> Result<()> {
     Ok(())
 }
 
-fn attach_new(dp: &mut Datapath, cfg: &Config, done: &mut BTreeSet<String>) {
-    for iface in interfaces() {
-        if done.contains(&iface) || !cfg.wants(&iface) {
+/// Attaches to interfaces that appeared, or were re-created (new index), since the last call.
+fn attach_new(dp: &mut Datapath, cfg: &Config, done: &mut BTreeMap<String, u32>) {
+    for (iface, index) in interfaces() {
+        if done.get(&iface) == Some(&index) || !cfg.wants(&iface) {
             continue;
         }
         match dp.attach(&iface) {
             Ok(()) => {
-                info!(iface, "datapath attached (TC ingress)");
-                done.insert(iface);
+                info!(iface, index, "datapath attached (TC ingress)");
+                done.insert(iface, index);
             }
             Err(e) => warn!(iface, error = %e, "cannot attach datapath"),
         }
@@ -100,7 +102,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     let events = dp.take_events();
     let store = Store::new(&cfg.flags.config_path);
     let mut engine = Engine::start(dp, store, adopted).context("restore saved rules")?;
-    let mut attached = BTreeSet::new();
+    let mut attached = BTreeMap::new();
     attach_new(engine.datapath_mut(), &cfg, &mut attached);
     let app = Arc::new(App {
         engine: Mutex::new(engine),

@@ -81,8 +81,8 @@ pub struct Datapath {
 /// The default pin directory for the current network namespace:
 /// `<base>/<netns inode>/v<layout>`.
 pub fn default_pin_dir(base: &Path) -> Result<PathBuf> {
-    let meta = std::fs::metadata("/proc/self/ns/net").map_err(|e| BpfError::Io {
-        context: "stat /proc/self/ns/net".into(),
+    let meta = std::fs::metadata("/proc/thread-self/ns/net").map_err(|e| BpfError::Io {
+        context: "stat /proc/thread-self/ns/net".into(),
         source: e,
     })?;
     use std::os::unix::fs::MetadataExt;
@@ -327,9 +327,18 @@ impl Datapath {
                         Ok(id) => {
                             // The pin keeps the link; our fd may close.
                             let _ = prog.take_link(id);
-                            info!(iface, "took over the pinned datapath link");
-                            self.attached.push(iface.to_string());
-                            return Ok(());
+                            // A link whose interface was deleted accepts the update but
+                            // attaches nothing: check that we really sit on this interface.
+                            if attached_to(prog, iface) {
+                                info!(iface, "took over the pinned datapath link");
+                                self.attached.push(iface.to_string());
+                                return Ok(());
+                            }
+                            warn!(
+                                iface,
+                                "pinned link belongs to a deleted interface; attaching anew"
+                            );
+                            let _ = std::fs::remove_file(pin);
                         }
                         Err(e) => {
                             warn!(iface, error = %e, "pinned link is stale; attaching anew");
@@ -621,6 +630,17 @@ impl EventStream {
 impl AsRawFd for EventStream {
     fn as_raw_fd(&self) -> std::os::fd::RawFd {
         self.rb.as_raw_fd()
+    }
+}
+
+/// Whether `prog` is attached at TC ingress of `iface` (TCX). Unknown counts as yes.
+fn attached_to(prog: &SchedClassifier, iface: &str) -> bool {
+    let Ok(me) = prog.info() else {
+        return true;
+    };
+    match SchedClassifier::query_tcx(iface, TcAttachType::Ingress) {
+        Ok((_, progs)) => progs.iter().any(|p| p.id() == me.id()),
+        Err(_) => true,
     }
 }
 

@@ -521,6 +521,53 @@ fn icmp_errors_are_translated_back_to_the_sender() {
 }
 
 #[test]
+fn icmp_errors_about_replies_go_to_the_backend() {
+    if !in_private_netns("icmp_errors_about_replies_go_to_the_backend") {
+        return;
+    }
+    let mut dp = datapath(0);
+    install(&mut dp, &svc(9, 80, PROTO_TCP, 0, 0));
+    run(&mut dp, &tcp(ip(CLIENT, VIP, 6), 40000, 80, ACK, b"q"));
+    let (_, reply) = run(
+        &mut dp,
+        &tcp(ip(EP1, CLIENT, 6), 8080, 40000, ACK, b"big answer"),
+    );
+    // A router on the client side cannot forward the (translated) reply VIP:80 -> CLIENT and
+    // tells its source, the VIP. The backend must learn it about its own packet.
+    let router = Ipv4Addr::new(198, 51, 100, 254);
+    let err = icmp_error(ip(router, VIP, 1), 3, 4, 1280, &reply);
+    let (rc, out) = run(&mut dp, &err);
+    assert_eq!(rc, TC_ACT_OK);
+    let sent = tcp(ip(EP1, CLIENT, 6), 8080, 40000, ACK, b"big answer");
+    let want = icmp_error(ip(router, EP1, 1), 3, 4, 1280, &sent);
+    assert_eq!(out[..14 + 20 + 8 + 20 + 8], want[..14 + 20 + 8 + 20 + 8]);
+    assert!(checksums_ok(&out));
+    // Time exceeded is translated the same way.
+    let err = icmp_error(ip(router, VIP, 1), 11, 0, 0, &reply);
+    let (_, out) = run(&mut dp, &err);
+    let want = icmp_error(ip(router, EP1, 1), 11, 0, 0, &sent);
+    assert_eq!(out[..14 + 20 + 8 + 20 + 8], want[..14 + 20 + 8 + 20 + 8]);
+    assert_eq!(dp.counters()[Counter::IcmpErrTranslated as usize], 2);
+}
+
+#[test]
+fn pin_directories_differ_per_network_namespace() {
+    if !in_private_netns("pin_directories_differ_per_network_namespace") {
+        return;
+    }
+    let base = std::path::Path::new("/sys/fs/bpf/ferrolb");
+    let here = ferrolb_bpf::default_pin_dir(base).unwrap();
+    let other = std::thread::spawn(move || {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        ferrolb_bpf::default_pin_dir(base).unwrap()
+    })
+    .join()
+    .unwrap();
+    assert_ne!(here, other);
+    assert!(here.ends_with(format!("v{LAYOUT_VERSION}")));
+}
+
+#[test]
 fn fragments_to_a_vip_are_dropped_and_counted() {
     if !in_private_netns("fragments_to_a_vip_are_dropped_and_counted") {
         return;
