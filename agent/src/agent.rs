@@ -13,7 +13,7 @@ use tracing::{debug, info, warn};
 
 use crate::api::{self, App};
 use crate::config::Config;
-use crate::lb::Engine;
+use crate::lb::{Engine, census};
 use crate::metrics::Metrics;
 use crate::store::Store;
 
@@ -110,7 +110,15 @@ pub async fn run(cfg: Config) -> Result<()> {
     });
     let cfg = Arc::new(cfg);
 
-    // Conntrack collector and interface watcher.
+    // Conntrack collector (own map handles: the API is not held up while it walks the
+    // table) and interface watcher.
+    let mut collector = app
+        .engine
+        .lock()
+        .map_err(|_| anyhow::anyhow!("engine lock poisoned"))?
+        .datapath()
+        .collector()
+        .context("open the conntrack collector's map handles")?;
     {
         let app = app.clone();
         let cfg = cfg.clone();
@@ -123,20 +131,29 @@ pub async fn run(cfg: Config) -> Result<()> {
                 let cfg = cfg.clone();
                 let mut attached_now = std::mem::take(&mut attached);
                 let res = tokio::task::spawn_blocking(move || {
-                    let Ok(mut e) = app.engine.lock() else {
-                        return attached_now;
-                    };
-                    let n = e.collect(monotonic_ns());
-                    if n > 0 {
-                        debug!(removed = n, "conntrack collector pass");
+                    let now = monotonic_ns();
+                    let entries = collector.entries();
+                    let flows = census(&entries, now);
+                    let removed = collector.collect_from(&entries, now);
+                    if removed > 0 {
+                        debug!(removed, "conntrack collector pass");
                     }
-                    attach_new(e.datapath_mut(), &cfg, &mut attached_now);
-                    attached_now
+                    if let Ok(mut e) = app.engine.lock() {
+                        e.set_census(flows, (entries.len() - removed) as u64, removed as u64);
+                        attach_new(e.datapath_mut(), &cfg, &mut attached_now);
+                    }
+                    (collector, attached_now)
                 })
                 .await;
                 match res {
-                    Ok(a) => attached = a,
-                    Err(e) => warn!(error = %e, "collector task failed"),
+                    Ok((c, a)) => {
+                        collector = c;
+                        attached = a;
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "collector task failed; collection stops");
+                        return;
+                    }
                 }
             }
         });

@@ -363,23 +363,16 @@ impl Engine {
         CtList { ct_attr: out }
     }
 
-    /// One collector pass: removes expired entries and takes the census metrics read.
-    pub fn collect(&mut self, now_ns: u64) -> usize {
-        let entries = self.dp.ct_entries();
-        let mut flows: BTreeMap<(String, &'static str), u64> = BTreeMap::new();
-        for (k, v) in &entries {
-            if v.dir == 0 && !v.expired(k.proto, now_ns) {
-                let p = Protocol::from_number(k.proto)
-                    .map(|p| p.as_str().to_string())
-                    .unwrap_or_else(|| k.proto.to_string());
-                *flows.entry((p, v.state().name())).or_default() += 1;
-            }
-        }
-        let removed = self.dp.ct_collect_from(&entries, now_ns);
+    /// Records a collector pass (see [`census`]).
+    pub fn set_census(
+        &mut self,
+        flows: BTreeMap<(String, &'static str), u64>,
+        entries: u64,
+        removed: u64,
+    ) {
         self.census.flows = flows;
-        self.census.entries = (entries.len() - removed) as u64;
-        self.census.collected_total += removed as u64;
-        removed
+        self.census.entries = entries;
+        self.census.collected_total += removed;
     }
 
     /// Per-endpoint figures for metrics: (rule label, vip, port, proto, endpoint, packets,
@@ -402,6 +395,23 @@ impl Engine {
         }
         v
     }
+}
+
+/// Live flows (original-direction entries not idle past their timeout) by protocol and state.
+pub fn census(
+    entries: &[(ferrolb_bpf::maps::CtKey, ferrolb_bpf::maps::Ct)],
+    now_ns: u64,
+) -> BTreeMap<(String, &'static str), u64> {
+    let mut flows: BTreeMap<(String, &'static str), u64> = BTreeMap::new();
+    for (k, v) in entries {
+        if v.dir == 0 && !v.expired(k.proto, now_ns) {
+            let p = Protocol::from_number(k.proto)
+                .map(|p| p.as_str().to_string())
+                .unwrap_or_else(|| k.proto.to_string());
+            *flows.entry((p, v.state().name())).or_default() += 1;
+        }
+    }
+    flows
 }
 
 fn key_tuple(k: &ferrolb_bpf::maps::CtKey) -> ([u32; 4], [u32; 4], u16, u16, u8) {

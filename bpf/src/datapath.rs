@@ -75,6 +75,7 @@ pub struct Datapath {
     counters: PerCpuArray<MapData, u64>,
     events: Option<RingBuf<MapData>>,
     capacity: Capacity,
+    collector_ids: (u32, u32),
     attached: Vec<String>,
 }
 
@@ -175,6 +176,21 @@ fn map_err(name: &str) -> impl Fn(aya::maps::MapError) -> BpfError + '_ {
     }
 }
 
+fn map_data<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a MapData> {
+    use aya::maps::Map;
+    match ebpf.map(name) {
+        Some(Map::HashMap(d) | Map::LruHashMap(d) | Map::Array(d)) => Ok(d),
+        Some(_) => Err(BpfError::Invalid(format!(
+            "map '{name}' has an unexpected type"
+        ))),
+        None => Err(BpfError::Invalid(format!("the object has no map '{name}'"))),
+    }
+}
+
+fn map_id(ebpf: &Ebpf, name: &'static str) -> Result<u32> {
+    Ok(map_data(ebpf, name)?.info().map_err(map_err(name))?.id())
+}
+
 fn max_entries(ebpf: &Ebpf, name: &'static str) -> Result<u32> {
     use aya::maps::Map;
     let m = ebpf
@@ -270,6 +286,7 @@ impl Datapath {
             services: max_entries(&ebpf, "services")?,
             conntrack: max_entries(&ebpf, "conntrack")?,
         };
+        let collector_ids = (map_id(&ebpf, "conntrack")?, map_id(&ebpf, "ep_conns")?);
         let services: HashMap<MapData, SvcKey, Svc> = take(&mut ebpf, "services")?;
         let conntrack: HashMap<MapData, CtKey, Ct> = take(&mut ebpf, "conntrack")?;
         Ok(Datapath {
@@ -285,6 +302,7 @@ impl Datapath {
             services,
             conntrack,
             capacity,
+            collector_ids,
             pin_dir: cfg.pin_dir.clone(),
             ebpf,
             attached: Vec::new(),
@@ -481,32 +499,24 @@ impl Datapath {
 
     /// [`Datapath::ct_collect`] over a listing the caller already took.
     pub fn ct_collect_from(&mut self, entries: &[(CtKey, Ct)], now_ns: u64) -> usize {
-        let mut removed = 0;
-        for (k, v) in entries {
-            if !v.expired(k.proto, now_ns) {
-                continue;
-            }
-            let peer = k.peer(v);
-            if let Ok(Some(pv)) = self.ct_get(&peer)
-                && !pv.expired(k.proto, now_ns)
-            {
-                continue;
-            }
-            if v.dir == 0
-                && v.flags & CTF_LC != 0
-                && v.state() < CtState::TimeWait
-                && v.ep_idx < MAX_ENDPOINTS as u16
-            {
-                let idx = v.svc_id * MAX_ENDPOINTS as u32 + u32::from(v.ep_idx);
-                if let Ok(n) = self.ep_conns.get(&idx, 0) {
-                    let _ = self.ep_conns.set(idx, n.saturating_sub(1), 0);
-                }
-            }
-            if self.conntrack.remove(k).is_ok() {
-                removed += 1;
-            }
-        }
-        removed
+        collect(&mut self.conntrack, &mut self.ep_conns, entries, now_ns)
+    }
+
+    /// Separate handles on the conntrack and least-connection maps, so a collector can walk
+    /// conntrack without holding whoever owns this `Datapath`.
+    pub fn collector(&self) -> Result<Collector> {
+        let open = |id: u32, name: &str| {
+            aya::maps::MapData::from_id(id).map_err(|e| BpfError::Map {
+                map: name.to_string(),
+                source: e,
+            })
+        };
+        let ct = aya::maps::Map::LruHashMap(open(self.collector_ids.0, "conntrack")?);
+        let lc = aya::maps::Map::Array(open(self.collector_ids.1, "ep_conns")?);
+        Ok(Collector {
+            conntrack: HashMap::try_from(ct).map_err(map_err("conntrack"))?,
+            ep_conns: Array::try_from(lc).map_err(map_err("ep_conns"))?,
+        })
     }
 
     /// Drops conntrack entries of one service whose endpoint satisfies `gone`, e.g. after the
@@ -607,6 +617,60 @@ impl Datapath {
     /// The ring buffer of conntrack events; taken once (by the task that consumes it).
     pub fn take_events(&mut self) -> Option<EventStream> {
         self.events.take().map(|rb| EventStream { rb })
+    }
+}
+
+/// Removes idle flows (both entries idle past their timeout) from `entries`, keeping the
+/// least-connection counts right. Map operations lock one bucket at a time.
+fn collect(
+    conntrack: &mut HashMap<MapData, CtKey, Ct>,
+    ep_conns: &mut Array<MapData, u32>,
+    entries: &[(CtKey, Ct)],
+    now_ns: u64,
+) -> usize {
+    let mut removed = 0;
+    for (k, v) in entries {
+        if !v.expired(k.proto, now_ns) {
+            continue;
+        }
+        let peer = k.peer(v);
+        if let Ok(pv) = conntrack.get(&peer, 0)
+            && !pv.expired(k.proto, now_ns)
+        {
+            continue;
+        }
+        if v.dir == 0
+            && v.flags & CTF_LC != 0
+            && v.state() < CtState::TimeWait
+            && v.ep_idx < MAX_ENDPOINTS as u16
+        {
+            let idx = v.svc_id * MAX_ENDPOINTS as u32 + u32::from(v.ep_idx);
+            if let Ok(n) = ep_conns.get(&idx, 0) {
+                let _ = ep_conns.set(idx, n.saturating_sub(1), 0);
+            }
+        }
+        if conntrack.remove(k).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
+/// The conntrack collector's own map handles (see [`Datapath::collector`]).
+pub struct Collector {
+    conntrack: HashMap<MapData, CtKey, Ct>,
+    ep_conns: Array<MapData, u32>,
+}
+
+impl Collector {
+    /// Every conntrack entry.
+    pub fn entries(&self) -> Vec<(CtKey, Ct)> {
+        self.conntrack.iter().filter_map(|r| r.ok()).collect()
+    }
+
+    /// Removes idle flows among `entries`; returns how many entries went.
+    pub fn collect_from(&mut self, entries: &[(CtKey, Ct)], now_ns: u64) -> usize {
+        collect(&mut self.conntrack, &mut self.ep_conns, entries, now_ns)
     }
 }
 

@@ -635,6 +635,33 @@ fn expired_entries_are_replaced_and_collected() {
     assert_eq!(dp.ct_collect(monotonic_ns()), 0);
 }
 
+#[test]
+fn the_collector_works_on_its_own_handles() {
+    if !in_private_netns("the_collector_works_on_its_own_handles") {
+        return;
+    }
+    let mut dp = datapath(0);
+    let mut s = svc(15, 53, PROTO_UDP, 0, 0);
+    s.timeout_s = 1;
+    install(&mut dp, &s);
+    run(&mut dp, &udp(ip(CLIENT, VIP, 17), 7000, 53, b"a", true));
+    run(&mut dp, &udp(ip(CLIENT, VIP, 17), 7001, 53, b"b", true));
+    let mut c = dp.collector().unwrap();
+    assert_eq!(c.entries().len(), 4);
+    let k = CtKey::v4(CLIENT, 7000, VIP, 53, PROTO_UDP);
+    let v = dp.ct_get(&k).unwrap().unwrap();
+    for key in [k, k.peer(&v)] {
+        let mut e = dp.ct_get(&key).unwrap().unwrap();
+        e.last_ns -= 3_000_000_000;
+        dp.ct_insert(&key, &e).unwrap();
+    }
+    let entries = c.entries();
+    assert_eq!(c.collect_from(&entries, monotonic_ns()), 2);
+    // The datapath's own handle sees the result.
+    assert!(dp.ct_get(&k).unwrap().is_none());
+    assert_eq!(dp.ct_entries().len(), 2);
+}
+
 fn spread(dp: &mut Datapath, n: u16, proto: u8, port: u16) -> Vec<Ipv4Addr> {
     (0..n)
         .map(|i| {
