@@ -59,6 +59,8 @@
 /* flb_ct.fin */
 #define FLB_FIN_ORIG 0x01
 #define FLB_FIN_REPLY 0x02
+#define FLB_FIN_BOTH (FLB_FIN_ORIG | FLB_FIN_REPLY)
+#define FLB_FIN_CLOSED 0x04 /* the close was counted (event, least-connections) */
 
 /* Indexes of the per-CPU `counters` array. */
 #define FLB_CNT_DROP_FRAGMENT 0
@@ -158,8 +160,7 @@ struct flb_ct {
 	__u8 state;
 	__u8 flags;
 	__u8 mode;
-	__u8 fin;
-	__u8 pad[3];
+	__u32 fin; /* FLB_FIN_* bits, set with atomic or (both directions race at close) */
 	__u64 created_ns; /* CLOCK_MONOTONIC */
 	__u64 last_ns;
 	__u64 packets;

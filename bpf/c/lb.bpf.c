@@ -269,11 +269,20 @@ static __always_inline void ct_peer_key(struct flb_ct_key *pk, const struct flb_
 	}
 }
 
+/* The state in force: both FINs seen is TIME_WAIT even if a racing writer stored FIN_WAIT
+ * after the packet that completed the close stored TIME_WAIT. */
+static __always_inline __u8 eff_state(const struct flb_ct *v)
+{
+	if (v->state < FLB_CT_TIME_WAIT && (v->fin & FLB_FIN_BOTH) == FLB_FIN_BOTH)
+		return FLB_CT_TIME_WAIT;
+	return v->state;
+}
+
 static __always_inline __u64 ct_timeout_ns(const struct flb_ct *v, __u8 proto)
 {
 	__u32 s = v->timeout_s;
 	if (proto == IPPROTO_TCP) {
-		switch (v->state) {
+		switch (eff_state(v)) {
 		case FLB_CT_SYN_SENT:
 		case FLB_CT_SYN_RECV:
 			s = FLB_TO_SYN_S;
@@ -322,32 +331,62 @@ static __always_inline void lc_dec(const struct flb_ct *v)
 		__sync_fetch_and_add(c, -1);
 }
 
-/* TCP state machine, both directions share one state (copied to both
- * entries when it changes). Returns the new state; *fin is updated. */
-static __always_inline __u8 tcp_next(__u8 st, __u8 *fin, __u8 dir, __u8 flags)
+/* TCP tracking for a segment with SYN, FIN or RST, or of a flow not yet established. Both
+ * entries of a flow carry the state (stored in both on a change). The two directions may be
+ * processed at once on two CPUs at close time, so FIN bits are set with atomic or in both
+ * entries: whichever packet sees both bits closes the flow, and a CLOSED bit makes the close
+ * counted (event, least-connections) exactly once. */
+static __always_inline void tcp_track(const struct flb_ct_key *key, struct flb_ct *e, __u8 flags,
+				      __u64 now)
 {
-	if (flags & 0x04) /* RST */
-		return FLB_CT_CLOSE;
-	if (flags & 0x01) { /* FIN */
-		*fin |= dir ? FLB_FIN_REPLY : FLB_FIN_ORIG;
-		if ((*fin & (FLB_FIN_ORIG | FLB_FIN_REPLY)) == (FLB_FIN_ORIG | FLB_FIN_REPLY))
-			return FLB_CT_TIME_WAIT;
-		return st >= FLB_CT_FIN_WAIT ? st : FLB_CT_FIN_WAIT;
+	__u8 st = eff_state(e);
+	__u8 next = st;
+	int close = 0;
+	struct flb_ct_key pk;
+	ct_peer_key(&pk, key, e);
+	struct flb_ct *pe = bpf_map_lookup_elem(&conntrack, &pk);
+
+	if (flags & 0x04) { /* RST */
+		next = FLB_CT_CLOSE;
+		close = 1;
+	} else if (flags & 0x01) { /* FIN */
+		__u32 bit = e->dir ? FLB_FIN_REPLY : FLB_FIN_ORIG;
+		__u32 seen = __sync_fetch_and_or(&e->fin, bit) | bit;
+		if (pe)
+			seen |= __sync_fetch_and_or(&pe->fin, bit);
+		if ((seen & FLB_FIN_BOTH) == FLB_FIN_BOTH) {
+			if (st < FLB_CT_TIME_WAIT)
+				next = FLB_CT_TIME_WAIT;
+			close = 1;
+		} else if (st < FLB_CT_FIN_WAIT) {
+			next = FLB_CT_FIN_WAIT;
+		}
+	} else if (st == FLB_CT_SYN_SENT && e->dir == 1) {
+		if ((flags & 0x12) == 0x12)
+			next = FLB_CT_SYN_RECV;
+		else if (flags & 0x10)
+			next = FLB_CT_EST; /* a reply ACK without SYN-ACK: we joined late */
+	} else if (st == FLB_CT_SYN_RECV && e->dir == 0 && (flags & 0x12) == 0x10) {
+		next = FLB_CT_EST;
 	}
-	switch (st) {
-	case FLB_CT_SYN_SENT:
-		if (dir == 1 && (flags & 0x12) == 0x12)
-			return FLB_CT_SYN_RECV;
-		/* A reply ACK without SYN-ACK: we joined late; trust it. */
-		if (dir == 1 && (flags & 0x10))
-			return FLB_CT_EST;
-		return st;
-	case FLB_CT_SYN_RECV:
-		if (dir == 0 && (flags & 0x12) == 0x10)
-			return FLB_CT_EST;
-		return st;
-	default:
-		return st;
+	if (next != e->state) {
+		e->state = next;
+		if (pe) {
+			pe->state = next;
+			pe->last_ns = now;
+		}
+	}
+	if (next == FLB_CT_EST && st < FLB_CT_EST)
+		emit(FLB_EV_ESTABLISHED, key, e);
+	if (close) {
+		struct flb_ct *o = e->dir == 0 ? e : pe;
+		if (!o)
+			o = e;
+		__u32 old = __sync_fetch_and_or(&o->fin, FLB_FIN_CLOSED);
+		if (!(old & FLB_FIN_CLOSED)) {
+			lc_dec(o);
+			emit(FLB_EV_CLOSED, key, e);
+		}
 	}
 }
 
@@ -796,7 +835,7 @@ int flb_ingress(struct __sk_buff *skb)
 		}
 		/* A new SYN on a closed flow starts a new connection. */
 		if (p.proto == IPPROTO_TCP && e->dir == 0 && (p.tcp_flags & 0x12) == 0x02 &&
-		    e->state >= FLB_CT_TIME_WAIT)
+		    eff_state(e) >= FLB_CT_TIME_WAIT)
 			fresh = 0;
 		if (!fresh)
 			e = 0;
@@ -817,32 +856,11 @@ int flb_ingress(struct __sk_buff *skb)
 	e->last_ns = now;
 	__sync_fetch_and_add(&e->packets, 1);
 	__sync_fetch_and_add(&e->bytes, p.len);
-	if (p.proto == IPPROTO_TCP) {
-		__u8 fin = e->fin;
-		__u8 st = tcp_next(e->state, &fin, e->dir, p.tcp_flags);
-		if (st != e->state || fin != e->fin) {
-			__u8 old = e->state;
-			e->state = st;
-			e->fin = fin;
-			struct flb_ct_key pk;
-			ct_peer_key(&pk, &key, e);
-			struct flb_ct *pe = bpf_map_lookup_elem(&conntrack, &pk);
-			if (pe) {
-				pe->state = st;
-				pe->fin = fin;
-				pe->last_ns = now;
-			}
-			if (st == FLB_CT_EST && old != FLB_CT_EST)
-				emit(FLB_EV_ESTABLISHED, &key, e);
-			if (st >= FLB_CT_TIME_WAIT && old < FLB_CT_TIME_WAIT) {
-				if (e->dir == 0)
-					lc_dec(e);
-				else if (pe)
-					lc_dec(pe);
-				emit(FLB_EV_CLOSED, &key, e);
-			}
-		}
-	}
+	/* Data segments of an established flow need no tracking (and no peer lookup). An
+	 * entry that exists only on the stack (evicted at once) is not tracked. */
+	if (p.proto == IPPROTO_TCP && e != &ce &&
+	    ((p.tcp_flags & 0x07) || eff_state(e) < FLB_CT_EST))
+		tcp_track(&key, e, p.tcp_flags, now);
 	stats_add(&svc_stats, e->svc_id, p.len);
 	stats_add(&ep_stats, e->svc_id * FLB_MAX_ENDPOINTS + (e->ep_idx & (FLB_MAX_ENDPOINTS - 1)),
 		  p.len);

@@ -259,8 +259,8 @@ pub struct Ct {
     pub state: u8,
     pub flags: u8,
     pub mode: u8,
-    pub fin: u8,
-    pub pad: [u8; 3],
+    /// FIN bits (orig 1, reply 2) and 4 once the close was counted.
+    pub fin: u32,
     pub created_ns: u64,
     pub last_ns: u64,
     pub packets: u64,
@@ -317,6 +317,7 @@ const _: () = {
     assert!(size_of::<Ct>() == 88);
     assert!(offset_of!(Ct, svc_id) == 36);
     assert!(offset_of!(Ct, dir) == 48);
+    assert!(offset_of!(Ct, fin) == 52);
     assert!(offset_of!(Ct, created_ns) == 56);
     assert!(size_of::<CtEvent>() == 136);
     assert!(offset_of!(CtEvent, val) == 48);
@@ -388,8 +389,14 @@ impl CtKey {
 }
 
 impl Ct {
+    /// The state in force (both FINs seen is TIME_WAIT, as in the datapath's `eff_state`).
     pub fn state(&self) -> CtState {
-        CtState::from_u8(self.state)
+        let s = CtState::from_u8(self.state);
+        if s < CtState::TimeWait && self.fin & 3 == 3 {
+            CtState::TimeWait
+        } else {
+            s
+        }
     }
 
     pub fn nat_src(&self, family: u8) -> IpAddr {

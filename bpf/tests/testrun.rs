@@ -385,6 +385,19 @@ fn dnat_rewrites_both_directions_and_tracks_tcp_states() {
     assert_eq!(r.state(), CtState::TimeWait);
     assert_eq!(r.dir, 1);
 
+    // Two CPUs racing at close time can leave FIN_WAIT stored after TIME_WAIT; the FIN bits
+    // (set atomically) still say closed, and the datapath and the agent go by them.
+    let okey = CtKey::v4(CLIENT, 40000, VIP, 80, PROTO_TCP);
+    let mut raced = orig(&dp, 40000, 80, PROTO_TCP);
+    assert_eq!(raced.fin & 3, 3);
+    raced.state = CtState::FinWait.as_u8();
+    dp.ct_insert(&okey, &raced).unwrap();
+    assert_eq!(orig(&dp, 40000, 80, PROTO_TCP).state(), CtState::TimeWait);
+    assert!(
+        raced.expired(PROTO_TCP, raced.last_ns + 10_000_000_001),
+        "TIME_WAIT's 10 s"
+    );
+
     // A new SYN from the same client port opens a new connection.
     run(&mut dp, &tcp(ip(CLIENT, VIP, 6), 40000, 80, SYN, b""));
     assert_eq!(orig(&dp, 40000, 80, PROTO_TCP).state(), CtState::SynSent);
