@@ -546,10 +546,11 @@ static __always_inline int is_vip(__u32 daddr, __u8 proto)
 	return bpf_map_lookup_elem(&ranges, &rk) != 0;
 }
 
-/* Create both conntrack entries for a new flow. Returns 0 and fills *out
- * with the original-direction entry, or a negative value to drop. */
+/* Create both conntrack entries for a new flow (`seen_ns`: when the caller found no live
+ * entry). Returns 0 and fills *out with the original-direction entry, or a negative value
+ * to drop. */
 static __always_inline int ct_create(const struct pkt *p, const struct flb_svc *svc,
-				     struct flb_ct_key *okey, struct flb_ct *out)
+				     struct flb_ct_key *okey, struct flb_ct *out, __u64 seen_ns)
 {
 	__u32 slot = svc->be_slot;
 	struct flb_backends *be = bpf_map_lookup_elem(&backends, &slot);
@@ -576,76 +577,98 @@ static __always_inline int ct_create(const struct pkt *p, const struct flb_svc *
 	else if (svc->mode == FLB_MODE_ONEARM)
 		snat = ep->snat_addr[0];
 
-	struct flb_ct o = {};
-	o.nat_saddr[0] = snat;
-	o.nat_daddr[0] = ep->addr[0];
-	o.nat_sport = p->sport;
-	o.nat_dport = p->proto == IPPROTO_ICMP ? 0 : eport;
-	o.svc_id = svc->id;
-	o.timeout_s = svc->timeout_s;
-	o.ep_idx = i;
-	o.origin = NODE_ID;
-	o.dir = 0;
-	o.flags = FLB_CTF_LOCAL | (lc ? FLB_CTF_LC : 0);
-	o.mode = svc->mode;
-	o.created_ns = now;
-	o.last_ns = now;
-	if (p->proto == IPPROTO_TCP) {
-		if ((p->tcp_flags & 0x12) == 0x02)
-			o.state = FLB_CT_SYN_SENT;
-		else
-			o.state = FLB_CT_EST; /* picked up mid-stream */
-	} else {
-		o.state = FLB_CT_EST;
-	}
+	/* Built in the caller's buffer (the BPF stack is 512 bytes): first as the reply
+	 * entry, then turned into the original-direction entry. */
+	struct flb_ct *o = out;
+	__builtin_memset(o, 0, sizeof(*o));
+	o->svc_id = svc->id;
+	o->timeout_s = svc->timeout_s;
+	o->ep_idx = i;
+	o->origin = NODE_ID;
+	o->flags = FLB_CTF_LOCAL | (lc ? FLB_CTF_LC : 0);
+	o->mode = svc->mode;
+	o->created_ns = now;
+	o->last_ns = now;
+	if (p->proto == IPPROTO_TCP && (p->tcp_flags & 0x12) != 0x02)
+		o->state = FLB_CT_EST; /* picked up mid-stream */
+	else if (p->proto == IPPROTO_TCP)
+		o->state = FLB_CT_SYN_SENT;
+	else
+		o->state = FLB_CT_EST;
 
-	struct flb_ct r = o;
-	r.nat_saddr[0] = p->daddr;
-	r.nat_daddr[0] = p->saddr;
-	r.nat_sport = p->proto == IPPROTO_ICMP ? p->sport : p->dport;
-	r.nat_dport = p->proto == IPPROTO_ICMP ? 0 : p->sport;
-	r.dir = 1;
+	/* The reply entry: back to the VIP and the client. */
+	o->nat_saddr[0] = p->daddr;
+	o->nat_daddr[0] = p->saddr;
+	o->nat_sport = p->proto == IPPROTO_ICMP ? p->sport : p->dport;
+	o->nat_dport = p->proto == IPPROTO_ICMP ? 0 : p->sport;
+	o->dir = 1;
 
 	struct flb_ct_key rkey;
 	int ok = -1;
+	__u16 nport = p->sport;
 	if (snat == p->saddr) {
 		/* Client address kept: the reply key cannot collide with
 		 * another client's flow. */
 		ct_key_v4(&rkey, ep->addr[0], snat, p->proto == IPPROTO_ICMP ? p->sport : eport,
 			  p->proto == IPPROTO_ICMP ? 0 : p->sport, p->proto);
-		ok = bpf_map_update_elem(&conntrack, &rkey, &r, BPF_ANY);
+		ok = bpf_map_update_elem(&conntrack, &rkey, o, BPF_ANY);
 	} else {
 		/* Source rewritten: find a free source port (ICMP: echo id)
 		 * so that two clients never share a translated 5-tuple. */
 		__u32 h = flow_hash(p);
 		for (int t = 0; t < 8; t++) {
-			__u16 nport = bpf_htons(1024 + ((h + t * 7919) % 64511));
+			nport = bpf_htons(1024 + ((h + t * 7919) % 64511));
 			ct_key_v4(&rkey, ep->addr[0], snat,
 				  p->proto == IPPROTO_ICMP ? nport : eport,
 				  p->proto == IPPROTO_ICMP ? 0 : nport, p->proto);
-			if (bpf_map_update_elem(&conntrack, &rkey, &r, BPF_NOEXIST) == 0) {
-				o.nat_sport = nport;
+			if (bpf_map_update_elem(&conntrack, &rkey, o, BPF_NOEXIST) == 0) {
 				ok = 0;
 				break;
 			}
 		}
 	}
+
+	/* The original-direction entry: to the endpoint, from the chosen source. */
+	o->nat_saddr[0] = snat;
+	o->nat_daddr[0] = ep->addr[0];
+	o->nat_sport = nport;
+	o->nat_dport = p->proto == IPPROTO_ICMP ? 0 : eport;
+	o->dir = 0;
 	if (ok != 0) {
 		if (lc)
-			lc_dec(&o);
+			lc_dec(o);
 		count(FLB_CNT_DROP_NAT_PORTS);
 		return -1;
 	}
-	if (bpf_map_update_elem(&conntrack, okey, &o, BPF_ANY) != 0) {
-		bpf_map_delete_elem(&conntrack, &rkey);
-		if (lc)
-			lc_dec(&o);
-		count(FLB_CNT_DROP_NAT_PORTS);
-		return -1;
+	if (bpf_map_update_elem(&conntrack, okey, o, BPF_NOEXIST) != 0) {
+		/* Another CPU created this flow since our lookup (a duplicate SYN): use its
+		 * entry so both packets go to one endpoint, and drop our reply entry unless it
+		 * is the same key as theirs. A stale entry is replaced. */
+		struct flb_ct *cur = bpf_map_lookup_elem(&conntrack, okey);
+		if (cur && cur->created_ns >= seen_ns) {
+			/* Their reply key is (nat_daddr, nat_dport) -> (nat_saddr, nat_sport). */
+			int same = cur->nat_daddr[0] == rkey.saddr[0] &&
+				   cur->nat_saddr[0] == rkey.daddr[0] &&
+				   (p->proto == IPPROTO_ICMP ? cur->nat_sport == rkey.sport
+							     : (cur->nat_dport == rkey.sport &&
+								cur->nat_sport == rkey.dport));
+			if (!same)
+				bpf_map_delete_elem(&conntrack, &rkey);
+			if (lc)
+				lc_dec(o);
+			*out = *cur;
+			return 0;
+		}
+		if (bpf_map_update_elem(&conntrack, okey, o, BPF_ANY) != 0) {
+			bpf_map_delete_elem(&conntrack, &rkey);
+			if (lc)
+				lc_dec(o);
+			count(FLB_CNT_DROP_NAT_PORTS);
+			return -1;
+		}
 	}
 	count(FLB_CNT_CT_CREATED);
-	emit(FLB_EV_CREATED, okey, &o);
-	*out = o;
+	emit(FLB_EV_CREATED, okey, o);
 	return 0;
 }
 
@@ -846,7 +869,7 @@ int flb_ingress(struct __sk_buff *skb)
 		struct flb_svc *svc = svc_lookup(&p);
 		if (!svc)
 			return TC_ACT_OK;
-		if (ct_create(&p, svc, &key, &ce) < 0)
+		if (ct_create(&p, svc, &key, &ce, now) < 0)
 			return TC_ACT_SHOT;
 		e = bpf_map_lookup_elem(&conntrack, &key);
 		if (!e)
@@ -865,8 +888,7 @@ int flb_ingress(struct __sk_buff *skb)
 	stats_add(&ep_stats, e->svc_id * FLB_MAX_ENDPOINTS + (e->ep_idx & (FLB_MAX_ENDPOINTS - 1)),
 		  p.len);
 
-	struct flb_ct v = *e;
-	if (xlate_v4(skb, &p, &v) < 0) {
+	if (xlate_v4(skb, &p, e) < 0) {
 		count(FLB_CNT_DROP_MALFORMED);
 		return TC_ACT_SHOT;
 	}

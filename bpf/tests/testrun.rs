@@ -648,6 +648,50 @@ fn expired_entries_are_replaced_and_collected() {
     assert_eq!(dp.ct_collect(monotonic_ns()), 0);
 }
 
+/// Two CPUs can miss the same new flow at once (a duplicate SYN): the second to insert adopts
+/// the first's entry. Sequentially, an entry that is idle (so the lookup misses) but created
+/// "after" the miss looks exactly like that.
+#[test]
+fn a_flow_created_concurrently_is_adopted() {
+    if !in_private_netns("a_flow_created_concurrently_is_adopted") {
+        return;
+    }
+    let mut dp = datapath(0);
+    let mut s = svc(16, 80, PROTO_TCP, 0, 0);
+    s.eps = vec![(EP1, 8080, 1), (EP2, 8080, 1)];
+    install(&mut dp, &s);
+    let okey = CtKey::v4(CLIENT, 40000, VIP, 80, PROTO_TCP);
+    let theirs = Ct {
+        nat_saddr: addr_words(CLIENT.into()).0,
+        nat_daddr: addr_words(EP2.into()).0,
+        nat_sport: 40000u16.to_be(),
+        nat_dport: 8080u16.to_be(),
+        svc_id: 16,
+        timeout_s: 240,
+        ep_idx: 1,
+        // Closed, so the SYN does not use it whatever the clock says.
+        state: CtState::Close.as_u8(),
+        flags: CTF_LOCAL,
+        created_ns: u64::MAX / 2,
+        last_ns: 0,
+        ..Default::default()
+    };
+    dp.ct_insert(&okey, &theirs).unwrap();
+    let (_, out) = run(&mut dp, &tcp(ip(CLIENT, VIP, 6), 40000, 80, SYN, b""));
+    assert_eq!(
+        out,
+        tcp(ip(CLIENT, EP2, 6), 40000, 8080, SYN, b""),
+        "went where the first CPU chose"
+    );
+    // Our own reply entry (toward EP1, round robin's first pick) was removed again.
+    assert!(
+        dp.ct_get(&CtKey::v4(EP1, 8080, CLIENT, 40000, PROTO_TCP))
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(dp.counters()[Counter::CtCreated as usize], 0);
+}
+
 #[test]
 fn the_collector_works_on_its_own_handles() {
     if !in_private_netns("the_collector_works_on_its_own_handles") {
