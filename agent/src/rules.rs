@@ -524,6 +524,17 @@ pub fn program(
             &r.key
         }
         Change::Modify { old, new } => {
+            // A slot that now holds another endpoint starts with clean counters.
+            for n in &new.endpoints {
+                let same = old.endpoints.iter().any(|o| {
+                    o.slot == n.slot
+                        && o.spec.ip == n.spec.ip
+                        && o.spec.target_port == n.spec.target_port
+                });
+                if !same {
+                    dp.reset_endpoint(new.id, u32::from(n.slot))?;
+                }
+            }
             // `new` lives in the spare slot (plan flipped it): write it, then switch.
             install(dp, new, false)?;
             let removed: Vec<u8> = old

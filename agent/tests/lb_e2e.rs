@@ -553,6 +553,24 @@ fn endpoint_removal_keeps_other_flows() {
             .all(|r| r["backend"] != "be3" && r["errors"] == json!([])),
         "{res:?}"
     );
+
+    // A new endpoint takes the freed slot with clean counters (not be3's).
+    let with_new = [(BE[0], 9000, 1), (BE[1], 9000, 1), (BE[2], 9999, 1)];
+    assert_eq!(post(&lab, &rule(7000, "tcp", 0, 2, &with_new)).0, 200);
+    let (_, all) = api(&lab, "GET", "/config/loadbalancer/all", None);
+    let eps = all["lbAttr"][0]["endpoints"].as_array().unwrap().clone();
+    let counter = |ip: &str, port: u16| {
+        eps.iter()
+            .find(|e| e["endpointIP"] == ip && e["targetPort"] == port)
+            .map(|e| e["counter"].as_str().unwrap().to_string())
+            .unwrap()
+    };
+    assert_eq!(counter(BE[2], 9999), "0:0");
+    assert_ne!(
+        counter(BE[0], 9000),
+        "0:0",
+        "kept endpoints keep their counters"
+    );
 }
 
 #[test]

@@ -457,6 +457,23 @@ impl Datapath {
         Ok(())
     }
 
+    /// Zeroes one endpoint slot's counters and connection count (the slot now holds another
+    /// endpoint).
+    pub fn reset_endpoint(&mut self, id: u32, ep: u32) -> Result<()> {
+        let idx = id * MAX_ENDPOINTS as u32 + ep;
+        self.ep_conns.set(idx, 0, 0).map_err(map_err("ep_conns"))?;
+        let cpus = aya::util::nr_cpus().map_err(|(c, e)| BpfError::Io {
+            context: c.to_string(),
+            source: e,
+        })?;
+        let zero =
+            PerCpuValues::try_from(vec![Stats::default(); cpus]).map_err(|e| BpfError::Io {
+                context: "per-CPU values".into(),
+                source: e,
+            })?;
+        self.ep_stats.set(idx, zero, 0).map_err(map_err("ep_stats"))
+    }
+
     /// Active-connection count of an endpoint (least-connections).
     pub fn ep_conns(&self, id: u32, ep: u32) -> u32 {
         self.ep_conns
