@@ -80,6 +80,25 @@ fn attach_new(dp: &mut Datapath, cfg: &Config, done: &mut BTreeMap<String, u32>)
     }
 }
 
+/// Serves the API on one listener until `stop` resolves.
+fn spawn_server<L>(
+    set: &mut tokio::task::JoinSet<Result<()>>,
+    listener: L,
+    app: &Arc<App>,
+    stop: impl std::future::Future<Output = ()> + Send + 'static,
+    what: &'static str,
+) where
+    L: axum::serve::Listener<Addr = std::net::SocketAddr>,
+{
+    let router = api::router(app.clone());
+    set.spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(stop)
+            .await
+            .with_context(|| format!("serve the REST API over {what}"))
+    });
+}
+
 pub async fn run(cfg: Config) -> Result<()> {
     let dir = pin_dir(&cfg)?;
     let adopted = dir.join("conntrack").exists();
@@ -218,14 +237,13 @@ pub async fn run(cfg: Config) -> Result<()> {
         let addr = std::net::SocketAddr::new(cfg.flags.tls_host, cfg.flags.tls_port);
         let listener = crate::tls::TlsListener::bind(addr, tls).await?;
         info!(%addr, "REST API listening over HTTPS");
-        let router = api::router(app.clone());
-        let stop = stopped(stop_rx.clone());
-        servers.spawn(async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(stop)
-                .await
-                .context("serve the REST API over HTTPS")
-        });
+        spawn_server(
+            &mut servers,
+            listener,
+            &app,
+            stopped(stop_rx.clone()),
+            "HTTPS",
+        );
     }
     if !cfg.flags.no_api {
         let addr = std::net::SocketAddr::new(cfg.flags.host, cfg.flags.port);
@@ -233,14 +251,13 @@ pub async fn run(cfg: Config) -> Result<()> {
             .await
             .with_context(|| format!("listen on {addr} (--host/--port)"))?;
         info!(%addr, "REST API listening (base /netlox/v1)");
-        let router = api::router(app.clone());
-        let stop = stopped(stop_rx.clone());
-        servers.spawn(async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(stop)
-                .await
-                .context("serve the REST API")
-        });
+        spawn_server(
+            &mut servers,
+            listener,
+            &app,
+            stopped(stop_rx.clone()),
+            "HTTP",
+        );
     }
     if servers.is_empty() {
         stopped(stop_rx).await;

@@ -226,17 +226,6 @@ impl Engine {
         Ok(removed.len())
     }
 
-    pub fn find(
-        &self,
-        ip: IpAddr,
-        port: u16,
-        port_max: Option<u16>,
-        proto: Protocol,
-        block: Option<u32>,
-    ) -> Vec<RuleKey> {
-        self.rules.find(ip, port, port_max, proto, block)
-    }
-
     pub fn find_by_name(&self, name: &str) -> Vec<RuleKey> {
         self.rules
             .rules

@@ -59,68 +59,44 @@ pub fn render(m: &Metrics, e: &Engine) -> String {
     );
     let _ = writeln!(o, "ferrolb_rules_installed {}", e.rules().len());
 
-    head(
-        &mut o,
-        "ferrolb_service_packets_total",
-        "counter",
-        "Packets forwarded per rule (both directions).",
-    );
-    let mut svc_lines = Vec::new();
-    for r in e.rules().rules.values() {
-        let st = dp.service_stats(r.id);
-        let labels = format!(
-            "service=\"{}\",vip=\"{}\",port=\"{}\",protocol=\"{}\"",
-            esc(&r.label()),
-            r.key.external_ip,
-            r.key.port,
-            r.key.protocol.as_str()
-        );
-        let _ = writeln!(
-            o,
-            "ferrolb_service_packets_total{{{labels}}} {}",
-            st.packets
-        );
-        svc_lines.push(format!(
-            "ferrolb_service_bytes_total{{{labels}}} {}",
-            st.bytes
-        ));
-    }
-    head(
-        &mut o,
-        "ferrolb_service_bytes_total",
-        "counter",
-        "Bytes forwarded per rule (both directions).",
-    );
-    for l in svc_lines {
-        let _ = writeln!(o, "{l}");
-    }
-
-    let eps = e.endpoint_counters();
-    head(
-        &mut o,
-        "ferrolb_endpoint_packets_total",
-        "counter",
-        "Packets forwarded per endpoint (both directions).",
-    );
-    for (svc, ep, p, _) in &eps {
-        let _ = writeln!(
-            o,
-            "ferrolb_endpoint_packets_total{{service=\"{}\",endpoint=\"{ep}\"}} {p}",
-            esc(svc)
-        );
-    }
-    head(
-        &mut o,
-        "ferrolb_endpoint_bytes_total",
-        "counter",
-        "Bytes forwarded per endpoint (both directions).",
-    );
-    for (svc, ep, _, b) in &eps {
-        let _ = writeln!(
-            o,
-            "ferrolb_endpoint_bytes_total{{service=\"{}\",endpoint=\"{ep}\"}} {b}",
-            esc(svc)
-        );
+    // (labels, packets, bytes) per rule and per endpoint.
+    let svc: Vec<(String, u64, u64)> = e
+        .rules()
+        .rules
+        .values()
+        .map(|r| {
+            let st = dp.service_stats(r.id);
+            let labels = format!(
+                "service=\"{}\",vip=\"{}\",port=\"{}\",protocol=\"{}\"",
+                esc(&r.label()),
+                r.key.external_ip,
+                r.key.port,
+                r.key.protocol.as_str()
+            );
+            (labels, st.packets, st.bytes)
+        })
+        .collect();
+    let eps: Vec<(String, u64, u64)> = e
+        .endpoint_counters()
+        .into_iter()
+        .map(|(svc, ep, p, b)| (format!("service=\"{}\",endpoint=\"{ep}\"", esc(&svc)), p, b))
+        .collect();
+    for (rows, what, per) in [(&svc, "service", "rule"), (&eps, "endpoint", "endpoint")] {
+        for (unit, pick) in [("packets", 0), ("bytes", 1)] {
+            let name = format!("ferrolb_{what}_{unit}_total");
+            head(
+                &mut o,
+                &name,
+                "counter",
+                &format!(
+                    "{} forwarded per {per} (both directions).",
+                    if pick == 0 { "Packets" } else { "Bytes" }
+                ),
+            );
+            for (labels, p, b) in rows.iter() {
+                let _ = writeln!(o, "{name}{{{labels}}} {}", if pick == 0 { p } else { b });
+            }
+        }
     }
 
     head(

@@ -462,16 +462,9 @@ impl Datapath {
     pub fn reset_endpoint(&mut self, id: u32, ep: u32) -> Result<()> {
         let idx = id * MAX_ENDPOINTS as u32 + ep;
         self.ep_conns.set(idx, 0, 0).map_err(map_err("ep_conns"))?;
-        let cpus = aya::util::nr_cpus().map_err(|(c, e)| BpfError::Io {
-            context: c.to_string(),
-            source: e,
-        })?;
-        let zero =
-            PerCpuValues::try_from(vec![Stats::default(); cpus]).map_err(|e| BpfError::Io {
-                context: "per-CPU values".into(),
-                source: e,
-            })?;
-        self.ep_stats.set(idx, zero, 0).map_err(map_err("ep_stats"))
+        self.ep_stats
+            .set(idx, zero_stats()?, 0)
+            .map_err(map_err("ep_stats"))
     }
 
     /// Active-connection count of an endpoint (least-connections).
@@ -599,22 +592,12 @@ impl Datapath {
 
     /// Zeroes a service's counters (when its id is given to a new service).
     pub fn reset_stats(&mut self, id: u32) -> Result<()> {
-        let cpus = aya::util::nr_cpus().map_err(|(c, e)| BpfError::Io {
-            context: c.to_string(),
-            source: e,
-        })?;
-        let zero = || {
-            PerCpuValues::try_from(vec![Stats::default(); cpus]).map_err(|e| BpfError::Io {
-                context: "per-CPU values".into(),
-                source: e,
-            })
-        };
         self.svc_stats
-            .set(id, zero()?, 0)
+            .set(id, zero_stats()?, 0)
             .map_err(map_err("svc_stats"))?;
         for i in 0..MAX_ENDPOINTS as u32 {
             self.ep_stats
-                .set(id * MAX_ENDPOINTS as u32 + i, zero()?, 0)
+                .set(id * MAX_ENDPOINTS as u32 + i, zero_stats()?, 0)
                 .map_err(map_err("ep_stats"))?;
         }
         Ok(())
@@ -712,6 +695,18 @@ impl AsRawFd for EventStream {
     fn as_raw_fd(&self) -> std::os::fd::RawFd {
         self.rb.as_raw_fd()
     }
+}
+
+/// Zeroed per-CPU counters, one per possible CPU.
+fn zero_stats() -> Result<PerCpuValues<Stats>> {
+    let cpus = aya::util::nr_cpus().map_err(|(c, e)| BpfError::Io {
+        context: c.to_string(),
+        source: e,
+    })?;
+    PerCpuValues::try_from(vec![Stats::default(); cpus]).map_err(|e| BpfError::Io {
+        context: "per-CPU values".into(),
+        source: e,
+    })
 }
 
 /// Whether `prog` is attached at TC ingress of `iface` (TCX). Unknown counts as yes.

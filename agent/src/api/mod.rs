@@ -182,7 +182,7 @@ async fn delete_lb(
     let (ip, port, proto) = parse_path(&ip, &port, &proto)?;
     let block = parse_block(&q)?;
     let mut e = engine(&app)?;
-    let keys = e.find(ip, port, None, proto, Some(block));
+    let keys = e.rules().find(ip, port, None, proto, Some(block));
     if keys.is_empty() {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -207,7 +207,7 @@ async fn delete_lb_range(
         .map_err(|_| ApiError::bad(format!("portmax: must be 0..=65535, got '{portmax}'")))?;
     let block = parse_block(&q)?;
     let mut e = engine(&app)?;
-    let keys = e.find(ip, port, Some(portmax), proto, Some(block));
+    let keys = e.rules().find(ip, port, Some(portmax), proto, Some(block));
     if keys.is_empty() {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
