@@ -174,20 +174,31 @@ fn parse_block(q: &HashMap<String, String>) -> Result<u32, ApiError> {
     }
 }
 
-async fn delete_lb(
-    State(app): State<Shared>,
-    Path((ip, port, proto)): Path<(String, String, String)>,
-    Query(q): Query<HashMap<String, String>>,
+/// Deletes the rules matching a loxilb delete path; 404 naming what was asked for when none.
+fn delete_by_key(
+    app: &App,
+    ip: &str,
+    port: &str,
+    portmax: Option<&str>,
+    proto: &str,
+    q: &HashMap<String, String>,
 ) -> Result<Response, ApiError> {
-    let (ip, port, proto) = parse_path(&ip, &port, &proto)?;
-    let block = parse_block(&q)?;
-    let mut e = engine(&app)?;
-    let keys = e.rules().find(ip, port, None, proto, Some(block));
+    let (ip, port, proto) = parse_path(ip, port, proto)?;
+    let portmax: Option<u16> = portmax
+        .map(|m| {
+            m.parse()
+                .map_err(|_| ApiError::bad(format!("portmax: must be 0..=65535, got '{m}'")))
+        })
+        .transpose()?;
+    let block = parse_block(q)?;
+    let mut e = engine(app)?;
+    let keys = e.rules().find(ip, port, portmax, proto, Some(block));
     if keys.is_empty() {
+        let range = portmax.map(|m| format!("-{m}")).unwrap_or_default();
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!(
-                "lb-rule {ip}:{port}/{} block {block} not found",
+                "lb-rule {ip}:{port}{range}/{} block {block} not found",
                 proto.as_str()
             ),
         ));
@@ -196,29 +207,20 @@ async fn delete_lb(
     Ok(success())
 }
 
+async fn delete_lb(
+    State(app): State<Shared>,
+    Path((ip, port, proto)): Path<(String, String, String)>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Result<Response, ApiError> {
+    delete_by_key(&app, &ip, &port, None, &proto, &q)
+}
+
 async fn delete_lb_range(
     State(app): State<Shared>,
     Path((ip, port, portmax, proto)): Path<(String, String, String, String)>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    let (ip, port, proto) = parse_path(&ip, &port, &proto)?;
-    let portmax: u16 = portmax
-        .parse()
-        .map_err(|_| ApiError::bad(format!("portmax: must be 0..=65535, got '{portmax}'")))?;
-    let block = parse_block(&q)?;
-    let mut e = engine(&app)?;
-    let keys = e.rules().find(ip, port, Some(portmax), proto, Some(block));
-    if keys.is_empty() {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!(
-                "lb-rule {ip}:{port}-{portmax}/{} block {block} not found",
-                proto.as_str()
-            ),
-        ));
-    }
-    e.delete(&keys)?;
-    Ok(success())
+    delete_by_key(&app, &ip, &port, Some(&portmax), &proto, &q)
 }
 
 async fn delete_lb_name(

@@ -189,6 +189,110 @@ fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
     out
 }
 
+fn s(v: &Value) -> String {
+    v.as_str().unwrap_or_default().to_string()
+}
+
+fn lb_table(v: &Value) -> String {
+    let mut rows = Vec::new();
+    for r in v["lbAttr"].as_array().into_iter().flatten() {
+        let a = &r["serviceArguments"];
+        let sel = a["sel"].as_u64().unwrap_or(0) as usize;
+        let mode = a["mode"].as_u64().unwrap_or(0) as usize;
+        let port = match a["portMax"].as_u64() {
+            Some(m) if m > a["port"].as_u64().unwrap_or(0) => format!("{}-{m}", a["port"]),
+            _ => a["port"].to_string(),
+        };
+        let rule = [
+            s(&a["externalIP"]),
+            port,
+            s(&a["protocol"]),
+            s(&a["name"]),
+            MODE.get(mode).unwrap_or(&"?").to_string(),
+            SEL.get(sel).unwrap_or(&"?").to_string(),
+        ];
+        let eps: Vec<&Value> = r["endpoints"].as_array().into_iter().flatten().collect();
+        if eps.is_empty() {
+            let mut row = rule.to_vec();
+            row.extend(["-".into(), String::new(), String::new(), String::new()]);
+            rows.push(row);
+        }
+        for (i, e) in eps.into_iter().enumerate() {
+            // The rule's columns only on its first line.
+            let mut row: Vec<String> = if i == 0 {
+                rule.to_vec()
+            } else {
+                vec![String::new(); rule.len()]
+            };
+            row.extend([
+                format!("{}:{}", s(&e["endpointIP"]), e["targetPort"]),
+                e["weight"].to_string(),
+                s(&e["state"]),
+                s(&e["counter"]),
+            ]);
+            rows.push(row);
+        }
+    }
+    table(
+        &[
+            "VIP",
+            "PORT",
+            "PROTO",
+            "NAME",
+            "MODE",
+            "SELECT",
+            "ENDPOINT",
+            "WEIGHT",
+            "STATE",
+            "PACKETS:BYTES",
+        ],
+        rows,
+    )
+}
+
+fn ct_table(v: &Value) -> String {
+    let rows = v["ctAttr"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            vec![
+                format!("{}:{}", s(&e["sourceIP"]), e["sourcePort"]),
+                format!("{}:{}", s(&e["destinationIP"]), e["destinationPort"]),
+                s(&e["protocol"]),
+                s(&e["conntrackState"]),
+                s(&e["conntrackAct"]),
+                e["packets"].to_string(),
+                e["bytes"].to_string(),
+                s(&e["servName"]),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "SOURCE",
+            "DESTINATION",
+            "PROTO",
+            "STATE",
+            "ACTION",
+            "PACKETS",
+            "BYTES",
+            "SERVICE",
+        ],
+        rows,
+    )
+}
+
+fn ha_table(v: &Value) -> String {
+    let rows = v["Attr"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| vec![s(&e["instance"]), s(&e["state"]), s(&e["vip"])])
+        .collect();
+    table(&["INSTANCE", "STATE", "VIP"], rows)
+}
+
 const SEL: [&str; 5] = ["rr", "hash", "priority", "persist", "lc"];
 const MODE: [&str; 3] = ["default", "onearm", "fullnat"];
 
@@ -207,147 +311,26 @@ fn main() -> Result<()> {
                 println!("{}", v["buildInfo"].as_str().unwrap_or_default());
             }
         }
-        Cmd::Get { what } => match what.as_str() {
-            "lb" => {
-                let v = c.ok("GET", "/config/loadbalancer/all", None)?;
-                if cli.json {
-                    println!("{v}");
-                    return Ok(());
-                }
-                let mut rows = Vec::new();
-                for r in v["lbAttr"].as_array().into_iter().flatten() {
-                    let s = &r["serviceArguments"];
-                    let sel = s["sel"].as_u64().unwrap_or(0) as usize;
-                    let mode = s["mode"].as_u64().unwrap_or(0) as usize;
-                    let port = match s["portMax"].as_u64() {
-                        Some(m) if m > s["port"].as_u64().unwrap_or(0) => {
-                            format!("{}-{m}", s["port"])
-                        }
-                        _ => s["port"].to_string(),
-                    };
-                    for (i, e) in r["endpoints"].as_array().into_iter().flatten().enumerate() {
-                        let first = i == 0;
-                        let f = |x: String| if first { x } else { String::new() };
-                        rows.push(vec![
-                            f(s["externalIP"].as_str().unwrap_or_default().to_string()),
-                            f(port.clone()),
-                            f(s["protocol"].as_str().unwrap_or_default().to_string()),
-                            f(s["name"].as_str().unwrap_or_default().to_string()),
-                            f(MODE.get(mode).unwrap_or(&"?").to_string()),
-                            f(SEL.get(sel).unwrap_or(&"?").to_string()),
-                            format!(
-                                "{}:{}",
-                                e["endpointIP"].as_str().unwrap_or_default(),
-                                e["targetPort"]
-                            ),
-                            e["weight"].to_string(),
-                            e["state"].as_str().unwrap_or_default().to_string(),
-                            e["counter"].as_str().unwrap_or_default().to_string(),
-                        ]);
-                    }
-                    if r["endpoints"].as_array().is_none_or(|a| a.is_empty()) {
-                        rows.push(vec![
-                            s["externalIP"].as_str().unwrap_or_default().to_string(),
-                            port,
-                            s["protocol"].as_str().unwrap_or_default().to_string(),
-                            s["name"].as_str().unwrap_or_default().to_string(),
-                            MODE.get(mode).unwrap_or(&"?").to_string(),
-                            SEL.get(sel).unwrap_or(&"?").to_string(),
-                            "-".into(),
-                            String::new(),
-                            String::new(),
-                            String::new(),
-                        ]);
-                    }
-                }
+        Cmd::Get { what } => {
+            let path = match what.as_str() {
+                "lb" => "/config/loadbalancer/all",
+                "ct" => "/config/conntrack/all",
+                _ => "/config/cistate/all",
+            };
+            let v = c.ok("GET", path, None)?;
+            if cli.json {
+                println!("{v}");
+            } else {
                 print!(
                     "{}",
-                    table(
-                        &[
-                            "VIP",
-                            "PORT",
-                            "PROTO",
-                            "NAME",
-                            "MODE",
-                            "SELECT",
-                            "ENDPOINT",
-                            "WEIGHT",
-                            "STATE",
-                            "PACKETS:BYTES"
-                        ],
-                        rows
-                    )
+                    match what.as_str() {
+                        "lb" => lb_table(&v),
+                        "ct" => ct_table(&v),
+                        _ => ha_table(&v),
+                    }
                 );
             }
-            "ct" => {
-                let v = c.ok("GET", "/config/conntrack/all", None)?;
-                if cli.json {
-                    println!("{v}");
-                    return Ok(());
-                }
-                let rows = v["ctAttr"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(|e| {
-                        vec![
-                            format!(
-                                "{}:{}",
-                                e["sourceIP"].as_str().unwrap_or_default(),
-                                e["sourcePort"]
-                            ),
-                            format!(
-                                "{}:{}",
-                                e["destinationIP"].as_str().unwrap_or_default(),
-                                e["destinationPort"]
-                            ),
-                            e["protocol"].as_str().unwrap_or_default().to_string(),
-                            e["conntrackState"].as_str().unwrap_or_default().to_string(),
-                            e["conntrackAct"].as_str().unwrap_or_default().to_string(),
-                            e["packets"].to_string(),
-                            e["bytes"].to_string(),
-                            e["servName"].as_str().unwrap_or_default().to_string(),
-                        ]
-                    })
-                    .collect();
-                print!(
-                    "{}",
-                    table(
-                        &[
-                            "SOURCE",
-                            "DESTINATION",
-                            "PROTO",
-                            "STATE",
-                            "ACTION",
-                            "PACKETS",
-                            "BYTES",
-                            "SERVICE"
-                        ],
-                        rows
-                    )
-                );
-            }
-            _ => {
-                let v = c.ok("GET", "/config/cistate/all", None)?;
-                if cli.json {
-                    println!("{v}");
-                    return Ok(());
-                }
-                let rows = v["Attr"]
-                    .as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(|e| {
-                        vec![
-                            e["instance"].as_str().unwrap_or_default().to_string(),
-                            e["state"].as_str().unwrap_or_default().to_string(),
-                            e["vip"].as_str().unwrap_or_default().to_string(),
-                        ]
-                    })
-                    .collect();
-                print!("{}", table(&["INSTANCE", "STATE", "VIP"], rows));
-            }
-        },
+        }
         Cmd::Create {
             what: CreateWhat::Lb(a),
         } => {
