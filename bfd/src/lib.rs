@@ -1,8 +1,23 @@
-//! `ferrolb-bfd` — Bidirectional Forwarding Detection (RFC 5880/5881).
+//! `ferrolb-bfd` — Bidirectional Forwarding Detection (RFC 5880, single hop RFC 5881).
 //!
-//! It will own the control-packet codec (with authentication sections), a sans-IO session
-//! state machine (AdminDown, Down, Init, Up), single-hop UDP transport with GTSM (TTL 255), and
-//! a handle API that adds, removes and modifies sessions and streams state changes. It knows
-//! nothing of the agent or BGP.
+//! ```text
+//!  Handle (add/modify/remove, snapshot)  ──cmd──▶  runner task ──▶ Session (fsm.rs, sans-IO)
+//!  broadcast::Receiver<Event>            ◀─event─      │   ▲
+//!                                                socket.rs (UDP 3784, TTL 255 in and out)
+//! ```
 //!
-//! Nothing is implemented yet: the BFD issue fills this crate.
+//! - [`packet`]: the control packet and authentication section codec with the stateless
+//!   reception checks.
+//! - [`auth`]: simple password, keyed SHA1, meticulous keyed SHA1 (sequence rules of §6.7).
+//! - [`fsm`]: one session's state machine, timers and Poll/Final sequences, driven by packets
+//!   and a clock passed in.
+//!
+//! The crate knows nothing of the agent, BGP or HA: it detects, and reports state changes.
+
+pub mod auth;
+pub mod fsm;
+pub mod packet;
+
+pub use auth::{AuthConfig, AuthError};
+pub use fsm::{Action, Session, SessionConfig, Status};
+pub use packet::{AuthType, Diag, Packet, State};
