@@ -1,0 +1,298 @@
+//! The only file that touches sockets: single-hop BFD transport (RFC 5881).
+//!
+//! - Receive: one UDP socket per address family on port 3784 with `IP_RECVTTL` /
+//!   `IPV6_RECVHOPLIMIT`, so every datagram comes with its TTL; GTSM (RFC 5082) drops anything
+//!   that did not arrive with TTL 255.
+//! - Send: one socket per session, bound to the session's local address and a source port in
+//!   49152-65535 (the same port for the session's life), TTL / hop limit 255.
+
+use std::io;
+use std::mem::{size_of, zeroed};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+/// The BFD control port (RFC 5881 §4).
+pub const CONTROL_PORT: u16 = 3784;
+/// Source ports for control packets (RFC 5881 §4).
+pub const SOURCE_PORTS: std::ops::RangeInclusive<u16> = 49152..=65535;
+/// GTSM: TTL / hop limit sent and required.
+pub const TTL: i32 = 255;
+
+fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+fn setsockopt_int(fd: RawFd, level: i32, name: i32, v: i32) -> io::Result<()> {
+    // SAFETY: v lives across the call; the size matches.
+    check(unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (&v as *const i32).cast(),
+            size_of::<i32>() as libc::socklen_t,
+        )
+    })
+    .map(drop)
+}
+
+fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: all-zero is a valid sockaddr_storage.
+    let mut ss: libc::sockaddr_storage = unsafe { zeroed() };
+    match addr {
+        SocketAddr::V4(a) => {
+            // SAFETY: sockaddr_storage is large enough and suitably aligned for sockaddr_in.
+            let sin = unsafe { &mut *(&mut ss as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            sin.sin_family = libc::AF_INET as libc::sa_family_t;
+            sin.sin_port = a.port().to_be();
+            sin.sin_addr.s_addr = u32::from_ne_bytes(a.ip().octets());
+            (ss, size_of::<libc::sockaddr_in>() as libc::socklen_t)
+        }
+        SocketAddr::V6(a) => {
+            // SAFETY: as above, for sockaddr_in6.
+            let sin6 = unsafe { &mut *(&mut ss as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            sin6.sin6_port = a.port().to_be();
+            sin6.sin6_addr.s6_addr = a.ip().octets();
+            sin6.sin6_scope_id = a.scope_id();
+            (ss, size_of::<libc::sockaddr_in6>() as libc::socklen_t)
+        }
+    }
+}
+
+fn from_sockaddr(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match i32::from(ss.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the family says this is a sockaddr_in.
+            let sin = unsafe { &*(ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            Some(SocketAddr::V4(SocketAddrV4::new(
+                Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes()),
+                u16::from_be(sin.sin_port),
+            )))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says this is a sockaddr_in6.
+            let sin6 = unsafe { &*(ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                Ipv6Addr::from(sin6.sin6_addr.s6_addr),
+                u16::from_be(sin6.sin6_port),
+                0,
+                sin6.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
+}
+
+fn udp_socket(v6: bool) -> io::Result<OwnedFd> {
+    let family = if v6 { libc::AF_INET6 } else { libc::AF_INET };
+    // SAFETY: plain socket(2); the fd is owned right away.
+    let fd = check(unsafe {
+        libc::socket(
+            family,
+            libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    })?;
+    // SAFETY: fd is a fresh descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn bind(fd: &OwnedFd, addr: SocketAddr) -> io::Result<()> {
+    let (ss, len) = sockaddr(addr);
+    // SAFETY: ss/len describe a valid address.
+    check(unsafe { libc::bind(fd.as_raw_fd(), (&ss as *const libc::sockaddr_storage).cast(), len) })
+        .map(drop)
+}
+
+/// A receiving socket on port 3784 (or another port, for tests) for one family.
+pub struct RxSocket {
+    fd: OwnedFd,
+}
+
+/// One received datagram.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Datagram {
+    pub from: SocketAddr,
+    /// TTL (IPv4) or hop limit (IPv6) it arrived with; None when the kernel gave none.
+    pub ttl: Option<u8>,
+    pub len: usize,
+}
+
+impl RxSocket {
+    pub fn bind(v6: bool, port: u16) -> io::Result<RxSocket> {
+        let fd = udp_socket(v6)?;
+        setsockopt_int(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
+        let addr = if v6 {
+            setsockopt_int(fd.as_raw_fd(), libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1)?;
+            setsockopt_int(fd.as_raw_fd(), libc::IPPROTO_IPV6, libc::IPV6_RECVHOPLIMIT, 1)?;
+            SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port)
+        } else {
+            setsockopt_int(fd.as_raw_fd(), libc::IPPROTO_IP, libc::IP_RECVTTL, 1)?;
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port)
+        };
+        bind(&fd, addr)?;
+        Ok(RxSocket { fd })
+    }
+
+    /// Reads one datagram into `buf`; `WouldBlock` when none is queued.
+    pub fn recv(&self, buf: &mut [u8]) -> io::Result<Datagram> {
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: zeroed storage is valid for every field.
+        let mut from: libc::sockaddr_storage = unsafe { zeroed() };
+        let mut cbuf = [0u64; 16];
+        // SAFETY: zeroed msghdr, then every pointer set to buffers that outlive the call.
+        let mut msg: libc::msghdr = unsafe { zeroed() };
+        msg.msg_name = (&mut from as *mut libc::sockaddr_storage).cast();
+        msg.msg_namelen = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cbuf.as_mut_ptr().cast();
+        msg.msg_controllen = size_of::<[u64; 16]>();
+        // SAFETY: msg is fully initialised above.
+        let n = unsafe { libc::recvmsg(self.fd.as_raw_fd(), &mut msg, 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut ttl = None;
+        // SAFETY: walking the control buffer the kernel filled, with the libc macros.
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(&msg);
+            while !c.is_null() {
+                let level = (*c).cmsg_level;
+                let ty = (*c).cmsg_type;
+                if (level == libc::IPPROTO_IP && ty == libc::IP_TTL)
+                    || (level == libc::IPPROTO_IPV6 && ty == libc::IPV6_HOPLIMIT)
+                {
+                    let v = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<i32>());
+                    ttl = u8::try_from(v).ok();
+                }
+                c = libc::CMSG_NXTHDR(&msg, c);
+            }
+        }
+        let from = from_sockaddr(&from)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "unknown address family"))?;
+        Ok(Datagram {
+            from,
+            ttl,
+            len: n as usize,
+        })
+    }
+}
+
+impl AsRawFd for RxSocket {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+/// A session's sending socket.
+pub struct TxSocket {
+    fd: OwnedFd,
+    pub local: SocketAddr,
+}
+
+impl TxSocket {
+    /// Binds to `local` and a free source port in 49152-65535 (`first_port` is tried first,
+    /// then the ports after it), TTL 255.
+    pub fn bind(local: IpAddr, first_port: u16) -> io::Result<TxSocket> {
+        let fd = udp_socket(local.is_ipv6())?;
+        if local.is_ipv6() {
+            setsockopt_int(fd.as_raw_fd(), libc::IPPROTO_IPV6, libc::IPV6_UNICAST_HOPS, TTL)?;
+        } else {
+            setsockopt_int(fd.as_raw_fd(), libc::IPPROTO_IP, libc::IP_TTL, TTL)?;
+        }
+        let span = u32::from(SOURCE_PORTS.end() - SOURCE_PORTS.start()) + 1;
+        let start = u32::from(first_port.clamp(*SOURCE_PORTS.start(), *SOURCE_PORTS.end()))
+            - u32::from(*SOURCE_PORTS.start());
+        let mut last = io::Error::from(io::ErrorKind::AddrInUse);
+        for i in 0..256u32 {
+            let port = *SOURCE_PORTS.start() + ((start + i * 97) % span) as u16;
+            let addr = SocketAddr::new(local, port);
+            match bind(&fd, addr) {
+                Ok(()) => return Ok(TxSocket { fd, local: addr }),
+                Err(e) if e.kind() == io::ErrorKind::AddrInUse => last = e,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last)
+    }
+
+    pub fn send_to(&self, buf: &[u8], to: SocketAddr) -> io::Result<usize> {
+        let (ss, len) = sockaddr(to);
+        // SAFETY: buf and ss are valid for the call.
+        let n = unsafe {
+            libc::sendto(
+                self.fd.as_raw_fd(),
+                buf.as_ptr().cast(),
+                buf.len(),
+                0,
+                (&ss as *const libc::sockaddr_storage).cast(),
+                len,
+            )
+        };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// In a private network namespace of this test thread (root), never on the host's.
+    fn private_netns(test: &str) -> bool {
+        if !ferrolb_tests::require(test, &["ip"]) {
+            return false;
+        }
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare");
+        let ok = std::process::Command::new("ip")
+            .args(["link", "set", "lo", "up"])
+            .status()
+            .expect("ip")
+            .success();
+        assert!(ok);
+        true
+    }
+
+    #[test]
+    fn loopback_datagram_carries_its_ttl() {
+        if !private_netns("loopback_datagram_carries_its_ttl") {
+            return;
+        }
+        let rx = RxSocket::bind(false, CONTROL_PORT).unwrap();
+        let tx = TxSocket::bind(IpAddr::V4(Ipv4Addr::LOCALHOST), 50000).unwrap();
+        assert!(SOURCE_PORTS.contains(&tx.local.port()));
+        tx.send_to(b"hello", SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), CONTROL_PORT))
+            .unwrap();
+        let mut buf = [0u8; 64];
+        let mut got = None;
+        for _ in 0..100 {
+            match rx.recv(&mut buf) {
+                Ok(d) => {
+                    got = Some(d);
+                    break;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    std::thread::sleep(std::time::Duration::from_millis(5))
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let d = got.expect("datagram");
+        assert_eq!(d.len, 5);
+        assert_eq!(d.ttl, Some(255));
+        assert_eq!(d.from, tx.local);
+        assert_eq!(&buf[..5], b"hello");
+    }
+}
