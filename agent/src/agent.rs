@@ -11,6 +11,7 @@ use ferrolb_bpf::{Datapath, DatapathConfig, default_pin_dir, monotonic_ns};
 use tokio::io::unix::AsyncFd;
 use tracing::{debug, info, warn};
 
+use crate::api::bfd::BfdService;
 use crate::api::{self, App};
 use crate::config::Config;
 use crate::lb::{Engine, census};
@@ -80,6 +81,53 @@ fn attach_new(dp: &mut Datapath, cfg: &Config, done: &mut BTreeMap<String, u32>)
     }
 }
 
+/// Starts BFD: sessions saved over REST, then those of `--ka` (which win for the same peer).
+/// Without `--ka`, a BFD that cannot bind UDP 3784 is a warning, not a failure.
+async fn start_bfd(cfg: &Config) -> Result<Option<BfdService>> {
+    let handle = match ferrolb_bfd::spawn(ferrolb_bfd::socket::CONTROL_PORT) {
+        Ok(h) => h,
+        Err(e) if cfg.keepalives.is_empty() => {
+            warn!(error = %e, "BFD not started; /config/bfd answers 503");
+            return Ok(None);
+        }
+        Err(e) => return Err(e).context("start BFD for --ka"),
+    };
+    let specs = BfdService::load(&cfg.flags.config_path)?;
+    for s in specs.values() {
+        match s.peer_config() {
+            Ok(pc) => {
+                if let Err(e) = handle.upsert(pc).await {
+                    warn!(peer = %s.remote, error = %e, "saved BFD session not restored");
+                }
+            }
+            Err(e) => warn!(peer = %s.remote, error = %e, "saved BFD session not restored"),
+        }
+    }
+    for ka in &cfg.keepalives {
+        let pc = ferrolb_bfd::PeerConfig {
+            peer: ka.remote,
+            local: ka.source,
+            instance: "default".into(),
+            session: ferrolb_bfd::SessionConfig {
+                desired_min_tx_us: ka.interval_us,
+                required_min_rx_us: ka.interval_us,
+                detect_mult: 3,
+                auth: None,
+            },
+        };
+        handle
+            .upsert(pc)
+            .await
+            .with_context(|| format!("--ka: BFD session to {}", ka.remote))?;
+        info!(peer = %ka.remote, source = %ka.source, interval_us = ka.interval_us, "BFD keepalive (--ka)");
+    }
+    Ok(Some(BfdService {
+        handle,
+        dir: cfg.flags.config_path.clone(),
+        specs: tokio::sync::Mutex::new(specs),
+    }))
+}
+
 /// Serves the API on one listener until `stop` resolves.
 fn spawn_server<L>(
     set: &mut tokio::task::JoinSet<Result<()>>,
@@ -123,9 +171,11 @@ pub async fn run(cfg: Config) -> Result<()> {
     let mut engine = Engine::start(dp, store, adopted).context("restore saved rules")?;
     let mut attached = BTreeMap::new();
     attach_new(engine.datapath_mut(), &cfg, &mut attached);
+    let bfd = start_bfd(&cfg).await?;
     let app = Arc::new(App {
         engine: Mutex::new(engine),
         metrics: Metrics::default(),
+        bfd,
     });
     let cfg = Arc::new(cfg);
 

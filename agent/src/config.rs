@@ -1,7 +1,7 @@
 //! Command-line flags (loxilb-compatible names, `--flag=value` and `--flag value`) and the
 //! validated [`Config`] they become. Flags of features that later releases bring (`--cluster`,
-//! `--self`, `--ka`, `--bgp`) are parsed and validated, then refused with a message saying so,
-//! rather than silently ignored.
+//! `--self`, `--bgp`) are parsed and validated, then refused with a message saying so, rather
+//! than silently ignored.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -88,8 +88,8 @@ pub struct Flags {
     #[arg(long = "self", value_name = "N")]
     pub self_id: Option<u16>,
 
-    /// BFD keepalive: REMOTE:SOURCE[:INTERVAL_US or :Nms], comma-separated for several peers
-    /// (comes with BFD; refused for now).
+    /// BFD keepalive: REMOTE:SOURCE[:INTERVAL_US or :Nms], comma-separated for several peers;
+    /// one BFD session (RFC 5880, multiplier 3, default 100 ms) per peer.
     #[arg(long, value_name = "REMOTE:SOURCE[:INTERVAL]")]
     pub ka: Option<String>,
 
@@ -130,6 +130,8 @@ pub struct Keepalive {
 #[derive(Debug)]
 pub struct Config {
     pub flags: Flags,
+    /// BFD sessions from `--ka`.
+    pub keepalives: Vec<Keepalive>,
     pub whitelist: Option<Regex>,
     pub blacklist: Option<Regex>,
     pub log_filter: &'static str,
@@ -180,8 +182,8 @@ pub fn parse_ka(s: &str) -> Result<Vec<Keepalive>> {
                         .parse()
                         .map_err(|_| anyhow!("--ka: interval '{v}' is not a number"))?;
                     let us = n.saturating_mul(mult);
-                    if !(10_000..=10_000_000).contains(&us) {
-                        bail!("--ka: interval {us} us out of range 10000..=10000000 (10 ms..10 s)");
+                    if !(10_000..=60_000_000).contains(&us) {
+                        bail!("--ka: interval {us} us out of range 10000..=60000000 (10 ms..60 s)");
                     }
                     us
                 }
@@ -220,17 +222,17 @@ impl Config {
         if flags.self_id.is_some() {
             later.push("--self (cluster node id)");
         }
-        if let Some(k) = &flags.ka {
-            parse_ka(k)?;
-            later.push("--ka (BFD keepalive)");
-        }
+        let keepalives = match &flags.ka {
+            Some(k) => parse_ka(k)?,
+            None => Vec::new(),
+        };
         if flags.bgp {
             later.push("-b/--bgp (BGP speaker)");
         }
         if !later.is_empty() {
             bail!(
                 "{} not supported by this build yet: ferrolb {} runs as a single node. \
-                 HA (BFD, BGP, connection sync) arrives in a later release.",
+                 HA roles, BGP and connection sync arrive in later releases.",
                 later.join(", "),
                 env!("CARGO_PKG_VERSION")
             );
@@ -260,6 +262,7 @@ impl Config {
             whitelist,
             blacklist,
             log_filter,
+            keepalives,
         })
     }
 
@@ -329,10 +332,14 @@ mod tests {
         .to_string();
         assert!(
             e.contains("--cluster")
-                && e.contains("--ka")
+                && e.contains("--self")
                 && e.contains("not supported by this build yet"),
             "{e}"
         );
+        // --ka alone starts BFD sessions.
+        let c = cfg(&["--ka=192.168.58.111:192.168.58.110:50ms,10.0.0.2:10.0.0.1"]).unwrap();
+        assert_eq!(c.keepalives.len(), 2);
+        assert_eq!(c.keepalives[0].interval_us, 50_000);
         let e = cfg(&["--cluster=1.2.3"]).unwrap_err().to_string();
         assert!(e.contains("--cluster: '1.2.3' is not an IP address"), "{e}");
         let e = cfg(&["--ka=1.1.1.1"]).unwrap_err().to_string();

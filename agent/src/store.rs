@@ -67,6 +67,27 @@ pub enum StoreError {
     Corrupt { path: PathBuf, reason: String },
 }
 
+/// Replaces `dir/name` with `bytes` atomically: a temporary file is written and flushed, then
+/// renamed over the old one, and the directory is flushed. A crash leaves the old or the new.
+pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
+    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let tmp = dir.join(format!("{name}.tmp"));
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .map_err(io_err(&tmp))?;
+    f.write_all(bytes).map_err(io_err(&tmp))?;
+    f.sync_all().map_err(io_err(&tmp))?;
+    drop(f);
+    let path = dir.join(name);
+    fs::rename(&tmp, &path).map_err(io_err(&path))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))
+}
+
 pub struct Store {
     dir: PathBuf,
     seq: u64,
@@ -225,21 +246,7 @@ impl Store {
             path: self.path(),
             reason: e.to_string(),
         })?;
-        let tmp = self.dir.join(format!("{STATE_FILE}.tmp"));
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
-            .map_err(io_err(&tmp))?;
-        f.write_all(&bytes).map_err(io_err(&tmp))?;
-        f.sync_all().map_err(io_err(&tmp))?;
-        drop(f);
-        let path = self.path();
-        fs::rename(&tmp, &path).map_err(io_err(&path))?;
-        File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_err(&self.dir))?;
+        write_atomic(&self.dir, STATE_FILE, &bytes)?;
         // The snapshot covers every journaled change: start a new journal. A crash before
         // this point leaves entries with seq <= snapshot seq, which loading skips.
         let jpath = self.journal_path();

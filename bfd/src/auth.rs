@@ -19,7 +19,9 @@ pub struct AuthConfig {
 /// Why a configuration is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthConfigError {
-    #[error("authentication type {0:?} is not supported (simple password, keyed SHA1, meticulous keyed SHA1 are)")]
+    #[error(
+        "authentication type {0:?} is not supported (simple password, keyed SHA1, meticulous keyed SHA1 are)"
+    )]
     Unsupported(AuthType),
     #[error("secret must be 1..={max} bytes, got {len}")]
     SecretLength { max: usize, len: usize },
@@ -292,14 +294,29 @@ mod tests {
         let got = Packet::decode(&raw).unwrap();
         assert_eq!(verify(&got, &raw, Some(&c), &mut st, 3), Ok(()));
         assert_eq!(
-            verify(&got, &raw, Some(&cfg(AuthType::SimplePassword, b"px")), &mut st, 3),
+            verify(
+                &got,
+                &raw,
+                Some(&cfg(AuthType::SimplePassword, b"px")),
+                &mut st,
+                3
+            ),
             Err(AuthError::BadDigest)
         );
         assert_eq!(
-            verify(&got, &raw, Some(&cfg(AuthType::KeyedSha1, b"pw")), &mut st, 3),
+            verify(
+                &got,
+                &raw,
+                Some(&cfg(AuthType::KeyedSha1, b"pw")),
+                &mut st,
+                3
+            ),
             Err(AuthError::WrongType)
         );
-        assert_eq!(verify(&got, &raw, None, &mut st, 3), Err(AuthError::Unexpected));
+        assert_eq!(
+            verify(&got, &raw, None, &mut st, 3),
+            Err(AuthError::Unexpected)
+        );
         let plain = pkt();
         assert_eq!(
             verify(&plain, &plain.encode(), Some(&c), &mut st, 3),

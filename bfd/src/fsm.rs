@@ -298,8 +298,19 @@ impl Session {
     }
 
     /// A decoded packet addressed to this session (the transport did the demultiplexing).
-    pub fn on_packet(&mut self, p: &Packet, raw: &[u8], now: Instant) -> Result<Vec<Action>, RxError> {
-        auth::verify(p, raw, self.cfg.auth.as_ref(), &mut self.auth, p.detect_mult)?;
+    pub fn on_packet(
+        &mut self,
+        p: &Packet,
+        raw: &[u8],
+        now: Instant,
+    ) -> Result<Vec<Action>, RxError> {
+        auth::verify(
+            p,
+            raw,
+            self.cfg.auth.as_ref(),
+            &mut self.auth,
+            p.detect_mult,
+        )?;
         let mut out = Vec::new();
         self.remote_discr = p.my_discr;
         self.remote_state = p.state;
@@ -319,7 +330,12 @@ impl Session {
         }
         if p.state == State::AdminDown {
             if self.state != State::Down {
-                self.change_state(State::Down, Diag::NeighborSignaledSessionDown, now, &mut out);
+                self.change_state(
+                    State::Down,
+                    Diag::NeighborSignaledSessionDown,
+                    now,
+                    &mut out,
+                );
             }
         } else {
             match (self.state, p.state) {
@@ -358,7 +374,12 @@ impl Session {
         {
             self.detect_deadline = None;
             if matches!(self.state, State::Init | State::Up) {
-                self.change_state(State::Down, Diag::ControlDetectionTimeExpired, now, &mut out);
+                self.change_state(
+                    State::Down,
+                    Diag::ControlDetectionTimeExpired,
+                    now,
+                    &mut out,
+                );
                 // §6.8.1: forget the remote discriminator after a detection timeout.
                 self.remote_discr = 0;
                 self.remote_state = State::Down;
@@ -426,13 +447,10 @@ mod tests {
         fn deliver(&mut self, from: char, acts: Vec<Action>) {
             for act in acts {
                 match act {
-                    Action::StateChange { from: f, to, diag } => self.changes.push((
-                        from,
-                        f,
-                        to,
-                        diag,
-                        self.now - self.start,
-                    )),
+                    Action::StateChange { from: f, to, diag } => {
+                        self.changes
+                            .push((from, f, to, diag, self.now - self.start))
+                    }
                     Action::Send(raw) => {
                         let p = Packet::decode(&raw).unwrap();
                         if from == 'a' {
@@ -480,13 +498,20 @@ mod tests {
         assert_eq!(p.b.state(), State::Up);
         assert_eq!(p.a.remote_discr(), 0x0b0b_0002);
         let seq: Vec<_> = p.changes.iter().map(|c| (c.0, c.1, c.2)).collect();
-        assert!(seq.contains(&('a', State::Down, State::Up)) || seq.contains(&('a', State::Init, State::Up)));
+        assert!(
+            seq.contains(&('a', State::Down, State::Up))
+                || seq.contains(&('a', State::Init, State::Up))
+        );
         // While not Up, at least 1 s was advertised (§6.8.3).
         let first = &p.sent_a[0].1;
         assert_eq!(first.desired_min_tx_us, SLOW_TX_US);
         assert_eq!(first.state, State::Down);
         // Reaching Up changed the advertised interval: a Poll Sequence ran and ended.
-        assert!(p.sent_a.iter().any(|(_, pk)| pk.poll && pk.state == State::Up));
+        assert!(
+            p.sent_a
+                .iter()
+                .any(|(_, pk)| pk.poll && pk.state == State::Up)
+        );
         p.run(Duration::from_millis(500));
         let st = p.a.status();
         assert!(!st.poll_active);
@@ -502,7 +527,10 @@ mod tests {
             .collect();
         for w in ups.windows(2).skip(2) {
             let gap = w[1] - w[0];
-            assert!(gap >= Duration::from_millis(75) && gap <= Duration::from_millis(101), "{gap:?}");
+            assert!(
+                gap >= Duration::from_millis(75) && gap <= Duration::from_millis(101),
+                "{gap:?}"
+            );
         }
     }
 
@@ -538,10 +566,17 @@ mod tests {
         let took = down.4 - cut;
         // The last packet arrived up to one interval before the cut: detection lands within
         // (3 x 100 ms - 100 ms, 3 x 100 ms].
-        assert!(took <= Duration::from_millis(301) && took >= Duration::from_millis(150), "{took:?}");
+        assert!(
+            took <= Duration::from_millis(301) && took >= Duration::from_millis(150),
+            "{took:?}"
+        );
         assert_eq!(p.a.remote_discr(), 0);
         // B hears A's Down and follows (neighbor signaled).
-        let b_down = p.changes.iter().find(|c| c.0 == 'b' && c.2 == State::Down).unwrap();
+        let b_down = p
+            .changes
+            .iter()
+            .find(|c| c.0 == 'b' && c.2 == State::Down)
+            .unwrap();
         assert_eq!(b_down.3, Diag::NeighborSignaledSessionDown);
         // Heal: back Up.
         p.b_to_a = true;
@@ -603,11 +638,17 @@ mod tests {
         let mut s = Session::new(cfg(100, 100, 1), 1, 99, Instant::now());
         for _ in 0..1000 {
             let d = s.jittered(100_000);
-            assert!(d >= Duration::from_millis(75) && d <= Duration::from_millis(90), "{d:?}");
+            assert!(
+                d >= Duration::from_millis(75) && d <= Duration::from_millis(90),
+                "{d:?}"
+            );
         }
         let mut s = Session::new(cfg(100, 100, 3), 1, 99, Instant::now());
         let ds: Vec<_> = (0..1000).map(|_| s.jittered(100_000)).collect();
-        assert!(ds.iter().all(|d| *d >= Duration::from_millis(75) && *d <= Duration::from_millis(100)));
+        assert!(
+            ds.iter()
+                .all(|d| *d >= Duration::from_millis(75) && *d <= Duration::from_millis(100))
+        );
         assert!(ds.iter().any(|d| *d > Duration::from_millis(95)));
     }
 

@@ -123,7 +123,10 @@ impl AuthType {
     }
 
     pub fn is_meticulous(self) -> bool {
-        matches!(self, AuthType::MeticulousKeyedMd5 | AuthType::MeticulousKeyedSha1)
+        matches!(
+            self,
+            AuthType::MeticulousKeyedMd5 | AuthType::MeticulousKeyedSha1
+        )
     }
 }
 
@@ -324,7 +327,9 @@ fn decode_auth(a: &[u8]) -> Result<Auth, DecodeError> {
     let auth_type = AuthType::from_u8(a[0]).ok_or(DecodeError::BadAuth("unknown type"))?;
     let auth_len = usize::from(a[1]);
     if auth_len != a.len() {
-        return Err(DecodeError::BadAuth("auth len disagrees with packet length"));
+        return Err(DecodeError::BadAuth(
+            "auth len disagrees with packet length",
+        ));
     }
     match auth_type {
         AuthType::SimplePassword => {
@@ -337,7 +342,10 @@ fn decode_auth(a: &[u8]) -> Result<Auth, DecodeError> {
                 password: a[3..].to_vec(),
             })
         }
-        AuthType::KeyedMd5 | AuthType::MeticulousKeyedMd5 | AuthType::KeyedSha1 | AuthType::MeticulousKeyedSha1 => {
+        AuthType::KeyedMd5
+        | AuthType::MeticulousKeyedMd5
+        | AuthType::KeyedSha1
+        | AuthType::MeticulousKeyedSha1 => {
             let want = match auth_type {
                 AuthType::KeyedMd5 | AuthType::MeticulousKeyedMd5 => 24,
                 _ => 28,
@@ -414,21 +422,39 @@ mod tests {
             b
         };
         assert_eq!(Packet::decode(&good[..23]), Err(DecodeError::TooShort(23)));
-        assert_eq!(Packet::decode(&with(0, 0x40)), Err(DecodeError::BadVersion(2)));
-        assert!(matches!(Packet::decode(&with(3, 23)), Err(DecodeError::BadLength { .. })));
-        assert!(matches!(Packet::decode(&with(3, 25)), Err(DecodeError::BadLength { .. })));
-        assert_eq!(Packet::decode(&with(2, 0)), Err(DecodeError::ZeroDetectMult));
+        assert_eq!(
+            Packet::decode(&with(0, 0x40)),
+            Err(DecodeError::BadVersion(2))
+        );
+        assert!(matches!(
+            Packet::decode(&with(3, 23)),
+            Err(DecodeError::BadLength { .. })
+        ));
+        assert!(matches!(
+            Packet::decode(&with(3, 25)),
+            Err(DecodeError::BadLength { .. })
+        ));
+        assert_eq!(
+            Packet::decode(&with(2, 0)),
+            Err(DecodeError::ZeroDetectMult)
+        );
         assert_eq!(Packet::decode(&with(1, 0xc1)), Err(DecodeError::Multipoint));
         let mut b = good.clone();
         b[4..8].copy_from_slice(&[0; 4]);
         assert_eq!(Packet::decode(&b), Err(DecodeError::ZeroMyDiscr));
         let mut b = good.clone();
         b[8..12].copy_from_slice(&[0; 4]);
-        assert_eq!(Packet::decode(&b), Err(DecodeError::ZeroYourDiscr(State::Up)));
+        assert_eq!(
+            Packet::decode(&b),
+            Err(DecodeError::ZeroYourDiscr(State::Up))
+        );
         b[1] = 0x40; // Down: your discriminator may be zero
         assert!(Packet::decode(&b).is_ok());
         // A bit set but no room for the section.
-        assert!(matches!(Packet::decode(&with(1, 0xc4)), Err(DecodeError::BadLength { .. })));
+        assert!(matches!(
+            Packet::decode(&with(1, 0xc4)),
+            Err(DecodeError::BadLength { .. })
+        ));
         // Extra bytes after Length are ignored (the length field rules).
         let mut b = good.clone();
         b.extend_from_slice(&[1, 2, 3]);
@@ -449,14 +475,22 @@ mod tests {
         bad[25] = 27; // auth len
         assert_eq!(
             Packet::decode(&bad),
-            Err(DecodeError::BadAuth("auth len disagrees with packet length"))
+            Err(DecodeError::BadAuth(
+                "auth len disagrees with packet length"
+            ))
         );
         let mut bad = b.clone();
         bad[24] = 9; // unknown type
-        assert_eq!(Packet::decode(&bad), Err(DecodeError::BadAuth("unknown type")));
+        assert_eq!(
+            Packet::decode(&bad),
+            Err(DecodeError::BadAuth("unknown type"))
+        );
         let mut bad = b.clone();
         bad[24] = 2; // MD5 type with a SHA1-sized section
-        assert_eq!(Packet::decode(&bad), Err(DecodeError::BadAuth("keyed auth length")));
+        assert_eq!(
+            Packet::decode(&bad),
+            Err(DecodeError::BadAuth("keyed auth length"))
+        );
     }
 
     #[test]

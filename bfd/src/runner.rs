@@ -121,7 +121,9 @@ pub fn validate(cfg: &PeerConfig) -> Result<(), BfdError> {
         }
     }
     if s.detect_mult == 0 {
-        return Err(BfdError::Invalid("detect multiplier must be 1..=255".into()));
+        return Err(BfdError::Invalid(
+            "detect multiplier must be 1..=255".into(),
+        ));
     }
     if cfg.peer.is_ipv4() != cfg.local.is_ipv4() {
         return Err(BfdError::Invalid(format!(
@@ -130,7 +132,10 @@ pub fn validate(cfg: &PeerConfig) -> Result<(), BfdError> {
         )));
     }
     if cfg.peer.is_unspecified() || cfg.peer.is_multicast() {
-        return Err(BfdError::Invalid(format!("{} is not a unicast peer", cfg.peer)));
+        return Err(BfdError::Invalid(format!(
+            "{} is not a unicast peer",
+            cfg.peer
+        )));
     }
     if let Some(a) = &s.auth {
         a.validate()
@@ -347,7 +352,10 @@ impl Runner {
                 self.by_discr.remove(&e.fsm.local_discr());
                 // Tell the peer (AdminDown) so it does not wait for a detection timeout.
                 let acts = e.fsm.admin_down(now);
-                let acts = acts.into_iter().chain(e.fsm.on_timer(now)).collect::<Vec<_>>();
+                let acts = acts
+                    .into_iter()
+                    .chain(e.fsm.on_timer(now))
+                    .collect::<Vec<_>>();
                 for a in acts {
                     if let Action::Send(b) = a {
                         let _ = e.tx.send_to(&b, SocketAddr::new(peer, CONTROL_PORT));
@@ -414,7 +422,9 @@ impl Runner {
             match self.by_discr.get(&p.your_discr) {
                 Some(ip) if *ip == from.ip() => *ip,
                 _ => {
-                    self.counters.drop_no_session.fetch_add(1, Ordering::Relaxed);
+                    self.counters
+                        .drop_no_session
+                        .fetch_add(1, Ordering::Relaxed);
                     return;
                 }
             }
@@ -423,7 +433,9 @@ impl Runner {
         };
         let now = Instant::now();
         let Some(e) = self.sessions.get_mut(&peer) else {
-            self.counters.drop_no_session.fetch_add(1, Ordering::Relaxed);
+            self.counters
+                .drop_no_session
+                .fetch_add(1, Ordering::Relaxed);
             return;
         };
         match e.fsm.on_packet(&p, raw, now) {
@@ -451,13 +463,15 @@ impl Runner {
     fn act(e: &mut Entry, acts: Vec<Action>, events: &broadcast::Sender<Event>, now: Instant) {
         for a in acts {
             match a {
-                Action::Send(b) => match e.tx.send_to(&b, SocketAddr::new(e.cfg.peer, CONTROL_PORT)) {
-                    Ok(_) => e.counters.tx += 1,
-                    Err(err) => {
-                        e.counters.tx_errors += 1;
-                        debug!(peer = %e.cfg.peer, error = %err, "BFD send failed");
+                Action::Send(b) => {
+                    match e.tx.send_to(&b, SocketAddr::new(e.cfg.peer, CONTROL_PORT)) {
+                        Ok(_) => e.counters.tx += 1,
+                        Err(err) => {
+                            e.counters.tx_errors += 1;
+                            debug!(peer = %e.cfg.peer, error = %err, "BFD send failed");
+                        }
                     }
-                },
+                }
                 Action::StateChange { from, to, diag } => {
                     e.counters.state_changes += 1;
                     let silence = (diag == Diag::ControlDetectionTimeExpired)
@@ -550,12 +564,24 @@ mod tests {
             assert!(!h.upsert(fast_b).await.unwrap());
             tokio::time::sleep(Duration::from_millis(500)).await;
             let l = h.list().await.unwrap();
-            assert!(l.iter().all(|s| s.status.state == State::Up && s.status.tx_interval_us == 50_000));
-            assert!(ev.try_recv().is_err(), "no state change from a timer change");
+            assert!(
+                l.iter()
+                    .all(|s| s.status.state == State::Up && s.status.tx_interval_us == 50_000)
+            );
+            assert!(
+                ev.try_recv().is_err(),
+                "no state change from a timer change"
+            );
             // Removing one side: the other hears AdminDown.
             assert!(h.remove("127.0.0.1".parse().unwrap()).await.unwrap());
-            let down = tokio::time::timeout(Duration::from_secs(2), ev.recv()).await.unwrap().unwrap();
-            assert_eq!((down.to, down.diag), (State::Down, Diag::NeighborSignaledSessionDown));
+            let down = tokio::time::timeout(Duration::from_secs(2), ev.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(
+                (down.to, down.diag),
+                (State::Down, Diag::NeighborSignaledSessionDown)
+            );
             assert!(!h.remove("127.0.0.1".parse().unwrap()).await.unwrap());
             // Bad configurations are refused before they reach the task.
             let mut bad = cfg("127.0.0.9", "127.0.0.1");

@@ -46,7 +46,9 @@ fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
     match addr {
         SocketAddr::V4(a) => {
             // SAFETY: sockaddr_storage is large enough and suitably aligned for sockaddr_in.
-            let sin = unsafe { &mut *(&mut ss as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            let sin = unsafe {
+                &mut *(&mut ss as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>()
+            };
             sin.sin_family = libc::AF_INET as libc::sa_family_t;
             sin.sin_port = a.port().to_be();
             sin.sin_addr.s_addr = u32::from_ne_bytes(a.ip().octets());
@@ -54,7 +56,9 @@ fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
         }
         SocketAddr::V6(a) => {
             // SAFETY: as above, for sockaddr_in6.
-            let sin6 = unsafe { &mut *(&mut ss as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            let sin6 = unsafe {
+                &mut *(&mut ss as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
+            };
             sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
             sin6.sin6_port = a.port().to_be();
             sin6.sin6_addr.s6_addr = a.ip().octets();
@@ -68,7 +72,8 @@ fn from_sockaddr(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
     match i32::from(ss.ss_family) {
         libc::AF_INET => {
             // SAFETY: the family says this is a sockaddr_in.
-            let sin = unsafe { &*(ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            let sin =
+                unsafe { &*(ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
             Some(SocketAddr::V4(SocketAddrV4::new(
                 Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes()),
                 u16::from_be(sin.sin_port),
@@ -76,7 +81,8 @@ fn from_sockaddr(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
         }
         libc::AF_INET6 => {
             // SAFETY: the family says this is a sockaddr_in6.
-            let sin6 = unsafe { &*(ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
+            let sin6 =
+                unsafe { &*(ss as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>() };
             Some(SocketAddr::V6(SocketAddrV6::new(
                 Ipv6Addr::from(sin6.sin6_addr.s6_addr),
                 u16::from_be(sin6.sin6_port),
@@ -105,8 +111,14 @@ fn udp_socket(v6: bool) -> io::Result<OwnedFd> {
 fn bind(fd: &OwnedFd, addr: SocketAddr) -> io::Result<()> {
     let (ss, len) = sockaddr(addr);
     // SAFETY: ss/len describe a valid address.
-    check(unsafe { libc::bind(fd.as_raw_fd(), (&ss as *const libc::sockaddr_storage).cast(), len) })
-        .map(drop)
+    check(unsafe {
+        libc::bind(
+            fd.as_raw_fd(),
+            (&ss as *const libc::sockaddr_storage).cast(),
+            len,
+        )
+    })
+    .map(drop)
 }
 
 /// A receiving socket on port 3784 (or another port, for tests) for one family.
@@ -129,7 +141,12 @@ impl RxSocket {
         setsockopt_int(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
         let addr = if v6 {
             setsockopt_int(fd.as_raw_fd(), libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1)?;
-            setsockopt_int(fd.as_raw_fd(), libc::IPPROTO_IPV6, libc::IPV6_RECVHOPLIMIT, 1)?;
+            setsockopt_int(
+                fd.as_raw_fd(),
+                libc::IPPROTO_IPV6,
+                libc::IPV6_RECVHOPLIMIT,
+                1,
+            )?;
             SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port)
         } else {
             setsockopt_int(fd.as_raw_fd(), libc::IPPROTO_IP, libc::IP_RECVTTL, 1)?;
@@ -205,7 +222,12 @@ impl TxSocket {
     pub fn bind(local: IpAddr, first_port: u16) -> io::Result<TxSocket> {
         let fd = udp_socket(local.is_ipv6())?;
         if local.is_ipv6() {
-            setsockopt_int(fd.as_raw_fd(), libc::IPPROTO_IPV6, libc::IPV6_UNICAST_HOPS, TTL)?;
+            setsockopt_int(
+                fd.as_raw_fd(),
+                libc::IPPROTO_IPV6,
+                libc::IPV6_UNICAST_HOPS,
+                TTL,
+            )?;
         } else {
             setsockopt_int(fd.as_raw_fd(), libc::IPPROTO_IP, libc::IP_TTL, TTL)?;
         }
@@ -273,8 +295,11 @@ mod tests {
         let rx = RxSocket::bind(false, CONTROL_PORT).unwrap();
         let tx = TxSocket::bind(IpAddr::V4(Ipv4Addr::LOCALHOST), 50000).unwrap();
         assert!(SOURCE_PORTS.contains(&tx.local.port()));
-        tx.send_to(b"hello", SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), CONTROL_PORT))
-            .unwrap();
+        tx.send_to(
+            b"hello",
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), CONTROL_PORT),
+        )
+        .unwrap();
         let mut buf = [0u8; 64];
         let mut got = None;
         for _ in 0..100 {

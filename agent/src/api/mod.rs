@@ -5,6 +5,7 @@
 //! naming the field), call the engine, map its error to a status (404 not found, 409 exists
 //! or conflicts, 503 no room, 500 internal), reply with loxilb's JSON shapes.
 
+pub mod bfd;
 pub mod models;
 
 use std::collections::HashMap;
@@ -33,6 +34,8 @@ pub const OPENAPI: &str = include_str!("../../../docs/openapi.yaml");
 pub struct App {
     pub engine: Mutex<Engine>,
     pub metrics: Metrics,
+    /// None when BFD could not start (UDP 3784 taken).
+    pub bfd: Option<bfd::BfdService>,
 }
 
 pub type Shared = Arc<App>;
@@ -106,6 +109,9 @@ pub fn router(app: Shared) -> Router {
         .route("/config/loadbalancer/name/{name}", delete(delete_lb_name))
         .route("/config/conntrack/all", get(list_ct))
         .route("/config/cistate/all", get(list_cistate))
+        .route("/config/bfd", post(bfd::create))
+        .route("/config/bfd/all", get(bfd::list))
+        .route("/config/bfd/remoteIP/{ip}", delete(bfd::delete))
         .route("/version", get(version))
         .route("/metrics", get(prometheus))
         .route("/openapi.yaml", get(openapi));
@@ -278,10 +284,13 @@ async fn version() -> Response {
 }
 
 async fn prometheus(State(app): State<Shared>) -> Result<Response, ApiError> {
-    let text = {
+    let mut text = {
         let e = engine(&app)?;
         metrics::render(&app.metrics, &e)
     };
+    if let Some(b) = &app.bfd {
+        text.push_str(&bfd::metrics(b).await);
+    }
     Ok((
         [(
             header::CONTENT_TYPE,

@@ -30,9 +30,9 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Show rules (lb), connections (ct) or the HA state (ha).
+    /// Show rules (lb), connections (ct), the HA state (ha) or BFD sessions (bfd).
     Get {
-        #[arg(value_parser = ["lb", "ct", "ha"])]
+        #[arg(value_parser = ["lb", "ct", "ha", "bfd"])]
         what: String,
     },
     /// Create a rule: `create lb VIP --tcp=PORT:TARGETPORT --endpoints=IP:WEIGHT,...`.
@@ -283,6 +283,44 @@ fn ct_table(v: &Value) -> String {
     )
 }
 
+fn bfd_table(v: &Value) -> String {
+    let ms = |x: &Value| format!("{:.0}", x.as_f64().unwrap_or(0.0) / 1000.0);
+    let rows = v["Attr"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            vec![
+                s(&e["remoteIp"]),
+                s(&e["sourceIP"]),
+                s(&e["state"]).trim_start_matches("BFD").to_string(),
+                format!("{}/{}", e["localDiscriminator"], e["remoteDiscriminator"]),
+                ms(&e["txIntervalUs"]),
+                ms(&e["rxIntervalUs"]),
+                format!("{}x{}", ms(&e["interval"]), e["retryCount"]),
+                ms(&e["detectTimeUs"]),
+                format!("{:.1}", e["stateSeconds"].as_f64().unwrap_or(0.0)),
+                s(&e["lastDiag"]),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "PEER",
+            "SOURCE",
+            "STATE",
+            "DISCR LOCAL/REMOTE",
+            "TX ms",
+            "RX ms",
+            "CONFIG",
+            "DETECT ms",
+            "IN STATE s",
+            "LAST DIAG",
+        ],
+        rows,
+    )
+}
+
 fn ha_table(v: &Value) -> String {
     let rows = v["Attr"]
         .as_array()
@@ -315,6 +353,7 @@ fn main() -> Result<()> {
             let path = match what.as_str() {
                 "lb" => "/config/loadbalancer/all",
                 "ct" => "/config/conntrack/all",
+                "bfd" => "/config/bfd/all",
                 _ => "/config/cistate/all",
             };
             let v = c.ok("GET", path, None)?;
@@ -326,6 +365,7 @@ fn main() -> Result<()> {
                     match what.as_str() {
                         "lb" => lb_table(&v),
                         "ct" => ct_table(&v),
+                        "bfd" => bfd_table(&v),
                         _ => ha_table(&v),
                     }
                 );
