@@ -47,35 +47,7 @@ fn wait_ready(lab: &TestLab) {
 
 /// A REST call from inside the LB node: (status, JSON body or Null).
 fn api(lab: &TestLab, method: &str, path: &str, body: Option<&str>) -> (u16, Value) {
-    let url = format!("http://127.0.0.1:11111/netlox/v1{path}");
-    let mut argv = vec![
-        "curl",
-        "-s",
-        "-m",
-        "5",
-        "-X",
-        method,
-        "-o",
-        "-",
-        "-w",
-        "\n%{http_code}",
-    ];
-    if body.is_some() {
-        argv.extend([
-            "-H",
-            "Content-Type: application/json",
-            "--data-binary",
-            "@-",
-        ]);
-    }
-    argv.push(&url);
-    let out = lab
-        .exec_input("lb1", &argv, body.map(str::as_bytes))
-        .unwrap();
-    let text = out.stdout.trim_end().to_string();
-    let (payload, code) = text.rsplit_once('\n').unwrap_or(("", text.as_str()));
-    let status = code.trim().parse().unwrap_or(0);
-    (status, serde_json::from_str(payload).unwrap_or(Value::Null))
+    ferrolb_tests::rest(lab, "lb1", method, path, body)
 }
 
 fn post(lab: &TestLab, body: &Value) -> (u16, Value) {

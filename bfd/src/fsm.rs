@@ -319,6 +319,14 @@ impl Session {
         self.remote_desired_tx_us = p.desired_min_tx_us;
         self.remote_mult = p.detect_mult;
         self.last_rx = Some(now);
+        // A faster rate allowed (the peer lowered its Required Min RX, e.g. on reaching Up)
+        // applies now, not after a transmission scheduled at the old, slower rate.
+        let iv = self.tx_interval_us().max(1);
+        if let Some(t) = self.next_tx
+            && t > now + Duration::from_micros(u64::from(iv))
+        {
+            self.next_tx = Some(now + self.jittered(iv));
+        }
         if p.final_ && self.poll_active {
             // §6.5: the Poll Sequence is over; the new timers are in force.
             self.poll_active = false;
@@ -631,6 +639,54 @@ mod tests {
         p.run(Duration::from_millis(2000));
         assert_eq!(p.a.status().tx_interval_us, 400_000);
         assert_eq!(p.changes.len(), n_changes);
+    }
+
+    /// FRR advertises a Required Min RX of 1 s until it is Up: once it lowers it, our next
+    /// packet must not wait for the slow schedule (FRR would time us out).
+    #[test]
+    fn a_peer_lowering_its_rx_interval_speeds_us_up_at_once() {
+        let now = Instant::now();
+        let mut a = Session::new(cfg(100, 100, 3), 1, 7, now);
+        let mut peer = Packet {
+            diag: Diag::None,
+            state: State::Down,
+            poll: false,
+            final_: false,
+            control_plane_independent: false,
+            demand: false,
+            multipoint: false,
+            detect_mult: 3,
+            my_discr: 9,
+            your_discr: 0,
+            desired_min_tx_us: SLOW_TX_US,
+            required_min_rx_us: SLOW_TX_US,
+            required_min_echo_rx_us: 0,
+            auth: None,
+        };
+        let _ = a.on_timer(now);
+        let raw = peer.encode();
+        a.on_packet(&peer, &raw, now).unwrap();
+        assert_eq!(a.state(), State::Init);
+        let t1 = now + Duration::from_millis(5);
+        peer.state = State::Up;
+        peer.your_discr = 1;
+        let raw = peer.encode();
+        a.on_packet(&peer, &raw, t1).unwrap();
+        assert_eq!(a.state(), State::Up);
+        let _ = a.on_timer(t1);
+        // Still at 1 s: the peer asks for no more than one packet a second.
+        assert!(a.next_deadline().unwrap() > t1 + Duration::from_millis(700));
+        let t2 = t1 + Duration::from_millis(10);
+        peer.required_min_rx_us = 100_000;
+        peer.desired_min_tx_us = 100_000;
+        peer.poll = true;
+        let raw = peer.encode();
+        let acts = a.on_packet(&peer, &raw, t2).unwrap();
+        assert!(
+            acts.iter().any(|x| matches!(x, Action::Send(_))),
+            "the Final goes out at once"
+        );
+        assert!(a.next_deadline().unwrap() <= t2 + Duration::from_millis(100));
     }
 
     #[test]

@@ -66,6 +66,8 @@ pub struct PeerStatus {
     pub since: Option<Duration>,
     /// Silence before the last detection timeout.
     pub last_detection: Option<Duration>,
+    /// Wall-clock time of the last state change.
+    pub changed_at: Option<SystemTime>,
 }
 
 /// Drops before a session is found.
@@ -189,6 +191,7 @@ struct Entry {
     counters: SessionCounters,
     last_rx: Option<Instant>,
     last_detection: Option<Duration>,
+    changed_at: Option<SystemTime>,
 }
 
 fn random_u32() -> u32 {
@@ -340,6 +343,7 @@ impl Runner {
                         counters: SessionCounters::default(),
                         last_rx: None,
                         last_detection: None,
+                        changed_at: None,
                     },
                 );
                 let _ = reply.send(Ok(true));
@@ -378,6 +382,7 @@ impl Runner {
                             status,
                             counters: e.counters.clone(),
                             last_detection: e.last_detection,
+                            changed_at: e.changed_at,
                         }
                     })
                     .collect();
@@ -474,6 +479,8 @@ impl Runner {
                 }
                 Action::StateChange { from, to, diag } => {
                     e.counters.state_changes += 1;
+                    let at = SystemTime::now();
+                    e.changed_at = Some(at);
                     let silence = (diag == Diag::ControlDetectionTimeExpired)
                         .then(|| e.last_rx.map(|t| now.saturating_duration_since(t)))
                         .flatten();
@@ -487,7 +494,7 @@ impl Runner {
                         from,
                         to,
                         diag,
-                        at: SystemTime::now(),
+                        at,
                         silence,
                     });
                 }

@@ -181,3 +181,45 @@ pub fn wait_established(
         || Ok(frr_bgp_state(lab, node, peer)? == "Established"),
     )
 }
+
+/// A REST call to the ferrolb agent of `node` (through curl inside the node, on
+/// 127.0.0.1:11111): the status and the JSON body (Null when it is not JSON).
+pub fn rest(
+    lab: &Lab,
+    node: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> (u16, serde_json::Value) {
+    let url = format!("http://127.0.0.1:11111/netlox/v1{path}");
+    let mut argv = vec![
+        "curl",
+        "-s",
+        "-m",
+        "5",
+        "-X",
+        method,
+        "-o",
+        "-",
+        "-w",
+        "\n%{http_code}",
+    ];
+    if body.is_some() {
+        argv.extend([
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            "@-",
+        ]);
+    }
+    argv.push(&url);
+    let Ok(out) = lab.exec_input(node, &argv, body.map(str::as_bytes)) else {
+        return (0, serde_json::Value::Null);
+    };
+    let text = out.stdout.trim_end().to_string();
+    let (payload, code) = text.rsplit_once('\n').unwrap_or(("", text.as_str()));
+    (
+        code.trim().parse().unwrap_or(0),
+        serde_json::from_str(payload).unwrap_or(serde_json::Value::Null),
+    )
+}

@@ -295,6 +295,9 @@ pub async fn list(State(app): State<Shared>) -> Result<Response, ApiError> {
                 "detectTimeUs": s.detect_time_us,
                 "remoteDetectMult": s.remote_detect_mult,
                 "stateSeconds": secs(p.since),
+                "lastChangeUnixMs": p.changed_at
+                    .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                    .map(|d| d.as_millis() as u64),
                 "lastDiag": s.local_diag.name(),
                 "lastDetectionSeconds": secs(p.last_detection),
                 "authType": s.config.auth.as_ref().map(|a| format!("{:?}", a.auth_type)),
