@@ -19,6 +19,7 @@ fn main() -> Result<()> {
     if cfg.flags.egr_hooks {
         tracing::info!("--egr-hooks: accepted; the datapath needs no egress hook");
     }
+    raise_fd_limit();
     if cfg.flags.remove_datapath {
         return ferrolb_agent::agent::remove_datapath(&cfg);
     }
@@ -27,4 +28,21 @@ fn main() -> Result<()> {
         .enable_all()
         .build()?
         .block_on(ferrolb_agent::agent::run(cfg))
+}
+
+/// Each BFD session holds a socket: lift the soft open-file limit to the hard one.
+fn raise_fd_limit() {
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit on a struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) == 0 && rl.rlim_cur < rl.rlim_max {
+            rl.rlim_cur = rl.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &rl) != 0 {
+                tracing::warn!("could not raise the open-file limit");
+            }
+        }
+    }
 }

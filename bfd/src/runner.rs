@@ -237,6 +237,8 @@ pub fn spawn(port: u16) -> Result<Handle, BfdError> {
     let counters = Arc::new(GlobalCounters::default());
     let runner = Runner {
         sessions: HashMap::new(),
+        schedule: Default::default(),
+        scheduled: HashMap::new(),
         by_discr: HashMap::new(),
         events: ev_tx.clone(),
         counters: counters.clone(),
@@ -251,6 +253,9 @@ pub fn spawn(port: u16) -> Result<Handle, BfdError> {
 
 struct Runner {
     sessions: HashMap<IpAddr, Entry>,
+    /// Next deadline of every session, soonest first.
+    schedule: std::collections::BTreeSet<(Instant, IpAddr)>,
+    scheduled: HashMap<IpAddr, Instant>,
     by_discr: HashMap<u32, IpAddr>,
     events: broadcast::Sender<Event>,
     counters: Arc<GlobalCounters>,
@@ -266,10 +271,9 @@ impl Runner {
         let mut buf = vec![0u8; 2048];
         loop {
             let deadline = self
-                .sessions
-                .values()
-                .filter_map(|e| e.fsm.next_deadline())
-                .min()
+                .schedule
+                .first()
+                .map(|(t, _)| *t)
                 .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline));
             tokio::select! {
@@ -313,7 +317,9 @@ impl Runner {
                         return;
                     }
                     e.fsm.set_config(cfg.session.clone(), now);
+                    let peer = cfg.peer;
                     e.cfg = cfg;
+                    self.reschedule(peer);
                     let _ = reply.send(Ok(false));
                     return;
                 }
@@ -333,6 +339,7 @@ impl Runner {
                 };
                 info!(peer = %cfg.peer, local = %tx.local, discr, "BFD session added");
                 let fsm = Session::new(cfg.session.clone(), discr, random_u32(), now);
+                let peer = cfg.peer;
                 self.by_discr.insert(discr, cfg.peer);
                 self.sessions.insert(
                     cfg.peer,
@@ -346,6 +353,7 @@ impl Runner {
                         changed_at: None,
                     },
                 );
+                self.reschedule(peer);
                 let _ = reply.send(Ok(true));
             }
             Cmd::Remove(peer, reply) => {
@@ -353,6 +361,7 @@ impl Runner {
                     let _ = reply.send(false);
                     return;
                 };
+                self.reschedule(peer);
                 self.by_discr.remove(&e.fsm.local_discr());
                 // Tell the peer (AdminDown) so it does not wait for a detection timeout.
                 let acts = e.fsm.admin_down(now);
@@ -448,6 +457,7 @@ impl Runner {
                 e.counters.rx += 1;
                 e.last_rx = Some(now);
                 Self::act(e, acts, &self.events, now);
+                self.reschedule(peer);
             }
             Err(err) => {
                 e.counters.drop_auth += 1;
@@ -456,12 +466,30 @@ impl Runner {
         }
     }
 
+    /// Runs the sessions whose deadline has come (in deadline order; O(log N) each).
     fn tick(&mut self, now: Instant) {
-        for e in self.sessions.values_mut() {
-            if e.fsm.next_deadline().is_some_and(|d| d <= now) {
+        while let Some(&(t, peer)) = self.schedule.first() {
+            if t > now {
+                break;
+            }
+            self.schedule.pop_first();
+            self.scheduled.remove(&peer);
+            if let Some(e) = self.sessions.get_mut(&peer) {
                 let acts = e.fsm.on_timer(now);
                 Self::act(e, acts, &self.events, now);
             }
+            self.reschedule(peer);
+        }
+    }
+
+    /// Puts a session's next deadline in the schedule (replacing its old one).
+    fn reschedule(&mut self, peer: IpAddr) {
+        if let Some(old) = self.scheduled.remove(&peer) {
+            self.schedule.remove(&(old, peer));
+        }
+        if let Some(t) = self.sessions.get(&peer).and_then(|e| e.fsm.next_deadline()) {
+            self.schedule.insert((t, peer));
+            self.scheduled.insert(peer, t);
         }
     }
 
