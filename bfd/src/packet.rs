@@ -510,7 +510,9 @@ mod tests {
             let i = (x as usize) % b.len();
             b[i] = (x >> 8) as u8;
             b.truncate((x as usize >> 16) % (b.len() + 1));
-            let _ = Packet::decode(&b);
+            if let Ok(p) = Packet::decode(&b) {
+                assert_eq!(Packet::decode(&p.encode()), Ok(p), "round trip of {b:?}");
+            }
         }
     }
 }
