@@ -618,6 +618,29 @@ mod tests {
                 (State::Down, Diag::NeighborSignaledSessionDown)
             );
             assert!(!h.remove("127.0.0.1".parse().unwrap()).await.unwrap());
+            // IPv6: the same over two addresses on lo (hop limit 255 required on receive).
+            for a in ["fd00::1/128", "fd00::2/128"] {
+                assert!(
+                    std::process::Command::new("ip")
+                        .args(["-6", "addr", "add", a, "dev", "lo", "nodad"])
+                        .status()
+                        .unwrap()
+                        .success()
+                );
+            }
+            assert!(h.upsert(cfg("fd00::2", "fd00::1")).await.unwrap());
+            assert!(h.upsert(cfg("fd00::1", "fd00::2")).await.unwrap());
+            let v6_up = tokio::time::timeout(Duration::from_secs(5), async {
+                let mut ups = 0;
+                while ups < 2 {
+                    let e = ev.recv().await.unwrap();
+                    if e.to == State::Up && e.peer.is_ipv6() {
+                        ups += 1;
+                    }
+                }
+            })
+            .await;
+            assert!(v6_up.is_ok(), "both IPv6 sessions Up");
             // Bad configurations are refused before they reach the task.
             let mut bad = cfg("127.0.0.9", "127.0.0.1");
             bad.session.desired_min_tx_us = 5_000;
