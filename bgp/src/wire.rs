@@ -1,0 +1,329 @@
+//! The wire format, through `netgauze-bgp-pkt`: building the messages a VIP-originating
+//! speaker sends (OPEN with capabilities, UPDATEs with our attributes, KEEPALIVE,
+//! NOTIFICATION), framing, and decoding what peers send with RFC 7606 error handling (a
+//! malformed path attribute makes the UPDATE's routes treat-as-withdraw instead of a reset).
+
+use std::collections::HashMap;
+use std::io::Cursor;
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+use netgauze_bgp_pkt::BgpMessage;
+use netgauze_bgp_pkt::capabilities::{
+    BgpCapability, FourOctetAsCapability, MultiProtocolExtensionsCapability,
+};
+use netgauze_bgp_pkt::community::{Community, LargeCommunity};
+use netgauze_bgp_pkt::nlri::{Ipv4Unicast, Ipv4UnicastAddress};
+use netgauze_bgp_pkt::notification::BgpNotificationMessage;
+use netgauze_bgp_pkt::open::{BgpOpenMessage, BgpOpenMessageParameter};
+use netgauze_bgp_pkt::path_attribute::{
+    As4PathSegment, AsPath, AsPathSegmentType, Communities, LargeCommunities, LocalPreference,
+    MultiExitDiscriminator, NextHop, Origin, PathAttribute, PathAttributeValue,
+};
+use netgauze_bgp_pkt::update::BgpUpdateMessage;
+use netgauze_bgp_pkt::wire::deserializer::BgpParsingContext;
+use netgauze_iana::address_family::AddressType;
+use netgauze_parse_utils::WritablePdu;
+use netgauze_parse_utils::reader::SliceReader;
+use netgauze_parse_utils::traits::ParseFromWithOneInput;
+
+/// RFC 6793: the AS number sent in OPEN's 2-byte field when ours does not fit.
+pub const AS_TRANS: u16 = 23456;
+/// RFC 4271 §4.1.
+pub const HEADER_LEN: usize = 19;
+pub const MAX_MESSAGE_LEN: usize = 4096;
+/// RFC 8326 GRACEFUL_SHUTDOWN community 65535:0.
+pub const GRACEFUL_SHUTDOWN: u32 = 0xffff_0000;
+
+/// Attributes of one originated route.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct RouteAttrs {
+    pub med: Option<u32>,
+    /// Extra copies of our AS in the AS_PATH (eBGP).
+    pub prepend: u8,
+    pub communities: Vec<u32>,
+    pub large_communities: Vec<(u32, u32, u32)>,
+    /// iBGP only.
+    pub local_pref: Option<u32>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("encoding: {0}")]
+    Encode(String),
+    #[error("bad marker or length {0}")]
+    BadHeader(usize),
+    #[error("decoding: {0}")]
+    Decode(String),
+}
+
+pub fn encode(m: &BgpMessage) -> Result<Vec<u8>, WireError> {
+    let mut buf = Vec::with_capacity(64);
+    m.write(&mut Cursor::new(&mut buf))
+        .map_err(|e| WireError::Encode(format!("{e:?}")))?;
+    Ok(buf)
+}
+
+/// Our OPEN: IPv4 and IPv6 unicast, route refresh, 4-octet AS.
+pub fn open(local_as: u32, hold_time_s: u16, router_id: Ipv4Addr) -> BgpMessage {
+    let my_as = u16::try_from(local_as).unwrap_or(AS_TRANS);
+    BgpMessage::Open(BgpOpenMessage::new(
+        my_as,
+        hold_time_s,
+        router_id,
+        [BgpOpenMessageParameter::new_capabilities([
+            BgpCapability::MultiProtocolExtensions(MultiProtocolExtensionsCapability::new(
+                AddressType::Ipv4Unicast,
+            )),
+            BgpCapability::MultiProtocolExtensions(MultiProtocolExtensionsCapability::new(
+                AddressType::Ipv6Unicast,
+            )),
+            BgpCapability::RouteRefresh,
+            BgpCapability::FourOctetAs(FourOctetAsCapability::new(local_as)),
+        ])],
+    ))
+}
+
+/// What we learn from a peer's OPEN.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerOpen {
+    pub asn: u32,
+    pub hold_time_s: u16,
+    pub router_id: Ipv4Addr,
+    pub asn4: bool,
+}
+
+pub fn peer_open(o: &BgpOpenMessage) -> PeerOpen {
+    let asn4 = o
+        .capabilities()
+        .iter()
+        .any(|c| matches!(c, BgpCapability::FourOctetAs(_)));
+    PeerOpen {
+        asn: o.my_asn4(),
+        hold_time_s: o.hold_time(),
+        router_id: o.bgp_id(),
+        asn4,
+    }
+}
+
+fn nlri(p: &Ipv4Net) -> Option<Ipv4UnicastAddress> {
+    Ipv4Unicast::from_net(*p)
+        .ok()
+        .map(Ipv4UnicastAddress::new_no_path_id)
+}
+
+fn attr(optional: bool, transitive: bool, v: PathAttributeValue) -> Option<PathAttribute> {
+    PathAttribute::from(optional, transitive, false, false, v).ok()
+}
+
+/// An UPDATE announcing `prefixes` with `attrs` (next hop `next_hop`).
+pub fn announce(
+    prefixes: &[Ipv4Net],
+    attrs: &RouteAttrs,
+    local_as: u32,
+    ebgp: bool,
+    next_hop: Ipv4Addr,
+) -> BgpMessage {
+    let mut path = Vec::new();
+    path.extend(attr(false, true, PathAttributeValue::Origin(Origin::IGP)));
+    let segments = if ebgp {
+        vec![As4PathSegment::new(
+            AsPathSegmentType::AsSequence,
+            vec![local_as; 1 + usize::from(attrs.prepend)],
+        )]
+    } else {
+        vec![]
+    };
+    path.extend(attr(
+        false,
+        true,
+        PathAttributeValue::AsPath(AsPath::As4PathSegments(segments.into())),
+    ));
+    path.extend(attr(
+        false,
+        true,
+        PathAttributeValue::NextHop(NextHop::new(next_hop)),
+    ));
+    if let Some(med) = attrs.med {
+        path.extend(attr(
+            true,
+            false,
+            PathAttributeValue::MultiExitDiscriminator(MultiExitDiscriminator::new(med)),
+        ));
+    }
+    if !ebgp {
+        path.extend(attr(
+            false,
+            true,
+            PathAttributeValue::LocalPreference(LocalPreference::new(
+                attrs.local_pref.unwrap_or(100),
+            )),
+        ));
+    }
+    if !attrs.communities.is_empty() {
+        let c: Vec<Community> = attrs.communities.iter().map(|v| Community::new(*v)).collect();
+        path.extend(attr(
+            true,
+            true,
+            PathAttributeValue::Communities(Communities::new(c)),
+        ));
+    }
+    if !attrs.large_communities.is_empty() {
+        let c: Vec<LargeCommunity> = attrs
+            .large_communities
+            .iter()
+            .map(|(a, b, c)| LargeCommunity::new(*a, *b, *c))
+            .collect();
+        path.extend(attr(
+            true,
+            true,
+            PathAttributeValue::LargeCommunities(LargeCommunities::new(c)),
+        ));
+    }
+    let n: Vec<Ipv4UnicastAddress> = prefixes.iter().filter_map(nlri).collect();
+    BgpMessage::Update(BgpUpdateMessage::new(vec![], path, n))
+}
+
+pub fn withdraw(prefixes: &[Ipv4Net]) -> BgpMessage {
+    let w: Vec<Ipv4UnicastAddress> = prefixes.iter().filter_map(nlri).collect();
+    BgpMessage::Update(BgpUpdateMessage::new(w, vec![], vec![]))
+}
+
+/// The length of the message at the start of `buf`, once its header is complete.
+pub fn frame_len(buf: &[u8]) -> Result<Option<usize>, WireError> {
+    if buf.len() < HEADER_LEN {
+        return Ok(None);
+    }
+    if buf[..16].iter().any(|b| *b != 0xff) {
+        return Err(WireError::BadHeader(0));
+    }
+    let len = usize::from(u16::from_be_bytes([buf[16], buf[17]]));
+    if !(HEADER_LEN..=MAX_MESSAGE_LEN).contains(&len) {
+        return Err(WireError::BadHeader(len));
+    }
+    Ok(Some(len))
+}
+
+/// A decoded message and the attribute errors RFC 7606 lets us survive.
+#[derive(Debug)]
+pub struct Decoded {
+    pub message: BgpMessage,
+    /// Non-empty: the UPDATE's routes are treated as withdrawn.
+    pub attribute_errors: Vec<String>,
+}
+
+/// Decodes one whole message (`frame_len` bytes).
+pub fn decode(frame: &[u8], asn4: bool) -> Result<Decoded, WireError> {
+    let mut ctx = BgpParsingContext::new(asn4, HashMap::new(), HashMap::new(), false, false, false, false);
+    let message = BgpMessage::parse(&mut SliceReader::new(frame), &mut ctx)
+        .map_err(|e| WireError::Decode(format!("{e:?}")))?;
+    let ignored = ctx.reset_parsing_errors();
+    let attribute_errors = ignored
+        .path_attr_errors()
+        .iter()
+        .map(|e| format!("{e:?}"))
+        .collect();
+    Ok(Decoded {
+        message,
+        attribute_errors,
+    })
+}
+
+/// (code, subcode) of a NOTIFICATION, for logs and metrics.
+pub fn notification_code(n: &BgpNotificationMessage) -> (u8, &'static str) {
+    match n {
+        BgpNotificationMessage::MessageHeaderError(_) => (1, "message header error"),
+        BgpNotificationMessage::OpenMessageError(_) => (2, "OPEN message error"),
+        BgpNotificationMessage::UpdateMessageError(_) => (3, "UPDATE message error"),
+        BgpNotificationMessage::HoldTimerExpiredError(_) => (4, "hold timer expired"),
+        BgpNotificationMessage::FiniteStateMachineError(_) => (5, "finite state machine error"),
+        BgpNotificationMessage::CeaseError(_) => (6, "cease"),
+        BgpNotificationMessage::RouteRefreshError(_) => (7, "route refresh error"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_round_trip_and_as_trans() {
+        let m = open(4_200_000_001, 9, Ipv4Addr::new(10, 0, 0, 1));
+        let b = encode(&m).unwrap();
+        assert_eq!(frame_len(&b).unwrap(), Some(b.len()));
+        let d = decode(&b, false).unwrap();
+        let BgpMessage::Open(o) = &d.message else {
+            panic!("not an OPEN")
+        };
+        assert_eq!(o.my_as(), AS_TRANS);
+        let p = peer_open(o);
+        assert_eq!(p.asn, 4_200_000_001);
+        assert!(p.asn4);
+        assert_eq!(p.hold_time_s, 9);
+    }
+
+    #[test]
+    fn update_carries_our_attributes() {
+        let attrs = RouteAttrs {
+            med: Some(200),
+            prepend: 3,
+            communities: vec![GRACEFUL_SHUTDOWN],
+            large_communities: vec![(65100, 1, 2)],
+            local_pref: None,
+        };
+        let vip: Ipv4Net = "203.0.113.10/32".parse().unwrap();
+        let m = announce(&[vip], &attrs, 65100, true, Ipv4Addr::new(192, 0, 2, 2));
+        let b = encode(&m).unwrap();
+        let d = decode(&b, true).unwrap();
+        assert!(d.attribute_errors.is_empty());
+        let BgpMessage::Update(u) = &d.message else {
+            panic!()
+        };
+        assert_eq!(u.nlri().len(), 1);
+        let vals: Vec<&PathAttributeValue> = u.path_attributes().iter().map(|a| a.value()).collect();
+        assert!(vals.iter().any(|v| matches!(v, PathAttributeValue::MultiExitDiscriminator(m) if m.metric() == 200)));
+        let path = vals
+            .iter()
+            .find_map(|v| match v {
+                PathAttributeValue::AsPath(AsPath::As4PathSegments(s)) => Some(s.clone()),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(path[0].as_numbers(), &[65100, 65100, 65100, 65100]);
+        let w = encode(&withdraw(&[vip])).unwrap();
+        let BgpMessage::Update(u) = decode(&w, true).unwrap().message else {
+            panic!()
+        };
+        assert_eq!(u.withdraw_routes().len(), 1);
+    }
+
+    #[test]
+    fn framing_rejects_bad_headers_and_malformed_attributes_are_survivable() {
+        assert!(frame_len(&[0xff; 10]).unwrap().is_none());
+        let mut bad = vec![0xff; 19];
+        bad[0] = 0;
+        assert!(frame_len(&bad).is_err());
+        let mut short = vec![0xff; 19];
+        short[16] = 0;
+        short[17] = 10;
+        assert!(frame_len(&short).is_err());
+        // An UPDATE whose ORIGIN is 5 (only 0-2 exist): RFC 7606 says treat-as-withdraw,
+        // and the decoder reports it instead of failing the message.
+        let vip: Ipv4Net = "203.0.113.10/32".parse().unwrap();
+        let good = encode(&announce(
+            &[vip],
+            &RouteAttrs::default(),
+            65100,
+            true,
+            Ipv4Addr::new(192, 0, 2, 2),
+        ))
+        .unwrap();
+        let i = good.windows(4).position(|w| w == [0x40, 1, 1, 0]).unwrap();
+        let mut broken = good.clone();
+        broken[i + 3] = 5;
+        match decode(&broken, true) {
+            Ok(d) => assert!(!d.attribute_errors.is_empty(), "{d:?}"),
+            Err(e) => panic!("a malformed MED must not fail the message: {e}"),
+        }
+    }
+}
