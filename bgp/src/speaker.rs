@@ -1,0 +1,533 @@
+//! The speaker: one task per neighbour owning its FSM, TCP connection and Adj-RIB-Out, fed by a
+//! `watch` of the routes to originate. Changing a route's attributes sends an UPDATE at once;
+//! a route that goes is withdrawn. Received UPDATEs are decoded, validated (RFC 7606:
+//! attribute errors make the UPDATE's routes treat-as-withdraw) and counted, never installed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use ipnet::Ipv4Net;
+use netgauze_bgp_pkt::BgpMessage;
+use netgauze_bgp_pkt::notification::{BgpNotificationMessage, CeaseError};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+use crate::fsm::{Event, Fsm, Output, Params, State};
+use crate::wire::{self, GRACEFUL_SHUTDOWN, RouteAttrs};
+
+/// Prefixes per UPDATE (a /32 takes 5 bytes of NLRI; 4096-byte messages).
+const PREFIXES_PER_UPDATE: usize = 500;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GlobalConfig {
+    pub local_as: u32,
+    pub router_id: Ipv4Addr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NeighborConfig {
+    pub address: Ipv4Addr,
+    pub remote_as: u32,
+    pub remote_port: u16,
+    pub hold_time_s: u16,
+    pub connect_retry_s: u16,
+}
+
+impl NeighborConfig {
+    pub fn new(address: Ipv4Addr, remote_as: u32) -> NeighborConfig {
+        NeighborConfig {
+            address,
+            remote_as,
+            remote_port: 179,
+            hold_time_s: 9,
+            connect_retry_s: 1,
+        }
+    }
+}
+
+/// A neighbour as listed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NeighborStatus {
+    pub config: NeighborConfig,
+    pub state: State,
+    pub since: Option<SystemTime>,
+    pub local: Option<SocketAddr>,
+    pub prefixes_sent: u64,
+    pub prefixes_received: u64,
+    pub updates_in: u64,
+    pub updates_out: u64,
+    pub treat_as_withdraw: u64,
+    pub transitions: u64,
+    pub notifications_in: BTreeMap<u8, u64>,
+    pub notifications_out: BTreeMap<u8, u64>,
+    pub last_error: Option<String>,
+}
+
+/// Routes to originate: prefix -> attributes.
+pub type Routes = BTreeMap<Ipv4Net, RouteAttrs>;
+
+enum Cmd {
+    Stop,
+    Reset(String),
+}
+
+struct Neighbor {
+    tx: mpsc::Sender<Cmd>,
+    status: Arc<Mutex<NeighborStatus>>,
+}
+
+/// The caller's handle. Cheap to clone.
+#[derive(Clone)]
+pub struct Speaker {
+    global: Arc<Mutex<Option<GlobalConfig>>>,
+    neighbors: Arc<Mutex<HashMap<Ipv4Addr, Neighbor>>>,
+    routes: watch::Sender<Arc<Routes>>,
+}
+
+impl Default for Speaker {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Speaker {
+    pub fn new() -> Speaker {
+        Speaker {
+            global: Arc::new(Mutex::new(None)),
+            neighbors: Arc::new(Mutex::new(HashMap::new())),
+            routes: watch::channel(Arc::new(Routes::new())).0,
+        }
+    }
+
+    pub fn global(&self) -> Option<GlobalConfig> {
+        self.global.lock().ok().and_then(|g| g.clone())
+    }
+
+    /// Sets the local AS and router id; existing sessions restart with them.
+    pub fn set_global(&self, g: GlobalConfig) {
+        let changed = {
+            let Ok(mut cur) = self.global.lock() else { return };
+            let changed = cur.as_ref() != Some(&g);
+            *cur = Some(g);
+            changed
+        };
+        if changed {
+            let cfgs: Vec<NeighborConfig> = self
+                .neighbors
+                .lock()
+                .map(|n| n.values().filter_map(|x| x.status.lock().ok().map(|s| s.config.clone())).collect())
+                .unwrap_or_default();
+            for c in cfgs {
+                self.upsert_neighbor(c);
+            }
+        }
+    }
+
+    /// Adds a neighbour, or replaces one whose configuration changed (the session restarts).
+    /// Without a global configuration the neighbour waits (listed Idle).
+    pub fn upsert_neighbor(&self, cfg: NeighborConfig) {
+        let global = self.global();
+        if global.is_none() {
+            warn!(neighbor = %cfg.address, "BGP neighbour configured before the global settings");
+        }
+        let Ok(mut ns) = self.neighbors.lock() else { return };
+        if let Some(old) = ns.get(&cfg.address)
+            && old.status.lock().map(|s| s.config == cfg).unwrap_or(false)
+            && global.is_some()
+        {
+            return;
+        }
+        if let Some(old) = ns.remove(&cfg.address) {
+            let _ = old.tx.try_send(Cmd::Stop);
+        }
+        let status = Arc::new(Mutex::new(NeighborStatus {
+            config: cfg.clone(),
+            state: State::Idle,
+            since: None,
+            local: None,
+            prefixes_sent: 0,
+            prefixes_received: 0,
+            updates_in: 0,
+            updates_out: 0,
+            treat_as_withdraw: 0,
+            transitions: 0,
+            notifications_in: BTreeMap::new(),
+            notifications_out: BTreeMap::new(),
+            last_error: global.is_none().then(|| "no global BGP configuration (localAs, routerId)".into()),
+        }));
+        let (tx, rx) = mpsc::channel(8);
+        if let Some(g) = global {
+            let task = Session {
+                fsm: Fsm::new(Params {
+                    local_as: g.local_as,
+                    remote_as: cfg.remote_as,
+                    router_id: g.router_id,
+                    hold_time_s: cfg.hold_time_s,
+                    connect_retry_s: cfg.connect_retry_s,
+                }),
+                cfg: cfg.clone(),
+                status: status.clone(),
+                routes: self.routes.subscribe(),
+                sent: Routes::new(),
+                stream: None,
+                buf: Vec::new(),
+                asn4: true,
+            };
+            tokio::spawn(task.run(rx));
+        }
+        ns.insert(cfg.address, Neighbor { tx, status });
+    }
+
+    /// Removes a neighbour (Cease, administrative shutdown). False when unknown.
+    pub fn remove_neighbor(&self, address: Ipv4Addr) -> bool {
+        let Ok(mut ns) = self.neighbors.lock() else { return false };
+        match ns.remove(&address) {
+            Some(n) => {
+                let _ = n.tx.try_send(Cmd::Stop);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Tears a session down at once and lets it restart (e.g. BFD declared the peer Down).
+    pub fn reset_neighbor(&self, address: Ipv4Addr, why: &str) {
+        if let Ok(ns) = self.neighbors.lock()
+            && let Some(n) = ns.get(&address)
+        {
+            let _ = n.tx.try_send(Cmd::Reset(why.to_string()));
+        }
+    }
+
+    pub fn neighbors(&self) -> Vec<NeighborStatus> {
+        let mut v: Vec<NeighborStatus> = self
+            .neighbors
+            .lock()
+            .map(|n| n.values().filter_map(|x| x.status.lock().ok().map(|s| s.clone())).collect())
+            .unwrap_or_default();
+        v.sort_by_key(|s| s.config.address);
+        v
+    }
+
+    /// The routes to originate (the whole set; each session sends the difference).
+    pub fn set_routes(&self, routes: Routes) {
+        if **self.routes.borrow() != routes {
+            self.routes.send_replace(Arc::new(routes));
+        }
+    }
+
+    pub fn routes(&self) -> Arc<Routes> {
+        self.routes.borrow().clone()
+    }
+
+    /// Graceful shutdown (RFC 8326): re-advertise with GRACEFUL_SHUTDOWN and `prepend` extra
+    /// AS-path copies, wait `grace`, withdraw everything, then close every session with a
+    /// Cease.
+    pub async fn drain(&self, grace: Duration, prepend: u8) {
+        let gshut: Routes = self
+            .routes()
+            .iter()
+            .map(|(p, a)| {
+                let mut a = a.clone();
+                if !a.communities.contains(&GRACEFUL_SHUTDOWN) {
+                    a.communities.push(GRACEFUL_SHUTDOWN);
+                }
+                a.prepend = a.prepend.saturating_add(prepend);
+                (*p, a)
+            })
+            .collect();
+        info!(routes = gshut.len(), ?grace, "BGP drain: graceful shutdown community");
+        self.set_routes(gshut);
+        tokio::time::sleep(grace).await;
+        self.set_routes(Routes::new());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let addrs: Vec<Ipv4Addr> = self
+            .neighbors
+            .lock()
+            .map(|n| n.keys().copied().collect())
+            .unwrap_or_default();
+        for a in addrs {
+            self.remove_neighbor(a);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+struct Session {
+    fsm: Fsm,
+    cfg: NeighborConfig,
+    status: Arc<Mutex<NeighborStatus>>,
+    routes: watch::Receiver<Arc<Routes>>,
+    sent: Routes,
+    stream: Option<TcpStream>,
+    buf: Vec<u8>,
+    asn4: bool,
+}
+
+type Connecting = std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<TcpStream>> + Send>>;
+
+impl Session {
+    fn with_status(&self, f: impl FnOnce(&mut NeighborStatus)) {
+        if let Ok(mut s) = self.status.lock() {
+            f(&mut s);
+        }
+    }
+
+    async fn run(mut self, mut cmds: mpsc::Receiver<Cmd>) {
+        let mut connecting: Option<Connecting> = None;
+        let out = self.fsm.handle(Event::ManualStart, Instant::now());
+        self.apply(out, &mut connecting).await;
+        let mut rbuf = vec![0u8; 65536];
+        loop {
+            let deadline = self
+                .fsm
+                .next_deadline()
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            let outs = tokio::select! {
+                c = cmds.recv() => match c {
+                    None | Some(Cmd::Stop) => {
+                        let out = self.fsm.handle(Event::ManualStop, Instant::now());
+                        self.apply(out, &mut connecting).await;
+                        return;
+                    }
+                    Some(Cmd::Reset(why)) => {
+                        info!(neighbor = %self.cfg.address, %why, "BGP session reset");
+                        let n = BgpNotificationMessage::CeaseError(CeaseError::BfdDown { value: Box::new([]) });
+                        self.fsm.handle(Event::Reset(n), Instant::now())
+                    }
+                },
+                r = async { match connecting.as_mut() { Some(c) => c.await, None => std::future::pending().await } } => {
+                    connecting = None;
+                    match r {
+                        Ok(s) => {
+                            let _ = s.set_nodelay(true);
+                            let local = s.local_addr().ok();
+                            self.with_status(|st| st.local = local);
+                            self.stream = Some(s);
+                            self.buf.clear();
+                            self.fsm.handle(Event::TcpConnectionConfirmed, Instant::now())
+                        }
+                        Err(e) => {
+                            debug!(neighbor = %self.cfg.address, error = %e, "BGP connect failed");
+                            self.with_status(|st| st.last_error = Some(format!("connect: {e}")));
+                            self.fsm.handle(Event::TcpConnectionFails, Instant::now())
+                        }
+                    }
+                },
+                r = async { match self.stream.as_mut() { Some(s) => s.read(&mut rbuf).await, None => std::future::pending().await } } => {
+                    match r {
+                        Ok(0) | Err(_) => {
+                            self.stream = None;
+                            self.fsm.handle(Event::TcpConnectionFails, Instant::now())
+                        }
+                        Ok(n) => {
+                            self.buf.extend_from_slice(&rbuf[..n]);
+                            self.receive()
+                        }
+                    }
+                },
+                _ = self.routes.changed() => {
+                    if self.fsm.state() == State::Established {
+                        self.sync_routes().await;
+                    }
+                    Vec::new()
+                }
+                _ = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)) => {
+                    self.fsm.on_timer(Instant::now())
+                }
+            };
+            self.apply(outs, &mut connecting).await;
+        }
+    }
+
+    /// Decodes every whole message in the buffer and feeds the FSM.
+    fn receive(&mut self) -> Vec<Output> {
+        let mut outs = Vec::new();
+        loop {
+            let len = match wire::frame_len(&self.buf) {
+                Ok(Some(l)) if self.buf.len() >= l => l,
+                Ok(_) => return outs,
+                Err(e) => {
+                    warn!(neighbor = %self.cfg.address, error = %e, "bad BGP header; closing");
+                    self.buf.clear();
+                    self.stream = None;
+                    outs.extend(self.fsm.handle(Event::TcpConnectionFails, Instant::now()));
+                    return outs;
+                }
+            };
+            let frame: Vec<u8> = self.buf.drain(..len).collect();
+            let now = Instant::now();
+            match wire::decode(&frame, self.asn4) {
+                Ok(d) => {
+                    if let BgpMessage::Update(u) = &d.message {
+                        let tw = !d.attribute_errors.is_empty();
+                        self.with_status(|st| {
+                            st.updates_in += 1;
+                            let withdrawn = u.withdraw_routes().len() as u64;
+                            if tw {
+                                // RFC 7606 treat-as-withdraw: the announced routes count as
+                                // withdrawals, the session stays up.
+                                st.treat_as_withdraw += 1;
+                                st.prefixes_received = st.prefixes_received.saturating_sub(withdrawn + u.nlri().len() as u64);
+                            } else {
+                                st.prefixes_received = st.prefixes_received.saturating_sub(withdrawn) + u.nlri().len() as u64;
+                            }
+                        });
+                        if tw {
+                            warn!(neighbor = %self.cfg.address, errors = ?d.attribute_errors, "UPDATE treated as withdraw (RFC 7606)");
+                        }
+                    }
+                    if let BgpMessage::Notification(n) = &d.message {
+                        let code = wire::notification_code(n).0;
+                        self.with_status(|st| *st.notifications_in.entry(code).or_default() += 1);
+                    }
+                    if let BgpMessage::Open(o) = &d.message {
+                        self.asn4 = wire::peer_open(o).asn4;
+                    }
+                    outs.extend(self.fsm.handle(Event::Message(d.message), now));
+                }
+                Err(e) => {
+                    warn!(neighbor = %self.cfg.address, error = %e, "undecodable BGP message; closing");
+                    let n = BgpNotificationMessage::UpdateMessageError(
+                        netgauze_bgp_pkt::notification::UpdateMessageError::MalformedAttributeList { value: Box::new([]) },
+                    );
+                    outs.extend(self.fsm.handle(Event::Reset(n), now));
+                    return outs;
+                }
+            }
+        }
+    }
+
+    async fn send(&mut self, m: &BgpMessage) -> bool {
+        let Some(s) = self.stream.as_mut() else { return false };
+        let Ok(bytes) = wire::encode(m) else { return false };
+        match tokio::time::timeout(Duration::from_secs(5), s.write_all(&bytes)).await {
+            Ok(Ok(())) => {
+                if let BgpMessage::Notification(n) = m {
+                    let code = wire::notification_code(n).0;
+                    self.with_status(|st| *st.notifications_out.entry(code).or_default() += 1);
+                }
+                true
+            }
+            _ => {
+                self.stream = None;
+                false
+            }
+        }
+    }
+
+    fn apply<'a>(
+        &'a mut self,
+        outs: Vec<Output>,
+        connecting: &'a mut Option<Connecting>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
+        Box::pin(async move {
+            let mut more = Vec::new();
+            for o in outs {
+                match o {
+                    Output::Connect => {
+                        let addr = SocketAddr::new(IpAddr::V4(self.cfg.address), self.cfg.remote_port);
+                        *connecting = Some(Box::pin(async move {
+                            tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
+                                .await
+                                .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
+                        }));
+                    }
+                    Output::Send(m) => {
+                        if !self.send(&m).await {
+                            more.extend(self.fsm.handle(Event::TcpConnectionFails, Instant::now()));
+                        }
+                    }
+                    Output::Disconnect => {
+                        if let Some(mut s) = self.stream.take() {
+                            let _ = s.shutdown().await;
+                        }
+                        *connecting = None;
+                        self.sent.clear();
+                        self.with_status(|st| st.prefixes_received = 0);
+                    }
+                    Output::Established(p) => {
+                        info!(neighbor = %self.cfg.address, asn = p.asn, hold = self.fsm.hold_time_s(), "BGP session established");
+                        self.with_status(|st| st.last_error = None);
+                        self.sent.clear();
+                        self.sync_routes().await;
+                    }
+                    Output::Down(why) => {
+                        warn!(neighbor = %self.cfg.address, %why, "BGP session down");
+                        self.with_status(|st| st.last_error = Some(why));
+                    }
+                    Output::StateChange(from, to) => {
+                        debug!(neighbor = %self.cfg.address, from = from.name(), to = to.name(), "BGP state");
+                        self.with_status(|st| {
+                            st.state = to;
+                            st.since = Some(SystemTime::now());
+                            st.transitions += 1;
+                            if to != State::Established {
+                                st.prefixes_sent = 0;
+                            }
+                        });
+                    }
+                }
+            }
+            if !more.is_empty() {
+                self.apply(more, connecting).await;
+            }
+        })
+    }
+
+    /// Sends what changed since the last sync: withdrawals, then announcements grouped by
+    /// identical attributes.
+    async fn sync_routes(&mut self) {
+        let want = self.routes.borrow_and_update().clone();
+        let Some(next_hop) = self.status.lock().ok().and_then(|s| s.local).and_then(|a| match a.ip() {
+            IpAddr::V4(v4) => Some(v4),
+            IpAddr::V6(_) => None,
+        }) else {
+            return;
+        };
+        let gone: Vec<Ipv4Net> = self.sent.keys().filter(|p| !want.contains_key(p)).copied().collect();
+        let mut groups: BTreeMap<Vec<u8>, (RouteAttrs, Vec<Ipv4Net>)> = BTreeMap::new();
+        for (p, a) in want.iter() {
+            if self.sent.get(p) != Some(a) {
+                let key = format!("{a:?}").into_bytes();
+                groups.entry(key).or_insert_with(|| (a.clone(), Vec::new())).1.push(*p);
+            }
+        }
+        let mut updates = 0u64;
+        for chunk in gone.chunks(PREFIXES_PER_UPDATE) {
+            if !self.send(&wire::withdraw(chunk)).await {
+                return;
+            }
+            updates += 1;
+        }
+        let ebgp = self.fsm.ebgp();
+        let local_as = self.fsm.params().local_as;
+        for (attrs, prefixes) in groups.values() {
+            for chunk in prefixes.chunks(PREFIXES_PER_UPDATE) {
+                if !self.send(&wire::announce(chunk, attrs, local_as, ebgp, next_hop)).await {
+                    return;
+                }
+                updates += 1;
+            }
+        }
+        for p in &gone {
+            self.sent.remove(p);
+        }
+        for (p, a) in want.iter() {
+            self.sent.insert(*p, a.clone());
+        }
+        if updates > 0 {
+            self.fsm.sent_update(Instant::now());
+        }
+        let n = self.sent.len() as u64;
+        self.with_status(|st| {
+            st.updates_out += updates;
+            st.prefixes_sent = n;
+        });
+    }
+}
