@@ -12,6 +12,7 @@ use tokio::io::unix::AsyncFd;
 use tracing::{debug, info, warn};
 
 use crate::api::bfd::BfdService;
+use crate::api::bgp::BgpService;
 use crate::api::{self, App};
 use crate::config::Config;
 use crate::lb::{Engine, census};
@@ -172,11 +173,71 @@ pub async fn run(cfg: Config) -> Result<()> {
     let mut attached = BTreeMap::new();
     attach_new(engine.datapath_mut(), &cfg, &mut attached);
     let bfd = start_bfd(&cfg).await?;
+    let bgp = if cfg.flags.bgp {
+        let state = BgpService::load(&cfg.flags.config_path)?;
+        let svc = BgpService {
+            speaker: ferrolb_bgp::Speaker::new(),
+            dir: cfg.flags.config_path.clone(),
+            state: tokio::sync::Mutex::new(state),
+        };
+        svc.apply(&*svc.state.lock().await);
+        info!("BGP speaker enabled");
+        Some(svc)
+    } else {
+        None
+    };
     let app = Arc::new(App {
         engine: Mutex::new(engine),
         metrics: Metrics::default(),
         bfd,
+        bgp,
     });
+    if let Some(b) = &app.bgp {
+        api::bgp::sync(&app).await;
+        let bfd_neighbors: Vec<std::net::Ipv4Addr> = b
+            .state
+            .lock()
+            .await
+            .neighbors
+            .values()
+            .filter(|n| n.bfd)
+            .map(|n| n.address)
+            .collect();
+        for n in bfd_neighbors {
+            api::bgp::bfd_for_neighbor(&app, n).await;
+        }
+    }
+    // BFD Down on a BGP neighbour with `bfd: true` tears its session down at once.
+    if let (Some(b), Some(_)) = (&app.bfd, &app.bgp) {
+        let mut events = b.handle.subscribe();
+        let app = app.clone();
+        tokio::spawn(async move {
+            loop {
+                let ev = match events.recv().await {
+                    Ok(e) => e,
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(_) => return,
+                };
+                if ev.to != ferrolb_bfd::State::Down || ev.from != ferrolb_bfd::State::Up {
+                    continue;
+                }
+                let std::net::IpAddr::V4(peer) = ev.peer else {
+                    continue;
+                };
+                let Some(svc) = &app.bgp else { return };
+                let bfd_on = svc
+                    .state
+                    .lock()
+                    .await
+                    .neighbors
+                    .get(&peer)
+                    .is_some_and(|n| n.bfd);
+                if bfd_on {
+                    svc.speaker.reset_neighbor(peer, "BFD session down");
+                }
+            }
+        });
+    }
     let cfg = Arc::new(cfg);
 
     // Conntrack collector (own map handles: the API is not held up while it walks the
@@ -264,12 +325,20 @@ pub async fn run(cfg: Config) -> Result<()> {
 
     // SIGTERM or SIGINT stops every listener (and the agent; the datapath stays).
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let drain_app = app.clone();
+    let drain_grace = cfg.flags.bgp_drain_seconds;
     tokio::spawn(async move {
         let mut term =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+        if let Some(b) = &drain_app.bgp {
+            info!(grace_s = drain_grace, "draining BGP before stopping");
+            b.speaker
+                .drain(Duration::from_secs(drain_grace), api::bgp::BACKUP_PREPEND)
+                .await;
         }
         info!("stopping; the datapath stays pinned and keeps forwarding");
         let _ = stop_tx.send(true);

@@ -1,7 +1,7 @@
 //! Command-line flags (loxilb-compatible names, `--flag=value` and `--flag value`) and the
 //! validated [`Config`] they become. Flags of features that later releases bring (`--cluster`,
-//! `--self`, `--bgp`) are parsed and validated, then refused with a message saying so, rather
-//! than silently ignored.
+//! `--self`) are parsed and validated, then refused with a message saying so, rather than
+//! silently ignored.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -93,9 +93,14 @@ pub struct Flags {
     #[arg(long, value_name = "REMOTE:SOURCE[:INTERVAL]")]
     pub ka: Option<String>,
 
-    /// Advertise VIPs over BGP (comes with the BGP speaker; refused for now).
+    /// Advertise VIPs over BGP (configured with /config/bgp/global and /config/bgp/neigh).
     #[arg(short = 'b', long)]
     pub bgp: bool,
+
+    /// Seconds a drain (SIGTERM with --bgp) advertises the graceful-shutdown community before
+    /// withdrawing the VIPs.
+    #[arg(long, default_value_t = 3, value_name = "SECONDS")]
+    pub bgp_drain_seconds: u64,
 
     /// bpffs directory for the pinned datapath (default /sys/fs/bpf/ferrolb/<netns>/v<layout>).
     #[arg(long, value_name = "DIR")]
@@ -226,13 +231,10 @@ impl Config {
             Some(k) => parse_ka(k)?,
             None => Vec::new(),
         };
-        if flags.bgp {
-            later.push("-b/--bgp (BGP speaker)");
-        }
         if !later.is_empty() {
             bail!(
                 "{} not supported by this build yet: ferrolb {} runs as a single node. \
-                 HA roles, BGP and connection sync arrive in later releases.",
+                 HA roles and connection sync arrive in later releases.",
                 later.join(", "),
                 env!("CARGO_PKG_VERSION")
             );
@@ -344,7 +346,7 @@ mod tests {
         assert!(e.contains("--cluster: '1.2.3' is not an IP address"), "{e}");
         let e = cfg(&["--ka=1.1.1.1"]).unwrap_err().to_string();
         assert!(e.contains("REMOTE:SOURCE"), "{e}");
-        assert!(cfg(&["-b"]).unwrap_err().to_string().contains("--bgp"));
+        assert!(cfg(&["-b"]).is_ok(), "-b enables the BGP speaker");
         assert!(cfg(&["--rpc=carrier-pigeon"]).is_err());
         let e = cfg(&["--tls"]).unwrap_err().to_string();
         assert!(e.contains("--tls-certificate"), "{e}");

@@ -87,7 +87,9 @@ pub struct Fsm {
 }
 
 fn notif_cease_admin() -> BgpNotificationMessage {
-    BgpNotificationMessage::CeaseError(CeaseError::AdministrativeShutdown { value: Box::new([]) })
+    BgpNotificationMessage::CeaseError(CeaseError::AdministrativeShutdown {
+        value: Box::new([]),
+    })
 }
 
 impl Fsm {
@@ -138,7 +140,9 @@ impl Fsm {
             out.push(Output::StateChange(self.state, to));
             if self.state == State::Established {
                 out.push(Output::Down(
-                    self.last_error.clone().unwrap_or_else(|| "session closed".into()),
+                    self.last_error
+                        .clone()
+                        .unwrap_or_else(|| "session closed".into()),
                 ));
             }
             self.state = to;
@@ -146,11 +150,18 @@ impl Fsm {
     }
 
     fn retry_later(&mut self, now: Instant) {
-        self.connect_retry = Some(now + Duration::from_secs(u64::from(self.p.connect_retry_s.max(1))));
+        self.connect_retry =
+            Some(now + Duration::from_secs(u64::from(self.p.connect_retry_s.max(1))));
     }
 
     /// Tear down with an optional NOTIFICATION; back to Idle, restarting later unless stopped.
-    fn fail(&mut self, notif: Option<BgpNotificationMessage>, why: String, now: Instant, out: &mut Vec<Output>) {
+    fn fail(
+        &mut self,
+        notif: Option<BgpNotificationMessage>,
+        why: String,
+        now: Instant,
+        out: &mut Vec<Output>,
+    ) {
         if let Some(n) = notif {
             out.push(Output::Send(BgpMessage::Notification(n)));
         }
@@ -198,8 +209,16 @@ impl Fsm {
             }
             (_, Event::ManualStop) => {
                 self.auto_start = false;
-                let established = matches!(self.state, State::OpenSent | State::OpenConfirm | State::Established);
-                self.fail(established.then(notif_cease_admin), "administratively stopped".into(), now, &mut out);
+                let established = matches!(
+                    self.state,
+                    State::OpenSent | State::OpenConfirm | State::Established
+                );
+                self.fail(
+                    established.then(notif_cease_admin),
+                    "administratively stopped".into(),
+                    now,
+                    &mut out,
+                );
             }
             (State::Idle, Event::Reset(_)) => {}
             (_, Event::Reset(n)) => {
@@ -208,7 +227,11 @@ impl Fsm {
             }
             (State::Connect | State::Active, Event::TcpConnectionConfirmed) => {
                 self.connect_retry = None;
-                out.push(Output::Send(wire::open(self.p.local_as, self.p.hold_time_s, self.p.router_id)));
+                out.push(Output::Send(wire::open(
+                    self.p.local_as,
+                    self.p.hold_time_s,
+                    self.p.router_id,
+                )));
                 self.hold = Some(now + Duration::from_secs(LARGE_HOLD_TIME_S));
                 self.set(State::OpenSent, &mut out);
             }
@@ -222,9 +245,16 @@ impl Fsm {
             (State::OpenSent, Event::Message(BgpMessage::Open(o))) => {
                 let peer = wire::peer_open(&o);
                 if peer.asn != self.p.remote_as {
-                    let why = format!("peer AS {} is not the configured {}", peer.asn, self.p.remote_as);
+                    let why = format!(
+                        "peer AS {} is not the configured {}",
+                        peer.asn, self.p.remote_as
+                    );
                     self.fail(
-                        Some(BgpNotificationMessage::OpenMessageError(OpenMessageError::BadPeerAs { value: Box::new([]) })),
+                        Some(BgpNotificationMessage::OpenMessageError(
+                            OpenMessageError::BadPeerAs {
+                                value: Box::new([]),
+                            },
+                        )),
                         why,
                         now,
                         &mut out,
@@ -233,7 +263,11 @@ impl Fsm {
                 }
                 if peer.hold_time_s == 1 || peer.hold_time_s == 2 {
                     self.fail(
-                        Some(BgpNotificationMessage::OpenMessageError(OpenMessageError::UnacceptableHoldTime { value: Box::new([]) })),
+                        Some(BgpNotificationMessage::OpenMessageError(
+                            OpenMessageError::UnacceptableHoldTime {
+                                value: Box::new([]),
+                            },
+                        )),
                         format!("unacceptable hold time {}", peer.hold_time_s),
                         now,
                         &mut out,
@@ -243,12 +277,14 @@ impl Fsm {
                 self.hold_s = self.p.hold_time_s.min(peer.hold_time_s);
                 self.peer = Some(peer);
                 out.push(Output::Send(BgpMessage::KeepAlive));
-                self.hold = (self.hold_s > 0).then(|| now + Duration::from_secs(u64::from(self.hold_s)));
+                self.hold =
+                    (self.hold_s > 0).then(|| now + Duration::from_secs(u64::from(self.hold_s)));
                 self.keepalive = self.keepalive_interval().map(|k| now + k);
                 self.set(State::OpenConfirm, &mut out);
             }
             (State::OpenConfirm, Event::Message(BgpMessage::KeepAlive)) => {
-                self.hold = (self.hold_s > 0).then(|| now + Duration::from_secs(u64::from(self.hold_s)));
+                self.hold =
+                    (self.hold_s > 0).then(|| now + Duration::from_secs(u64::from(self.hold_s)));
                 self.last_error = None;
                 self.set(State::Established, &mut out);
                 if let Some(p) = &self.peer {
@@ -257,15 +293,30 @@ impl Fsm {
             }
             (_, Event::Message(BgpMessage::Notification(n))) => {
                 let (code, what) = wire::notification_code(&n);
-                self.fail(None, format!("NOTIFICATION from peer: {code} ({what})"), now, &mut out);
+                self.fail(
+                    None,
+                    format!("NOTIFICATION from peer: {code} ({what})"),
+                    now,
+                    &mut out,
+                );
             }
-            (State::Established, Event::Message(BgpMessage::KeepAlive | BgpMessage::Update(_) | BgpMessage::RouteRefresh(_))) => {
-                self.hold = (self.hold_s > 0).then(|| now + Duration::from_secs(u64::from(self.hold_s)));
+            (
+                State::Established,
+                Event::Message(
+                    BgpMessage::KeepAlive | BgpMessage::Update(_) | BgpMessage::RouteRefresh(_),
+                ),
+            ) => {
+                self.hold =
+                    (self.hold_s > 0).then(|| now + Duration::from_secs(u64::from(self.hold_s)));
             }
             (state, Event::Message(m)) => {
                 let why = format!("unexpected {} in {}", msg_name(&m), state.name());
                 self.fail(
-                    Some(BgpNotificationMessage::FiniteStateMachineError(FiniteStateMachineError::Unspecific { value: Box::new([]) })),
+                    Some(BgpNotificationMessage::FiniteStateMachineError(
+                        FiniteStateMachineError::Unspecific {
+                            value: Box::new([]),
+                        },
+                    )),
                     why,
                     now,
                     &mut out,
@@ -285,10 +336,11 @@ impl Fsm {
         if self.hold.is_some_and(|t| now >= t) {
             self.hold = None;
             let why = "hold timer expired".to_string();
-            let n = BgpNotificationMessage::HoldTimerExpiredError(HoldTimerExpiredError::Unspecific {
-                sub_code: 0,
-                value: Box::new([]),
-            });
+            let n =
+                BgpNotificationMessage::HoldTimerExpiredError(HoldTimerExpiredError::Unspecific {
+                    sub_code: 0,
+                    value: Box::new([]),
+                });
             self.fail(Some(n), why, now, &mut out);
         }
         if self.keepalive.is_some_and(|t| now >= t) {
@@ -359,7 +411,10 @@ mod tests {
         assert_eq!(sends(&out), vec![&BgpMessage::KeepAlive]);
         assert_eq!(f.state(), State::OpenConfirm);
         let out = f.handle(Event::Message(BgpMessage::KeepAlive), now);
-        assert!(out.iter().any(|o| matches!(o, Output::Established(p) if p.asn == 65000)));
+        assert!(
+            out.iter()
+                .any(|o| matches!(o, Output::Established(p) if p.asn == 65000))
+        );
         assert_eq!(f.state(), State::Established);
     }
 
@@ -380,17 +435,25 @@ mod tests {
         let mut f = Fsm::new(params());
         establish(&mut f, now);
         // Keepalives from the peer keep it up...
-        f.handle(Event::Message(BgpMessage::KeepAlive), now + Duration::from_secs(2));
+        f.handle(
+            Event::Message(BgpMessage::KeepAlive),
+            now + Duration::from_secs(2),
+        );
         let _ = f.on_timer(now + Duration::from_secs(4));
         assert_eq!(f.state(), State::Established);
         // ...silence for the hold time does not.
         let out = f.on_timer(now + Duration::from_secs(6));
         assert!(matches!(
             sends(&out)[..],
-            [BgpMessage::Notification(BgpNotificationMessage::HoldTimerExpiredError(_))]
+            [BgpMessage::Notification(
+                BgpNotificationMessage::HoldTimerExpiredError(_)
+            )]
         ));
         assert!(out.contains(&Output::Disconnect));
-        assert!(out.iter().any(|o| matches!(o, Output::Down(w) if w.contains("hold timer"))));
+        assert!(
+            out.iter()
+                .any(|o| matches!(o, Output::Down(w) if w.contains("hold timer")))
+        );
         assert_eq!(f.state(), State::Idle);
         // Automatic restart after the connect-retry time.
         let out = f.on_timer(now + Duration::from_secs(8));
@@ -406,7 +469,9 @@ mod tests {
         let out = f.handle(Event::Message(peer_open(65999, 9)), now);
         assert!(matches!(
             sends(&out)[..],
-            [BgpMessage::Notification(BgpNotificationMessage::OpenMessageError(OpenMessageError::BadPeerAs { .. }))]
+            [BgpMessage::Notification(
+                BgpNotificationMessage::OpenMessageError(OpenMessageError::BadPeerAs { .. })
+            )]
         ));
         assert_eq!(f.state(), State::Idle);
         assert!(f.last_error.as_deref().unwrap().contains("65999"));
@@ -416,7 +481,11 @@ mod tests {
         let out = f.handle(Event::Message(peer_open(65000, 2)), now);
         assert!(matches!(
             sends(&out)[..],
-            [BgpMessage::Notification(BgpNotificationMessage::OpenMessageError(OpenMessageError::UnacceptableHoldTime { .. }))]
+            [BgpMessage::Notification(
+                BgpNotificationMessage::OpenMessageError(
+                    OpenMessageError::UnacceptableHoldTime { .. }
+                )
+            )]
         ));
     }
 
@@ -440,10 +509,15 @@ mod tests {
         let out = f.handle(Event::ManualStop, now);
         assert!(matches!(
             sends(&out)[..],
-            [BgpMessage::Notification(BgpNotificationMessage::CeaseError(_))]
+            [BgpMessage::Notification(
+                BgpNotificationMessage::CeaseError(_)
+            )]
         ));
         assert_eq!(f.state(), State::Idle);
-        assert!(f.on_timer(now + Duration::from_secs(60)).is_empty(), "stopped stays stopped");
+        assert!(
+            f.on_timer(now + Duration::from_secs(60)).is_empty(),
+            "stopped stays stopped"
+        );
         // An UPDATE before the session is up is an FSM error.
         let mut f = Fsm::new(params());
         f.handle(Event::ManualStart, now);
@@ -451,13 +525,20 @@ mod tests {
         let out = f.handle(Event::Message(wire::withdraw(&[])), now);
         assert!(matches!(
             sends(&out)[..],
-            [BgpMessage::Notification(BgpNotificationMessage::FiniteStateMachineError(_))]
+            [BgpMessage::Notification(
+                BgpNotificationMessage::FiniteStateMachineError(_)
+            )]
         ));
         // A NOTIFICATION from the peer brings an Established session down.
         let mut f = Fsm::new(params());
         establish(&mut f, now);
-        let n = BgpNotificationMessage::CeaseError(CeaseError::AdministrativeReset { value: Box::new([]) });
+        let n = BgpNotificationMessage::CeaseError(CeaseError::AdministrativeReset {
+            value: Box::new([]),
+        });
         let out = f.handle(Event::Message(BgpMessage::Notification(n)), now);
-        assert!(out.iter().any(|o| matches!(o, Output::Down(w) if w.contains("cease"))));
+        assert!(
+            out.iter()
+                .any(|o| matches!(o, Output::Down(w) if w.contains("cease")))
+        );
     }
 }

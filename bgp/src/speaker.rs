@@ -111,7 +111,9 @@ impl Speaker {
     /// Sets the local AS and router id; existing sessions restart with them.
     pub fn set_global(&self, g: GlobalConfig) {
         let changed = {
-            let Ok(mut cur) = self.global.lock() else { return };
+            let Ok(mut cur) = self.global.lock() else {
+                return;
+            };
             let changed = cur.as_ref() != Some(&g);
             *cur = Some(g);
             changed
@@ -120,7 +122,11 @@ impl Speaker {
             let cfgs: Vec<NeighborConfig> = self
                 .neighbors
                 .lock()
-                .map(|n| n.values().filter_map(|x| x.status.lock().ok().map(|s| s.config.clone())).collect())
+                .map(|n| {
+                    n.values()
+                        .filter_map(|x| x.status.lock().ok().map(|s| s.config.clone()))
+                        .collect()
+                })
                 .unwrap_or_default();
             for c in cfgs {
                 self.upsert_neighbor(c);
@@ -135,7 +141,9 @@ impl Speaker {
         if global.is_none() {
             warn!(neighbor = %cfg.address, "BGP neighbour configured before the global settings");
         }
-        let Ok(mut ns) = self.neighbors.lock() else { return };
+        let Ok(mut ns) = self.neighbors.lock() else {
+            return;
+        };
         if let Some(old) = ns.get(&cfg.address)
             && old.status.lock().map(|s| s.config == cfg).unwrap_or(false)
             && global.is_some()
@@ -158,7 +166,9 @@ impl Speaker {
             transitions: 0,
             notifications_in: BTreeMap::new(),
             notifications_out: BTreeMap::new(),
-            last_error: global.is_none().then(|| "no global BGP configuration (localAs, routerId)".into()),
+            last_error: global
+                .is_none()
+                .then(|| "no global BGP configuration (localAs, routerId)".into()),
         }));
         let (tx, rx) = mpsc::channel(8);
         if let Some(g) = global {
@@ -185,7 +195,9 @@ impl Speaker {
 
     /// Removes a neighbour (Cease, administrative shutdown). False when unknown.
     pub fn remove_neighbor(&self, address: Ipv4Addr) -> bool {
-        let Ok(mut ns) = self.neighbors.lock() else { return false };
+        let Ok(mut ns) = self.neighbors.lock() else {
+            return false;
+        };
         match ns.remove(&address) {
             Some(n) => {
                 let _ = n.tx.try_send(Cmd::Stop);
@@ -208,7 +220,11 @@ impl Speaker {
         let mut v: Vec<NeighborStatus> = self
             .neighbors
             .lock()
-            .map(|n| n.values().filter_map(|x| x.status.lock().ok().map(|s| s.clone())).collect())
+            .map(|n| {
+                n.values()
+                    .filter_map(|x| x.status.lock().ok().map(|s| s.clone()))
+                    .collect()
+            })
             .unwrap_or_default();
         v.sort_by_key(|s| s.config.address);
         v
@@ -241,7 +257,11 @@ impl Speaker {
                 (*p, a)
             })
             .collect();
-        info!(routes = gshut.len(), ?grace, "BGP drain: graceful shutdown community");
+        info!(
+            routes = gshut.len(),
+            ?grace,
+            "BGP drain: graceful shutdown community"
+        );
         self.set_routes(gshut);
         tokio::time::sleep(grace).await;
         self.set_routes(Routes::new());
@@ -269,7 +289,8 @@ struct Session {
     asn4: bool,
 }
 
-type Connecting = std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<TcpStream>> + Send>>;
+type Connecting =
+    std::pin::Pin<Box<dyn std::future::Future<Output = std::io::Result<TcpStream>> + Send>>;
 
 impl Session {
     fn with_status(&self, f: impl FnOnce(&mut NeighborStatus)) {
@@ -373,9 +394,13 @@ impl Session {
                                 // RFC 7606 treat-as-withdraw: the announced routes count as
                                 // withdrawals, the session stays up.
                                 st.treat_as_withdraw += 1;
-                                st.prefixes_received = st.prefixes_received.saturating_sub(withdrawn + u.nlri().len() as u64);
+                                st.prefixes_received = st
+                                    .prefixes_received
+                                    .saturating_sub(withdrawn + u.nlri().len() as u64);
                             } else {
-                                st.prefixes_received = st.prefixes_received.saturating_sub(withdrawn) + u.nlri().len() as u64;
+                                st.prefixes_received =
+                                    st.prefixes_received.saturating_sub(withdrawn)
+                                        + u.nlri().len() as u64;
                             }
                         });
                         if tw {
@@ -404,8 +429,12 @@ impl Session {
     }
 
     async fn send(&mut self, m: &BgpMessage) -> bool {
-        let Some(s) = self.stream.as_mut() else { return false };
-        let Ok(bytes) = wire::encode(m) else { return false };
+        let Some(s) = self.stream.as_mut() else {
+            return false;
+        };
+        let Ok(bytes) = wire::encode(m) else {
+            return false;
+        };
         match tokio::time::timeout(Duration::from_secs(5), s.write_all(&bytes)).await {
             Ok(Ok(())) => {
                 if let BgpMessage::Notification(n) = m {
@@ -431,7 +460,8 @@ impl Session {
             for o in outs {
                 match o {
                     Output::Connect => {
-                        let addr = SocketAddr::new(IpAddr::V4(self.cfg.address), self.cfg.remote_port);
+                        let addr =
+                            SocketAddr::new(IpAddr::V4(self.cfg.address), self.cfg.remote_port);
                         *connecting = Some(Box::pin(async move {
                             tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
                                 .await
@@ -484,18 +514,33 @@ impl Session {
     /// identical attributes.
     async fn sync_routes(&mut self) {
         let want = self.routes.borrow_and_update().clone();
-        let Some(next_hop) = self.status.lock().ok().and_then(|s| s.local).and_then(|a| match a.ip() {
-            IpAddr::V4(v4) => Some(v4),
-            IpAddr::V6(_) => None,
-        }) else {
+        let Some(next_hop) =
+            self.status
+                .lock()
+                .ok()
+                .and_then(|s| s.local)
+                .and_then(|a| match a.ip() {
+                    IpAddr::V4(v4) => Some(v4),
+                    IpAddr::V6(_) => None,
+                })
+        else {
             return;
         };
-        let gone: Vec<Ipv4Net> = self.sent.keys().filter(|p| !want.contains_key(p)).copied().collect();
+        let gone: Vec<Ipv4Net> = self
+            .sent
+            .keys()
+            .filter(|p| !want.contains_key(p))
+            .copied()
+            .collect();
         let mut groups: BTreeMap<Vec<u8>, (RouteAttrs, Vec<Ipv4Net>)> = BTreeMap::new();
         for (p, a) in want.iter() {
             if self.sent.get(p) != Some(a) {
                 let key = format!("{a:?}").into_bytes();
-                groups.entry(key).or_insert_with(|| (a.clone(), Vec::new())).1.push(*p);
+                groups
+                    .entry(key)
+                    .or_insert_with(|| (a.clone(), Vec::new()))
+                    .1
+                    .push(*p);
             }
         }
         let mut updates = 0u64;
@@ -509,7 +554,10 @@ impl Session {
         let local_as = self.fsm.params().local_as;
         for (attrs, prefixes) in groups.values() {
             for chunk in prefixes.chunks(PREFIXES_PER_UPDATE) {
-                if !self.send(&wire::announce(chunk, attrs, local_as, ebgp, next_hop)).await {
+                if !self
+                    .send(&wire::announce(chunk, attrs, local_as, ebgp, next_hop))
+                    .await
+                {
                     return;
                 }
                 updates += 1;

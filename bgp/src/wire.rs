@@ -161,7 +161,11 @@ pub fn announce(
         ));
     }
     if !attrs.communities.is_empty() {
-        let c: Vec<Community> = attrs.communities.iter().map(|v| Community::new(*v)).collect();
+        let c: Vec<Community> = attrs
+            .communities
+            .iter()
+            .map(|v| Community::new(*v))
+            .collect();
         path.extend(attr(
             true,
             true,
@@ -214,7 +218,15 @@ pub struct Decoded {
 
 /// Decodes one whole message (`frame_len` bytes).
 pub fn decode(frame: &[u8], asn4: bool) -> Result<Decoded, WireError> {
-    let mut ctx = BgpParsingContext::new(asn4, HashMap::new(), HashMap::new(), false, false, false, false);
+    let mut ctx = BgpParsingContext::new(
+        asn4,
+        HashMap::new(),
+        HashMap::new(),
+        false,
+        false,
+        false,
+        false,
+    );
     let message = BgpMessage::parse(&mut SliceReader::new(frame), &mut ctx)
         .map_err(|e| WireError::Decode(format!("{e:?}")))?;
     let ignored = ctx.reset_parsing_errors();
@@ -280,8 +292,11 @@ mod tests {
             panic!()
         };
         assert_eq!(u.nlri().len(), 1);
-        let vals: Vec<&PathAttributeValue> = u.path_attributes().iter().map(|a| a.value()).collect();
-        assert!(vals.iter().any(|v| matches!(v, PathAttributeValue::MultiExitDiscriminator(m) if m.metric() == 200)));
+        let vals: Vec<&PathAttributeValue> =
+            u.path_attributes().iter().map(|a| a.value()).collect();
+        assert!(vals.iter().any(
+            |v| matches!(v, PathAttributeValue::MultiExitDiscriminator(m) if m.metric() == 200)
+        ));
         let path = vals
             .iter()
             .find_map(|v| match v {

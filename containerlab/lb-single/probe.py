@@ -4,6 +4,9 @@
   probe.py http  VIP PORT N [--src IP]        N HTTP GETs, each on a new connection
   probe.py udp   VIP PORT N [--sport P ...]   N datagrams, each from a new socket (or from the
                                               given source ports, one datagram each)
+  probe.py udpflow VIP PORT SECONDS [--flows N] [--interval MS]
+                                              N UDP flows, one datagram every MS per flow;
+                                              per flow: sent, answered, longest gap, peers seen
   probe.py stream VIP PORT SECONDS [--count K] K TCP echo streams, one line every 20 ms each;
                                               reports lines sent/echoed, errors and the longest
                                               gap without an echo, per stream
@@ -102,12 +105,64 @@ def stream(vip, port, seconds, count):
     return results
 
 
+def udpflow(vip, port, seconds, flows, interval_ms):
+    """`flows` UDP flows (one socket each), one datagram every `interval_ms` per flow; per flow:
+    sent, answered, the longest gap between answers, and which address the backend saw."""
+    socks = []
+    for _ in range(flows):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("0.0.0.0", 0))
+        s.setblocking(False)
+        socks.append(s)
+    res = [{"sent": 0, "answered": 0, "max_gap_ms": 0, "peers": {}, "last": None} for _ in socks]
+    start = time.monotonic()
+    end = start + seconds
+    seq = 0
+    while time.monotonic() < end:
+        t = time.monotonic()
+        for i, s in enumerate(socks):
+            try:
+                s.sendto(b"%d" % seq, (vip, port))
+                res[i]["sent"] += 1
+            except OSError:
+                pass
+        seq += 1
+        deadline = t + interval_ms / 1000.0
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                break
+            for i, s in enumerate(socks):
+                while True:
+                    try:
+                        data = s.recv(65535)
+                    except BlockingIOError:
+                        break
+                    r = res[i]
+                    r["answered"] += 1
+                    try:
+                        peer = json.loads(data)["peer"].rsplit(":", 1)[0]
+                        r["peers"][peer] = r["peers"].get(peer, 0) + 1
+                    except Exception:  # noqa: BLE001
+                        pass
+                    now = time.monotonic()
+                    if r["last"] is not None:
+                        r["max_gap_ms"] = max(r["max_gap_ms"], int((now - r["last"]) * 1000))
+                    r["last"] = now
+            time.sleep(0.001)
+    for r in res:
+        del r["last"]
+    return res
+
+
 def main():
     mode, vip, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
     if mode == "http":
         res = http(vip, port, int(sys.argv[4]), opt("--src"))
     elif mode == "udp":
         res = udp(vip, port, int(sys.argv[4]), opt("--sport", many=True))
+    elif mode == "udpflow":
+        res = udpflow(vip, port, float(sys.argv[4]), int(opt("--flows", "10")), float(opt("--interval", "10")))
     elif mode == "stream":
         res = stream(vip, port, float(sys.argv[4]), int(opt("--count", "1")))
     else:

@@ -408,7 +408,9 @@ impl Lab {
     }
 
     /// Drops every IPv4/IPv6 packet into and out of the node with nftables (loopback and ARP
-    /// untouched): the node looks silently dead to its peers.
+    /// untouched): the node looks silently dead to its peers. A TC/XDP program on the node
+    /// (ferrolb's datapath) sees packets before netfilter and keeps forwarding: to kill such a
+    /// node, cut its links from the other side.
     pub fn blackhole(&self, node: &str) -> Result<(), LabError> {
         let script = format!(
             "table inet {BLACKHOLE_TABLE}\ndelete table inet {BLACKHOLE_TABLE}\n\

@@ -6,6 +6,7 @@
 //! or conflicts, 503 no room, 500 internal), reply with loxilb's JSON shapes.
 
 pub mod bfd;
+pub mod bgp;
 pub mod models;
 
 use std::collections::HashMap;
@@ -36,6 +37,8 @@ pub struct App {
     pub metrics: Metrics,
     /// None when BFD could not start (UDP 3784 taken).
     pub bfd: Option<bfd::BfdService>,
+    /// None without -b/--bgp.
+    pub bgp: Option<bgp::BgpService>,
 }
 
 pub type Shared = Arc<App>;
@@ -109,6 +112,13 @@ pub fn router(app: Shared) -> Router {
         .route("/config/loadbalancer/name/{name}", delete(delete_lb_name))
         .route("/config/conntrack/all", get(list_ct))
         .route("/config/cistate/all", get(list_cistate))
+        .route("/config/cistate", post(bgp::set_cistate))
+        .route("/config/bgp/global", post(bgp::global))
+        .route("/config/bgp/neigh", post(bgp::neigh))
+        .route("/config/bgp/neigh/all", get(bgp::list_neigh))
+        .route("/config/bgp/neigh/{ip}", delete(bgp::delete_neigh))
+        .route("/config/bgp/routes", get(bgp::routes))
+        .route("/config/bgp/drain", post(bgp::drain))
         .route("/config/bfd", post(bfd::create))
         .route("/config/bfd/all", get(bfd::list))
         .route("/config/bfd/remoteIP/{ip}", delete(bfd::delete))
@@ -149,6 +159,7 @@ async fn liveness() -> Response {
 async fn create_lb(State(app): State<Shared>, body: Bytes) -> Result<Response, ApiError> {
     let spec = models::parse_rule(&body).map_err(|e| ApiError::bad(e.to_string()))?;
     engine(&app)?.apply(spec)?;
+    bgp::sync(&app).await;
     Ok(success())
 }
 
@@ -218,7 +229,9 @@ async fn delete_lb(
     Path((ip, port, proto)): Path<(String, String, String)>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    delete_by_key(&app, &ip, &port, None, &proto, &q)
+    let r = delete_by_key(&app, &ip, &port, None, &proto, &q);
+    bgp::sync(&app).await;
+    r
 }
 
 async fn delete_lb_range(
@@ -226,31 +239,39 @@ async fn delete_lb_range(
     Path((ip, port, portmax, proto)): Path<(String, String, String, String)>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    delete_by_key(&app, &ip, &port, Some(&portmax), &proto, &q)
+    let r = delete_by_key(&app, &ip, &port, Some(&portmax), &proto, &q);
+    bgp::sync(&app).await;
+    r
 }
 
 async fn delete_lb_name(
     State(app): State<Shared>,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    let mut e = engine(&app)?;
-    let keys = e.find_by_name(&name);
-    if keys.is_empty() {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!("no lb-rule named '{name}'"),
-        ));
+    {
+        let mut e = engine(&app)?;
+        let keys = e.find_by_name(&name);
+        if keys.is_empty() {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("no lb-rule named '{name}'"),
+            ));
+        }
+        e.delete(&keys)?;
     }
-    e.delete(&keys)?;
+    bgp::sync(&app).await;
     Ok(success())
 }
 
 async fn delete_all_lb(State(app): State<Shared>) -> Result<Response, ApiError> {
-    let mut e = engine(&app)?;
-    let keys = e.all_keys();
-    if !keys.is_empty() {
-        e.delete(&keys)?;
+    {
+        let mut e = engine(&app)?;
+        let keys = e.all_keys();
+        if !keys.is_empty() {
+            e.delete(&keys)?;
+        }
     }
+    bgp::sync(&app).await;
     Ok(success())
 }
 
@@ -259,14 +280,21 @@ async fn list_ct(State(app): State<Shared>) -> Result<Response, ApiError> {
     Ok(axum::Json(list).into_response())
 }
 
-async fn list_cistate() -> Response {
+async fn list_cistate(State(app): State<Shared>) -> Response {
+    let mut roles = bgp::roles(&app).await;
+    roles
+        .entry(bgp::DEFAULT_INSTANCE.to_string())
+        .or_insert_with(|| "NOT_DEFINED".to_string());
     axum::Json(CiList {
-        attr: vec![CiState {
-            instance: "llb-inst0".into(),
-            state: "NOT_DEFINED".into(),
-            vip: "0.0.0.0".into(),
-            sync: 0,
-        }],
+        attr: roles
+            .into_iter()
+            .map(|(instance, state)| CiState {
+                instance,
+                state,
+                vip: "0.0.0.0".into(),
+                sync: 0,
+            })
+            .collect(),
     })
     .into_response()
 }
@@ -290,6 +318,9 @@ async fn prometheus(State(app): State<Shared>) -> Result<Response, ApiError> {
     };
     if let Some(b) = &app.bfd {
         text.push_str(&bfd::metrics(b).await);
+    }
+    if let Some(b) = &app.bgp {
+        text.push_str(&bgp::metrics(b));
     }
     Ok((
         [(

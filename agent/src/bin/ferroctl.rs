@@ -30,10 +30,20 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Show rules (lb), connections (ct), the HA state (ha) or BFD sessions (bfd).
+    /// Show rules (lb), connections (ct), the HA state (ha), BFD sessions (bfd), BGP
+    /// neighbours (bgp) or originated BGP routes (bgp routes).
     Get {
-        #[arg(value_parser = ["lb", "ct", "ha", "bfd"])]
+        #[arg(value_parser = ["lb", "ct", "ha", "bfd", "bgp"])]
         what: String,
+        /// `routes` after `bgp`.
+        #[arg(value_parser = ["routes"])]
+        sub: Option<String>,
+    },
+    /// BGP graceful shutdown now: advertise with the GRACEFUL_SHUTDOWN community, then withdraw.
+    Drain {
+        /// Seconds between the graceful-shutdown advertisement and the withdrawal.
+        #[arg(long, default_value_t = 3)]
+        grace: u64,
     },
     /// Create a rule: `create lb VIP --tcp=PORT:TARGETPORT --endpoints=IP:WEIGHT,...`.
     Create {
@@ -321,6 +331,71 @@ fn bfd_table(v: &Value) -> String {
     )
 }
 
+fn bgp_table(v: &Value) -> String {
+    let rows = v["bgpNeiAttr"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            vec![
+                s(&e["ipAddress"]),
+                e["remoteAs"].to_string(),
+                s(&e["state"]),
+                e["updowntime"].to_string(),
+                e["prefixesSent"].to_string(),
+                e["prefixesReceived"].to_string(),
+                e["lastError"].as_str().unwrap_or("-").to_string(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "NEIGHBOR",
+            "AS",
+            "STATE",
+            "UP/DOWN s",
+            "SENT",
+            "RECEIVED",
+            "LAST ERROR",
+        ],
+        rows,
+    )
+}
+
+fn bgp_routes_table(v: &Value) -> String {
+    let rows = v["routes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            vec![
+                s(&e["prefix"]),
+                e["med"]
+                    .as_u64()
+                    .map(|m| m.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                e["prepend"].to_string(),
+                e["communities"]
+                    .as_array()
+                    .map(|c| {
+                        c.iter()
+                            .map(|x| {
+                                format!(
+                                    "{}:{}",
+                                    x.as_u64().unwrap_or(0) >> 16,
+                                    x.as_u64().unwrap_or(0) & 0xffff
+                                )
+                            })
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    })
+                    .unwrap_or_default(),
+            ]
+        })
+        .collect();
+    table(&["PREFIX", "MED", "PREPEND", "COMMUNITIES"], rows)
+}
+
 fn ha_table(v: &Value) -> String {
     let rows = v["Attr"]
         .as_array()
@@ -349,11 +424,33 @@ fn main() -> Result<()> {
                 println!("{}", v["buildInfo"].as_str().unwrap_or_default());
             }
         }
-        Cmd::Get { what } => {
+        Cmd::Drain { grace } => {
+            let c = Client {
+                base: c.base,
+                timeout: Duration::from_secs(grace + 10),
+            };
+            let v = c.ok(
+                "POST",
+                "/config/bgp/drain",
+                Some(&json!({"graceSeconds": grace})),
+            )?;
+            if cli.json {
+                println!("{v}");
+            } else {
+                println!("drained: VIPs withdrawn, BGP sessions closed");
+            }
+        }
+        Cmd::Get { what, sub } => {
+            let routes = sub.as_deref() == Some("routes");
+            if routes && what != "bgp" {
+                bail!("'routes' only goes with 'get bgp'");
+            }
             let path = match what.as_str() {
                 "lb" => "/config/loadbalancer/all",
                 "ct" => "/config/conntrack/all",
                 "bfd" => "/config/bfd/all",
+                "bgp" if routes => "/config/bgp/routes",
+                "bgp" => "/config/bgp/neigh/all",
                 _ => "/config/cistate/all",
             };
             let v = c.ok("GET", path, None)?;
@@ -366,6 +463,8 @@ fn main() -> Result<()> {
                         "lb" => lb_table(&v),
                         "ct" => ct_table(&v),
                         "bfd" => bfd_table(&v),
+                        "bgp" if routes => bgp_routes_table(&v),
+                        "bgp" => bgp_table(&v),
                         _ => ha_table(&v),
                     }
                 );

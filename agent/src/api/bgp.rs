@@ -1,0 +1,648 @@
+//! BGP over REST in loxilb's shapes (kube-loxilb's way): `POST /config/bgp/global`,
+//! `POST /config/bgp/neigh`, `GET /config/bgp/neigh/all`, `DELETE /config/bgp/neigh/{ip}`;
+//! roles with `POST /config/cistate`; ferrolb's `POST /config/bgp/drain`. The configuration is
+//! saved in `<config-path>/bgp.json` and restored on start.
+//!
+//! Originated routes: a /32 for every VIP of a rule with `bgp: true`; the rule's HA instance
+//! (its name after `:`, default `llb-inst0`) decides the attributes: MASTER and NOT_DEFINED
+//! advertise plainly, BACKUP prepends its AS [`BACKUP_PREPEND`] times with MED [`BACKUP_MED`].
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use ferrolb_bgp::{GlobalConfig, NeighborConfig, RouteAttrs, Routes, Speaker};
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::sync::Mutex;
+use tracing::{info, warn};
+
+use super::models::FieldError;
+use super::{ApiError, Shared};
+use crate::rules::RuleSet;
+use crate::store::write_atomic;
+
+pub const BGP_FILE: &str = "bgp.json";
+pub const BACKUP_PREPEND: u8 = 3;
+pub const BACKUP_MED: u32 = 200;
+pub const DEFAULT_INSTANCE: &str = "llb-inst0";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NeighSpec {
+    pub address: Ipv4Addr,
+    pub remote_as: u32,
+    pub remote_port: u16,
+    pub hold_time_s: u16,
+    pub bfd: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BgpState {
+    pub local_as: Option<u32>,
+    pub router_id: Option<Ipv4Addr>,
+    pub neighbors: BTreeMap<Ipv4Addr, NeighSpec>,
+    /// Role per cluster instance (MASTER, BACKUP, NOT_DEFINED).
+    #[serde(default)]
+    pub roles: BTreeMap<String, String>,
+}
+
+pub struct BgpService {
+    pub speaker: Speaker,
+    pub dir: PathBuf,
+    pub state: Mutex<BgpState>,
+}
+
+impl BgpService {
+    pub fn load(dir: &std::path::Path) -> anyhow::Result<BgpState> {
+        let path = dir.join(BGP_FILE);
+        match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| {
+                anyhow::anyhow!(
+                    "{}: not a ferrolb BGP document ({e}); move it aside",
+                    path.display()
+                )
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BgpState::default()),
+            Err(e) => Err(anyhow::anyhow!("{}: {e}", path.display())),
+        }
+    }
+
+    pub async fn save(&self, st: &BgpState) -> Result<(), ApiError> {
+        let bytes = serde_json::to_vec_pretty(st).unwrap_or_default();
+        write_atomic(&self.dir, BGP_FILE, &bytes).map_err(|e| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("saving BGP configuration: {e}"),
+            )
+        })
+    }
+
+    /// Applies the saved/current configuration to the speaker.
+    pub fn apply(&self, st: &BgpState) {
+        if let (Some(a), Some(r)) = (st.local_as, st.router_id) {
+            self.speaker.set_global(GlobalConfig {
+                local_as: a,
+                router_id: r,
+            });
+        }
+        for n in st.neighbors.values() {
+            self.speaker.upsert_neighbor(neighbor_config(n));
+        }
+    }
+}
+
+pub fn neighbor_config(n: &NeighSpec) -> NeighborConfig {
+    NeighborConfig {
+        address: n.address,
+        remote_as: n.remote_as,
+        remote_port: n.remote_port,
+        hold_time_s: n.hold_time_s,
+        connect_retry_s: 1,
+    }
+}
+
+/// The routes the rules ask for, with role-driven attributes.
+pub fn routes_for(rules: &RuleSet, roles: &BTreeMap<String, String>) -> Routes {
+    let mut out = Routes::new();
+    for r in rules.rules.values() {
+        if !r.service.bgp {
+            continue;
+        }
+        let IpAddr::V4(vip) = r.key.external_ip else {
+            continue;
+        };
+        let instance = r
+            .service
+            .name
+            .rsplit_once(':')
+            .map(|(_, i)| i)
+            .filter(|i| !i.is_empty())
+            .unwrap_or(DEFAULT_INSTANCE);
+        let backup = roles.get(instance).is_some_and(|s| s == "BACKUP");
+        let attrs = if backup {
+            RouteAttrs {
+                med: Some(BACKUP_MED),
+                prepend: BACKUP_PREPEND,
+                ..Default::default()
+            }
+        } else {
+            RouteAttrs::default()
+        };
+        let Ok(net) = Ipv4Net::new(vip, 32) else {
+            continue;
+        };
+        // Two rules on one VIP in different roles: the plainer advertisement wins.
+        out.entry(net)
+            .and_modify(|a: &mut RouteAttrs| {
+                if !backup {
+                    *a = RouteAttrs::default();
+                }
+            })
+            .or_insert(attrs);
+    }
+    out
+}
+
+fn get<'a>(o: &'a serde_json::Map<String, Value>, name: &str) -> Option<&'a Value> {
+    o.get(name)
+        .or_else(|| {
+            o.iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v)
+        })
+        .filter(|v| !v.is_null())
+}
+
+fn obj(body: &[u8]) -> Result<serde_json::Map<String, Value>, FieldError> {
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| FieldError::new("", format!("invalid JSON: {e}")))?;
+    match v {
+        Value::Object(o) => Ok(o),
+        _ => Err(FieldError::new("", "body must be an object")),
+    }
+}
+
+fn uint(
+    o: &serde_json::Map<String, Value>,
+    name: &str,
+    max: u64,
+) -> Result<Option<u64>, FieldError> {
+    match get(o, name) {
+        None => Ok(None),
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(v) if v <= max => Ok(Some(v)),
+            _ => Err(FieldError::new(name, format!("must be 0..={max}, got {n}"))),
+        },
+        Some(_) => Err(FieldError::new(name, "must be an integer")),
+    }
+}
+
+fn ipv4(o: &serde_json::Map<String, Value>, name: &str) -> Result<Option<Ipv4Addr>, FieldError> {
+    match get(o, name) {
+        None => Ok(None),
+        Some(Value::String(s)) => s
+            .parse()
+            .map(Some)
+            .map_err(|_| FieldError::new(name, format!("'{s}' is not an IPv4 address"))),
+        Some(_) => Err(FieldError::new(name, "must be a string")),
+    }
+}
+
+fn bad(e: FieldError) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, e.to_string())
+}
+
+fn service(app: &Shared) -> Result<&BgpService, ApiError> {
+    app.bgp.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "BGP is not enabled on this node (start ferrolb with -b/--bgp)",
+        )
+    })
+}
+
+fn ok() -> Response {
+    (StatusCode::OK, Json(json!({"result": "Success"}))).into_response()
+}
+
+/// `POST /config/bgp/global`.
+pub async fn global(State(app): State<Shared>, body: Bytes) -> Result<Response, ApiError> {
+    let o = obj(&body).map_err(bad)?;
+    let local_as = uint(&o, "localAs", u64::from(u32::MAX))
+        .map_err(bad)?
+        .filter(|a| *a != 0)
+        .ok_or_else(|| bad(FieldError::new("localAs", "required, 1..=4294967295")))?;
+    let router_id = ipv4(&o, "routerId")
+        .map_err(bad)?
+        .ok_or_else(|| bad(FieldError::new("routerId", "required (an IPv4 address)")))?;
+    if let Some(p) = uint(&o, "listenPort", 65535).map_err(bad)?
+        && p != 179
+    {
+        return Err(bad(FieldError::new(
+            "listenPort",
+            "only 179 is supported (ferrolb connects actively)",
+        )));
+    }
+    let svc = service(&app)?;
+    let mut st = svc.state.lock().await;
+    st.local_as = Some(local_as as u32);
+    st.router_id = Some(router_id);
+    svc.apply(&st);
+    svc.save(&st).await?;
+    Ok(ok())
+}
+
+/// `POST /config/bgp/neigh`.
+pub async fn neigh(State(app): State<Shared>, body: Bytes) -> Result<Response, ApiError> {
+    let o = obj(&body).map_err(bad)?;
+    let address = ipv4(&o, "ipAddress")
+        .map_err(bad)?
+        .ok_or_else(|| bad(FieldError::new("ipAddress", "required (an IPv4 address)")))?;
+    let remote_as = uint(&o, "remoteAs", u64::from(u32::MAX))
+        .map_err(bad)?
+        .filter(|a| *a != 0)
+        .ok_or_else(|| bad(FieldError::new("remoteAs", "required, 1..=4294967295")))?;
+    let remote_port = uint(&o, "remotePort", 65535).map_err(bad)?.unwrap_or(179);
+    if remote_port == 0 {
+        return Err(bad(FieldError::new("remotePort", "must be 1..=65535")));
+    }
+    if matches!(get(&o, "setMultiHop"), Some(Value::Bool(true))) {
+        return Err(bad(FieldError::new(
+            "setMultiHop",
+            "multihop sessions are not supported yet",
+        )));
+    }
+    if get(&o, "password").is_some_and(|v| v.as_str().is_some_and(|s| !s.is_empty())) {
+        return Err(bad(FieldError::new(
+            "password",
+            "TCP MD5 signatures are not supported yet",
+        )));
+    }
+    let hold = uint(&o, "holdTime", 65535).map_err(bad)?.unwrap_or(9);
+    if hold == 1 || hold == 2 {
+        return Err(bad(FieldError::new(
+            "holdTime",
+            "must be 0 or at least 3 seconds",
+        )));
+    }
+    let bfd = match get(&o, "bfd") {
+        None => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(bad(FieldError::new("bfd", "must be true or false"))),
+    };
+    let svc = service(&app)?;
+    let spec = NeighSpec {
+        address,
+        remote_as: remote_as as u32,
+        remote_port: remote_port as u16,
+        hold_time_s: hold as u16,
+        bfd,
+    };
+    let mut st = svc.state.lock().await;
+    st.neighbors.insert(address, spec.clone());
+    svc.speaker.upsert_neighbor(neighbor_config(&spec));
+    svc.save(&st).await?;
+    drop(st);
+    if bfd {
+        bfd_for_neighbor(&app, address).await;
+    }
+    Ok(ok())
+}
+
+/// A BFD session to a BGP neighbour with `bfd: true` (100 ms x 3 unless one exists already).
+pub async fn bfd_for_neighbor(app: &Shared, address: Ipv4Addr) {
+    let Some(b) = &app.bfd else {
+        warn!(%address, "BGP neighbour wants BFD but BFD is not running");
+        return;
+    };
+    if b.handle
+        .list()
+        .await
+        .is_ok_and(|l| l.iter().any(|p| p.peer == IpAddr::V4(address)))
+    {
+        return;
+    }
+    let source = match crate::vip::source_toward(IpAddr::V4(address)) {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(%address, error = %e, "no source address for BFD to the BGP neighbour");
+            return;
+        }
+    };
+    let pc = ferrolb_bfd::PeerConfig {
+        peer: IpAddr::V4(address),
+        local: source,
+        instance: "bgp".into(),
+        session: ferrolb_bfd::SessionConfig::default(),
+    };
+    match b.handle.upsert(pc).await {
+        Ok(_) => info!(%address, "BFD for the BGP neighbour"),
+        Err(e) => warn!(%address, error = %e, "BFD for the BGP neighbour failed"),
+    }
+}
+
+#[derive(Deserialize)]
+pub struct RemoteAs {
+    #[serde(rename = "remoteAs")]
+    remote_as: Option<String>,
+}
+
+/// `DELETE /config/bgp/neigh/{ip}?remoteAs=N`.
+pub async fn delete_neigh(
+    State(app): State<Shared>,
+    Path(ip): Path<String>,
+    Query(q): Query<RemoteAs>,
+) -> Result<Response, ApiError> {
+    let address: Ipv4Addr = ip.parse().map_err(|_| {
+        bad(FieldError::new(
+            "ip",
+            format!("'{ip}' is not an IPv4 address"),
+        ))
+    })?;
+    let svc = service(&app)?;
+    let mut st = svc.state.lock().await;
+    let Some(n) = st.neighbors.get(&address).cloned() else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no BGP neighbour {address}"),
+        ));
+    };
+    if let Some(ra) = q.remote_as.as_deref().filter(|s| !s.is_empty()) {
+        let ra: u32 = ra.parse().map_err(|_| {
+            bad(FieldError::new(
+                "remoteAs",
+                format!("'{ra}' is not an AS number"),
+            ))
+        })?;
+        if ra != n.remote_as {
+            return Err(ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "BGP neighbour {address} has remote AS {}, not {ra}",
+                    n.remote_as
+                ),
+            ));
+        }
+    }
+    st.neighbors.remove(&address);
+    svc.speaker.remove_neighbor(address);
+    svc.save(&st).await?;
+    if n.bfd
+        && let Some(b) = &app.bfd
+    {
+        let _ = b.handle.remove(IpAddr::V4(address)).await;
+    }
+    Ok(ok())
+}
+
+fn unix_s(t: Option<SystemTime>) -> u64 {
+    t.and_then(|t| SystemTime::now().duration_since(t).ok())
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// `GET /config/bgp/neigh/all`.
+pub async fn list_neigh(State(app): State<Shared>) -> Result<Response, ApiError> {
+    let svc = service(&app)?;
+    let attr: Vec<Value> = svc
+        .speaker
+        .neighbors()
+        .iter()
+        .map(|n| {
+            json!({
+                "ipAddress": n.config.address.to_string(),
+                "remoteAs": n.config.remote_as,
+                "state": n.state.name(),
+                "updowntime": unix_s(n.since),
+                // ferrolb's additions:
+                "prefixesSent": n.prefixes_sent,
+                "prefixesReceived": n.prefixes_received,
+                "updatesIn": n.updates_in,
+                "updatesOut": n.updates_out,
+                "treatAsWithdraw": n.treat_as_withdraw,
+                "lastError": n.last_error,
+                "localAddress": n.local.map(|a| a.ip().to_string()),
+            })
+        })
+        .collect();
+    Ok(Json(json!({"bgpNeiAttr": attr})).into_response())
+}
+
+/// `GET /config/bgp/routes` (ferrolb): what is originated, with attributes.
+pub async fn routes(State(app): State<Shared>) -> Result<Response, ApiError> {
+    let svc = service(&app)?;
+    let r: Vec<Value> = svc
+        .speaker
+        .routes()
+        .iter()
+        .map(|(p, a)| json!({"prefix": p.to_string(), "med": a.med, "prepend": a.prepend, "communities": a.communities}))
+        .collect();
+    Ok(Json(json!({"routes": r})).into_response())
+}
+
+/// `POST /config/bgp/drain` (ferrolb): graceful shutdown now; `{"graceSeconds": N}`.
+pub async fn drain(State(app): State<Shared>, body: Bytes) -> Result<Response, ApiError> {
+    let grace = if body.is_empty() {
+        3
+    } else {
+        let o = obj(&body).map_err(bad)?;
+        uint(&o, "graceSeconds", 600).map_err(bad)?.unwrap_or(3)
+    };
+    let svc = service(&app)?;
+    svc.speaker
+        .drain(Duration::from_secs(grace), BACKUP_PREPEND)
+        .await;
+    Ok(ok())
+}
+
+/// Recomputes the originated routes from the rules and roles.
+pub async fn sync(app: &Shared) {
+    let Some(svc) = &app.bgp else { return };
+    let roles = svc.state.lock().await.roles.clone();
+    let routes = match app.engine.lock() {
+        Ok(e) => routes_for(e.rules(), &roles),
+        Err(_) => return,
+    };
+    svc.speaker.set_routes(routes);
+}
+
+/// `POST /config/cistate`: `{"instance":"llb-inst0","state":"MASTER"|"BACKUP"|"NOT_DEFINED","vip":...}`.
+pub async fn set_cistate(State(app): State<Shared>, body: Bytes) -> Result<Response, ApiError> {
+    let o = obj(&body).map_err(bad)?;
+    let instance = match get(&o, "instance") {
+        None => DEFAULT_INSTANCE.to_string(),
+        Some(Value::String(s)) if !s.is_empty() => s.clone(),
+        Some(_) => {
+            return Err(bad(FieldError::new(
+                "instance",
+                "must be a non-empty string",
+            )));
+        }
+    };
+    let state = match get(&o, "state") {
+        Some(Value::String(s)) => s.to_ascii_uppercase(),
+        _ => {
+            return Err(bad(FieldError::new(
+                "state",
+                "required: MASTER, BACKUP or NOT_DEFINED",
+            )));
+        }
+    };
+    if !matches!(state.as_str(), "MASTER" | "BACKUP" | "NOT_DEFINED") {
+        return Err(bad(FieldError::new(
+            "state",
+            format!("'{state}' is not MASTER, BACKUP or NOT_DEFINED"),
+        )));
+    }
+    let svc = service(&app)?;
+    {
+        let mut st = svc.state.lock().await;
+        st.roles.insert(instance, state);
+        svc.save(&st).await?;
+    }
+    sync(&app).await;
+    Ok(ok())
+}
+
+/// Roles for `GET /config/cistate/all` (empty without BGP).
+pub async fn roles(app: &Shared) -> BTreeMap<String, String> {
+    match &app.bgp {
+        Some(s) => s.state.lock().await.roles.clone(),
+        None => BTreeMap::new(),
+    }
+}
+
+/// Prometheus lines for BGP.
+pub fn metrics(svc: &BgpService) -> String {
+    use std::fmt::Write;
+    let mut o = String::new();
+    let ns = svc.speaker.neighbors();
+    let fam = |o: &mut String, name: &str, kind: &str, help: &str| {
+        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    };
+    fam(
+        &mut o,
+        "ferrolb_bgp_session_established",
+        "gauge",
+        "1 when the BGP session is Established.",
+    );
+    for n in &ns {
+        let _ = writeln!(
+            o,
+            "ferrolb_bgp_session_established{{neighbor=\"{}\"}} {}",
+            n.config.address,
+            u8::from(n.state == ferrolb_bgp::State::Established)
+        );
+    }
+    fam(
+        &mut o,
+        "ferrolb_bgp_state_transitions_total",
+        "counter",
+        "BGP FSM state changes.",
+    );
+    for n in &ns {
+        let _ = writeln!(
+            o,
+            "ferrolb_bgp_state_transitions_total{{neighbor=\"{}\"}} {}",
+            n.config.address, n.transitions
+        );
+    }
+    fam(
+        &mut o,
+        "ferrolb_bgp_updates_total",
+        "counter",
+        "UPDATE messages per direction.",
+    );
+    for n in &ns {
+        let _ = writeln!(
+            o,
+            "ferrolb_bgp_updates_total{{neighbor=\"{}\",direction=\"in\"}} {}",
+            n.config.address, n.updates_in
+        );
+        let _ = writeln!(
+            o,
+            "ferrolb_bgp_updates_total{{neighbor=\"{}\",direction=\"out\"}} {}",
+            n.config.address, n.updates_out
+        );
+    }
+    fam(
+        &mut o,
+        "ferrolb_bgp_prefixes",
+        "gauge",
+        "Prefixes advertised to and received from the neighbour.",
+    );
+    for n in &ns {
+        let _ = writeln!(
+            o,
+            "ferrolb_bgp_prefixes{{neighbor=\"{}\",direction=\"advertised\"}} {}",
+            n.config.address, n.prefixes_sent
+        );
+        let _ = writeln!(
+            o,
+            "ferrolb_bgp_prefixes{{neighbor=\"{}\",direction=\"received\"}} {}",
+            n.config.address, n.prefixes_received
+        );
+    }
+    fam(
+        &mut o,
+        "ferrolb_bgp_notifications_total",
+        "counter",
+        "NOTIFICATION messages by direction and error code.",
+    );
+    for n in &ns {
+        for (code, c) in &n.notifications_in {
+            let _ = writeln!(
+                o,
+                "ferrolb_bgp_notifications_total{{neighbor=\"{}\",direction=\"in\",code=\"{code}\"}} {c}",
+                n.config.address
+            );
+        }
+        for (code, c) in &n.notifications_out {
+            let _ = writeln!(
+                o,
+                "ferrolb_bgp_notifications_total{{neighbor=\"{}\",direction=\"out\",code=\"{code}\"}} {c}",
+                n.config.address
+            );
+        }
+    }
+    fam(
+        &mut o,
+        "ferrolb_bgp_treat_as_withdraw_total",
+        "counter",
+        "Received UPDATEs treated as withdraw (RFC 7606).",
+    );
+    for n in &ns {
+        let _ = writeln!(
+            o,
+            "ferrolb_bgp_treat_as_withdraw_total{{neighbor=\"{}\"}} {}",
+            n.config.address, n.treat_as_withdraw
+        );
+    }
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::models::parse_rule;
+
+    #[test]
+    fn routes_follow_bgp_flag_and_roles() {
+        let mut rs = RuleSet::default();
+        for (port, bgp, name) in [
+            (80, true, "default_a:llb-inst0"),
+            (81, false, "default_b:llb-inst0"),
+            (82, true, "x:inst1"),
+        ] {
+            let ip = if port == 82 {
+                "203.0.113.11"
+            } else {
+                "203.0.113.10"
+            };
+            let b = format!(
+                r#"{{"serviceArguments":{{"externalIP":"{ip}","port":{port},"BGP":{bgp},"name":"{name}"}},"endpoints":[]}}"#
+            );
+            let c = rs.plan(parse_rule(b.as_bytes()).unwrap(), 16).unwrap();
+            rs.apply(&c);
+        }
+        let plain = routes_for(&rs, &BTreeMap::new());
+        assert_eq!(plain.len(), 2);
+        assert!(plain.values().all(|a| *a == RouteAttrs::default()));
+        let roles = BTreeMap::from([("llb-inst0".to_string(), "BACKUP".to_string())]);
+        let r = routes_for(&rs, &roles);
+        let a = &r[&"203.0.113.10/32".parse().unwrap()];
+        assert_eq!((a.prepend, a.med), (BACKUP_PREPEND, Some(BACKUP_MED)));
+        assert_eq!(
+            r[&"203.0.113.11/32".parse().unwrap()],
+            RouteAttrs::default(),
+            "another instance"
+        );
+    }
+}

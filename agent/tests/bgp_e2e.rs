@@ -1,0 +1,438 @@
+//! BGP interop on `containerlab/bgp-ecmp/ferrolb.clab.yml`: an FRR ToR (AS 65000, ECMP, BFD
+//! 100 ms x 3) and two ferrolb nodes configured over REST exactly as kube-loxilb does it.
+//! Traffic is UDP echo through a one-arm rule, so each reply names the LB node that carried it.
+#![allow(clippy::unwrap_used)]
+
+use std::time::{Duration, Instant};
+
+use ferrolb_tests::{TestLab, require, rest};
+use serde_json::{Value, json};
+
+const TOPOLOGY: &str = "containerlab/bgp-ecmp/ferrolb.clab.yml";
+const FERROLB: &str = env!("CARGO_BIN_EXE_ferrolb");
+const FERROCTL: &str = env!("CARGO_BIN_EXE_ferroctl");
+const VIP: &str = "203.0.113.10";
+const LBS: [(&str, &str, &str); 2] = [
+    ("lb1", "192.0.2.2", "192.0.2.1"),
+    ("lb2", "192.0.2.6", "192.0.2.5"),
+];
+
+fn probe_path() -> String {
+    ferrolb_tests::repo_root()
+        .join("containerlab/lb-single/probe.py")
+        .display()
+        .to_string()
+}
+
+fn rule() -> String {
+    json!({"serviceArguments": {"externalIP": VIP, "port": 9001, "protocol": "udp", "sel": 1, "mode": 1,
+                                "BGP": true, "Monitor": false, "name": "default_udp-echo:llb-inst0"},
+           "secondaryIPs": [], "allowedSources": [],
+           "endpoints": [{"endpointIP": "10.10.10.11", "targetPort": 9001, "weight": 1},
+                         {"endpointIP": "10.10.10.12", "targetPort": 9001, "weight": 1},
+                         {"endpointIP": "10.10.10.13", "targetPort": 9001, "weight": 1}]})
+    .to_string()
+}
+
+/// The lab with both LB nodes peering with the ToR (BFD on) and the UDP rule on both.
+fn lab(test: &str, label: &str) -> Option<TestLab> {
+    let mut programs = ferrolb_tests::FRR_LAB.to_vec();
+    programs.extend(["curl", "python3"]);
+    if !require(test, &programs) {
+        return None;
+    }
+    let lab = TestLab::up_with(TOPOLOGY, label, &[("FERROLB", FERROLB)]).expect("lab up");
+    for (node, me, tor) in LBS {
+        lab.wait_until(&format!("{node}'s API"), Duration::from_secs(20), || {
+            Ok(rest(&lab, node, "GET", "", None).0 == 200)
+        })
+        .unwrap();
+        let g =
+            json!({"localAs": 65100, "routerId": me, "setNextHopSelf": true, "listenPort": 179});
+        assert_eq!(
+            rest(
+                &lab,
+                node,
+                "POST",
+                "/config/bgp/global",
+                Some(&g.to_string())
+            )
+            .0,
+            200
+        );
+        let n = json!({"ipAddress": tor, "remoteAs": 65000, "remotePort": 179, "setMultiHop": false, "bfd": true});
+        assert_eq!(
+            rest(
+                &lab,
+                node,
+                "POST",
+                "/config/bgp/neigh",
+                Some(&n.to_string())
+            )
+            .0,
+            200
+        );
+        assert_eq!(
+            rest(&lab, node, "POST", "/config/loadbalancer", Some(&rule())).0,
+            200
+        );
+    }
+    for be in ["10.10.10.11", "10.10.10.12", "10.10.10.13"] {
+        lab.wait_until(&format!("backend {be}"), Duration::from_secs(20), || {
+            Ok(lab
+                .exec(
+                    "lb1",
+                    &["curl", "-sf", "-m", "1", &format!("http://{be}:8080/")],
+                )?
+                .success())
+        })
+        .unwrap();
+    }
+    wait_nexthops(&lab, 2, 20);
+    Some(lab)
+}
+
+fn nexthops(lab: &TestLab) -> Vec<String> {
+    let out = lab
+        .exec_ok("tor", &["ip", "-j", "route", "show", VIP])
+        .unwrap_or_default();
+    let v: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
+    let Some(r) = v.get(0) else { return vec![] };
+    if let Some(nh) = r["nexthops"].as_array() {
+        nh.iter()
+            .filter_map(|n| n["gateway"].as_str().map(str::to_string))
+            .collect()
+    } else {
+        r["gateway"]
+            .as_str()
+            .map(|g| vec![g.to_string()])
+            .unwrap_or_default()
+    }
+}
+
+fn wait_nexthops(lab: &TestLab, n: usize, secs: u64) -> Duration {
+    lab.wait_until(
+        &format!("{n} next hops for the VIP on the ToR"),
+        Duration::from_secs(secs),
+        || Ok(nexthops(lab).len() == n),
+    )
+    .unwrap()
+}
+
+fn udpflow(lab: &TestLab, seconds: f64, flows: u32) -> Vec<Value> {
+    let out = lab
+        .exec_ok(
+            "client",
+            &[
+                "python3",
+                &probe_path(),
+                "udpflow",
+                VIP,
+                "9001",
+                &seconds.to_string(),
+                "--flows",
+                &flows.to_string(),
+            ],
+        )
+        .unwrap();
+    serde_json::from_str::<Value>(&out)
+        .unwrap()
+        .as_array()
+        .cloned()
+        .unwrap()
+}
+
+fn spawn_udpflow(lab: &TestLab, seconds: f64, flows: u32, name: &str) {
+    lab.spawn(
+        "client",
+        &format!("{name}-run"),
+        &["sh", "-c", &format!(
+            "python3 {} udpflow {VIP} 9001 {seconds} --flows {flows} > /var/log/{name}.tmp && mv /var/log/{name}.tmp /var/log/{name}",
+            probe_path()
+        )],
+    )
+    .unwrap();
+}
+
+fn read_flows(lab: &TestLab, name: &str) -> Vec<Value> {
+    let path = lab.log_dir("client").join(name);
+    lab.wait_until("the probe to finish", Duration::from_secs(60), || {
+        Ok(path.exists())
+    })
+    .unwrap();
+    serde_json::from_str::<Value>(&std::fs::read_to_string(&path).unwrap())
+        .unwrap()
+        .as_array()
+        .cloned()
+        .unwrap()
+}
+
+/// Drops (or stops dropping) every packet in and out of one ToR interface; the link stays up.
+fn cut_tor_link(lab: &TestLab, iface: &str, cut: bool) {
+    let script = if cut {
+        format!(
+            "table inet cut {{\n chain pre {{ type filter hook prerouting priority -500; iifname \"{iface}\" drop; }}\n chain post {{ type filter hook postrouting priority -500; oifname \"{iface}\" drop; }}\n chain out {{ type filter hook output priority -500; oifname \"{iface}\" drop; }}\n}}\n"
+        )
+    } else {
+        "delete table inet cut\n".to_string()
+    };
+    let out = lab
+        .exec_input("tor", &["nft", "-f", "-"], Some(script.as_bytes()))
+        .unwrap();
+    assert!(out.success(), "{out:?}");
+}
+
+fn best_path_via(lab: &TestLab) -> Vec<String> {
+    nexthops(lab)
+}
+
+#[test]
+fn ecmp_rule_changes_and_roles() {
+    let Some(lab) = lab("ecmp_rule_changes_and_roles", "bgpecmp") else {
+        return;
+    };
+    // Flows spread over both LB nodes (one-arm: the backend sees which node it was).
+    let flows = udpflow(&lab, 1.0, 16);
+    let mut by_lb = std::collections::BTreeMap::new();
+    for f in &flows {
+        assert_eq!(f["sent"], f["answered"], "{f}");
+        for p in f["peers"].as_object().unwrap().keys() {
+            *by_lb.entry(p.clone()).or_insert(0) += 1;
+        }
+    }
+    assert_eq!(by_lb.len(), 2, "flows on both LB nodes: {by_lb:?}");
+
+    // Rule deleted on lb2 (kube-loxilb's delete, with its body): one next hop; re-added: two.
+    let (st, _) = rest(
+        &lab,
+        "lb2",
+        "DELETE",
+        &format!(
+            "/config/loadbalancer/externalipaddress/{VIP}/port/9001/protocol/udp?bgp=true&block=0"
+        ),
+        Some(&rule()),
+    );
+    assert_eq!(st, 200);
+    wait_nexthops(&lab, 1, 5);
+    assert_eq!(nexthops(&lab), vec!["192.0.2.2".to_string()]);
+    assert_eq!(
+        rest(&lab, "lb2", "POST", "/config/loadbalancer", Some(&rule())).0,
+        200
+    );
+    wait_nexthops(&lab, 2, 5);
+
+    // lb2 BACKUP: the ToR's best path is lb1; lb2's path stays in its table with a longer AS path.
+    let backup = json!({"instance": "llb-inst0", "state": "BACKUP", "vip": "0.0.0.0"}).to_string();
+    let master = json!({"instance": "llb-inst0", "state": "MASTER", "vip": "0.0.0.0"}).to_string();
+    assert_eq!(
+        rest(&lab, "lb2", "POST", "/config/cistate", Some(&backup)).0,
+        200
+    );
+    assert_eq!(
+        rest(&lab, "lb1", "POST", "/config/cistate", Some(&master)).0,
+        200
+    );
+    wait_nexthops(&lab, 1, 5);
+    assert_eq!(best_path_via(&lab), vec!["192.0.2.2".to_string()]);
+    let t = lab
+        .vtysh_json("tor", &format!("show bgp ipv4 unicast {VIP}/32 json"))
+        .unwrap();
+    let paths = t["paths"].as_array().unwrap();
+    assert_eq!(paths.len(), 2, "{t}");
+    let backup_path = paths
+        .iter()
+        .find(|p| p["nexthops"][0]["ip"] == "192.0.2.6")
+        .unwrap();
+    assert_eq!(backup_path["aspath"]["string"], "65100 65100 65100 65100");
+    assert_eq!(backup_path["metric"], 200);
+    let (_, ci) = rest(&lab, "lb2", "GET", "/config/cistate/all", None);
+    assert_eq!(ci["Attr"][0]["state"], "BACKUP");
+    // Switch roles: the best path flips within 1 s.
+    let start = Instant::now();
+    assert_eq!(
+        rest(&lab, "lb1", "POST", "/config/cistate", Some(&backup)).0,
+        200
+    );
+    assert_eq!(
+        rest(&lab, "lb2", "POST", "/config/cistate", Some(&master)).0,
+        200
+    );
+    lab.wait_until("best path via lb2", Duration::from_secs(3), || {
+        Ok(best_path_via(&lab) == vec!["192.0.2.6".to_string()])
+    })
+    .unwrap();
+    let flip = start.elapsed();
+    eprintln!(
+        "role switch reached the ToR's kernel route in {} ms",
+        flip.as_millis()
+    );
+    assert!(flip <= Duration::from_secs(1), "{flip:?}");
+
+    // ferroctl and metrics.
+    let t = lab.exec_ok("lb1", &[FERROCTL, "get", "bgp"]).unwrap();
+    assert!(t.contains("192.0.2.1") && t.contains("Established"), "{t}");
+    let r = lab
+        .exec_ok("lb1", &[FERROCTL, "get", "bgp", "routes"])
+        .unwrap();
+    assert!(r.contains("203.0.113.10/32") && r.contains("200"), "{r}");
+    let m = lab
+        .exec_ok("lb1", &["curl", "-sf", "http://127.0.0.1:11111/metrics"])
+        .unwrap();
+    assert!(
+        m.contains("ferrolb_bgp_session_established{neighbor=\"192.0.2.1\"} 1"),
+        "{m}"
+    );
+    assert!(m.contains("ferrolb_bgp_prefixes{neighbor=\"192.0.2.1\",direction=\"advertised\"} 1"));
+
+    // Bad input names the field.
+    for (body, want) in [
+        (r#"{"ipAddress":"192.0.2.1"}"#, "remoteAs"),
+        (r#"{"ipAddress":"192.0.2.x","remoteAs":65000}"#, "ipAddress"),
+        (
+            r#"{"ipAddress":"192.0.2.1","remoteAs":65000,"holdTime":2}"#,
+            "holdTime",
+        ),
+    ] {
+        let (st, v) = rest(&lab, "lb1", "POST", "/config/bgp/neigh", Some(body));
+        assert_eq!(st, 400, "{body}");
+        assert!(v["message"].as_str().unwrap().contains(want), "{v}");
+    }
+    let (st, v) = rest(
+        &lab,
+        "lb1",
+        "POST",
+        "/config/bgp/global",
+        Some(r#"{"localAs":0,"routerId":"1.1.1.1"}"#),
+    );
+    assert_eq!(st, 400, "{v}");
+    assert_eq!(
+        rest(
+            &lab,
+            "lb1",
+            "DELETE",
+            "/config/bgp/neigh/192.0.2.99?remoteAs=65000",
+            None
+        )
+        .0,
+        404
+    );
+}
+
+#[test]
+fn bfd_failover_and_drain() {
+    let Some(lab) = lab("bfd_failover_and_drain", "bgpfail") else {
+        return;
+    };
+    // lb1 goes silent while 16 flows send a datagram every 10 ms: the flows on lb1 see one
+    // outage, under 500 ms (BFD 300 ms, then the ToR's route change). The cut is made on the
+    // ToR's side of lb1's link (all IP both ways, carrier kept): an nft blackhole on lb1
+    // itself would not stop its TC datapath, which forwards before netfilter sees a packet.
+    spawn_udpflow(&lab, 5.0, 16, "fail.json");
+    std::thread::sleep(Duration::from_millis(1500));
+    cut_tor_link(&lab, "eth2", true);
+    let flows = read_flows(&lab, "fail.json");
+    let worst = flows
+        .iter()
+        .map(|f| f["max_gap_ms"].as_u64().unwrap())
+        .max()
+        .unwrap();
+    eprintln!("BFD-backed failover: longest gap of any flow {worst} ms");
+    assert!(worst < 500, "{flows:?}");
+    assert!(
+        worst >= 200,
+        "the cut must have cost a detection time: {flows:?}"
+    );
+    assert!(flows.iter().all(|f| f["answered"].as_u64().unwrap() > 0));
+    cut_tor_link(&lab, "eth2", false);
+    wait_nexthops(&lab, 2, 15);
+
+    // Drain lb2 with SIGTERM: the probe loses nothing.
+    spawn_udpflow(&lab, 6.0, 16, "drain.json");
+    std::thread::sleep(Duration::from_millis(1000));
+    let pid = lab
+        .processes("lb2")
+        .unwrap()
+        .into_iter()
+        .find(|p| p.comm == "ferrolb")
+        .unwrap()
+        .pid;
+    lab.exec_ok("lb2", &["kill", "-TERM", &pid.to_string()])
+        .unwrap();
+    let flows = read_flows(&lab, "drain.json");
+    let lost: u64 = flows
+        .iter()
+        .map(|f| f["sent"].as_u64().unwrap() - f["answered"].as_u64().unwrap())
+        .sum();
+    let worst = flows
+        .iter()
+        .map(|f| f["max_gap_ms"].as_u64().unwrap())
+        .max()
+        .unwrap();
+    eprintln!("drain: {lost} datagrams lost, longest gap {worst} ms");
+    assert_eq!(lost, 0, "{flows:?}");
+    assert_eq!(
+        nexthops(&lab),
+        vec!["192.0.2.2".to_string()],
+        "lb2 withdrew"
+    );
+}
+
+#[test]
+fn malformed_update_is_treated_as_withdraw() {
+    let Some(lab) = lab("malformed_update_is_treated_as_withdraw", "bgp7606") else {
+        return;
+    };
+    let speaker = ferrolb_tests::repo_root().join("containerlab/bgp-ecmp/test_speaker.py");
+    lab.spawn(
+        "client",
+        "speaker",
+        &[
+            "python3",
+            &speaker.display().to_string(),
+            "65001",
+            "198.51.100.2",
+            "15",
+        ],
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let n = json!({"ipAddress": "198.51.100.2", "remoteAs": 65001});
+    assert_eq!(
+        rest(
+            &lab,
+            "lb1",
+            "POST",
+            "/config/bgp/neigh",
+            Some(&n.to_string())
+        )
+        .0,
+        200
+    );
+    let find = || {
+        rest(&lab, "lb1", "GET", "/config/bgp/neigh/all", None).1["bgpNeiAttr"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["ipAddress"] == "198.51.100.2")
+            .cloned()
+            .unwrap()
+    };
+    lab.wait_until(
+        "the malformed UPDATE handled",
+        Duration::from_secs(10),
+        || {
+            let n = find();
+            Ok(n["state"] == "Established" && n["treatAsWithdraw"] == 1 && n["updatesIn"] == 2)
+        },
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let n = find();
+    assert_eq!(n["state"], "Established", "no reset: {n}");
+    assert_eq!(
+        n["prefixesReceived"], 1,
+        "only the valid UPDATE's prefix: {n}"
+    );
+    let log = std::fs::read_to_string(lab.log_dir("client").join("speaker.log")).unwrap();
+    assert!(!log.contains("NOTIFICATION"), "{log}");
+}
