@@ -179,6 +179,7 @@ pub async fn run(cfg: Config) -> Result<()> {
             speaker: ferrolb_bgp::Speaker::new(),
             dir: cfg.flags.config_path.clone(),
             state: tokio::sync::Mutex::new(state),
+            dirty: tokio::sync::Notify::new(),
         };
         svc.apply(&*svc.state.lock().await);
         info!("BGP speaker enabled");
@@ -193,7 +194,8 @@ pub async fn run(cfg: Config) -> Result<()> {
         bgp,
     });
     if let Some(b) = &app.bgp {
-        api::bgp::sync(&app).await;
+        api::bgp::sync_now(&app).await;
+        tokio::spawn(api::bgp::sync_task(app.clone()));
         let bfd_neighbors: Vec<std::net::Ipv4Addr> = b
             .state
             .lock()

@@ -130,7 +130,8 @@ impl Engine {
         if new_vip {
             self.managed_vips.insert(vip);
             ops.push(Op::Vips {
-                vips: self.managed_vips.clone(),
+                add: vec![vip],
+                del: vec![],
             });
         }
         if let Err(e) = self.store.record(ops, &self.rules, &self.managed_vips) {
@@ -192,7 +193,8 @@ impl Engine {
             }
             if !dropped_vips.is_empty() {
                 ops.push(Op::Vips {
-                    vips: self.managed_vips.clone(),
+                    add: vec![],
+                    del: dropped_vips.clone(),
                 });
             }
         }

@@ -43,9 +43,17 @@ pub struct State {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "lowercase")]
 pub enum Op {
-    Put { rule: Box<Rule> },
-    Del { key: RuleKey },
-    Vips { vips: BTreeSet<IpAddr> },
+    Put {
+        rule: Box<Rule>,
+    },
+    Del {
+        key: RuleKey,
+    },
+    /// VIPs this agent put on `lo` (`add`) or removed from it (`del`).
+    Vips {
+        add: Vec<IpAddr>,
+        del: Vec<IpAddr>,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -180,7 +188,12 @@ impl Store {
                 Op::Del { key } => {
                     rules.rules.remove(&key);
                 }
-                Op::Vips { vips: v } => vips = v,
+                Op::Vips { add, del } => {
+                    vips.extend(add);
+                    for d in del {
+                        vips.remove(&d);
+                    }
+                }
             }
         }
         if !found_any {
@@ -305,7 +318,10 @@ mod tests {
                     Op::Put {
                         rule: Box::new(r1.clone()),
                     },
-                    Op::Vips { vips: vips.clone() },
+                    Op::Vips {
+                        add: vips.iter().copied().collect(),
+                        del: vec![],
+                    },
                 ],
                 &rs,
                 &vips,

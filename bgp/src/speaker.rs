@@ -187,6 +187,7 @@ impl Speaker {
                 stream: None,
                 buf: Vec::new(),
                 asn4: true,
+                refresh: false,
             };
             tokio::spawn(task.run(rx));
         }
@@ -287,6 +288,8 @@ struct Session {
     stream: Option<TcpStream>,
     buf: Vec<u8>,
     asn4: bool,
+    /// A ROUTE-REFRESH asked for the whole Adj-RIB-Out.
+    refresh: bool,
 }
 
 type Connecting =
@@ -363,6 +366,9 @@ impl Session {
                 }
             };
             self.apply(outs, &mut connecting).await;
+            if std::mem::take(&mut self.refresh) {
+                self.sync_routes().await;
+            }
         }
     }
 
@@ -413,6 +419,13 @@ impl Session {
                     }
                     if let BgpMessage::Open(o) = &d.message {
                         self.asn4 = wire::peer_open(o).asn4;
+                    }
+                    if matches!(d.message, BgpMessage::RouteRefresh(_))
+                        && self.fsm.state() == State::Established
+                    {
+                        // RFC 2918: send the whole Adj-RIB-Out again.
+                        self.sent.clear();
+                        self.refresh = true;
                     }
                     outs.extend(self.fsm.handle(Event::Message(d.message), now));
                 }

@@ -57,6 +57,8 @@ pub struct BgpService {
     pub speaker: Speaker,
     pub dir: PathBuf,
     pub state: Mutex<BgpState>,
+    /// Rules or roles changed: the route set is recomputed (coalesced, see [`sync_task`]).
+    pub dirty: tokio::sync::Notify,
 }
 
 impl BgpService {
@@ -442,8 +444,19 @@ pub async fn drain(State(app): State<Shared>, body: Bytes) -> Result<Response, A
     Ok(ok())
 }
 
-/// Recomputes the originated routes from the rules and roles.
+/// How long changes are gathered before the route set is recomputed (a burst of 10,000 rule
+/// changes costs a few recomputations, not 10,000).
+pub const SYNC_COALESCE: Duration = Duration::from_millis(20);
+
+/// Asks for the originated routes to follow the rules and roles.
 pub async fn sync(app: &Shared) {
+    if let Some(svc) = &app.bgp {
+        svc.dirty.notify_one();
+    }
+}
+
+/// Recomputes the originated routes from the rules and roles now.
+pub async fn sync_now(app: &Shared) {
     let Some(svc) = &app.bgp else { return };
     let roles = svc.state.lock().await.roles.clone();
     let routes = match app.engine.lock() {
@@ -451,6 +464,16 @@ pub async fn sync(app: &Shared) {
         Err(_) => return,
     };
     svc.speaker.set_routes(routes);
+}
+
+/// The task behind [`sync`]: waits for a change, gathers for [`SYNC_COALESCE`], recomputes.
+pub async fn sync_task(app: Shared) {
+    let Some(svc) = &app.bgp else { return };
+    loop {
+        svc.dirty.notified().await;
+        tokio::time::sleep(SYNC_COALESCE).await;
+        sync_now(&app).await;
+    }
 }
 
 /// `POST /config/cistate`: `{"instance":"llb-inst0","state":"MASTER"|"BACKUP"|"NOT_DEFINED","vip":...}`.
