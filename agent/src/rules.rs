@@ -264,12 +264,16 @@ impl RuleSet {
                         *u = true;
                     }
                 }
-                let id = used.iter().position(|u| !u).map(|i| i as u32).ok_or_else(|| {
-                    RuleError::Full(format!(
-                        "no room for another rule: all {capacity} datapath services are in use \
+                let id = used
+                    .iter()
+                    .position(|u| !u)
+                    .map(|i| i as u32)
+                    .ok_or_else(|| {
+                        RuleError::Full(format!(
+                            "no room for another rule: all {capacity} datapath services are in use \
                          (start with a larger --max-services)"
-                    ))
-                })?;
+                        ))
+                    })?;
                 Ok(Change::Create(Box::new(Rule { id, ..candidate })))
             }
         }

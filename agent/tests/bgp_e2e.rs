@@ -36,12 +36,16 @@ fn rule() -> String {
 
 /// The lab with both LB nodes peering with the ToR (BFD on) and the UDP rule on both.
 fn lab(test: &str, label: &str) -> Option<TestLab> {
+    lab_on(TOPOLOGY, test, label)
+}
+
+fn lab_on(topology: &str, test: &str, label: &str) -> Option<TestLab> {
     let mut programs = ferrolb_tests::FRR_LAB.to_vec();
-    programs.extend(["curl", "python3"]);
+    programs.extend(["curl", "python3", "bird", "birdc"]);
     if !require(test, &programs) {
         return None;
     }
-    let lab = TestLab::up_with(TOPOLOGY, label, &[("FERROLB", FERROLB)]).expect("lab up");
+    let lab = TestLab::up_with(topology, label, &[("FERROLB", FERROLB)]).expect("lab up");
     for (node, me, tor) in LBS {
         lab.wait_until(&format!("{node}'s API"), Duration::from_secs(20), || {
             Ok(rest(&lab, node, "GET", "", None).0 == 200)
@@ -435,4 +439,55 @@ fn malformed_update_is_treated_as_withdraw() {
     );
     let log = std::fs::read_to_string(lab.log_dir("client").join("speaker.log")).unwrap();
     assert!(!log.contains("NOTIFICATION"), "{log}");
+}
+
+/// The same with BIRD 2 as the ToR: ECMP through `merge paths`, the BACKUP path losing on AS
+/// path length, and BFD-backed failover.
+#[test]
+fn bird_tor_ecmp_roles_and_failover() {
+    let Some(lab) = lab_on(
+        "containerlab/bgp-ecmp/ferrolb-bird.clab.yml",
+        "bird_tor_ecmp_roles_and_failover",
+        "bgpbird",
+    ) else {
+        return;
+    };
+    let flows = udpflow(&lab, 1.0, 16);
+    let mut lbs = std::collections::BTreeSet::new();
+    for f in &flows {
+        assert_eq!(f["sent"], f["answered"], "{f}");
+        lbs.extend(f["peers"].as_object().unwrap().keys().cloned());
+    }
+    assert_eq!(
+        lbs.len(),
+        2,
+        "flows on both LB nodes through BIRD's ECMP route"
+    );
+    let backup = json!({"instance": "llb-inst0", "state": "BACKUP"}).to_string();
+    let master = json!({"instance": "llb-inst0", "state": "MASTER"}).to_string();
+    assert_eq!(
+        rest(&lab, "lb2", "POST", "/config/cistate", Some(&backup)).0,
+        200
+    );
+    wait_nexthops(&lab, 1, 5);
+    assert_eq!(nexthops(&lab), vec!["192.0.2.2".to_string()]);
+    assert_eq!(
+        rest(&lab, "lb2", "POST", "/config/cistate", Some(&master)).0,
+        200
+    );
+    wait_nexthops(&lab, 2, 5);
+
+    spawn_udpflow(&lab, 5.0, 16, "bird-fail.json");
+    std::thread::sleep(Duration::from_millis(1500));
+    cut_tor_link(&lab, "eth2", true);
+    let flows = read_flows(&lab, "bird-fail.json");
+    let worst = flows
+        .iter()
+        .map(|f| f["max_gap_ms"].as_u64().unwrap())
+        .max()
+        .unwrap();
+    eprintln!("BIRD ToR, BFD-backed failover: longest gap of any flow {worst} ms");
+    assert!((200..500).contains(&worst), "{flows:?}");
+    cut_tor_link(&lab, "eth2", false);
+    wait_nexthops(&lab, 2, 20);
 }
