@@ -15,6 +15,7 @@ use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::net::IpAddr;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -80,10 +81,12 @@ pub enum StoreError {
 pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
     fs::create_dir_all(dir).map_err(io_err(dir))?;
     let tmp = dir.join(format!("{name}.tmp"));
+    // Owner-only: the documents can hold secrets (BGP and BFD keys).
     let mut f = OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
+        .mode(0o600)
         .open(&tmp)
         .map_err(io_err(&tmp))?;
     f.write_all(bytes).map_err(io_err(&tmp))?;

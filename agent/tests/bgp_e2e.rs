@@ -491,3 +491,80 @@ fn bird_tor_ecmp_roles_and_failover() {
     cut_tor_link(&lab, "eth2", false);
     wait_nexthops(&lab, 2, 20);
 }
+
+fn neighbor_state(lab: &TestLab, node: &str, ip: &str) -> String {
+    rest(lab, node, "GET", "/config/bgp/neigh/all", None).1["bgpNeiAttr"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|n| n["ipAddress"] == ip)
+        .and_then(|n| n["state"].as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+/// TCP MD5 (RFC 2385) and GTSM (RFC 5082) against FRR: each is needed, both together work.
+#[test]
+fn md5_and_ttl_security_with_frr() {
+    let Some(lab) = lab("md5_and_ttl_security_with_frr", "bgpmd5") else {
+        return;
+    };
+    lab.exec_ok(
+        "tor",
+        &[
+            "vtysh",
+            "-c",
+            "configure terminal",
+            "-c",
+            "router bgp 65000",
+            "-c",
+            "neighbor 192.0.2.2 password lbsecret",
+            "-c",
+            "neighbor 192.0.2.2 ttl-security hops 1",
+        ],
+    )
+    .unwrap();
+    let post = |password: &str, ttl: bool| {
+        let n = json!({"ipAddress": "192.0.2.1", "remoteAs": 65000, "bfd": true, "password": password, "ttlSecurity": ttl});
+        assert_eq!(
+            rest(
+                &lab,
+                "lb1",
+                "POST",
+                "/config/bgp/neigh",
+                Some(&n.to_string())
+            )
+            .0,
+            200
+        );
+    };
+    // Right key but TTL 64: FRR's minimum TTL (254) drops our SYNs.
+    post("lbsecret", false);
+    std::thread::sleep(Duration::from_secs(4));
+    assert_ne!(
+        neighbor_state(&lab, "lb1", "192.0.2.1"),
+        "Established",
+        "GTSM must be required"
+    );
+    // Wrong key with GTSM: still nothing.
+    post("wrong", true);
+    std::thread::sleep(Duration::from_secs(4));
+    assert_ne!(
+        neighbor_state(&lab, "lb1", "192.0.2.1"),
+        "Established",
+        "MD5 must be required"
+    );
+    // Both right: the session comes up and lb1's next hop is back on the ToR.
+    post("lbsecret", true);
+    lab.wait_until(
+        "Established with MD5 and GTSM",
+        Duration::from_secs(15),
+        || Ok(neighbor_state(&lab, "lb1", "192.0.2.1") == "Established"),
+    )
+    .unwrap();
+    wait_nexthops(&lab, 2, 10);
+    // The key is kept owner-only on disk.
+    let mode = lab
+        .exec_ok("lb1", &["stat", "-c", "%a", "/etc/ferrolb/bgp.json"])
+        .unwrap();
+    assert_eq!(mode.trim(), "600");
+}

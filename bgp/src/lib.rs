@@ -16,6 +16,7 @@
 //! nothing of BFD or the agent: the agent resets a neighbour when BFD reports it Down.
 
 pub mod fsm;
+pub mod socket;
 pub mod speaker;
 pub mod wire;
 

@@ -36,6 +36,10 @@ pub struct NeighborConfig {
     pub remote_port: u16,
     pub hold_time_s: u16,
     pub connect_retry_s: u16,
+    /// TCP MD5 signature key (RFC 2385).
+    pub password: Option<String>,
+    /// GTSM (RFC 5082): TTL 255 sent, at least 254 required.
+    pub ttl_security: bool,
 }
 
 impl NeighborConfig {
@@ -46,6 +50,8 @@ impl NeighborConfig {
             remote_port: 179,
             hold_time_s: 9,
             connect_retry_s: 1,
+            password: None,
+            ttl_security: false,
         }
     }
 }
@@ -475,10 +481,17 @@ impl Session {
                     Output::Connect => {
                         let addr =
                             SocketAddr::new(IpAddr::V4(self.cfg.address), self.cfg.remote_port);
+                        let key = self.cfg.password.clone();
+                        let gtsm = self.cfg.ttl_security;
+                        debug!(neighbor = %self.cfg.address, md5 = key.is_some(), gtsm, "BGP connecting");
                         *connecting = Some(Box::pin(async move {
-                            tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
-                                .await
-                                .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
+                            crate::socket::connect(
+                                addr,
+                                key.as_deref().map(str::as_bytes),
+                                gtsm,
+                                CONNECT_TIMEOUT,
+                            )
+                            .await
                         }));
                     }
                     Output::Send(m) => {

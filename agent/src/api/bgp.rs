@@ -41,6 +41,10 @@ pub struct NeighSpec {
     pub remote_port: u16,
     pub hold_time_s: u16,
     pub bfd: bool,
+    #[serde(default)]
+    pub password: Option<String>,
+    #[serde(default)]
+    pub ttl_security: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -107,6 +111,8 @@ pub fn neighbor_config(n: &NeighSpec) -> NeighborConfig {
         remote_port: n.remote_port,
         hold_time_s: n.hold_time_s,
         connect_retry_s: 1,
+        password: n.password.clone(),
+        ttl_security: n.ttl_security,
     }
 }
 
@@ -261,12 +267,23 @@ pub async fn neigh(State(app): State<Shared>, body: Bytes) -> Result<Response, A
             "multihop sessions are not supported yet",
         )));
     }
-    if get(&o, "password").is_some_and(|v| v.as_str().is_some_and(|s| !s.is_empty())) {
-        return Err(bad(FieldError::new(
-            "password",
-            "TCP MD5 signatures are not supported yet",
-        )));
-    }
+    let password = match get(&o, "password") {
+        None => None,
+        Some(Value::String(p)) if p.is_empty() => None,
+        Some(Value::String(p)) if p.len() <= 80 => Some(p.clone()),
+        Some(Value::String(_)) => {
+            return Err(bad(FieldError::new(
+                "password",
+                "at most 80 bytes (TCP MD5 key)",
+            )));
+        }
+        Some(_) => return Err(bad(FieldError::new("password", "must be a string"))),
+    };
+    let ttl_security = match get(&o, "ttlSecurity") {
+        None => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(bad(FieldError::new("ttlSecurity", "must be true or false"))),
+    };
     let hold = uint(&o, "holdTime", 65535).map_err(bad)?.unwrap_or(9);
     if hold == 1 || hold == 2 {
         return Err(bad(FieldError::new(
@@ -286,6 +303,8 @@ pub async fn neigh(State(app): State<Shared>, body: Bytes) -> Result<Response, A
         remote_port: remote_port as u16,
         hold_time_s: hold as u16,
         bfd,
+        password,
+        ttl_security,
     };
     let mut st = svc.state.lock().await;
     st.neighbors.insert(address, spec.clone());
