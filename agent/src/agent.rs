@@ -182,6 +182,10 @@ pub async fn run(cfg: Config) -> Result<()> {
             dirty: tokio::sync::Notify::new(),
         };
         svc.apply(&*svc.state.lock().await);
+        // Passive neighbours connect to us; active ones may too (collisions are resolved).
+        if let Err(e) = svc.speaker.listen(179).await {
+            warn!(error = %e, "cannot listen on TCP 179: passive BGP neighbours will not come up");
+        }
         info!("BGP speaker enabled");
         Some(svc)
     } else {

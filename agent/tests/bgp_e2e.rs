@@ -568,3 +568,71 @@ fn md5_and_ttl_security_with_frr() {
         .unwrap();
     assert_eq!(mode.trim(), "600");
 }
+
+/// A passive neighbour waits for the ToR's connection; an active one with the ToR connecting
+/// too resolves the collision (§6.8) to one stable session.
+#[test]
+fn passive_neighbour_and_collisions() {
+    let Some(lab) = lab("passive_neighbour_and_collisions", "bgppass") else {
+        return;
+    };
+    let in_state_s = |lab: &TestLab| {
+        rest(lab, "lb1", "GET", "/config/bgp/neigh/all", None).1["bgpNeiAttr"][0]["updowntime"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    // Active (the default), the ToR connecting as well: one session, and it stays up.
+    assert_eq!(neighbor_state(&lab, "lb1", "192.0.2.1"), "Established");
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(neighbor_state(&lab, "lb1", "192.0.2.1"), "Established");
+    assert!(in_state_s(&lab) >= 5, "no flap in 5 s");
+    let established = lab
+        .exec_ok(
+            "lb1",
+            &[
+                "ss",
+                "-tnH",
+                "state",
+                "established",
+                "( sport = :179 or dport = :179 )",
+            ],
+        )
+        .unwrap();
+    assert_eq!(
+        established.lines().count(),
+        1,
+        "one BGP connection: {established}"
+    );
+
+    // Passive: the session is re-made by the ToR connecting to our port 179.
+    let n = json!({"ipAddress": "192.0.2.1", "remoteAs": 65000, "bfd": true, "passive": true});
+    assert_eq!(
+        rest(
+            &lab,
+            "lb1",
+            "POST",
+            "/config/bgp/neigh",
+            Some(&n.to_string())
+        )
+        .0,
+        200
+    );
+    lab.wait_until(
+        "Established as a passive peer",
+        Duration::from_secs(15),
+        || Ok(neighbor_state(&lab, "lb1", "192.0.2.1") == "Established"),
+    )
+    .unwrap();
+    let conn = lab
+        .exec_ok(
+            "lb1",
+            &["ss", "-tnH", "state", "established", "( sport = :179 )"],
+        )
+        .unwrap();
+    assert_eq!(
+        conn.lines().count(),
+        1,
+        "the ToR's connection to our 179: {conn}"
+    );
+    wait_nexthops(&lab, 2, 10);
+}

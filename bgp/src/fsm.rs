@@ -48,6 +48,8 @@ pub struct Params {
     /// 0 (no keepalives, no hold timer) or >= 3.
     pub hold_time_s: u16,
     pub connect_retry_s: u16,
+    /// Never connect: wait for the peer's connection (RFC 4271 §8.1.1 PassiveTcpEstablishment).
+    pub passive: bool,
 }
 
 /// RFC 4271 §8.1 events this speaker uses.
@@ -179,9 +181,32 @@ impl Fsm {
     }
 
     fn start_connect(&mut self, now: Instant, out: &mut Vec<Output>) {
+        if self.p.passive {
+            self.set(State::Active, out);
+            self.connect_retry = None;
+            return;
+        }
         self.set(State::Connect, out);
         self.retry_later(now);
         out.push(Output::Connect);
+    }
+
+    /// Takes over a connection the peer opened (§8.2.2 in Connect/Active, or the winner of a
+    /// collision, §6.8): OPEN goes out on it and the session is in OpenSent.
+    pub fn adopt_incoming(&mut self, now: Instant) -> Vec<Output> {
+        let mut out = Vec::new();
+        self.auto_start = true;
+        self.connect_retry = None;
+        self.keepalive = None;
+        self.peer = None;
+        out.push(Output::Send(wire::open(
+            self.p.local_as,
+            self.p.hold_time_s,
+            self.p.router_id,
+        )));
+        self.hold = Some(now + Duration::from_secs(LARGE_HOLD_TIME_S));
+        self.set(State::OpenSent, &mut out);
+        out
     }
 
     fn keepalive_interval(&self) -> Option<Duration> {
@@ -237,7 +262,9 @@ impl Fsm {
             }
             (State::Connect | State::Active, Event::TcpConnectionFails) => {
                 self.set(State::Active, &mut out);
-                self.retry_later(now);
+                if !self.p.passive {
+                    self.retry_later(now);
+                }
             }
             (_, Event::TcpConnectionFails) => {
                 self.fail(None, "connection lost".into(), now, &mut out);
@@ -351,7 +378,7 @@ impl Fsm {
             self.connect_retry = None;
             match self.state {
                 State::Idle if self.auto_start => self.start_connect(now, &mut out),
-                State::Connect | State::Active => {
+                State::Connect | State::Active if !self.p.passive => {
                     out.push(Output::Disconnect);
                     self.start_connect(now, &mut out);
                 }
@@ -383,6 +410,7 @@ mod tests {
             router_id: Ipv4Addr::new(192, 0, 2, 2),
             hold_time_s: 9,
             connect_retry_s: 1,
+            passive: false,
         }
     }
 
@@ -487,6 +515,32 @@ mod tests {
                 )
             )]
         ));
+    }
+
+    #[test]
+    fn passive_waits_and_adopts_the_peers_connection() {
+        let now = Instant::now();
+        let mut p = params();
+        p.passive = true;
+        let mut f = Fsm::new(p);
+        let out = f.handle(Event::ManualStart, now);
+        assert!(!out.contains(&Output::Connect));
+        assert_eq!(f.state(), State::Active);
+        assert!(
+            f.on_timer(now + Duration::from_secs(30)).is_empty(),
+            "never connects"
+        );
+        let out = f.adopt_incoming(now);
+        assert!(matches!(sends(&out)[0], BgpMessage::Open(_)));
+        assert_eq!(f.state(), State::OpenSent);
+        f.handle(Event::Message(peer_open(65000, 9)), now);
+        f.handle(Event::Message(BgpMessage::KeepAlive), now);
+        assert_eq!(f.state(), State::Established);
+        // Losing it: back to Active (waiting), not Connect.
+        f.handle(Event::TcpConnectionFails, now);
+        let out = f.on_timer(now + Duration::from_secs(2));
+        assert!(!out.contains(&Output::Connect));
+        assert_eq!(f.state(), State::Active);
     }
 
     #[test]

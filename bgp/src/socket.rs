@@ -45,6 +45,11 @@ fn setsockopt(fd: i32, level: i32, name: i32, val: &[u8]) -> io::Result<()> {
     }
 }
 
+/// Sets (or, with an empty key, removes) the MD5 key for `peer` on a socket (a listener too).
+pub fn set_md5(fd: i32, peer: IpAddr, key: &[u8]) -> io::Result<()> {
+    setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_MD5SIG, &md5sig(peer, key))
+}
+
 /// Connects to `addr` (bounded by `timeout`), with the MD5 key and GTSM when asked.
 pub async fn connect(
     addr: SocketAddr,

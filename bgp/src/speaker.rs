@@ -40,6 +40,8 @@ pub struct NeighborConfig {
     pub password: Option<String>,
     /// GTSM (RFC 5082): TTL 255 sent, at least 254 required.
     pub ttl_security: bool,
+    /// Wait for the peer to connect (needs [`Speaker::listen`]).
+    pub passive: bool,
 }
 
 impl NeighborConfig {
@@ -52,6 +54,7 @@ impl NeighborConfig {
             connect_retry_s: 1,
             password: None,
             ttl_security: false,
+            passive: false,
         }
     }
 }
@@ -80,6 +83,7 @@ pub type Routes = BTreeMap<Ipv4Net, RouteAttrs>;
 enum Cmd {
     Stop,
     Reset(String),
+    Incoming(TcpStream),
 }
 
 struct Neighbor {
@@ -90,6 +94,8 @@ struct Neighbor {
 /// The caller's handle. Cheap to clone.
 #[derive(Clone)]
 pub struct Speaker {
+    /// The listening socket (for MD5 keys of peers that connect to us).
+    listener_fd: Arc<Mutex<Option<i32>>>,
     global: Arc<Mutex<Option<GlobalConfig>>>,
     neighbors: Arc<Mutex<HashMap<Ipv4Addr, Neighbor>>>,
     routes: watch::Sender<Arc<Routes>>,
@@ -104,6 +110,7 @@ impl Default for Speaker {
 impl Speaker {
     pub fn new() -> Speaker {
         Speaker {
+            listener_fd: Arc::new(Mutex::new(None)),
             global: Arc::new(Mutex::new(None)),
             neighbors: Arc::new(Mutex::new(HashMap::new())),
             routes: watch::channel(Arc::new(Routes::new())).0,
@@ -147,6 +154,7 @@ impl Speaker {
         if global.is_none() {
             warn!(neighbor = %cfg.address, "BGP neighbour configured before the global settings");
         }
+        self.listener_key(&cfg);
         let Ok(mut ns) = self.neighbors.lock() else {
             return;
         };
@@ -185,6 +193,7 @@ impl Speaker {
                     router_id: g.router_id,
                     hold_time_s: cfg.hold_time_s,
                     connect_retry_s: cfg.connect_retry_s,
+                    passive: cfg.passive,
                 }),
                 cfg: cfg.clone(),
                 status: status.clone(),
@@ -198,6 +207,61 @@ impl Speaker {
             tokio::spawn(task.run(rx));
         }
         ns.insert(cfg.address, Neighbor { tx, status });
+    }
+
+    /// Accepts BGP connections on `port` (179) for configured neighbours: passive ones wait for
+    /// them, active ones resolve collisions (§6.8). Other sources are closed at once.
+    pub async fn listen(&self, port: u16) -> std::io::Result<()> {
+        let l =
+            tokio::net::TcpListener::bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port))
+                .await?;
+        {
+            use std::os::fd::AsRawFd;
+            if let Ok(mut fd) = self.listener_fd.lock() {
+                *fd = Some(l.as_raw_fd());
+            }
+        }
+        // Keys of neighbours configured before the listener existed.
+        for n in self.neighbors() {
+            self.listener_key(&n.config);
+        }
+        let neighbors = self.neighbors.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((s, peer)) = l.accept().await else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                let IpAddr::V4(ip) = peer.ip() else { continue };
+                let tx = neighbors
+                    .lock()
+                    .ok()
+                    .and_then(|n| n.get(&ip).map(|x| x.tx.clone()));
+                match tx {
+                    Some(tx) => {
+                        let _ = tx.try_send(Cmd::Incoming(s));
+                    }
+                    None => debug!(%peer, "BGP connection from a stranger closed"),
+                }
+            }
+        });
+        Ok(())
+    }
+
+    /// Installs (or clears) a neighbour's MD5 key on the listening socket.
+    fn listener_key(&self, cfg: &NeighborConfig) {
+        let Some(fd) = self.listener_fd.lock().ok().and_then(|f| *f) else {
+            return;
+        };
+        let key = cfg.password.as_deref().unwrap_or("").as_bytes();
+        let res = crate::socket::set_md5(fd, IpAddr::V4(cfg.address), key);
+        if key.is_empty() {
+            // Clearing a key that was never set fails harmlessly.
+            return;
+        }
+        if let Err(e) = res {
+            warn!(neighbor = %cfg.address, error = %e, "cannot set the MD5 key on the BGP listener");
+        }
     }
 
     /// Removes a neighbour (Cease, administrative shutdown). False when unknown.
@@ -325,6 +389,7 @@ impl Session {
                         self.apply(out, &mut connecting).await;
                         return;
                     }
+                    Some(Cmd::Incoming(s)) => self.incoming(s, &mut connecting).await,
                     Some(Cmd::Reset(why)) => {
                         info!(neighbor = %self.cfg.address, %why, "BGP session reset");
                         let n = BgpNotificationMessage::CeaseError(CeaseError::BfdDown { value: Box::new([]) });
@@ -376,6 +441,59 @@ impl Session {
                 self.sync_routes().await;
             }
         }
+    }
+
+    /// A connection the peer opened: adopt it when we have none (or lose the collision,
+    /// §6.8: the connection opened by the side with the higher BGP identifier survives),
+    /// refuse it otherwise.
+    async fn incoming(
+        &mut self,
+        mut s: TcpStream,
+        connecting: &mut Option<Connecting>,
+    ) -> Vec<Output> {
+        let state = self.fsm.state();
+        let local_id = self.fsm.params().router_id;
+        // The peer's identifier once its OPEN is known; its address until then.
+        let remote_id = self
+            .fsm
+            .peer()
+            .map(|p| p.router_id)
+            .unwrap_or(self.cfg.address);
+        let adopt = match state {
+            State::Idle | State::Connect | State::Active => true,
+            State::OpenSent | State::OpenConfirm => local_id < remote_id,
+            State::Established => false,
+        };
+        let collision = || {
+            BgpMessage::Notification(BgpNotificationMessage::CeaseError(
+                CeaseError::ConnectionCollisionResolution {
+                    value: Box::new([]),
+                },
+            ))
+        };
+        if !adopt {
+            debug!(neighbor = %self.cfg.address, state = state.name(), "refusing the peer's connection (collision)");
+            if let Ok(b) = wire::encode(&collision()) {
+                let _ = s.write_all(&b).await;
+            }
+            let _ = s.shutdown().await;
+            return Vec::new();
+        }
+        if matches!(state, State::OpenSent | State::OpenConfirm) {
+            let _ = self.send(&collision()).await;
+        }
+        if let Some(mut old) = self.stream.take() {
+            let _ = old.shutdown().await;
+        }
+        *connecting = None;
+        let _ = s.set_nodelay(true);
+        let local = s.local_addr().ok();
+        self.with_status(|st| st.local = local);
+        self.stream = Some(s);
+        self.buf.clear();
+        self.sent.clear();
+        info!(neighbor = %self.cfg.address, "BGP: took the peer's connection");
+        self.fsm.adopt_incoming(Instant::now())
     }
 
     /// Decodes every whole message in the buffer and feeds the FSM.

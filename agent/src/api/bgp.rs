@@ -45,6 +45,8 @@ pub struct NeighSpec {
     pub password: Option<String>,
     #[serde(default)]
     pub ttl_security: bool,
+    #[serde(default)]
+    pub passive: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -113,6 +115,7 @@ pub fn neighbor_config(n: &NeighSpec) -> NeighborConfig {
         connect_retry_s: 1,
         password: n.password.clone(),
         ttl_security: n.ttl_security,
+        passive: n.passive,
     }
 }
 
@@ -279,6 +282,11 @@ pub async fn neigh(State(app): State<Shared>, body: Bytes) -> Result<Response, A
         }
         Some(_) => return Err(bad(FieldError::new("password", "must be a string"))),
     };
+    let passive = match get(&o, "passive") {
+        None => false,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(bad(FieldError::new("passive", "must be true or false"))),
+    };
     let ttl_security = match get(&o, "ttlSecurity") {
         None => false,
         Some(Value::Bool(b)) => *b,
@@ -305,6 +313,7 @@ pub async fn neigh(State(app): State<Shared>, body: Bytes) -> Result<Response, A
         bfd,
         password,
         ttl_security,
+        passive,
     };
     let mut st = svc.state.lock().await;
     st.neighbors.insert(address, spec.clone());
