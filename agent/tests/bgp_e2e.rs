@@ -272,6 +272,30 @@ fn ecmp_rule_changes_and_roles() {
     );
     assert!(flip <= Duration::from_secs(1), "{flip:?}");
 
+    // Route policy from the global settings: communities reach the ToR with the next UPDATE.
+    let g = json!({"localAs": 65100, "routerId": "192.0.2.2", "communities": ["65100:10"],
+                   "largeCommunities": ["65100:1:2"]});
+    assert_eq!(
+        rest(
+            &lab,
+            "lb1",
+            "POST",
+            "/config/bgp/global",
+            Some(&g.to_string())
+        )
+        .0,
+        200
+    );
+    lab.wait_until("communities on the ToR", Duration::from_secs(5), || {
+        let t = lab.vtysh_json("tor", &format!("show bgp ipv4 unicast {VIP}/32 json"))?;
+        Ok(t["paths"].as_array().into_iter().flatten().any(|p| {
+            p["nexthops"][0]["ip"] == "192.0.2.2"
+                && p["community"]["string"] == "65100:10"
+                && p["largeCommunity"]["string"] == "65100:1:2"
+        }))
+    })
+    .unwrap();
+
     // ferroctl and metrics.
     let t = lab.exec_ok("lb1", &[FERROCTL, "get", "bgp"]).unwrap();
     assert!(t.contains("192.0.2.1") && t.contains("Established"), "{t}");

@@ -57,6 +57,136 @@ pub struct BgpState {
     /// Role per cluster instance (MASTER, BACKUP, NOT_DEFINED).
     #[serde(default)]
     pub roles: BTreeMap<String, String>,
+    #[serde(default)]
+    pub policy: RoutePolicy,
+}
+
+/// Attributes of originated routes (set with `POST /config/bgp/global`, ferrolb's fields).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoutePolicy {
+    /// MED of MASTER / NOT_DEFINED routes (none by default).
+    pub med: Option<u32>,
+    pub backup_med: u32,
+    pub backup_prepend: u8,
+    /// LOCAL_PREF toward iBGP neighbours (100 when unset).
+    pub local_pref: Option<u32>,
+    pub backup_local_pref: Option<u32>,
+    /// Added to every route.
+    pub communities: Vec<u32>,
+    pub large_communities: Vec<(u32, u32, u32)>,
+}
+
+impl Default for RoutePolicy {
+    fn default() -> Self {
+        RoutePolicy {
+            med: None,
+            backup_med: BACKUP_MED,
+            backup_prepend: BACKUP_PREPEND,
+            local_pref: None,
+            backup_local_pref: None,
+            communities: Vec::new(),
+            large_communities: Vec::new(),
+        }
+    }
+}
+
+impl RoutePolicy {
+    pub fn attrs(&self, backup: bool) -> RouteAttrs {
+        RouteAttrs {
+            med: if backup {
+                Some(self.backup_med)
+            } else {
+                self.med
+            },
+            prepend: if backup { self.backup_prepend } else { 0 },
+            communities: self.communities.clone(),
+            large_communities: self.large_communities.clone(),
+            local_pref: if backup {
+                self.backup_local_pref
+            } else {
+                self.local_pref
+            },
+        }
+    }
+}
+
+fn community(s: &str, field: &str) -> Result<u32, FieldError> {
+    let (a, b) = s
+        .split_once(':')
+        .ok_or_else(|| FieldError::new(field, format!("'{s}' is not ASN:VALUE")))?;
+    let a: u16 = a
+        .parse()
+        .map_err(|_| FieldError::new(field, format!("'{s}': {a} is not 0..=65535")))?;
+    let b: u16 = b
+        .parse()
+        .map_err(|_| FieldError::new(field, format!("'{s}': {b} is not 0..=65535")))?;
+    Ok((u32::from(a) << 16) | u32::from(b))
+}
+
+fn large_community(s: &str, field: &str) -> Result<(u32, u32, u32), FieldError> {
+    let p: Vec<&str> = s.split(':').collect();
+    let n = |x: &str| -> Result<u32, FieldError> {
+        x.parse().map_err(|_| {
+            FieldError::new(
+                field,
+                format!("'{s}' is not GLOBAL:DATA1:DATA2 (32-bit each)"),
+            )
+        })
+    };
+    if p.len() != 3 {
+        return Err(FieldError::new(
+            field,
+            format!("'{s}' is not GLOBAL:DATA1:DATA2"),
+        ));
+    }
+    Ok((n(p[0])?, n(p[1])?, n(p[2])?))
+}
+
+/// Reads ferrolb's route-policy fields of a global body into `p`.
+fn parse_policy(o: &serde_json::Map<String, Value>, p: &mut RoutePolicy) -> Result<(), FieldError> {
+    if let Some(v) = uint(o, "med", u64::from(u32::MAX))? {
+        p.med = Some(v as u32);
+    }
+    if let Some(v) = uint(o, "backupMed", u64::from(u32::MAX))? {
+        p.backup_med = v as u32;
+    }
+    if let Some(v) = uint(o, "backupPrepend", 32)? {
+        p.backup_prepend = v as u8;
+    }
+    if let Some(v) = uint(o, "localPref", u64::from(u32::MAX))? {
+        p.local_pref = Some(v as u32);
+    }
+    if let Some(v) = uint(o, "backupLocalPref", u64::from(u32::MAX))? {
+        p.backup_local_pref = Some(v as u32);
+    }
+    let list = |name: &str| -> Result<Option<Vec<String>>, FieldError> {
+        match get(o, name) {
+            None => Ok(None),
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|x| {
+                    x.as_str()
+                        .map(str::to_string)
+                        .ok_or_else(|| FieldError::new(name, "must be a list of strings"))
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(Some),
+            Some(_) => Err(FieldError::new(name, "must be a list of strings")),
+        }
+    };
+    if let Some(c) = list("communities")? {
+        p.communities = c
+            .iter()
+            .map(|s| community(s, "communities"))
+            .collect::<Result<_, _>>()?;
+    }
+    if let Some(c) = list("largeCommunities")? {
+        p.large_communities = c
+            .iter()
+            .map(|s| large_community(s, "largeCommunities"))
+            .collect::<Result<_, _>>()?;
+    }
+    Ok(())
 }
 
 pub struct BgpService {
@@ -120,7 +250,11 @@ pub fn neighbor_config(n: &NeighSpec) -> NeighborConfig {
 }
 
 /// The routes the rules ask for, with role-driven attributes.
-pub fn routes_for(rules: &RuleSet, roles: &BTreeMap<String, String>) -> Routes {
+pub fn routes_for(
+    rules: &RuleSet,
+    roles: &BTreeMap<String, String>,
+    policy: &RoutePolicy,
+) -> Routes {
     let mut out = Routes::new();
     for r in rules.rules.values() {
         if !r.service.bgp {
@@ -137,15 +271,7 @@ pub fn routes_for(rules: &RuleSet, roles: &BTreeMap<String, String>) -> Routes {
             .filter(|i| !i.is_empty())
             .unwrap_or(DEFAULT_INSTANCE);
         let backup = roles.get(instance).is_some_and(|s| s == "BACKUP");
-        let attrs = if backup {
-            RouteAttrs {
-                med: Some(BACKUP_MED),
-                prepend: BACKUP_PREPEND,
-                ..Default::default()
-            }
-        } else {
-            RouteAttrs::default()
-        };
+        let attrs = policy.attrs(backup);
         let Ok(net) = Ipv4Net::new(vip, 32) else {
             continue;
         };
@@ -153,7 +279,7 @@ pub fn routes_for(rules: &RuleSet, roles: &BTreeMap<String, String>) -> Routes {
         out.entry(net)
             .and_modify(|a: &mut RouteAttrs| {
                 if !backup {
-                    *a = RouteAttrs::default();
+                    *a = policy.attrs(false);
                 }
             })
             .or_insert(attrs);
@@ -243,10 +369,15 @@ pub async fn global(State(app): State<Shared>, body: Bytes) -> Result<Response, 
     }
     let svc = service(&app)?;
     let mut st = svc.state.lock().await;
+    let mut policy = st.policy.clone();
+    parse_policy(&o, &mut policy).map_err(bad)?;
     st.local_as = Some(local_as as u32);
     st.router_id = Some(router_id);
+    st.policy = policy;
     svc.apply(&st);
     svc.save(&st).await?;
+    drop(st);
+    sync(&app).await;
     Ok(ok())
 }
 
@@ -486,9 +617,12 @@ pub async fn sync(app: &Shared) {
 /// Recomputes the originated routes from the rules and roles now.
 pub async fn sync_now(app: &Shared) {
     let Some(svc) = &app.bgp else { return };
-    let roles = svc.state.lock().await.roles.clone();
+    let (roles, policy) = {
+        let st = svc.state.lock().await;
+        (st.roles.clone(), st.policy.clone())
+    };
     let routes = match app.engine.lock() {
-        Ok(e) => routes_for(e.rules(), &roles),
+        Ok(e) => routes_for(e.rules(), &roles, &policy),
         Err(_) => return,
     };
     svc.speaker.set_routes(routes);
@@ -683,11 +817,12 @@ mod tests {
             let c = rs.plan(parse_rule(b.as_bytes()).unwrap(), 16).unwrap();
             rs.apply(&c);
         }
-        let plain = routes_for(&rs, &BTreeMap::new());
+        let pol = RoutePolicy::default();
+        let plain = routes_for(&rs, &BTreeMap::new(), &pol);
         assert_eq!(plain.len(), 2);
         assert!(plain.values().all(|a| *a == RouteAttrs::default()));
         let roles = BTreeMap::from([("llb-inst0".to_string(), "BACKUP".to_string())]);
-        let r = routes_for(&rs, &roles);
+        let r = routes_for(&rs, &roles, &pol);
         let a = &r[&"203.0.113.10/32".parse().unwrap()];
         assert_eq!((a.prepend, a.med), (BACKUP_PREPEND, Some(BACKUP_MED)));
         assert_eq!(
@@ -695,5 +830,30 @@ mod tests {
             RouteAttrs::default(),
             "another instance"
         );
+        // A configured policy: communities on every route, its own BACKUP values.
+        let mut pol = RoutePolicy::default();
+        let o: serde_json::Map<String, Value> = serde_json::from_str(
+            r#"{"communities":["65100:10"],"largeCommunities":["65100:1:2"],"backupPrepend":5,"backupMed":300,"med":10}"#,
+        )
+        .unwrap();
+        parse_policy(&o, &mut pol).unwrap();
+        let r = routes_for(&rs, &roles, &pol);
+        let a = &r[&"203.0.113.10/32".parse().unwrap()];
+        assert_eq!((a.prepend, a.med), (5, Some(300)));
+        assert_eq!(a.communities, vec![(65100 << 16) | 10]);
+        assert_eq!(a.large_communities, vec![(65100, 1, 2)]);
+        assert_eq!(r[&"203.0.113.11/32".parse().unwrap()].med, Some(10));
+        for bad in [
+            r#"{"communities":["65100"]}"#,
+            r#"{"communities":["70000:1"]}"#,
+            r#"{"largeCommunities":["1:2"]}"#,
+            r#"{"backupPrepend":40}"#,
+        ] {
+            let o: serde_json::Map<String, Value> = serde_json::from_str(bad).unwrap();
+            assert!(
+                parse_policy(&o, &mut RoutePolicy::default()).is_err(),
+                "{bad}"
+            );
+        }
     }
 }
