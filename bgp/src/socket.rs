@@ -141,27 +141,6 @@ mod tests {
         });
     }
 
-    /// Manual probe: FERROLB_MD5_PROBE=ip:port,key connects once and reports.
-    #[test]
-    fn md5_probe_from_env() {
-        let Ok(spec) = std::env::var("FERROLB_MD5_PROBE") else {
-            return;
-        };
-        let (addr, key) = spec.split_once(',').unwrap();
-        let addr: SocketAddr = addr.parse().unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let r = rt.block_on(connect(
-            addr,
-            Some(key.as_bytes()),
-            false,
-            Duration::from_secs(3),
-        ));
-        eprintln!("md5 probe to {addr}: {r:?}");
-    }
-
     #[test]
     fn md5sig_layout() {
         let b = md5sig("192.0.2.1".parse().unwrap(), b"secret");
