@@ -544,6 +544,10 @@ fn md5_and_ttl_security_with_frr() {
             "neighbor 192.0.2.2 password lbsecret",
             "-c",
             "neighbor 192.0.2.2 ttl-security hops 1",
+            // The ToR only accepts: what is tested is our connection, not one it opens to
+            // our listener.
+            "-c",
+            "neighbor 192.0.2.2 passive",
         ],
     )
     .unwrap();
