@@ -549,17 +549,9 @@ mod tests {
     /// removing one side brings the other Down with "neighbor signaled session down".
     #[test]
     fn two_sessions_over_loopback() {
-        if !ferrolb_tests::require("two_sessions_over_loopback", &["ip"]) {
+        if !ferrolb_tests::private_netns("two_sessions_over_loopback") {
             return;
         }
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-        assert!(
-            std::process::Command::new("ip")
-                .args(["link", "set", "lo", "up"])
-                .status()
-                .unwrap()
-                .success()
-        );
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

@@ -272,24 +272,9 @@ impl TxSocket {
 mod tests {
     use super::*;
 
-    /// In a private network namespace of this test thread (root), never on the host's.
-    fn private_netns(test: &str) -> bool {
-        if !ferrolb_tests::require(test, &["ip"]) {
-            return false;
-        }
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare");
-        let ok = std::process::Command::new("ip")
-            .args(["link", "set", "lo", "up"])
-            .status()
-            .expect("ip")
-            .success();
-        assert!(ok);
-        true
-    }
-
     #[test]
     fn loopback_datagram_carries_its_ttl() {
-        if !private_netns("loopback_datagram_carries_its_ttl") {
+        if !ferrolb_tests::private_netns("loopback_datagram_carries_its_ttl") {
             return;
         }
         let rx = RxSocket::bind(false, CONTROL_PORT).unwrap();

@@ -97,17 +97,9 @@ mod tests {
     /// signed connection and never sees an unsigned one.
     #[test]
     fn md5_signed_connections_only() {
-        if !ferrolb_tests::require("md5_signed_connections_only", &["ip"]) {
+        if !ferrolb_tests::private_netns("md5_signed_connections_only") {
             return;
         }
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-        assert!(
-            std::process::Command::new("ip")
-                .args(["link", "set", "lo", "up"])
-                .status()
-                .unwrap()
-                .success()
-        );
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

@@ -44,6 +44,24 @@ fn program_exists(p: &str) -> bool {
         .unwrap_or(false)
 }
 
+/// Moves the calling thread into a new, empty network namespace with `lo` up (the test's
+/// own: nothing on the host is touched, and it goes when the thread ends). False when the
+/// test cannot run (see [`require`]).
+pub fn private_netns(test: &str) -> bool {
+    if !require(test, &["ip"]) {
+        return false;
+    }
+    if let Err(e) = nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET) {
+        panic!("{test}: unshare(CLONE_NEWNET): {e}");
+    }
+    let up = std::process::Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(up, "{test}: ip link set lo up failed");
+    true
+}
+
 /// Programs every FRR lab needs.
 pub const FRR_LAB: &[&str] = &[
     "ip",
