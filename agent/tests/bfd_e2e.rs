@@ -43,6 +43,18 @@ fn session(peer: &str, interval_us: u32, auth: Option<(&str, &str)>) -> String {
     v.to_string()
 }
 
+/// `POST /config/bfd` on lb1 for `peer`; must answer 200.
+fn add_session(lab: &TestLab, peer: &str, interval_us: u32, auth: Option<(&str, &str)>) {
+    let (st, v) = rest(
+        lab,
+        "lb1",
+        "POST",
+        "/config/bfd",
+        Some(&session(peer, interval_us, auth)),
+    );
+    assert_eq!(st, 200, "{v}");
+}
+
 fn sessions(lab: &TestLab, node: &str) -> Vec<Value> {
     let (st, v) = rest(lab, node, "GET", "/config/bfd/all", None);
     assert_eq!(st, 200, "{v}");
@@ -183,17 +195,7 @@ fn peers_come_up_agree_on_timers_and_change_them_in_place() {
     // A REST timer change runs a Poll Sequence: FRR sees it, nobody drops.
     let changes = ours["stateChanges"].clone();
     let frr_downs = frr_counters(&lab)["session-down"].clone();
-    assert_eq!(
-        rest(
-            &lab,
-            "lb1",
-            "POST",
-            "/config/bfd",
-            Some(&session(FRR, 50_000, None))
-        )
-        .0,
-        200
-    );
+    add_session(&lab, FRR, 50_000, None);
     lab.wait_until("FRR sees our 50 ms", Duration::from_secs(5), || {
         Ok(frr_peer(&lab)["remote-transmit-interval"] == 50)
     })
@@ -279,17 +281,7 @@ fn failures_are_detected_in_detection_time() {
     let Some(lab) = lab("failures_are_detected_in_detection_time", "bfddet") else {
         return;
     };
-    assert_eq!(
-        rest(
-            &lab,
-            "lb1",
-            "POST",
-            "/config/bfd",
-            Some(&session(FRR, 100_000, None))
-        )
-        .0,
-        200
-    );
+    add_session(&lab, FRR, 100_000, None);
     wait_state(&lab, "lb1", FRR, "BFDUp", 10);
     std::thread::sleep(Duration::from_millis(500));
 
@@ -341,17 +333,7 @@ fn authentication_interoperates_with_bird() {
         ("meticulous keyed sha1", "meticulous-keyed-sha1"),
     ] {
         bird_auth(&lab, Some(bird));
-        assert_eq!(
-            rest(
-                &lab,
-                "lb1",
-                "POST",
-                "/config/bfd",
-                Some(&session(BIRD, 100_000, Some((ours, "secret"))))
-            )
-            .0,
-            200
-        );
+        add_session(&lab, BIRD, 100_000, Some((ours, "secret")));
         std::thread::sleep(Duration::from_millis(300));
         wait_state(&lab, "lb1", BIRD, "BFDUp", 10);
         lab.wait_until("BIRD up with auth", Duration::from_secs(5), || {
@@ -369,20 +351,11 @@ fn authentication_interoperates_with_bird() {
         assert_eq!(p["state"], "BFDUp");
     }
     // A wrong key: the session goes down and stays down, and both sides count the drops.
-    assert_eq!(
-        rest(
-            &lab,
-            "lb1",
-            "POST",
-            "/config/bfd",
-            Some(&session(
-                BIRD,
-                100_000,
-                Some(("meticulous-keyed-sha1", "wrong"))
-            ))
-        )
-        .0,
-        200
+    add_session(
+        &lab,
+        BIRD,
+        100_000,
+        Some(("meticulous-keyed-sha1", "wrong")),
     );
     wait_state(&lab, "lb1", BIRD, "BFDDown", 5);
     std::thread::sleep(Duration::from_secs(2));
@@ -406,17 +379,7 @@ fn authentication_interoperates_with_bird() {
         .unwrap();
     assert!(auth_drops >= 3);
     // Unauthenticated ferrolb against an authenticating BIRD: down as well.
-    assert_eq!(
-        rest(
-            &lab,
-            "lb1",
-            "POST",
-            "/config/bfd",
-            Some(&session(BIRD, 100_000, None))
-        )
-        .0,
-        200
-    );
+    add_session(&lab, BIRD, 100_000, None);
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(peer(&lab, "lb1", BIRD)["state"], "BFDDown");
 }
@@ -426,28 +389,8 @@ fn stable_at_50ms_while_forwarding() {
     let Some(lab) = lab("stable_at_50ms_while_forwarding", "bfdstab") else {
         return;
     };
-    assert_eq!(
-        rest(
-            &lab,
-            "lb1",
-            "POST",
-            "/config/bfd",
-            Some(&session(FRR, 50_000, None))
-        )
-        .0,
-        200
-    );
-    assert_eq!(
-        rest(
-            &lab,
-            "lb1",
-            "POST",
-            "/config/bfd",
-            Some(&session(BIRD, 50_000, None))
-        )
-        .0,
-        200
-    );
+    add_session(&lab, FRR, 50_000, None);
+    add_session(&lab, BIRD, 50_000, None);
     let lb2 = json!({"remoteIp": "10.0.0.1", "sourceIp": LB2, "interval": 50_000, "retryCount": 3});
     assert_eq!(
         rest(&lab, "lb2", "POST", "/config/bfd", Some(&lb2.to_string())).0,

@@ -199,14 +199,24 @@ impl Fsm {
         self.connect_retry = None;
         self.keepalive = None;
         self.peer = None;
+        self.send_open(now, &mut out);
+        out
+    }
+
+    /// §8.2.2: OPEN out on a fresh connection, a large hold time until the peer's OPEN.
+    fn send_open(&mut self, now: Instant, out: &mut Vec<Output>) {
         out.push(Output::Send(wire::open(
             self.p.local_as,
             self.p.hold_time_s,
             self.p.router_id,
         )));
         self.hold = Some(now + Duration::from_secs(LARGE_HOLD_TIME_S));
-        self.set(State::OpenSent, &mut out);
-        out
+        self.set(State::OpenSent, out);
+    }
+
+    /// Restarts the hold timer (none when the negotiated hold time is 0).
+    fn reset_hold(&mut self, now: Instant) {
+        self.hold = (self.hold_s > 0).then(|| now + Duration::from_secs(u64::from(self.hold_s)));
     }
 
     fn keepalive_interval(&self) -> Option<Duration> {
@@ -252,13 +262,7 @@ impl Fsm {
             }
             (State::Connect | State::Active, Event::TcpConnectionConfirmed) => {
                 self.connect_retry = None;
-                out.push(Output::Send(wire::open(
-                    self.p.local_as,
-                    self.p.hold_time_s,
-                    self.p.router_id,
-                )));
-                self.hold = Some(now + Duration::from_secs(LARGE_HOLD_TIME_S));
-                self.set(State::OpenSent, &mut out);
+                self.send_open(now, &mut out);
             }
             (State::Connect | State::Active, Event::TcpConnectionFails) => {
                 self.set(State::Active, &mut out);
@@ -304,14 +308,12 @@ impl Fsm {
                 self.hold_s = self.p.hold_time_s.min(peer.hold_time_s);
                 self.peer = Some(peer);
                 out.push(Output::Send(BgpMessage::KeepAlive));
-                self.hold =
-                    (self.hold_s > 0).then(|| now + Duration::from_secs(u64::from(self.hold_s)));
+                self.reset_hold(now);
                 self.keepalive = self.keepalive_interval().map(|k| now + k);
                 self.set(State::OpenConfirm, &mut out);
             }
             (State::OpenConfirm, Event::Message(BgpMessage::KeepAlive)) => {
-                self.hold =
-                    (self.hold_s > 0).then(|| now + Duration::from_secs(u64::from(self.hold_s)));
+                self.reset_hold(now);
                 self.last_error = None;
                 self.set(State::Established, &mut out);
                 if let Some(p) = &self.peer {
@@ -333,8 +335,7 @@ impl Fsm {
                     BgpMessage::KeepAlive | BgpMessage::Update(_) | BgpMessage::RouteRefresh(_),
                 ),
             ) => {
-                self.hold =
-                    (self.hold_s > 0).then(|| now + Duration::from_secs(u64::from(self.hold_s)));
+                self.reset_hold(now);
             }
             (state, Event::Message(m)) => {
                 let why = format!("unexpected {} in {}", msg_name(&m), state.name());

@@ -130,6 +130,35 @@ mod tests {
             assert!(ok.is_ok(), "{ok:?}");
             let acc = tokio::time::timeout(Duration::from_secs(2), l.accept()).await;
             assert!(acc.is_ok());
+            // GTSM: our minimum TTL 254 refuses a peer answering at TTL 64...
+            let plain = std::net::TcpListener::bind("127.0.0.1:1791").unwrap();
+            setsockopt(
+                plain.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_TTL,
+                &64i32.to_ne_bytes(),
+            )
+            .unwrap();
+            let a2: SocketAddr = "127.0.0.1:1791".parse().unwrap();
+            assert!(
+                connect(a2, None, true, Duration::from_millis(500))
+                    .await
+                    .is_err(),
+                "TTL 64 must be refused"
+            );
+            // ...and takes one at TTL 255.
+            setsockopt(
+                plain.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_TTL,
+                &255i32.to_ne_bytes(),
+            )
+            .unwrap();
+            assert!(
+                connect(a2, None, true, Duration::from_secs(2))
+                    .await
+                    .is_ok()
+            );
         });
     }
 

@@ -684,111 +684,81 @@ pub async fn roles(app: &Shared) -> BTreeMap<String, String> {
     }
 }
 
-/// Prometheus lines for BGP.
+/// Prometheus lines for BGP: one family per metric, one line per neighbour and label set.
 pub fn metrics(svc: &BgpService) -> String {
     use std::fmt::Write;
-    let mut o = String::new();
+    type Lines = fn(&ferrolb_bgp::NeighborStatus) -> Vec<(String, u64)>;
+    let families: [(&str, &str, &str, Lines); 6] = [
+        (
+            "ferrolb_bgp_session_established",
+            "gauge",
+            "1 when the BGP session is Established.",
+            |n| {
+                vec![(
+                    String::new(),
+                    u64::from(n.state == ferrolb_bgp::State::Established),
+                )]
+            },
+        ),
+        (
+            "ferrolb_bgp_state_transitions_total",
+            "counter",
+            "BGP FSM state changes.",
+            |n| vec![(String::new(), n.transitions)],
+        ),
+        (
+            "ferrolb_bgp_updates_total",
+            "counter",
+            "UPDATE messages per direction.",
+            |n| {
+                vec![
+                    (",direction=\"in\"".into(), n.updates_in),
+                    (",direction=\"out\"".into(), n.updates_out),
+                ]
+            },
+        ),
+        (
+            "ferrolb_bgp_prefixes",
+            "gauge",
+            "Prefixes advertised to and received from the neighbour.",
+            |n| {
+                vec![
+                    (",direction=\"advertised\"".into(), n.prefixes_sent),
+                    (",direction=\"received\"".into(), n.prefixes_received),
+                ]
+            },
+        ),
+        (
+            "ferrolb_bgp_notifications_total",
+            "counter",
+            "NOTIFICATION messages by direction and error code.",
+            |n| {
+                let by = |dir: &str, m: &BTreeMap<u8, u64>| {
+                    m.iter()
+                        .map(|(code, c)| (format!(",direction=\"{dir}\",code=\"{code}\""), *c))
+                        .collect::<Vec<_>>()
+                };
+                let mut v = by("in", &n.notifications_in);
+                v.extend(by("out", &n.notifications_out));
+                v
+            },
+        ),
+        (
+            "ferrolb_bgp_treat_as_withdraw_total",
+            "counter",
+            "Received UPDATEs treated as withdraw (RFC 7606).",
+            |n| vec![(String::new(), n.treat_as_withdraw)],
+        ),
+    ];
     let ns = svc.speaker.neighbors();
-    let fam = |o: &mut String, name: &str, kind: &str, help: &str| {
+    let mut o = String::new();
+    for (name, kind, help, lines) in families {
         let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
-    };
-    fam(
-        &mut o,
-        "ferrolb_bgp_session_established",
-        "gauge",
-        "1 when the BGP session is Established.",
-    );
-    for n in &ns {
-        let _ = writeln!(
-            o,
-            "ferrolb_bgp_session_established{{neighbor=\"{}\"}} {}",
-            n.config.address,
-            u8::from(n.state == ferrolb_bgp::State::Established)
-        );
-    }
-    fam(
-        &mut o,
-        "ferrolb_bgp_state_transitions_total",
-        "counter",
-        "BGP FSM state changes.",
-    );
-    for n in &ns {
-        let _ = writeln!(
-            o,
-            "ferrolb_bgp_state_transitions_total{{neighbor=\"{}\"}} {}",
-            n.config.address, n.transitions
-        );
-    }
-    fam(
-        &mut o,
-        "ferrolb_bgp_updates_total",
-        "counter",
-        "UPDATE messages per direction.",
-    );
-    for n in &ns {
-        let _ = writeln!(
-            o,
-            "ferrolb_bgp_updates_total{{neighbor=\"{}\",direction=\"in\"}} {}",
-            n.config.address, n.updates_in
-        );
-        let _ = writeln!(
-            o,
-            "ferrolb_bgp_updates_total{{neighbor=\"{}\",direction=\"out\"}} {}",
-            n.config.address, n.updates_out
-        );
-    }
-    fam(
-        &mut o,
-        "ferrolb_bgp_prefixes",
-        "gauge",
-        "Prefixes advertised to and received from the neighbour.",
-    );
-    for n in &ns {
-        let _ = writeln!(
-            o,
-            "ferrolb_bgp_prefixes{{neighbor=\"{}\",direction=\"advertised\"}} {}",
-            n.config.address, n.prefixes_sent
-        );
-        let _ = writeln!(
-            o,
-            "ferrolb_bgp_prefixes{{neighbor=\"{}\",direction=\"received\"}} {}",
-            n.config.address, n.prefixes_received
-        );
-    }
-    fam(
-        &mut o,
-        "ferrolb_bgp_notifications_total",
-        "counter",
-        "NOTIFICATION messages by direction and error code.",
-    );
-    for n in &ns {
-        for (code, c) in &n.notifications_in {
-            let _ = writeln!(
-                o,
-                "ferrolb_bgp_notifications_total{{neighbor=\"{}\",direction=\"in\",code=\"{code}\"}} {c}",
-                n.config.address
-            );
+        for n in &ns {
+            for (labels, v) in lines(n) {
+                let _ = writeln!(o, "{name}{{neighbor=\"{}\"{labels}}} {v}", n.config.address);
+            }
         }
-        for (code, c) in &n.notifications_out {
-            let _ = writeln!(
-                o,
-                "ferrolb_bgp_notifications_total{{neighbor=\"{}\",direction=\"out\",code=\"{code}\"}} {c}",
-                n.config.address
-            );
-        }
-    }
-    fam(
-        &mut o,
-        "ferrolb_bgp_treat_as_withdraw_total",
-        "counter",
-        "Received UPDATEs treated as withdraw (RFC 7606).",
-    );
-    for n in &ns {
-        let _ = writeln!(
-            o,
-            "ferrolb_bgp_treat_as_withdraw_total{{neighbor=\"{}\"}} {}",
-            n.config.address, n.treat_as_withdraw
-        );
     }
     o
 }
