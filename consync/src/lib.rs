@@ -1,8 +1,809 @@
 //! `ferrolb-consync` — connection-tracking state sync between LB nodes.
 //!
-//! It will own the gRPC service (tonic, TCP 22222) that streams locally created conntrack
-//! entries to every peer in `--cluster`: bulk snapshot on (re)connect, live deltas with
-//! (epoch, sequence) resume, gap detection that forces a resync, batching bounded by count and
-//! time, and optional mutual TLS. It knows nothing of the agent's roles.
+//! A gRPC service (tonic, TCP 22222) between every pair of nodes in `--cluster`. Each node
+//! serves the flows it created itself (origin = its node id) and subscribes to every peer:
 //!
-//! Nothing is implemented yet: the HA pair issue fills this crate.
+//! - a subscription resumes from (epoch, sequence) when the server's [`log::ChangeLog`] still
+//!   holds what the subscriber misses; otherwise it starts with a bulk snapshot, followed by the
+//!   live changes from the snapshot's sequence number on, so there is no gap; after a snapshot
+//!   the subscriber removes the peer's flows the snapshot did not contain, so nothing stale is
+//!   left behind;
+//! - a sequence gap seen by a subscriber, an overflowing log, or [`Consync::resync`] (the
+//!   agent calls it when the datapath lost ring-buffer events) makes the subscriber start
+//!   over with a snapshot, and is counted;
+//! - batches are bounded by count ([`Config::batch_max`]) and time ([`Config::batch_delay`]);
+//!   an idle stream carries a heartbeat every [`Config::heartbeat`], and every batch carries
+//!   the server's [`pb::NodeStatus`] (roles and terms), so the channel is also the role
+//!   exchange;
+//! - peers authenticate with a shared token (`authorization: Bearer …`) or mutual TLS.
+//!
+//! The crate knows nothing of datapaths or roles: the agent implements [`Node`].
+
+pub mod log;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub use ferrolb_proto::consync as pb;
+use pb::con_sync_client::ConSyncClient;
+use pb::con_sync_server::{ConSync, ConSyncServer};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use tracing::{debug, info, warn};
+
+use crate::log::{ChangeLog, Resume};
+
+/// The sync port.
+pub const PORT: u16 = 22222;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("{what}: {detail}")]
+    Tls { what: String, detail: String },
+    #[error("peer {0} is not connected")]
+    NotConnected(SocketAddr),
+    #[error("peer {peer}: {detail}")]
+    Rpc { peer: SocketAddr, detail: String },
+}
+
+/// Files for mutual TLS: this node's certificate and key, and the CA that signs the peers'.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub node_id: u32,
+    pub listen: SocketAddr,
+    pub peers: Vec<SocketAddr>,
+    /// Shared secret; a subscriber without it is refused (and counted).
+    pub token: Option<String>,
+    pub tls: Option<TlsFiles>,
+    pub log_capacity: usize,
+    pub batch_max: usize,
+    pub batch_delay: Duration,
+    pub heartbeat: Duration,
+    /// A subscription that hears nothing for this long is dropped and reconnected.
+    pub dead_after: Duration,
+}
+
+impl Config {
+    pub fn new(node_id: u32, listen: SocketAddr, peers: Vec<SocketAddr>) -> Config {
+        Config {
+            node_id,
+            listen,
+            peers,
+            token: None,
+            tls: None,
+            log_capacity: 1 << 20,
+            batch_max: 1024,
+            batch_delay: Duration::from_millis(2),
+            heartbeat: Duration::from_millis(100),
+            dead_after: Duration::from_millis(1000),
+        }
+    }
+}
+
+/// A flow's identity, usable as a set member.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowId {
+    pub protocol: i32,
+    pub client: Vec<u8>,
+    pub client_port: u32,
+    pub vip: Vec<u8>,
+    pub vip_port: u32,
+}
+
+impl From<&pb::FlowKey> for FlowId {
+    fn from(k: &pb::FlowKey) -> FlowId {
+        FlowId {
+            protocol: k.protocol,
+            client: k.client.as_ref().map(|a| a.ip.clone()).unwrap_or_default(),
+            client_port: k.client_port,
+            vip: k.vip.as_ref().map(|a| a.ip.clone()).unwrap_or_default(),
+            vip_port: k.vip_port,
+        }
+    }
+}
+
+/// What the agent provides. The blocking methods run on tokio's blocking pool.
+pub trait Node: Send + Sync + 'static {
+    /// Every flow this node created and still holds (for a snapshot). Blocking.
+    fn own_flows(&self) -> Vec<pb::Flow>;
+    /// Installs or removes a peer's flows; returns how many were applied. Blocking.
+    fn apply(&self, origin: u32, upserts: &[pb::Flow], deletes: &[pb::FlowKey]) -> u64;
+    /// After a snapshot from `origin`: removes that origin's flows not in `keep`. Blocking.
+    fn retain(&self, origin: u32, keep: &HashSet<FlowId>) -> u64;
+    /// This node's status, sent with every batch.
+    fn status(&self) -> pb::NodeStatus;
+    /// A peer's status arrived (`Some`) or its channel was lost (`None`).
+    fn peer_status(&self, peer: SocketAddr, status: Option<&pb::NodeStatus>);
+    /// A planned switchover: take `req.instance`'s MASTER role; the caller's state has been
+    /// applied. Returns the new term, or why not.
+    fn handover(&self, req: &pb::HandoverRequest) -> Result<u64, String>;
+}
+
+/// What one subscription (this node reading a peer) knows.
+#[derive(Debug, Clone, Default)]
+pub struct PeerInfo {
+    pub addr: Option<SocketAddr>,
+    pub node_id: Option<u32>,
+    pub connected: bool,
+    /// The peer's epoch and the next sequence number we expect from it.
+    pub epoch: u64,
+    pub next_seq: u64,
+    /// How far behind the peer's log we are, in changes (at its last batch).
+    pub behind: u64,
+    pub snapshots: u64,
+    pub synced_once: bool,
+    pub received: u64,
+    pub applied: u64,
+    pub resyncs: u64,
+    pub disconnects: u64,
+    /// Send-to-apply delay of the last batch that carried changes, in seconds.
+    pub lag_s: f64,
+    pub last_heard: Option<Instant>,
+    pub last_error: Option<String>,
+}
+
+/// Node-wide counters.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub sent: AtomicU64,
+    pub streams: AtomicU64,
+    pub refused: AtomicU64,
+    pub resyncs_served: AtomicU64,
+}
+
+struct PeerSlot {
+    addr: SocketAddr,
+    info: Mutex<PeerInfo>,
+    wake: tokio::sync::Notify,
+}
+
+impl PeerSlot {
+    fn info(&self) -> std::sync::MutexGuard<'_, PeerInfo> {
+        self.info.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The running sync service: the server and one subscription per peer.
+pub struct Consync {
+    cfg: Config,
+    log: Arc<ChangeLog>,
+    node: Arc<dyn Node>,
+    peers: Vec<Arc<PeerSlot>>,
+    stats: Arc<Stats>,
+    active_streams: Arc<Mutex<Vec<(u32, Arc<AtomicU64>)>>>,
+    stopped: AtomicBool,
+}
+
+impl Consync {
+    /// Binds the listener and starts the server and the subscriptions.
+    pub async fn start(cfg: Config, node: Arc<dyn Node>) -> Result<Arc<Consync>, Error> {
+        let listener = tokio::net::TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|source| Error::Listen {
+                addr: cfg.listen,
+                source,
+            })?;
+        let tls = match &cfg.tls {
+            Some(t) => Some(load_tls(t)?),
+            None => None,
+        };
+        let me = Arc::new(Consync {
+            log: Arc::new(ChangeLog::new(cfg.log_capacity)),
+            node,
+            peers: cfg
+                .peers
+                .iter()
+                .map(|a| {
+                    Arc::new(PeerSlot {
+                        addr: *a,
+                        info: Mutex::new(PeerInfo {
+                            addr: Some(*a),
+                            ..Default::default()
+                        }),
+                        wake: tokio::sync::Notify::new(),
+                    })
+                })
+                .collect(),
+            stats: Arc::new(Stats::default()),
+            active_streams: Arc::new(Mutex::new(Vec::new())),
+            stopped: AtomicBool::new(false),
+            cfg,
+        });
+        let svc = Service { cs: me.clone() };
+        let mut builder = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .http2_keepalive_interval(Some(Duration::from_secs(1)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(2)));
+        if let Some((id, ca)) = &tls {
+            builder = builder
+                .tls_config(
+                    tonic::transport::ServerTlsConfig::new()
+                        .identity(id.clone())
+                        .client_ca_root(ca.clone()),
+                )
+                .map_err(|e| Error::Tls {
+                    what: "sync TLS server".into(),
+                    detail: e.to_string(),
+                })?;
+        }
+        let router = builder.add_service(ConSyncServer::new(svc));
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        tokio::spawn(async move {
+            if let Err(e) = router.serve_with_incoming(incoming).await {
+                warn!(error = %e, "conntrack sync server stopped");
+            }
+        });
+        info!(listen = %me.cfg.listen, peers = ?me.cfg.peers, tls = tls.is_some(), "conntrack sync started");
+        for slot in &me.peers {
+            tokio::spawn(subscribe_loop(me.clone(), slot.clone(), tls.clone()));
+        }
+        Ok(me)
+    }
+
+    pub fn node_id(&self) -> u32 {
+        self.cfg.node_id
+    }
+
+    /// Appends this node's changes to the log served to peers.
+    pub fn publish(&self, changes: Vec<pb::change::Change>) -> u64 {
+        self.log.publish(changes)
+    }
+
+    /// Every subscriber starts over with a snapshot (changes may have been lost upstream).
+    pub fn resync(&self) {
+        self.stats.resyncs_served.fetch_add(1, Ordering::Relaxed);
+        self.log.resync();
+    }
+
+    /// (epoch, next sequence number) of this node's log.
+    pub fn position(&self) -> (u64, u64) {
+        self.log.position()
+    }
+
+    pub fn peers(&self) -> Vec<PeerInfo> {
+        self.peers.iter().map(|p| p.info().clone()).collect()
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Changes not yet sent to the slowest subscriber.
+    pub fn queue_depth(&self) -> u64 {
+        let next = self.log.position().1;
+        let streams = self
+            .active_streams
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        streams
+            .iter()
+            .map(|(_, pos)| next.saturating_sub(pos.load(Ordering::Relaxed)))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Drops and re-establishes every subscription (after the peers' addresses changed
+    /// reachability, or for tests).
+    pub fn reconnect(&self) {
+        for p in &self.peers {
+            p.wake.notify_one();
+        }
+    }
+
+    /// Asks the peer with node id `node` to take `instance` once it holds all of our state.
+    pub async fn handover(
+        &self,
+        node: u32,
+        instance: &str,
+        term: u64,
+        timeout: Duration,
+    ) -> Result<pb::HandoverReply, Error> {
+        let slot = self
+            .peers
+            .iter()
+            .find(|p| p.info().node_id == Some(node))
+            .ok_or_else(|| Error::Rpc {
+                peer: self.cfg.listen,
+                detail: format!("no peer with node id {node}"),
+            })?;
+        let tls = match &self.cfg.tls {
+            Some(t) => Some(load_tls(t)?),
+            None => None,
+        };
+        let mut client = connect(slot.addr, tls.as_ref()).await?;
+        let (epoch, seq) = self.log.position();
+        let mut req = Request::new(pb::HandoverRequest {
+            node_id: self.cfg.node_id,
+            instance: instance.to_string(),
+            term,
+            epoch,
+            seq,
+        });
+        req.set_timeout(timeout);
+        self.authorize(&mut req);
+        client
+            .handover(req)
+            .await
+            .map(|r| r.into_inner())
+            .map_err(|s| Error::Rpc {
+                peer: slot.addr,
+                detail: s.message().to_string(),
+            })
+    }
+
+    fn authorize<T>(&self, req: &mut Request<T>) {
+        if let Some(t) = &self.cfg.token
+            && let Ok(v) = format!("Bearer {t}").parse()
+        {
+            req.metadata_mut().insert("authorization", v);
+        }
+    }
+
+    fn check<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        let Some(t) = &self.cfg.token else {
+            return Ok(());
+        };
+        let ok = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|v| constant_time_eq(v.as_bytes(), t.as_bytes()));
+        if ok {
+            Ok(())
+        } else {
+            self.stats.refused.fetch_add(1, Ordering::Relaxed);
+            warn!(peer = ?req.remote_addr(), "conntrack sync: peer refused (bad or missing token)");
+            Err(Status::unauthenticated("bad or missing sync token"))
+        }
+    }
+
+    fn batch(&self, epoch: u64) -> pb::SyncBatch {
+        pb::SyncBatch {
+            epoch,
+            status: Some(self.node.status()),
+            sent_unix_ns: unix_ns(),
+            next_seq: self.log.position().1,
+            ..Default::default()
+        }
+    }
+
+    /// Stops reconnecting (the agent is exiting).
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::Relaxed);
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+pub fn unix_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+type TlsParts = (tonic::transport::Identity, tonic::transport::Certificate);
+
+fn load_tls(t: &TlsFiles) -> Result<TlsParts, Error> {
+    let read = |p: &PathBuf, what: &str| {
+        std::fs::read(p).map_err(|e| Error::Tls {
+            what: format!("{what} {}", p.display()),
+            detail: e.to_string(),
+        })
+    };
+    let cert = read(&t.cert, "--sync-tls-cert")?;
+    let key = read(&t.key, "--sync-tls-key")?;
+    let ca = read(&t.ca, "--sync-tls-ca")?;
+    Ok((
+        tonic::transport::Identity::from_pem(cert, key),
+        tonic::transport::Certificate::from_pem(ca),
+    ))
+}
+
+async fn connect(
+    addr: SocketAddr,
+    tls: Option<&TlsParts>,
+) -> Result<ConSyncClient<tonic::transport::Channel>, Error> {
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let rpc = |detail: String| Error::Rpc { peer: addr, detail };
+    let mut ep = tonic::transport::Endpoint::from_shared(format!("{scheme}://{addr}"))
+        .map_err(|e| rpc(e.to_string()))?
+        .connect_timeout(Duration::from_millis(500))
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(1))
+        .keep_alive_timeout(Duration::from_secs(2));
+    if let Some((id, ca)) = tls {
+        ep = ep
+            .tls_config(
+                tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(ca.clone())
+                    .identity(id.clone()),
+            )
+            .map_err(|e| rpc(e.to_string()))?;
+    }
+    let ch = ep.connect().await.map_err(|e| rpc(format!("{e:?}")))?;
+    Ok(ConSyncClient::new(ch)
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20))
+}
+
+struct Service {
+    cs: Arc<Consync>,
+}
+
+type BatchStream = ReceiverStream<Result<pb::SyncBatch, Status>>;
+
+#[tonic::async_trait]
+impl ConSync for Service {
+    type SubscribeStream = BatchStream;
+
+    async fn subscribe(
+        &self,
+        req: Request<pb::SubscribeRequest>,
+    ) -> Result<Response<BatchStream>, Status> {
+        self.cs.check(&req)?;
+        let remote = req.remote_addr();
+        let r = req.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(8);
+        let cs = self.cs.clone();
+        cs.stats.streams.fetch_add(1, Ordering::Relaxed);
+        debug!(?remote, node = r.node_id, epoch = r.epoch, next = r.next_seq, "sync subscriber");
+        tokio::spawn(async move {
+            let pos = Arc::new(AtomicU64::new(r.next_seq));
+            cs.active_streams
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push((r.node_id, pos.clone()));
+            let res = serve(&cs, &tx, r.epoch, r.next_seq, &pos).await;
+            cs.active_streams
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .retain(|(_, p)| !Arc::ptr_eq(p, &pos));
+            if let Err(e) = res {
+                debug!(?remote, error = %e, "sync stream ended");
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn handover(
+        &self,
+        req: Request<pb::HandoverRequest>,
+    ) -> Result<Response<pb::HandoverReply>, Status> {
+        self.cs.check(&req)?;
+        let r = req.into_inner();
+        // Wait until we have applied everything the caller had published when it asked.
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            let caught_up = self.cs.peers.iter().any(|p| {
+                let i = p.info();
+                i.node_id == Some(r.node_id)
+                    && i.connected
+                    && i.synced_once
+                    && i.epoch == r.epoch
+                    && i.next_seq >= r.seq
+            });
+            if caught_up {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Ok(Response::new(pb::HandoverReply {
+                    accepted: false,
+                    term: 0,
+                    reason: format!(
+                        "not caught up with node {} (epoch {}, seq {}) within 3 s",
+                        r.node_id, r.epoch, r.seq
+                    ),
+                }));
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let node = self.cs.node.clone();
+        let reply = match tokio::task::spawn_blocking(move || node.handover(&r)).await {
+            Ok(Ok(term)) => pb::HandoverReply {
+                accepted: true,
+                term,
+                reason: String::new(),
+            },
+            Ok(Err(reason)) => pb::HandoverReply {
+                accepted: false,
+                term: 0,
+                reason,
+            },
+            Err(e) => return Err(Status::internal(e.to_string())),
+        };
+        Ok(Response::new(reply))
+    }
+}
+
+type Tx = tokio::sync::mpsc::Sender<Result<pb::SyncBatch, Status>>;
+
+/// One subscriber's stream: snapshot when needed, then changes and heartbeats.
+async fn serve(
+    cs: &Arc<Consync>,
+    tx: &Tx,
+    epoch: u64,
+    next_seq: u64,
+    pos: &AtomicU64,
+) -> Result<(), String> {
+    let mut wake = cs.log.subscribe();
+    let (mut epoch, mut next) = match cs.log.resume(epoch, next_seq) {
+        Resume::From(n) => (epoch, n),
+        Resume::Snapshot => send_snapshot(cs, tx).await?,
+    };
+    pos.store(next, Ordering::Relaxed);
+    let mut last_sent = Instant::now();
+    loop {
+        match cs.log.read(epoch, next, cs.cfg.batch_max) {
+            None => {
+                // Our log moved on (new epoch, or the subscriber fell out of it).
+                (epoch, next) = send_snapshot(cs, tx).await?;
+                pos.store(next, Ordering::Relaxed);
+                continue;
+            }
+            Some(changes) if !changes.is_empty() => {
+                let full = changes.len() >= cs.cfg.batch_max;
+                if !full && last_sent.elapsed() < cs.cfg.batch_delay {
+                    // Let a burst accumulate for a few milliseconds.
+                    tokio::time::sleep(cs.cfg.batch_delay).await;
+                    if let Some(more) = cs.log.read(epoch, next, cs.cfg.batch_max)
+                        && more.len() > changes.len()
+                    {
+                        continue;
+                    }
+                }
+                next = changes.last().map_or(next, |c| c.seq + 1);
+                let n = changes.len() as u64;
+                let mut b = cs.batch(epoch);
+                b.changes = changes;
+                tx.send(Ok(b)).await.map_err(|_| "subscriber gone")?;
+                cs.stats.sent.fetch_add(n, Ordering::Relaxed);
+                pos.store(next, Ordering::Relaxed);
+                last_sent = Instant::now();
+                continue;
+            }
+            Some(_) => {}
+        }
+        let hb = cs.cfg.heartbeat.saturating_sub(last_sent.elapsed());
+        tokio::select! {
+            r = wake.changed() => { if r.is_err() { return Ok(()); } }
+            _ = tokio::time::sleep(hb) => {
+                if last_sent.elapsed() >= cs.cfg.heartbeat {
+                    tx.send(Ok(cs.batch(epoch))).await.map_err(|_| "subscriber gone")?;
+                    last_sent = Instant::now();
+                }
+            }
+            _ = tx.closed() => return Ok(()),
+        }
+    }
+}
+
+/// Sends a snapshot; returns the (epoch, sequence) the live changes continue from.
+async fn send_snapshot(cs: &Arc<Consync>, tx: &Tx) -> Result<(u64, u64), String> {
+    // Changes from `next` on are in the log (or force another snapshot): the snapshot is at
+    // least as new as `next - 1`, and re-applying a change it already contains is harmless.
+    let (epoch, next) = cs.log.position();
+    let node = cs.node.clone();
+    let flows = tokio::task::spawn_blocking(move || node.own_flows())
+        .await
+        .map_err(|e| e.to_string())?;
+    let total = flows.len();
+    let mut it = flows.into_iter().peekable();
+    let chunk = cs.cfg.batch_max.max(1) * 4;
+    loop {
+        let part: Vec<pb::Flow> = it.by_ref().take(chunk).collect();
+        let done = it.peek().is_none();
+        let n = part.len() as u64;
+        let mut b = cs.batch(epoch);
+        b.snapshot = part;
+        b.snapshot_done = done;
+        b.snapshot_seq = next;
+        tx.send(Ok(b)).await.map_err(|_| "subscriber gone")?;
+        cs.stats.sent.fetch_add(n, Ordering::Relaxed);
+        if done {
+            break;
+        }
+    }
+    debug!(flows = total, epoch, next, "sync snapshot sent");
+    Ok((epoch, next))
+}
+
+/// Keeps a subscription to one peer alive: connect, subscribe, apply, reconnect.
+async fn subscribe_loop(cs: Arc<Consync>, slot: Arc<PeerSlot>, tls: Option<TlsParts>) {
+    let mut backoff = Duration::from_millis(100);
+    while !cs.stopped.load(Ordering::Relaxed) {
+        let r = subscribe_once(&cs, &slot, tls.as_ref()).await;
+        let was_connected = {
+            let mut i = slot.info();
+            let was = i.connected;
+            i.connected = false;
+            if let Err(e) = &r {
+                i.last_error = Some(e.clone());
+            }
+            if was {
+                i.disconnects += 1;
+            }
+            was
+        };
+        if was_connected {
+            cs.node.peer_status(slot.addr, None);
+            warn!(peer = %slot.addr, error = ?r.err(), "conntrack sync channel lost");
+            backoff = Duration::from_millis(100);
+        } else {
+            backoff = (backoff * 2).min(Duration::from_secs(1));
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = slot.wake.notified() => {}
+        }
+    }
+}
+
+async fn subscribe_once(
+    cs: &Arc<Consync>,
+    slot: &Arc<PeerSlot>,
+    tls: Option<&TlsParts>,
+) -> Result<(), String> {
+    let mut client = connect(slot.addr, tls).await.map_err(|e| e.to_string())?;
+    let (epoch, next_seq) = {
+        let i = slot.info();
+        (i.epoch, i.next_seq)
+    };
+    let mut req = Request::new(pb::SubscribeRequest {
+        node_id: cs.cfg.node_id,
+        epoch,
+        next_seq,
+    });
+    cs.authorize(&mut req);
+    let mut stream = client
+        .subscribe(req)
+        .await
+        .map_err(|s| format!("subscribe: {}", s.message()))?
+        .into_inner();
+    // Flows seen in the snapshot being received (for `retain`).
+    let mut seen: Option<HashSet<FlowId>> = None;
+    loop {
+        let msg = tokio::select! {
+            m = tokio::time::timeout(cs.cfg.dead_after, stream.message()) => m,
+            _ = slot.wake.notified() => return Err("reconnect requested".into()),
+        };
+        let batch = match msg {
+            Err(_) => return Err(format!("silent for {:?}", cs.cfg.dead_after)),
+            Ok(Err(s)) => return Err(format!("stream: {}", s.message())),
+            Ok(Ok(None)) => return Err("stream closed by the peer".into()),
+            Ok(Ok(Some(b))) => b,
+        };
+        let origin = batch.status.as_ref().map(|s| s.node_id);
+        {
+            let mut i = slot.info();
+            if !i.connected {
+                info!(peer = %slot.addr, node = ?origin, "conntrack sync channel up");
+            }
+            i.connected = true;
+            i.node_id = origin.or(i.node_id);
+            i.last_heard = Some(Instant::now());
+        }
+        cs.node.peer_status(slot.addr, batch.status.as_ref());
+        let Some(origin) = origin else {
+            return Err("batch without status".into());
+        };
+        if !batch.snapshot.is_empty() || batch.snapshot_done {
+            let set = seen.get_or_insert_with(HashSet::new);
+            for f in &batch.snapshot {
+                if let Some(k) = &f.key {
+                    set.insert(FlowId::from(k));
+                }
+            }
+            let n = batch.snapshot.len() as u64;
+            let applied = apply(cs, origin, batch.snapshot, Vec::new()).await?;
+            let mut done_set = None;
+            if batch.snapshot_done {
+                done_set = seen.take();
+            }
+            {
+                let mut i = slot.info();
+                i.received += n;
+                i.applied += applied;
+                if done_set.is_some() {
+                    i.epoch = batch.epoch;
+                    i.next_seq = batch.snapshot_seq;
+                }
+            }
+            if let Some(keep) = done_set {
+                let node = cs.node.clone();
+                let removed = tokio::task::spawn_blocking(move || node.retain(origin, &keep))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let mut i = slot.info();
+                i.snapshots += 1;
+                i.synced_once = true;
+                i.behind = batch.next_seq.saturating_sub(i.next_seq);
+                info!(peer = %slot.addr, node = origin, flows = n, stale_removed = removed, "sync snapshot applied");
+            }
+            continue;
+        }
+        if seen.is_some() {
+            return Err("changes inside a snapshot".into());
+        }
+        if batch.changes.is_empty() {
+            let mut i = slot.info();
+            if batch.epoch == i.epoch {
+                i.behind = batch.next_seq.saturating_sub(i.next_seq);
+            }
+            continue;
+        }
+        {
+            let mut i = slot.info();
+            let first = batch.changes[0].seq;
+            if batch.epoch != i.epoch || first != i.next_seq {
+                i.resyncs += 1;
+                i.epoch = 0;
+                i.next_seq = 0;
+                warn!(peer = %slot.addr, expected = i.next_seq, got = first, "sync sequence gap: resyncing");
+                return Err("sequence gap".into());
+            }
+            for w in batch.changes.windows(2) {
+                if w[1].seq != w[0].seq + 1 {
+                    i.resyncs += 1;
+                    i.epoch = 0;
+                    return Err("sequence gap inside a batch".into());
+                }
+            }
+        }
+        let last = batch.changes.last().map_or(0, |c| c.seq);
+        let n = batch.changes.len() as u64;
+        let mut ups = Vec::new();
+        let mut dels = Vec::new();
+        for c in batch.changes {
+            match c.change {
+                Some(pb::change::Change::Upsert(f)) => ups.push(f),
+                Some(pb::change::Change::Delete(k)) => dels.push(k),
+                None => {}
+            }
+        }
+        let applied = apply(cs, origin, ups, dels).await?;
+        let mut i = slot.info();
+        i.received += n;
+        i.applied += applied;
+        i.next_seq = last + 1;
+        i.behind = batch.next_seq.saturating_sub(i.next_seq);
+        i.lag_s = unix_ns().saturating_sub(batch.sent_unix_ns) as f64 / 1e9;
+    }
+}
+
+async fn apply(
+    cs: &Arc<Consync>,
+    origin: u32,
+    ups: Vec<pb::Flow>,
+    dels: Vec<pb::FlowKey>,
+) -> Result<u64, String> {
+    if ups.is_empty() && dels.is_empty() {
+        return Ok(0);
+    }
+    let node = cs.node.clone();
+    tokio::task::spawn_blocking(move || node.apply(origin, &ups, &dels))
+        .await
+        .map_err(|e| e.to_string())
+}

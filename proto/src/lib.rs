@@ -1,4 +1,9 @@
 //! `ferrolb-proto` — the `.proto` definitions shared between ferrolb nodes and their generated
 //! Rust types (tonic-prost-build with protox, so no `protoc` binary is needed).
 //!
-//! Nothing is defined yet: the HA pair issue adds the conntrack sync service here.
+//! - [`consync`]: conntrack sync and role exchange (`proto/consync.proto`, TCP 22222).
+
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod consync {
+    tonic::include_proto!("ferrolb.consync.v1");
+}

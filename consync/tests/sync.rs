@@ -1,0 +1,295 @@
+//! Two (or three) consync instances over loopback in a private network namespace, each
+//! backed by an in-memory flow table: snapshot then live changes, resume without a snapshot,
+//! resync after the log overflowed (with stale flows removed), token refusal, handover.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ferrolb_consync::{Config, Consync, FlowId, Node, pb};
+
+#[derive(Default)]
+struct FakeNode {
+    id: u32,
+    own: Mutex<BTreeMap<FlowId, pb::Flow>>,
+    /// (origin, flow) installed from peers.
+    synced: Mutex<BTreeMap<FlowId, (u32, pb::Flow)>>,
+    peers: Mutex<BTreeMap<SocketAddr, Option<pb::NodeStatus>>>,
+    took: Mutex<Vec<String>>,
+}
+
+impl Node for FakeNode {
+    fn own_flows(&self) -> Vec<pb::Flow> {
+        self.own.lock().unwrap().values().cloned().collect()
+    }
+    fn apply(&self, origin: u32, ups: &[pb::Flow], dels: &[pb::FlowKey]) -> u64 {
+        let mut s = self.synced.lock().unwrap();
+        for f in ups {
+            s.insert(FlowId::from(f.key.as_ref().unwrap()), (origin, f.clone()));
+        }
+        for k in dels {
+            s.remove(&FlowId::from(k));
+        }
+        (ups.len() + dels.len()) as u64
+    }
+    fn retain(&self, origin: u32, keep: &HashSet<FlowId>) -> u64 {
+        let mut s = self.synced.lock().unwrap();
+        let before = s.len();
+        s.retain(|k, (o, _)| *o != origin || keep.contains(k));
+        (before - s.len()) as u64
+    }
+    fn status(&self) -> pb::NodeStatus {
+        pb::NodeStatus {
+            node_id: self.id,
+            ready: true,
+            instances: vec![],
+        }
+    }
+    fn peer_status(&self, peer: SocketAddr, status: Option<&pb::NodeStatus>) {
+        self.peers.lock().unwrap().insert(peer, status.cloned());
+    }
+    fn handover(&self, req: &pb::HandoverRequest) -> Result<u64, String> {
+        self.took.lock().unwrap().push(req.instance.clone());
+        Ok(req.term + 1)
+    }
+}
+
+fn flow(origin: u32, port: u32) -> pb::Flow {
+    pb::Flow {
+        key: Some(key(port)),
+        nat_source: Some(pb::Addr {
+            ip: vec![203, 0, 113, 10],
+        }),
+        nat_source_port: 40000 + port,
+        endpoint: Some(pb::Addr {
+            ip: vec![10, 10, 10, 11],
+        }),
+        endpoint_port: 9000,
+        mode: 2,
+        state: pb::TcpState::Established as i32,
+        origin,
+        ..Default::default()
+    }
+}
+
+fn key(port: u32) -> pb::FlowKey {
+    pb::FlowKey {
+        protocol: pb::Protocol::Tcp as i32,
+        client: Some(pb::Addr {
+            ip: vec![198, 51, 100, 2],
+        }),
+        client_port: port,
+        vip: Some(pb::Addr {
+            ip: vec![203, 0, 113, 10],
+        }),
+        vip_port: 80,
+    }
+}
+
+fn wait(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + limit;
+    while !f() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn synced_ports(n: &FakeNode) -> Vec<u32> {
+    n.synced
+        .lock()
+        .unwrap()
+        .values()
+        .map(|(_, f)| f.key.as_ref().unwrap().client_port)
+        .collect()
+}
+
+#[test]
+fn snapshot_live_resume_and_resync() {
+    if !ferrolb_tests::private_netns("snapshot_live_resume_and_resync") {
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let a = Arc::new(FakeNode {
+            id: 0,
+            ..Default::default()
+        });
+        let b = Arc::new(FakeNode {
+            id: 1,
+            ..Default::default()
+        });
+        // A's flows before anyone subscribes: they arrive in the snapshot.
+        for p in 1..=100 {
+            a.own.lock().unwrap().insert(FlowId::from(&key(p)), flow(0, p));
+        }
+        let mut ca = Config::new(0, addr(22001), vec![addr(22002)]);
+        ca.log_capacity = 64;
+        let cb = Config::new(1, addr(22002), vec![addr(22001)]);
+        let sa = Consync::start(ca, a.clone()).await.unwrap();
+        let sb = Consync::start(cb, b.clone()).await.unwrap();
+        let bb = b.clone();
+        tokio::task::spawn_blocking(move || {
+            wait("B's snapshot of A", Duration::from_secs(5), || {
+                synced_ports(&bb).len() == 100
+            })
+        })
+        .await
+        .unwrap();
+        let pb = &sb.peers()[0];
+        assert!(pb.synced_once && pb.connected);
+        assert_eq!(pb.node_id, Some(0));
+        assert_eq!(pb.snapshots, 1);
+        // Live: 10 new flows and 5 deletes, applied in order.
+        let t0 = Instant::now();
+        sa.publish(
+            (101..=110)
+                .map(|p| pb::change::Change::Upsert(flow(0, p)))
+                .chain((1..=5).map(|p| pb::change::Change::Delete(key(p))))
+                .collect(),
+        );
+        let bb = b.clone();
+        tokio::task::spawn_blocking(move || {
+            wait("live changes", Duration::from_secs(2), || {
+                let s = synced_ports(&bb);
+                s.len() == 105 && !s.contains(&1) && s.contains(&110)
+            })
+        })
+        .await
+        .unwrap();
+        let live = t0.elapsed();
+        assert!(live < Duration::from_millis(100), "live change took {live:?}");
+        // Resume: B reconnects and continues from its sequence number without a snapshot.
+        sb.reconnect();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        sa.publish(vec![pb::change::Change::Upsert(flow(0, 111))]);
+        let bb = b.clone();
+        tokio::task::spawn_blocking(move || {
+            wait("change after resume", Duration::from_secs(2), || {
+                synced_ports(&bb).contains(&111)
+            })
+        })
+        .await
+        .unwrap();
+        let pb = &sb.peers()[0];
+        assert_eq!(pb.snapshots, 1, "resumed without a snapshot");
+        assert!(pb.disconnects >= 1);
+        // Overflow: B is away while A publishes more than its log keeps. A flow A dropped
+        // meanwhile (port 6) must not survive on B.
+        a.own.lock().unwrap().remove(&FlowId::from(&key(6)));
+        for p in 101..=111 {
+            a.own.lock().unwrap().insert(FlowId::from(&key(p)), flow(0, p));
+        }
+        for p in 7..=9 {
+            a.own.lock().unwrap().remove(&FlowId::from(&key(p)));
+        }
+        sb.reconnect();
+        // While B reconnects, 200 changes go by (the log keeps 64).
+        for p in 200..400 {
+            a.own.lock().unwrap().insert(FlowId::from(&key(p)), flow(0, p));
+            sa.publish(vec![pb::change::Change::Upsert(flow(0, p))]);
+        }
+        let bb = b.clone();
+        let aa = a.clone();
+        tokio::task::spawn_blocking(move || {
+            wait("resync after overflow", Duration::from_secs(5), || {
+                let mut want: Vec<u32> = aa
+                    .own
+                    .lock()
+                    .unwrap()
+                    .values()
+                    .map(|f| f.key.as_ref().unwrap().client_port)
+                    .collect();
+                want.sort();
+                let mut got = synced_ports(&bb);
+                got.sort();
+                got == want
+            })
+        })
+        .await
+        .unwrap();
+        assert!(!synced_ports(&b).contains(&6), "stale flow removed");
+        // A sees B's status too (full mesh), and B can hand a role to A.
+        let aa = a.clone();
+        tokio::task::spawn_blocking(move || {
+            wait("A hears B", Duration::from_secs(3), || {
+                aa.peers
+                    .lock()
+                    .unwrap()
+                    .values()
+                    .any(|s| s.as_ref().is_some_and(|s| s.node_id == 1))
+            })
+        })
+        .await
+        .unwrap();
+        let r = sb
+            .handover(0, "llb-inst0", 4, Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert!(r.accepted, "{}", r.reason);
+        assert_eq!(r.term, 5);
+        assert_eq!(a.took.lock().unwrap().as_slice(), ["llb-inst0"]);
+        // An explicit resync (lost ring-buffer events) sends a new snapshot.
+        let before = sb.peers()[0].snapshots;
+        sa.resync();
+        let sbb = sb.clone();
+        tokio::task::spawn_blocking(move || {
+            wait("snapshot after resync", Duration::from_secs(3), || {
+                sbb.peers()[0].snapshots > before
+            })
+        })
+        .await
+        .unwrap();
+    });
+}
+
+#[test]
+fn wrong_token_is_refused_and_counted() {
+    if !ferrolb_tests::private_netns("wrong_token_is_refused_and_counted") {
+        return;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let a = Arc::new(FakeNode {
+            id: 0,
+            ..Default::default()
+        });
+        a.own
+            .lock()
+            .unwrap()
+            .insert(FlowId::from(&key(1)), flow(0, 1));
+        let b = Arc::new(FakeNode {
+            id: 1,
+            ..Default::default()
+        });
+        let mut ca = Config::new(0, addr(22011), vec![]);
+        ca.token = Some("s3cret".into());
+        let mut cb = Config::new(1, addr(22012), vec![addr(22011)]);
+        cb.token = Some("wrong".into());
+        let sa = Consync::start(ca, a.clone()).await.unwrap();
+        let sb = Consync::start(cb, b.clone()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        assert!(sa.stats().refused.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+        assert!(synced_ports(&b).is_empty(), "nothing synced without the token");
+        let p = &sb.peers()[0];
+        assert!(!p.connected);
+        assert!(
+            p.last_error.as_deref().unwrap_or("").contains("token"),
+            "{:?}",
+            p.last_error
+        );
+    });
+}
