@@ -270,7 +270,7 @@ pub async fn run(cfg: Config) -> Result<()> {
                     let now = monotonic_ns();
                     let entries = collector.entries();
                     let flows = census(&entries, now);
-                    let removed = collector.collect_from(&entries, now);
+                    let removed = collector.collect_from(&entries, now).len();
                     if removed > 0 {
                         debug!(removed, "conntrack collector pass");
                     }

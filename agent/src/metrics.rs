@@ -173,6 +173,7 @@ pub fn render(m: &Metrics, e: &Engine) -> String {
         ("no_endpoint", Counter::DropNoEndpoint),
         ("nat_ports_exhausted", Counter::DropNatPorts),
         ("rewrite_failed", Counter::DropMalformed),
+        ("no_flow", Counter::DropNoFlow),
     ] {
         let _ = writeln!(
             o,

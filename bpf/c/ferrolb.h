@@ -12,7 +12,7 @@
 #ifndef FERROLB_H
 #define FERROLB_H
 
-#define FLB_LAYOUT_VERSION 1
+#define FLB_LAYOUT_VERSION 2
 
 #define FLB_MAX_ENDPOINTS 32
 /* Lookup-table length per endpoint set: a prime, >= 100 x FLB_MAX_ENDPOINTS
@@ -53,7 +53,8 @@
 
 /* flb_ct.flags */
 #define FLB_CTF_LOCAL 0x01  /* created by this node's datapath */
-#define FLB_CTF_SYNCED 0x02 /* installed from a peer's event stream */
+#define FLB_CTF_SYNCED 0x02 /* installed from a peer's sync stream: never idle here (the
+                             * agent removes it when its origin does, or adopts it) */
 #define FLB_CTF_LC 0x04     /* counted in ep_conns (least-connections) */
 
 /* flb_ct.fin */
@@ -71,7 +72,11 @@
 #define FLB_CNT_EVENTS_LOST 5
 #define FLB_CNT_ICMP_ERR_XLATED 6
 #define FLB_CNT_REDIRECTED 7
-#define FLB_CNT_MAX 8
+/* A TCP segment (not a SYN) to a VIP that matches no flow, no service and no local socket:
+ * dropped, because the kernel would answer it with a reset and kill a flow this node has
+ * not learnt yet (HA takeover, sync lag). */
+#define FLB_CNT_DROP_NO_FLOW 8
+#define FLB_CNT_MAX 9
 
 /* The event ring buffer wakes its reader only past this much unread data; the agent also
  * drains it on a timer (EVENT_POLL_MS in the agent). */

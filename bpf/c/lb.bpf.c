@@ -534,7 +534,7 @@ static __always_inline struct flb_svc *svc_lookup(const struct pkt *p)
 	return 0;
 }
 
-/* Is this address a VIP of any service? Used only for the fragment rule. */
+/* Is this address a VIP of any service (for the fragment and unknown-flow rules)? */
 static __always_inline int is_vip(__u32 daddr, __u8 proto)
 {
 	struct flb_range_key rk = {};
@@ -544,6 +544,29 @@ static __always_inline int is_vip(__u32 daddr, __u8 proto)
 	/* The agent keeps one (possibly empty) ranges entry per VIP and
 	 * protocol, so this is a single lookup. */
 	return bpf_map_lookup_elem(&ranges, &rk) != 0;
+}
+
+/* A TCP segment other than a connection-opening SYN, to a VIP, for which the kernel has no
+ * socket: the stack would answer it with a reset. Such a segment belongs to a flow this node
+ * does not know (yet): the backend side of a full-NAT flow after a takeover, or a flow whose
+ * sync is still in flight. Dropping it lets TCP retransmit instead of dying. */
+static __always_inline int unknown_tcp_to_vip(struct __sk_buff *skb, const struct pkt *p)
+{
+	if (p->proto != IPPROTO_TCP || (p->tcp_flags & 0x12) == 0x02)
+		return 0;
+	if (!is_vip(p->daddr, IPPROTO_TCP))
+		return 0;
+	struct bpf_sock_tuple t = {};
+	t.ipv4.saddr = p->saddr;
+	t.ipv4.daddr = p->daddr;
+	t.ipv4.sport = p->sport;
+	t.ipv4.dport = p->dport;
+	struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
+	if (sk) {
+		bpf_sk_release(sk);
+		return 0;
+	}
+	return 1;
 }
 
 /* Create both conntrack entries for a new flow (`seen_ns`: when the caller found no live
@@ -847,7 +870,9 @@ int flb_ingress(struct __sk_buff *skb)
 	struct flb_ct *e = bpf_map_lookup_elem(&conntrack, &key);
 	struct flb_ct ce;
 	if (e) {
-		int fresh = now - e->last_ns <= ct_timeout_ns(e, p.proto);
+		/* A synced entry's lifetime is its origin's: the agent deletes it when the
+		 * origin does, and ages it from the moment it adopts it. */
+		int fresh = (e->flags & FLB_CTF_SYNCED) || now - e->last_ns <= ct_timeout_ns(e, p.proto);
 		if (!fresh) {
 			/* One direction may be quiet (one-way UDP); the flow is
 			 * alive while either direction is. */
@@ -867,8 +892,13 @@ int flb_ingress(struct __sk_buff *skb)
 		if (p.proto == IPPROTO_ICMP && p.icmp_type != ICMP_ECHO)
 			return TC_ACT_OK;
 		struct flb_svc *svc = svc_lookup(&p);
-		if (!svc)
+		if (!svc) {
+			if (unknown_tcp_to_vip(skb, &p)) {
+				count(FLB_CNT_DROP_NO_FLOW);
+				return TC_ACT_SHOT;
+			}
 			return TC_ACT_OK;
+		}
 		if (ct_create(&p, svc, &key, &ce, now) < 0)
 			return TC_ACT_SHOT;
 		e = bpf_map_lookup_elem(&conntrack, &key);

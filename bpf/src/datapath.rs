@@ -76,6 +76,7 @@ pub struct Datapath {
     events: Option<RingBuf<MapData>>,
     capacity: Capacity,
     collector_ids: (u32, u32),
+    sync_ids: [u32; 4],
     attached: Vec<String>,
 }
 
@@ -287,6 +288,12 @@ impl Datapath {
             conntrack: max_entries(&ebpf, "conntrack")?,
         };
         let collector_ids = (map_id(&ebpf, "conntrack")?, map_id(&ebpf, "ep_conns")?);
+        let sync_ids = [
+            map_id(&ebpf, "conntrack")?,
+            map_id(&ebpf, "services")?,
+            map_id(&ebpf, "ranges")?,
+            map_id(&ebpf, "backends")?,
+        ];
         let services: HashMap<MapData, SvcKey, Svc> = take(&mut ebpf, "services")?;
         let conntrack: HashMap<MapData, CtKey, Ct> = take(&mut ebpf, "conntrack")?;
         Ok(Datapath {
@@ -303,6 +310,7 @@ impl Datapath {
             conntrack,
             capacity,
             collector_ids,
+            sync_ids,
             pin_dir: cfg.pin_dir.clone(),
             ebpf,
             attached: Vec::new(),
@@ -509,7 +517,7 @@ impl Datapath {
 
     /// [`Datapath::ct_collect`] over a listing the caller already took.
     pub fn ct_collect_from(&mut self, entries: &[(CtKey, Ct)], now_ns: u64) -> usize {
-        collect(&mut self.conntrack, &mut self.ep_conns, entries, now_ns)
+        collect(&mut self.conntrack, &mut self.ep_conns, entries, now_ns).len()
     }
 
     /// Separate handles on the conntrack and least-connection maps, so a collector can walk
@@ -526,6 +534,28 @@ impl Datapath {
         Ok(Collector {
             conntrack: HashMap::try_from(ct).map_err(map_err("conntrack"))?,
             ep_conns: Array::try_from(lc).map_err(map_err("ep_conns"))?,
+        })
+    }
+
+    /// Separate handles for conntrack sync: conntrack to read and write, and the service
+    /// maps to resolve a peer's flow to this node's service and endpoint numbers.
+    pub fn sync_table(&self) -> Result<SyncTable> {
+        let open = |id: u32, name: &str| {
+            aya::maps::MapData::from_id(id).map_err(|e| BpfError::Map {
+                map: name.to_string(),
+                source: e,
+            })
+        };
+        let [ct, svc, rng, be] = self.sync_ids;
+        Ok(SyncTable {
+            conntrack: HashMap::try_from(aya::maps::Map::LruHashMap(open(ct, "conntrack")?))
+                .map_err(map_err("conntrack"))?,
+            services: HashMap::try_from(aya::maps::Map::HashMap(open(svc, "services")?))
+                .map_err(map_err("services"))?,
+            ranges: HashMap::try_from(aya::maps::Map::HashMap(open(rng, "ranges")?))
+                .map_err(map_err("ranges"))?,
+            backends: Array::try_from(aya::maps::Map::Array(open(be, "backends")?))
+                .map_err(map_err("backends"))?,
         })
     }
 
@@ -621,16 +651,17 @@ impl Datapath {
 }
 
 /// Removes idle flows (both entries idle past their timeout) from `entries`, keeping the
-/// least-connection counts right. Map operations lock one bucket at a time.
+/// least-connection counts right, and returns the removed entries. Entries synced from a peer
+/// never idle here (their origin removes them). Map operations lock one bucket at a time.
 fn collect(
     conntrack: &mut HashMap<MapData, CtKey, Ct>,
     ep_conns: &mut Array<MapData, u32>,
     entries: &[(CtKey, Ct)],
     now_ns: u64,
-) -> usize {
-    let mut removed = 0;
+) -> Vec<(CtKey, Ct)> {
+    let mut removed = Vec::new();
     for (k, v) in entries {
-        if !v.expired(k.proto, now_ns) {
+        if v.flags & CTF_SYNCED != 0 || !v.expired(k.proto, now_ns) {
             continue;
         }
         let peer = k.peer(v);
@@ -650,7 +681,7 @@ fn collect(
             }
         }
         if conntrack.remove(k).is_ok() {
-            removed += 1;
+            removed.push((*k, *v));
         }
     }
     removed
@@ -668,9 +699,73 @@ impl Collector {
         self.conntrack.iter().filter_map(|r| r.ok()).collect()
     }
 
-    /// Removes idle flows among `entries`; returns how many entries went.
-    pub fn collect_from(&mut self, entries: &[(CtKey, Ct)], now_ns: u64) -> usize {
+    /// Removes idle flows among `entries`; returns the entries that went.
+    pub fn collect_from(&mut self, entries: &[(CtKey, Ct)], now_ns: u64) -> Vec<(CtKey, Ct)> {
         collect(&mut self.conntrack, &mut self.ep_conns, entries, now_ns)
+    }
+}
+
+/// Conntrack sync's own map handles (see [`Datapath::sync_table`]).
+pub struct SyncTable {
+    conntrack: HashMap<MapData, CtKey, Ct>,
+    services: HashMap<MapData, SvcKey, Svc>,
+    ranges: HashMap<MapData, RangeKey, Ranges>,
+    backends: Array<MapData, Backends>,
+}
+
+impl SyncTable {
+    pub fn get(&self, key: &CtKey) -> Result<Option<Ct>> {
+        match self.conntrack.get(key, 0) {
+            Ok(v) => Ok(Some(v)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err("conntrack")(e)),
+        }
+    }
+
+    pub fn insert(&mut self, key: &CtKey, val: &Ct) -> Result<()> {
+        self.conntrack
+            .insert(key, val, 0)
+            .map_err(map_err("conntrack"))
+    }
+
+    pub fn delete(&mut self, key: &CtKey) -> Result<()> {
+        ignore_missing(self.conntrack.remove(key)).map_err(map_err("conntrack"))
+    }
+
+    /// Every conntrack entry.
+    pub fn entries(&self) -> Vec<(CtKey, Ct)> {
+        self.conntrack.iter().filter_map(|r| r.ok()).collect()
+    }
+
+    /// The service a packet to (addr, port host order, proto) belongs to, as the datapath
+    /// finds it (exact port first, then port ranges).
+    pub fn service(&self, addr: std::net::IpAddr, port: u16, proto: u8) -> Option<Svc> {
+        let (w, family) = addr_words(addr);
+        let port_key = if proto == PROTO_ICMP { 0 } else { port.to_be() };
+        let key = SvcKey {
+            addr: w,
+            port: port_key,
+            proto,
+            family,
+        };
+        if let Ok(s) = self.services.get(&key, 0) {
+            return Some(s);
+        }
+        let rk = RangeKey {
+            addr: w,
+            proto,
+            family,
+            pad: 0,
+        };
+        let r = self.ranges.get(&rk, 0).ok()?;
+        r.r.iter()
+            .find(|x| x.hi != 0 && port >= x.lo && port <= x.hi)
+            .map(|x| x.svc)
+    }
+
+    /// The endpoint set in a backends slot.
+    pub fn backends(&self, slot: u32) -> Option<Backends> {
+        self.backends.get(&slot, 0).ok()
     }
 }
 

@@ -24,8 +24,8 @@ pub mod lut;
 pub mod maps;
 
 pub use datapath::{
-    Capacity, Collector, Datapath, DatapathConfig, EventStream, default_pin_dir, ensure_bpffs,
-    monotonic_ns, purge,
+    Capacity, Collector, Datapath, DatapathConfig, EventStream, SyncTable, default_pin_dir,
+    ensure_bpffs, monotonic_ns, purge,
 };
 
 use std::path::PathBuf;

@@ -7,7 +7,7 @@ use std::mem::{offset_of, size_of};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// The pinned-map layout version (`FLB_LAYOUT_VERSION`); part of the pin path.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 /// Endpoints per service (`FLB_MAX_ENDPOINTS`).
 pub const MAX_ENDPOINTS: usize = 32;
 /// Lookup-table length per endpoint set (`FLB_LUT_SIZE`, a prime).
@@ -99,9 +99,10 @@ pub enum Counter {
     EventsLost = 5,
     IcmpErrTranslated = 6,
     Redirected = 7,
+    DropNoFlow = 8,
 }
 
-pub const COUNTERS: usize = 8;
+pub const COUNTERS: usize = 9;
 
 /// Conntrack event kinds (`FLB_EV_*`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -713,7 +713,7 @@ fn the_collector_works_on_its_own_handles() {
         dp.ct_insert(&key, &e).unwrap();
     }
     let entries = c.entries();
-    assert_eq!(c.collect_from(&entries, monotonic_ns()), 2);
+    assert_eq!(c.collect_from(&entries, monotonic_ns()).len(), 2);
     // The datapath's own handle sees the result.
     assert!(dp.ct_get(&k).unwrap().is_none());
     assert_eq!(dp.ct_entries().len(), 2);
@@ -816,4 +816,88 @@ fn endpoint_without_target_port_keeps_the_port_and_no_endpoint_drops() {
     let (rc, _) = run(&mut dp, &tcp(ip(CLIENT, VIP, 6), 40000, 444, SYN, b""));
     assert_eq!(rc, TC_ACT_SHOT);
     assert_eq!(dp.counters()[Counter::DropNoEndpoint as usize], 1);
+}
+
+/// HA: a backend's mid-stream segment to the VIP for a flow this node does not know (the
+/// full-NAT reply side after a takeover) is dropped and counted, never handed to the stack,
+/// which would reset it. A connection-opening SYN and segments for a local socket still pass.
+#[test]
+fn unknown_mid_stream_tcp_to_a_vip_is_dropped_not_reset() {
+    if !in_private_netns("unknown_mid_stream_tcp_to_a_vip_is_dropped_not_reset") {
+        return;
+    }
+    let mut dp = datapath(0);
+    install(&mut dp, &svc(1, 80, PROTO_TCP, 2, 1));
+    let no_flow = |dp: &Datapath| dp.counters()[Counter::DropNoFlow as usize];
+    for flags in [ACK, ACK | PSH, FIN | ACK, RST, SYN | ACK] {
+        let (rc, _) = run(&mut dp, &tcp(ip(EP1, VIP, 6), 8080, 41234, flags, b"x"));
+        assert_eq!(rc, TC_ACT_SHOT, "flags {flags:#x}");
+    }
+    assert_eq!(no_flow(&dp), 5);
+    // A SYN to a port with no service: the stack may refuse it (nothing is established).
+    let syn = tcp(ip(CLIENT, VIP, 6), 40000, 81, SYN, b"");
+    assert_eq!(run(&mut dp, &syn), (TC_ACT_OK, syn.clone()));
+    // A local socket owns the segment: it passes.
+    let l = std::net::TcpListener::bind("0.0.0.0:5555").unwrap();
+    let ack = tcp(ip(CLIENT, VIP, 6), 40001, 5555, ACK, b"");
+    assert_eq!(run(&mut dp, &ack), (TC_ACT_OK, ack.clone()));
+    drop(l);
+    // Not a VIP: untouched.
+    let other = tcp(ip(EP1, LB_IF, 6), 8080, 41234, ACK, b"");
+    assert_eq!(run(&mut dp, &other), (TC_ACT_OK, other.clone()));
+    assert_eq!(no_flow(&dp), 5);
+    assert!(dp.ct_entries().is_empty());
+}
+
+/// HA: an entry synced from a peer is used however old its timestamp (its lifetime is its
+/// origin's), and the collector leaves it alone.
+#[test]
+fn synced_entries_never_idle_locally() {
+    if !in_private_netns("synced_entries_never_idle_locally") {
+        return;
+    }
+    let mut dp = datapath(1);
+    let mut s = svc(3, 53, PROTO_UDP, 2, 1);
+    s.eps = vec![(EP1, 8080, 1), (EP2, 8080, 1), (EP3, 8080, 1)];
+    s.timeout_s = 1;
+    install(&mut dp, &s);
+    // Node 0's flow, as its sync stream installs it: translation to EP3 from VIP:7777.
+    let k = CtKey::v4(CLIENT, 5353, VIP, 53, PROTO_UDP);
+    let o = Ct {
+        nat_saddr: addr_words(VIP.into()).0,
+        nat_daddr: addr_words(EP3.into()).0,
+        nat_sport: 7777u16.to_be(),
+        nat_dport: 8080u16.to_be(),
+        svc_id: 3,
+        timeout_s: 1,
+        ep_idx: 2,
+        origin: 0,
+        dir: 0,
+        state: CtState::Established.as_u8(),
+        flags: CTF_SYNCED,
+        mode: 2,
+        last_ns: 1,
+        created_ns: 1,
+        ..Default::default()
+    };
+    let r = Ct {
+        nat_saddr: addr_words(VIP.into()).0,
+        nat_daddr: addr_words(CLIENT.into()).0,
+        nat_sport: 53u16.to_be(),
+        nat_dport: 5353u16.to_be(),
+        dir: 1,
+        ..o
+    };
+    dp.ct_insert(&k, &o).unwrap();
+    dp.ct_insert(&k.peer(&o), &r).unwrap();
+    assert_eq!(
+        dp.ct_collect(monotonic_ns()),
+        0,
+        "synced entries are not collected"
+    );
+    let (_, out) = run(&mut dp, &udp(ip(CLIENT, VIP, 17), 5353, 53, b"q", true));
+    assert_eq!(out, udp(ip(VIP, EP3, 17), 7777, 8080, b"q", true));
+    let (_, back) = run(&mut dp, &udp(ip(EP3, VIP, 17), 8080, 7777, b"a", true));
+    assert_eq!(back, udp(ip(VIP, CLIENT, 17), 53, 5353, b"a", true));
+    assert_eq!(dp.ct_entries().len(), 2, "no new flow was created");
 }

@@ -469,7 +469,13 @@ impl ConSync for Service {
         let (tx, rx) = tokio::sync::mpsc::channel(8);
         let cs = self.cs.clone();
         cs.stats.streams.fetch_add(1, Ordering::Relaxed);
-        debug!(?remote, node = r.node_id, epoch = r.epoch, next = r.next_seq, "sync subscriber");
+        debug!(
+            ?remote,
+            node = r.node_id,
+            epoch = r.epoch,
+            next = r.next_seq,
+            "sync subscriber"
+        );
         tokio::spawn(async move {
             let pos = Arc::new(AtomicU64::new(r.next_seq));
             cs.active_streams

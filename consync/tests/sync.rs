@@ -130,7 +130,10 @@ fn snapshot_live_resume_and_resync() {
         });
         // A's flows before anyone subscribes: they arrive in the snapshot.
         for p in 1..=100 {
-            a.own.lock().unwrap().insert(FlowId::from(&key(p)), flow(0, p));
+            a.own
+                .lock()
+                .unwrap()
+                .insert(FlowId::from(&key(p)), flow(0, p));
         }
         let mut ca = Config::new(0, addr(22001), vec![addr(22002)]);
         ca.log_capacity = 64;
@@ -167,7 +170,10 @@ fn snapshot_live_resume_and_resync() {
         .await
         .unwrap();
         let live = t0.elapsed();
-        assert!(live < Duration::from_millis(100), "live change took {live:?}");
+        assert!(
+            live < Duration::from_millis(100),
+            "live change took {live:?}"
+        );
         // Resume: B reconnects and continues from its sequence number without a snapshot.
         sb.reconnect();
         tokio::time::sleep(Duration::from_millis(300)).await;
@@ -187,7 +193,10 @@ fn snapshot_live_resume_and_resync() {
         // meanwhile (port 6) must not survive on B.
         a.own.lock().unwrap().remove(&FlowId::from(&key(6)));
         for p in 101..=111 {
-            a.own.lock().unwrap().insert(FlowId::from(&key(p)), flow(0, p));
+            a.own
+                .lock()
+                .unwrap()
+                .insert(FlowId::from(&key(p)), flow(0, p));
         }
         for p in 7..=9 {
             a.own.lock().unwrap().remove(&FlowId::from(&key(p)));
@@ -195,7 +204,10 @@ fn snapshot_live_resume_and_resync() {
         sb.reconnect();
         // While B reconnects, 200 changes go by (the log keeps 64).
         for p in 200..400 {
-            a.own.lock().unwrap().insert(FlowId::from(&key(p)), flow(0, p));
+            a.own
+                .lock()
+                .unwrap()
+                .insert(FlowId::from(&key(p)), flow(0, p));
             sa.publish(vec![pb::change::Change::Upsert(flow(0, p))]);
         }
         let bb = b.clone();
@@ -282,8 +294,16 @@ fn wrong_token_is_refused_and_counted() {
         let sa = Consync::start(ca, a.clone()).await.unwrap();
         let sb = Consync::start(cb, b.clone()).await.unwrap();
         tokio::time::sleep(Duration::from_millis(800)).await;
-        assert!(sa.stats().refused.load(std::sync::atomic::Ordering::Relaxed) >= 1);
-        assert!(synced_ports(&b).is_empty(), "nothing synced without the token");
+        assert!(
+            sa.stats()
+                .refused
+                .load(std::sync::atomic::Ordering::Relaxed)
+                >= 1
+        );
+        assert!(
+            synced_ports(&b).is_empty(),
+            "nothing synced without the token"
+        );
         let p = &sb.peers()[0];
         assert!(!p.connected);
         assert!(
