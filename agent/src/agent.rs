@@ -13,8 +13,9 @@ use tracing::{debug, info, warn};
 
 use crate::api::bfd::BfdService;
 use crate::api::bgp::BgpService;
-use crate::api::{self, App};
+use crate::api::{self, App, Shared};
 use crate::config::Config;
+use crate::ha::{Ha, HaConfig};
 use crate::lb::{Engine, census};
 use crate::metrics::Metrics;
 use crate::store::Store;
@@ -129,6 +130,132 @@ async fn start_bfd(cfg: &Config) -> Result<Option<BfdService>> {
     }))
 }
 
+/// The HA settings from the flags: one sync peer per `--cluster` address, watched by the
+/// `--ka` BFD session to the same address (or by the only `--ka` session when there is one
+/// peer and one session).
+fn ha_config(cfg: &Config) -> HaConfig {
+    let peers = cfg
+        .cluster
+        .iter()
+        .map(|ip| {
+            let bfd = cfg
+                .keepalives
+                .iter()
+                .find(|k| k.remote == *ip)
+                .or(if cfg.cluster.len() == 1 && cfg.keepalives.len() == 1 {
+                    cfg.keepalives.first()
+                } else {
+                    None
+                })
+                .map(|k| k.remote);
+            (std::net::SocketAddr::new(*ip, cfg.flags.sync_port), bfd)
+        })
+        .collect();
+    HaConfig {
+        node_id: cfg.flags.self_id.unwrap_or(0),
+        ka: !cfg.keepalives.is_empty(),
+        peers,
+        join_timeout: Duration::from_millis(cfg.flags.ha_join_timeout_ms),
+        silent_dead: Duration::from_secs(1),
+    }
+}
+
+/// Starts conntrack sync and the HA tasks: role evaluation (on every event and every 50 ms),
+/// BGP following role changes, BFD state feeding peer liveness.
+async fn start_ha(app: &Shared, ha: &Arc<Ha>, cfg: &Config) -> Result<()> {
+    let mut sc = ferrolb_consync::Config::new(
+        u32::from(ha.cfg.node_id),
+        std::net::SocketAddr::new(
+            std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            cfg.flags.sync_port,
+        ),
+        ha.cfg.peers.iter().map(|p| p.0).collect(),
+    );
+    if let Some(f) = &cfg.flags.sync_token_file {
+        let t = std::fs::read_to_string(f)
+            .with_context(|| format!("--sync-token-file: read {}", f.display()))?;
+        let t = t.trim().to_string();
+        if t.is_empty() {
+            anyhow::bail!("--sync-token-file: {} is empty", f.display());
+        }
+        sc.token = Some(t);
+    }
+    if let (Some(cert), Some(key), Some(ca)) = (
+        &cfg.flags.sync_tls_cert,
+        &cfg.flags.sync_tls_key,
+        &cfg.flags.sync_tls_ca,
+    ) {
+        sc.tls = Some(ferrolb_consync::TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            ca: ca.clone(),
+        });
+    }
+    let node: Arc<dyn ferrolb_consync::Node> = ha.clone();
+    let cs = ferrolb_consync::Consync::start(sc, node)
+        .await
+        .context("start conntrack sync (--cluster)")?;
+    let _ = ha.consync.set(cs);
+    // Roles saved over REST (no --ka) are restored.
+    if !ha.cfg.ka
+        && let Some(b) = &app.bgp
+    {
+        for (i, r) in b.state.lock().await.roles.iter() {
+            if let Some(role) = crate::ha::Role::parse(r) {
+                ha.set_external(i, role);
+            }
+        }
+    }
+    info!(
+        node = ha.cfg.node_id,
+        ka = ha.cfg.ka,
+        peers = ?ha.cfg.peers,
+        "cluster mode"
+    );
+    if let Some(b) = &app.bfd {
+        let mut events = b.handle.subscribe();
+        let h = ha.clone();
+        tokio::spawn(async move {
+            loop {
+                match events.recv().await {
+                    Ok(ev) => h.bfd_event(ev.peer, ev.to == ferrolb_bfd::State::Up),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(_) => return,
+                }
+            }
+        });
+    }
+    {
+        let h = ha.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = h.wake.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                }
+                let h2 = h.clone();
+                if tokio::task::spawn_blocking(move || h2.evaluate())
+                    .await
+                    .is_err()
+                {
+                    warn!("HA evaluation failed");
+                }
+            }
+        });
+    }
+    {
+        let h = ha.clone();
+        let app = app.clone();
+        tokio::spawn(async move {
+            loop {
+                h.changed.notified().await;
+                api::bgp::sync_now(&app).await;
+            }
+        });
+    }
+    Ok(())
+}
+
 /// Serves the API on one listener until `stop` resolves.
 fn spawn_server<L>(
     set: &mut tokio::task::JoinSet<Result<()>>,
@@ -168,6 +295,14 @@ pub async fn run(cfg: Config) -> Result<()> {
     );
     let mut dp = dp;
     let events = dp.take_events();
+    let ha = if cfg.cluster.is_empty() {
+        None
+    } else {
+        let table = dp
+            .sync_table()
+            .context("open the conntrack sync's map handles")?;
+        Some(Arc::new(Ha::new(ha_config(&cfg), table)))
+    };
     let store = Store::new(&cfg.flags.config_path);
     let mut engine = Engine::start(dp, store, adopted).context("restore saved rules")?;
     let mut attached = BTreeMap::new();
@@ -196,7 +331,11 @@ pub async fn run(cfg: Config) -> Result<()> {
         metrics: Metrics::default(),
         bfd,
         bgp,
+        ha: ha.clone(),
     });
+    if let Some(ha) = &ha {
+        start_ha(&app, ha, &cfg).await?;
+    }
     if let Some(b) = &app.bgp {
         api::bgp::sync_now(&app).await;
         tokio::spawn(api::bgp::sync_task(app.clone()));
@@ -270,7 +409,11 @@ pub async fn run(cfg: Config) -> Result<()> {
                     let now = monotonic_ns();
                     let entries = collector.entries();
                     let flows = census(&entries, now);
-                    let removed = collector.collect_from(&entries, now).len();
+                    let removed_entries = collector.collect_from(&entries, now);
+                    if let Some(ha) = &app.ha {
+                        ha.publish_events(&[], &removed_entries);
+                    }
+                    let removed = removed_entries.len();
                     if removed > 0 {
                         debug!(removed, "conntrack collector pass");
                     }
@@ -312,6 +455,13 @@ pub async fn run(cfg: Config) -> Result<()> {
             // The datapath wakes us only when the ring fills up; otherwise drain on a timer.
             let mut tick = tokio::time::interval(Duration::from_millis(EVENT_POLL_MS));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let lost_now = |app: &Shared| {
+                app.engine.lock().ok().map(|e| {
+                    e.datapath().counters()[ferrolb_bpf::maps::Counter::EventsLost as usize]
+                })
+            };
+            let mut lost = lost_now(&app).unwrap_or(0);
+            let mut batch = Vec::new();
             loop {
                 tokio::select! {
                     r = afd.readable_mut() => {
@@ -323,6 +473,22 @@ pub async fn run(cfg: Config) -> Result<()> {
                 while let Some(e) = afd.get_mut().try_next() {
                     if let Some(k) = e.kind() {
                         app.metrics.event(k);
+                    }
+                    if app.ha.is_some() {
+                        batch.push((e.key, e.val));
+                    }
+                }
+                if let Some(ha) = &app.ha {
+                    // Events lost in the ring buffer: the peers cannot trust their copy.
+                    if let Some(l) = lost_now(&app)
+                        && l != lost
+                    {
+                        lost = l;
+                        ha.events_lost();
+                    }
+                    if !batch.is_empty() {
+                        ha.publish_events(&batch, &[]);
+                        batch.clear();
                     }
                 }
             }
@@ -339,6 +505,19 @@ pub async fn run(cfg: Config) -> Result<()> {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+        }
+        // A MASTER hands its role over (once the peer holds all its state) before draining.
+        if let Some(ha) = &drain_app.ha
+            && ha.cfg.ka
+            && ha.role(crate::ha::DEFAULT_INSTANCE) == crate::ha::Role::Master
+            && ha.switchover_target().is_some()
+        {
+            match api::ha::switchover_now(&drain_app).await {
+                Ok((node, term)) => info!(node, term, "stopping: MASTER handed over"),
+                Err(e) => {
+                    warn!(error = %e.message(), "stopping: switchover failed; the peer takes over when it detects us gone")
+                }
+            }
         }
         if let Some(b) = &drain_app.bgp {
             info!(grace_s = drain_grace, "draining BGP before stopping");

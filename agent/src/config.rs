@@ -1,7 +1,5 @@
 //! Command-line flags (loxilb-compatible names, `--flag=value` and `--flag value`) and the
-//! validated [`Config`] they become. Flags of features that later releases bring (`--cluster`,
-//! `--self`) are parsed and validated, then refused with a message saying so, rather than
-//! silently ignored.
+//! validated [`Config`] they become.
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -80,13 +78,41 @@ pub struct Flags {
     #[arg(long, value_name = "netrpc|grpc")]
     pub rpc: Option<String>,
 
-    /// Cluster peers for connection sync, comma-separated (comes with HA; refused for now).
+    /// Cluster peers for connection sync (gRPC, --sync-port), comma-separated: turns on
+    /// cluster mode. With --ka the nodes decide MASTER/BACKUP themselves.
     #[arg(long, value_name = "IP[,IP...]")]
     pub cluster: Option<String>,
 
-    /// This node's id in the cluster (0..N-1).
+    /// This node's id in the cluster (0..N-1; the origin of the flows it creates). With --ka,
+    /// the lowest id becomes MASTER when nodes start together.
     #[arg(long = "self", value_name = "N")]
     pub self_id: Option<u16>,
+
+    /// TCP port of conntrack sync (every node listens on it; peers are dialled on it).
+    #[arg(long, default_value_t = 22222, value_name = "PORT")]
+    pub sync_port: u16,
+
+    /// File holding the shared secret peers present on the sync channel (one line).
+    #[arg(long, value_name = "FILE")]
+    pub sync_token_file: Option<PathBuf>,
+
+    /// Mutual TLS on the sync channel: this node's certificate (PEM; peers are dialled by IP,
+    /// so it needs an IP subjectAltName).
+    #[arg(long, value_name = "FILE", requires_all = ["sync_tls_key", "sync_tls_ca"])]
+    pub sync_tls_cert: Option<PathBuf>,
+
+    /// Mutual TLS: this node's private key (PEM).
+    #[arg(long, value_name = "FILE", requires = "sync_tls_cert")]
+    pub sync_tls_key: Option<PathBuf>,
+
+    /// Mutual TLS: the CA that signs every node's certificate (PEM).
+    #[arg(long, value_name = "FILE", requires = "sync_tls_cert")]
+    pub sync_tls_ca: Option<PathBuf>,
+
+    /// With --ka: how long a (re)starting node waits for its first complete sync from every
+    /// peer before it takes part in the election anyway (milliseconds).
+    #[arg(long, default_value_t = 5000, value_name = "MS")]
+    pub ha_join_timeout_ms: u64,
 
     /// BFD keepalive: REMOTE:SOURCE[:INTERVAL_US or :Nms], comma-separated for several peers;
     /// one BFD session (RFC 5880, multiplier 3, default 100 ms) per peer.
@@ -135,6 +161,8 @@ pub struct Keepalive {
 #[derive(Debug)]
 pub struct Config {
     pub flags: Flags,
+    /// Sync peers from `--cluster`.
+    pub cluster: Vec<IpAddr>,
     /// BFD sessions from `--ka`.
     pub keepalives: Vec<Keepalive>,
     pub whitelist: Option<Regex>,
@@ -218,25 +246,36 @@ impl Config {
                 other => bail!("--rpc: '{other}' is not netrpc or grpc"),
             }
         }
-        // Validate the HA flags fully, then refuse them: the features are not in this build.
-        let mut later = Vec::new();
-        if let Some(c) = &flags.cluster {
-            parse_cluster(c)?;
-            later.push("--cluster (connection sync)");
-        }
-        if flags.self_id.is_some() {
-            later.push("--self (cluster node id)");
-        }
+        let cluster = match &flags.cluster {
+            Some(c) => parse_cluster(c)?,
+            None => Vec::new(),
+        };
         let keepalives = match &flags.ka {
             Some(k) => parse_ka(k)?,
             None => Vec::new(),
         };
-        if !later.is_empty() {
-            bail!(
-                "{} not supported by this build yet: ferrolb {} runs as a single node. \
-                 HA roles and connection sync arrive in later releases.",
-                later.join(", "),
-                env!("CARGO_PKG_VERSION")
+        if flags.self_id.is_some() && cluster.is_empty() {
+            bail!("--self: only meaningful with --cluster (the peers to sync with)");
+        }
+        if !keepalives.is_empty() && !cluster.is_empty() {
+            for ka in &keepalives {
+                if keepalives.len() > 1 && !cluster.contains(&ka.remote) {
+                    bail!(
+                        "--ka: {} is not in --cluster; with several peers each --ka remote must be a --cluster address",
+                        ka.remote
+                    );
+                }
+            }
+        }
+        if flags.sync_port == 0 {
+            bail!("--sync-port: must be 1..=65535");
+        }
+        if flags.ha_join_timeout_ms > 600_000 {
+            bail!("--ha-join-timeout-ms: at most 600000 (10 minutes)");
+        }
+        if !cluster.is_empty() && flags.sync_token_file.is_none() && flags.sync_tls_cert.is_none() {
+            tracing::warn!(
+                "conntrack sync without --sync-token-file or --sync-tls-*: any host that reaches the sync port can subscribe"
             );
         }
         if flags.tls {
@@ -261,6 +300,7 @@ impl Config {
         }
         Ok(Config {
             flags,
+            cluster,
             whitelist,
             blacklist,
             log_filter,
@@ -324,20 +364,27 @@ mod tests {
     }
 
     #[test]
-    fn ha_flags_are_validated_then_refused() {
-        let e = cfg(&[
+    fn ha_flags() {
+        let c = cfg(&[
             "--cluster=192.168.58.111",
-            "--self=0",
+            "--self=1",
             "--ka=192.168.58.111:192.168.58.110",
+        ])
+        .unwrap();
+        assert_eq!(c.cluster, vec!["192.168.58.111".parse::<IpAddr>().unwrap()]);
+        assert_eq!(c.flags.self_id, Some(1));
+        assert_eq!(c.flags.sync_port, 22222);
+        let e = cfg(&["--self=1"]).unwrap_err().to_string();
+        assert!(e.contains("--self: only meaningful with --cluster"), "{e}");
+        let e = cfg(&[
+            "--cluster=10.0.0.2,10.0.0.3",
+            "--ka=10.0.0.2:10.0.0.1,10.0.0.9:10.0.0.1",
         ])
         .unwrap_err()
         .to_string();
-        assert!(
-            e.contains("--cluster")
-                && e.contains("--self")
-                && e.contains("not supported by this build yet"),
-            "{e}"
-        );
+        assert!(e.contains("--ka: 10.0.0.9 is not in --cluster"), "{e}");
+        assert!(cfg(&["--cluster=10.0.0.2", "--sync-tls-key=k"]).is_err());
+        assert!(cfg(&["--cluster=10.0.0.2", "--sync-port=0"]).is_err());
         // --ka alone starts BFD sessions.
         let c = cfg(&["--ka=192.168.58.111:192.168.58.110:50ms,10.0.0.2:10.0.0.1"]).unwrap();
         assert_eq!(c.keepalives.len(), 2);

@@ -349,6 +349,8 @@ impl Engine {
                 packets: v.packets + rp,
                 bytes: v.bytes + rb,
                 serv_name: names.get(&v.svc_id).cloned().unwrap_or_default(),
+                origin: v.origin,
+                synced: v.flags & ferrolb_bpf::maps::CTF_SYNCED != 0,
             });
         }
         CtList { ct_attr: out }

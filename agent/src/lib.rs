@@ -6,6 +6,7 @@ pub mod agent;
 pub mod api;
 pub mod client;
 pub mod config;
+pub mod ha;
 pub mod lb;
 pub mod metrics;
 pub mod rules;

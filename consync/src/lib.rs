@@ -167,6 +167,8 @@ pub struct Stats {
     pub resyncs_served: AtomicU64,
 }
 
+type StreamPos = (u32, Arc<AtomicU64>);
+
 struct PeerSlot {
     addr: SocketAddr,
     info: Mutex<PeerInfo>,
@@ -186,7 +188,8 @@ pub struct Consync {
     node: Arc<dyn Node>,
     peers: Vec<Arc<PeerSlot>>,
     stats: Arc<Stats>,
-    active_streams: Arc<Mutex<Vec<(u32, Arc<AtomicU64>)>>>,
+    /// Each serving stream's subscriber node id and next sequence number.
+    active_streams: Arc<Mutex<Vec<StreamPos>>>,
     stopped: AtomicBool,
 }
 

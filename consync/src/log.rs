@@ -167,7 +167,7 @@ mod tests {
         let log = ChangeLog::new(8);
         let (e1, _) = log.position();
         log.publish([del(1)]);
-        let mut rx = log.subscribe();
+        let rx = log.subscribe();
         log.resync();
         let (e2, next) = log.position();
         assert_ne!(e1, e2);

@@ -622,7 +622,15 @@ pub async fn sync_now(app: &Shared) {
         (st.roles.clone(), st.policy.clone())
     };
     let routes = match app.engine.lock() {
-        Ok(e) => routes_for(e.rules(), &roles, &policy),
+        Ok(e) => match &app.ha {
+            // Under --ka the nodes decide roles; saved REST roles do not apply.
+            Some(ha) if ha.cfg.ka => routes_for(
+                e.rules(),
+                &super::ha::roles_for_rules(ha, e.rules()),
+                &policy,
+            ),
+            _ => routes_for(e.rules(), &roles, &policy),
+        },
         Err(_) => return,
     };
     svc.speaker.set_routes(routes);
@@ -665,6 +673,20 @@ pub async fn set_cistate(State(app): State<Shared>, body: Bytes) -> Result<Respo
             "state",
             format!("'{state}' is not MASTER, BACKUP or NOT_DEFINED"),
         )));
+    }
+    if let Some(ha) = &app.ha {
+        if ha.cfg.ka {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "roles on this node are decided by the cluster (--ka); use POST /config/ha/switchover (ferroctl ha switchover)",
+            ));
+        }
+        if let Some(role) = crate::ha::Role::parse(&state) {
+            ha.set_external(&instance, role);
+        }
+        if app.bgp.is_none() {
+            return Ok(ok());
+        }
     }
     let svc = service(&app)?;
     {

@@ -7,6 +7,7 @@
 
 pub mod bfd;
 pub mod bgp;
+pub mod ha;
 pub mod models;
 
 use std::collections::HashMap;
@@ -39,6 +40,8 @@ pub struct App {
     pub bfd: Option<bfd::BfdService>,
     /// None without -b/--bgp.
     pub bgp: Option<bgp::BgpService>,
+    /// None without --cluster.
+    pub ha: Option<Arc<crate::ha::Ha>>,
 }
 
 pub type Shared = Arc<App>;
@@ -55,6 +58,10 @@ impl ApiError {
             status,
             message: message.into(),
         }
+    }
+
+    pub fn message(&self) -> &str {
+        &self.message
     }
 
     fn bad(message: impl Into<String>) -> ApiError {
@@ -113,6 +120,8 @@ pub fn router(app: Shared) -> Router {
         .route("/config/conntrack/all", get(list_ct))
         .route("/config/cistate/all", get(list_cistate))
         .route("/config/cistate", post(bgp::set_cistate))
+        .route("/config/ha", get(ha::status))
+        .route("/config/ha/switchover", post(ha::switchover))
         .route("/config/bgp/global", post(bgp::global))
         .route("/config/bgp/neigh", post(bgp::neigh))
         .route("/config/bgp/neigh/all", get(bgp::list_neigh))
@@ -281,6 +290,31 @@ async fn list_ct(State(app): State<Shared>) -> Result<Response, ApiError> {
 }
 
 async fn list_cistate(State(app): State<Shared>) -> Response {
+    if let Some(h) = &app.ha {
+        let instances = match app.engine.lock() {
+            Ok(e) => e
+                .rules()
+                .rules
+                .values()
+                .map(|r| ha::instance_of(&r.service.name).to_string())
+                .collect(),
+            Err(_) => Default::default(),
+        };
+        let sync = ha::synced(h);
+        return axum::Json(CiList {
+            attr: h
+                .roles(&instances)
+                .into_iter()
+                .map(|r| CiState {
+                    instance: r.instance,
+                    state: r.role.name().to_string(),
+                    vip: "0.0.0.0".into(),
+                    sync,
+                })
+                .collect(),
+        })
+        .into_response();
+    }
     let mut roles = bgp::roles(&app).await;
     roles
         .entry(bgp::DEFAULT_INSTANCE.to_string())
@@ -321,6 +355,9 @@ async fn prometheus(State(app): State<Shared>) -> Result<Response, ApiError> {
     }
     if let Some(b) = &app.bgp {
         text.push_str(&bgp::metrics(b));
+    }
+    if let Some(h) = &app.ha {
+        text.push_str(&ha::metrics(h));
     }
     Ok((
         [(

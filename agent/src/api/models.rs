@@ -587,6 +587,12 @@ pub struct CtEntry {
     pub bytes: u64,
     #[serde(rename = "servName")]
     pub serv_name: String,
+    /// ferrolb: the node id (`--self`) that created the flow.
+    #[serde(default)]
+    pub origin: u16,
+    /// ferrolb: installed from a peer's sync stream (not created here).
+    #[serde(default)]
+    pub synced: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

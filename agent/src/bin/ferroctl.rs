@@ -55,8 +55,20 @@ enum Cmd {
         #[command(subcommand)]
         what: DeleteWhat,
     },
+    /// HA actions: `ha switchover` hands MASTER to the peer once it holds all state.
+    Ha {
+        #[command(subcommand)]
+        what: HaWhat,
+    },
     /// Show the node's version.
     Version,
+}
+
+#[derive(Debug, Subcommand)]
+enum HaWhat {
+    /// Planned switchover (on the MASTER): the peer takes MASTER after confirming it holds
+    /// every flow of this node; then this node is BACKUP.
+    Switchover,
 }
 
 #[derive(Debug, Subcommand)]
@@ -201,6 +213,15 @@ fn table(headers: &[&str], rows: Vec<Vec<String>>) -> String {
 
 fn s(v: &Value) -> String {
     v.as_str().unwrap_or_default().to_string()
+}
+
+/// Any JSON value as a table cell: strings as they are, null as `-`.
+fn val(v: &Value) -> String {
+    match v {
+        Value::String(x) => x.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
 }
 
 fn lb_table(v: &Value) -> String {
@@ -401,9 +422,68 @@ fn ha_table(v: &Value) -> String {
         .as_array()
         .into_iter()
         .flatten()
-        .map(|e| vec![s(&e["instance"]), s(&e["state"]), s(&e["vip"])])
+        .map(|e| {
+            vec![
+                s(&e["instance"]),
+                s(&e["state"]),
+                s(&e["vip"]),
+                val(&e["sync"]),
+            ]
+        })
         .collect();
-    table(&["INSTANCE", "STATE", "VIP"], rows)
+    table(&["INSTANCE", "STATE", "VIP", "SYNCED"], rows)
+}
+
+/// The cluster view (`/config/ha`): this node, then one row per peer.
+fn cluster_table(v: &Value) -> String {
+    let mut out = format!(
+        "node {} {} term {} ready {} transitions {} last failover {}\nsync: sent {} queue {} installed {} adopted {} refused {}\n",
+        val(&v["nodeId"]),
+        val(&v["role"]),
+        val(&v["term"]),
+        val(&v["ready"]),
+        val(&v["transitions"]),
+        v["lastFailoverSeconds"]
+            .as_f64()
+            .map(|f| format!("{:.0} ms", f * 1000.0))
+            .unwrap_or_else(|| "-".into()),
+        val(&v["sync"]["sent"]),
+        val(&v["sync"]["queueDepth"]),
+        val(&v["sync"]["installed"]),
+        val(&v["sync"]["adopted"]),
+        val(&v["sync"]["refused"]),
+    );
+    let rows = v["peers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            vec![
+                val(&p["address"]),
+                val(&p["nodeId"]),
+                val(&p["role"]),
+                val(&p["alive"]),
+                val(&p["bfd"]),
+                val(&p["syncConnected"]),
+                val(&p["synced"]),
+                val(&p["received"]),
+                val(&p["applied"]),
+                val(&p["resyncs"]),
+                p["lagSeconds"]
+                    .as_f64()
+                    .map(|f| format!("{:.1} ms", f * 1000.0))
+                    .unwrap_or_else(|| "-".into()),
+            ]
+        })
+        .collect();
+    out.push_str(&table(
+        &[
+            "PEER", "NODE", "ROLE", "ALIVE", "BFD", "SYNC", "SYNCED", "IN", "APPLIED", "RESYNCS",
+            "LAG",
+        ],
+        rows,
+    ));
+    out
 }
 
 const SEL: [&str; 5] = ["rr", "hash", "priority", "persist", "lc"];
@@ -440,6 +520,24 @@ fn main() -> Result<()> {
                 println!("drained: VIPs withdrawn, BGP sessions closed");
             }
         }
+        Cmd::Ha {
+            what: HaWhat::Switchover,
+        } => {
+            let c = Client {
+                base: c.base,
+                timeout: Duration::from_secs(15),
+            };
+            let v = c.ok("POST", "/config/ha/switchover", None)?;
+            if cli.json {
+                println!("{v}");
+            } else {
+                println!(
+                    "switched over: node {} is MASTER (term {})",
+                    val(&v["master"]),
+                    val(&v["term"])
+                );
+            }
+        }
         Cmd::Get { what, sub } => {
             let routes = sub.as_deref() == Some("routes");
             if routes && what != "bgp" {
@@ -468,6 +566,11 @@ fn main() -> Result<()> {
                         _ => ha_table(&v),
                     }
                 );
+                if what == "ha"
+                    && let Ok(cl) = c.ok("GET", "/config/ha", None)
+                {
+                    print!("{}", cluster_table(&cl));
+                }
             }
         }
         Cmd::Create {

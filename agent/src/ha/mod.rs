@@ -1,0 +1,798 @@
+//! HA: cluster roles (`--cluster`, `--self`, `--ka`) and the agent's side of conntrack sync.
+//!
+//! - **Sync** ([`ferrolb_consync`]): this node serves the flows its datapath created (origin =
+//!   `--self`) and installs its peers' flows flagged synced. Events from the datapath's ring
+//!   buffer become upserts, the collector's removals become deletes; a lost event forces a
+//!   resync.
+//! - **Roles with `--ka`** are decided by the nodes: a (re)starting node is BACKUP and not
+//!   ready until its first snapshot from every peer arrived (or [`HaConfig::join_timeout`]
+//!   passed, which it logs); then, if no live peer is MASTER, the lowest node id among itself
+//!   and its live peers takes MASTER with a term above every term it has seen. A MASTER that
+//!   hears of a MASTER with a higher term (or the same term and a lower id) steps down, so
+//!   after a partition heals the most recently promoted node keeps the role. A peer is dead
+//!   when its BFD session (once up) goes down, or, without BFD, when its sync channel is
+//!   silent; a sync channel cut while BFD stays up is counted and alarmed, not a failover.
+//! - **Takeover** adopts the dead (or handing-over) peer's synced entries: they become this
+//!   node's own, age from now, and are published to the remaining peers. They are already in
+//!   the datapath map, so no packet waits for a commit step.
+//! - **Without `--ka`**, roles come from `POST /config/cistate` (kube-loxilb); becoming MASTER
+//!   there adopts every synced entry.
+
+pub mod flows;
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use ferrolb_bpf::SyncTable;
+use ferrolb_bpf::maps::{CTF_LOCAL, CTF_SYNCED, Ct, CtKey};
+use ferrolb_bpf::monotonic_ns;
+use ferrolb_consync::{Consync, FlowId, Node, pb};
+use tracing::{info, warn};
+
+pub const DEFAULT_INSTANCE: &str = "llb-inst0";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Role {
+    NotDefined,
+    Master,
+    Backup,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::NotDefined => "NOT_DEFINED",
+            Role::Master => "MASTER",
+            Role::Backup => "BACKUP",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        match s.to_ascii_uppercase().as_str() {
+            "MASTER" => Some(Role::Master),
+            "BACKUP" => Some(Role::Backup),
+            "NOT_DEFINED" => Some(Role::NotDefined),
+            _ => None,
+        }
+    }
+
+    fn pb(self) -> pb::Role {
+        match self {
+            Role::NotDefined => pb::Role::NotDefined,
+            Role::Master => pb::Role::Master,
+            Role::Backup => pb::Role::Backup,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct HaConfig {
+    pub node_id: u16,
+    /// Roles decided by the nodes (`--ka` given).
+    pub ka: bool,
+    /// Sync peers (`--cluster`) and, for each, the BFD peer address that watches it.
+    pub peers: Vec<(SocketAddr, Option<IpAddr>)>,
+    pub join_timeout: Duration,
+    /// Without BFD, a peer whose sync channel is silent this long is dead.
+    pub silent_dead: Duration,
+}
+
+/// What this node knows of one peer.
+#[derive(Debug, Clone, Default)]
+pub struct PeerView {
+    pub node_id: Option<u32>,
+    pub status: Option<pb::NodeStatus>,
+    pub connected: bool,
+    pub heard: Option<Instant>,
+    pub bfd_peer: Option<IpAddr>,
+    pub bfd_up: bool,
+    pub bfd_was_up: bool,
+    pub alive: bool,
+    /// A status arrived since the peer was last declared dead (until then a MASTER does not
+    /// advertise itself as preferred: the peer may have been promoted meanwhile).
+    pub fresh_status: bool,
+    /// When the peer was last seen alive (for the failover figure).
+    pub last_alive: Option<Instant>,
+    pub sync_cuts: u64,
+}
+
+impl PeerView {
+    fn master_term(&self) -> Option<u64> {
+        let s = self.status.as_ref()?;
+        s.instances
+            .iter()
+            .filter(|i| i.role == pb::Role::Master as i32)
+            .map(|i| i.term)
+            .max()
+    }
+
+    fn max_term(&self) -> u64 {
+        self.status
+            .as_ref()
+            .map(|s| s.instances.iter().map(|i| i.term).max().unwrap_or(0))
+            .unwrap_or(0)
+    }
+}
+
+#[derive(Debug)]
+struct State {
+    /// Node-wide role and term under `--ka`.
+    role: Role,
+    term: u64,
+    since: Instant,
+    /// Per-instance roles without `--ka` (from cistate).
+    external: BTreeMap<String, Role>,
+    ready: bool,
+    started: Instant,
+    peers: BTreeMap<SocketAddr, PeerView>,
+    max_term_seen: u64,
+    transitions: u64,
+    last_failover_s: Option<f64>,
+}
+
+/// Counters for metrics.
+#[derive(Debug, Default)]
+pub struct HaCounters {
+    pub installed: AtomicU64,
+    pub skipped_local: AtomicU64,
+    pub malformed: AtomicU64,
+    pub deleted: AtomicU64,
+    pub stale_removed: AtomicU64,
+    pub adopted: AtomicU64,
+    pub published: AtomicU64,
+    pub event_resyncs: AtomicU64,
+}
+
+pub struct Ha {
+    pub cfg: HaConfig,
+    state: Mutex<State>,
+    table: Mutex<SyncTable>,
+    pub consync: OnceLock<Arc<Consync>>,
+    /// Roles changed (BGP follows).
+    pub changed: tokio::sync::Notify,
+    /// Something happened that may change roles.
+    pub wake: tokio::sync::Notify,
+    pub counters: HaCounters,
+}
+
+/// One instance's role, as reported.
+#[derive(Debug, Clone)]
+pub struct InstanceRole {
+    pub instance: String,
+    pub role: Role,
+    pub term: u64,
+}
+
+impl Ha {
+    pub fn new(cfg: HaConfig, table: SyncTable) -> Ha {
+        let now = Instant::now();
+        let peers = cfg
+            .peers
+            .iter()
+            .map(|(a, bfd)| {
+                (
+                    *a,
+                    PeerView {
+                        bfd_peer: *bfd,
+                        ..Default::default()
+                    },
+                )
+            })
+            .collect();
+        Ha {
+            state: Mutex::new(State {
+                role: if cfg.ka {
+                    Role::Backup
+                } else {
+                    Role::NotDefined
+                },
+                term: 0,
+                since: now,
+                external: BTreeMap::new(),
+                ready: !cfg.ka,
+                started: now,
+                peers,
+                max_term_seen: 0,
+                transitions: 0,
+                last_failover_s: None,
+            }),
+            table: Mutex::new(table),
+            consync: OnceLock::new(),
+            changed: tokio::sync::Notify::new(),
+            wake: tokio::sync::Notify::new(),
+            counters: HaCounters::default(),
+            cfg,
+        }
+    }
+
+    fn st(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn tbl(&self) -> std::sync::MutexGuard<'_, SyncTable> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The role of `instance` (the node's role under `--ka`).
+    pub fn role(&self, instance: &str) -> Role {
+        let st = self.st();
+        if self.cfg.ka {
+            st.role
+        } else {
+            st.external
+                .get(instance)
+                .copied()
+                .unwrap_or(Role::NotDefined)
+        }
+    }
+
+    /// The role BGP advertises: a MASTER that has not yet heard a peer which came back from
+    /// the dead (or a node still joining) advertises as BACKUP, so a healed partition never
+    /// pulls traffic to a node before it learnt it was superseded.
+    pub fn advertised_role(&self, instance: &str) -> Role {
+        if !self.cfg.ka {
+            return self.role(instance);
+        }
+        let st = self.st();
+        if st.role == Role::Master && st.peers.values().any(|v| v.alive && !v.fresh_status) {
+            return Role::Backup;
+        }
+        st.role
+    }
+
+    /// Whether this node owns the flows it forwards against a peer's copy: it is MASTER and
+    /// no peer it hears from is a MASTER that wins over it (higher term, or same term and
+    /// lower id), even before the role evaluation has caught up.
+    fn owns_flows(&self) -> bool {
+        if !self.cfg.ka {
+            return self.master_anywhere();
+        }
+        let st = self.st();
+        let me = u32::from(self.cfg.node_id);
+        st.role == Role::Master
+            && !st.peers.values().any(|v| {
+                matches!((v.master_term(), v.node_id), (Some(t), Some(id)) if t > st.term || (t == st.term && id < me))
+            })
+    }
+
+    fn master_anywhere(&self) -> bool {
+        let st = self.st();
+        if self.cfg.ka {
+            st.role == Role::Master
+        } else {
+            st.external.values().any(|r| *r == Role::Master)
+        }
+    }
+
+    /// Roles of the given instances (plus the default one), for cistate and BGP.
+    pub fn roles(&self, instances: &BTreeSet<String>) -> Vec<InstanceRole> {
+        let st = self.st();
+        let mut all: BTreeSet<String> = instances.clone();
+        all.insert(DEFAULT_INSTANCE.to_string());
+        all.extend(st.external.keys().cloned());
+        all.into_iter()
+            .map(|i| {
+                let role = if self.cfg.ka {
+                    st.role
+                } else {
+                    st.external.get(&i).copied().unwrap_or(Role::NotDefined)
+                };
+                InstanceRole {
+                    instance: i,
+                    role,
+                    term: st.term,
+                }
+            })
+            .collect()
+    }
+
+    pub fn ready(&self) -> bool {
+        self.st().ready
+    }
+
+    pub fn term(&self) -> u64 {
+        self.st().term
+    }
+
+    pub fn transitions(&self) -> u64 {
+        self.st().transitions
+    }
+
+    pub fn last_failover_s(&self) -> Option<f64> {
+        self.st().last_failover_s
+    }
+
+    pub fn peer_views(&self) -> Vec<(SocketAddr, PeerView)> {
+        self.st()
+            .peers
+            .iter()
+            .map(|(a, v)| (*a, v.clone()))
+            .collect()
+    }
+
+    /// `POST /config/cistate` without `--ka`. Becoming MASTER adopts every synced entry.
+    pub fn set_external(&self, instance: &str, role: Role) {
+        let promoted = {
+            let mut st = self.st();
+            let old = st.external.insert(instance.to_string(), role);
+            if old != Some(role) {
+                st.transitions += 1;
+                st.since = Instant::now();
+            }
+            role == Role::Master && old != Some(Role::Master)
+        };
+        if promoted {
+            let n = self.adopt(|_| true);
+            info!(
+                instance,
+                adopted = n,
+                "MASTER (set over REST): synced flows adopted"
+            );
+        }
+        self.changed.notify_one();
+    }
+
+    /// A BFD session changed state.
+    pub fn bfd_event(&self, peer: IpAddr, up: bool) {
+        let mut st = self.st();
+        let mut hit = false;
+        for v in st.peers.values_mut() {
+            if v.bfd_peer == Some(peer) {
+                v.bfd_up = up;
+                v.bfd_was_up |= up;
+                hit = true;
+            }
+        }
+        drop(st);
+        if hit {
+            self.wake.notify_one();
+        }
+    }
+
+    /// Re-evaluates liveness and roles; called on every event and on a short timer.
+    pub fn evaluate(&self) {
+        let now = Instant::now();
+        let mut newly_dead: Vec<(SocketAddr, Option<u32>, Option<Instant>)> = Vec::new();
+        let mut promote: Option<(String, Option<Instant>)> = None;
+        let mut demote: Option<String> = None;
+        {
+            let mut st = self.st();
+            let joined = self
+                .consync
+                .get()
+                .map(|c| c.peers().iter().all(|p| p.synced_once))
+                .unwrap_or(true);
+            for (addr, v) in st.peers.iter_mut() {
+                let fresh = v.connected
+                    && v.heard
+                        .is_some_and(|h| now.duration_since(h) < self.cfg.silent_dead);
+                let alive = if v.bfd_was_up { v.bfd_up } else { fresh };
+                if alive {
+                    v.last_alive = Some(now);
+                }
+                if v.alive && !alive {
+                    newly_dead.push((*addr, v.node_id, v.last_alive));
+                    v.fresh_status = false;
+                }
+                v.alive = alive;
+            }
+            if !self.cfg.ka {
+                drop(st);
+                self.adopt_dead(&newly_dead);
+                return;
+            }
+            if !st.ready {
+                let waited = now.duration_since(st.started);
+                if joined {
+                    st.ready = true;
+                    info!(
+                        waited_ms = waited.as_millis() as u64,
+                        "HA: first sync from every peer complete; ready"
+                    );
+                } else if waited >= self.cfg.join_timeout {
+                    st.ready = true;
+                    warn!(
+                        waited_ms = waited.as_millis() as u64,
+                        "HA: no complete sync from every peer within the join timeout; proceeding without their state"
+                    );
+                }
+            }
+            let peak = st.peers.values().map(PeerView::max_term).max().unwrap_or(0);
+            st.max_term_seen = st.max_term_seen.max(peak);
+            let masters: Vec<(u64, u32)> = st
+                .peers
+                .values()
+                .filter(|v| v.alive && v.fresh_status)
+                .filter_map(|v| Some((v.master_term()?, v.node_id?)))
+                .collect();
+            let me = u32::from(self.cfg.node_id);
+            if st.ready {
+                if st.role == Role::Master {
+                    if let Some((t, id)) = masters
+                        .iter()
+                        .find(|(t, id)| *t > st.term || (*t == st.term && *id < me))
+                    {
+                        demote = Some(format!(
+                            "node {id} is MASTER with term {t} (ours {})",
+                            st.term
+                        ));
+                    }
+                } else if masters.is_empty() {
+                    let lowest_live = st
+                        .peers
+                        .values()
+                        .filter(|v| v.alive)
+                        .filter_map(|v| v.node_id)
+                        .min();
+                    if lowest_live.is_none_or(|id| me < id) {
+                        let last = newly_dead.iter().filter_map(|d| d.2).max().or_else(|| {
+                            st.peers
+                                .values()
+                                .filter(|v| !v.alive)
+                                .filter_map(|v| v.last_alive)
+                                .max()
+                        });
+                        promote = Some((
+                            if newly_dead.is_empty() {
+                                "no live MASTER".to_string()
+                            } else {
+                                format!(
+                                    "peer(s) {:?} dead",
+                                    newly_dead.iter().map(|d| d.0).collect::<Vec<_>>()
+                                )
+                            },
+                            last,
+                        ));
+                    }
+                }
+            }
+            if let Some(reason) = &demote {
+                st.role = Role::Backup;
+                st.term = st.term.max(st.max_term_seen);
+                st.since = now;
+                st.transitions += 1;
+                warn!(reason, "HA: two MASTERs; stepping down to BACKUP");
+            }
+            if let Some((reason, _)) = &promote {
+                st.role = Role::Master;
+                st.term = st.max_term_seen.max(st.term) + 1;
+                st.max_term_seen = st.term;
+                st.since = now;
+                st.transitions += 1;
+                info!(term = st.term, reason, "HA: MASTER");
+            }
+        }
+        if promote.is_some() || demote.is_some() {
+            self.changed.notify_one();
+        }
+        // Adopt the dead peers' flows (as MASTER) after the role is announced: BGP first.
+        self.adopt_dead(&newly_dead);
+        if let Some((_, last)) = promote {
+            // Entries of peers that were already dead (e.g. a cold start alone) too.
+            let dead: BTreeSet<u16> = self
+                .st()
+                .peers
+                .values()
+                .filter(|v| !v.alive)
+                .filter_map(|v| v.node_id.and_then(|i| u16::try_from(i).ok()))
+                .collect();
+            if !dead.is_empty() {
+                let n = self.adopt(|o| dead.contains(&o));
+                if n > 0 {
+                    info!(adopted = n, "HA: flows of dead peers adopted");
+                }
+            }
+            // From the last moment the old MASTER was known alive to the end of the takeover.
+            if let Some(t) = last {
+                self.st().last_failover_s = Some(t.elapsed().as_secs_f64());
+            }
+        }
+    }
+
+    fn adopt_dead(&self, dead: &[(SocketAddr, Option<u32>, Option<Instant>)]) {
+        if dead.is_empty() {
+            return;
+        }
+        for (addr, id, _) in dead {
+            warn!(peer = %addr, node = ?id, "HA: peer dead");
+        }
+        if !self.master_anywhere() {
+            return;
+        }
+        let ids: BTreeSet<u16> = dead
+            .iter()
+            .filter_map(|d| d.1.and_then(|i| u16::try_from(i).ok()))
+            .collect();
+        let n = self.adopt(|o| ids.contains(&o));
+        if n > 0 {
+            info!(adopted = n, origins = ?ids, "HA: flows of dead peers adopted");
+        }
+    }
+
+    /// Makes synced flows whose origin satisfies `which` this node's own: local, aging from
+    /// now, and published to the peers. Returns the number of flows adopted.
+    pub fn adopt(&self, which: impl Fn(u16) -> bool) -> u64 {
+        let me = self.cfg.node_id;
+        let now = monotonic_ns();
+        let mut published = Vec::new();
+        {
+            let mut t = self.tbl();
+            for (k, v) in t.entries() {
+                if v.flags & CTF_SYNCED == 0 || !which(v.origin) {
+                    continue;
+                }
+                let nv = Ct {
+                    flags: CTF_LOCAL,
+                    origin: me,
+                    last_ns: now,
+                    ..v
+                };
+                if t.insert(&k, &nv).is_ok() && v.dir == 0 {
+                    published.push(pb::change::Change::Upsert(flows::flow_of(&k, &nv, now)));
+                }
+            }
+        }
+        let n = published.len() as u64;
+        self.counters.adopted.fetch_add(n, Ordering::Relaxed);
+        if let Some(c) = self.consync.get() {
+            self.counters.published.fetch_add(n, Ordering::Relaxed);
+            c.publish(published);
+        }
+        n
+    }
+
+    /// Datapath events and collector removals → changes for the peers. `events` are
+    /// (key, entry) pairs of either direction; `removed` are entries the collector deleted.
+    pub fn publish_events(&self, events: &[(CtKey, Ct)], removed: &[(CtKey, Ct)]) {
+        let Some(c) = self.consync.get() else { return };
+        let me = self.cfg.node_id;
+        let mine = |v: &Ct| v.origin == me && v.flags & CTF_LOCAL != 0 && v.flags & CTF_SYNCED == 0;
+        let now = monotonic_ns();
+        let mut out = Vec::new();
+        let mut seen = HashSet::new();
+        {
+            let t = self.tbl();
+            for (k, v) in events {
+                if !mine(v) {
+                    continue;
+                }
+                let ok = if v.dir == 0 { *k } else { k.peer(v) };
+                if !seen.insert(ok) {
+                    continue;
+                }
+                // The entry as it is now (the event may be older than a later change).
+                let cur = match t.get(&ok) {
+                    Ok(Some(cur)) if mine(&cur) && cur.dir == 0 => cur,
+                    _ if v.dir == 0 => *v,
+                    _ => continue,
+                };
+                out.push(pb::change::Change::Upsert(flows::flow_of(&ok, &cur, now)));
+            }
+        }
+        for (k, v) in removed {
+            if v.dir == 0 && mine(v) {
+                out.push(pb::change::Change::Delete(flows::key_of(k)));
+            }
+        }
+        let n = out.len() as u64;
+        if n > 0 {
+            self.counters.published.fetch_add(n, Ordering::Relaxed);
+            c.publish(out);
+        }
+    }
+
+    /// The datapath lost events: every peer must start over with a snapshot.
+    pub fn events_lost(&self) {
+        if let Some(c) = self.consync.get() {
+            self.counters.event_resyncs.fetch_add(1, Ordering::Relaxed);
+            warn!("conntrack events were lost: peers resync from a snapshot");
+            c.resync();
+        }
+    }
+
+    /// Planned switchover on this side: after the peer took the role (`term`), step down.
+    pub fn stepped_down(&self, term: u64) {
+        {
+            let mut st = self.st();
+            st.role = Role::Backup;
+            st.max_term_seen = st.max_term_seen.max(term);
+            st.term = st.term.max(term);
+            st.since = Instant::now();
+            st.transitions += 1;
+        }
+        info!(term, "HA: handed MASTER over; BACKUP");
+        self.changed.notify_one();
+    }
+
+    /// The live, ready peer a planned switchover goes to (lowest node id).
+    pub fn switchover_target(&self) -> Option<u32> {
+        self.st()
+            .peers
+            .values()
+            .filter(|v| v.alive && v.status.as_ref().is_some_and(|s| s.ready))
+            .filter_map(|v| v.node_id)
+            .min()
+    }
+}
+
+impl Node for Ha {
+    fn own_flows(&self) -> Vec<pb::Flow> {
+        let me = self.cfg.node_id;
+        let now = monotonic_ns();
+        let t = self.tbl();
+        t.entries()
+            .into_iter()
+            .filter(|(k, v)| {
+                v.dir == 0
+                    && v.origin == me
+                    && v.flags & CTF_LOCAL != 0
+                    && v.flags & CTF_SYNCED == 0
+                    && !v.expired(k.proto, now)
+            })
+            .map(|(k, v)| flows::flow_of(&k, &v, now))
+            .collect()
+    }
+
+    fn apply(&self, origin: u32, upserts: &[pb::Flow], deletes: &[pb::FlowKey]) -> u64 {
+        let Ok(origin) = u16::try_from(origin) else {
+            return 0;
+        };
+        if origin == self.cfg.node_id {
+            // A peer configured with our --self: never install our own id's flows.
+            self.counters
+                .malformed
+                .fetch_add((upserts.len() + deletes.len()) as u64, Ordering::Relaxed);
+            return 0;
+        }
+        let master = self.owns_flows();
+        let now = monotonic_ns();
+        let mut n = 0;
+        let mut t = self.tbl();
+        for f in upserts {
+            let Some(pair) =
+                flows::entries_of(f, now, |k, ep, port| flows::resolve(&t, k, ep, port))
+            else {
+                self.counters.malformed.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            if pair[0].1.origin != origin {
+                self.counters.malformed.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            // A flow this node forwards as MASTER stays ours (split brain: both know it).
+            if master
+                && let Ok(Some(cur)) = t.get(&pair[0].0)
+                && cur.flags & CTF_LOCAL != 0
+                && cur.origin == self.cfg.node_id
+            {
+                self.counters.skipped_local.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            // Insert the reply entry first: the original is what starts forwarding.
+            let ok = t.insert(&pair[1].0, &pair[1].1).is_ok()
+                && t.insert(&pair[0].0, &pair[0].1).is_ok();
+            if ok {
+                n += 1;
+            }
+        }
+        self.counters.installed.fetch_add(n, Ordering::Relaxed);
+        let mut d = 0;
+        for k in deletes {
+            let Some(key) = flows::ct_key(k) else {
+                self.counters.malformed.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            if let Ok(Some(cur)) = t.get(&key)
+                && cur.flags & CTF_SYNCED != 0
+                && cur.origin == origin
+            {
+                let _ = t.delete(&key.peer(&cur));
+                let _ = t.delete(&key);
+                d += 1;
+            }
+        }
+        self.counters.deleted.fetch_add(d, Ordering::Relaxed);
+        n + d
+    }
+
+    fn retain(&self, origin: u32, keep: &HashSet<FlowId>) -> u64 {
+        let Ok(origin) = u16::try_from(origin) else {
+            return 0;
+        };
+        let mut t = self.tbl();
+        let mut n = 0;
+        for (k, v) in t.entries() {
+            if v.dir != 0 || v.flags & CTF_SYNCED == 0 || v.origin != origin {
+                continue;
+            }
+            if !keep.contains(&FlowId::from(&flows::key_of(&k))) {
+                let _ = t.delete(&k.peer(&v));
+                let _ = t.delete(&k);
+                n += 1;
+            }
+        }
+        self.counters.stale_removed.fetch_add(n, Ordering::Relaxed);
+        n
+    }
+
+    fn status(&self) -> pb::NodeStatus {
+        let st = self.st();
+        let instances = if self.cfg.ka {
+            vec![pb::InstanceStatus {
+                instance: DEFAULT_INSTANCE.to_string(),
+                role: st.role.pb() as i32,
+                term: st.term,
+            }]
+        } else {
+            st.external
+                .iter()
+                .map(|(i, r)| pb::InstanceStatus {
+                    instance: i.clone(),
+                    role: r.pb() as i32,
+                    term: st.term,
+                })
+                .collect()
+        };
+        pb::NodeStatus {
+            node_id: u32::from(self.cfg.node_id),
+            ready: st.ready,
+            instances,
+        }
+    }
+
+    fn peer_status(&self, peer: SocketAddr, status: Option<&pb::NodeStatus>) {
+        {
+            let mut st = self.st();
+            let Some(v) = st.peers.get_mut(&peer) else {
+                return;
+            };
+            match status {
+                Some(s) => {
+                    v.node_id = Some(s.node_id);
+                    v.status = Some(s.clone());
+                    v.connected = true;
+                    v.heard = Some(Instant::now());
+                    if !v.fresh_status {
+                        v.fresh_status = true;
+                        self.changed.notify_one();
+                    }
+                }
+                None => {
+                    v.connected = false;
+                    v.sync_cuts += 1;
+                    if v.bfd_up {
+                        warn!(peer = %peer, "ALARM: conntrack sync channel to a live peer is cut (BFD up); resyncing when it heals");
+                    }
+                }
+            }
+        }
+        self.wake.notify_one();
+    }
+
+    fn handover(&self, req: &pb::HandoverRequest) -> Result<u64, String> {
+        if !self.cfg.ka {
+            return Err("roles are set over REST on this node (no --ka)".into());
+        }
+        let term = {
+            let mut st = self.st();
+            if !st.ready {
+                return Err("this node is still joining".into());
+            }
+            st.role = Role::Master;
+            st.term = st.term.max(st.max_term_seen).max(req.term) + 1;
+            st.max_term_seen = st.term;
+            st.since = Instant::now();
+            st.transitions += 1;
+            st.term
+        };
+        info!(from = req.node_id, term, "HA: MASTER by planned switchover");
+        self.changed.notify_one();
+        let from = u16::try_from(req.node_id).unwrap_or(u16::MAX);
+        let n = self.adopt(|o| o == from);
+        info!(adopted = n, "HA: the previous MASTER's flows adopted");
+        Ok(term)
+    }
+}

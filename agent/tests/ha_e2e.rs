@@ -1,0 +1,528 @@
+//! The HA pair on `containerlab/ha-pair/ha-pair.clab.yml`: an FRR ToR (BFD on the BGP
+//! sessions) and two ferrolb nodes started with `--cluster/--self/--ka`, BGP and full-NAT rules
+//! configured over REST as kube-loxilb does it. Real clients (TCP line-echo streams, UDP
+//! flows) and servers.
+//!
+//! A "silent death" cuts every frame of the node at its neighbours (netdev ingress and egress
+//! on the ToR's and the switch's ports toward it): nftables on the node itself would not stop
+//! its TC datapath, which sees packets first.
+//!
+//! The tests of this file run one at a time: they measure outages.
+#![allow(clippy::unwrap_used)]
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use ferrolb_tests::{TestLab, require, rest};
+use serde_json::{Value, json};
+
+const TOPOLOGY: &str = "containerlab/ha-pair/ha-pair.clab.yml";
+const FERROLB: &str = env!("CARGO_BIN_EXE_ferrolb");
+const FERROCTL: &str = env!("CARGO_BIN_EXE_ferroctl");
+const VIP: &str = "203.0.113.10";
+/// (node, BGP address, ToR address, switch port, ToR port, --self, LAN address)
+const LBS: [(&str, &str, &str, &str, &str); 2] = [
+    ("lb1", "192.0.2.2", "192.0.2.1", "eth1", "eth2"),
+    ("lb2", "192.0.2.6", "192.0.2.5", "eth2", "eth3"),
+];
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// One TCP connection from port 41002 to the VIP's echo service, open for a second.
+const TCP_ONE: &str = "import socket,time\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('',41002))\ns.connect(('203.0.113.10',9000))\ns.sendall(b'm\\n')\ns.recv(100)\ntime.sleep(1)\ns.close()";
+
+fn probe_path() -> String {
+    ferrolb_tests::repo_root()
+        .join("containerlab/lb-single/probe.py")
+        .display()
+        .to_string()
+}
+
+fn traffic_path() -> String {
+    ferrolb_tests::repo_root()
+        .join("containerlab/ha-pair/traffic.py")
+        .display()
+        .to_string()
+}
+
+fn rule(name: &str, port: u16, proto: &str) -> String {
+    json!({"serviceArguments": {"externalIP": VIP, "port": port, "protocol": proto, "sel": 1, "mode": 2,
+                                "BGP": true, "Monitor": false, "name": format!("{name}:llb-inst0")},
+           "secondaryIPs": [], "allowedSources": [],
+           "endpoints": [{"endpointIP": "10.10.10.11", "targetPort": port, "weight": 1},
+                         {"endpointIP": "10.10.10.12", "targetPort": port, "weight": 1},
+                         {"endpointIP": "10.10.10.13", "targetPort": port, "weight": 1}]})
+    .to_string()
+}
+
+/// The lab with both nodes configured and settled: lb1 MASTER, lb2 BACKUP, the ToR's best
+/// path lb1 with lb2's path in its table. `ka` is the BFD interval (`100ms`, `50ms`) of the
+/// keepalive and of the ToR sessions.
+fn lab(test: &str, label: &str, ka: &str) -> Option<TestLab> {
+    let mut programs = ferrolb_tests::FRR_LAB.to_vec();
+    programs.extend(["curl", "python3"]);
+    if !require(test, &programs) {
+        return None;
+    }
+    let lab =
+        TestLab::up_with(TOPOLOGY, label, &[("FERROLB", FERROLB), ("KA", ka)]).expect("lab up");
+    let ms: u32 = ka.trim_end_matches("ms").parse().unwrap();
+    if ms != 100 {
+        let out = lab
+            .exec(
+                "tor",
+                &[
+                    "vtysh",
+                    "-c",
+                    "configure terminal",
+                    "-c",
+                    "bfd",
+                    "-c",
+                    "profile fast",
+                    "-c",
+                    &format!("receive-interval {ms}"),
+                    "-c",
+                    &format!("transmit-interval {ms}"),
+                ],
+            )
+            .unwrap();
+        assert!(out.success(), "{out:?}");
+    }
+    for (node, me, tor, _, _) in LBS {
+        lab.wait_until(&format!("{node}'s API"), Duration::from_secs(20), || {
+            Ok(rest(&lab, node, "GET", "", None).0 == 200)
+        })
+        .unwrap();
+        let g =
+            json!({"localAs": 65100, "routerId": me, "setNextHopSelf": true, "listenPort": 179});
+        let post =
+            |path: &str, body: &Value| rest(&lab, node, "POST", path, Some(&body.to_string()));
+        assert_eq!(post("/config/bgp/global", &g).0, 200);
+        // BFD to the ToR at the same interval as the keepalive (before the neighbour, which
+        // then uses this session).
+        let b = json!({"remoteIp": tor, "sourceIp": me, "interval": ms * 1000, "retryCount": 3});
+        assert_eq!(post("/config/bfd", &b).0, 200);
+        let n = json!({"ipAddress": tor, "remoteAs": 65000, "remotePort": 179, "setMultiHop": false, "bfd": true});
+        assert_eq!(post("/config/bgp/neigh", &n).0, 200);
+        for (name, port, proto) in [("ha-tcp", 9000, "tcp"), ("ha-udp", 9001, "udp")] {
+            let r = post(
+                "/config/loadbalancer",
+                &serde_json::from_str(&rule(name, port, proto)).unwrap(),
+            );
+            assert_eq!(r.0, 200, "{r:?}");
+        }
+    }
+    for be in ["10.10.10.11", "10.10.10.12", "10.10.10.13"] {
+        lab.wait_until(&format!("backend {be}"), Duration::from_secs(20), || {
+            Ok(lab
+                .exec(
+                    "lb1",
+                    &["curl", "-sf", "-m", "1", &format!("http://{be}:8080/")],
+                )?
+                .success())
+        })
+        .unwrap();
+    }
+    wait_roles(&lab, "lb1", Duration::from_secs(20));
+    wait_best(&lab, "192.0.2.2", Duration::from_secs(30));
+    Some(lab)
+}
+
+fn role(lab: &TestLab, node: &str) -> String {
+    let (_, v) = rest(lab, node, "GET", "/config/cistate/all", None);
+    v["Attr"]
+        .as_array()
+        .and_then(|a| a.iter().find(|e| e["instance"] == "llb-inst0"))
+        .and_then(|e| e["state"].as_str())
+        .unwrap_or("?")
+        .to_string()
+}
+
+fn ha(lab: &TestLab, node: &str) -> Value {
+    rest(lab, node, "GET", "/config/ha", None).1
+}
+
+/// Waits until `master` is MASTER and the other node BACKUP, both ready.
+fn wait_roles(lab: &TestLab, master: &str, limit: Duration) -> Duration {
+    lab.wait_until(&format!("{master} MASTER, the other BACKUP"), limit, || {
+        let roles: Vec<(String, String)> = LBS
+            .iter()
+            .map(|(n, ..)| (n.to_string(), role(lab, n)))
+            .collect();
+        Ok(roles.iter().all(|(n, r)| {
+            if n == master {
+                r == "MASTER"
+            } else {
+                r == "BACKUP"
+            }
+        }) && LBS.iter().all(|(n, ..)| ha(lab, n)["ready"] == true))
+    })
+    .unwrap()
+}
+
+fn nexthops(lab: &TestLab) -> Vec<String> {
+    let out = lab
+        .exec_ok("tor", &["ip", "-j", "route", "show", VIP])
+        .unwrap_or_default();
+    let v: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
+    let Some(r) = v.get(0) else { return vec![] };
+    if let Some(nh) = r["nexthops"].as_array() {
+        nh.iter()
+            .filter_map(|n| n["gateway"].as_str().map(str::to_string))
+            .collect()
+    } else {
+        r["gateway"]
+            .as_str()
+            .map(|g| vec![g.to_string()])
+            .unwrap_or_default()
+    }
+}
+
+/// The ToR's BGP paths to the VIP: (next hop, AS path, best).
+fn bgp_paths(lab: &TestLab) -> Vec<(String, String, bool)> {
+    let v = lab
+        .vtysh_json("tor", &format!("show bgp ipv4 unicast {VIP}/32 json"))
+        .unwrap_or(Value::Null);
+    v["paths"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            (
+                p["nexthops"][0]["ip"].as_str().unwrap_or("").to_string(),
+                p["aspath"]["string"].as_str().unwrap_or("").to_string(),
+                p["bestpath"]["overall"] == true,
+            )
+        })
+        .collect()
+}
+
+/// Waits until the ToR's kernel route to the VIP is only via `via`, and its BGP table holds
+/// the other node's (prepended) path too.
+fn wait_best(lab: &TestLab, via: &str, limit: Duration) -> Duration {
+    lab.wait_until(&format!("the ToR's best path via {via}"), limit, || {
+        let paths = bgp_paths(lab);
+        Ok(nexthops(lab) == vec![via.to_string()]
+            && paths.len() == 2
+            && paths.iter().any(|(nh, _, best)| nh == via && *best))
+    })
+    .unwrap()
+}
+
+/// Drops every frame to and from `node` at its neighbours (the ToR's port and the switch's
+/// port toward it), or lifts that.
+fn isolate(lab: &TestLab, node: &str, on: bool) {
+    let (_, _, _, sw_port, tor_port) = LBS.iter().find(|l| l.0 == node).copied().unwrap();
+    for (at, port) in [("tor", tor_port), ("sw", sw_port)] {
+        let script = if on {
+            format!(
+                "table netdev flb_fault {{\n chain in {{ type filter hook ingress device \"{port}\" priority -500; policy drop; }}\n chain out {{ type filter hook egress device \"{port}\" priority -500; policy drop; }}\n}}\n"
+            )
+        } else {
+            "delete table netdev flb_fault\n".to_string()
+        };
+        let out = lab
+            .exec_input(at, &["nft", "-f", "-"], Some(script.as_bytes()))
+            .unwrap();
+        assert!(out.success(), "{at}: {out:?}");
+    }
+}
+
+/// Starts the traffic client in the background; returns when it has started (its t0).
+fn start_traffic(lab: &TestLab, name: &str, args: &[&str]) -> Instant {
+    let t0 = lab.log_dir("client").join(format!("{name}.t0"));
+    let cmd = format!(
+        "python3 {} {VIP} {} --t0-file /var/log/{name}.t0 > /var/log/{name}.tmp && mv /var/log/{name}.tmp /var/log/{name}.json",
+        traffic_path(),
+        args.join(" ")
+    );
+    lab.spawn("client", &format!("{name}-run"), &["sh", "-c", &cmd])
+        .unwrap();
+    lab.wait_until(
+        "the traffic client to start",
+        Duration::from_secs(10),
+        || Ok(t0.exists()),
+    )
+    .unwrap();
+    Instant::now()
+}
+
+fn read_traffic(lab: &TestLab, name: &str) -> Value {
+    let path = lab.log_dir("client").join(format!("{name}.json"));
+    lab.wait_until(
+        "the traffic client to finish",
+        Duration::from_secs(60),
+        || Ok(path.exists()),
+    )
+    .unwrap();
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}
+
+/// Every TCP stream survived (intact, in order, one backend) and every UDP flow resumed.
+fn assert_all_survived(t: &Value, what: &str) {
+    let s = &t["summary"];
+    for st in t["tcp"].as_array().unwrap() {
+        assert!(
+            st["errors"] == json!([])
+                && st["sent"] == st["echoed"]
+                && st["in_order"] == true
+                && st["backend_changed"] == false,
+            "{what}: TCP stream did not survive: {st}"
+        );
+    }
+    assert_eq!(s["tcp_survived"], s["tcp_streams"], "{what}: {s}");
+    assert_eq!(s["udp_resumed"], s["udp_flows"], "{what}: {s}");
+    assert_eq!(s["udp_backend_changed"], 0, "{what}: {s}");
+}
+
+fn lb_ct(lab: &TestLab, node: &str) -> Vec<Value> {
+    rest(lab, node, "GET", "/config/conntrack/all", None).1["ctAttr"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn metric(lab: &TestLab, node: &str, name: &str) -> Option<f64> {
+    let out = lab
+        .exec_ok(
+            node,
+            &["curl", "-s", "-m", "5", "http://127.0.0.1:11111/metrics"],
+        )
+        .ok()?;
+    out.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Cold start of both nodes together: exactly one MASTER (the lowest --self), the ToR's best
+/// path on it with the BACKUP's prepended path ready; the BACKUP mirrors the MASTER's
+/// conntrack within 100 ms of a new connection, for TCP, UDP and ICMP alike; both directions of
+/// the VIP's traffic cross the MASTER. Then the sync channel is cut while BFD stays up:
+/// alarmed and counted, no failover, and the flows opened meanwhile arrive when it heals.
+#[test]
+fn roles_mirror_and_sync_cut() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(lab) = lab("roles_mirror_and_sync_cut", "harole", "100ms") else {
+        return;
+    };
+    let paths = bgp_paths(&lab);
+    let backup = paths.iter().find(|p| p.0 == "192.0.2.6").unwrap();
+    let master = paths.iter().find(|p| p.0 == "192.0.2.2").unwrap();
+    assert!(master.2 && !backup.2, "{paths:?}");
+    assert_eq!(
+        backup.1.split_whitespace().count(),
+        master.1.split_whitespace().count() + 3,
+        "the BACKUP prepends its AS 3 times: {paths:?}"
+    );
+    let h1 = ha(&lab, "lb1");
+    assert_eq!(h1["role"], "MASTER", "{h1}");
+    assert_eq!(h1["peers"][0]["nodeId"], 1, "{h1}");
+    assert_eq!(h1["peers"][0]["bfd"], "BFDUp", "{h1}");
+
+    // Mirror latency: a UDP flow, a TCP connection, a ping; how long until lb2 holds each.
+    let mut worst = Duration::ZERO;
+    let probe = probe_path();
+    for (what, port, sport, argv) in [
+        (
+            "udp",
+            9001u16,
+            41001u16,
+            vec![
+                "python3", &probe, "udp", VIP, "9001", "1", "--sport", "41001",
+            ],
+        ),
+        ("tcp", 9000, 41002, vec!["python3", "-c", TCP_ONE]),
+    ] {
+        lab.spawn("client", &format!("mirror-{what}"), &argv)
+            .unwrap();
+        let t0 = Instant::now();
+        let took = lab
+            .wait_until(
+                &format!("lb2 holds the {what} flow"),
+                Duration::from_secs(5),
+                || {
+                    Ok(lb_ct(&lab, "lb2").iter().any(|e| {
+                        e["sourcePort"] == sport
+                            && e["destinationPort"] == port
+                            && e["synced"] == true
+                    }))
+                },
+            )
+            .unwrap();
+        worst = worst.max(took);
+        let _ = t0;
+    }
+    // The measurement includes starting the client and one REST round trip per poll.
+    eprintln!("mirror: worst {worst:?}");
+    assert!(worst < Duration::from_millis(300), "mirror took {worst:?}");
+    let lag = metric(&lab, "lb2", "ferrolb_sync_lag_seconds").unwrap();
+    assert!(lag < 0.1, "sync lag {lag} s");
+    // Both directions of the flows crossed lb1 (the MASTER); lb2 only holds synced copies.
+    let ct1 = lb_ct(&lab, "lb1");
+    let tcp1 = ct1.iter().find(|e| e["sourcePort"] == 41002).unwrap();
+    assert!(tcp1["packets"].as_u64().unwrap() >= 4, "{tcp1}");
+    assert_eq!(tcp1["synced"], false);
+    assert_eq!(tcp1["origin"], 0);
+    let ct2 = lb_ct(&lab, "lb2");
+    let tcp2 = ct2.iter().find(|e| e["sourcePort"] == 41002).unwrap();
+    assert_eq!(tcp2["packets"], 0, "{tcp2}");
+    assert_eq!(
+        tcp2["conntrackAct"], tcp1["conntrackAct"],
+        "same translation"
+    );
+    assert_eq!(tcp2["origin"], 0);
+
+    // Sync channel cut (TCP 22222 dropped on lb1) while BFD stays up.
+    let cut = "table inet flb_sync_cut {\n chain in { type filter hook input priority -500; tcp dport 22222 drop; tcp sport 22222 drop; }\n chain out { type filter hook output priority -500; tcp dport 22222 drop; tcp sport 22222 drop; }\n}\n";
+    assert!(
+        lab.exec_input("lb1", &["nft", "-f", "-"], Some(cut.as_bytes()))
+            .unwrap()
+            .success()
+    );
+    lab.wait_until("the sync-cut alarm on lb2", Duration::from_secs(10), || {
+        Ok(metric(&lab, "lb2", "ferrolb_sync_peer_up") == Some(0.0))
+    })
+    .unwrap();
+    // Flows opened during the cut.
+    lab.exec_ok(
+        "client",
+        &[
+            "python3", &probe, "udp", VIP, "9001", "3", "--sport", "42001", "--sport", "42002",
+            "--sport", "42003",
+        ],
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(role(&lab, "lb1"), "MASTER", "no failover on a sync cut");
+    assert_eq!(role(&lab, "lb2"), "BACKUP");
+    let h2 = ha(&lab, "lb2");
+    assert_eq!(h2["peers"][0]["bfd"], "BFDUp", "{h2}");
+    assert_eq!(h2["peers"][0]["syncConnected"], false, "{h2}");
+    assert!(h2["peers"][0]["syncCuts"].as_u64().unwrap() >= 1, "{h2}");
+    assert!(!lb_ct(&lab, "lb2").iter().any(|e| e["sourcePort"] == 42001));
+    assert!(
+        lab.exec("lb1", &["nft", "delete", "table", "inet", "flb_sync_cut"])
+            .unwrap()
+            .success()
+    );
+    lab.wait_until(
+        "lb2 catches up after the cut",
+        Duration::from_secs(10),
+        || {
+            let ct = lb_ct(&lab, "lb2");
+            Ok([42001, 42002, 42003].iter().all(|p| {
+                ct.iter()
+                    .any(|e| e["sourcePort"] == *p && e["synced"] == true)
+            }))
+        },
+    )
+    .unwrap();
+    assert_eq!(metric(&lab, "lb2", "ferrolb_sync_peer_up"), Some(1.0));
+    // ferroctl shows the cluster.
+    let out = lab.exec_ok("lb2", &[FERROCTL, "get", "ha"]).unwrap();
+    assert!(
+        out.contains("BACKUP") && out.contains("10.10.10.2"),
+        "{out}"
+    );
+    lab.down().unwrap();
+}
+
+/// Silent death of the MASTER under 50 TCP streams (10 opened 200 ms before the fault) and 20
+/// UDP flows: every stream survives intact and in order, the UDP outage is under 400 ms (BFD
+/// 100 ms x 3). The old MASTER returns: it stays BACKUP and no connection is disturbed; then a
+/// planned switchover back (`ferroctl ha switchover` on the MASTER) loses nothing.
+#[test]
+fn silent_master_death_return_and_switchover() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(lab) = lab(
+        "silent_master_death_return_and_switchover",
+        "hadeath",
+        "100ms",
+    ) else {
+        return;
+    };
+    let t0 = start_traffic(
+        &lab,
+        "death",
+        &[
+            "--tcp",
+            "50",
+            "--late",
+            "10",
+            "--udp",
+            "20",
+            "--duration",
+            "7",
+            "--fault-at",
+            "3",
+        ],
+    );
+    std::thread::sleep(Duration::from_secs(3).saturating_sub(t0.elapsed()));
+    isolate(&lab, "lb1", true);
+    let t = read_traffic(&lab, "death");
+    let s = &t["summary"];
+    eprintln!("silent death: {s}");
+    assert_all_survived(&t, "silent death");
+    assert_eq!(s["tcp_streams"], 50);
+    let outage = s["udp_outage_ms"].as_u64().unwrap();
+    assert!(outage < 400, "UDP outage {outage} ms");
+    assert_eq!(role(&lab, "lb2"), "MASTER");
+    let h2 = ha(&lab, "lb2");
+    assert!(h2["lastFailoverSeconds"].as_f64().unwrap() < 1.0, "{h2}");
+    assert!(h2["sync"]["adopted"].as_u64().unwrap() >= 70, "{h2}");
+
+    // The old MASTER returns while traffic runs: it stays BACKUP, nothing is disturbed.
+    let t0 = start_traffic(
+        &lab,
+        "return",
+        &[
+            "--tcp",
+            "20",
+            "--late",
+            "0",
+            "--udp",
+            "10",
+            "--duration",
+            "8",
+        ],
+    );
+    std::thread::sleep(Duration::from_secs(2).saturating_sub(t0.elapsed()));
+    isolate(&lab, "lb1", false);
+    wait_roles(&lab, "lb2", Duration::from_secs(10));
+    let t = read_traffic(&lab, "return");
+    eprintln!("return: {}", t["summary"]);
+    assert_all_survived(&t, "old MASTER returns");
+    assert_eq!(t["summary"]["udp_lost"], 0, "{}", t["summary"]);
+    wait_best(&lab, "192.0.2.6", Duration::from_secs(20));
+    lab.wait_until("lb1 resynced", Duration::from_secs(10), || {
+        Ok(ha(&lab, "lb1")["peers"][0]["synced"] == true)
+    })
+    .unwrap();
+
+    // Planned switchover back to lb1 under traffic: nothing lost.
+    let t0 = start_traffic(
+        &lab,
+        "switch",
+        &[
+            "--tcp",
+            "20",
+            "--late",
+            "0",
+            "--udp",
+            "10",
+            "--duration",
+            "6",
+        ],
+    );
+    std::thread::sleep(Duration::from_secs(2).saturating_sub(t0.elapsed()));
+    let out = lab.exec_ok("lb2", &[FERROCTL, "ha", "switchover"]).unwrap();
+    assert!(out.contains("node 0 is MASTER"), "{out}");
+    let t = read_traffic(&lab, "switch");
+    eprintln!("switchover: {}", t["summary"]);
+    assert_all_survived(&t, "planned switchover");
+    assert_eq!(t["summary"]["udp_lost"], 0, "{}", t["summary"]);
+    wait_roles(&lab, "lb1", Duration::from_secs(5));
+    wait_best(&lab, "192.0.2.2", Duration::from_secs(10));
+    lab.down().unwrap();
+}
