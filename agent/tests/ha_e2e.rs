@@ -526,3 +526,108 @@ fn silent_master_death_return_and_switchover() {
     wait_best(&lab, "192.0.2.2", Duration::from_secs(10));
     lab.down().unwrap();
 }
+
+/// With BFD at 50 ms x 3 (keepalive and ToR sessions), a silent MASTER death costs a UDP probe
+/// under 250 ms, and every TCP stream survives.
+#[test]
+fn silent_master_death_at_50ms() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(lab) = lab("silent_master_death_at_50ms", "ha50", "50ms") else {
+        return;
+    };
+    let v = lab.vtysh_json("tor", "show bfd peers json").unwrap();
+    for p in v.as_array().unwrap() {
+        assert_eq!(p["transmit-interval"], 50, "ToR BFD at 50 ms: {p}");
+    }
+    let t0 = start_traffic(
+        &lab,
+        "death50",
+        &[
+            "--tcp",
+            "20",
+            "--late",
+            "5",
+            "--udp",
+            "20",
+            "--duration",
+            "6",
+            "--fault-at",
+            "3",
+        ],
+    );
+    std::thread::sleep(Duration::from_secs(3).saturating_sub(t0.elapsed()));
+    isolate(&lab, "lb1", true);
+    let t = read_traffic(&lab, "death50");
+    eprintln!("silent death at 50 ms: {}", t["summary"]);
+    assert_all_survived(&t, "silent death at 50 ms");
+    let outage = t["summary"]["udp_outage_ms"].as_u64().unwrap();
+    assert!(outage < 250, "UDP outage {outage} ms");
+    assert_eq!(role(&lab, "lb2"), "MASTER");
+    lab.down().unwrap();
+}
+
+/// `kill -9` of the MASTER's agent alone (its pinned datapath stays): the peer takes over as
+/// for a node death, no connection is lost, and the restarted agent rejoins as BACKUP after
+/// its first sync.
+#[test]
+fn kill9_master_agent_then_it_rejoins_as_backup() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(lab) = lab(
+        "kill9_master_agent_then_it_rejoins_as_backup",
+        "hakill",
+        "100ms",
+    ) else {
+        return;
+    };
+    let t0 = start_traffic(
+        &lab,
+        "kill",
+        &[
+            "--tcp",
+            "20",
+            "--late",
+            "5",
+            "--udp",
+            "20",
+            "--duration",
+            "9",
+            "--fault-at",
+            "2",
+        ],
+    );
+    std::thread::sleep(Duration::from_secs(2).saturating_sub(t0.elapsed()));
+    assert_eq!(lab.kill("lb1", "ferrolb").unwrap(), 1);
+    lab.wait_until("lb2 MASTER", Duration::from_secs(5), || {
+        Ok(role(&lab, "lb2") == "MASTER")
+    })
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    lab.spawn(
+        "lb1",
+        "ferrolb-restarted",
+        &[
+            FERROLB,
+            "-b",
+            "--config-path",
+            "/etc/ferrolb/",
+            "--bgp-drain-seconds",
+            "2",
+            "--cluster=10.10.10.3",
+            "--self=0",
+            "--ka=10.10.10.3:10.10.10.2:100ms",
+        ],
+    )
+    .unwrap();
+    lab.wait_until("the restarted API", Duration::from_secs(20), || {
+        Ok(rest(&lab, "lb1", "GET", "", None).0 == 200)
+    })
+    .unwrap();
+    let t = read_traffic(&lab, "kill");
+    eprintln!("kill -9: {}", t["summary"]);
+    assert_all_survived(&t, "kill -9 of the MASTER agent");
+    wait_roles(&lab, "lb2", Duration::from_secs(10));
+    let h1 = ha(&lab, "lb1");
+    assert_eq!(h1["peers"][0]["synced"], true, "{h1}");
+    wait_best(&lab, "192.0.2.6", Duration::from_secs(20));
+    lab.down().unwrap();
+}

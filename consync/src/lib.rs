@@ -163,6 +163,7 @@ pub struct PeerInfo {
 pub struct Stats {
     pub sent: AtomicU64,
     pub streams: AtomicU64,
+    /// Peers refused: bad or missing token, or a failed TLS handshake.
     pub refused: AtomicU64,
     pub resyncs_served: AtomicU64,
 }
@@ -206,6 +207,10 @@ impl Consync {
             Some(t) => Some(load_tls(t)?),
             None => None,
         };
+        let server_tls = match &cfg.tls {
+            Some(t) => Some(Arc::new(server_tls(t)?)),
+            None => None,
+        };
         let me = Arc::new(Consync {
             log: Arc::new(ChangeLog::new(cfg.log_capacity)),
             node,
@@ -229,29 +234,31 @@ impl Consync {
             cfg,
         });
         let svc = Service { cs: me.clone() };
-        let mut builder = tonic::transport::Server::builder()
+        let router = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .http2_keepalive_interval(Some(Duration::from_secs(1)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(2)));
-        if let Some((id, ca)) = &tls {
-            builder = builder
-                .tls_config(
-                    tonic::transport::ServerTlsConfig::new()
-                        .identity(id.clone())
-                        .client_ca_root(ca.clone()),
-                )
-                .map_err(|e| Error::Tls {
-                    what: "sync TLS server".into(),
-                    detail: e.to_string(),
-                })?;
-        }
-        let router = builder.add_service(ConSyncServer::new(svc));
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-        tokio::spawn(async move {
-            if let Err(e) = router.serve_with_incoming(incoming).await {
-                warn!(error = %e, "conntrack sync server stopped");
+            .http2_keepalive_timeout(Some(Duration::from_secs(2)))
+            .add_service(ConSyncServer::new(svc));
+        match server_tls {
+            None => {
+                let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+                tokio::spawn(async move {
+                    if let Err(e) = router.serve_with_incoming(incoming).await {
+                        warn!(error = %e, "conntrack sync server stopped");
+                    }
+                });
             }
-        });
+            Some(config) => {
+                // Our own acceptor, so that a peer failing the handshake (no certificate, or
+                // one the CA did not sign) is counted as refused.
+                let incoming = tls_incoming(listener, config, me.stats.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = router.serve_with_incoming(incoming).await {
+                        warn!(error = %e, "conntrack sync server stopped");
+                    }
+                });
+            }
+        }
         info!(listen = %me.cfg.listen, peers = ?me.cfg.peers, tls = tls.is_some(), "conntrack sync started");
         for slot in &me.peers {
             tokio::spawn(subscribe_loop(me.clone(), slot.clone(), tls.clone()));
@@ -408,6 +415,91 @@ pub fn unix_ns() -> u64 {
 }
 
 type TlsParts = (tonic::transport::Identity, tonic::transport::Certificate);
+
+/// The server side of mutual TLS: this node's certificate, peers must present one signed by
+/// the CA.
+fn server_tls(t: &TlsFiles) -> Result<rustls::ServerConfig, Error> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let err = |what: &str, detail: String| Error::Tls {
+        what: what.to_string(),
+        detail,
+    };
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&t.cert)
+        .and_then(|i| i.collect::<Result<_, _>>())
+        .map_err(|e| err("--sync-tls-cert", format!("{}: {e}", t.cert.display())))?;
+    let key = PrivateKeyDer::from_pem_file(&t.key)
+        .map_err(|e| err("--sync-tls-key", format!("{}: {e}", t.key.display())))?;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(&t.ca)
+        .map_err(|e| err("--sync-tls-ca", format!("{}: {e}", t.ca.display())))?
+    {
+        let c = c.map_err(|e| err("--sync-tls-ca", format!("{}: {e}", t.ca.display())))?;
+        roots
+            .add(c)
+            .map_err(|e| err("--sync-tls-ca", format!("{}: {e}", t.ca.display())))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .map_err(|e| err("--sync-tls-ca", e.to_string()))?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| err("sync TLS", e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)
+        .map_err(|e| err("--sync-tls-cert/--sync-tls-key", e.to_string()))?;
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(cfg)
+}
+
+type TlsConn = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+
+/// Accepts TCP connections and completes each TLS handshake in its own task (bounded in time);
+/// failures are counted in `Stats::refused`.
+fn tls_incoming(
+    listener: tokio::net::TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    stats: Arc<Stats>,
+) -> ReceiverStream<Result<TlsConn, std::io::Error>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let acceptor = tokio_rustls::TlsAcceptor::from(config);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    warn!(error = %e, "sync accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            let stats = stats.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(Duration::from_secs(5), acceptor.accept(tcp)).await {
+                    Ok(Ok(s)) => {
+                        let _ = tx.send(Ok(s)).await;
+                    }
+                    Ok(Err(e)) => {
+                        stats.refused.fetch_add(1, Ordering::Relaxed);
+                        warn!(%peer, error = %e, "conntrack sync: peer refused (TLS)");
+                    }
+                    Err(_) => {
+                        stats.refused.fetch_add(1, Ordering::Relaxed);
+                        warn!(%peer, "conntrack sync: peer refused (TLS handshake timed out)");
+                    }
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
+}
 
 fn load_tls(t: &TlsFiles) -> Result<TlsParts, Error> {
     let read = |p: &PathBuf, what: &str| {

@@ -313,3 +313,151 @@ fn wrong_token_is_refused_and_counted() {
         );
     });
 }
+
+/// Makes a CA and node certificates (IP SAN 127.0.0.1) with the openssl CLI in `dir`.
+fn certs(dir: &std::path::Path, ca: &str, nodes: &[&str]) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "openssl {args:?}: {out:?}");
+    };
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n",
+    )
+    .unwrap();
+    let ca_key = format!("{ca}.key");
+    let ca_pem = format!("{ca}.pem");
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        &ca_key,
+        "-out",
+        &ca_pem,
+        "-days",
+        "2",
+        "-subj",
+        "/CN=ferrolb test CA",
+    ]);
+    for n in nodes {
+        let (key, csr, pem) = (format!("{n}.key"), format!("{n}.csr"), format!("{n}.pem"));
+        run(&[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            &csr,
+            "-subj",
+            &format!("/CN={n}"),
+        ]);
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca_pem,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-out",
+            &pem,
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ]);
+    }
+}
+
+/// Mutual TLS: peers with certificates from the cluster's CA sync; a peer whose certificate
+/// another CA signed is refused and counted, and so is one that speaks plain TCP.
+#[test]
+fn mutual_tls_admits_only_the_clusters_certificates() {
+    if !ferrolb_tests::require(
+        "mutual_tls_admits_only_the_clusters_certificates",
+        &["openssl"],
+    ) || !ferrolb_tests::private_netns("mutual_tls_admits_only_the_clusters_certificates")
+    {
+        return;
+    }
+    let dir = std::env::temp_dir().join(ferrolb_tests::unique_name("consync-tls"));
+    std::fs::create_dir_all(&dir).unwrap();
+    struct Gone(std::path::PathBuf);
+    impl Drop for Gone {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let _gone = Gone(dir.clone());
+    certs(&dir, "ca", &["a", "b"]);
+    certs(&dir, "rogue", &["c"]);
+    let tls = |n: &str, ca: &str| ferrolb_consync::TlsFiles {
+        cert: dir.join(format!("{n}.pem")),
+        key: dir.join(format!("{n}.key")),
+        ca: dir.join(format!("{ca}.pem")),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let a = Arc::new(FakeNode {
+            id: 0,
+            ..Default::default()
+        });
+        a.own
+            .lock()
+            .unwrap()
+            .insert(FlowId::from(&key(1)), flow(0, 1));
+        let node = |id| {
+            Arc::new(FakeNode {
+                id,
+                ..Default::default()
+            })
+        };
+        let (b, c, d) = (node(1), node(2), node(3));
+        let mut ca = Config::new(0, addr(22021), vec![]);
+        ca.tls = Some(tls("a", "ca"));
+        let mut cb = Config::new(1, addr(22022), vec![addr(22021)]);
+        cb.tls = Some(tls("b", "ca"));
+        let mut cc = Config::new(2, addr(22023), vec![addr(22021)]);
+        cc.tls = Some(tls("c", "rogue"));
+        let cd = Config::new(3, addr(22024), vec![addr(22021)]);
+        let sa = Consync::start(ca, a.clone()).await.unwrap();
+        let _sb = Consync::start(cb, b.clone()).await.unwrap();
+        let sc = Consync::start(cc, c.clone()).await.unwrap();
+        let sd = Consync::start(cd, d.clone()).await.unwrap();
+        let bb = b.clone();
+        tokio::task::spawn_blocking(move || {
+            wait("B syncs over mutual TLS", Duration::from_secs(5), || {
+                synced_ports(&bb) == vec![1]
+            })
+        })
+        .await
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(synced_ports(&c).is_empty() && synced_ports(&d).is_empty());
+        assert!(!sc.peers()[0].connected && !sd.peers()[0].connected);
+        let refused = sa
+            .stats()
+            .refused
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert!(refused >= 2, "refused {refused}");
+    });
+}
