@@ -5,6 +5,8 @@
 //! - [`TestLab`]: a lab under a unique per-run name and lab directory, torn down on drop
 //!   (on panic too); its directory (node logs) is kept only when the test failed.
 
+pub mod ha;
+
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
