@@ -40,6 +40,10 @@ use crate::log::{ChangeLog, Resume};
 /// The sync port.
 pub const PORT: u16 = 22222;
 
+/// HTTP/2 flow-control windows: a bulk snapshot streams megabytes, which the 64 KiB default
+/// would hold to one window per round trip.
+const WINDOW: u32 = 16 << 20;
+
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("listen on {addr}: {source}")]
@@ -236,6 +240,8 @@ impl Consync {
         let svc = Service { cs: me.clone() };
         let router = tonic::transport::Server::builder()
             .tcp_nodelay(true)
+            .initial_stream_window_size(Some(WINDOW))
+            .initial_connection_window_size(Some(WINDOW))
             .http2_keepalive_interval(Some(Duration::from_secs(1)))
             .http2_keepalive_timeout(Some(Duration::from_secs(2)))
             .add_service(ConSyncServer::new(svc));
@@ -527,6 +533,8 @@ async fn connect(
         .map_err(|e| rpc(e.to_string()))?
         .connect_timeout(Duration::from_millis(500))
         .tcp_nodelay(true)
+        .initial_stream_window_size(Some(WINDOW))
+        .initial_connection_window_size(Some(WINDOW))
         .http2_keep_alive_interval(Duration::from_secs(1))
         .keep_alive_timeout(Duration::from_secs(2));
     if let Some((id, ca)) = tls {

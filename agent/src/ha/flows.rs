@@ -130,7 +130,7 @@ pub fn resolve(table: &SyncTable, key: &CtKey, ep: IpAddr, ep_port: u16) -> (u32
 pub fn entries_of(
     f: &pb::Flow,
     now_ns: u64,
-    resolve: impl Fn(&CtKey, IpAddr, u16) -> (u32, u16),
+    mut resolve: impl FnMut(&CtKey, IpAddr, u16) -> (u32, u16),
 ) -> Option<[(CtKey, Ct); 2]> {
     let key = ct_key(f.key.as_ref()?)?;
     let family = key.family;

@@ -18,6 +18,7 @@
 //! - **Without `--ka`**, roles come from `POST /config/cistate` (kube-loxilb); becoming MASTER
 //!   there adopts every synced entry.
 
+pub mod cpus;
 pub mod flows;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -156,6 +157,8 @@ pub struct Ha {
     /// Something happened that may change roles.
     pub wake: tokio::sync::Notify,
     pub counters: HaCounters,
+    /// Where the next bulk write starts (see [`cpus`]).
+    cpu_cursor: std::sync::atomic::AtomicUsize,
 }
 
 /// One instance's role, as reported.
@@ -204,6 +207,7 @@ impl Ha {
             changed: tokio::sync::Notify::new(),
             wake: tokio::sync::Notify::new(),
             counters: HaCounters::default(),
+            cpu_cursor: std::sync::atomic::AtomicUsize::new(0),
             cfg,
         }
     }
@@ -520,9 +524,13 @@ impl Ha {
         let mut published = Vec::new();
         {
             let mut t = self.tbl();
+            let mut spread = cpus::Spread::new(self.cpu_cursor.fetch_add(1, Ordering::Relaxed));
             for (k, v) in t.entries() {
                 if v.flags & CTF_SYNCED == 0 || !which(v.origin) {
                     continue;
+                }
+                if let Some(s) = spread.as_mut() {
+                    s.tick();
                 }
                 let nv = Ct {
                     flags: CTF_LOCAL,
@@ -651,10 +659,29 @@ impl Node for Ha {
         let now = monotonic_ns();
         let mut n = 0;
         let mut t = self.tbl();
+        let mut spread = if upserts.is_empty() {
+            None
+        } else {
+            cpus::Spread::new(self.cpu_cursor.fetch_add(1, Ordering::Relaxed))
+        };
+        // Service and endpoint numbers per (VIP, port, protocol, endpoint) within this batch:
+        // a batch is mostly flows of a few services.
+        let mut resolved: std::collections::HashMap<(CtKey, IpAddr, u16), (u32, u16)> =
+            std::collections::HashMap::new();
         for f in upserts {
-            let Some(pair) =
-                flows::entries_of(f, now, |k, ep, port| flows::resolve(&t, k, ep, port))
-            else {
+            if let Some(s) = spread.as_mut() {
+                s.tick();
+            }
+            let Some(pair) = flows::entries_of(f, now, |k, ep, port| {
+                let svc_key = CtKey {
+                    saddr: [0; 4],
+                    sport: 0,
+                    ..*k
+                };
+                *resolved
+                    .entry((svc_key, ep, port))
+                    .or_insert_with(|| flows::resolve(&t, k, ep, port))
+            }) else {
                 self.counters.malformed.fetch_add(1, Ordering::Relaxed);
                 continue;
             };

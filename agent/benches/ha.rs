@@ -1,0 +1,513 @@
+//! HA benchmarks (root; `cargo bench --bench ha [-- sync|lag|failover]`). Not tests: they
+//! measure, print a JSON summary, and compare against a baseline measured in the same run.
+//!
+//! - `sync`: bulk resync rate. Node A's datapath holds N flows (inserted into its conntrack
+//!   map); node B subscribes and installs them. Real code paths: the map walk, protobuf, gRPC
+//!   over loopback, the map inserts on B. Baseline: the map walk alone (what any sync must do).
+//! - `lag`: steady-state sync lag. Flows are created in A's datapath by running SYN packets
+//!   through the program (BPF_PROG_TEST_RUN) at a fixed rate; the agent's event path publishes
+//!   them; the time from the packet to the flow being present in B's map is sampled.
+//! - `failover`: the silent death of the MASTER in the `ha-pair` lab (same traffic shape as the
+//!   keepalived baseline: 4 TCP streams, 4 UDP flows, fault at 3 s), against keepalived
+//!   (VRRPv3, 100 ms adverts) + conntrackd FTFW + nftables NAT (`bench/keepalived-baseline`,
+//!   config c) run in the same invocation.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ferrolb_agent::ha::{Ha, HaConfig};
+use ferrolb_bpf::maps::*;
+use ferrolb_bpf::{Datapath, DatapathConfig, lut, monotonic_ns};
+use ferrolb_consync::{Config, Consync};
+use serde_json::{Value, json};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+
+fn datapath(node: u16, conntrack: u32) -> Datapath {
+    Datapath::load(&DatapathConfig {
+        max_services: 64,
+        max_conntrack: conntrack,
+        node_id: node,
+        ..Default::default()
+    })
+    .expect("load datapath")
+}
+
+fn ha(node: u16, peer: SocketAddr, dp: &Datapath) -> Arc<Ha> {
+    Arc::new(Ha::new(
+        HaConfig {
+            node_id: node,
+            ka: false,
+            peers: vec![(peer, None)],
+            join_timeout: Duration::from_secs(5),
+            silent_dead: Duration::from_secs(1),
+        },
+        dp.sync_table().unwrap(),
+    ))
+}
+
+async fn consync(node: u16, port: u16, peer: u16, ha: &Arc<Ha>) -> Arc<Consync> {
+    let cfg = Config::new(
+        u32::from(node),
+        SocketAddr::from(([127, 0, 0, 1], port)),
+        vec![SocketAddr::from(([127, 0, 0, 1], peer))],
+    );
+    let node: Arc<dyn ferrolb_consync::Node> = ha.clone();
+    let cs = Consync::start(cfg, node).await.unwrap();
+    let _ = ha.consync.set(cs.clone());
+    cs
+}
+
+fn private_netns() {
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare (needs root)");
+    let ok = std::process::Command::new("ip")
+        .args(["link", "set", "lo", "up"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "ip link set lo up");
+}
+
+/// A full-NAT flow of client `i` as node 0 would have created it.
+fn flow(i: u32) -> (CtKey, Ct) {
+    let client = Ipv4Addr::from(0x0a40_0000 + (i >> 14));
+    let sport = 1024 + (i & 0x3fff) as u16;
+    let k = CtKey::v4(client, sport, VIP, 80, PROTO_TCP);
+    let now = monotonic_ns();
+    let v = Ct {
+        nat_saddr: addr_words(VIP.into()).0,
+        // One endpoint per 60,000 flows, so every reply key (endpoint, port) is distinct.
+        nat_daddr: addr_words(Ipv4Addr::new(10, 10, 10 + (i / 60_000) as u8, 11).into()).0,
+        nat_sport: (1024 + (i % 60000) as u16).to_be(),
+        nat_dport: 8080u16.to_be(),
+        svc_id: 1,
+        timeout_s: 240,
+        ep_idx: 0,
+        origin: 0,
+        dir: 0,
+        state: CtState::Established.as_u8(),
+        flags: CTF_LOCAL,
+        mode: 2,
+        created_ns: now,
+        last_ns: now,
+        ..Default::default()
+    };
+    (k, v)
+}
+
+fn bench_sync(n: u32) -> Value {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let cap = (n * 2 + 1024).next_power_of_two();
+    let mut a = datapath(0, cap);
+    let b = datapath(1, cap);
+    let t = Instant::now();
+    for i in 0..n {
+        let (k, v) = flow(i);
+        a.ct_insert(&k, &v).unwrap();
+    }
+    let fill_s = t.elapsed().as_secs_f64();
+    // Baseline: walking A's map once (every sync's first step).
+    let t = Instant::now();
+    let walked = a.ct_entries().len();
+    let walk_s = t.elapsed().as_secs_f64();
+    assert_eq!(walked as u32, n);
+    let (ha_a, ha_b) = (
+        ha(0, "127.0.0.1:23002".parse().unwrap(), &a),
+        ha(1, "127.0.0.1:23001".parse().unwrap(), &b),
+    );
+    // Where the time goes: building the snapshot on A, installing it on B (no network).
+    use ferrolb_consync::Node;
+    let t = Instant::now();
+    let flows = ha_a.own_flows();
+    let own_s = t.elapsed().as_secs_f64();
+    let scratch = datapath(2, cap);
+    let ha_c = ha(2, "127.0.0.1:23009".parse().unwrap(), &scratch);
+    let t = Instant::now();
+    for chunk in flows.chunks(4096) {
+        ha_c.apply(0, chunk, &[]);
+    }
+    let apply_s = t.elapsed().as_secs_f64();
+    let keep: std::collections::HashSet<ferrolb_consync::FlowId> = flows
+        .iter()
+        .filter_map(|f| f.key.as_ref().map(ferrolb_consync::FlowId::from))
+        .collect();
+    let t = Instant::now();
+    ha_c.retain(0, &keep);
+    let retain_s = t.elapsed().as_secs_f64();
+    drop(ha_c);
+    drop(scratch);
+    let took = rt.block_on(async {
+        let _ca = consync(0, 23001, 23002, &ha_a).await;
+        let t = Instant::now();
+        let cb = consync(1, 23002, 23001, &ha_b).await;
+        loop {
+            let p = &cb.peers()[0];
+            if p.synced_once {
+                break;
+            }
+            assert!(t.elapsed() < Duration::from_secs(300), "snapshot too slow");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        t.elapsed().as_secs_f64()
+    });
+    let installed = b.ct_entries().len() / 2;
+    assert_eq!(installed as u32, n, "B holds every flow");
+    json!({
+        "flows": n,
+        "fill_s": fill_s,
+        "walk_map_s": walk_s,
+        "walk_map_entries_per_s": (n as f64 / walk_s).round(),
+        "resync_s": took,
+        "snapshot_build_s": own_s,
+        "install_s": apply_s,
+        "retain_walk_s": retain_s,
+        "resync_flows_per_s": (n as f64 / took).round(),
+        "resync_entries_per_s": (2.0 * n as f64 / took).round(),
+        "ratio_to_map_walk": walk_s / took,
+    })
+}
+
+// --- packets for the lag benchmark --------------------------------------------------------
+
+fn csum(data: &[u8], init: u32) -> u16 {
+    let mut s = init;
+    for c in data.chunks(2) {
+        let w = if c.len() == 2 {
+            u16::from_be_bytes([c[0], c[1]])
+        } else {
+            u16::from_be_bytes([c[0], 0])
+        };
+        s += u32::from(w);
+    }
+    while s > 0xffff {
+        s = (s & 0xffff) + (s >> 16);
+    }
+    !(s as u16)
+}
+
+fn syn(src: Ipv4Addr, sport: u16) -> Vec<u8> {
+    let mut p = vec![0u8; 14 + 20 + 20];
+    p[12] = 0x08;
+    let ip = &mut p[14..34];
+    ip[0] = 0x45;
+    ip[2..4].copy_from_slice(&40u16.to_be_bytes());
+    ip[8] = 64;
+    ip[9] = 6;
+    ip[12..16].copy_from_slice(&src.octets());
+    ip[16..20].copy_from_slice(&VIP.octets());
+    let c = csum(ip, 0);
+    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let tcp = &mut p[34..54];
+    tcp[0..2].copy_from_slice(&sport.to_be_bytes());
+    tcp[2..4].copy_from_slice(&80u16.to_be_bytes());
+    tcp[12] = 0x50;
+    tcp[13] = 0x02;
+    tcp[14..16].copy_from_slice(&0xffffu16.to_be_bytes());
+    let mut pseudo = 0u32;
+    for w in [src.octets(), VIP.octets()] {
+        pseudo += u32::from(u16::from_be_bytes([w[0], w[1]]))
+            + u32::from(u16::from_be_bytes([w[2], w[3]]));
+    }
+    pseudo += 6 + 20;
+    let c = csum(tcp, pseudo);
+    tcp[16..18].copy_from_slice(&c.to_be_bytes());
+    p
+}
+
+fn install_service(dp: &mut Datapath) {
+    let eps = [
+        Ipv4Addr::new(10, 10, 10, 11),
+        Ipv4Addr::new(10, 10, 10, 12),
+        Ipv4Addr::new(10, 10, 10, 13),
+    ];
+    let mut be = Backends {
+        count: eps.len() as u32,
+        ..Default::default()
+    };
+    let mut lut_eps = Vec::new();
+    for (i, a) in eps.iter().enumerate() {
+        be.ep[i] = Ep {
+            addr: addr_words((*a).into()).0,
+            snat_addr: [0; 4],
+            port: 8080,
+            weight: 1,
+            active: 1,
+            pad: [0; 3],
+        };
+        let mut identity = a.octets().to_vec();
+        identity.extend(8080u16.to_be_bytes());
+        lut_eps.push(lut::LutEndpoint {
+            slot: i as u8,
+            identity,
+            weight: 1,
+        });
+    }
+    let table = lut::maglev(&lut_eps);
+    be.lut_len = table.len() as u32;
+    be.lut[..table.len()].copy_from_slice(&table);
+    dp.set_backends(2, &be).unwrap();
+    dp.reset_service_state(1).unwrap();
+    let addr = addr_words(VIP.into()).0;
+    dp.set_service(
+        &SvcKey {
+            addr,
+            port: 80u16.to_be(),
+            proto: PROTO_TCP,
+            family: FAMILY_V4,
+        },
+        &Svc {
+            id: 1,
+            be_slot: 2,
+            timeout_s: 240,
+            port_base: 80,
+            mode: 2,
+            sel: 1,
+        },
+    )
+    .unwrap();
+    dp.set_ranges(
+        &RangeKey {
+            addr,
+            proto: PROTO_TCP,
+            family: FAMILY_V4,
+            pad: 0,
+        },
+        &Ranges::default(),
+    )
+    .unwrap();
+}
+
+fn bench_lag(rate: u32, seconds: u32) -> Value {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let cap = (rate * seconds * 2 + 4096).next_power_of_two();
+    let mut a = datapath(0, cap);
+    let mut b = datapath(1, cap);
+    install_service(&mut a);
+    install_service(&mut b);
+    let mut events = a.take_events().unwrap();
+    let (ha_a, ha_b) = (
+        ha(0, "127.0.0.1:23012".parse().unwrap(), &a),
+        ha(1, "127.0.0.1:23011".parse().unwrap(), &b),
+    );
+    let probe = b.sync_table().unwrap();
+    let (_ca, cb) = rt.block_on(async {
+        let ca = consync(0, 23011, 23012, &ha_a).await;
+        let cb = consync(1, 23012, 23011, &ha_b).await;
+        while !cb.peers()[0].synced_once {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        (ca, cb)
+    });
+    // Samples: flow key -> when its first packet ran.
+    let pending: Arc<Mutex<BTreeMap<CtKey, Instant>>> = Arc::default();
+    let lags: Arc<Mutex<Vec<f64>>> = Arc::default();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // The agent's event path: drain the ring every 20 ms, publish.
+    let pub_ha = ha_a.clone();
+    let pub_stop = stop.clone();
+    let publisher = std::thread::spawn(move || {
+        let mut batch = Vec::new();
+        while !pub_stop.load(std::sync::atomic::Ordering::Relaxed) {
+            while let Some(e) = events.try_next() {
+                batch.push((e.key, e.val));
+            }
+            if !batch.is_empty() {
+                pub_ha.publish_events(&batch, &[]);
+                batch.clear();
+            }
+            std::thread::sleep(Duration::from_millis(ferrolb_agent::agent::EVENT_POLL_MS));
+        }
+    });
+    let (p2, l2, s2) = (pending.clone(), lags.clone(), stop.clone());
+    let sampler = std::thread::spawn(move || {
+        while !s2.load(std::sync::atomic::Ordering::Relaxed) || !p2.lock().unwrap().is_empty() {
+            let keys: Vec<(CtKey, Instant)> =
+                p2.lock().unwrap().iter().map(|(k, t)| (*k, *t)).collect();
+            for (k, t) in keys {
+                if let Ok(Some(_)) = probe.get(&k) {
+                    l2.lock().unwrap().push(t.elapsed().as_secs_f64() * 1000.0);
+                    p2.lock().unwrap().remove(&k);
+                } else if t.elapsed() > Duration::from_secs(5) {
+                    p2.lock().unwrap().remove(&k);
+                    l2.lock().unwrap().push(f64::INFINITY);
+                }
+            }
+            std::thread::sleep(Duration::from_micros(500));
+        }
+    });
+    let total = rate * seconds;
+    let start = Instant::now();
+    let mut created = 0u32;
+    for i in 0..total {
+        let due = start + Duration::from_secs_f64(f64::from(i) / f64::from(rate));
+        let now = Instant::now();
+        if due > now {
+            std::thread::sleep(due - now);
+        }
+        let client = Ipv4Addr::from(0x0a80_0000 + (i >> 14));
+        let sport = 1024 + (i & 0x3fff) as u16;
+        let (rc, _) = a.test_run(&syn(client, sport)).unwrap();
+        if rc == 2 {
+            continue; // dropped (no free NAT port): no flow to sample
+        }
+        created += 1;
+        if i % 20 == 0 {
+            pending
+                .lock()
+                .unwrap()
+                .insert(CtKey::v4(client, sport, VIP, 80, PROTO_TCP), Instant::now());
+        }
+    }
+    let achieved = f64::from(total) / start.elapsed().as_secs_f64();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    publisher.join().unwrap();
+    sampler.join().unwrap();
+    let mut l = lags.lock().unwrap().clone();
+    l.sort_by(f64::total_cmp);
+    let pct = |p: f64| l[((l.len() as f64 - 1.0) * p).round() as usize];
+    let missing = l.iter().filter(|x| x.is_infinite()).count();
+    let installed = cb.peers()[0].applied;
+    json!({
+        "target_rate_per_s": rate,
+        "achieved_rate_per_s": achieved.round(),
+        "flows": created,
+        "samples": l.len(),
+        "missing": missing,
+        "lag_ms_p50": pct(0.5),
+        "lag_ms_p99": pct(0.99),
+        "lag_ms_max": pct(1.0),
+        "applied_on_b": installed,
+        "event_poll_ms": ferrolb_agent::agent::EVENT_POLL_MS,
+    })
+}
+
+// --- failover against keepalived + conntrackd --------------------------------------------
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn bench_failover(trials: usize) -> Value {
+    let ferrolb = env!("CARGO_BIN_EXE_ferrolb");
+    let mut outages = Vec::new();
+    let mut tcp_gaps = Vec::new();
+    let mut survived = (0u64, 0u64);
+    for i in 0..trials {
+        let lab = ferrolb_tests::ha::up("bench_failover", &format!("habench{i}"), "100ms", ferrolb)
+            .expect("ha-pair lab");
+        let t0 = ferrolb_tests::ha::start_traffic(
+            &lab,
+            "bench",
+            &[
+                "--tcp",
+                "4",
+                "--late",
+                "0",
+                "--udp",
+                "4",
+                "--duration",
+                "10",
+                "--fault-at",
+                "3",
+            ],
+        );
+        std::thread::sleep(Duration::from_secs(3).saturating_sub(t0.elapsed()));
+        ferrolb_tests::ha::isolate(&lab, "lb1", true);
+        let t = ferrolb_tests::ha::read_traffic(&lab, "bench");
+        let s = &t["summary"];
+        eprintln!("ferrolb trial {i}: {s}");
+        outages.push(s["udp_outage_ms"].as_f64().unwrap());
+        tcp_gaps.push(s["tcp_max_gap_ms"].as_f64().unwrap());
+        survived.0 += s["tcp_survived"].as_u64().unwrap();
+        survived.1 += s["tcp_streams"].as_u64().unwrap();
+        lab.down().unwrap();
+    }
+    let ferrolb_outage = median(&mut outages.clone());
+    let ferrolb_gap = median(&mut tcp_gaps.clone());
+    // keepalived VRRPv3 100 ms + conntrackd FTFW + nftables NAT, same machine, same run.
+    let script = ferrolb_tests::repo_root().join("bench/keepalived-baseline/run.sh");
+    let results = std::env::temp_dir().join(ferrolb_tests::unique_name("ka-bench.json"));
+    let out = std::process::Command::new("bash")
+        .arg(&script)
+        .env("CONFIGS", "c")
+        .env("REPEATS", trials.to_string())
+        .env("RESULTS", &results)
+        .output()
+        .expect("run the keepalived baseline");
+    let ka: Value = std::fs::read_to_string(&results)
+        .ok()
+        .and_then(|s| serde_json::from_str(&s).ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "keepalived baseline produced no results: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+    let _ = std::fs::remove_file(&results);
+    let c = &ka["configs"]["c"];
+    let ka_outage = c["udp_outage_ms"]["median"].as_f64().unwrap();
+    let ka_gap = c["tcp_outage_ms_survivors"]["median"]
+        .as_f64()
+        .unwrap_or(f64::NAN);
+    json!({
+        "trials": trials,
+        "ferrolb": {
+            "udp_outage_ms_median": ferrolb_outage,
+            "udp_outage_ms_all": outages,
+            "tcp_gap_ms_median": ferrolb_gap,
+            "tcp_survived": format!("{}/{}", survived.0, survived.1),
+        },
+        "keepalived_conntrackd_vrrp3_100ms": {
+            "udp_outage_ms_median": ka_outage,
+            "udp_outage_ms": c["udp_outage_ms"],
+            "tcp_gap_ms_median": ka_gap,
+            "tcp_survived": c["tcp_survived"],
+            "udp_replies_from_wrong_backend": c["udp_replies_from_wrong_backend_total"],
+        },
+        "outage_ratio_ferrolb_to_keepalived": ferrolb_outage / ka_outage,
+        "tcp_gap_ratio_ferrolb_to_keepalived": ferrolb_gap / ka_gap,
+    })
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let want = |w: &str| args.is_empty() || args.iter().any(|a| a == w);
+    let (sync, lag, failover) = (want("sync"), want("lag"), want("failover"));
+    let mut out = serde_json::Map::new();
+    if sync || lag {
+        // The in-process parts run in a namespace of their own (loopback only).
+        let h = std::thread::spawn(move || {
+            private_netns();
+            let mut m = serde_json::Map::new();
+            if sync {
+                m.insert("sync".into(), bench_sync(200_000));
+            }
+            if lag {
+                m.insert("lag".into(), bench_lag(10_000, 5));
+            }
+            m
+        });
+        out.extend(h.join().unwrap());
+    }
+    if failover {
+        out.insert("failover".into(), bench_failover(3));
+    }
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&Value::Object(out)).unwrap()
+    );
+}
