@@ -502,9 +502,9 @@ impl Datapath {
         ignore_missing(self.conntrack.remove(key)).map_err(map_err("conntrack"))
     }
 
-    /// Every conntrack entry (one syscall pair per entry: aya 0.14 has no batch lookups).
+    /// Every conntrack entry (batched lookups; the iterator when the kernel refuses them).
     pub fn ct_entries(&self) -> Vec<(CtKey, Ct)> {
-        self.conntrack.iter().filter_map(|r| r.ok()).collect()
+        ct_walk(&self.conntrack)
     }
 
     /// Deletes entries idle past their timeout (a flow is idle when both of its entries
@@ -696,7 +696,7 @@ pub struct Collector {
 impl Collector {
     /// Every conntrack entry.
     pub fn entries(&self) -> Vec<(CtKey, Ct)> {
-        self.conntrack.iter().filter_map(|r| r.ok()).collect()
+        ct_walk(&self.conntrack)
     }
 
     /// Removes idle flows among `entries`; returns the entries that went.
@@ -734,7 +734,20 @@ impl SyncTable {
 
     /// Every conntrack entry.
     pub fn entries(&self) -> Vec<(CtKey, Ct)> {
-        self.conntrack.iter().filter_map(|r| r.ok()).collect()
+        ct_walk(&self.conntrack)
+    }
+
+    /// Inserts or replaces many entries with batched updates (one syscall per few thousand;
+    /// one by one when the kernel refuses batches). Returns how many were written.
+    pub fn insert_many(&mut self, entries: &[(CtKey, Ct)]) -> usize {
+        use aya::maps::IterableMap;
+        match crate::batch::update_all(self.conntrack.map(), entries) {
+            Ok(n) => n,
+            Err(_) => entries
+                .iter()
+                .filter(|(k, v)| self.conntrack.insert(k, v, 0).is_ok())
+                .count(),
+        }
     }
 
     /// The service a packet to (addr, port host order, proto) belongs to, as the datapath
@@ -789,6 +802,19 @@ impl EventStream {
 impl AsRawFd for EventStream {
     fn as_raw_fd(&self) -> std::os::fd::RawFd {
         self.rb.as_raw_fd()
+    }
+}
+
+/// Every entry of the conntrack map: batched lookups, or aya's iterator (two syscalls per
+/// entry) when the kernel refuses batches.
+fn ct_walk(map: &HashMap<MapData, CtKey, Ct>) -> Vec<(CtKey, Ct)> {
+    use aya::maps::IterableMap;
+    match crate::batch::lookup_all::<CtKey, Ct>(map.map(), 4096) {
+        Ok(v) => v,
+        Err(e) => {
+            debug!(error = %e, "batched conntrack lookups refused; iterating");
+            map.iter().filter_map(|r| r.ok()).collect()
+        }
     }
 }
 

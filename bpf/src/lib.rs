@@ -19,6 +19,7 @@
 //! The crate knows nothing about HA: it installs rules, reads and writes conntrack entries
 //! and hands out the event stream. The agent decides what to do with them.
 
+pub mod batch;
 pub mod datapath;
 pub mod lut;
 pub mod maps;

@@ -100,23 +100,33 @@ impl Config {
     }
 }
 
-/// A flow's identity, usable as a set member.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// A flow's identity, usable as a set member (fixed size: building a set of a snapshot's
+/// hundreds of thousands of flows allocates nothing per flow).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct FlowId {
     pub protocol: i32,
-    pub client: Vec<u8>,
+    /// Address bytes (4 or 16 used) and how many.
+    pub client: ([u8; 16], u8),
     pub client_port: u32,
-    pub vip: Vec<u8>,
+    pub vip: ([u8; 16], u8),
     pub vip_port: u32,
+}
+
+fn addr_id(a: Option<&pb::Addr>) -> ([u8; 16], u8) {
+    let mut out = [0u8; 16];
+    let Some(a) = a else { return (out, 0) };
+    let n = a.ip.len().min(16);
+    out[..n].copy_from_slice(&a.ip[..n]);
+    (out, n as u8)
 }
 
 impl From<&pb::FlowKey> for FlowId {
     fn from(k: &pb::FlowKey) -> FlowId {
         FlowId {
             protocol: k.protocol,
-            client: k.client.as_ref().map(|a| a.ip.clone()).unwrap_or_default(),
+            client: addr_id(k.client.as_ref()),
             client_port: k.client_port,
-            vip: k.vip.as_ref().map(|a| a.ip.clone()).unwrap_or_default(),
+            vip: addr_id(k.vip.as_ref()),
             vip_port: k.vip_port,
         }
     }

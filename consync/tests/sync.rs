@@ -141,9 +141,10 @@ fn snapshot_live_resume_and_resync() {
         let sa = Consync::start(ca, a.clone()).await.unwrap();
         let sb = Consync::start(cb, b.clone()).await.unwrap();
         let bb = b.clone();
+        let sbb = sb.clone();
         tokio::task::spawn_blocking(move || {
             wait("B's snapshot of A", Duration::from_secs(5), || {
-                synced_ports(&bb).len() == 100
+                synced_ports(&bb).len() == 100 && sbb.peers()[0].synced_once
             })
         })
         .await

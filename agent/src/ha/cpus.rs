@@ -45,6 +45,11 @@ impl Spread {
         })
     }
 
+    /// Moves to the next CPU now.
+    pub fn next(&mut self) {
+        self.pin();
+    }
+
     fn pin(&mut self) {
         let cpu = self.cpus[self.next % self.cpus.len()];
         self.next += 1;

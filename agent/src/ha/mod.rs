@@ -525,23 +525,33 @@ impl Ha {
         {
             let mut t = self.tbl();
             let mut spread = cpus::Spread::new(self.cpu_cursor.fetch_add(1, Ordering::Relaxed));
-            for (k, v) in t.entries() {
-                if v.flags & CTF_SYNCED == 0 || !which(v.origin) {
-                    continue;
-                }
+            let mine: Vec<(CtKey, Ct)> = t
+                .entries()
+                .into_iter()
+                .filter(|(_, v)| v.flags & CTF_SYNCED != 0 && which(v.origin))
+                .map(|(k, v)| {
+                    (
+                        k,
+                        Ct {
+                            flags: CTF_LOCAL,
+                            origin: me,
+                            last_ns: now,
+                            ..v
+                        },
+                    )
+                })
+                .collect();
+            for chunk in mine.chunks(cpus::CHUNK) {
                 if let Some(s) = spread.as_mut() {
-                    s.tick();
+                    s.next();
                 }
-                let nv = Ct {
-                    flags: CTF_LOCAL,
-                    origin: me,
-                    last_ns: now,
-                    ..v
-                };
-                if t.insert(&k, &nv).is_ok() && v.dir == 0 {
-                    published.push(pb::change::Change::Upsert(flows::flow_of(&k, &nv, now)));
-                }
+                t.insert_many(chunk);
             }
+            published.extend(
+                mine.iter()
+                    .filter(|(_, v)| v.dir == 0)
+                    .map(|(k, v)| pb::change::Change::Upsert(flows::flow_of(k, v, now))),
+            );
         }
         let n = published.len() as u64;
         self.counters.adopted.fetch_add(n, Ordering::Relaxed);
@@ -668,10 +678,8 @@ impl Node for Ha {
         // a batch is mostly flows of a few services.
         let mut resolved: std::collections::HashMap<(CtKey, IpAddr, u16), (u32, u16)> =
             std::collections::HashMap::new();
+        let mut writes: Vec<(CtKey, Ct)> = Vec::with_capacity(upserts.len() * 2);
         for f in upserts {
-            if let Some(s) = spread.as_mut() {
-                s.tick();
-            }
             let Some(pair) = flows::entries_of(f, now, |k, ep, port| {
                 let svc_key = CtKey {
                     saddr: [0; 4],
@@ -698,13 +706,17 @@ impl Node for Ha {
                 self.counters.skipped_local.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            // Insert the reply entry first: the original is what starts forwarding.
-            let ok = t.insert(&pair[1].0, &pair[1].1).is_ok()
-                && t.insert(&pair[0].0, &pair[0].1).is_ok();
-            if ok {
-                n += 1;
-            }
+            // The reply entry first: the original is what starts forwarding.
+            writes.push(pair[1]);
+            writes.push(pair[0]);
         }
+        for chunk in writes.chunks(cpus::CHUNK) {
+            if let Some(s) = spread.as_mut() {
+                s.next();
+            }
+            n += t.insert_many(chunk) as u64;
+        }
+        n /= 2;
         self.counters.installed.fetch_add(n, Ordering::Relaxed);
         let mut d = 0;
         for k in deletes {
