@@ -2,7 +2,7 @@
 # Installs the system packages ferrolb's builds, labs and tests need (Debian 12), idempotently:
 # only missing packages are installed, and apt-get update runs only when something is missing.
 #   scripts/deps.sh           what builds and tests need
-#   scripts/deps.sh --bench   also what the benchmark needs (wrk, nginx)
+#   scripts/deps.sh --bench   also what the benchmarks need (wrk, nginx; keepalived, conntrackd)
 set -euo pipefail
 PACKAGES=(
   clang-19 libbpf-dev          # eBPF datapath (C programs built by build.rs)
@@ -13,7 +13,7 @@ PACKAGES=(
   curl python3 openssl         # REST calls, the lab's servers and probes, test certificates
 )
 if [ "${1:-}" = "--bench" ]; then
-  PACKAGES+=(wrk nginx-light)
+  PACKAGES+=(wrk nginx-light keepalived conntrackd conntrack)   # + the HA baseline
 fi
 missing=()
 for p in "${PACKAGES[@]}"; do

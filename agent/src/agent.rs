@@ -213,7 +213,13 @@ async fn start_ha(app: &Shared, ha: &Arc<Ha>, cfg: &Config) -> Result<()> {
         "cluster mode"
     );
     if let Some(b) = &app.bfd {
+        // Subscribe first, then read the current states: no transition falls in between.
         let mut events = b.handle.subscribe();
+        if let Ok(list) = b.handle.list().await {
+            for s in list {
+                ha.bfd_event(s.peer, s.status.state == ferrolb_bfd::State::Up);
+            }
+        }
         let h = ha.clone();
         tokio::spawn(async move {
             loop {

@@ -95,7 +95,8 @@ pub struct PeerView {
     /// A status arrived since the peer was last declared dead (until then a MASTER does not
     /// advertise itself as preferred: the peer may have been promoted meanwhile).
     pub fresh_status: bool,
-    /// When the peer was last seen alive (for the failover figure).
+    /// When the peer was last known alive (its last sync batch): the failover figure starts
+    /// there.
     pub last_alive: Option<Instant>,
     pub sync_cuts: u64,
 }
@@ -375,7 +376,9 @@ impl Ha {
                         .is_some_and(|h| now.duration_since(h) < self.cfg.silent_dead);
                 let alive = if v.bfd_was_up { v.bfd_up } else { fresh };
                 if alive {
-                    v.last_alive = Some(now);
+                    // The last moment it was known alive: its last batch (heartbeats every
+                    // 100 ms), or now when nothing was heard yet.
+                    v.last_alive = Some(v.heard.filter(|_| v.connected).unwrap_or(now));
                 }
                 if v.alive && !alive {
                     newly_dead.push((*addr, v.node_id, v.last_alive));
