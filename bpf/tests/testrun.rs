@@ -901,3 +901,57 @@ fn synced_entries_never_idle_locally() {
     assert_eq!(back, udp(ip(VIP, CLIENT, 17), 53, 5353, b"a", true));
     assert_eq!(dp.ct_entries().len(), 2, "no new flow was created");
 }
+
+fn pin_to(cpu: usize) {
+    // SAFETY: a zeroed cpu_set_t with one CPU; applies to this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        assert_eq!(
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
+            0
+        );
+    }
+}
+
+/// The conntrack map's LRU lists are per CPU: a writer that stays on one CPU gets that CPU's
+/// share only, and evicts its own entries beyond it (why the agent spreads bulk writes over
+/// CPUs). Batched writes from alternating CPUs keep every entry.
+#[test]
+fn conntrack_lru_shares_are_per_cpu() {
+    if !in_private_netns("conntrack_lru_shares_are_per_cpu") {
+        return;
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if cpus < 2 {
+        println!(
+            "conntrack_lru_shares_are_per_cpu: one CPU, nothing to spread (checked: batched writes)"
+        );
+    }
+    let dp = datapath(0);
+    let cap = dp.capacity().conntrack as usize;
+    let n = cap * 3 / 4;
+    let entries: Vec<(CtKey, Ct)> = (0..n)
+        .map(|i| {
+            let k = CtKey::v4(CLIENT, 1024 + i as u16, VIP, 80, PROTO_TCP);
+            (k, Ct::default())
+        })
+        .collect();
+    let mut t = dp.sync_table().unwrap();
+    if cpus >= 2 {
+        pin_to(0);
+        assert_eq!(t.insert_many(&entries), n);
+        let kept = dp.ct_entries().len();
+        assert!(kept <= cap / cpus + 64, "one CPU kept {kept} of {n}");
+        for (k, _) in dp.ct_entries() {
+            t.delete(&k).unwrap();
+        }
+    }
+    for (i, chunk) in entries.chunks(256).enumerate() {
+        if cpus >= 2 {
+            pin_to(i % cpus);
+        }
+        assert_eq!(t.insert_many(chunk), chunk.len());
+    }
+    assert_eq!(dp.ct_entries().len(), n, "spread writes keep every entry");
+}

@@ -5,9 +5,10 @@
 //! evicts from that share when it is full. Flows the datapath creates are spread by the NIC's
 //! RSS, but a userspace thread writing hundreds of thousands of synced (or adopted) flows from
 //! one CPU would fill that CPU's share and evict live entries while the others stay empty. So
-//! bulk writers move themselves to the next CPU every [`CHUNK`] writes.
+//! bulk writers move themselves to the next CPU before every batch of at most [`CHUNK`]
+//! writes.
 
-/// Writes between two moves.
+/// Writes per batch (one `BPF_MAP_UPDATE_BATCH` call) between two moves.
 pub const CHUNK: usize = 512;
 
 /// Moves the current thread over the CPUs it may run on; restores its affinity when dropped.
@@ -15,7 +16,6 @@ pub struct Spread {
     orig: libc::cpu_set_t,
     cpus: Vec<usize>,
     next: usize,
-    writes: usize,
 }
 
 impl Spread {
@@ -41,7 +41,6 @@ impl Spread {
             orig,
             cpus,
             next: start,
-            writes: 0,
         })
     }
 
@@ -59,14 +58,6 @@ impl Spread {
             libc::CPU_SET(cpu, &mut set);
             libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
         }
-    }
-
-    /// Call before each write.
-    pub fn tick(&mut self) {
-        if self.writes.is_multiple_of(CHUNK) {
-            self.pin();
-        }
-        self.writes += 1;
     }
 }
 

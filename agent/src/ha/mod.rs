@@ -19,6 +19,7 @@
 //!   there adopts every synced entry.
 
 pub mod cpus;
+pub mod election;
 pub mod flows;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
@@ -95,6 +96,9 @@ pub struct PeerView {
     /// A status arrived since the peer was last declared dead (until then a MASTER does not
     /// advertise itself as preferred: the peer may have been promoted meanwhile).
     pub fresh_status: bool,
+    /// It was declared dead while this node was already MASTER: it may have been promoted
+    /// on its side of a partition, with a higher term.
+    pub may_outrank: bool,
     /// When the peer was last known alive (its last sync batch): the failover figure starts
     /// there.
     pub last_alive: Option<Instant>,
@@ -235,14 +239,20 @@ impl Ha {
     }
 
     /// The role BGP advertises: a MASTER that has not yet heard a peer which came back from
-    /// the dead (or a node still joining) advertises as BACKUP, so a healed partition never
-    /// pulls traffic to a node before it learnt it was superseded.
+    /// the dead, and died while this node was already MASTER (so it may have been promoted
+    /// on its side of a partition), advertises as BACKUP: a healed partition never pulls
+    /// traffic to a node before it learnt whether it was superseded.
     pub fn advertised_role(&self, instance: &str) -> Role {
         if !self.cfg.ka {
             return self.role(instance);
         }
         let st = self.st();
-        if st.role == Role::Master && st.peers.values().any(|v| v.alive && !v.fresh_status) {
+        if st.role == Role::Master
+            && st
+                .peers
+                .values()
+                .any(|v| v.alive && !v.fresh_status && v.may_outrank)
+        {
             return Role::Backup;
         }
         st.role
@@ -370,6 +380,7 @@ impl Ha {
                 .get()
                 .map(|c| c.peers().iter().all(|p| p.synced_once))
                 .unwrap_or(true);
+            let was_master = st.role == Role::Master;
             for (addr, v) in st.peers.iter_mut() {
                 let fresh = v.connected
                     && v.heard
@@ -383,6 +394,7 @@ impl Ha {
                 if v.alive && !alive {
                     newly_dead.push((*addr, v.node_id, v.last_alive));
                     v.fresh_status = false;
+                    v.may_outrank = was_master;
                 }
                 v.alive = alive;
             }
@@ -409,51 +421,44 @@ impl Ha {
             }
             let peak = st.peers.values().map(PeerView::max_term).max().unwrap_or(0);
             st.max_term_seen = st.max_term_seen.max(peak);
-            let masters: Vec<(u64, u32)> = st
+            let facts: Vec<election::PeerFacts> = st
                 .peers
                 .values()
-                .filter(|v| v.alive && v.fresh_status)
-                .filter_map(|v| Some((v.master_term()?, v.node_id?)))
+                .map(|v| election::PeerFacts {
+                    node_id: v.node_id,
+                    alive: v.alive,
+                    fresh: v.fresh_status,
+                    master_term: v.master_term(),
+                })
                 .collect();
             let me = u32::from(self.cfg.node_id);
-            if st.ready {
-                if st.role == Role::Master {
-                    if let Some((t, id)) = masters
-                        .iter()
-                        .find(|(t, id)| *t > st.term || (*t == st.term && *id < me))
-                    {
-                        demote = Some(format!(
-                            "node {id} is MASTER with term {t} (ours {})",
-                            st.term
-                        ));
-                    }
-                } else if masters.is_empty() {
-                    let lowest_live = st
-                        .peers
-                        .values()
-                        .filter(|v| v.alive)
-                        .filter_map(|v| v.node_id)
-                        .min();
-                    if lowest_live.is_none_or(|id| me < id) {
-                        let last = newly_dead.iter().filter_map(|d| d.2).max().or_else(|| {
-                            st.peers
-                                .values()
-                                .filter(|v| !v.alive)
-                                .filter_map(|v| v.last_alive)
-                                .max()
-                        });
-                        promote = Some((
-                            if newly_dead.is_empty() {
-                                "no live MASTER".to_string()
-                            } else {
-                                format!(
-                                    "peer(s) {:?} dead",
-                                    newly_dead.iter().map(|d| d.0).collect::<Vec<_>>()
-                                )
-                            },
-                            last,
-                        ));
-                    }
+            match election::decide(me, st.role, st.term, st.ready, &facts) {
+                election::Decision::Stay => {}
+                election::Decision::Demote { node, term } => {
+                    demote = Some(format!(
+                        "node {node} is MASTER with term {term} (ours {})",
+                        st.term
+                    ));
+                }
+                election::Decision::Promote => {
+                    let last = newly_dead.iter().filter_map(|d| d.2).max().or_else(|| {
+                        st.peers
+                            .values()
+                            .filter(|v| !v.alive)
+                            .filter_map(|v| v.last_alive)
+                            .max()
+                    });
+                    promote = Some((
+                        if newly_dead.is_empty() {
+                            "no live MASTER".to_string()
+                        } else {
+                            format!(
+                                "peer(s) {:?} dead",
+                                newly_dead.iter().map(|d| d.0).collect::<Vec<_>>()
+                            )
+                        },
+                        last,
+                    ));
                 }
             }
             if let Some(reason) = &demote {
@@ -799,6 +804,7 @@ impl Node for Ha {
                     v.heard = Some(Instant::now());
                     if !v.fresh_status {
                         v.fresh_status = true;
+                        v.may_outrank = false;
                         self.changed.notify_one();
                     }
                 }
