@@ -131,6 +131,17 @@ fn roles_mirror_and_sync_cut() {
         tcp2["conntrackAct"], tcp1["conntrackAct"],
         "same translation"
     );
+    // The close propagates: the connection ends after a second, and lb2's copy follows.
+    lab.wait_until(
+        "lb2's copy of the closed connection",
+        Duration::from_secs(5),
+        || {
+            Ok(lb_ct(&lab, "lb2")
+                .iter()
+                .any(|e| e["sourcePort"] == 41002 && e["conntrackState"] == "time-wait"))
+        },
+    )
+    .unwrap();
     assert_eq!(tcp2["origin"], 0);
 
     // Sync channel cut (TCP 22222 dropped on lb1) while BFD stays up.
@@ -389,5 +400,49 @@ fn kill9_master_agent_then_it_rejoins_as_backup() {
     let h1 = ha(&lab, "lb1");
     assert_eq!(h1["peers"][0]["synced"], true, "{h1}");
     wait_best(&lab, "192.0.2.6", Duration::from_secs(20));
+
+    // SIGTERM on the MASTER (lb2) under traffic: it hands MASTER to lb1 once lb1 holds all
+    // its state, then drains BGP and exits. Nothing is lost.
+    let t0 = start_traffic(
+        &lab,
+        "term",
+        &[
+            "--tcp",
+            "20",
+            "--late",
+            "0",
+            "--udp",
+            "10",
+            "--duration",
+            "7",
+        ],
+    );
+    std::thread::sleep(Duration::from_secs(2).saturating_sub(t0.elapsed()));
+    let agents: Vec<_> = lab
+        .processes("lb2")
+        .unwrap()
+        .into_iter()
+        .filter(|p| p.comm == "ferrolb")
+        .collect();
+    assert_eq!(agents.len(), 1, "{agents:?}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(agents[0].pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    lab.wait_until(
+        "lb1 MASTER after lb2's SIGTERM",
+        Duration::from_secs(5),
+        || Ok(role(&lab, "lb1") == "MASTER"),
+    )
+    .unwrap();
+    let t = read_traffic(&lab, "term");
+    eprintln!("SIGTERM on the MASTER: {}", t["summary"]);
+    assert_all_survived(&t, "SIGTERM on the MASTER");
+    assert_eq!(t["summary"]["udp_lost"], 0, "{}", t["summary"]);
+    lab.wait_until("lb2's agent gone", Duration::from_secs(10), || {
+        Ok(!lab.processes("lb2")?.iter().any(|p| p.comm == "ferrolb"))
+    })
+    .unwrap();
     lab.down().unwrap();
 }

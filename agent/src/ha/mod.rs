@@ -103,6 +103,8 @@ pub struct PeerView {
     /// there.
     pub last_alive: Option<Instant>,
     pub sync_cuts: u64,
+    /// The peer reported our own node id (logged once).
+    pub same_id_reported: bool,
 }
 
 impl PeerView {
@@ -797,6 +799,20 @@ impl Node for Ha {
                 return;
             };
             match status {
+                Some(s) if s.node_id == u32::from(self.cfg.node_id) => {
+                    // Our own id: --cluster lists this node itself, or the peer was started
+                    // with the same --self. Either way it is not a peer to sync with or to
+                    // elect against.
+                    if !v.same_id_reported {
+                        v.same_id_reported = true;
+                        tracing::error!(
+                            peer = %peer,
+                            node = s.node_id,
+                            "--cluster: this peer reports our own --self id (the address is this node, or both nodes use the same --self); ignored"
+                        );
+                    }
+                    return;
+                }
                 Some(s) => {
                     v.node_id = Some(s.node_id);
                     v.status = Some(s.clone());
