@@ -5,6 +5,7 @@
 
 use std::time::{Duration, Instant};
 
+use ferrolb_tests::ha::nexthops;
 use ferrolb_tests::{TestLab, require, rest};
 use serde_json::{Value, json};
 
@@ -81,37 +82,9 @@ fn lab_on(topology: &str, test: &str, label: &str) -> Option<TestLab> {
             200
         );
     }
-    for be in ["10.10.10.11", "10.10.10.12", "10.10.10.13"] {
-        lab.wait_until(&format!("backend {be}"), Duration::from_secs(20), || {
-            Ok(lab
-                .exec(
-                    "lb1",
-                    &["curl", "-sf", "-m", "1", &format!("http://{be}:8080/")],
-                )?
-                .success())
-        })
-        .unwrap();
-    }
+    ferrolb_tests::wait_http_backends(&lab, "lb1", &["10.10.10.11", "10.10.10.12", "10.10.10.13"]);
     wait_nexthops(&lab, 2, 20);
     Some(lab)
-}
-
-fn nexthops(lab: &TestLab) -> Vec<String> {
-    let out = lab
-        .exec_ok("tor", &["ip", "-j", "route", "show", VIP])
-        .unwrap_or_default();
-    let v: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
-    let Some(r) = v.get(0) else { return vec![] };
-    if let Some(nh) = r["nexthops"].as_array() {
-        nh.iter()
-            .filter_map(|n| n["gateway"].as_str().map(str::to_string))
-            .collect()
-    } else {
-        r["gateway"]
-            .as_str()
-            .map(|g| vec![g.to_string()])
-            .unwrap_or_default()
-    }
 }
 
 fn wait_nexthops(lab: &TestLab, n: usize, secs: u64) -> Duration {

@@ -32,17 +32,7 @@ fn wait_ready(lab: &TestLab) {
         Ok(api(lab, "GET", "", None).0 == 200)
     })
     .unwrap();
-    for be in BE {
-        lab.wait_until(&format!("backend {be}"), Duration::from_secs(20), || {
-            Ok(lab
-                .exec(
-                    "lb1",
-                    &["curl", "-sf", "-m", "1", &format!("http://{be}:8080/")],
-                )?
-                .success())
-        })
-        .unwrap();
-    }
+    ferrolb_tests::wait_http_backends(lab, "lb1", &BE);
 }
 
 /// A REST call from inside the LB node: (status, JSON body or Null).

@@ -96,6 +96,21 @@ fn wait(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn node(id: u32) -> Arc<FakeNode> {
+    Arc::new(FakeNode {
+        id,
+        ..Default::default()
+    })
+}
+
 fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
@@ -114,20 +129,10 @@ fn snapshot_live_resume_and_resync() {
     if !ferrolb_tests::private_netns("snapshot_live_resume_and_resync") {
         return;
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     rt.block_on(async {
-        let a = Arc::new(FakeNode {
-            id: 0,
-            ..Default::default()
-        });
-        let b = Arc::new(FakeNode {
-            id: 1,
-            ..Default::default()
-        });
+        let a = node(0);
+        let b = node(1);
         // A's flows before anyone subscribes: they arrive in the snapshot.
         for p in 1..=100 {
             a.own
@@ -270,24 +275,14 @@ fn wrong_token_is_refused_and_counted() {
     if !ferrolb_tests::private_netns("wrong_token_is_refused_and_counted") {
         return;
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     rt.block_on(async {
-        let a = Arc::new(FakeNode {
-            id: 0,
-            ..Default::default()
-        });
+        let a = node(0);
         a.own
             .lock()
             .unwrap()
             .insert(FlowId::from(&key(1)), flow(0, 1));
-        let b = Arc::new(FakeNode {
-            id: 1,
-            ..Default::default()
-        });
+        let b = node(1);
         let mut ca = Config::new(0, addr(22011), vec![]);
         ca.token = Some("s3cret".into());
         let mut cb = Config::new(1, addr(22012), vec![addr(22011)]);
@@ -412,26 +407,13 @@ fn mutual_tls_admits_only_the_clusters_certificates() {
         key: dir.join(format!("{n}.key")),
         ca: dir.join(format!("{ca}.pem")),
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     rt.block_on(async {
-        let a = Arc::new(FakeNode {
-            id: 0,
-            ..Default::default()
-        });
+        let a = node(0);
         a.own
             .lock()
             .unwrap()
             .insert(FlowId::from(&key(1)), flow(0, 1));
-        let node = |id| {
-            Arc::new(FakeNode {
-                id,
-                ..Default::default()
-            })
-        };
         let (b, c, d) = (node(1), node(2), node(3));
         let mut ca = Config::new(0, addr(22021), vec![]);
         ca.tls = Some(tls("a", "ca"));

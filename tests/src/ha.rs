@@ -102,17 +102,7 @@ pub fn up(test: &str, label: &str, ka: &str, ferrolb: &str) -> Option<TestLab> {
             assert_eq!(r.0, 200, "{r:?}");
         }
     }
-    for be in ["10.10.10.11", "10.10.10.12", "10.10.10.13"] {
-        lab.wait_until(&format!("backend {be}"), Duration::from_secs(20), || {
-            Ok(lab
-                .exec(
-                    "lb1",
-                    &["curl", "-sf", "-m", "1", &format!("http://{be}:8080/")],
-                )?
-                .success())
-        })
-        .unwrap();
-    }
+    crate::wait_http_backends(&lab, "lb1", &["10.10.10.11", "10.10.10.12", "10.10.10.13"]);
     wait_roles(&lab, "lb1", Duration::from_secs(20));
     wait_best(&lab, "192.0.2.2", Duration::from_secs(30));
     Some(lab)

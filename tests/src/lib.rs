@@ -64,6 +64,22 @@ pub fn private_netns(test: &str) -> bool {
     true
 }
 
+/// Waits until each backend's HTTP server (the labs' `servers.py`, port 8080) answers from
+/// `node` (up to 20 s each).
+pub fn wait_http_backends(lab: &Lab, node: &str, backends: &[&str]) {
+    for be in backends {
+        let url = format!("http://{be}:8080/");
+        let waited = lab.wait_until(&format!("backend {be}"), Duration::from_secs(20), || {
+            Ok(lab
+                .exec(node, &["curl", "-sf", "-m", "1", url.as_str()])?
+                .success())
+        });
+        if let Err(e) = waited {
+            panic!("{e}");
+        }
+    }
+}
+
 /// Programs every FRR lab needs.
 pub const FRR_LAB: &[&str] = &[
     "ip",
