@@ -44,6 +44,7 @@ fn ha(node: u16, peer: SocketAddr, dp: &Datapath) -> Arc<Ha> {
             peers: vec![(peer, None)],
             join_timeout: Duration::from_secs(5),
             silent_dead: Duration::from_secs(1),
+            l2: false,
         },
         dp.sync_table().unwrap(),
     ))

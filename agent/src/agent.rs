@@ -157,6 +157,7 @@ fn ha_config(cfg: &Config) -> HaConfig {
         peers,
         join_timeout: Duration::from_millis(cfg.flags.ha_join_timeout_ms),
         silent_dead: Duration::from_secs(1),
+        l2: !cfg.flags.bgp,
     }
 }
 
@@ -249,17 +250,81 @@ async fn start_ha(app: &Shared, ha: &Arc<Ha>, cfg: &Config) -> Result<()> {
             }
         });
     }
+    // L2 mode: a node starts as a standby (no ARP answers for VIPs) until it is MASTER.
+    if ha.cfg.l2 {
+        l2_follow_role(app, ha, false);
+    }
     {
         let h = ha.clone();
         let app = app.clone();
         tokio::spawn(async move {
+            let mut was_master = false;
             loop {
                 h.changed.notified().await;
                 api::bgp::sync_now(&app).await;
+                if h.cfg.l2 {
+                    was_master = l2_follow_role(&app, &h, was_master);
+                }
             }
         });
     }
     Ok(())
+}
+
+/// L2 mode: a BACKUP's datapath drops ARP requests for VIPs (the stack would answer them:
+/// the VIPs are on `lo` on every node); a node that just became
+/// MASTER announces them with gratuitous ARP on every attached interface, 5 times 100 ms
+/// apart. Returns whether this node is MASTER now.
+pub fn l2_follow_role(app: &Shared, ha: &Arc<Ha>, was_master: bool) -> bool {
+    let role = ha.role(crate::ha::DEFAULT_INSTANCE);
+    let master = role == crate::ha::Role::Master;
+    // NOT_DEFINED (no roles set) answers like a single node.
+    let flags = if role == crate::ha::Role::Backup {
+        ferrolb_bpf::maps::HA_L2_STANDBY
+    } else {
+        0
+    };
+    let (ifaces, vips) = match app.engine.lock() {
+        Ok(mut e) => {
+            if let Err(e) = e.datapath_mut().set_ha_flags(flags) {
+                warn!(error = %e, "cannot set the datapath's L2 standby flag");
+            }
+            let attached = e.datapath().attached().to_vec();
+            let ifaces: Vec<(String, u32)> = interfaces()
+                .into_iter()
+                .filter(|(n, _)| attached.contains(n))
+                .collect();
+            let vips: Vec<std::net::Ipv4Addr> = e
+                .rules()
+                .vips()
+                .into_iter()
+                .filter_map(|v| match v {
+                    std::net::IpAddr::V4(a) => Some(a),
+                    std::net::IpAddr::V6(_) => None,
+                })
+                .collect();
+            (ifaces, vips)
+        }
+        Err(_) => return master,
+    };
+    if master && !was_master {
+        info!(
+            vips = vips.len(),
+            interfaces = ifaces.len(),
+            "L2: MASTER; answering ARP for the VIPs and sending gratuitous ARP"
+        );
+        tokio::spawn(async move {
+            for _ in 0..5 {
+                let (i, v) = (ifaces.clone(), vips.clone());
+                let _ =
+                    tokio::task::spawn_blocking(move || crate::ha::garp::announce(&i, &v)).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
+    } else if !master && was_master {
+        info!("L2: not MASTER; ARP requests for the VIPs are left to the MASTER");
+    }
+    master
 }
 
 /// Serves the API on one listener until `stop` resolves.
@@ -519,7 +584,12 @@ pub async fn run(cfg: Config) -> Result<()> {
             && ha.switchover_target().is_some()
         {
             match api::ha::switchover_now(&drain_app).await {
-                Ok((node, term)) => info!(node, term, "stopping: MASTER handed over"),
+                Ok((node, term)) => {
+                    info!(node, term, "stopping: MASTER handed over");
+                    if ha.cfg.l2 {
+                        l2_follow_role(&drain_app, ha, true);
+                    }
+                }
                 Err(e) => {
                     warn!(error = %e.message(), "stopping: switchover failed; the peer takes over when it detects us gone")
                 }

@@ -174,6 +174,7 @@ pub fn render(m: &Metrics, e: &Engine) -> String {
         ("nat_ports_exhausted", Counter::DropNatPorts),
         ("rewrite_failed", Counter::DropMalformed),
         ("no_flow", Counter::DropNoFlow),
+        ("arp_standby", Counter::ArpSuppressed),
     ] {
         let _ = writeln!(
             o,

@@ -446,3 +446,64 @@ fn kill9_master_agent_then_it_rejoins_as_backup() {
     .unwrap();
     lab.down().unwrap();
 }
+
+/// L2 mode (no BGP, `ha-l2`): only the MASTER answers ARP for the VIP; on its silent death the
+/// BACKUP takes over, announces the VIP with gratuitous ARP on both segments, and every
+/// connection survives (client side and backend side move together).
+#[test]
+fn l2_silent_master_death_moves_the_vip_by_gratuitous_arp() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(lab) = up_l2(
+        "l2_silent_master_death_moves_the_vip_by_gratuitous_arp",
+        "hal2",
+        "100ms",
+        FERROLB,
+    ) else {
+        return;
+    };
+    let lb1_mac = mac_of(&lab, "lb1", "eth1");
+    let lb2_mac = mac_of(&lab, "lb2", "eth1");
+    // The client resolves the VIP to the MASTER only (lb2's datapath drops the requests).
+    assert!(
+        lab.exec("client", &["ping", "-c", "1", "-W", "1", L2_VIP])
+            .unwrap()
+            .success()
+    );
+    assert_eq!(neighbour_mac(&lab, "client", L2_VIP), Some(lb1_mac.clone()));
+    assert!(
+        metric(
+            &lab,
+            "lb2",
+            "ferrolb_datapath_drops_total{reason=\"arp_standby\"}"
+        )
+        .unwrap_or(0.0)
+            >= 1.0
+    );
+    let t0 = start_traffic_to(
+        &lab,
+        L2_VIP,
+        "l2death",
+        &[
+            "--tcp",
+            "20",
+            "--late",
+            "5",
+            "--udp",
+            "20",
+            "--duration",
+            "6",
+            "--fault-at",
+            "3",
+        ],
+    );
+    std::thread::sleep(Duration::from_secs(3).saturating_sub(t0.elapsed()));
+    cut_ports(&lab, &[("swc", "eth2"), ("sw", "eth1")], true);
+    let t = read_traffic(&lab, "l2death");
+    eprintln!("L2 silent death: {}", t["summary"]);
+    assert_all_survived(&t, "L2 silent death");
+    let outage = t["summary"]["udp_outage_ms"].as_u64().unwrap();
+    assert!(outage < 400, "UDP outage {outage} ms");
+    assert_eq!(role(&lab, "lb2"), "MASTER");
+    assert_eq!(neighbour_mac(&lab, "client", L2_VIP), Some(lb2_mac));
+    lab.down().unwrap();
+}

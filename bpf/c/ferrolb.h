@@ -76,7 +76,12 @@
  * dropped, because the kernel would answer it with a reset and kill a flow this node has
  * not learnt yet (HA takeover, sync lag). */
 #define FLB_CNT_DROP_NO_FLOW 8
-#define FLB_CNT_MAX 9
+/* ARP requests for a VIP dropped because this node is an L2 standby (FLB_HA_L2_STANDBY). */
+#define FLB_CNT_ARP_SUPPRESSED 9
+#define FLB_CNT_MAX 10
+
+/* Bits of ha_flags[0], set by the agent. */
+#define FLB_HA_L2_STANDBY 0x01 /* L2 mode, not MASTER: do not let the stack answer ARP for VIPs */
 
 /* The event ring buffer wakes its reader only past this much unread data; the agent also
  * drains it on a timer (EVENT_POLL_MS in the agent). */

@@ -130,6 +130,14 @@ struct {
 	__uint(max_entries, 1 << 20);
 } events SEC(".maps");
 
+/* HA state the agent sets (FLB_HA_* bits at index 0). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(max_entries, 1);
+} ha_flags SEC(".maps");
+
 #define IP_MF 0x2000
 #define IP_OFFSET 0x1fff
 #define ETH_HLEN_ 14
@@ -846,10 +854,41 @@ static __always_inline int icmp_err_v4(struct __sk_buff *skb, const struct pkt *
 	return fwd_v4(skb);
 }
 
+/* L2 HA: a standby node keeps the VIPs on lo (so that taking over needs no address change)
+ * but must not answer ARP for them, or clients and backends would send it the MASTER's
+ * traffic. ARP requests for a VIP are dropped here while FLB_HA_L2_STANDBY is set. */
+static __always_inline int arp_suppressed(struct __sk_buff *skb)
+{
+	__u32 zero = 0;
+	__u32 *f = bpf_map_lookup_elem(&ha_flags, &zero);
+	if (!f || !(*f & FLB_HA_L2_STANDBY))
+		return 0;
+	__u8 arp[28];
+	if (bpf_skb_load_bytes(skb, ETH_HLEN_, arp, sizeof(arp)) < 0)
+		return 0;
+	/* Ethernet/IPv4 ARP request: htype 1, ptype 0x0800, hlen 6, plen 4, op 1. */
+	if (arp[0] != 0 || arp[1] != 1 || arp[2] != 0x08 || arp[3] != 0 || arp[4] != 6 ||
+	    arp[5] != 4 || arp[6] != 0 || arp[7] != 1)
+		return 0;
+	__u32 tpa;
+	__builtin_memcpy(&tpa, &arp[24], 4);
+	return is_vip(tpa, IPPROTO_TCP) || is_vip(tpa, IPPROTO_UDP) || is_vip(tpa, IPPROTO_ICMP);
+}
+
 SEC("classifier")
 int flb_ingress(struct __sk_buff *skb)
 {
 	struct pkt p = {};
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	if ((void *)(eth + 1) <= end && eth->h_proto == bpf_htons(ETH_P_ARP)) {
+		if (arp_suppressed(skb)) {
+			count(FLB_CNT_ARP_SUPPRESSED);
+			return TC_ACT_SHOT;
+		}
+		return TC_ACT_OK;
+	}
 	if (parse_v4(skb, &p) < 0)
 		return TC_ACT_OK;
 	if (p.frag) {

@@ -73,6 +73,7 @@ pub struct Datapath {
     svc_stats: PerCpuArray<MapData, Stats>,
     ep_stats: PerCpuArray<MapData, Stats>,
     counters: PerCpuArray<MapData, u64>,
+    ha_flags: Array<MapData, u32>,
     events: Option<RingBuf<MapData>>,
     capacity: Capacity,
     collector_ids: (u32, u32),
@@ -218,7 +219,7 @@ where
     T::try_from(m).map_err(map_err(name))
 }
 
-const MAPS: [&str; 11] = [
+const MAPS: [&str; 12] = [
     "services",
     "ranges",
     "backends",
@@ -230,6 +231,7 @@ const MAPS: [&str; 11] = [
     "ep_stats",
     "counters",
     "events",
+    "ha_flags",
 ];
 
 impl Datapath {
@@ -305,6 +307,7 @@ impl Datapath {
             svc_stats: take(&mut ebpf, "svc_stats")?,
             ep_stats: take(&mut ebpf, "ep_stats")?,
             counters: take(&mut ebpf, "counters")?,
+            ha_flags: take(&mut ebpf, "ha_flags")?,
             events: Some(take(&mut ebpf, "events")?),
             services,
             conntrack,
@@ -642,6 +645,16 @@ impl Datapath {
             }
         }
         out
+    }
+
+    /// Sets the HA flags the datapath reads (`HA_*` bits).
+    pub fn set_ha_flags(&mut self, flags: u32) -> Result<()> {
+        self.ha_flags.set(0, flags, 0).map_err(map_err("ha_flags"))
+    }
+
+    /// The HA flags in force.
+    pub fn ha_flags(&self) -> u32 {
+        self.ha_flags.get(&0, 0).unwrap_or(0)
     }
 
     /// The ring buffer of conntrack events; taken once (by the task that consumes it).

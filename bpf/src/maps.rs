@@ -100,9 +100,13 @@ pub enum Counter {
     IcmpErrTranslated = 6,
     Redirected = 7,
     DropNoFlow = 8,
+    ArpSuppressed = 9,
 }
 
-pub const COUNTERS: usize = 9;
+pub const COUNTERS: usize = 10;
+
+/// `ha_flags` bit: L2 mode, not MASTER (ARP requests for VIPs are dropped).
+pub const HA_L2_STANDBY: u32 = 0x01;
 
 /// Conntrack event kinds (`FLB_EV_*`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

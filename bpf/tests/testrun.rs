@@ -955,3 +955,39 @@ fn conntrack_lru_shares_are_per_cpu() {
     }
     assert_eq!(dp.ct_entries().len(), n, "spread writes keep every entry");
 }
+
+fn arp_request(target: Ipv4Addr) -> Vec<u8> {
+    let mut p = vec![0xffu8; 6];
+    p.extend([2, 0, 0, 0, 0, 9, 0x08, 0x06]);
+    p.extend([0, 1, 0x08, 0, 6, 4, 0, 1]);
+    p.extend([2, 0, 0, 0, 0, 9]);
+    p.extend(CLIENT.octets());
+    p.extend([0u8; 6]);
+    p.extend(target.octets());
+    p
+}
+
+/// L2 HA: while the node is a standby (`HA_L2_STANDBY`), ARP requests for a VIP are dropped
+/// (and counted) so that only the MASTER answers; other ARP is untouched, and so is all ARP
+/// once the flag is cleared.
+#[test]
+fn a_standby_does_not_answer_arp_for_vips() {
+    if !in_private_netns("a_standby_does_not_answer_arp_for_vips") {
+        return;
+    }
+    let mut dp = datapath(1);
+    install(&mut dp, &svc(1, 80, PROTO_TCP, 2, 1));
+    let vip = arp_request(VIP);
+    let other = arp_request(LB_IF);
+    assert_eq!(run(&mut dp, &vip), (TC_ACT_OK, vip.clone()));
+    dp.set_ha_flags(HA_L2_STANDBY).unwrap();
+    assert_eq!(dp.ha_flags(), HA_L2_STANDBY);
+    assert_eq!(run(&mut dp, &vip).0, TC_ACT_SHOT);
+    assert_eq!(run(&mut dp, &other), (TC_ACT_OK, other.clone()));
+    let mut reply = vip.clone();
+    reply[21] = 2; // an ARP reply (op 2) is not ours to stop
+    assert_eq!(run(&mut dp, &reply), (TC_ACT_OK, reply.clone()));
+    assert_eq!(dp.counters()[Counter::ArpSuppressed as usize], 1);
+    dp.set_ha_flags(0).unwrap();
+    assert_eq!(run(&mut dp, &vip), (TC_ACT_OK, vip.clone()));
+}

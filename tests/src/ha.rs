@@ -36,8 +36,13 @@ pub fn traffic_path() -> String {
 }
 
 pub fn rule(name: &str, port: u16, proto: &str) -> String {
-    json!({"serviceArguments": {"externalIP": VIP, "port": port, "protocol": proto, "sel": 1, "mode": 2,
-                                "BGP": true, "Monitor": false, "name": format!("{name}:llb-inst0")},
+    rule_on(VIP, true, name, port, proto)
+}
+
+/// A full-NAT Maglev rule on `vip` to the three backends (kube-loxilb's body).
+pub fn rule_on(vip: &str, bgp: bool, name: &str, port: u16, proto: &str) -> String {
+    json!({"serviceArguments": {"externalIP": vip, "port": port, "protocol": proto, "sel": 1, "mode": 2,
+                                "BGP": bgp, "Monitor": false, "name": format!("{name}:llb-inst0")},
            "secondaryIPs": [], "allowedSources": [],
            "endpoints": [{"endpointIP": "10.10.10.11", "targetPort": port, "weight": 1},
                          {"endpointIP": "10.10.10.12", "targetPort": port, "weight": 1},
@@ -193,7 +198,13 @@ pub fn wait_best(lab: &TestLab, via: &str, limit: Duration) -> Duration {
 /// port toward it), or lifts that.
 pub fn isolate(lab: &TestLab, node: &str, on: bool) {
     let (_, _, _, sw_port, tor_port) = LBS.iter().find(|l| l.0 == node).copied().unwrap();
-    for (at, port) in [("tor", tor_port), ("sw", sw_port)] {
+    cut_ports(lab, &[("tor", tor_port), ("sw", sw_port)], on);
+}
+
+/// Drops every frame in and out of each (node, port) with netdev ingress and egress chains
+/// (which also catch AF_PACKET frames such as gratuitous ARP), or lifts that.
+pub fn cut_ports(lab: &TestLab, ports: &[(&str, &str)], on: bool) {
+    for (at, port) in ports.iter().copied() {
         let script = if on {
             format!(
                 "table netdev flb_fault {{\n chain in {{ type filter hook ingress device \"{port}\" priority -500; policy drop; }}\n chain out {{ type filter hook egress device \"{port}\" priority -500; policy drop; }}\n}}\n"
@@ -210,9 +221,14 @@ pub fn isolate(lab: &TestLab, node: &str, on: bool) {
 
 /// Starts the traffic client in the background; returns when it has started (its t0).
 pub fn start_traffic(lab: &TestLab, name: &str, args: &[&str]) -> Instant {
+    start_traffic_to(lab, VIP, name, args)
+}
+
+/// [`start_traffic`] to another VIP.
+pub fn start_traffic_to(lab: &TestLab, vip: &str, name: &str, args: &[&str]) -> Instant {
     let t0 = lab.log_dir("client").join(format!("{name}.t0"));
     let cmd = format!(
-        "python3 {} {VIP} {} --t0-file /var/log/{name}.t0 > /var/log/{name}.tmp && mv /var/log/{name}.tmp /var/log/{name}.json",
+        "python3 {} {vip} {} --t0-file /var/log/{name}.t0 > /var/log/{name}.tmp && mv /var/log/{name}.tmp /var/log/{name}.json",
         traffic_path(),
         args.join(" ")
     );
@@ -273,4 +289,46 @@ pub fn metric(lab: &TestLab, node: &str, name: &str) -> Option<f64> {
         .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
+}
+
+pub const L2_TOPOLOGY: &str = "containerlab/ha-l2/ha-l2.clab.yml";
+pub const L2_VIP: &str = "192.168.10.50";
+
+/// The L2 pair (`ha-l2`): rules (no BGP) on both nodes, lb1 MASTER, lb2 BACKUP.
+pub fn up_l2(test: &str, label: &str, ka: &str, ferrolb: &str) -> Option<TestLab> {
+    if !require(test, &["ip", "nft", "ethtool", "sysctl", "curl", "python3"]) {
+        return None;
+    }
+    let lab =
+        TestLab::up_with(L2_TOPOLOGY, label, &[("FERROLB", ferrolb), ("KA", ka)]).expect("lab up");
+    for node in ["lb1", "lb2"] {
+        lab.wait_until(&format!("{node}'s API"), Duration::from_secs(20), || {
+            Ok(rest(&lab, node, "GET", "", None).0 == 200)
+        })
+        .unwrap();
+        for (name, port, proto) in [("l2-tcp", 9000, "tcp"), ("l2-udp", 9001, "udp")] {
+            let body = rule_on(L2_VIP, false, name, port, proto);
+            let r = rest(&lab, node, "POST", "/config/loadbalancer", Some(&body));
+            assert_eq!(r.0, 200, "{r:?}");
+        }
+    }
+    crate::wait_http_backends(&lab, "lb1", &["10.10.10.11", "10.10.10.12", "10.10.10.13"]);
+    wait_roles(&lab, "lb1", Duration::from_secs(20));
+    Some(lab)
+}
+
+/// The MAC address `node` has for `ip` in its neighbour table (None when unresolved).
+pub fn neighbour_mac(lab: &TestLab, node: &str, ip: &str) -> Option<String> {
+    let out = lab.exec_ok(node, &["ip", "-j", "neigh", "show", ip]).ok()?;
+    let v: Value = serde_json::from_str(&out).ok()?;
+    v.get(0)?["lladdr"].as_str().map(str::to_string)
+}
+
+/// The MAC address of `iface` in `node`.
+pub fn mac_of(lab: &TestLab, node: &str, iface: &str) -> String {
+    let out = lab
+        .exec_ok(node, &["ip", "-j", "link", "show", iface])
+        .unwrap();
+    let v: Value = serde_json::from_str(&out).unwrap();
+    v[0]["address"].as_str().unwrap().to_string()
 }

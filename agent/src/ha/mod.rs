@@ -21,6 +21,7 @@
 pub mod cpus;
 pub mod election;
 pub mod flows;
+pub mod garp;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::{IpAddr, SocketAddr};
@@ -80,6 +81,9 @@ pub struct HaConfig {
     pub join_timeout: Duration,
     /// Without BFD, a peer whose sync channel is silent this long is dead.
     pub silent_dead: Duration,
+    /// L2 mode (no BGP): only the MASTER answers ARP for the VIPs, and it sends gratuitous
+    /// ARP when it takes over.
+    pub l2: bool,
 }
 
 /// What this node knows of one peer.
