@@ -290,7 +290,7 @@ fn bench_lag(rate: u32, seconds: u32) -> Value {
         .enable_all()
         .build()
         .unwrap();
-    let cap = (rate * seconds * 2 + 4096).next_power_of_two();
+    let cap = (rate * seconds * 4 + 4096).next_power_of_two();
     let mut a = datapath(0, cap);
     let mut b = datapath(1, cap);
     install_service(&mut a);
@@ -318,13 +318,18 @@ fn bench_lag(rate: u32, seconds: u32) -> Value {
     let pub_stop = stop.clone();
     let publisher = std::thread::spawn(move || {
         let mut batch = Vec::new();
-        while !pub_stop.load(std::sync::atomic::Ordering::Relaxed) {
+        loop {
+            // Read the flag first: the pass after it was set drains what is left.
+            let stopping = pub_stop.load(std::sync::atomic::Ordering::Relaxed);
             while let Some(e) = events.try_next() {
                 batch.push((e.key, e.val));
             }
             if !batch.is_empty() {
                 pub_ha.publish_events(&batch, &[]);
                 batch.clear();
+            }
+            if stopping {
+                break;
             }
             std::thread::sleep(Duration::from_millis(ferrolb_agent::agent::EVENT_POLL_MS));
         }
@@ -377,7 +382,12 @@ fn bench_lag(rate: u32, seconds: u32) -> Value {
     l.sort_by(f64::total_cmp);
     let pct = |p: f64| l[((l.len() as f64 - 1.0) * p).round() as usize];
     let missing = l.iter().filter(|x| x.is_infinite()).count();
+    std::thread::sleep(Duration::from_millis(500));
     let installed = cb.peers()[0].applied;
+    let lost_events = a.counters()[Counter::EventsLost as usize];
+    let on_a = a.ct_entries().iter().filter(|(_, v)| v.dir == 0).count();
+    let on_b = b.ct_entries().iter().filter(|(_, v)| v.dir == 0).count();
+
     json!({
         "target_rate_per_s": rate,
         "achieved_rate_per_s": achieved.round(),
@@ -388,6 +398,9 @@ fn bench_lag(rate: u32, seconds: u32) -> Value {
         "lag_ms_p99": pct(0.99),
         "lag_ms_max": pct(1.0),
         "applied_on_b": installed,
+        "flows_on_a": on_a,
+        "flows_on_b": on_b,
+        "ring_events_lost": lost_events,
         "event_poll_ms": ferrolb_agent::agent::EVENT_POLL_MS,
     })
 }

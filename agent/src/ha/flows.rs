@@ -59,6 +59,28 @@ pub fn key_of(k: &CtKey) -> pb::FlowKey {
     }
 }
 
+/// The sync protocol's identity of an original-direction key, without building the message
+/// (the same value as `FlowId::from(&key_of(k))`).
+pub fn flow_id(k: &CtKey) -> ferrolb_consync::FlowId {
+    let addr = |w: &[u32; 4]| -> ([u8; 16], u8) {
+        let mut out = [0u8; 16];
+        match words_addr(w, k.family) {
+            IpAddr::V4(a) => {
+                out[..4].copy_from_slice(&a.octets());
+                (out, 4)
+            }
+            IpAddr::V6(a) => (a.octets(), 16),
+        }
+    };
+    ferrolb_consync::FlowId {
+        protocol: i32::from(k.proto),
+        client: addr(&k.saddr),
+        client_port: u32::from(u16::from_be(k.sport)),
+        vip: addr(&k.daddr),
+        vip_port: u32::from(u16::from_be(k.dport)),
+    }
+}
+
 /// The datapath key of a flow's original direction; `None` when the key is malformed.
 pub fn ct_key(k: &pb::FlowKey) -> Option<CtKey> {
     let proto = proto_of(k.protocol)?;
@@ -224,6 +246,7 @@ mod tests {
         for p in [PROTO_TCP, PROTO_UDP, PROTO_ICMP] {
             let (k, _) = entry(p);
             assert_eq!(ct_key(&key_of(&k)), Some(k));
+            assert_eq!(flow_id(&k), ferrolb_consync::FlowId::from(&key_of(&k)));
         }
     }
 

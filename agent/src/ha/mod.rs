@@ -761,7 +761,7 @@ impl Node for Ha {
             if v.dir != 0 || v.flags & CTF_SYNCED == 0 || v.origin != origin {
                 continue;
             }
-            if !keep.contains(&FlowId::from(&flows::key_of(&k))) {
+            if !keep.contains(&flows::flow_id(&k)) {
                 let _ = t.delete(&k.peer(&v));
                 let _ = t.delete(&k);
                 n += 1;
