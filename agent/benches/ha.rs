@@ -331,7 +331,9 @@ fn bench_lag(rate: u32, seconds: u32) -> Value {
             if stopping {
                 break;
             }
-            std::thread::sleep(Duration::from_millis(ferrolb_agent::agent::EVENT_POLL_MS));
+            std::thread::sleep(Duration::from_millis(
+                ferrolb_agent::agent::EVENT_POLL_MS_CLUSTER,
+            ));
         }
     });
     let (p2, l2, s2) = (pending.clone(), lags.clone(), stop.clone());
@@ -401,7 +403,7 @@ fn bench_lag(rate: u32, seconds: u32) -> Value {
         "flows_on_a": on_a,
         "flows_on_b": on_b,
         "ring_events_lost": lost_events,
-        "event_poll_ms": ferrolb_agent::agent::EVENT_POLL_MS,
+        "event_poll_ms": ferrolb_agent::agent::EVENT_POLL_MS_CLUSTER,
     })
 }
 

@@ -23,6 +23,9 @@ use crate::store::Store;
 /// How often the conntrack event ring buffer is drained when the datapath does not wake us.
 pub const EVENT_POLL_MS: u64 = 20;
 
+/// The same in cluster mode: the poll bounds how old a flow can be before its peers have it.
+pub const EVENT_POLL_MS_CLUSTER: u64 = 5;
+
 /// Where pinned datapaths live by default.
 pub const BPFFS_BASE: &str = "/sys/fs/bpf/ferrolb";
 
@@ -524,7 +527,12 @@ pub async fn run(cfg: Config) -> Result<()> {
                 }
             };
             // The datapath wakes us only when the ring fills up; otherwise drain on a timer.
-            let mut tick = tokio::time::interval(Duration::from_millis(EVENT_POLL_MS));
+            let poll = if app.ha.is_some() {
+                EVENT_POLL_MS_CLUSTER
+            } else {
+                EVENT_POLL_MS
+            };
+            let mut tick = tokio::time::interval(Duration::from_millis(poll));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let lost_now = |app: &Shared| {
                 app.engine.lock().ok().map(|e| {
