@@ -65,8 +65,14 @@ fn pin_dir(cfg: &Config) -> Result<std::path::PathBuf> {
 pub fn remove_datapath(cfg: &Config) -> Result<()> {
     let dir = pin_dir(cfg)?;
     let _ = ferrolb_bpf::ensure_bpffs(&dir);
-    let n = ferrolb_bpf::purge(&dir).with_context(|| format!("remove {}", dir.display()))?;
-    println!("removed {n} pinned objects from {}", dir.display());
+    let mut dirs = vec![dir.clone()];
+    if cfg.flags.bpf_pin_dir.is_none() {
+        dirs.extend(ferrolb_bpf::other_layouts(&dir));
+    }
+    for d in dirs {
+        let n = ferrolb_bpf::purge(&d).with_context(|| format!("remove {}", d.display()))?;
+        println!("removed {n} pinned objects from {}", d.display());
+    }
     Ok(())
 }
 
@@ -351,6 +357,23 @@ fn spawn_server<L>(
 
 pub async fn run(cfg: Config) -> Result<()> {
     let dir = pin_dir(&cfg)?;
+    // A datapath of another layout (an upgrade) cannot be adopted, and its program would stay
+    // attached beside ours: remove it.
+    if cfg.flags.bpf_pin_dir.is_none() {
+        let _ = ferrolb_bpf::ensure_bpffs(&dir);
+        for old in ferrolb_bpf::other_layouts(&dir) {
+            match ferrolb_bpf::purge(&old) {
+                Ok(n) => warn!(
+                    dir = %old.display(),
+                    pins = n,
+                    "removed a datapath of another layout version; its flows are not adopted"
+                ),
+                Err(e) => {
+                    warn!(dir = %old.display(), error = %e, "cannot remove a datapath of another layout version")
+                }
+            }
+        }
+    }
     let adopted = dir.join("conntrack").exists();
     let dp = Datapath::load(&DatapathConfig {
         pin_dir: Some(dir.clone()),

@@ -143,6 +143,31 @@ fn fs_magic(p: &Path) -> Result<i64> {
     Ok(st.f_type as i64)
 }
 
+/// Pin directories of other layout versions beside `pin_dir` (`.../v<N>`): datapaths an
+/// older (or newer) ferrolb pinned in this network namespace. Their program would still be
+/// attached through its pinned links.
+pub fn other_layouts(pin_dir: &Path) -> Vec<PathBuf> {
+    let Some(parent) = pin_dir.parent() else {
+        return Vec::new();
+    };
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return Vec::new();
+    };
+    let mut out: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p != pin_dir)
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_prefix('v'))
+                .is_some_and(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
 /// Removes a pinned datapath: unpinning the links detaches the program from every interface,
 /// unpinning the maps frees them. Returns how many pins were removed.
 pub fn purge(pin_dir: &Path) -> Result<usize> {
@@ -887,4 +912,22 @@ pub fn monotonic_ns() -> u64 {
     // SAFETY: ts is a valid out pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn other_layouts_are_the_sibling_version_directories() {
+        let base = std::env::temp_dir().join(format!("flb-layouts-{}", std::process::id()));
+        let ns = base.join("4026531840");
+        for d in ["v1", "v2", "v3", "vx", "v", "other"] {
+            std::fs::create_dir_all(ns.join(d)).unwrap_or_default();
+        }
+        let got = other_layouts(&ns.join("v2"));
+        let _ = std::fs::remove_dir_all(&base);
+        assert_eq!(got, vec![ns.join("v1"), ns.join("v3")]);
+        assert!(other_layouts(Path::new("/")).is_empty());
+    }
 }

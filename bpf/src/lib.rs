@@ -26,7 +26,7 @@ pub mod maps;
 
 pub use datapath::{
     Capacity, Collector, Datapath, DatapathConfig, EventStream, SyncTable, default_pin_dir,
-    ensure_bpffs, monotonic_ns, purge,
+    ensure_bpffs, monotonic_ns, other_layouts, purge,
 };
 
 use std::path::PathBuf;
