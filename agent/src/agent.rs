@@ -558,11 +558,13 @@ pub async fn run(cfg: Config) -> Result<()> {
             let mut tick = tokio::time::interval(Duration::from_millis(poll));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let lost_now = |app: &Shared| {
-                app.engine.lock().ok().map(|e| {
-                    e.datapath().counters()[ferrolb_bpf::maps::Counter::EventsLost as usize]
-                })
+                app.engine
+                    .lock()
+                    .ok()
+                    .map(|e| e.datapath().counter(ferrolb_bpf::maps::Counter::EventsLost))
             };
             let mut lost = lost_now(&app).unwrap_or(0);
+            let mut lost_checked = std::time::Instant::now();
             let mut batch = Vec::new();
             loop {
                 tokio::select! {
@@ -581,12 +583,16 @@ pub async fn run(cfg: Config) -> Result<()> {
                     }
                 }
                 if let Some(ha) = &app.ha {
-                    // Events lost in the ring buffer: the peers cannot trust their copy.
-                    if let Some(l) = lost_now(&app)
-                        && l != lost
-                    {
-                        lost = l;
-                        ha.events_lost();
+                    // Events lost in the ring buffer: the peers cannot trust their copy
+                    // (checked every 100 ms: one per-CPU counter, under the engine lock).
+                    if lost_checked.elapsed() >= Duration::from_millis(100) {
+                        lost_checked = std::time::Instant::now();
+                        if let Some(l) = lost_now(&app)
+                            && l != lost
+                        {
+                            lost = l;
+                            ha.events_lost();
+                        }
                     }
                     if !batch.is_empty() {
                         ha.publish_events(&batch, &[]);

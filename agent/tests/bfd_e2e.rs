@@ -23,6 +23,12 @@ fn lab(test: &str, label: &str) -> Option<TestLab> {
         return None;
     }
     let lab = TestLab::up_with(TOPOLOGY, label, &[("FERROLB", FERROLB)]).expect("lab up");
+    // BIRD starts before `exec` gives it its address: when its BFD socket could not bind then
+    // ("bind: Cannot assign requested address" in bird.log), a protocol restart binds it now.
+    let mut argv = BIRDC.to_vec();
+    argv.extend(["restart", "bfd1"]);
+    let out = lab.exec_ok("bird", &argv).unwrap();
+    assert!(out.contains("bfd1"), "{out}");
     for node in ["lb1", "lb2"] {
         lab.wait_until(&format!("{node}'s API"), Duration::from_secs(20), || {
             Ok(rest(&lab, node, "GET", "", None).0 == 200)

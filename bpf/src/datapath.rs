@@ -661,6 +661,14 @@ impl Datapath {
         Ok(())
     }
 
+    /// One of the datapath's global counters, summed over CPUs.
+    pub fn counter(&self, c: Counter) -> u64 {
+        self.counters
+            .get(&(c as u32), 0)
+            .map(|v| v.iter().sum())
+            .unwrap_or(0)
+    }
+
     /// The datapath's global counters (drops by reason and others), summed over CPUs.
     pub fn counters(&self) -> [u64; COUNTERS] {
         let mut out = [0u64; COUNTERS];

@@ -725,9 +725,18 @@ async fn send_snapshot(cs: &Arc<Consync>, tx: &Tx) -> Result<(u64, u64), String>
     // least as new as `next - 1`, and re-applying a change it already contains is harmless.
     let (epoch, next) = cs.log.position();
     let node = cs.node.clone();
-    let flows = tokio::task::spawn_blocking(move || node.own_flows())
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut build = tokio::task::spawn_blocking(move || node.own_flows());
+    // Walking a large table takes a while: heartbeats keep the subscriber from giving up.
+    let mut hb = tokio::time::interval(cs.cfg.heartbeat);
+    hb.tick().await;
+    let flows = loop {
+        tokio::select! {
+            r = &mut build => break r.map_err(|e| e.to_string())?,
+            _ = hb.tick() => {
+                tx.send(Ok(cs.batch(epoch))).await.map_err(|_| "subscriber gone")?;
+            }
+        }
+    };
     let total = flows.len();
     let mut it = flows.into_iter().peekable();
     let chunk = cs.cfg.batch_max.max(1) * 4;
@@ -863,15 +872,16 @@ async fn subscribe_once(
             }
             continue;
         }
-        if seen.is_some() {
-            return Err("changes inside a snapshot".into());
-        }
         if batch.changes.is_empty() {
+            // A heartbeat (also sent while a snapshot is being built).
             let mut i = slot.info();
-            if batch.epoch == i.epoch {
+            if batch.epoch == i.epoch && seen.is_none() {
                 i.behind = batch.next_seq.saturating_sub(i.next_seq);
             }
             continue;
+        }
+        if seen.is_some() {
+            return Err("changes inside a snapshot".into());
         }
         {
             let mut i = slot.info();
