@@ -24,7 +24,7 @@ pub mod log;
 use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -205,7 +205,6 @@ pub struct Consync {
     stats: Arc<Stats>,
     /// Each serving stream's subscriber node id and next sequence number.
     active_streams: Arc<Mutex<Vec<StreamPos>>>,
-    stopped: AtomicBool,
 }
 
 impl Consync {
@@ -244,7 +243,6 @@ impl Consync {
                 .collect(),
             stats: Arc::new(Stats::default()),
             active_streams: Arc::new(Mutex::new(Vec::new())),
-            stopped: AtomicBool::new(false),
             cfg,
         });
         let svc = Service { cs: me.clone() };
@@ -280,10 +278,6 @@ impl Consync {
             tokio::spawn(subscribe_loop(me.clone(), slot.clone(), tls.clone()));
         }
         Ok(me)
-    }
-
-    pub fn node_id(&self) -> u32 {
-        self.cfg.node_id
     }
 
     /// Appends this node's changes to the log served to peers.
@@ -408,11 +402,6 @@ impl Consync {
             next_seq: self.log.position().1,
             ..Default::default()
         }
-    }
-
-    /// Stops reconnecting (the agent is exiting).
-    pub fn stop(&self) {
-        self.stopped.store(true, Ordering::Relaxed);
     }
 }
 
@@ -761,7 +750,7 @@ async fn send_snapshot(cs: &Arc<Consync>, tx: &Tx) -> Result<(u64, u64), String>
 /// Keeps a subscription to one peer alive: connect, subscribe, apply, reconnect.
 async fn subscribe_loop(cs: Arc<Consync>, slot: Arc<PeerSlot>, tls: Option<TlsParts>) {
     let mut backoff = Duration::from_millis(100);
-    while !cs.stopped.load(Ordering::Relaxed) {
+    loop {
         let r = subscribe_once(&cs, &slot, tls.as_ref()).await;
         let was_connected = {
             let mut i = slot.info();
