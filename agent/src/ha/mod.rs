@@ -406,6 +406,9 @@ impl Ha {
             }
             if !self.cfg.ka {
                 drop(st);
+                for (addr, id, _) in &newly_dead {
+                    warn!(peer = %addr, node = ?id, "HA: peer dead");
+                }
                 self.adopt_dead(&newly_dead);
                 return;
             }
@@ -486,10 +489,13 @@ impl Ha {
         if promote.is_some() || demote.is_some() {
             self.changed.notify_one();
         }
+        for (addr, id, _) in &newly_dead {
+            warn!(peer = %addr, node = ?id, "HA: peer dead");
+        }
         // Adopt the dead peers' flows (as MASTER) after the role is announced: BGP first.
-        self.adopt_dead(&newly_dead);
         if let Some((_, last)) = promote {
-            // Entries of peers that were already dead (e.g. a cold start alone) too.
+            // Every dead peer's: the ones that just died and any that were dead already (a
+            // node that came up alone), in one walk of the table.
             let dead: BTreeSet<u16> = self
                 .st()
                 .peers
@@ -507,17 +513,13 @@ impl Ha {
             if let Some(t) = last {
                 self.st().last_failover_s = Some(t.elapsed().as_secs_f64());
             }
+        } else {
+            self.adopt_dead(&newly_dead);
         }
     }
 
     fn adopt_dead(&self, dead: &[(SocketAddr, Option<u32>, Option<Instant>)]) {
-        if dead.is_empty() {
-            return;
-        }
-        for (addr, id, _) in dead {
-            warn!(peer = %addr, node = ?id, "HA: peer dead");
-        }
-        if !self.master_anywhere() {
+        if dead.is_empty() || !self.master_anywhere() {
             return;
         }
         let ids: BTreeSet<u16> = dead
