@@ -16,6 +16,10 @@ const BIRD: &str = "10.0.0.3";
 const LB2: &str = "10.0.0.4";
 const BIRDC: &[&str] = &["birdc", "-s", "/run/bird/bird.ctl"];
 
+/// The tests of this file run one at a time: they time BFD detection, and one forwards
+/// gigabits through lb1 for a minute on a 2-core machine.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn lab(test: &str, label: &str) -> Option<TestLab> {
     let mut programs = ferrolb_tests::FRR_LAB.to_vec();
     programs.extend(["curl", "bird", "birdc", "iperf3"]);
@@ -154,6 +158,7 @@ fn unix_ms() -> u64 {
 
 #[test]
 fn peers_come_up_agree_on_timers_and_change_them_in_place() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let Some(lab) = lab(
         "peers_come_up_agree_on_timers_and_change_them_in_place",
         "bfdup",
@@ -284,6 +289,7 @@ fn peers_come_up_agree_on_timers_and_change_them_in_place() {
 
 #[test]
 fn failures_are_detected_in_detection_time() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let Some(lab) = lab("failures_are_detected_in_detection_time", "bfddet") else {
         return;
     };
@@ -331,6 +337,7 @@ fn failures_are_detected_in_detection_time() {
 
 #[test]
 fn authentication_interoperates_with_bird() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let Some(lab) = lab("authentication_interoperates_with_bird", "bfdauth") else {
         return;
     };
@@ -392,6 +399,7 @@ fn authentication_interoperates_with_bird() {
 
 #[test]
 fn stable_at_50ms_while_forwarding() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let Some(lab) = lab("stable_at_50ms_while_forwarding", "bfdstab") else {
         return;
     };
