@@ -422,8 +422,9 @@ fn bench_failover(trials: usize) -> Value {
     for i in 0..trials {
         let lab = ferrolb_tests::ha::up("bench_failover", &format!("habench{i}"), "100ms", ferrolb)
             .expect("ha-pair lab");
-        let t0 = ferrolb_tests::ha::start_traffic(
+        let t = ferrolb_tests::ha::traffic_with_fault(
             &lab,
+            ferrolb_tests::ha::VIP,
             "bench",
             &[
                 "--tcp",
@@ -437,10 +438,11 @@ fn bench_failover(trials: usize) -> Value {
                 "--fault-at",
                 "3",
             ],
+            Duration::from_secs(3),
+            || {
+                ferrolb_tests::ha::isolate(&lab, "lb1", true);
+            },
         );
-        std::thread::sleep(Duration::from_secs(3).saturating_sub(t0.elapsed()));
-        ferrolb_tests::ha::isolate(&lab, "lb1", true);
-        let t = ferrolb_tests::ha::read_traffic(&lab, "bench");
         let s = &t["summary"];
         eprintln!("ferrolb trial {i}: {s}");
         outages.push(s["udp_outage_ms"].as_f64().unwrap());

@@ -213,8 +213,9 @@ fn silent_master_death_return_and_switchover() {
     ) else {
         return;
     };
-    let t0 = start_traffic(
+    let t = traffic_with_fault(
         &lab,
+        VIP,
         "death",
         &[
             "--tcp",
@@ -228,10 +229,11 @@ fn silent_master_death_return_and_switchover() {
             "--fault-at",
             "3",
         ],
+        Duration::from_secs(3),
+        || {
+            isolate(&lab, "lb1", true);
+        },
     );
-    std::thread::sleep(Duration::from_secs(3).saturating_sub(t0.elapsed()));
-    isolate(&lab, "lb1", true);
-    let t = read_traffic(&lab, "death");
     let s = &t["summary"];
     eprintln!("silent death: {s}");
     assert_all_survived(&t, "silent death");
@@ -244,8 +246,9 @@ fn silent_master_death_return_and_switchover() {
     assert!(h2["sync"]["adopted"].as_u64().unwrap() >= 70, "{h2}");
 
     // The old MASTER returns while traffic runs: it stays BACKUP, nothing is disturbed.
-    let t0 = start_traffic(
+    let t = traffic_with_fault(
         &lab,
+        VIP,
         "return",
         &[
             "--tcp",
@@ -257,11 +260,12 @@ fn silent_master_death_return_and_switchover() {
             "--duration",
             "8",
         ],
+        Duration::from_secs(2),
+        || {
+            isolate(&lab, "lb1", false);
+            wait_roles(&lab, "lb2", Duration::from_secs(10));
+        },
     );
-    std::thread::sleep(Duration::from_secs(2).saturating_sub(t0.elapsed()));
-    isolate(&lab, "lb1", false);
-    wait_roles(&lab, "lb2", Duration::from_secs(10));
-    let t = read_traffic(&lab, "return");
     eprintln!("return: {}", t["summary"]);
     assert_all_survived(&t, "old MASTER returns");
     assert_eq!(t["summary"]["udp_lost"], 0, "{}", t["summary"]);
@@ -272,8 +276,9 @@ fn silent_master_death_return_and_switchover() {
     .unwrap();
 
     // Planned switchover back to lb1 under traffic: nothing lost.
-    let t0 = start_traffic(
+    let t = traffic_with_fault(
         &lab,
+        VIP,
         "switch",
         &[
             "--tcp",
@@ -285,11 +290,12 @@ fn silent_master_death_return_and_switchover() {
             "--duration",
             "6",
         ],
+        Duration::from_secs(2),
+        || {
+            let out = lab.exec_ok("lb2", &[FERROCTL, "ha", "switchover"]).unwrap();
+            assert!(out.contains("node 0 is MASTER"), "{out}");
+        },
     );
-    std::thread::sleep(Duration::from_secs(2).saturating_sub(t0.elapsed()));
-    let out = lab.exec_ok("lb2", &[FERROCTL, "ha", "switchover"]).unwrap();
-    assert!(out.contains("node 0 is MASTER"), "{out}");
-    let t = read_traffic(&lab, "switch");
     eprintln!("switchover: {}", t["summary"]);
     assert_all_survived(&t, "planned switchover");
     assert_eq!(t["summary"]["udp_lost"], 0, "{}", t["summary"]);
@@ -310,8 +316,9 @@ fn silent_master_death_at_50ms() {
     for p in v.as_array().unwrap() {
         assert_eq!(p["transmit-interval"], 50, "ToR BFD at 50 ms: {p}");
     }
-    let t0 = start_traffic(
+    let t = traffic_with_fault(
         &lab,
+        VIP,
         "death50",
         &[
             "--tcp",
@@ -325,10 +332,11 @@ fn silent_master_death_at_50ms() {
             "--fault-at",
             "3",
         ],
+        Duration::from_secs(3),
+        || {
+            isolate(&lab, "lb1", true);
+        },
     );
-    std::thread::sleep(Duration::from_secs(3).saturating_sub(t0.elapsed()));
-    isolate(&lab, "lb1", true);
-    let t = read_traffic(&lab, "death50");
     eprintln!("silent death at 50 ms: {}", t["summary"]);
     assert_all_survived(&t, "silent death at 50 ms");
     let outage = t["summary"]["udp_outage_ms"].as_u64().unwrap();
@@ -350,8 +358,9 @@ fn kill9_master_agent_then_it_rejoins_as_backup() {
     ) else {
         return;
     };
-    let t0 = start_traffic(
+    let t = traffic_with_fault(
         &lab,
+        VIP,
         "kill",
         &[
             "--tcp",
@@ -365,35 +374,36 @@ fn kill9_master_agent_then_it_rejoins_as_backup() {
             "--fault-at",
             "2",
         ],
+        Duration::from_secs(2),
+        || {
+            assert_eq!(lab.kill("lb1", "ferrolb").unwrap(), 1);
+            lab.wait_until("lb2 MASTER", Duration::from_secs(5), || {
+                Ok(role(&lab, "lb2") == "MASTER")
+            })
+            .unwrap();
+            std::thread::sleep(Duration::from_millis(1500));
+            lab.spawn(
+                "lb1",
+                "ferrolb-restarted",
+                &[
+                    FERROLB,
+                    "-b",
+                    "--config-path",
+                    "/etc/ferrolb/",
+                    "--bgp-drain-seconds",
+                    "2",
+                    "--cluster=10.10.10.3",
+                    "--self=0",
+                    "--ka=10.10.10.3:10.10.10.2:100ms",
+                ],
+            )
+            .unwrap();
+            lab.wait_until("the restarted API", Duration::from_secs(20), || {
+                Ok(rest(&lab, "lb1", "GET", "", None).0 == 200)
+            })
+            .unwrap();
+        },
     );
-    std::thread::sleep(Duration::from_secs(2).saturating_sub(t0.elapsed()));
-    assert_eq!(lab.kill("lb1", "ferrolb").unwrap(), 1);
-    lab.wait_until("lb2 MASTER", Duration::from_secs(5), || {
-        Ok(role(&lab, "lb2") == "MASTER")
-    })
-    .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
-    lab.spawn(
-        "lb1",
-        "ferrolb-restarted",
-        &[
-            FERROLB,
-            "-b",
-            "--config-path",
-            "/etc/ferrolb/",
-            "--bgp-drain-seconds",
-            "2",
-            "--cluster=10.10.10.3",
-            "--self=0",
-            "--ka=10.10.10.3:10.10.10.2:100ms",
-        ],
-    )
-    .unwrap();
-    lab.wait_until("the restarted API", Duration::from_secs(20), || {
-        Ok(rest(&lab, "lb1", "GET", "", None).0 == 200)
-    })
-    .unwrap();
-    let t = read_traffic(&lab, "kill");
     eprintln!("kill -9: {}", t["summary"]);
     assert_all_survived(&t, "kill -9 of the MASTER agent");
     wait_roles(&lab, "lb2", Duration::from_secs(10));
@@ -403,8 +413,9 @@ fn kill9_master_agent_then_it_rejoins_as_backup() {
 
     // SIGTERM on the MASTER (lb2) under traffic: it hands MASTER to lb1 once lb1 holds all
     // its state, then drains BGP and exits. Nothing is lost.
-    let t0 = start_traffic(
+    let t = traffic_with_fault(
         &lab,
+        VIP,
         "term",
         &[
             "--tcp",
@@ -416,27 +427,28 @@ fn kill9_master_agent_then_it_rejoins_as_backup() {
             "--duration",
             "7",
         ],
+        Duration::from_secs(2),
+        || {
+            let agents: Vec<_> = lab
+                .processes("lb2")
+                .unwrap()
+                .into_iter()
+                .filter(|p| p.comm == "ferrolb")
+                .collect();
+            assert_eq!(agents.len(), 1, "{agents:?}");
+            nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(agents[0].pid),
+                nix::sys::signal::Signal::SIGTERM,
+            )
+            .unwrap();
+            lab.wait_until(
+                "lb1 MASTER after lb2's SIGTERM",
+                Duration::from_secs(5),
+                || Ok(role(&lab, "lb1") == "MASTER"),
+            )
+            .unwrap();
+        },
     );
-    std::thread::sleep(Duration::from_secs(2).saturating_sub(t0.elapsed()));
-    let agents: Vec<_> = lab
-        .processes("lb2")
-        .unwrap()
-        .into_iter()
-        .filter(|p| p.comm == "ferrolb")
-        .collect();
-    assert_eq!(agents.len(), 1, "{agents:?}");
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(agents[0].pid),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
-    lab.wait_until(
-        "lb1 MASTER after lb2's SIGTERM",
-        Duration::from_secs(5),
-        || Ok(role(&lab, "lb1") == "MASTER"),
-    )
-    .unwrap();
-    let t = read_traffic(&lab, "term");
     eprintln!("SIGTERM on the MASTER: {}", t["summary"]);
     assert_all_survived(&t, "SIGTERM on the MASTER");
     assert_eq!(t["summary"]["udp_lost"], 0, "{}", t["summary"]);
@@ -479,7 +491,7 @@ fn l2_silent_master_death_moves_the_vip_by_gratuitous_arp() {
         .unwrap_or(0.0)
             >= 1.0
     );
-    let t0 = start_traffic_to(
+    let t = traffic_with_fault(
         &lab,
         L2_VIP,
         "l2death",
@@ -495,10 +507,11 @@ fn l2_silent_master_death_moves_the_vip_by_gratuitous_arp() {
             "--fault-at",
             "3",
         ],
+        Duration::from_secs(3),
+        || {
+            cut_ports(&lab, &[("swc", "eth2"), ("sw", "eth1")], true);
+        },
     );
-    std::thread::sleep(Duration::from_secs(3).saturating_sub(t0.elapsed()));
-    cut_ports(&lab, &[("swc", "eth2"), ("sw", "eth1")], true);
-    let t = read_traffic(&lab, "l2death");
     eprintln!("L2 silent death: {}", t["summary"]);
     assert_all_survived(&t, "L2 silent death");
     let outage = t["summary"]["udp_outage_ms"].as_u64().unwrap();

@@ -111,6 +111,13 @@ fn node(id: u32) -> Arc<FakeNode> {
     })
 }
 
+/// [`wait`] from async code (the condition polls on the blocking pool).
+async fn wait_async(what: &'static str, limit: Duration, f: impl FnMut() -> bool + Send + 'static) {
+    tokio::task::spawn_blocking(move || wait(what, limit, f))
+        .await
+        .unwrap();
+}
+
 fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
@@ -147,13 +154,10 @@ fn snapshot_live_resume_and_resync() {
         let sb = Consync::start(cb, b.clone()).await.unwrap();
         let bb = b.clone();
         let sbb = sb.clone();
-        tokio::task::spawn_blocking(move || {
-            wait("B's snapshot of A", Duration::from_secs(5), || {
-                synced_ports(&bb).len() == 100 && sbb.peers()[0].synced_once
-            })
+        wait_async("B's snapshot of A", Duration::from_secs(5), move || {
+            synced_ports(&bb).len() == 100 && sbb.peers()[0].synced_once
         })
-        .await
-        .unwrap();
+        .await;
         let pb = &sb.peers()[0];
         assert!(pb.synced_once && pb.connected);
         assert_eq!(pb.node_id, Some(0));
@@ -167,14 +171,11 @@ fn snapshot_live_resume_and_resync() {
                 .collect(),
         );
         let bb = b.clone();
-        tokio::task::spawn_blocking(move || {
-            wait("live changes", Duration::from_secs(2), || {
-                let s = synced_ports(&bb);
-                s.len() == 105 && !s.contains(&1) && s.contains(&110)
-            })
+        wait_async("live changes", Duration::from_secs(2), move || {
+            let s = synced_ports(&bb);
+            s.len() == 105 && !s.contains(&1) && s.contains(&110)
         })
-        .await
-        .unwrap();
+        .await;
         let live = t0.elapsed();
         assert!(
             live < Duration::from_millis(100),
@@ -185,13 +186,10 @@ fn snapshot_live_resume_and_resync() {
         tokio::time::sleep(Duration::from_millis(300)).await;
         sa.publish(vec![pb::change::Change::Upsert(flow(0, 111))]);
         let bb = b.clone();
-        tokio::task::spawn_blocking(move || {
-            wait("change after resume", Duration::from_secs(2), || {
-                synced_ports(&bb).contains(&111)
-            })
+        wait_async("change after resume", Duration::from_secs(2), move || {
+            synced_ports(&bb).contains(&111)
         })
-        .await
-        .unwrap();
+        .await;
         let pb = &sb.peers()[0];
         assert_eq!(pb.snapshots, 1, "resumed without a snapshot");
         assert!(pb.disconnects >= 1);
@@ -218,37 +216,31 @@ fn snapshot_live_resume_and_resync() {
         }
         let bb = b.clone();
         let aa = a.clone();
-        tokio::task::spawn_blocking(move || {
-            wait("resync after overflow", Duration::from_secs(5), || {
-                let mut want: Vec<u32> = aa
-                    .own
-                    .lock()
-                    .unwrap()
-                    .values()
-                    .map(|f| f.key.as_ref().unwrap().client_port)
-                    .collect();
-                want.sort();
-                let mut got = synced_ports(&bb);
-                got.sort();
-                got == want
-            })
+        wait_async("resync after overflow", Duration::from_secs(5), move || {
+            let mut want: Vec<u32> = aa
+                .own
+                .lock()
+                .unwrap()
+                .values()
+                .map(|f| f.key.as_ref().unwrap().client_port)
+                .collect();
+            want.sort();
+            let mut got = synced_ports(&bb);
+            got.sort();
+            got == want
         })
-        .await
-        .unwrap();
+        .await;
         assert!(!synced_ports(&b).contains(&6), "stale flow removed");
         // A sees B's status too (full mesh), and B can hand a role to A.
         let aa = a.clone();
-        tokio::task::spawn_blocking(move || {
-            wait("A hears B", Duration::from_secs(3), || {
-                aa.peers
-                    .lock()
-                    .unwrap()
-                    .values()
-                    .any(|s| s.as_ref().is_some_and(|s| s.node_id == 1))
-            })
+        wait_async("A hears B", Duration::from_secs(3), move || {
+            aa.peers
+                .lock()
+                .unwrap()
+                .values()
+                .any(|s| s.as_ref().is_some_and(|s| s.node_id == 1))
         })
-        .await
-        .unwrap();
+        .await;
         let r = sb
             .handover(0, "llb-inst0", 4, Duration::from_secs(5))
             .await
@@ -260,13 +252,10 @@ fn snapshot_live_resume_and_resync() {
         let before = sb.peers()[0].snapshots;
         sa.resync();
         let sbb = sb.clone();
-        tokio::task::spawn_blocking(move || {
-            wait("snapshot after resync", Duration::from_secs(3), || {
-                sbb.peers()[0].snapshots > before
-            })
+        wait_async("snapshot after resync", Duration::from_secs(3), move || {
+            sbb.peers()[0].snapshots > before
         })
-        .await
-        .unwrap();
+        .await;
     });
 }
 
@@ -427,13 +416,12 @@ fn mutual_tls_admits_only_the_clusters_certificates() {
         let sc = Consync::start(cc, c.clone()).await.unwrap();
         let sd = Consync::start(cd, d.clone()).await.unwrap();
         let bb = b.clone();
-        tokio::task::spawn_blocking(move || {
-            wait("B syncs over mutual TLS", Duration::from_secs(5), || {
-                synced_ports(&bb) == vec![1]
-            })
-        })
-        .await
-        .unwrap();
+        wait_async(
+            "B syncs over mutual TLS",
+            Duration::from_secs(5),
+            move || synced_ports(&bb) == vec![1],
+        )
+        .await;
         tokio::time::sleep(Duration::from_millis(500)).await;
         assert!(synced_ports(&c).is_empty() && synced_ports(&d).is_empty());
         assert!(!sc.peers()[0].connected && !sd.peers()[0].connected);

@@ -243,6 +243,22 @@ pub fn start_traffic_to(lab: &TestLab, vip: &str, name: &str, args: &[&str]) -> 
     Instant::now()
 }
 
+/// Runs the traffic client against `vip`; `at` after it started, runs `fault`; returns the
+/// client's report once it finished.
+pub fn traffic_with_fault(
+    lab: &TestLab,
+    vip: &str,
+    name: &str,
+    args: &[&str],
+    at: Duration,
+    fault: impl FnOnce(),
+) -> Value {
+    let t0 = start_traffic_to(lab, vip, name, args);
+    std::thread::sleep(at.saturating_sub(t0.elapsed()));
+    fault();
+    read_traffic(lab, name)
+}
+
 pub fn read_traffic(lab: &TestLab, name: &str) -> Value {
     let path = lab.log_dir("client").join(format!("{name}.json"));
     lab.wait_until(
