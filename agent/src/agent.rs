@@ -436,7 +436,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     if let Some(b) = &app.bgp {
         api::bgp::sync_now(&app).await;
         tokio::spawn(api::bgp::sync_task(app.clone()));
-        let bfd_neighbors: Vec<std::net::Ipv4Addr> = b
+        let bfd_neighbors: Vec<std::net::IpAddr> = b
             .state
             .lock()
             .await
@@ -463,9 +463,7 @@ pub async fn run(cfg: Config) -> Result<()> {
                 if ev.to != ferrolb_bfd::State::Down || ev.from != ferrolb_bfd::State::Up {
                     continue;
                 }
-                let std::net::IpAddr::V4(peer) = ev.peer else {
-                    continue;
-                };
+                let peer = ev.peer;
                 let Some(svc) = &app.bgp else { return };
                 let bfd_on = svc
                     .state

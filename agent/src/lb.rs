@@ -339,12 +339,11 @@ impl Engine {
                 source_port: k.src_port(),
                 protocol: proto,
                 conntrack_state: state.into(),
+                // Socket-address notation: "[v6]:port" keeps IPv6 unambiguous.
                 conntrack_act: format!(
-                    "{mode}-{}:{}->{}:{}",
-                    v.nat_src(k.family),
-                    u16::from_be(v.nat_sport),
-                    v.nat_dst(k.family),
-                    u16::from_be(v.nat_dport)
+                    "{mode}-{}->{}",
+                    std::net::SocketAddr::new(v.nat_src(k.family), u16::from_be(v.nat_sport)),
+                    std::net::SocketAddr::new(v.nat_dst(k.family), u16::from_be(v.nat_dport)),
                 ),
                 packets: v.packets + rp,
                 bytes: v.bytes + rb,
@@ -380,7 +379,7 @@ impl Engine {
                 let st = self.dp.endpoint_stats(r.id, u32::from(e.slot));
                 v.push((
                     r.label(),
-                    format!("{}:{}", e.spec.ip, e.spec.target_port),
+                    std::net::SocketAddr::new(e.spec.ip, e.spec.target_port).to_string(),
                     st.packets,
                     st.bytes,
                 ));

@@ -17,8 +17,7 @@ use std::net::IpAddr;
 use ferrolb_bpf::Datapath;
 use ferrolb_bpf::lut::{self, LutEndpoint};
 use ferrolb_bpf::maps::{
-    Backends, Ep, FAMILY_V4, MAX_ENDPOINTS, MAX_RANGES, Range, RangeKey, Ranges, Svc, SvcKey,
-    addr_words,
+    Backends, Ep, MAX_ENDPOINTS, MAX_RANGES, Range, RangeKey, Ranges, Svc, SvcKey, addr_words,
 };
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
@@ -387,7 +386,7 @@ fn svc_key(r: &Rule) -> SvcKey {
             r.key.port.to_be()
         },
         proto: r.key.protocol.number(),
-        family: FAMILY_V4,
+        family: addr_words(r.key.external_ip).1,
     }
 }
 
@@ -395,7 +394,7 @@ fn range_key(ip: IpAddr, proto: Protocol) -> RangeKey {
     RangeKey {
         addr: addr_words(ip).0,
         proto: proto.number(),
-        family: FAMILY_V4,
+        family: addr_words(ip).1,
         pad: 0,
     }
 }

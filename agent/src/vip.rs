@@ -1,6 +1,8 @@
 //! VIP ownership on `lo`, and route queries.
 //!
-//! A VIP in use is put on `lo` as a /32 so the node answers ARP and ping for it; an address
+//! A VIP in use is put on `lo` as a /32 (IPv6: /128) so the node owns it (IPv4: answers ARP
+//! and ping for it; IPv6 neighbour discovery does not answer for `lo` addresses, so an IPv6 VIP
+//! is reached by route: BGP or a static route to the node); an address
 //! this agent added is removed when no rule uses it any more. Addresses someone else put on
 //! `lo` are never removed. Adding and removing speak rtnetlink directly (one request and its
 //! acknowledgement, about 20 µs); the start-up listing and one-arm's route query use iproute2
@@ -8,7 +10,7 @@
 
 use std::collections::BTreeSet;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
@@ -64,25 +66,24 @@ pub fn sync(wanted: &BTreeSet<IpAddr>, managed: &BTreeSet<IpAddr>) -> Result<BTr
     Ok(now)
 }
 
-/// Puts `vip`/32 on `lo`. Returns false when the address was already there (someone else's:
-/// the caller must not remove it later).
+fn host_len(ip: IpAddr) -> u8 {
+    if ip.is_ipv6() { 128 } else { 32 }
+}
+
+/// Puts `vip`/32 (/128) on `lo`. Returns false when the address was already there (someone
+/// else's: the caller must not remove it later).
 pub fn add(vip: IpAddr) -> Result<bool> {
-    let IpAddr::V4(v4) = vip else {
-        bail!("{vip}: IPv6 VIPs are not supported yet");
-    };
-    let added = addr_request(true, v4).with_context(|| format!("add {vip}/32 to lo"))?;
+    let added =
+        addr_request(true, vip).with_context(|| format!("add {vip}/{} to lo", host_len(vip)))?;
     if added {
         info!(%vip, "VIP added to lo");
     }
     Ok(added)
 }
 
-/// Removes `vip`/32 from `lo` (already gone is fine).
+/// Removes `vip`/32 (/128) from `lo` (already gone is fine).
 pub fn del(vip: IpAddr) -> Result<()> {
-    let IpAddr::V4(v4) = vip else {
-        return Ok(());
-    };
-    addr_request(false, v4).with_context(|| format!("remove {vip}/32 from lo"))?;
+    addr_request(false, vip).with_context(|| format!("remove {vip}/{} from lo", host_len(vip)))?;
     info!(%vip, "VIP removed from lo");
     Ok(())
 }
@@ -96,9 +97,11 @@ const NLM_F_EXCL: u16 = 0x200;
 const NLM_F_CREATE: u16 = 0x400;
 const IFA_ADDRESS: u16 = 1;
 const IFA_LOCAL: u16 = 2;
+/// No duplicate address detection: the address is usable at once (as `ip addr add nodad`).
+const IFA_F_NODAD: u8 = 0x02;
 
-/// Builds an RTM_NEWADDR/RTM_DELADDR request for `ip`/32 on interface `ifindex`.
-fn addr_message(add: bool, ifindex: u32, ip: Ipv4Addr, seq: u32) -> Vec<u8> {
+/// Builds an RTM_NEWADDR/RTM_DELADDR request for `ip`/32 (/128) on interface `ifindex`.
+fn addr_message(add: bool, ifindex: u32, ip: IpAddr, seq: u32) -> Vec<u8> {
     let mut m = Vec::with_capacity(40);
     let (ty, flags) = if add {
         (
@@ -115,15 +118,19 @@ fn addr_message(add: bool, ifindex: u32, ip: Ipv4Addr, seq: u32) -> Vec<u8> {
     m.extend_from_slice(&seq.to_ne_bytes());
     m.extend_from_slice(&0u32.to_ne_bytes());
     // struct ifaddrmsg { family, prefixlen, flags, scope, index }
-    m.push(libc::AF_INET as u8);
-    m.push(32);
-    m.push(0);
+    let (family, octets, flags) = match ip {
+        IpAddr::V4(a) => (libc::AF_INET, a.octets().to_vec(), 0),
+        IpAddr::V6(a) => (libc::AF_INET6, a.octets().to_vec(), IFA_F_NODAD),
+    };
+    m.push(family as u8);
+    m.push(host_len(ip));
+    m.push(flags);
     m.push(0); // RT_SCOPE_UNIVERSE, as `ip addr add` gives a non-127 address on lo
     m.extend_from_slice(&ifindex.to_ne_bytes());
     for attr in [IFA_LOCAL, IFA_ADDRESS] {
-        m.extend_from_slice(&8u16.to_ne_bytes());
+        m.extend_from_slice(&(4 + octets.len() as u16).to_ne_bytes());
         m.extend_from_slice(&attr.to_ne_bytes());
-        m.extend_from_slice(&ip.octets());
+        m.extend_from_slice(&octets);
     }
     let len = m.len() as u32;
     m[0..4].copy_from_slice(&len.to_ne_bytes());
@@ -150,7 +157,7 @@ fn ack_errno(reply: &[u8], seq: u32) -> Option<i32> {
 }
 
 /// Adds or removes an address; Ok(false) when there was nothing to do (present / absent).
-fn addr_request(add: bool, ip: Ipv4Addr) -> io::Result<bool> {
+fn addr_request(add: bool, ip: IpAddr) -> io::Result<bool> {
     // SAFETY: plain libc calls on a socket we own and close.
     unsafe {
         let ifindex = libc::if_nametoindex(c"lo".as_ptr());
@@ -229,7 +236,7 @@ mod tests {
 
     #[test]
     fn address_message_layout() {
-        let m = addr_message(true, 1, Ipv4Addr::new(203, 0, 113, 10), 7);
+        let m = addr_message(true, 1, "203.0.113.10".parse().unwrap(), 7);
         assert_eq!(m.len(), 16 + 8 + 8 + 8);
         assert_eq!(u32::from_ne_bytes(m[0..4].try_into().unwrap()), 40);
         assert_eq!(u16::from_ne_bytes(m[4..6].try_into().unwrap()), RTM_NEWADDR);
@@ -237,6 +244,17 @@ mod tests {
         assert_eq!(m[17], 32);
         assert_eq!(&m[28..32], &[203, 0, 113, 10]);
         assert_eq!(&m[36..40], &[203, 0, 113, 10]);
+
+        let v6: std::net::Ipv6Addr = "2001:db8::10".parse().unwrap();
+        let m = addr_message(false, 1, v6.into(), 8);
+        assert_eq!(m.len(), 16 + 8 + 20 + 20);
+        assert_eq!(u32::from_ne_bytes(m[0..4].try_into().unwrap()), 64);
+        assert_eq!(u16::from_ne_bytes(m[4..6].try_into().unwrap()), RTM_DELADDR);
+        assert_eq!(m[16], libc::AF_INET6 as u8);
+        assert_eq!((m[17], m[18]), (128, IFA_F_NODAD));
+        assert_eq!(u16::from_ne_bytes(m[24..26].try_into().unwrap()), 20);
+        assert_eq!(&m[28..44], &v6.octets());
+        assert_eq!(&m[48..64], &v6.octets());
     }
 
     #[test]

@@ -634,3 +634,349 @@ fn passive_neighbour_and_collisions() {
     );
     wait_nexthops(&lab, 2, 10);
 }
+
+// ---------------------------------------------------------------------------------------
+// IPv6: /128 VIPs over IPv6 sessions (MP_REACH_NLRI), the same lab with IPv6 addressing.
+
+const VIP6: &str = "2001:db8:aaaa::10";
+/// (node, its address toward the ToR, the ToR's address, its address toward the backends)
+const LBS6: [(&str, &str, &str, &str); 2] = [
+    ("lb1", "2001:db8:2:1::2", "2001:db8:2:1::1", "fd00:10::2"),
+    ("lb2", "2001:db8:2:2::2", "2001:db8:2:2::1", "fd00:10::3"),
+];
+
+fn rules6() -> [String; 2] {
+    let eps = |port: u16| {
+        json!([{"endpointIP": "fd00:10::11", "targetPort": port, "weight": 1},
+               {"endpointIP": "fd00:10::12", "targetPort": port, "weight": 1},
+               {"endpointIP": "fd00:10::13", "targetPort": port, "weight": 1}])
+    };
+    [
+        json!({"serviceArguments": {"externalIP": VIP6, "port": 9001, "protocol": "udp", "sel": 1,
+                                    "mode": 1, "BGP": true, "name": "default_udp6:llb-inst0"},
+               "endpoints": eps(9001)})
+        .to_string(),
+        json!({"serviceArguments": {"externalIP": VIP6, "port": 80, "protocol": "tcp", "sel": 0,
+                                    "mode": 1, "BGP": true, "name": "default_http6:llb-inst0"},
+               "endpoints": eps(8080)})
+        .to_string(),
+    ]
+}
+
+/// The ToR's kernel next hops for the IPv6 VIP.
+fn nexthops6(lab: &TestLab) -> Vec<String> {
+    let out = lab
+        .exec_ok("tor", &["ip", "-6", "-j", "route", "show", VIP6])
+        .unwrap_or_default();
+    let v: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
+    let Some(r) = v.get(0) else { return vec![] };
+    let mut gws: Vec<String> = match r["nexthops"].as_array() {
+        Some(nh) => nh
+            .iter()
+            .filter_map(|n| n["gateway"].as_str().map(str::to_string))
+            .collect(),
+        None => r["gateway"]
+            .as_str()
+            .map(|g| vec![g.to_string()])
+            .unwrap_or_default(),
+    };
+    gws.sort();
+    gws
+}
+
+fn wait_nexthops6(lab: &TestLab, want: &[&str], secs: u64) -> Duration {
+    let want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
+    lab.wait_until(
+        &format!("next hops {want:?} for {VIP6} on the ToR"),
+        Duration::from_secs(secs),
+        || Ok(nexthops6(lab) == want),
+    )
+    .unwrap()
+}
+
+/// The IPv4 lab plus, on both LB nodes, an IPv6 neighbour (BFD on) and the IPv6 rules.
+fn lab6(topology: &str, test: &str, label: &str) -> Option<TestLab> {
+    let lab = lab_on(topology, test, label)?;
+    for (node, _, tor, _) in LBS6 {
+        let n = json!({"ipAddress": tor, "remoteAs": 65000, "bfd": true}).to_string();
+        let (st, v) = rest(&lab, node, "POST", "/config/bgp/neigh", Some(&n));
+        assert_eq!(st, 200, "{v}");
+        for r in rules6() {
+            let (st, v) = rest(&lab, node, "POST", "/config/loadbalancer", Some(&r));
+            assert_eq!(st, 200, "{v}");
+        }
+    }
+    let t = wait_nexthops6(&lab, &[LBS6[0].1, LBS6[1].1], 30);
+    eprintln!(
+        "IPv6 VIP on the ToR with two next hops {} ms after the rules",
+        t.as_millis()
+    );
+    Some(lab)
+}
+
+/// IPv6 UDP flows through the VIP: every datagram answered; the LB addresses backends saw.
+fn udpflow6(lab: &TestLab, seconds: f64, flows: u32) -> std::collections::BTreeSet<String> {
+    let out = lab
+        .exec_ok(
+            "client",
+            &[
+                "python3",
+                &probe_path(),
+                "udpflow",
+                VIP6,
+                "9001",
+                &seconds.to_string(),
+                "--flows",
+                &flows.to_string(),
+            ],
+        )
+        .unwrap();
+    let flows: Vec<Value> = serde_json::from_str(&out).unwrap();
+    let mut lbs = std::collections::BTreeSet::new();
+    for f in &flows {
+        assert!(f["sent"].as_u64().unwrap() > 0, "{f}");
+        assert_eq!(f["sent"], f["answered"], "{f}");
+        lbs.extend(f["peers"].as_object().unwrap().keys().cloned());
+    }
+    lbs
+}
+
+#[test]
+fn ipv6_vips_ecmp_roles_and_bfd_failover_with_frr() {
+    let Some(lab) = lab6(
+        TOPOLOGY,
+        "ipv6_vips_ecmp_roles_and_bfd_failover_with_frr",
+        "bgp6",
+    ) else {
+        return;
+    };
+    // The VIP is on lo as a /128; the ToR holds both paths, learnt over the IPv6 sessions.
+    let lo = lab
+        .exec_ok("lb1", &["ip", "-6", "addr", "show", "dev", "lo"])
+        .unwrap();
+    assert!(lo.contains(&format!("{VIP6}/128")), "{lo}");
+    let t = lab
+        .vtysh_json("tor", &format!("show bgp ipv6 unicast {VIP6}/128 json"))
+        .unwrap();
+    let paths = t["paths"].as_array().unwrap();
+    assert_eq!(paths.len(), 2, "{t}");
+    // The IPv4 sessions carry no IPv6 route and the IPv6 sessions no IPv4 one.
+    let v4 = lab
+        .vtysh_json("tor", &format!("show bgp ipv4 unicast {VIP}/32 json"))
+        .unwrap();
+    assert!(
+        v4["paths"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| !p["nexthops"][0]["ip"].as_str().unwrap_or("").contains(':')),
+        "{v4}"
+    );
+
+    // UDP and TCP through the IPv6 VIP, spread over both LB nodes (one-arm: each backend sees
+    // the address of the node that carried the flow).
+    let lbs = udpflow6(&lab, 1.0, 16);
+    assert_eq!(
+        lbs,
+        [LBS6[0].3, LBS6[1].3]
+            .iter()
+            .map(|s| s.to_string())
+            .collect(),
+        "flows on both LB nodes"
+    );
+    let out = lab
+        .exec_ok(
+            "client",
+            &["python3", &probe_path(), "http", VIP6, "80", "12"],
+        )
+        .unwrap();
+    let gets: Vec<Value> = serde_json::from_str(&out).unwrap();
+    let backends: std::collections::BTreeSet<&str> = gets
+        .iter()
+        .map(|g| g["backend"].as_str().unwrap_or("error"))
+        .collect();
+    assert_eq!(
+        backends,
+        ["be1", "be2", "be3"].into_iter().collect(),
+        "{gets:?}"
+    );
+    let ct = rest(&lab, "lb1", "GET", "/config/conntrack/all", None).1;
+    assert!(
+        ct.to_string().contains(VIP6),
+        "IPv6 flows in lb1's conntrack: {ct}"
+    );
+
+    // BFD runs over the IPv6 sessions too (FRR's view).
+    lab.wait_until(
+        "FRR's IPv6 BFD sessions up",
+        Duration::from_secs(10),
+        || {
+            let b = lab.vtysh_json("tor", "show bfd peers json")?;
+            Ok(LBS6.iter().all(|(_, me, _, _)| {
+                b.as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|p| p["peer"] == *me && p["status"] == "up")
+            }))
+        },
+    )
+    .unwrap();
+
+    // Rule deleted on lb2: one next hop; re-added: two.
+    let (st, v) = rest(
+        &lab,
+        "lb2",
+        "DELETE",
+        &format!("/config/loadbalancer/externalipaddress/{VIP6}/port/9001/protocol/udp"),
+        None,
+    );
+    assert_eq!(st, 200, "{v}");
+    let (st, v) = rest(
+        &lab,
+        "lb2",
+        "DELETE",
+        &format!("/config/loadbalancer/externalipaddress/{VIP6}/port/80/protocol/tcp"),
+        None,
+    );
+    assert_eq!(st, 200, "{v}");
+    wait_nexthops6(&lab, &[LBS6[0].1], 5);
+    for r in rules6() {
+        assert_eq!(
+            rest(&lab, "lb2", "POST", "/config/loadbalancer", Some(&r)).0,
+            200
+        );
+    }
+    wait_nexthops6(&lab, &[LBS6[0].1, LBS6[1].1], 5);
+
+    // lb2 BACKUP: the best path is lb1; lb2's is kept with the longer AS path and MED 200.
+    let backup = json!({"instance": "llb-inst0", "state": "BACKUP"}).to_string();
+    assert_eq!(
+        rest(&lab, "lb2", "POST", "/config/cistate", Some(&backup)).0,
+        200
+    );
+    wait_nexthops6(&lab, &[LBS6[0].1], 5);
+    let t = lab
+        .vtysh_json("tor", &format!("show bgp ipv6 unicast {VIP6}/128 json"))
+        .unwrap();
+    let backup_path = t["paths"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["nexthops"][0]["ip"] == LBS6[1].1)
+        .cloned()
+        .unwrap_or(Value::Null);
+    assert_eq!(
+        backup_path["aspath"]["string"], "65100 65100 65100 65100",
+        "{t}"
+    );
+    assert_eq!(backup_path["metric"], 200, "{t}");
+    let master = json!({"instance": "llb-inst0", "state": "MASTER"}).to_string();
+    assert_eq!(
+        rest(&lab, "lb2", "POST", "/config/cistate", Some(&master)).0,
+        200
+    );
+    wait_nexthops6(&lab, &[LBS6[0].1, LBS6[1].1], 5);
+
+    // ferroctl and metrics show the IPv6 neighbour and route.
+    let t = lab.exec_ok("lb1", &[FERROCTL, "get", "bgp"]).unwrap();
+    assert!(t.contains(LBS6[0].2), "{t}");
+    let r = lab
+        .exec_ok("lb1", &[FERROCTL, "get", "bgp", "routes"])
+        .unwrap();
+    assert!(r.contains(&format!("{VIP6}/128")), "{r}");
+    let m = lab
+        .exec_ok("lb1", &["curl", "-sf", "http://127.0.0.1:11111/metrics"])
+        .unwrap();
+    let adv = format!(
+        "ferrolb_bgp_prefixes{{neighbor=\"{}\",direction=\"advertised\"}} 1",
+        LBS6[0].2
+    );
+    assert!(m.contains(&adv), "{m}");
+
+    // Silent death of lb1's link: the IPv6 probe's outage is bounded by BFD over IPv6.
+    let name = "fail6.json";
+    lab.spawn(
+        "client",
+        "fail6-run",
+        &["sh", "-c", &format!(
+            "python3 {} udpflow {VIP6} 9001 5 --flows 16 > /var/log/{name}.tmp && mv /var/log/{name}.tmp /var/log/{name}",
+            probe_path()
+        )],
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    cut_tor_link(&lab, "eth2", true);
+    let flows = read_flows(&lab, name);
+    let worst = flows
+        .iter()
+        .map(|f| f["max_gap_ms"].as_u64().unwrap())
+        .max()
+        .unwrap();
+    eprintln!("IPv6 VIP, BFD-backed failover: longest gap of any flow {worst} ms");
+    assert!(worst < 500, "{flows:?}");
+    assert!(
+        worst >= 200,
+        "the cut must have cost a detection time: {flows:?}"
+    );
+    cut_tor_link(&lab, "eth2", false);
+    wait_nexthops6(&lab, &[LBS6[0].1, LBS6[1].1], 20);
+
+    // Drain lb2 with SIGTERM (graceful shutdown, then MP_UNREACH): the IPv6 probe loses nothing.
+    let name = "drain6.json";
+    lab.spawn(
+        "client",
+        "drain6-run",
+        &["sh", "-c", &format!(
+            "python3 {} udpflow {VIP6} 9001 6 --flows 16 > /var/log/{name}.tmp && mv /var/log/{name}.tmp /var/log/{name}",
+            probe_path()
+        )],
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    let pid = lab
+        .processes("lb2")
+        .unwrap()
+        .into_iter()
+        .find(|p| p.comm == "ferrolb")
+        .unwrap()
+        .pid;
+    lab.exec_ok("lb2", &["kill", "-TERM", &pid.to_string()])
+        .unwrap();
+    let flows = read_flows(&lab, name);
+    let lost: u64 = flows
+        .iter()
+        .map(|f| f["sent"].as_u64().unwrap() - f["answered"].as_u64().unwrap())
+        .sum();
+    eprintln!("IPv6 drain: {lost} datagrams lost");
+    assert_eq!(lost, 0, "{flows:?}");
+    assert_eq!(nexthops6(&lab), vec![LBS6[0].1.to_string()], "lb2 withdrew");
+}
+
+#[test]
+fn ipv6_vips_ecmp_with_bird() {
+    let Some(lab) = lab6(
+        "containerlab/bgp-ecmp/ferrolb-bird.clab.yml",
+        "ipv6_vips_ecmp_with_bird",
+        "bgp6bird",
+    ) else {
+        return;
+    };
+    let lbs = udpflow6(&lab, 1.0, 16);
+    assert_eq!(
+        lbs.len(),
+        2,
+        "flows on both LB nodes through BIRD's ECMP route: {lbs:?}"
+    );
+    let backup = json!({"instance": "llb-inst0", "state": "BACKUP"}).to_string();
+    assert_eq!(
+        rest(&lab, "lb2", "POST", "/config/cistate", Some(&backup)).0,
+        200
+    );
+    wait_nexthops6(&lab, &[LBS6[0].1], 5);
+    let master = json!({"instance": "llb-inst0", "state": "MASTER"}).to_string();
+    assert_eq!(
+        rest(&lab, "lb2", "POST", "/config/cistate", Some(&master)).0,
+        200
+    );
+    wait_nexthops6(&lab, &[LBS6[0].1, LBS6[1].1], 5);
+}

@@ -179,6 +179,118 @@ fn balancing_algorithms_and_nat_modes() {
     assert!(!m.contains("198.51.100"), "no client addresses in metrics");
 }
 
+const VIP6: &str = "2001:db8:aaaa::10";
+const BE6: [&str; 3] = ["fd00:10::11", "fd00:10::12", "fd00:10::13"];
+
+fn rule6(port: u16, proto: &str, sel: u8, mode: u8, target: u16) -> Value {
+    json!({
+        "serviceArguments": {"externalIP": VIP6, "port": port, "protocol": proto,
+                             "sel": sel, "mode": mode, "name": format!("test6_{proto}{port}:llb-inst0")},
+        "endpoints": BE6.iter().map(|ip| json!({"endpointIP": ip, "targetPort": target, "weight": 1})).collect::<Vec<_>>(),
+    })
+}
+
+/// "[addr]:port" or "addr:port" -> addr.
+fn peer_ip6(r: &Value) -> String {
+    peer_ip(r)
+        .trim_matches(|c| c == '[' || c == ']')
+        .to_string()
+}
+
+#[test]
+fn ipv6_nat_modes_and_icmpv6() {
+    let Some(lab) = lab("ipv6_nat_modes_and_icmpv6", "lb6") else {
+        return;
+    };
+    // DNAT, round robin: exact spread over the IPv6 backends, which see the client.
+    assert_eq!(post(&lab, &rule6(80, "tcp", 0, 0, 8080)).0, 200);
+    let lo = lab
+        .exec_ok("lb1", &["ip", "-6", "addr", "show", "dev", "lo"])
+        .unwrap();
+    assert!(lo.contains(&format!("{VIP6}/128")), "{lo}");
+    let res = probe(&lab, &["http", VIP6, "80", "30"]);
+    assert_eq!(
+        backends(&res),
+        BTreeMap::from([("be1".into(), 10), ("be2".into(), 10), ("be3".into(), 10)])
+    );
+    assert!(
+        res.iter().all(|r| peer_ip6(r) == "2001:db8:100::2"),
+        "DNAT keeps the client address: {res:?}"
+    );
+    // Full NAT: backends see the VIP. One-arm: lb1's address on their segment.
+    assert_eq!(post(&lab, &rule6(81, "tcp", 0, 2, 8080)).0, 200);
+    let res = probe(&lab, &["http", VIP6, "81", "6"]);
+    assert_eq!(backends(&res).len(), 3);
+    assert!(res.iter().all(|r| peer_ip6(r) == VIP6), "{res:?}");
+    assert_eq!(post(&lab, &rule6(82, "tcp", 0, 1, 8080)).0, 200);
+    let res = probe(&lab, &["http", VIP6, "82", "3"]);
+    assert!(res.iter().all(|r| peer_ip6(r) == "fd00:10::2"), "{res:?}");
+
+    // TCP streams through full NAT: every line echoed.
+    assert_eq!(post(&lab, &rule6(90, "tcp", 0, 2, 9000)).0, 200);
+    let streams = probe(&lab, &["stream", VIP6, "90", "1", "--count", "6"]);
+    for st in &streams {
+        assert!(st["errors"].as_array().unwrap().is_empty(), "{st}");
+        assert_eq!(st["sent"], st["echoed"], "{st}");
+    }
+
+    // UDP, Maglev hash, full NAT: each flow keeps its backend.
+    assert_eq!(post(&lab, &rule6(53, "udp", 1, 2, 9001)).0, 200);
+    let ports: Vec<String> = (0..12).map(|i| (42000 + i * 7).to_string()).collect();
+    let mut args = vec!["udp", VIP6, "53", "0"];
+    for p in &ports {
+        args.extend(["--sport", p]);
+    }
+    let first = probe(&lab, &args);
+    assert!(backends(&first).len() >= 2, "hash spreads flows: {first:?}");
+    let again = probe(&lab, &args);
+    let pick = |v: &[Value]| v.iter().map(|r| r["backend"].clone()).collect::<Vec<_>>();
+    assert_eq!(pick(&first), pick(&again), "same flow, same backend");
+
+    // ICMPv6 echo balanced (full NAT, identifier translated) and answered.
+    assert_eq!(post(&lab, &rule6(1, "icmp", 0, 2, 0)).0, 200);
+    lab.exec_ok(
+        "client",
+        &["ping", "-6", "-c", "3", "-i", "0.2", "-W", "1", VIP6],
+    )
+    .unwrap();
+
+    // Conntrack and counters name IPv6 flows; a mixed-family rule is refused.
+    let (_, ct) = api(&lab, "GET", "/config/conntrack/all", None);
+    let flows = ct["ctAttr"].as_array().unwrap();
+    assert!(
+        flows
+            .iter()
+            .any(|f| f["destinationIP"] == VIP6 && f["protocol"] == "icmp"),
+        "{ct}"
+    );
+    let t = lab.exec_ok("lb1", &[FERROCTL, "get", "ct"]).unwrap();
+    assert!(t.contains(VIP6), "{t}");
+    let mut mixed = rule6(83, "tcp", 0, 0, 8080);
+    mixed["endpoints"][1]["endpointIP"] = json!("10.10.10.12");
+    let (st, v) = post(&lab, &mixed);
+    assert_eq!(st, 400, "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains("endpoints[1].endpointIP"),
+        "{v}"
+    );
+    assert_eq!(
+        api(&lab, "GET", "/config/conntrack/all", None).0,
+        200,
+        "nothing lost"
+    );
+    let m = lab
+        .exec_ok("lb1", &["curl", "-sf", "http://127.0.0.1:11111/metrics"])
+        .unwrap();
+    assert!(
+        m.contains("ferrolb_endpoint_packets_total{service=\"test6_tcp80:llb-inst0\",endpoint=\"[fd00:10::11]:8080\"}"),
+        "{m}"
+    );
+}
+
 #[test]
 fn rest_api_is_loxilb_compatible() {
     let Some(lab) = lab("rest_api_is_loxilb_compatible", "lbapi") else {

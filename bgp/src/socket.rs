@@ -50,6 +50,24 @@ pub fn set_md5(fd: i32, peer: IpAddr, key: &[u8]) -> io::Result<()> {
     setsockopt(fd, libc::IPPROTO_TCP, libc::TCP_MD5SIG, &md5sig(peer, key))
 }
 
+/// A listener on [::]:`port` that takes IPv6 connections only (IPV6_V6ONLY), so IPv4 peers
+/// reach the IPv4 listener and find their MD5 keys there.
+pub fn listen_v6_only(port: u16) -> io::Result<tokio::net::TcpListener> {
+    let sock = TcpSocket::new_v6()?;
+    sock.set_reuseaddr(true)?;
+    setsockopt(
+        sock.as_raw_fd(),
+        libc::IPPROTO_IPV6,
+        libc::IPV6_V6ONLY,
+        &1i32.to_ne_bytes(),
+    )?;
+    sock.bind(SocketAddr::new(
+        IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+        port,
+    ))?;
+    sock.listen(128)
+}
+
 /// Connects to `addr` (bounded by `timeout`), with the MD5 key and GTSM when asked.
 pub async fn connect(
     addr: SocketAddr,

@@ -8,7 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
-use ipnet::Ipv4Net;
+use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use netgauze_bgp_pkt::BgpMessage;
 use netgauze_bgp_pkt::notification::{BgpNotificationMessage, CeaseError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -31,7 +31,9 @@ pub struct GlobalConfig {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NeighborConfig {
-    pub address: Ipv4Addr,
+    /// The session's transport family is the family of the routes it carries: IPv4 VIPs go
+    /// to IPv4 neighbours (NEXT_HOP), IPv6 VIPs to IPv6 neighbours (MP_REACH_NLRI).
+    pub address: IpAddr,
     pub remote_as: u32,
     pub remote_port: u16,
     pub hold_time_s: u16,
@@ -45,7 +47,7 @@ pub struct NeighborConfig {
 }
 
 impl NeighborConfig {
-    pub fn new(address: Ipv4Addr, remote_as: u32) -> NeighborConfig {
+    pub fn new(address: IpAddr, remote_as: u32) -> NeighborConfig {
         NeighborConfig {
             address,
             remote_as,
@@ -78,7 +80,7 @@ pub struct NeighborStatus {
 }
 
 /// Routes to originate: prefix -> attributes.
-pub type Routes = BTreeMap<Ipv4Net, RouteAttrs>;
+pub type Routes = BTreeMap<IpNet, RouteAttrs>;
 
 enum Cmd {
     Stop,
@@ -94,10 +96,10 @@ struct Neighbor {
 /// The caller's handle. Cheap to clone.
 #[derive(Clone)]
 pub struct Speaker {
-    /// The listening socket (for MD5 keys of peers that connect to us).
-    listener_fd: Arc<Mutex<Option<i32>>>,
+    /// The listening sockets, IPv4 and IPv6 (for MD5 keys of peers that connect to us).
+    listener_fds: Arc<Mutex<Vec<(bool, i32)>>>,
     global: Arc<Mutex<Option<GlobalConfig>>>,
-    neighbors: Arc<Mutex<HashMap<Ipv4Addr, Neighbor>>>,
+    neighbors: Arc<Mutex<HashMap<IpAddr, Neighbor>>>,
     routes: watch::Sender<Arc<Routes>>,
 }
 
@@ -110,7 +112,7 @@ impl Default for Speaker {
 impl Speaker {
     pub fn new() -> Speaker {
         Speaker {
-            listener_fd: Arc::new(Mutex::new(None)),
+            listener_fds: Arc::new(Mutex::new(Vec::new())),
             global: Arc::new(Mutex::new(None)),
             neighbors: Arc::new(Mutex::new(HashMap::new())),
             routes: watch::channel(Arc::new(Routes::new())).0,
@@ -211,20 +213,39 @@ impl Speaker {
 
     /// Accepts BGP connections on `port` (179) for configured neighbours: passive ones wait for
     /// them, active ones resolve collisions (§6.8). Other sources are closed at once.
+    /// One listener per family: IPv4 on 0.0.0.0, IPv6 on [::] (IPv6 only, so each peer's MD5
+    /// key lives on the socket of its family). A node without IPv6 keeps the IPv4 listener.
     pub async fn listen(&self, port: u16) -> std::io::Result<()> {
-        let l =
+        let l4 =
             tokio::net::TcpListener::bind(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port))
                 .await?;
+        let l6 = match crate::socket::listen_v6_only(port) {
+            Ok(l) => Some(l),
+            Err(e) => {
+                warn!(port, error = %e, "no IPv6 BGP listener: IPv6 neighbours must be active");
+                None
+            }
+        };
         {
             use std::os::fd::AsRawFd;
-            if let Ok(mut fd) = self.listener_fd.lock() {
-                *fd = Some(l.as_raw_fd());
+            if let Ok(mut fds) = self.listener_fds.lock() {
+                fds.push((false, l4.as_raw_fd()));
+                if let Some(l) = &l6 {
+                    fds.push((true, l.as_raw_fd()));
+                }
             }
         }
         // Keys of neighbours configured before the listener existed.
         for n in self.neighbors() {
             self.listener_key(&n.config);
         }
+        for l in std::iter::once(l4).chain(l6) {
+            self.accept_loop(l);
+        }
+        Ok(())
+    }
+
+    fn accept_loop(&self, l: tokio::net::TcpListener) {
         let neighbors = self.neighbors.clone();
         tokio::spawn(async move {
             loop {
@@ -232,7 +253,7 @@ impl Speaker {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 };
-                let IpAddr::V4(ip) = peer.ip() else { continue };
+                let ip = peer.ip().to_canonical();
                 let tx = neighbors
                     .lock()
                     .ok()
@@ -245,16 +266,21 @@ impl Speaker {
                 }
             }
         });
-        Ok(())
     }
 
     /// Installs (or clears) a neighbour's MD5 key on the listening socket.
     fn listener_key(&self, cfg: &NeighborConfig) {
-        let Some(fd) = self.listener_fd.lock().ok().and_then(|f| *f) else {
+        let v6 = cfg.address.is_ipv6();
+        let Some(fd) = self
+            .listener_fds
+            .lock()
+            .ok()
+            .and_then(|f| f.iter().find(|(is6, _)| *is6 == v6).map(|(_, fd)| *fd))
+        else {
             return;
         };
         let key = cfg.password.as_deref().unwrap_or("").as_bytes();
-        let res = crate::socket::set_md5(fd, IpAddr::V4(cfg.address), key);
+        let res = crate::socket::set_md5(fd, cfg.address, key);
         if key.is_empty() {
             // Clearing a key that was never set fails harmlessly.
             return;
@@ -265,7 +291,7 @@ impl Speaker {
     }
 
     /// Removes a neighbour (Cease, administrative shutdown). False when unknown.
-    pub fn remove_neighbor(&self, address: Ipv4Addr) -> bool {
+    pub fn remove_neighbor(&self, address: IpAddr) -> bool {
         let Ok(mut ns) = self.neighbors.lock() else {
             return false;
         };
@@ -279,7 +305,7 @@ impl Speaker {
     }
 
     /// Tears a session down at once and lets it restart (e.g. BFD declared the peer Down).
-    pub fn reset_neighbor(&self, address: Ipv4Addr, why: &str) {
+    pub fn reset_neighbor(&self, address: IpAddr, why: &str) {
         if let Ok(ns) = self.neighbors.lock()
             && let Some(n) = ns.get(&address)
         {
@@ -337,7 +363,7 @@ impl Speaker {
         tokio::time::sleep(grace).await;
         self.set_routes(Routes::new());
         tokio::time::sleep(Duration::from_millis(200)).await;
-        let addrs: Vec<Ipv4Addr> = self
+        let addrs: Vec<IpAddr> = self
             .neighbors
             .lock()
             .map(|n| n.keys().copied().collect())
@@ -458,7 +484,10 @@ impl Session {
             .fsm
             .peer()
             .map(|p| p.router_id)
-            .unwrap_or(self.cfg.address);
+            .unwrap_or(match self.cfg.address {
+                IpAddr::V4(a) => a,
+                IpAddr::V6(_) => Ipv4Addr::UNSPECIFIED,
+            });
         let adopt = match state {
             State::Idle | State::Connect | State::Active => true,
             State::OpenSent | State::OpenConfirm => local_id < remote_id,
@@ -517,20 +546,18 @@ impl Session {
                 Ok(d) => {
                     if let BgpMessage::Update(u) = &d.message {
                         let tw = !d.attribute_errors.is_empty();
+                        let (announced, withdrawn) = wire::update_counts(u);
                         self.with_status(|st| {
                             st.updates_in += 1;
-                            let withdrawn = u.withdraw_routes().len() as u64;
                             if tw {
                                 // RFC 7606 treat-as-withdraw: the announced routes count as
                                 // withdrawals, the session stays up.
                                 st.treat_as_withdraw += 1;
-                                st.prefixes_received = st
-                                    .prefixes_received
-                                    .saturating_sub(withdrawn + u.nlri().len() as u64);
+                                st.prefixes_received =
+                                    st.prefixes_received.saturating_sub(withdrawn + announced);
                             } else {
                                 st.prefixes_received =
-                                    st.prefixes_received.saturating_sub(withdrawn)
-                                        + u.nlri().len() as u64;
+                                    st.prefixes_received.saturating_sub(withdrawn) + announced;
                             }
                         });
                         if tw {
@@ -597,8 +624,7 @@ impl Session {
             for o in outs {
                 match o {
                     Output::Connect => {
-                        let addr =
-                            SocketAddr::new(IpAddr::V4(self.cfg.address), self.cfg.remote_port);
+                        let addr = SocketAddr::new(self.cfg.address, self.cfg.remote_port);
                         let key = self.cfg.password.clone();
                         let gtsm = self.cfg.ttl_security;
                         debug!(neighbor = %self.cfg.address, md5 = key.is_some(), gtsm, "BGP connecting");
@@ -655,28 +681,42 @@ impl Session {
     }
 
     /// Sends what changed since the last sync: withdrawals, then announcements grouped by
-    /// identical attributes.
+    /// identical attributes. A session carries the routes of its own transport family (the
+    /// next hop is our end of it), when the peer negotiated that family.
     async fn sync_routes(&mut self) {
-        let want = self.routes.borrow_and_update().clone();
-        let Some(next_hop) =
-            self.status
-                .lock()
-                .ok()
-                .and_then(|s| s.local)
-                .and_then(|a| match a.ip() {
-                    IpAddr::V4(v4) => Some(v4),
-                    IpAddr::V6(_) => None,
-                })
+        let Some(local) = self
+            .status
+            .lock()
+            .ok()
+            .and_then(|s| s.local)
+            .map(|a| a.ip().to_canonical())
         else {
             return;
         };
-        let gone: Vec<Ipv4Net> = self
+        let negotiated = self
+            .fsm
+            .peer()
+            .map(|p| match local {
+                IpAddr::V4(_) => p.ipv4_unicast,
+                IpAddr::V6(_) => p.ipv6_unicast,
+            })
+            .unwrap_or(false);
+        let all = self.routes.borrow_and_update().clone();
+        let want: Routes = if negotiated {
+            all.iter()
+                .filter(|(p, _)| p.addr().is_ipv6() == local.is_ipv6())
+                .map(|(p, a)| (*p, a.clone()))
+                .collect()
+        } else {
+            Routes::new()
+        };
+        let gone: Vec<IpNet> = self
             .sent
             .keys()
             .filter(|p| !want.contains_key(p))
             .copied()
             .collect();
-        let mut groups: BTreeMap<Vec<u8>, (RouteAttrs, Vec<Ipv4Net>)> = BTreeMap::new();
+        let mut groups: BTreeMap<Vec<u8>, (RouteAttrs, Vec<IpNet>)> = BTreeMap::new();
         for (p, a) in want.iter() {
             if self.sent.get(p) != Some(a) {
                 let key = format!("{a:?}").into_bytes();
@@ -689,19 +729,29 @@ impl Session {
         }
         let mut updates = 0u64;
         for chunk in gone.chunks(PREFIXES_PER_UPDATE) {
-            if !self.send(&wire::withdraw(chunk)).await {
-                return;
+            let (v4, v6) = split(chunk);
+            for m in [
+                (!v4.is_empty()).then(|| wire::withdraw(&v4)),
+                (!v6.is_empty()).then(|| wire::withdraw6(&v6)),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                if !self.send(&m).await {
+                    return;
+                }
+                updates += 1;
             }
-            updates += 1;
         }
         let ebgp = self.fsm.ebgp();
         let local_as = self.fsm.params().local_as;
         for (attrs, prefixes) in groups.values() {
             for chunk in prefixes.chunks(PREFIXES_PER_UPDATE) {
-                if !self
-                    .send(&wire::announce(chunk, attrs, local_as, ebgp, next_hop))
-                    .await
-                {
+                let m = match local {
+                    IpAddr::V4(nh) => wire::announce(&split(chunk).0, attrs, local_as, ebgp, nh),
+                    IpAddr::V6(nh) => wire::announce6(&split(chunk).1, attrs, local_as, ebgp, nh),
+                };
+                if !self.send(&m).await {
                     return;
                 }
                 updates += 1;
@@ -722,4 +772,17 @@ impl Session {
             st.prefixes_sent = n;
         });
     }
+}
+
+/// IPv4 and IPv6 prefixes of a list.
+fn split(prefixes: &[IpNet]) -> (Vec<Ipv4Net>, Vec<Ipv6Net>) {
+    let mut v4 = Vec::new();
+    let mut v6 = Vec::new();
+    for p in prefixes {
+        match p {
+            IpNet::V4(n) => v4.push(*n),
+            IpNet::V6(n) => v6.push(*n),
+        }
+    }
+    (v4, v6)
 }

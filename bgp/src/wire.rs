@@ -5,20 +5,20 @@
 
 use std::collections::HashMap;
 use std::io::Cursor;
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use netgauze_bgp_pkt::BgpMessage;
 use netgauze_bgp_pkt::capabilities::{
     BgpCapability, FourOctetAsCapability, MultiProtocolExtensionsCapability,
 };
 use netgauze_bgp_pkt::community::{Community, LargeCommunity};
-use netgauze_bgp_pkt::nlri::{Ipv4Unicast, Ipv4UnicastAddress};
+use netgauze_bgp_pkt::nlri::{Ipv4Unicast, Ipv4UnicastAddress, Ipv6Unicast, Ipv6UnicastAddress};
 use netgauze_bgp_pkt::notification::BgpNotificationMessage;
 use netgauze_bgp_pkt::open::{BgpOpenMessage, BgpOpenMessageParameter};
 use netgauze_bgp_pkt::path_attribute::{
     As4PathSegment, AsPath, AsPathSegmentType, Communities, LargeCommunities, LocalPreference,
-    MultiExitDiscriminator, NextHop, Origin, PathAttribute, PathAttributeValue,
+    MpReach, MpUnreach, MultiExitDiscriminator, NextHop, Origin, PathAttribute, PathAttributeValue,
 };
 use netgauze_bgp_pkt::update::BgpUpdateMessage;
 use netgauze_bgp_pkt::wire::deserializer::BgpParsingContext;
@@ -91,18 +91,33 @@ pub struct PeerOpen {
     pub hold_time_s: u16,
     pub router_id: Ipv4Addr,
     pub asn4: bool,
+    /// The peer takes IPv4 unicast routes (announced, or no multiprotocol capability at all:
+    /// RFC 4760 §8).
+    pub ipv4_unicast: bool,
+    /// The peer announced the IPv6 unicast capability.
+    pub ipv6_unicast: bool,
 }
 
 pub fn peer_open(o: &BgpOpenMessage) -> PeerOpen {
-    let asn4 = o
-        .capabilities()
+    let caps = o.capabilities();
+    let asn4 = caps
         .iter()
         .any(|c| matches!(c, BgpCapability::FourOctetAs(_)));
+    let mp = |t: AddressType| {
+        caps.iter().any(
+            |c| matches!(c, BgpCapability::MultiProtocolExtensions(m) if m.address_type() == t),
+        )
+    };
+    let any_mp = caps
+        .iter()
+        .any(|c| matches!(c, BgpCapability::MultiProtocolExtensions(_)));
     PeerOpen {
         asn: o.my_asn4(),
         hold_time_s: o.hold_time(),
         router_id: o.bgp_id(),
         asn4,
+        ipv4_unicast: !any_mp || mp(AddressType::Ipv4Unicast),
+        ipv6_unicast: mp(AddressType::Ipv6Unicast),
     }
 }
 
@@ -116,6 +131,12 @@ fn attr(optional: bool, transitive: bool, v: PathAttributeValue) -> Option<PathA
     PathAttribute::from(optional, transitive, false, false, v).ok()
 }
 
+fn nlri6(p: &Ipv6Net) -> Option<Ipv6UnicastAddress> {
+    Ipv6Unicast::from_net(*p)
+        .ok()
+        .map(|n| Ipv6UnicastAddress::new(None, n))
+}
+
 /// An UPDATE announcing `prefixes` with `attrs` (next hop `next_hop`).
 pub fn announce(
     prefixes: &[Ipv4Net],
@@ -124,6 +145,80 @@ pub fn announce(
     ebgp: bool,
     next_hop: Ipv4Addr,
 ) -> BgpMessage {
+    let mut path = common_attrs(attrs, local_as, ebgp);
+    path.extend(attr(
+        false,
+        true,
+        PathAttributeValue::NextHop(NextHop::new(next_hop)),
+    ));
+    let n: Vec<Ipv4UnicastAddress> = prefixes.iter().filter_map(nlri).collect();
+    BgpMessage::Update(BgpUpdateMessage::new(vec![], path, n))
+}
+
+/// An UPDATE announcing IPv6 `prefixes` in MP_REACH_NLRI (RFC 4760, RFC 2545: the global
+/// next hop `next_hop`, no link-local one).
+pub fn announce6(
+    prefixes: &[Ipv6Net],
+    attrs: &RouteAttrs,
+    local_as: u32,
+    ebgp: bool,
+    next_hop: Ipv6Addr,
+) -> BgpMessage {
+    let mut path = common_attrs(attrs, local_as, ebgp);
+    let nlri: Vec<Ipv6UnicastAddress> = prefixes.iter().filter_map(nlri6).collect();
+    path.extend(attr(
+        true,
+        false,
+        PathAttributeValue::MpReach(MpReach::Ipv6Unicast {
+            next_hop_global: next_hop,
+            next_hop_local: None,
+            nlri: nlri.into(),
+        }),
+    ));
+    BgpMessage::Update(BgpUpdateMessage::new(vec![], path, vec![]))
+}
+
+/// An UPDATE withdrawing IPv6 `prefixes` (MP_UNREACH_NLRI).
+pub fn withdraw6(prefixes: &[Ipv6Net]) -> BgpMessage {
+    let nlri: Vec<Ipv6UnicastAddress> = prefixes.iter().filter_map(nlri6).collect();
+    let path = attr(
+        true,
+        false,
+        PathAttributeValue::MpUnreach(MpUnreach::Ipv6Unicast { nlri: nlri.into() }),
+    );
+    BgpMessage::Update(BgpUpdateMessage::new(
+        vec![],
+        path.into_iter().collect::<Vec<_>>(),
+        vec![],
+    ))
+}
+
+/// (announced, withdrawn) prefixes of an UPDATE, IPv4 NLRI and multiprotocol ones together.
+pub fn update_counts(u: &BgpUpdateMessage) -> (u64, u64) {
+    let mut ann = u.nlri().len() as u64;
+    let mut wd = u.withdraw_routes().len() as u64;
+    for a in u.path_attributes() {
+        match a.value() {
+            PathAttributeValue::MpReach(MpReach::Ipv6Unicast { nlri, .. }) => {
+                ann += nlri.len() as u64
+            }
+            PathAttributeValue::MpReach(MpReach::Ipv4Unicast { nlri, .. }) => {
+                ann += nlri.len() as u64
+            }
+            PathAttributeValue::MpUnreach(MpUnreach::Ipv6Unicast { nlri }) => {
+                wd += nlri.len() as u64
+            }
+            PathAttributeValue::MpUnreach(MpUnreach::Ipv4Unicast { nlri }) => {
+                wd += nlri.len() as u64
+            }
+            _ => {}
+        }
+    }
+    (ann, wd)
+}
+
+/// ORIGIN, AS_PATH (eBGP: our AS plus prepends), MED, LOCAL_PREF (iBGP) and communities.
+fn common_attrs(attrs: &RouteAttrs, local_as: u32, ebgp: bool) -> Vec<PathAttribute> {
     let mut path = Vec::new();
     path.extend(attr(false, true, PathAttributeValue::Origin(Origin::IGP)));
     let segments = if ebgp {
@@ -138,11 +233,6 @@ pub fn announce(
         false,
         true,
         PathAttributeValue::AsPath(AsPath::As4PathSegments(segments.into())),
-    ));
-    path.extend(attr(
-        false,
-        true,
-        PathAttributeValue::NextHop(NextHop::new(next_hop)),
     ));
     if let Some(med) = attrs.med {
         path.extend(attr(
@@ -184,8 +274,7 @@ pub fn announce(
             PathAttributeValue::LargeCommunities(LargeCommunities::new(c)),
         ));
     }
-    let n: Vec<Ipv4UnicastAddress> = prefixes.iter().filter_map(nlri).collect();
-    BgpMessage::Update(BgpUpdateMessage::new(vec![], path, n))
+    path
 }
 
 pub fn withdraw(prefixes: &[Ipv4Net]) -> BgpMessage {
@@ -310,6 +399,64 @@ mod tests {
             panic!()
         };
         assert_eq!(u.withdraw_routes().len(), 1);
+    }
+
+    #[test]
+    fn ipv6_routes_round_trip_in_multiprotocol_attributes() {
+        let attrs = RouteAttrs {
+            med: Some(200),
+            prepend: 3,
+            ..Default::default()
+        };
+        let vip: Ipv6Net = "2001:db8:aaaa::10/128".parse().unwrap();
+        let nh: Ipv6Addr = "2001:db8:1::2".parse().unwrap();
+        let b = encode(&announce6(&[vip], &attrs, 65100, true, nh)).unwrap();
+        let d = decode(&b, true).unwrap();
+        assert!(d.attribute_errors.is_empty(), "{:?}", d.attribute_errors);
+        let BgpMessage::Update(u) = &d.message else {
+            panic!()
+        };
+        assert!(
+            u.nlri().is_empty(),
+            "IPv6 prefixes are not in the IPv4 NLRI field"
+        );
+        assert_eq!(update_counts(u), (1, 0));
+        let reach = u
+            .path_attributes()
+            .iter()
+            .find_map(|a| match a.value() {
+                PathAttributeValue::MpReach(MpReach::Ipv6Unicast {
+                    next_hop_global,
+                    next_hop_local,
+                    nlri,
+                }) => Some((*next_hop_global, *next_hop_local, nlri.clone())),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(reach.0, nh);
+        assert_eq!(reach.1, None);
+        assert_eq!(reach.2[0].network().address(), vip);
+        assert!(
+            !u.path_attributes()
+                .iter()
+                .any(|a| matches!(a.value(), PathAttributeValue::NextHop(_))),
+            "no IPv4 NEXT_HOP with IPv6-only reachability"
+        );
+        let w = encode(&withdraw6(&[vip])).unwrap();
+        let BgpMessage::Update(u) = decode(&w, true).unwrap().message else {
+            panic!()
+        };
+        assert_eq!(update_counts(&u), (0, 1));
+        // Capabilities: our OPEN offers both families.
+        let BgpMessage::Open(o) =
+            decode(&encode(&open(65100, 9, Ipv4Addr::LOCALHOST)).unwrap(), true)
+                .unwrap()
+                .message
+        else {
+            panic!()
+        };
+        let p = peer_open(&o);
+        assert!(p.ipv4_unicast && p.ipv6_unicast);
     }
 
     #[test]

@@ -2,18 +2,22 @@
 /*
  * ferrolb L4 load-balancer datapath, TC ingress.
  *
- * Per packet: parse (parse_v4) -> conntrack lookup (ct_lookup) -> on a miss,
+ * Per packet: parse (parse: IPv4 or IPv6) -> conntrack lookup -> on a miss,
  * service lookup and endpoint selection (svc_lookup, select_ep) and creation
- * of both conntrack entries (ct_create) -> translation (xlate_v4) -> forward
- * (fwd_v4: FIB lookup and redirect, so a rewritten source address that is
+ * of both conntrack entries (ct_create) -> translation (xlate) -> forward
+ * (fwd: FIB lookup and redirect, so a rewritten source address that is
  * local to this node is never seen by the stack's martian-source check).
  * These steps are separate inline functions so an XDP entry can reuse them.
  *
+ * Both families share one code path: addresses are four words (IPv4 uses
+ * word 0), and ICMPv6 is keyed as IPPROTO_ICMP with family 6, so services,
+ * conntrack and sync treat "ICMP" alike. No NAT46/64: a flow keeps its family.
+ *
  * Traffic that is neither tracked nor addressed to a service passes
- * untouched (TC_ACT_OK). IPv4 fragments addressed to a service VIP are
- * dropped and counted (FLB_CNT_DROP_FRAGMENT): only the first fragment
- * carries ports, so they cannot be balanced consistently. ICMP errors about
- * a tracked flow are translated back (inner and outer headers).
+ * untouched (TC_ACT_OK). Fragments addressed to a service VIP are dropped
+ * and counted (FLB_CNT_DROP_FRAGMENT): only the first fragment carries
+ * ports, so they cannot be balanced consistently. ICMP errors about a
+ * tracked flow are translated back (inner and outer headers).
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -45,6 +49,37 @@ struct icmphdr {
 #define ICMP_ECHO 8
 #define ICMP_TIME_EXCEEDED 11
 #define ICMP_PARAMETERPROB 12
+#define ICMPV6_DEST_UNREACH 1
+#define ICMPV6_PKT_TOOBIG 2
+#define ICMPV6_TIME_EXCEED 3
+#define ICMPV6_PARAMPROB 4
+#define ICMPV6_ECHO_REQUEST 128
+#define ICMPV6_ECHO_REPLY 129
+
+#ifndef IPPROTO_ICMPV6
+#define IPPROTO_ICMPV6 58
+#endif
+#define NEXTHDR_HOP 0
+#define NEXTHDR_ROUTING 43
+#define NEXTHDR_FRAGMENT 44
+#define NEXTHDR_DEST 60
+
+/* <linux/ipv6.h> drags in libc headers too. */
+struct ip6hdr_ {
+	__u8 vtc;
+	__u8 flow[3];
+	__be16 payload_len;
+	__u8 nexthdr;
+	__u8 hop_limit;
+	__u32 saddr[4];
+	__u32 daddr[4];
+};
+
+/* bpf_l4_csum_replace: the packet is IPv6 (kernel >= 6.16; older kernels refuse the flag
+ * and the call is repeated without it). */
+#ifndef BPF_F_IPV6
+#define BPF_F_IPV6 (1ULL << 7)
+#endif
 
 char _license[] SEC("license") = "GPL";
 
@@ -145,24 +180,46 @@ struct {
 #define IP_SRC_OFF (ETH_HLEN_ + offsetof(struct iphdr, saddr))
 #define IP_DST_OFF (ETH_HLEN_ + offsetof(struct iphdr, daddr))
 #define IP_TTL_OFF (ETH_HLEN_ + offsetof(struct iphdr, ttl))
+#define IP6_SRC_OFF (ETH_HLEN_ + offsetof(struct ip6hdr_, saddr))
+#define IP6_DST_OFF (ETH_HLEN_ + offsetof(struct ip6hdr_, daddr))
+#define IP6_HOP_OFF (ETH_HLEN_ + offsetof(struct ip6hdr_, hop_limit))
+/* Extension headers walked before giving up on finding the L4 header. */
+#define IP6_MAX_EXT 4
 
 #ifndef AF_INET
 #define AF_INET 2
+#endif
+#ifndef AF_INET6
+#define AF_INET6 10
 #endif
 
 struct pkt {
 	__u32 l4off;
 	__u32 len;
-	__u32 saddr;
-	__u32 daddr;
+	__u32 saddr[4];
+	__u32 daddr[4];
 	__u16 sport;
 	__u16 dport;
-	__u8 proto;
+	__u8 proto;  /* IPPROTO_ICMP for ICMPv6 too (see the file comment) */
+	__u8 family; /* FLB_FAMILY_V4 / FLB_FAMILY_V6 */
 	__u8 tcp_flags; /* FIN 0x01 SYN 0x02 RST 0x04 ACK 0x10 */
-	__u8 icmp_type;
+	__u8 echo_req;  /* ICMP(v6) echo request */
 	__u8 is_icmp_err;
 	__u8 frag;
 };
+
+static __always_inline void addr_cp(__u32 *d, const __u32 *s)
+{
+	d[0] = s[0];
+	d[1] = s[1];
+	d[2] = s[2];
+	d[3] = s[3];
+}
+
+static __always_inline int addr_eq(const __u32 *a, const __u32 *b)
+{
+	return ((a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3])) == 0;
+}
 
 static __always_inline void count(__u32 idx)
 {
@@ -189,74 +246,117 @@ static __always_inline __u32 l4_csum_off(__u8 proto)
 	return offsetof(struct icmphdr, checksum);
 }
 
-/* Parse Ethernet + IPv4 + the L4 header fields we need. Returns 0 when the
- * packet is IPv4 with a parsable L4 header (or a non-first fragment), -1 to
- * pass it untouched. */
-static __always_inline int parse_v4(struct __sk_buff *skb, struct pkt *p)
+/* The L4 header fields we need, at p->l4off. Returns 0 or -1 to pass the packet. */
+static __always_inline int parse_l4(struct __sk_buff *skb, struct pkt *p, __u8 l4proto)
 {
-	void *data = (void *)(long)skb->data;
-	void *end = (void *)(long)skb->data_end;
-	struct ethhdr *eth = data;
-	if ((void *)(eth + 1) > end)
-		return -1;
-	if (eth->h_proto != bpf_htons(ETH_P_IP))
-		return -1;
-	struct iphdr *ip = (void *)(eth + 1);
-	if ((void *)(ip + 1) > end)
-		return -1;
-	if (ip->ihl < 5 || ip->version != 4)
-		return -1;
-	p->l4off = ETH_HLEN_ + ip->ihl * 4;
-	p->len = skb->len;
-	p->saddr = ip->saddr;
-	p->daddr = ip->daddr;
-	p->proto = ip->protocol;
-	p->frag = (ip->frag_off & bpf_htons(IP_MF | IP_OFFSET)) != 0;
-	if (p->frag)
-		return 0;
-	if (p->proto == IPPROTO_TCP) {
+	if (l4proto == IPPROTO_TCP) {
 		struct tcphdr tcp;
 		if (bpf_skb_load_bytes(skb, p->l4off, &tcp, sizeof(tcp)) < 0)
 			return -1;
 		p->sport = tcp.source;
 		p->dport = tcp.dest;
 		p->tcp_flags = ((__u8 *)&tcp)[13];
-	} else if (p->proto == IPPROTO_UDP) {
+	} else if (l4proto == IPPROTO_UDP) {
 		struct udphdr udp;
 		if (bpf_skb_load_bytes(skb, p->l4off, &udp, sizeof(udp)) < 0)
 			return -1;
 		p->sport = udp.source;
 		p->dport = udp.dest;
-	} else if (p->proto == IPPROTO_ICMP) {
+	} else if (l4proto == IPPROTO_ICMP || l4proto == IPPROTO_ICMPV6) {
 		struct icmphdr icmp;
 		if (bpf_skb_load_bytes(skb, p->l4off, &icmp, sizeof(icmp)) < 0)
 			return -1;
-		p->icmp_type = icmp.type;
-		if (icmp.type == ICMP_ECHO || icmp.type == ICMP_ECHOREPLY) {
+		int v6 = l4proto == IPPROTO_ICMPV6;
+		__u8 req = v6 ? ICMPV6_ECHO_REQUEST : ICMP_ECHO;
+		__u8 rep = v6 ? ICMPV6_ECHO_REPLY : ICMP_ECHOREPLY;
+		if (icmp.type == req || icmp.type == rep) {
+			p->echo_req = icmp.type == req;
 			p->sport = icmp.un.echo.id;
 			p->dport = 0;
-		} else if (icmp.type == ICMP_DEST_UNREACH || icmp.type == ICMP_TIME_EXCEEDED ||
-			   icmp.type == ICMP_PARAMETERPROB) {
+		} else if ((!v6 && (icmp.type == ICMP_DEST_UNREACH || icmp.type == ICMP_TIME_EXCEEDED ||
+				    icmp.type == ICMP_PARAMETERPROB)) ||
+			   (v6 && icmp.type >= ICMPV6_DEST_UNREACH && icmp.type <= ICMPV6_PARAMPROB)) {
 			p->is_icmp_err = 1;
 		} else {
-			return -1;
+			return -1; /* neighbour discovery, router advertisements, ...: not ours */
 		}
+		p->proto = IPPROTO_ICMP;
 	} else {
 		return -1;
 	}
 	return 0;
 }
 
-static __always_inline void ct_key_v4(struct flb_ct_key *k, __u32 s, __u32 d, __u16 sp, __u16 dp,
-				      __u8 proto)
+/* Parse Ethernet + IPv4 or IPv6 + the L4 header fields we need. Returns 0 when the packet
+ * has a parsable L4 header (or is a fragment), -1 to pass it untouched. */
+static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	if ((void *)(eth + 1) > end)
+		return -1;
+	p->len = skb->len;
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = (void *)(eth + 1);
+		if ((void *)(ip + 1) > end)
+			return -1;
+		if (ip->ihl < 5 || ip->version != 4)
+			return -1;
+		p->family = FLB_FAMILY_V4;
+		p->l4off = ETH_HLEN_ + ip->ihl * 4;
+		p->saddr[0] = ip->saddr;
+		p->daddr[0] = ip->daddr;
+		p->proto = ip->protocol;
+		p->frag = (ip->frag_off & bpf_htons(IP_MF | IP_OFFSET)) != 0;
+		if (p->frag)
+			return 0;
+		return parse_l4(skb, p, ip->protocol);
+	}
+	if (eth->h_proto != bpf_htons(ETH_P_IPV6))
+		return -1;
+	struct ip6hdr_ ip6;
+	if (bpf_skb_load_bytes(skb, ETH_HLEN_, &ip6, sizeof(ip6)) < 0)
+		return -1;
+	if ((ip6.vtc >> 4) != 6)
+		return -1;
+	p->family = FLB_FAMILY_V6;
+	addr_cp(p->saddr, ip6.saddr);
+	addr_cp(p->daddr, ip6.daddr);
+	__u8 nh = ip6.nexthdr;
+	__u32 off = ETH_HLEN_ + sizeof(ip6);
+	for (int i = 0; i < IP6_MAX_EXT; i++) {
+		if (nh == NEXTHDR_FRAGMENT) {
+			__u8 fh[2];
+			if (bpf_skb_load_bytes(skb, off, fh, sizeof(fh)) < 0)
+				return -1;
+			p->frag = 1;
+			p->proto = fh[0] == IPPROTO_ICMPV6 ? IPPROTO_ICMP : fh[0];
+			return 0;
+		}
+		if (nh != NEXTHDR_HOP && nh != NEXTHDR_ROUTING && nh != NEXTHDR_DEST)
+			break;
+		__u8 eh[2];
+		if (bpf_skb_load_bytes(skb, off, eh, sizeof(eh)) < 0)
+			return -1;
+		nh = eh[0];
+		off += ((__u32)eh[1] + 1) * 8;
+	}
+	p->l4off = off;
+	p->proto = nh;
+	return parse_l4(skb, p, nh);
+}
+
+static __always_inline void ct_key(struct flb_ct_key *k, const __u32 *s, const __u32 *d, __u16 sp,
+				   __u16 dp, __u8 proto, __u8 family)
 {
 	__builtin_memset(k, 0, sizeof(*k));
-	k->saddr[0] = s;
-	k->daddr[0] = d;
+	addr_cp(k->saddr, s);
+	addr_cp(k->daddr, d);
 	k->sport = sp;
 	k->dport = dp;
 	k->proto = proto;
-	k->family = FLB_FAMILY_V4;
+	k->family = family;
 }
 
 /* The key of the other direction of the flow an entry belongs to. */
@@ -264,8 +364,8 @@ static __always_inline void ct_peer_key(struct flb_ct_key *pk, const struct flb_
 					const struct flb_ct *v)
 {
 	__builtin_memset(pk, 0, sizeof(*pk));
-	pk->saddr[0] = v->nat_daddr[0];
-	pk->daddr[0] = v->nat_saddr[0];
+	addr_cp(pk->saddr, v->nat_daddr);
+	addr_cp(pk->daddr, v->nat_saddr);
 	pk->proto = k->proto;
 	pk->family = k->family;
 	if (k->proto == IPPROTO_ICMP) {
@@ -401,9 +501,12 @@ static __always_inline void tcp_track(const struct flb_ct_key *key, struct flb_c
 static __always_inline __u32 flow_hash(const struct pkt *p)
 {
 	/* Deterministic (no per-node seed): every node maps a flow to the
-	 * same lookup-table slot. murmur3 finaliser over the 5-tuple. */
-	__u32 h = p->saddr * 0x9e3779b1u;
-	h ^= p->daddr + 0x7f4a7c15u + (h << 6) + (h >> 2);
+	 * same lookup-table slot. murmur3 finaliser over the 5-tuple; IPv6
+	 * addresses are folded to 32 bits first (IPv4's extra words are 0). */
+	__u32 sa = p->saddr[0] ^ p->saddr[1] ^ p->saddr[2] ^ p->saddr[3];
+	__u32 da = p->daddr[0] ^ p->daddr[1] ^ p->daddr[2] ^ p->daddr[3];
+	__u32 h = sa * 0x9e3779b1u;
+	h ^= da + 0x7f4a7c15u + (h << 6) + (h >> 2);
 	h ^= (((__u32)p->sport << 16) | p->dport) + 0x165667b1u + (h << 6) + (h >> 2);
 	h ^= p->proto;
 	h ^= h >> 16;
@@ -478,7 +581,7 @@ static __always_inline __u32 select_ep(const struct flb_svc *svc, const struct f
 	case FLB_SEL_PERSIST: {
 		struct flb_affinity_key ak = {};
 		ak.svc_id = svc->id;
-		ak.addr[0] = p->saddr;
+		addr_cp(ak.addr, p->saddr);
 		struct flb_affinity *a = bpf_map_lookup_elem(&affinity, &ak);
 		if (a && now - a->last_ns < (__u64)svc->timeout_s * 1000000000ULL &&
 		    ep_ok(be, a->ep_idx)) {
@@ -520,17 +623,17 @@ static __always_inline __u32 select_ep(const struct flb_svc *svc, const struct f
 static __always_inline struct flb_svc *svc_lookup(const struct pkt *p)
 {
 	struct flb_svc_key k = {};
-	k.addr[0] = p->daddr;
+	addr_cp(k.addr, p->daddr);
 	k.port = p->proto == IPPROTO_ICMP ? 0 : p->dport;
 	k.proto = p->proto;
-	k.family = FLB_FAMILY_V4;
+	k.family = p->family;
 	struct flb_svc *s = bpf_map_lookup_elem(&services, &k);
 	if (s || p->proto == IPPROTO_ICMP)
 		return s;
 	struct flb_range_key rk = {};
-	rk.addr[0] = p->daddr;
+	addr_cp(rk.addr, p->daddr);
 	rk.proto = p->proto;
-	rk.family = FLB_FAMILY_V4;
+	rk.family = p->family;
 	struct flb_ranges *r = bpf_map_lookup_elem(&ranges, &rk);
 	if (!r)
 		return 0;
@@ -543,12 +646,12 @@ static __always_inline struct flb_svc *svc_lookup(const struct pkt *p)
 }
 
 /* Is this address a VIP of any service (for the fragment and unknown-flow rules)? */
-static __always_inline int is_vip(__u32 daddr, __u8 proto)
+static __always_inline int is_vip(const __u32 *daddr, __u8 family, __u8 proto)
 {
 	struct flb_range_key rk = {};
-	rk.addr[0] = daddr;
+	addr_cp(rk.addr, daddr);
 	rk.proto = proto;
-	rk.family = FLB_FAMILY_V4;
+	rk.family = family;
 	/* The agent keeps one (possibly empty) ranges entry per VIP and
 	 * protocol, so this is a single lookup. */
 	return bpf_map_lookup_elem(&ranges, &rk) != 0;
@@ -562,14 +665,23 @@ static __always_inline int unknown_tcp_to_vip(struct __sk_buff *skb, const struc
 {
 	if (p->proto != IPPROTO_TCP || (p->tcp_flags & 0x12) == 0x02)
 		return 0;
-	if (!is_vip(p->daddr, IPPROTO_TCP))
+	if (!is_vip(p->daddr, p->family, IPPROTO_TCP))
 		return 0;
 	struct bpf_sock_tuple t = {};
-	t.ipv4.saddr = p->saddr;
-	t.ipv4.daddr = p->daddr;
-	t.ipv4.sport = p->sport;
-	t.ipv4.dport = p->dport;
-	struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
+	__u32 tlen = sizeof(t.ipv4);
+	if (p->family == FLB_FAMILY_V6) {
+		addr_cp(t.ipv6.saddr, p->saddr);
+		addr_cp(t.ipv6.daddr, p->daddr);
+		t.ipv6.sport = p->sport;
+		t.ipv6.dport = p->dport;
+		tlen = sizeof(t.ipv6);
+	} else {
+		t.ipv4.saddr = p->saddr[0];
+		t.ipv4.daddr = p->daddr[0];
+		t.ipv4.sport = p->sport;
+		t.ipv4.dport = p->dport;
+	}
+	struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &t, tlen, BPF_F_CURRENT_NETNS, 0);
 	if (sk) {
 		bpf_sk_release(sk);
 		return 0;
@@ -602,11 +714,11 @@ static __always_inline int ct_create(const struct pkt *p, const struct flb_svc *
 	if (p->proto != IPPROTO_ICMP && ep->port != 0)
 		eport = bpf_htons(ep->port + (bpf_ntohs(p->dport) - svc->port_base));
 
-	__u32 snat = p->saddr;
+	const __u32 *snat = p->saddr;
 	if (svc->mode == FLB_MODE_FULLNAT)
 		snat = p->daddr;
 	else if (svc->mode == FLB_MODE_ONEARM)
-		snat = ep->snat_addr[0];
+		snat = ep->snat_addr;
 
 	/* Built in the caller's buffer (the BPF stack is 512 bytes): first as the reply
 	 * entry, then turned into the original-direction entry. */
@@ -628,8 +740,8 @@ static __always_inline int ct_create(const struct pkt *p, const struct flb_svc *
 		o->state = FLB_CT_EST;
 
 	/* The reply entry: back to the VIP and the client. */
-	o->nat_saddr[0] = p->daddr;
-	o->nat_daddr[0] = p->saddr;
+	addr_cp(o->nat_saddr, p->daddr);
+	addr_cp(o->nat_daddr, p->saddr);
 	o->nat_sport = p->proto == IPPROTO_ICMP ? p->sport : p->dport;
 	o->nat_dport = p->proto == IPPROTO_ICMP ? 0 : p->sport;
 	o->dir = 1;
@@ -637,11 +749,11 @@ static __always_inline int ct_create(const struct pkt *p, const struct flb_svc *
 	struct flb_ct_key rkey;
 	int ok = -1;
 	__u16 nport = p->sport;
-	if (snat == p->saddr) {
+	if (addr_eq(snat, p->saddr)) {
 		/* Client address kept: the reply key cannot collide with
 		 * another client's flow. */
-		ct_key_v4(&rkey, ep->addr[0], snat, p->proto == IPPROTO_ICMP ? p->sport : eport,
-			  p->proto == IPPROTO_ICMP ? 0 : p->sport, p->proto);
+		ct_key(&rkey, ep->addr, snat, p->proto == IPPROTO_ICMP ? p->sport : eport,
+		       p->proto == IPPROTO_ICMP ? 0 : p->sport, p->proto, p->family);
 		ok = bpf_map_update_elem(&conntrack, &rkey, o, BPF_ANY);
 	} else {
 		/* Source rewritten: find a free source port (ICMP: echo id)
@@ -649,9 +761,8 @@ static __always_inline int ct_create(const struct pkt *p, const struct flb_svc *
 		__u32 h = flow_hash(p);
 		for (int t = 0; t < 8; t++) {
 			nport = bpf_htons(1024 + ((h + t * 7919) % 64511));
-			ct_key_v4(&rkey, ep->addr[0], snat,
-				  p->proto == IPPROTO_ICMP ? nport : eport,
-				  p->proto == IPPROTO_ICMP ? 0 : nport, p->proto);
+			ct_key(&rkey, ep->addr, snat, p->proto == IPPROTO_ICMP ? nport : eport,
+			       p->proto == IPPROTO_ICMP ? 0 : nport, p->proto, p->family);
 			if (bpf_map_update_elem(&conntrack, &rkey, o, BPF_NOEXIST) == 0) {
 				ok = 0;
 				break;
@@ -660,8 +771,8 @@ static __always_inline int ct_create(const struct pkt *p, const struct flb_svc *
 	}
 
 	/* The original-direction entry: to the endpoint, from the chosen source. */
-	o->nat_saddr[0] = snat;
-	o->nat_daddr[0] = ep->addr[0];
+	addr_cp(o->nat_saddr, snat);
+	addr_cp(o->nat_daddr, ep->addr);
 	o->nat_sport = nport;
 	o->nat_dport = p->proto == IPPROTO_ICMP ? 0 : eport;
 	o->dir = 0;
@@ -678,8 +789,8 @@ static __always_inline int ct_create(const struct pkt *p, const struct flb_svc *
 		struct flb_ct *cur = bpf_map_lookup_elem(&conntrack, okey);
 		if (cur && cur->created_ns >= seen_ns) {
 			/* Their reply key is (nat_daddr, nat_dport) -> (nat_saddr, nat_sport). */
-			int same = cur->nat_daddr[0] == rkey.saddr[0] &&
-				   cur->nat_saddr[0] == rkey.daddr[0] &&
+			int same = addr_eq(cur->nat_daddr, rkey.saddr) &&
+				   addr_eq(cur->nat_saddr, rkey.daddr) &&
 				   (p->proto == IPPROTO_ICMP ? cur->nat_sport == rkey.sport
 							     : (cur->nat_dport == rkey.sport &&
 								cur->nat_sport == rkey.dport));
@@ -722,6 +833,35 @@ static __always_inline int set_addr(struct __sk_buff *skb, const struct pkt *p, 
 	return bpf_skb_store_bytes(skb, off, &new, sizeof(new), 0);
 }
 
+/* Fold a checksum difference (bpf_csum_diff) into the L4 checksum at `csum_off`. `pseudo`:
+ * the change is to the IPv6 pseudo header (an address), which ICMPv6 covers too. */
+static __always_inline int l4_csum_diff6(struct __sk_buff *skb, __u32 csum_off, __s64 diff,
+					 __u8 proto, int pseudo)
+{
+	if (diff < 0)
+		return -1;
+	__u64 f = pseudo ? BPF_F_PSEUDO_HDR : 0;
+	if (proto == IPPROTO_UDP)
+		f |= BPF_F_MARK_MANGLED_0;
+	long rc = bpf_l4_csum_replace(skb, csum_off, 0, diff, f | BPF_F_IPV6);
+	if (rc == -22) /* -EINVAL: a kernel without BPF_F_IPV6 */
+		rc = bpf_l4_csum_replace(skb, csum_off, 0, diff, f);
+	return rc < 0 ? -1 : 0;
+}
+
+/* Rewrite one 128-bit address of the IPv6 header; TCP, UDP and ICMPv6 checksums all cover
+ * it through the pseudo header. `old` and `new` must be stack or map memory. */
+static __always_inline int set_addr6(struct __sk_buff *skb, const struct pkt *p, __u32 off,
+				     __u32 *old, __u32 *new)
+{
+	if (addr_eq(old, new))
+		return 0;
+	__s64 diff = bpf_csum_diff(old, 16, new, 16, 0);
+	if (l4_csum_diff6(skb, p->l4off + l4_csum_off(p->proto), diff, p->proto, 1) < 0)
+		return -1;
+	return bpf_skb_store_bytes(skb, off, new, 16, 0);
+}
+
 static __always_inline int set_port(struct __sk_buff *skb, const struct pkt *p, __u32 off,
 				    __u16 old, __u16 new)
 {
@@ -735,13 +875,9 @@ static __always_inline int set_port(struct __sk_buff *skb, const struct pkt *p, 
 	return bpf_skb_store_bytes(skb, off, &new, sizeof(new), 0);
 }
 
-static __always_inline int xlate_v4(struct __sk_buff *skb, const struct pkt *p,
-				    const struct flb_ct *v)
+static __always_inline int xlate_ports(struct __sk_buff *skb, const struct pkt *p,
+				       const struct flb_ct *v)
 {
-	if (set_addr(skb, p, IP_SRC_OFF, p->saddr, v->nat_saddr[0]) < 0)
-		return -1;
-	if (set_addr(skb, p, IP_DST_OFF, p->daddr, v->nat_daddr[0]) < 0)
-		return -1;
 	if (p->proto == IPPROTO_ICMP)
 		return set_port(skb, p, p->l4off + offsetof(struct icmphdr, un.echo.id), p->sport,
 				v->nat_sport);
@@ -750,33 +886,74 @@ static __always_inline int xlate_v4(struct __sk_buff *skb, const struct pkt *p,
 	return set_port(skb, p, p->l4off + 2, p->dport, v->nat_dport);
 }
 
+static __always_inline int xlate(struct __sk_buff *skb, struct pkt *p, struct flb_ct *v)
+{
+	if (p->family == FLB_FAMILY_V6) {
+		if (set_addr6(skb, p, IP6_SRC_OFF, p->saddr, v->nat_saddr) < 0)
+			return -1;
+		if (set_addr6(skb, p, IP6_DST_OFF, p->daddr, v->nat_daddr) < 0)
+			return -1;
+		return xlate_ports(skb, p, v);
+	}
+	if (set_addr(skb, p, IP_SRC_OFF, p->saddr[0], v->nat_saddr[0]) < 0)
+		return -1;
+	if (set_addr(skb, p, IP_DST_OFF, p->daddr[0], v->nat_daddr[0]) < 0)
+		return -1;
+	return xlate_ports(skb, p, v);
+}
+
 /* Forward a rewritten packet ourselves: the stack would drop a forwarded
  * packet whose source is one of our own addresses (the VIP in full-NAT, the
  * interface address in one-arm). Falls back to the stack when the FIB has
- * no forwarding answer (local delivery, no route). */
-static __always_inline int fwd_v4(struct __sk_buff *skb)
+ * no forwarding answer (local delivery, no route, forwarding disabled). */
+static __always_inline int fwd(struct __sk_buff *skb, __u8 family)
 {
-	struct iphdr ip;
-	if (bpf_skb_load_bytes(skb, ETH_HLEN_, &ip, sizeof(ip)) < 0)
-		return TC_ACT_OK;
-	if (ip.ttl <= 1)
-		return TC_ACT_OK; /* let the stack send time-exceeded */
 	struct bpf_fib_lookup fib = {};
-	fib.family = AF_INET;
-	fib.ipv4_src = ip.saddr;
-	fib.ipv4_dst = ip.daddr;
-	fib.l4_protocol = ip.protocol;
-	fib.tot_len = bpf_ntohs(ip.tot_len);
+	if (family == FLB_FAMILY_V6) {
+		struct ip6hdr_ ip6;
+		if (bpf_skb_load_bytes(skb, ETH_HLEN_, &ip6, sizeof(ip6)) < 0)
+			return TC_ACT_OK;
+		if (ip6.hop_limit <= 1)
+			return TC_ACT_OK; /* let the stack send time-exceeded */
+		fib.family = AF_INET6;
+		addr_cp(fib.ipv6_src, ip6.saddr);
+		addr_cp(fib.ipv6_dst, ip6.daddr);
+		fib.l4_protocol = ip6.nexthdr;
+		fib.tot_len = bpf_ntohs(ip6.payload_len) + sizeof(ip6);
+	} else {
+		struct iphdr ip;
+		if (bpf_skb_load_bytes(skb, ETH_HLEN_, &ip, sizeof(ip)) < 0)
+			return TC_ACT_OK;
+		if (ip.ttl <= 1)
+			return TC_ACT_OK; /* let the stack send time-exceeded */
+		fib.family = AF_INET;
+		fib.ipv4_src = ip.saddr;
+		fib.ipv4_dst = ip.daddr;
+		fib.l4_protocol = ip.protocol;
+		fib.tot_len = bpf_ntohs(ip.tot_len);
+	}
 	fib.ifindex = skb->ingress_ifindex;
 	int rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
 	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
 		return TC_ACT_OK;
-	/* Decrement TTL like a router (RFC 1812 incremental checksum). */
-	__u16 old = *(__u16 *)&ip.ttl;
-	ip.ttl -= 1;
-	__u16 new = *(__u16 *)&ip.ttl;
-	bpf_l3_csum_replace(skb, IP_CSUM_OFF, old, new, sizeof(new));
-	bpf_skb_store_bytes(skb, IP_TTL_OFF, &ip.ttl, 1, 0);
+	if (family == FLB_FAMILY_V6) {
+		/* Decrement the hop limit like a router (no header checksum in IPv6). */
+		__u8 hl;
+		if (bpf_skb_load_bytes(skb, IP6_HOP_OFF, &hl, 1) < 0)
+			return TC_ACT_OK;
+		hl -= 1;
+		bpf_skb_store_bytes(skb, IP6_HOP_OFF, &hl, 1, 0);
+	} else {
+		/* Decrement TTL like a router (RFC 1812 incremental checksum). */
+		__u8 ttl_proto[2];
+		if (bpf_skb_load_bytes(skb, IP_TTL_OFF, ttl_proto, 2) < 0)
+			return TC_ACT_OK;
+		__u16 old = *(__u16 *)ttl_proto;
+		ttl_proto[0] -= 1;
+		__u16 new = *(__u16 *)ttl_proto;
+		bpf_l3_csum_replace(skb, IP_CSUM_OFF, old, new, sizeof(new));
+		bpf_skb_store_bytes(skb, IP_TTL_OFF, ttl_proto, 1, 0);
+	}
 	count(FLB_CNT_REDIRECTED);
 	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
 		return bpf_redirect_neigh(fib.ifindex, 0, 0, 0);
@@ -823,7 +1000,13 @@ static __always_inline int icmp_err_v4(struct __sk_buff *skb, const struct pkt *
 	/* The quoted packet went out as src -> dst; the entry of the other
 	 * direction has the key dst -> src. */
 	struct flb_ct_key k;
-	ct_key_v4(&k, in.daddr, in.saddr, ports[1], ports[0], in.protocol);
+	__builtin_memset(&k, 0, sizeof(k));
+	k.saddr[0] = in.daddr;
+	k.daddr[0] = in.saddr;
+	k.sport = ports[1];
+	k.dport = ports[0];
+	k.proto = in.protocol;
+	k.family = FLB_FAMILY_V4;
 	struct flb_ct *e = bpf_map_lookup_elem(&conntrack, &k);
 	if (!e)
 		return -1;
@@ -848,10 +1031,53 @@ static __always_inline int icmp_err_v4(struct __sk_buff *skb, const struct pkt *
 	    bpf_skb_store_bytes(skb, poff + 2, &ndp, 2, 0) < 0)
 		return TC_ACT_SHOT;
 	/* Outer destination: the host that sent the quoted packet. */
-	if (set_addr(skb, p, IP_DST_OFF, p->daddr, nsrc) < 0)
+	if (set_addr(skb, p, IP_DST_OFF, p->daddr[0], nsrc) < 0)
 		return TC_ACT_SHOT;
 	count(FLB_CNT_ICMP_ERR_XLATED);
-	return fwd_v4(skb);
+	return fwd(skb, FLB_FAMILY_V4);
+}
+
+/* The same for ICMPv6 errors (destination unreachable, packet too big, time exceeded,
+ * parameter problem). ICMPv6's checksum covers the pseudo header and the whole quoted
+ * packet, so every rewritten field is folded into it. */
+static __always_inline int icmp_err_v6(struct __sk_buff *skb, struct pkt *p)
+{
+	__u32 ioff = p->l4off + sizeof(struct icmphdr);
+	struct ip6hdr_ in;
+	if (bpf_skb_load_bytes(skb, ioff, &in, sizeof(in)) < 0)
+		return -1;
+	if (in.nexthdr != IPPROTO_TCP && in.nexthdr != IPPROTO_UDP)
+		return -1;
+	__u32 poff = ioff + sizeof(in);
+	__u16 ports[2];
+	if (bpf_skb_load_bytes(skb, poff, ports, sizeof(ports)) < 0)
+		return -1;
+	struct flb_ct_key k;
+	ct_key(&k, in.daddr, in.saddr, ports[1], ports[0], in.nexthdr, FLB_FAMILY_V6);
+	struct flb_ct *e = bpf_map_lookup_elem(&conntrack, &k);
+	if (!e)
+		return -1;
+	__u32 nsrc[4], ndst[4];
+	addr_cp(nsrc, e->nat_daddr);
+	addr_cp(ndst, e->nat_saddr);
+	__u16 nsp = e->nat_dport, ndp = e->nat_sport;
+	__u32 icsum = p->l4off + offsetof(struct icmphdr, checksum);
+	if (l4_csum_diff6(skb, icsum, bpf_csum_diff(in.saddr, 16, nsrc, 16, 0), IPPROTO_ICMPV6,
+			  0) < 0 ||
+	    l4_csum_diff6(skb, icsum, bpf_csum_diff(in.daddr, 16, ndst, 16, 0), IPPROTO_ICMPV6,
+			  0) < 0 ||
+	    bpf_l4_csum_replace(skb, icsum, ports[0], nsp, 2) < 0 ||
+	    bpf_l4_csum_replace(skb, icsum, ports[1], ndp, 2) < 0)
+		return TC_ACT_SHOT;
+	if (bpf_skb_store_bytes(skb, ioff + offsetof(struct ip6hdr_, saddr), nsrc, 16, 0) < 0 ||
+	    bpf_skb_store_bytes(skb, ioff + offsetof(struct ip6hdr_, daddr), ndst, 16, 0) < 0 ||
+	    bpf_skb_store_bytes(skb, poff, &nsp, 2, 0) < 0 ||
+	    bpf_skb_store_bytes(skb, poff + 2, &ndp, 2, 0) < 0)
+		return TC_ACT_SHOT;
+	if (set_addr6(skb, p, IP6_DST_OFF, p->daddr, nsrc) < 0)
+		return TC_ACT_SHOT;
+	count(FLB_CNT_ICMP_ERR_XLATED);
+	return fwd(skb, FLB_FAMILY_V6);
 }
 
 /* L2 HA: a standby node keeps the VIPs on lo (so that taking over needs no address change)
@@ -872,7 +1098,9 @@ static __always_inline int arp_suppressed(struct __sk_buff *skb)
 		return 0;
 	__u32 tpa;
 	__builtin_memcpy(&tpa, &arp[24], 4);
-	return is_vip(tpa, IPPROTO_TCP) || is_vip(tpa, IPPROTO_UDP) || is_vip(tpa, IPPROTO_ICMP);
+	__u32 a[4] = {tpa, 0, 0, 0};
+	return is_vip(a, FLB_FAMILY_V4, IPPROTO_TCP) || is_vip(a, FLB_FAMILY_V4, IPPROTO_UDP) ||
+	       is_vip(a, FLB_FAMILY_V4, IPPROTO_ICMP);
 }
 
 SEC("classifier")
@@ -889,22 +1117,22 @@ int flb_ingress(struct __sk_buff *skb)
 		}
 		return TC_ACT_OK;
 	}
-	if (parse_v4(skb, &p) < 0)
+	if (parse(skb, &p) < 0)
 		return TC_ACT_OK;
 	if (p.frag) {
-		if (is_vip(p.daddr, p.proto)) {
+		if (is_vip(p.daddr, p.family, p.proto)) {
 			count(FLB_CNT_DROP_FRAGMENT);
 			return TC_ACT_SHOT;
 		}
 		return TC_ACT_OK;
 	}
 	if (p.is_icmp_err) {
-		int rc = icmp_err_v4(skb, &p);
+		int rc = p.family == FLB_FAMILY_V6 ? icmp_err_v6(skb, &p) : icmp_err_v4(skb, &p);
 		return rc < 0 ? TC_ACT_OK : rc;
 	}
 	/* Only echo requests start ICMP flows; replies match existing ones. */
 	struct flb_ct_key key;
-	ct_key_v4(&key, p.saddr, p.daddr, p.sport, p.dport, p.proto);
+	ct_key(&key, p.saddr, p.daddr, p.sport, p.dport, p.proto, p.family);
 	__u64 now = bpf_ktime_get_ns();
 	struct flb_ct *e = bpf_map_lookup_elem(&conntrack, &key);
 	struct flb_ct ce;
@@ -928,7 +1156,7 @@ int flb_ingress(struct __sk_buff *skb)
 			e = 0;
 	}
 	if (!e) {
-		if (p.proto == IPPROTO_ICMP && p.icmp_type != ICMP_ECHO)
+		if (p.proto == IPPROTO_ICMP && !p.echo_req)
 			return TC_ACT_OK;
 		struct flb_svc *svc = svc_lookup(&p);
 		if (!svc) {
@@ -957,9 +1185,9 @@ int flb_ingress(struct __sk_buff *skb)
 	stats_add(&ep_stats, e->svc_id * FLB_MAX_ENDPOINTS + (e->ep_idx & (FLB_MAX_ENDPOINTS - 1)),
 		  p.len);
 
-	if (xlate_v4(skb, &p, e) < 0) {
+	if (xlate(skb, &p, e) < 0) {
 		count(FLB_CNT_DROP_MALFORMED);
 		return TC_ACT_SHOT;
 	}
-	return fwd_v4(skb);
+	return fwd(skb, p.family);
 }

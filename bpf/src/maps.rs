@@ -347,13 +347,20 @@ unsafe impl aya::Pod for Stats {}
 impl CtKey {
     /// An IPv4 key; ports in host order.
     pub fn v4(saddr: Ipv4Addr, sport: u16, daddr: Ipv4Addr, dport: u16, proto: u8) -> CtKey {
+        CtKey::new(IpAddr::V4(saddr), sport, IpAddr::V4(daddr), dport, proto)
+    }
+
+    /// A key of either family (taken from `saddr`; both addresses must share it); ports in
+    /// host order. ICMPv6 flows use `PROTO_ICMP` with the IPv6 family, as the datapath does.
+    pub fn new(saddr: IpAddr, sport: u16, daddr: IpAddr, dport: u16, proto: u8) -> CtKey {
+        let (s, family) = addr_words(saddr);
         CtKey {
-            saddr: addr_words(IpAddr::V4(saddr)).0,
-            daddr: addr_words(IpAddr::V4(daddr)).0,
+            saddr: s,
+            daddr: addr_words(daddr).0,
             sport: sport.to_be(),
             dport: dport.to_be(),
             proto,
-            family: FAMILY_V4,
+            family,
             zone: 0,
         }
     }

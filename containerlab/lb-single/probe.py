@@ -19,6 +19,11 @@ import threading
 import time
 
 
+def family(vip):
+    """The socket family and wildcard address for a VIP (IPv6 when it has a colon)."""
+    return (socket.AF_INET6, "::") if ":" in vip else (socket.AF_INET, "0.0.0.0")
+
+
 def opt(name, default=None, many=False):
     vals = [sys.argv[i + 1] for i, a in enumerate(sys.argv[:-1]) if a == name]
     if many:
@@ -50,9 +55,10 @@ def udp(vip, port, n, sports):
     out = []
     targets = [int(p) for p in sports] if sports else [0] * n
     for sp in targets:
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        fam, anyaddr = family(vip)
+        s = socket.socket(fam, socket.SOCK_DGRAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("0.0.0.0", sp))
+        s.bind((anyaddr, sp))
         s.settimeout(2)
         try:
             s.sendto(b"hello", (vip, port))
@@ -110,8 +116,9 @@ def udpflow(vip, port, seconds, flows, interval_ms):
     sent, answered, the longest gap between answers, and which address the backend saw."""
     socks = []
     for _ in range(flows):
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.bind(("0.0.0.0", 0))
+        fam, anyaddr = family(vip)
+        s = socket.socket(fam, socket.SOCK_DGRAM)
+        s.bind((anyaddr, 0))
         s.setblocking(False)
         socks.append(s)
     res = [{"sent": 0, "answered": 0, "max_gap_ms": 0, "peers": {}, "last": None} for _ in socks]
@@ -141,7 +148,7 @@ def udpflow(vip, port, seconds, flows, interval_ms):
                     r = res[i]
                     r["answered"] += 1
                     try:
-                        peer = json.loads(data)["peer"].rsplit(":", 1)[0]
+                        peer = json.loads(data)["peer"].rsplit(":", 1)[0].strip("[]")
                         r["peers"][peer] = r["peers"].get(peer, 0) + 1
                     except Exception:  # noqa: BLE001
                         pass

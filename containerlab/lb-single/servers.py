@@ -4,6 +4,7 @@
   HTTP  :8080  GET / -> {"backend": NAME, "peer": "ip:port"}   (the client address it saw)
   TCP   :9000  echo; each line comes back as "NAME <line>"
   UDP   :9001  each datagram -> {"backend": NAME, "peer": "ip:port", "data": ...}
+Each listens on IPv4 and, where the node has IPv6, on IPv6 too (peer "[ip6]:port").
 """
 import http.server
 import json
@@ -15,11 +16,16 @@ import threading
 NAME = sys.argv[1] if len(sys.argv) > 1 else socket.gethostname()
 
 
+def peer_str(peer):
+    host, port = peer[0], peer[1]
+    return ("[%s]:%d" if ":" in host else "%s:%d") % (host, port)
+
+
 class Http(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.0"
 
     def do_GET(self):
-        body = json.dumps({"backend": NAME, "peer": "%s:%d" % self.client_address}).encode()
+        body = json.dumps({"backend": NAME, "peer": peer_str(self.client_address)}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -43,12 +49,34 @@ class Threaded(socketserver.ThreadingMixIn, socketserver.TCPServer):
     request_queue_size = 512
 
 
-def udp():
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("0.0.0.0", 9001))
+class V6Only:
+    address_family = socket.AF_INET6
+
+    def server_bind(self):
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        super().server_bind()
+
+
+class Http6(V6Only, http.server.ThreadingHTTPServer):
+    pass
+
+
+class Threaded6(V6Only, Threaded):
+    pass
+
+
+def udp_socket(family, addr):
+    s = socket.socket(family, socket.SOCK_DGRAM)
+    if family == socket.AF_INET6:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    s.bind((addr, 9001))
+    return s
+
+
+def udp(s):
     while True:
         data, peer = s.recvfrom(65535)
-        reply = {"backend": NAME, "peer": "%s:%d" % peer, "data": data.decode(errors="replace")}
+        reply = {"backend": NAME, "peer": peer_str(peer), "data": data.decode(errors="replace")}
         s.sendto(json.dumps(reply).encode(), peer)
 
 
@@ -56,7 +84,16 @@ def main():
     http_srv = http.server.ThreadingHTTPServer(("0.0.0.0", 8080), Http)
     http_srv.daemon_threads = True
     echo = Threaded(("0.0.0.0", 9000), Echo)
-    for f in (http_srv.serve_forever, echo.serve_forever, udp):
+    loops = [http_srv.serve_forever, echo.serve_forever, lambda: udp(udp_socket(socket.AF_INET, "0.0.0.0"))]
+    try:
+        http6 = Http6(("::", 8080), Http)
+        http6.daemon_threads = True
+        echo6 = Threaded6(("::", 9000), Echo)
+        u6 = udp_socket(socket.AF_INET6, "::")
+        loops += [http6.serve_forever, echo6.serve_forever, lambda: udp(u6)]
+    except OSError as e:
+        print("no IPv6 servers:", e, flush=True)
+    for f in loops:
         threading.Thread(target=f, daemon=True).start()
     print("servers up as", NAME, flush=True)
     threading.Event().wait()

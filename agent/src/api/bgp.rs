@@ -18,7 +18,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use ferrolb_bgp::{GlobalConfig, NeighborConfig, RouteAttrs, Routes, Speaker};
-use ipnet::Ipv4Net;
+use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::sync::Mutex;
@@ -36,7 +36,7 @@ pub const DEFAULT_INSTANCE: &str = "llb-inst0";
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NeighSpec {
-    pub address: Ipv4Addr,
+    pub address: IpAddr,
     pub remote_as: u32,
     pub remote_port: u16,
     pub hold_time_s: u16,
@@ -53,7 +53,7 @@ pub struct NeighSpec {
 pub struct BgpState {
     pub local_as: Option<u32>,
     pub router_id: Option<Ipv4Addr>,
-    pub neighbors: BTreeMap<Ipv4Addr, NeighSpec>,
+    pub neighbors: BTreeMap<IpAddr, NeighSpec>,
     /// Role per cluster instance (MASTER, BACKUP, NOT_DEFINED).
     #[serde(default)]
     pub roles: BTreeMap<String, String>,
@@ -260,9 +260,7 @@ pub fn routes_for(
         if !r.service.bgp {
             continue;
         }
-        let IpAddr::V4(vip) = r.key.external_ip else {
-            continue;
-        };
+        let vip = r.key.external_ip;
         let instance = r
             .service
             .name
@@ -272,7 +270,7 @@ pub fn routes_for(
             .unwrap_or(DEFAULT_INSTANCE);
         let backup = roles.get(instance).is_some_and(|s| s == "BACKUP");
         let attrs = policy.attrs(backup);
-        let Ok(net) = Ipv4Net::new(vip, 32) else {
+        let Ok(net) = IpNet::new(vip, if vip.is_ipv6() { 128 } else { 32 }) else {
             continue;
         };
         // Two rules on one VIP in different roles: the plainer advertisement wins.
@@ -332,6 +330,35 @@ fn ipv4(o: &serde_json::Map<String, Value>, name: &str) -> Result<Option<Ipv4Add
     }
 }
 
+/// A neighbour's address: IPv4 or IPv6 (the session then carries the VIPs of that family).
+fn neighbor_ip(o: &serde_json::Map<String, Value>) -> Result<IpAddr, FieldError> {
+    let name = "ipAddress";
+    let ip: IpAddr = match get(o, name) {
+        None => return Err(FieldError::new(name, "required (an IPv4 or IPv6 address)")),
+        Some(Value::String(s)) => s
+            .trim()
+            .parse()
+            .map_err(|_| FieldError::new(name, format!("'{s}' is not an IP address")))?,
+        Some(_) => return Err(FieldError::new(name, "must be a string")),
+    };
+    let ip = ip.to_canonical();
+    if ip.is_unspecified() || ip.is_multicast() || ip.is_loopback() {
+        return Err(FieldError::new(
+            name,
+            format!("{ip} cannot be a neighbour (unspecified, loopback or multicast)"),
+        ));
+    }
+    if let IpAddr::V6(v6) = ip
+        && v6.is_unicast_link_local()
+    {
+        return Err(FieldError::new(
+            name,
+            format!("{ip} is link-local: peer over a global or unique-local address"),
+        ));
+    }
+    Ok(ip)
+}
+
 fn bad(e: FieldError) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, e.to_string())
 }
@@ -384,9 +411,7 @@ pub async fn global(State(app): State<Shared>, body: Bytes) -> Result<Response, 
 /// `POST /config/bgp/neigh`.
 pub async fn neigh(State(app): State<Shared>, body: Bytes) -> Result<Response, ApiError> {
     let o = obj(&body).map_err(bad)?;
-    let address = ipv4(&o, "ipAddress")
-        .map_err(bad)?
-        .ok_or_else(|| bad(FieldError::new("ipAddress", "required (an IPv4 address)")))?;
+    let address = neighbor_ip(&o).map_err(bad)?;
     let remote_as = uint(&o, "remoteAs", u64::from(u32::MAX))
         .map_err(bad)?
         .filter(|a| *a != 0)
@@ -458,7 +483,7 @@ pub async fn neigh(State(app): State<Shared>, body: Bytes) -> Result<Response, A
 }
 
 /// A BFD session to a BGP neighbour with `bfd: true` (100 ms x 3 unless one exists already).
-pub async fn bfd_for_neighbor(app: &Shared, address: Ipv4Addr) {
+pub async fn bfd_for_neighbor(app: &Shared, address: IpAddr) {
     let Some(b) = &app.bfd else {
         warn!(%address, "BGP neighbour wants BFD but BFD is not running");
         return;
@@ -466,11 +491,11 @@ pub async fn bfd_for_neighbor(app: &Shared, address: Ipv4Addr) {
     if b.handle
         .list()
         .await
-        .is_ok_and(|l| l.iter().any(|p| p.peer == IpAddr::V4(address)))
+        .is_ok_and(|l| l.iter().any(|p| p.peer == address))
     {
         return;
     }
-    let source = match crate::vip::source_toward(IpAddr::V4(address)) {
+    let source = match crate::vip::source_toward(address) {
         Ok(s) => s,
         Err(e) => {
             warn!(%address, error = %e, "no source address for BFD to the BGP neighbour");
@@ -478,7 +503,7 @@ pub async fn bfd_for_neighbor(app: &Shared, address: Ipv4Addr) {
         }
     };
     let pc = ferrolb_bfd::PeerConfig {
-        peer: IpAddr::V4(address),
+        peer: address,
         local: source,
         instance: "bgp".into(),
         session: ferrolb_bfd::SessionConfig::default(),
@@ -501,10 +526,10 @@ pub async fn delete_neigh(
     Path(ip): Path<String>,
     Query(q): Query<RemoteAs>,
 ) -> Result<Response, ApiError> {
-    let address: Ipv4Addr = ip.parse().map_err(|_| {
+    let address: IpAddr = ip.parse().map(|a: IpAddr| a.to_canonical()).map_err(|_| {
         bad(FieldError::new(
             "ip",
-            format!("'{ip}' is not an IPv4 address"),
+            format!("'{ip}' is not an IP address"),
         ))
     })?;
     let svc = service(&app)?;
@@ -538,7 +563,7 @@ pub async fn delete_neigh(
     if n.bfd
         && let Some(b) = &app.bfd
     {
-        let _ = b.handle.remove(IpAddr::V4(address)).await;
+        let _ = b.handle.remove(address).await;
     }
     Ok(ok())
 }

@@ -289,11 +289,21 @@ fn parse_ip(s: &str, field: &str) -> Result<IpAddr, FieldError> {
         .trim()
         .parse()
         .map_err(|_| FieldError::new(field, format!("'{s}' is not an IP address")))?;
-    if ip.is_ipv6() {
-        return Err(FieldError::new(
-            field,
-            format!("{ip}: IPv6 is not supported by this datapath yet"),
-        ));
+    if let IpAddr::V6(v6) = ip {
+        if v6.to_ipv4_mapped().is_some() {
+            return Err(FieldError::new(
+                field,
+                format!("{ip} is an IPv4-mapped IPv6 address: write the IPv4 address"),
+            ));
+        }
+        if v6.is_unicast_link_local() {
+            return Err(FieldError::new(
+                field,
+                format!(
+                    "{ip} is link-local (fe80::/10), which needs an interface: use a global or unique-local address"
+                ),
+            ));
+        }
     }
     if ip.is_unspecified() || ip.is_multicast() || ip.is_loopback() {
         return Err(FieldError::new(
@@ -464,6 +474,14 @@ pub fn parse_rule(body: &[u8]) -> Result<RuleSpec, FieldError> {
             .string("endpointIP")?
             .ok_or_else(|| FieldError::new(o.field("endpointIP"), "required"))?;
         let ip = parse_ip(ip_s, &o.field("endpointIP"))?;
+        if ip.is_ipv6() != external_ip.is_ipv6() {
+            return Err(FieldError::new(
+                o.field("endpointIP"),
+                format!(
+                    "{ip} and externalIP {external_ip} are of different families: a rule forwards within one family (no NAT46/NAT64)"
+                ),
+            ));
+        }
         let target_port = o.int("targetPort", 0, 65535)?.unwrap_or(0) as u16;
         let weight = o.int("weight", 0, 65535)?.unwrap_or(0) as u16;
         if !seen.insert((ip, target_port)) {
@@ -780,7 +798,18 @@ mod tests {
             ),
             (
                 &base(r#""externalIP":"2001:db8::1","port":80"#, ep),
-                "IPv6 is not supported",
+                "endpoints[0].endpointIP: 10.0.0.1 and externalIP 2001:db8::1 are of different families",
+            ),
+            (
+                &base(r#""externalIP":"::ffff:1.2.3.4","port":80"#, ep),
+                "serviceArguments.externalIP: ::ffff:1.2.3.4 is an IPv4-mapped IPv6 address",
+            ),
+            (
+                &base(
+                    r#""externalIP":"2001:db8::1","port":80"#,
+                    r#"[{"endpointIP":"fe80::1"}]"#,
+                ),
+                "endpoints[0].endpointIP: fe80::1 is link-local",
             ),
         ];
         for (body, want) in cases {

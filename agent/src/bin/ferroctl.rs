@@ -45,7 +45,8 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         grace: u64,
     },
-    /// Create a rule: `create lb VIP --tcp=PORT:TARGETPORT --endpoints=IP:WEIGHT,...`.
+    /// Create a rule: `create lb VIP --tcp=PORT:TARGETPORT --endpoints=IP:WEIGHT,...`
+    /// (IPv6: `[IP]:WEIGHT`, or a bare IP with weight 1).
     Create {
         #[command(subcommand)]
         what: CreateWhat,
@@ -590,13 +591,7 @@ fn main() -> Result<()> {
             let eps: Vec<(String, u16)> = a
                 .endpoints
                 .split(',')
-                .map(|e| {
-                    let (ip, w) = e.rsplit_once(':').unwrap_or((e, "1"));
-                    let w: u16 = w
-                        .parse()
-                        .map_err(|_| anyhow!("--endpoints: '{e}' is not IP:WEIGHT"))?;
-                    Ok((ip.to_string(), w))
-                })
+                .map(endpoint_arg)
                 .collect::<Result<_>>()?;
             let mut rules: Vec<(String, u16, u16)> = Vec::new();
             if let Some(t) = &a.tcp {
@@ -678,4 +673,57 @@ fn main() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// One `--endpoints` item: `IP:WEIGHT`, `[IPv6]:WEIGHT`, or a bare address (weight 1).
+fn endpoint_arg(e: &str) -> Result<(String, u16)> {
+    let e = e.trim();
+    let bad = || anyhow!("--endpoints: '{e}' is not IP:WEIGHT ([IPv6]:WEIGHT for IPv6)");
+    if e.parse::<std::net::IpAddr>().is_ok() {
+        return Ok((e.to_string(), 1));
+    }
+    let (ip, w) = if let Some(rest) = e.strip_prefix('[') {
+        let (ip, tail) = rest.split_once(']').ok_or_else(bad)?;
+        match tail {
+            "" => (ip, "1"),
+            t => (ip, t.strip_prefix(':').ok_or_else(bad)?),
+        }
+    } else {
+        e.rsplit_once(':').ok_or_else(bad)?
+    };
+    ip.parse::<std::net::IpAddr>().map_err(|_| bad())?;
+    let w: u16 = w.parse().map_err(|_| bad())?;
+    Ok((ip.to_string(), w))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_arguments_of_both_families() {
+        assert_eq!(endpoint_arg("10.0.0.1:3").unwrap(), ("10.0.0.1".into(), 3));
+        assert_eq!(endpoint_arg("10.0.0.1").unwrap(), ("10.0.0.1".into(), 1));
+        assert_eq!(
+            endpoint_arg("fd00:10::11").unwrap(),
+            ("fd00:10::11".into(), 1)
+        );
+        assert_eq!(
+            endpoint_arg("[fd00:10::11]:2").unwrap(),
+            ("fd00:10::11".into(), 2)
+        );
+        assert_eq!(
+            endpoint_arg("[fd00:10::11]").unwrap(),
+            ("fd00:10::11".into(), 1)
+        );
+        for bad in [
+            "[fd00::1",
+            "[fd00::1]x",
+            "host:1",
+            "10.0.0.1:x",
+            "[10.0.0.1]:70000",
+        ] {
+            assert!(endpoint_arg(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -211,17 +211,27 @@ pub fn entries_of(
 mod tests {
     use super::*;
     use ferrolb_bpf::maps::CTF_LOCAL;
-    use std::net::Ipv4Addr;
+    use std::net::{IpAddr, Ipv4Addr};
 
     fn entry(proto: u8) -> (CtKey, Ct) {
-        let client: Ipv4Addr = "198.51.100.2".parse().unwrap_or(Ipv4Addr::LOCALHOST);
-        let vip: Ipv4Addr = "203.0.113.10".parse().unwrap_or(Ipv4Addr::LOCALHOST);
-        let ep: Ipv4Addr = "10.10.10.12".parse().unwrap_or(Ipv4Addr::LOCALHOST);
+        entry_in(proto, false)
+    }
+
+    /// An IPv4 or IPv6 (`v6`) flow entry of the original direction.
+    fn entry_in(proto: u8, v6: bool) -> (CtKey, Ct) {
+        let ip = |s4: &str, s6: &str| -> IpAddr {
+            (if v6 { s6 } else { s4 })
+                .parse()
+                .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST))
+        };
+        let client = ip("198.51.100.2", "2001:db8:100::2");
+        let vip = ip("203.0.113.10", "2001:db8:aaaa::10");
+        let ep = ip("10.10.10.12", "fd00:10::12");
         let icmp = proto == PROTO_ICMP;
-        let k = CtKey::v4(client, 40001, vip, if icmp { 0 } else { 80 }, proto);
+        let k = CtKey::new(client, 40001, vip, if icmp { 0 } else { 80 }, proto);
         let v = Ct {
-            nat_saddr: addr_words(vip.into()).0,
-            nat_daddr: addr_words(ep.into()).0,
+            nat_saddr: addr_words(vip).0,
+            nat_daddr: addr_words(ep).0,
             nat_sport: 5555u16.to_be(),
             nat_dport: if icmp { 0 } else { 8080u16.to_be() },
             svc_id: 4,
@@ -243,8 +253,11 @@ mod tests {
 
     #[test]
     fn keys_round_trip() {
-        for p in [PROTO_TCP, PROTO_UDP, PROTO_ICMP] {
-            let (k, _) = entry(p);
+        for (p, v6) in [PROTO_TCP, PROTO_UDP, PROTO_ICMP]
+            .into_iter()
+            .flat_map(|p| [(p, false), (p, true)])
+        {
+            let (k, _) = entry_in(p, v6);
             assert_eq!(ct_key(&key_of(&k)), Some(k));
             assert_eq!(flow_id(&k), ferrolb_consync::FlowId::from(&key_of(&k)));
         }
@@ -286,8 +299,12 @@ mod tests {
     /// translations the datapath made (its reply entry is what `ct_create` writes).
     #[test]
     fn entries_rebuild_both_directions() {
-        for p in [PROTO_TCP, PROTO_UDP, PROTO_ICMP] {
-            let (k, v) = entry(p);
+        for (p, v6) in [PROTO_TCP, PROTO_UDP, PROTO_ICMP]
+            .into_iter()
+            .flat_map(|p| [(p, false), (p, true)])
+        {
+            let (k, v) = entry_in(p, v6);
+            assert_eq!(k.family, if v6 { FAMILY_V6 } else { FAMILY_V4 });
             let f = flow_of(&k, &v, 10_000_000_000);
             let [(ok, o), (rk, r)] =
                 entries_of(&f, 20_000_000_000, |_, _, _| (9, 2)).expect("well-formed");
