@@ -6,7 +6,8 @@ lb1 gets N rules with `bgp: true` (one VIP each) through the REST API first; the
 neighbour is configured and the clock runs from that request until the ToR reports N prefixes
 received from lb1 (`show bgp summary json`, polled every 50 ms).
 
-Usage: sudo python3 scripts/bench_bgp.py [N]   (default 10000)
+Usage: sudo python3 scripts/bench_bgp.py [N] [--v6]   (default 10000; --v6: /128 VIPs over the
+IPv6 session, MP_REACH_NLRI)
 """
 import json
 import os
@@ -40,7 +41,9 @@ def api(node, method, path, body):
 
 
 def main():
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 10000
+    args = [a for a in sys.argv[1:] if a != "--v6"]
+    v6 = "--v6" in sys.argv
+    n = int(args[0]) if args else 10000
     if os.geteuid() != 0:
         sys.exit("run as root")
     run(["bash", os.path.join(ROOT, "scripts", "deps.sh")])
@@ -68,30 +71,32 @@ def main():
             "import http.client,json,sys\n"
             "c=http.client.HTTPConnection('127.0.0.1',11111,timeout=30)\n"
             "n=int(sys.argv[1])\n"
+            "v6=sys.argv[2]=='v6'\n"
             "for i in range(n):\n"
-            "  vip='198.18.%d.%d'%(i//250,i%250+1)\n"
+            "  vip=('2001:db8:ee:%x::%x' if v6 else '198.18.%d.%d')%(i//250,i%250+1)\n"
             "  b={'serviceArguments':{'externalIP':vip,'port':80,'protocol':'tcp','BGP':True,'name':'bench_%d:llb-inst0'%i},"
-            "'endpoints':[{'endpointIP':'10.10.10.11','targetPort':8080,'weight':1}]}\n"
+            "'endpoints':[{'endpointIP':'fd00:10::11' if v6 else '10.10.10.11','targetPort':8080,'weight':1}]}\n"
             "  c.request('POST','/netlox/v1/config/loadbalancer',json.dumps(b)); r=c.getresponse(); r.read()\n"
             "  assert r.status==200, r.status\n"
         )
         t0 = time.monotonic()
-        lab("lb1", "python3", "-c", loader, str(n), timeout=1200)
+        lab("lb1", "python3", "-c", loader, str(n), "v6" if v6 else "v4", timeout=1200)
         print("%d rules with bgp: true installed in %.1f s" % (n, time.monotonic() - t0))
         t0 = time.monotonic()
-        api("lb1", "POST", "/config/bgp/neigh", {"ipAddress": "192.0.2.1", "remoteAs": 65000})
+        tor_ip, lb_ip, afi = ("2001:db8:2:1::1", "2001:db8:2:1::2", "ipv6Unicast") if v6 else ("192.0.2.1", "192.0.2.2", "ipv4Unicast")
+        api("lb1", "POST", "/config/bgp/neigh", {"ipAddress": tor_ip, "remoteAs": 65000})
         learned = 0
         while time.monotonic() - t0 < 120:
             s = json.loads(lab("tor", "vtysh", "-c", "show bgp summary json"))
-            peers = s.get("ipv4Unicast", {}).get("peers", {})
-            learned = peers.get("192.0.2.2", {}).get("pfxRcd", 0)
+            peers = s.get(afi, {}).get("peers", {})
+            learned = peers.get(lb_ip, {}).get("pfxRcd", 0)
             if learned >= n:
                 break
             time.sleep(0.05)
         took = time.monotonic() - t0
         routes = 0
         while time.monotonic() - t0 < 120:
-            routes = int(lab("tor", "sh", "-c", "ip route show proto bgp | wc -l").strip())
+            routes = int(lab("tor", "sh", "-c", "ip %s route show proto bgp | wc -l" % ("-6" if v6 else "-4")).strip())
             if routes >= n:
                 break
             time.sleep(0.05)

@@ -520,3 +520,103 @@ fn l2_silent_master_death_moves_the_vip_by_gratuitous_arp() {
     assert_eq!(neighbour_mac(&lab, "client", L2_VIP), Some(lb2_mac));
     lab.down().unwrap();
 }
+
+const VIP6: &str = "2001:db8:aaaa::10";
+/// (node, its IPv6 address toward the ToR, the ToR's)
+const LBS6: [(&str, &str, &str); 2] = [
+    ("lb1", "2001:db8:2:1::2", "2001:db8:2:1::1"),
+    ("lb2", "2001:db8:2:2::2", "2001:db8:2:2::1"),
+];
+
+/// The ToR's best BGP path to the IPv6 VIP (its next hop), and how many paths it holds.
+fn best6(lab: &ferrolb_tests::TestLab) -> (String, usize) {
+    let v = lab
+        .vtysh_json("tor", &format!("show bgp ipv6 unicast {VIP6}/128 json"))
+        .unwrap_or(serde_json::Value::Null);
+    let paths = v["paths"].as_array().cloned().unwrap_or_default();
+    let best = paths
+        .iter()
+        .find(|p| p["bestpath"]["overall"] == true)
+        .and_then(|p| p["nexthops"][0]["ip"].as_str())
+        .unwrap_or("")
+        .to_string();
+    (best, paths.len())
+}
+
+/// IPv6 through the HA pair: the /128 VIP goes to the ToR over IPv6 sessions with the roles'
+/// attributes (MASTER plain, BACKUP prepended), the MASTER's IPv6 flows are mirrored on the
+/// BACKUP, and a silent MASTER death keeps every IPv6 TCP stream and UDP flow.
+#[test]
+fn ipv6_flows_are_synced_and_survive_a_silent_master_death() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(lab) = lab(
+        "ipv6_flows_are_synced_and_survive_a_silent_master_death",
+        "ha6",
+        "100ms",
+    ) else {
+        return;
+    };
+    for (node, _, tor) in LBS6 {
+        let n = json!({"ipAddress": tor, "remoteAs": 65000, "bfd": true}).to_string();
+        let (st, v) = rest(&lab, node, "POST", "/config/bgp/neigh", Some(&n));
+        assert_eq!(st, 200, "{v}");
+        for (name, port, proto) in [("ha6-tcp", 9000, "tcp"), ("ha6-udp", 9001, "udp")] {
+            let eps: Vec<serde_json::Value> = ["fd00:10::11", "fd00:10::12", "fd00:10::13"]
+                .iter()
+                .map(|ip| json!({"endpointIP": ip, "targetPort": port, "weight": 1}))
+                .collect();
+            let r = json!({"serviceArguments": {"externalIP": VIP6, "port": port, "protocol": proto,
+                                                "sel": 1, "mode": 2, "BGP": true, "name": format!("{name}:llb-inst0")},
+                           "endpoints": eps})
+            .to_string();
+            let (st, v) = rest(&lab, node, "POST", "/config/loadbalancer", Some(&r));
+            assert_eq!(st, 200, "{v}");
+        }
+    }
+    lab.wait_until(
+        "the ToR's best IPv6 path via lb1, lb2's path held",
+        Duration::from_secs(20),
+        || Ok(best6(&lab) == (LBS6[0].1.to_string(), 2)),
+    )
+    .unwrap();
+
+    let mut mirrored = 0;
+    let t = traffic_with_fault(
+        &lab,
+        VIP6,
+        "death6",
+        &[
+            "--tcp",
+            "20",
+            "--udp",
+            "10",
+            "--duration",
+            "6",
+            "--fault-at",
+            "3",
+        ],
+        Duration::from_secs(3),
+        || {
+            // Before the fault: the BACKUP holds copies of the MASTER's IPv6 flows.
+            mirrored = lb_ct(&lab, "lb2")
+                .iter()
+                .filter(|f| f["destinationIP"] == VIP6 && f["synced"] == true)
+                .count();
+            isolate(&lab, "lb1", true);
+        },
+    );
+    let s = &t["summary"];
+    eprintln!("IPv6 silent death: {s}, {mirrored} IPv6 flows mirrored on the BACKUP before it");
+    assert!(mirrored >= 30, "20 TCP + 10 UDP flows mirrored: {mirrored}");
+    assert_all_survived(&t, "IPv6 silent death");
+    let outage = s["udp_outage_ms"].as_u64().unwrap();
+    assert!(outage < 500, "UDP outage {outage} ms");
+    assert_eq!(role(&lab, "lb2"), "MASTER");
+    lab.wait_until(
+        "the ToR's best IPv6 path via lb2",
+        Duration::from_secs(5),
+        || Ok(best6(&lab).0 == LBS6[1].1),
+    )
+    .unwrap();
+    lab.down().unwrap();
+}

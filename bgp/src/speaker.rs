@@ -19,8 +19,6 @@ use tracing::{debug, info, warn};
 use crate::fsm::{Event, Fsm, Output, Params, State};
 use crate::wire::{self, GRACEFUL_SHUTDOWN, RouteAttrs};
 
-/// Prefixes per UPDATE (a /32 takes 5 bytes of NLRI; 4096-byte messages).
-const PREFIXES_PER_UPDATE: usize = 500;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -653,7 +651,21 @@ impl Session {
                     }
                     Output::Established(p) => {
                         info!(neighbor = %self.cfg.address, asn = p.asn, hold = self.fsm.hold_time_s(), "BGP session established");
-                        self.with_status(|st| st.last_error = None);
+                        // The session's family carries the VIPs of that family: say so when the
+                        // peer did not take it (e.g. FRR without `neighbor X activate` under
+                        // `address-family ipv6 unicast`).
+                        let (family, negotiated) = if self.cfg.address.is_ipv6() {
+                            ("IPv6", p.ipv6_unicast)
+                        } else {
+                            ("IPv4", p.ipv4_unicast)
+                        };
+                        let note = (!negotiated).then(|| {
+                            format!("the peer did not negotiate {family} unicast: no {family} VIPs are sent on this session")
+                        });
+                        if let Some(n) = &note {
+                            warn!(neighbor = %self.cfg.address, "{n}");
+                        }
+                        self.with_status(|st| st.last_error = note);
                         self.sent.clear();
                         self.sync_routes().await;
                     }
@@ -728,7 +740,8 @@ impl Session {
             }
         }
         let mut updates = 0u64;
-        for chunk in gone.chunks(PREFIXES_PER_UPDATE) {
+        let per_update = wire::prefixes_per_update(local.is_ipv6());
+        for chunk in gone.chunks(per_update) {
             let (v4, v6) = split(chunk);
             for m in [
                 (!v4.is_empty()).then(|| wire::withdraw(&v4)),
@@ -746,7 +759,7 @@ impl Session {
         let ebgp = self.fsm.ebgp();
         let local_as = self.fsm.params().local_as;
         for (attrs, prefixes) in groups.values() {
-            for chunk in prefixes.chunks(PREFIXES_PER_UPDATE) {
+            for chunk in prefixes.chunks(per_update) {
                 let m = match local {
                     IpAddr::V4(nh) => wire::announce(&split(chunk).0, attrs, local_as, ebgp, nh),
                     IpAddr::V6(nh) => wire::announce6(&split(chunk).1, attrs, local_as, ebgp, nh),

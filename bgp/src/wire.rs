@@ -32,6 +32,19 @@ pub const AS_TRANS: u16 = 23456;
 /// RFC 4271 §4.1.
 pub const HEADER_LEN: usize = 19;
 pub const MAX_MESSAGE_LEN: usize = 4096;
+/// Prefixes per UPDATE, so a message stays within 4096 bytes with our attributes: a /32 takes 5
+/// bytes of NLRI, a /128 17 (500 x 5 and 200 x 17 leave room for the path attributes).
+pub const IPV4_PREFIXES_PER_UPDATE: usize = 500;
+pub const IPV6_PREFIXES_PER_UPDATE: usize = 200;
+
+pub fn prefixes_per_update(ipv6: bool) -> usize {
+    if ipv6 {
+        IPV6_PREFIXES_PER_UPDATE
+    } else {
+        IPV4_PREFIXES_PER_UPDATE
+    }
+}
+
 /// RFC 8326 GRACEFUL_SHUTDOWN community 65535:0.
 pub const GRACEFUL_SHUTDOWN: u32 = 0xffff_0000;
 
@@ -128,7 +141,13 @@ fn nlri(p: &Ipv4Net) -> Option<Ipv4UnicastAddress> {
 }
 
 fn attr(optional: bool, transitive: bool, v: PathAttributeValue) -> Option<PathAttribute> {
-    PathAttribute::from(optional, transitive, false, false, v).ok()
+    // MP_REACH/MP_UNREACH carry up to IPV6_PREFIXES_PER_UPDATE prefixes, more than a one-byte
+    // attribute length holds: they always use the extended (two-byte) length.
+    let extended = matches!(
+        v,
+        PathAttributeValue::MpReach(_) | PathAttributeValue::MpUnreach(_)
+    );
+    PathAttribute::from(optional, transitive, false, extended, v).ok()
 }
 
 fn nlri6(p: &Ipv6Net) -> Option<Ipv6UnicastAddress> {
@@ -457,6 +476,43 @@ mod tests {
         };
         let p = peer_open(&o);
         assert!(p.ipv4_unicast && p.ipv6_unicast);
+    }
+
+    /// The fullest UPDATEs we build (every prefix a host route, every attribute set, a few
+    /// communities) fit in a BGP message.
+    #[test]
+    fn full_updates_fit_in_a_message() {
+        let attrs = RouteAttrs {
+            med: Some(200),
+            prepend: 32,
+            communities: vec![GRACEFUL_SHUTDOWN, 1, 2, 3, 4, 5, 6, 7],
+            large_communities: vec![(65100, 1, 2); 8],
+            local_pref: Some(100),
+        };
+        let v4: Vec<Ipv4Net> = (0..IPV4_PREFIXES_PER_UPDATE as u32)
+            .map(|i| Ipv4Net::new(Ipv4Addr::from(0xc612_0000 + i), 32).unwrap())
+            .collect();
+        let v6: Vec<Ipv6Net> = (0..IPV6_PREFIXES_PER_UPDATE as u128)
+            .map(|i| Ipv6Net::new(Ipv6Addr::from(0x2001_0db8_00ee_u128 << 80 | i), 128).unwrap())
+            .collect();
+        let nh6: Ipv6Addr = "2001:db8:2:1::2".parse().unwrap();
+        for (what, m) in [
+            (
+                "v4 eBGP",
+                announce(&v4, &attrs, 4_200_000_001, true, Ipv4Addr::LOCALHOST),
+            ),
+            (
+                "v4 iBGP",
+                announce(&v4, &attrs, 65100, false, Ipv4Addr::LOCALHOST),
+            ),
+            ("v4 withdraw", withdraw(&v4)),
+            ("v6 eBGP", announce6(&v6, &attrs, 4_200_000_001, true, nh6)),
+            ("v6 withdraw", withdraw6(&v6)),
+        ] {
+            let b = encode(&m).unwrap();
+            assert!(b.len() <= MAX_MESSAGE_LEN, "{what}: {} bytes", b.len());
+            assert_eq!(frame_len(&b).unwrap(), Some(b.len()), "{what}");
+        }
     }
 
     #[test]

@@ -106,8 +106,9 @@ def stream(i, late, out):
 def udp_flows(out):
     socks = []
     for _ in range(UDP_N):
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.bind(("0.0.0.0", 0))
+        v6 = ":" in VIP
+        s = socket.socket(socket.AF_INET6 if v6 else socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("::" if v6 else "0.0.0.0", 0))
         s.setblocking(False)
         socks.append(s)
     res = [{"sport": s.getsockname()[1], "sent": 0, "answered": 0, "max_gap_ms": 0,
