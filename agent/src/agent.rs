@@ -303,15 +303,7 @@ pub fn l2_follow_role(app: &Shared, ha: &Arc<Ha>, was_master: bool) -> bool {
                 .into_iter()
                 .filter(|(n, _)| attached.contains(n))
                 .collect();
-            let vips: Vec<std::net::Ipv4Addr> = e
-                .rules()
-                .vips()
-                .into_iter()
-                .filter_map(|v| match v {
-                    std::net::IpAddr::V4(a) => Some(a),
-                    std::net::IpAddr::V6(_) => None,
-                })
-                .collect();
+            let vips: Vec<std::net::IpAddr> = e.rules().vips().into_iter().collect();
             (ifaces, vips)
         }
         Err(_) => return master,
@@ -320,7 +312,7 @@ pub fn l2_follow_role(app: &Shared, ha: &Arc<Ha>, was_master: bool) -> bool {
         info!(
             vips = vips.len(),
             interfaces = ifaces.len(),
-            "L2: MASTER; answering ARP for the VIPs and sending gratuitous ARP"
+            "L2: MASTER; answering ARP / neighbour solicitations for the VIPs and announcing them"
         );
         tokio::spawn(async move {
             for _ in 0..5 {

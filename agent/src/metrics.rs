@@ -206,6 +206,17 @@ pub fn render(m: &Metrics, e: &Engine) -> String {
     );
     head(
         &mut o,
+        "ferrolb_nd_answered_total",
+        "counter",
+        "IPv6 neighbour solicitations for VIPs answered by the datapath.",
+    );
+    let _ = writeln!(
+        o,
+        "ferrolb_nd_answered_total {}",
+        c[Counter::NdAnswered as usize]
+    );
+    head(
+        &mut o,
         "ferrolb_conntrack_events_total",
         "counter",
         "Conntrack events read from the datapath ring buffer, by kind.",

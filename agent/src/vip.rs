@@ -1,8 +1,8 @@
 //! VIP ownership on `lo`, and route queries.
 //!
-//! A VIP in use is put on `lo` as a /32 (IPv6: /128) so the node owns it (IPv4: answers ARP
-//! and ping for it; IPv6 neighbour discovery does not answer for `lo` addresses, so an IPv6 VIP
-//! is reached by route: BGP or a static route to the node); an address
+//! A VIP in use is put on `lo` as a /32 (IPv6: /128) so the node owns it (IPv4: the stack
+//! answers ARP and ping for it; IPv6 neighbour discovery does not answer for `lo` addresses, so
+//! the datapath answers solicitations for IPv6 VIPs); an address
 //! this agent added is removed when no rule uses it any more. Addresses someone else put on
 //! `lo` are never removed. Adding and removing speak rtnetlink directly (one request and its
 //! acknowledgement, about 20 µs); the start-up listing and one-arm's route query use iproute2

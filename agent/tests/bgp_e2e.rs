@@ -119,12 +119,13 @@ fn udpflow(lab: &TestLab, seconds: f64, flows: u32) -> Vec<Value> {
         .unwrap()
 }
 
-fn spawn_udpflow(lab: &TestLab, seconds: f64, flows: u32, name: &str) {
+/// Starts `flows` UDP flows to `vip` for `seconds` in the background (results in `name`).
+fn spawn_udpflow(lab: &TestLab, vip: &str, seconds: f64, flows: u32, name: &str) {
     lab.spawn(
         "client",
         &format!("{name}-run"),
         &["sh", "-c", &format!(
-            "python3 {} udpflow {VIP} 9001 {seconds} --flows {flows} > /var/log/{name}.tmp && mv /var/log/{name}.tmp /var/log/{name}",
+            "python3 {} udpflow {vip} 9001 {seconds} --flows {flows} > /var/log/{name}.tmp && mv /var/log/{name}.tmp /var/log/{name}",
             probe_path()
         )],
     )
@@ -161,8 +162,8 @@ fn cut_tor_link(lab: &TestLab, iface: &str, cut: bool) {
 
 /// 16 UDP flows, one datagram every 10 ms each, for 5 s; 1.5 s in, lb1's link is cut at the
 /// ToR. The flows and the longest gap any of them saw.
-fn failover_under_probe(lab: &TestLab, name: &str) -> (Vec<Value>, u64) {
-    spawn_udpflow(lab, 5.0, 16, name);
+fn failover_under_probe(lab: &TestLab, vip: &str, name: &str) -> (Vec<Value>, u64) {
+    spawn_udpflow(lab, vip, 5.0, 16, name);
     std::thread::sleep(Duration::from_millis(1500));
     cut_tor_link(lab, "eth2", true);
     let flows = read_flows(lab, name);
@@ -172,6 +173,33 @@ fn failover_under_probe(lab: &TestLab, name: &str) -> (Vec<Value>, u64) {
         .max()
         .unwrap();
     (flows, worst)
+}
+
+/// 16 UDP flows to `vip` for 6 s; 1 s in, lb2's agent gets SIGTERM (graceful shutdown, then
+/// withdrawal). The flows, the datagrams lost and the longest gap of any flow.
+fn drain_under_probe(lab: &TestLab, vip: &str, name: &str) -> (Vec<Value>, u64, u64) {
+    spawn_udpflow(lab, vip, 6.0, 16, name);
+    std::thread::sleep(Duration::from_millis(1000));
+    let pid = lab
+        .processes("lb2")
+        .unwrap()
+        .into_iter()
+        .find(|p| p.comm == "ferrolb")
+        .unwrap()
+        .pid;
+    lab.exec_ok("lb2", &["kill", "-TERM", &pid.to_string()])
+        .unwrap();
+    let flows = read_flows(lab, name);
+    let lost: u64 = flows
+        .iter()
+        .map(|f| f["sent"].as_u64().unwrap() - f["answered"].as_u64().unwrap())
+        .sum();
+    let worst = flows
+        .iter()
+        .map(|f| f["max_gap_ms"].as_u64().unwrap())
+        .max()
+        .unwrap();
+    (flows, lost, worst)
 }
 
 fn best_path_via(lab: &TestLab) -> Vec<String> {
@@ -343,7 +371,7 @@ fn bfd_failover_and_drain() {
     // outage, under 500 ms (BFD 300 ms, then the ToR's route change). The cut is made on the
     // ToR's side of lb1's link (all IP both ways, carrier kept): an nft blackhole on lb1
     // itself would not stop its TC datapath, which forwards before netfilter sees a packet.
-    let (flows, worst) = failover_under_probe(&lab, "fail.json");
+    let (flows, worst) = failover_under_probe(&lab, VIP, "fail.json");
     eprintln!("BFD-backed failover: longest gap of any flow {worst} ms");
     assert!(worst < 500, "{flows:?}");
     assert!(
@@ -355,27 +383,7 @@ fn bfd_failover_and_drain() {
     wait_nexthops(&lab, 2, 15);
 
     // Drain lb2 with SIGTERM: the probe loses nothing.
-    spawn_udpflow(&lab, 6.0, 16, "drain.json");
-    std::thread::sleep(Duration::from_millis(1000));
-    let pid = lab
-        .processes("lb2")
-        .unwrap()
-        .into_iter()
-        .find(|p| p.comm == "ferrolb")
-        .unwrap()
-        .pid;
-    lab.exec_ok("lb2", &["kill", "-TERM", &pid.to_string()])
-        .unwrap();
-    let flows = read_flows(&lab, "drain.json");
-    let lost: u64 = flows
-        .iter()
-        .map(|f| f["sent"].as_u64().unwrap() - f["answered"].as_u64().unwrap())
-        .sum();
-    let worst = flows
-        .iter()
-        .map(|f| f["max_gap_ms"].as_u64().unwrap())
-        .max()
-        .unwrap();
+    let (flows, lost, worst) = drain_under_probe(&lab, VIP, "drain.json");
     eprintln!("drain: {lost} datagrams lost, longest gap {worst} ms");
     assert_eq!(lost, 0, "{flows:?}");
     assert_eq!(
@@ -481,7 +489,7 @@ fn bird_tor_ecmp_roles_and_failover() {
     );
     wait_nexthops(&lab, 2, 5);
 
-    let (flows, worst) = failover_under_probe(&lab, "bird-fail.json");
+    let (flows, worst) = failover_under_probe(&lab, VIP, "bird-fail.json");
     eprintln!("BIRD ToR, BFD-backed failover: longest gap of any flow {worst} ms");
     assert!((200..500).contains(&worst), "{flows:?}");
     cut_tor_link(&lab, "eth2", false);
@@ -894,24 +902,7 @@ fn ipv6_vips_ecmp_roles_and_bfd_failover_with_frr() {
     assert!(m.contains(&adv), "{m}");
 
     // Silent death of lb1's link: the IPv6 probe's outage is bounded by BFD over IPv6.
-    let name = "fail6.json";
-    lab.spawn(
-        "client",
-        "fail6-run",
-        &["sh", "-c", &format!(
-            "python3 {} udpflow {VIP6} 9001 5 --flows 16 > /var/log/{name}.tmp && mv /var/log/{name}.tmp /var/log/{name}",
-            probe_path()
-        )],
-    )
-    .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
-    cut_tor_link(&lab, "eth2", true);
-    let flows = read_flows(&lab, name);
-    let worst = flows
-        .iter()
-        .map(|f| f["max_gap_ms"].as_u64().unwrap())
-        .max()
-        .unwrap();
+    let (flows, worst) = failover_under_probe(&lab, VIP6, "fail6.json");
     eprintln!("IPv6 VIP, BFD-backed failover: longest gap of any flow {worst} ms");
     assert!(worst < 500, "{flows:?}");
     assert!(
@@ -922,31 +913,7 @@ fn ipv6_vips_ecmp_roles_and_bfd_failover_with_frr() {
     wait_nexthops6(&lab, &[LBS6[0].1, LBS6[1].1], 20);
 
     // Drain lb2 with SIGTERM (graceful shutdown, then MP_UNREACH): the IPv6 probe loses nothing.
-    let name = "drain6.json";
-    lab.spawn(
-        "client",
-        "drain6-run",
-        &["sh", "-c", &format!(
-            "python3 {} udpflow {VIP6} 9001 6 --flows 16 > /var/log/{name}.tmp && mv /var/log/{name}.tmp /var/log/{name}",
-            probe_path()
-        )],
-    )
-    .unwrap();
-    std::thread::sleep(Duration::from_millis(1000));
-    let pid = lab
-        .processes("lb2")
-        .unwrap()
-        .into_iter()
-        .find(|p| p.comm == "ferrolb")
-        .unwrap()
-        .pid;
-    lab.exec_ok("lb2", &["kill", "-TERM", &pid.to_string()])
-        .unwrap();
-    let flows = read_flows(&lab, name);
-    let lost: u64 = flows
-        .iter()
-        .map(|f| f["sent"].as_u64().unwrap() - f["answered"].as_u64().unwrap())
-        .sum();
+    let (flows, lost, _) = drain_under_probe(&lab, VIP6, "drain6.json");
     eprintln!("IPv6 drain: {lost} datagrams lost");
     assert_eq!(lost, 0, "{flows:?}");
     assert_eq!(nexthops6(&lab), vec![LBS6[0].1.to_string()], "lb2 withdrew");

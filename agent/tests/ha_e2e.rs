@@ -459,11 +459,13 @@ fn kill9_master_agent_then_it_rejoins_as_backup() {
     lab.down().unwrap();
 }
 
-/// L2 mode (no BGP, `ha-l2`): only the MASTER answers ARP for the VIP; on its silent death the
-/// BACKUP takes over, announces the VIP with gratuitous ARP on both segments, and every
-/// connection survives (client side and backend side move together).
+/// L2 mode (no BGP, `ha-l2`): only the MASTER answers ARP for the IPv4 VIP and neighbour
+/// solicitations for the IPv6 VIP; on its silent death the BACKUP takes over, announces the
+/// VIPs (gratuitous ARP, unsolicited neighbour advertisements) on both segments, and every
+/// connection of both families survives (client side and backend side move together).
 #[test]
 fn l2_silent_master_death_moves_the_vip_by_gratuitous_arp() {
+    const L2_VIP6: &str = "2001:db8:10::50";
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let Some(lab) = up_l2(
         "l2_silent_master_death_moves_the_vip_by_gratuitous_arp",
@@ -473,8 +475,43 @@ fn l2_silent_master_death_moves_the_vip_by_gratuitous_arp() {
     ) else {
         return;
     };
+    // The IPv6 VIP on the same segment (full NAT to the IPv6 backends), on both nodes.
+    for node in ["lb1", "lb2"] {
+        for (name, port, proto) in [("l2v6-tcp", 9000, "tcp"), ("l2v6-udp", 9001, "udp")] {
+            let eps: Vec<serde_json::Value> = ["fd00:10::11", "fd00:10::12", "fd00:10::13"]
+                .iter()
+                .map(|ip| json!({"endpointIP": ip, "targetPort": port, "weight": 1}))
+                .collect();
+            let r = json!({"serviceArguments": {"externalIP": L2_VIP6, "port": port, "protocol": proto,
+                                                "sel": 1, "mode": 2, "name": format!("{name}:llb-inst0")},
+                           "endpoints": eps})
+            .to_string();
+            let (st, v) = rest(&lab, node, "POST", "/config/loadbalancer", Some(&r));
+            assert_eq!(st, 200, "{v}");
+        }
+    }
     let lb1_mac = mac_of(&lab, "lb1", "eth1");
     let lb2_mac = mac_of(&lab, "lb2", "eth1");
+    // IPv6: the client resolves the VIP (neighbour discovery) to the MASTER only.
+    // (Up to 3 echoes: the lab is a second old, and the first echo can meet a neighbour entry
+    // still being resolved on lb1's side.)
+    let ping = lab
+        .exec(
+            "client",
+            &["ping", "-6", "-c", "3", "-i", "0.3", "-w", "3", L2_VIP6],
+        )
+        .unwrap();
+    assert!(
+        ping.success(),
+        "{ping:?} {:?} {:?}",
+        lab.exec("client", &["ip", "-6", "neigh"]),
+        lab.exec("lb1", &["ip", "-6", "addr"])
+    );
+    assert_eq!(
+        neighbour_mac(&lab, "client", L2_VIP6),
+        Some(lb1_mac.clone())
+    );
+    assert!(metric(&lab, "lb1", "ferrolb_nd_answered_total").unwrap_or(0.0) >= 1.0);
     // The client resolves the VIP to the MASTER only (lb2's datapath drops the requests).
     assert!(
         lab.exec("client", &["ping", "-c", "1", "-W", "1", L2_VIP])
@@ -490,6 +527,13 @@ fn l2_silent_master_death_moves_the_vip_by_gratuitous_arp() {
         )
         .unwrap_or(0.0)
             >= 1.0
+    );
+    // IPv6 traffic through the same fault, beside the IPv4 traffic.
+    start_traffic_to(
+        &lab,
+        L2_VIP6,
+        "l2death6",
+        &["--tcp", "10", "--udp", "10", "--duration", "6"],
     );
     let t = traffic_with_fault(
         &lab,
@@ -517,7 +561,13 @@ fn l2_silent_master_death_moves_the_vip_by_gratuitous_arp() {
     let outage = t["summary"]["udp_outage_ms"].as_u64().unwrap();
     assert!(outage < 400, "UDP outage {outage} ms");
     assert_eq!(role(&lab, "lb2"), "MASTER");
-    assert_eq!(neighbour_mac(&lab, "client", L2_VIP), Some(lb2_mac));
+    assert_eq!(neighbour_mac(&lab, "client", L2_VIP), Some(lb2_mac.clone()));
+    let t6 = read_traffic(&lab, "l2death6");
+    eprintln!("L2 silent death, IPv6: {}", t6["summary"]);
+    assert_all_survived(&t6, "L2 silent death, IPv6");
+    let outage6 = t6["summary"]["udp_outage_ms"].as_u64().unwrap();
+    assert!(outage6 < 400, "IPv6 UDP outage {outage6} ms");
+    assert_eq!(neighbour_mac(&lab, "client", L2_VIP6), Some(lb2_mac));
     lab.down().unwrap();
 }
 

@@ -12,7 +12,7 @@
 #ifndef FERROLB_H
 #define FERROLB_H
 
-#define FLB_LAYOUT_VERSION 2
+#define FLB_LAYOUT_VERSION 3
 
 #define FLB_MAX_ENDPOINTS 32
 /* Lookup-table length per endpoint set: a prime, >= 100 x FLB_MAX_ENDPOINTS
@@ -76,12 +76,15 @@
  * dropped, because the kernel would answer it with a reset and kill a flow this node has
  * not learnt yet (HA takeover, sync lag). */
 #define FLB_CNT_DROP_NO_FLOW 8
-/* ARP requests for a VIP dropped because this node is an L2 standby (FLB_HA_L2_STANDBY). */
+/* ARP requests (and IPv6 neighbour solicitations) for a VIP dropped because this node is an
+ * L2 standby (FLB_HA_L2_STANDBY). */
 #define FLB_CNT_ARP_SUPPRESSED 9
-#define FLB_CNT_MAX 10
+/* Neighbour solicitations for an IPv6 VIP answered by the datapath. */
+#define FLB_CNT_ND_ANSWERED 10
+#define FLB_CNT_MAX 11
 
 /* Bits of ha_flags[0], set by the agent. */
-#define FLB_HA_L2_STANDBY 0x01 /* L2 mode, not MASTER: do not let the stack answer ARP for VIPs */
+#define FLB_HA_L2_STANDBY 0x01 /* L2 mode, not MASTER: do not answer ARP / NS for VIPs */
 
 /* The event ring buffer wakes its reader only past this much unread data; the agent also
  * drains it on a timer (EVENT_POLL_MS in the agent). */
@@ -194,6 +197,12 @@ struct flb_affinity {
 	__u32 ep_idx;
 	__u32 pad;
 	__u64 last_ns;
+};
+
+/* if_macs value: the MAC address of an attached interface (for neighbour advertisements). */
+struct flb_mac {
+	__u8 addr[6];
+	__u8 pad[2];
 };
 
 struct flb_stats {

@@ -165,6 +165,15 @@ struct {
 	__uint(max_entries, 1 << 20);
 } events SEC(".maps");
 
+/* ifindex -> MAC address of each interface the agent attached to (IPv6 neighbour
+ * advertisements for VIPs carry it). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u32);
+	__type(value, struct flb_mac);
+	__uint(max_entries, 256);
+} if_macs SEC(".maps");
+
 /* HA state the agent sets (FLB_HA_* bits at index 0). */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -1103,6 +1112,104 @@ static __always_inline int arp_suppressed(struct __sk_buff *skb)
 	       is_vip(a, FLB_FAMILY_V4, IPPROTO_ICMP);
 }
 
+/* A neighbour solicitation as it arrives (no extension headers: RFC 4861 packets carry none). */
+struct nd_ns {
+	struct ip6hdr_ ip6;
+	__u8 type;
+	__u8 code;
+	__u16 csum;
+	__u32 reserved;
+	__u32 target[4];
+};
+
+/* The neighbour advertisement we answer with, IPv6 header on. */
+struct nd_na {
+	struct ip6hdr_ ip6;
+	__u8 type;
+	__u8 code;
+	__u16 csum;
+	__u32 flags;
+	__u32 target[4];
+	__u8 opt_type; /* 2: target link-layer address */
+	__u8 opt_len;  /* in units of 8 bytes */
+	__u8 mac[6];
+};
+
+#define ND_NS 135
+#define ND_NA 136
+#define ND_NA_SOLICITED_OVERRIDE 0x60000000
+
+/* IPv6 VIPs live on lo, and the kernel answers neighbour solicitations only for addresses of
+ * the receiving interface: the datapath answers a solicitation for a VIP itself (RFC 4861
+ * §7.2.4: solicited and override flags, our link-layer address, back to the sender), or drops
+ * it while this node is an L2 standby, as it does ARP. Returns a TC verdict, or -1 when the
+ * packet is not a solicitation for a VIP (or one we leave to the kernel: duplicate address
+ * detection, an interface whose MAC the agent did not record). */
+static __always_inline int nd_vip(struct __sk_buff *skb)
+{
+	struct nd_ns ns;
+	if (bpf_skb_load_bytes(skb, ETH_HLEN_, &ns, sizeof(ns)) < 0)
+		return -1;
+	if ((ns.ip6.vtc >> 4) != 6 || ns.ip6.nexthdr != IPPROTO_ICMPV6 || ns.type != ND_NS ||
+	    ns.code != 0 || ns.ip6.hop_limit != 255)
+		return -1;
+	if (!is_vip(ns.target, FLB_FAMILY_V6, IPPROTO_TCP) &&
+	    !is_vip(ns.target, FLB_FAMILY_V6, IPPROTO_UDP) &&
+	    !is_vip(ns.target, FLB_FAMILY_V6, IPPROTO_ICMP))
+		return -1;
+	__u32 zero = 0;
+	__u32 *f = bpf_map_lookup_elem(&ha_flags, &zero);
+	if (f && (*f & FLB_HA_L2_STANDBY)) {
+		count(FLB_CNT_ARP_SUPPRESSED);
+		return TC_ACT_SHOT;
+	}
+	if ((ns.ip6.saddr[0] | ns.ip6.saddr[1] | ns.ip6.saddr[2] | ns.ip6.saddr[3]) == 0)
+		return -1;
+	__u32 ifindex = skb->ifindex;
+	struct flb_mac *mac = bpf_map_lookup_elem(&if_macs, &ifindex);
+	if (!mac)
+		return -1;
+	__u8 eth[ETH_HLEN_];
+	if (bpf_skb_load_bytes(skb, ETH_ALEN, eth, ETH_ALEN) < 0) /* the sender's MAC */
+		return -1;
+	__builtin_memcpy(eth + ETH_ALEN, mac->addr, ETH_ALEN);
+	eth[12] = 0x86;
+	eth[13] = 0xdd;
+
+	struct nd_na na = {};
+	na.ip6.vtc = 0x60;
+	na.ip6.payload_len = bpf_htons(sizeof(na) - sizeof(na.ip6));
+	na.ip6.nexthdr = IPPROTO_ICMPV6;
+	na.ip6.hop_limit = 255;
+	addr_cp(na.ip6.saddr, ns.target);
+	addr_cp(na.ip6.daddr, ns.ip6.saddr);
+	na.type = ND_NA;
+	na.flags = bpf_htonl(ND_NA_SOLICITED_OVERRIDE);
+	addr_cp(na.target, ns.target);
+	na.opt_type = 2;
+	na.opt_len = 1;
+	__builtin_memcpy(na.mac, mac->addr, ETH_ALEN);
+	/* Checksum over the pseudo header (addresses, length, next header) and the message. */
+	__u32 ph[2] = {bpf_htonl(sizeof(na) - sizeof(na.ip6)), bpf_htonl(IPPROTO_ICMPV6)};
+	__s64 s = bpf_csum_diff(0, 0, na.ip6.saddr, 32, 0);
+	if (s < 0)
+		return -1;
+	s = bpf_csum_diff(0, 0, ph, sizeof(ph), (__u32)s);
+	if (s < 0)
+		return -1;
+	s = bpf_csum_diff(0, 0, (__u32 *)&na.type, sizeof(na) - sizeof(na.ip6), (__u32)s);
+	if (s < 0)
+		return -1;
+	na.csum = ~csum_fold32((__u32)s);
+
+	if (bpf_skb_change_tail(skb, ETH_HLEN_ + sizeof(na), 0) < 0 ||
+	    bpf_skb_store_bytes(skb, 0, eth, sizeof(eth), 0) < 0 ||
+	    bpf_skb_store_bytes(skb, ETH_HLEN_, &na, sizeof(na), 0) < 0)
+		return TC_ACT_SHOT;
+	count(FLB_CNT_ND_ANSWERED);
+	return bpf_redirect(ifindex, 0);
+}
+
 SEC("classifier")
 int flb_ingress(struct __sk_buff *skb)
 {
@@ -1116,6 +1223,11 @@ int flb_ingress(struct __sk_buff *skb)
 			return TC_ACT_SHOT;
 		}
 		return TC_ACT_OK;
+	}
+	if ((void *)(eth + 1) <= end && eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		int rc = nd_vip(skb);
+		if (rc >= 0)
+			return rc;
 	}
 	if (parse(skb, &p) < 0)
 		return TC_ACT_OK;

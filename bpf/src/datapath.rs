@@ -74,6 +74,8 @@ pub struct Datapath {
     ep_stats: PerCpuArray<MapData, Stats>,
     counters: PerCpuArray<MapData, u64>,
     ha_flags: Array<MapData, u32>,
+    /// ifindex -> MAC (`struct flb_mac`: 6 bytes and 2 of padding).
+    if_macs: HashMap<MapData, u32, [u8; 8]>,
     events: Option<RingBuf<MapData>>,
     capacity: Capacity,
     collector_ids: (u32, u32),
@@ -244,7 +246,7 @@ where
     T::try_from(m).map_err(map_err(name))
 }
 
-const MAPS: [&str; 12] = [
+const MAPS: [&str; 13] = [
     "services",
     "ranges",
     "backends",
@@ -257,6 +259,7 @@ const MAPS: [&str; 12] = [
     "counters",
     "events",
     "ha_flags",
+    "if_macs",
 ];
 
 impl Datapath {
@@ -333,6 +336,7 @@ impl Datapath {
             ep_stats: take(&mut ebpf, "ep_stats")?,
             counters: take(&mut ebpf, "counters")?,
             ha_flags: take(&mut ebpf, "ha_flags")?,
+            if_macs: take(&mut ebpf, "if_macs")?,
             events: Some(take(&mut ebpf, "events")?),
             services,
             conntrack,
@@ -361,6 +365,14 @@ impl Datapath {
     /// Attaches at TC ingress of `iface`. With a pin directory, an existing pinned link is
     /// updated in place (no packet sees a gap) and a new link is pinned.
     pub fn attach(&mut self, iface: &str) -> Result<()> {
+        // Neighbour advertisements for IPv6 VIPs carry the interface's MAC.
+        match (ifindex_of(iface), mac_of(iface)) {
+            (Some(i), Some(m)) => self.set_if_mac(i, m)?,
+            _ => debug!(
+                iface,
+                "no MAC address: IPv6 VIPs get no neighbour advertisement here"
+            ),
+        }
         let pin = self
             .pin_dir
             .as_ref()
@@ -680,6 +692,15 @@ impl Datapath {
         out
     }
 
+    /// Records an interface's MAC address for the datapath's neighbour advertisements.
+    pub fn set_if_mac(&mut self, ifindex: u32, mac: [u8; 6]) -> Result<()> {
+        let mut v = [0u8; 8];
+        v[..6].copy_from_slice(&mac);
+        self.if_macs
+            .insert(ifindex, v, 0)
+            .map_err(map_err("if_macs"))
+    }
+
     /// Sets the HA flags the datapath reads (`HA_*` bits).
     pub fn set_ha_flags(&mut self, flags: u32) -> Result<()> {
         self.ha_flags.set(0, flags, 0).map_err(map_err("ha_flags"))
@@ -853,6 +874,37 @@ impl AsRawFd for EventStream {
 
 /// Every entry of the conntrack map: batched lookups, or aya's iterator (two syscalls per
 /// entry) when the kernel refuses batches.
+/// An interface's index (None when it does not exist).
+fn ifindex_of(iface: &str) -> Option<u32> {
+    let name = std::ffi::CString::new(iface).ok()?;
+    // SAFETY: a NUL-terminated string that lives across the call.
+    let i = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    (i != 0).then_some(i)
+}
+
+/// An interface's MAC address from sysfs (None for interfaces without one).
+pub fn mac_of(iface: &str) -> Option<[u8; 6]> {
+    let s = std::fs::read_to_string(format!("/sys/class/net/{iface}/address")).ok()?;
+    parse_mac(s.trim())
+}
+
+/// "aa:bb:cc:dd:ee:ff" -> bytes; the all-zero address counts as none.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut out = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in out.iter_mut() {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    if parts.next().is_some() || out == [0; 6] {
+        return None;
+    }
+    Some(out)
+}
+
 fn ct_walk(map: &HashMap<MapData, CtKey, Ct>) -> Vec<(CtKey, Ct)> {
     use aya::maps::IterableMap;
     match crate::batch::lookup_all::<CtKey, Ct>(map.map(), 4096) {

@@ -7,7 +7,7 @@ use std::mem::{offset_of, size_of};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// The pinned-map layout version (`FLB_LAYOUT_VERSION`); part of the pin path.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 /// Endpoints per service (`FLB_MAX_ENDPOINTS`).
 pub const MAX_ENDPOINTS: usize = 32;
 /// Lookup-table length per endpoint set (`FLB_LUT_SIZE`, a prime).
@@ -101,9 +101,11 @@ pub enum Counter {
     Redirected = 7,
     DropNoFlow = 8,
     ArpSuppressed = 9,
+    /// Neighbour solicitations for an IPv6 VIP answered by the datapath.
+    NdAnswered = 10,
 }
 
-pub const COUNTERS: usize = 10;
+pub const COUNTERS: usize = 11;
 
 /// `ha_flags` bit: L2 mode, not MASTER (ARP requests for VIPs are dropped).
 pub const HA_L2_STANDBY: u32 = 0x01;

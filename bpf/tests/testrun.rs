@@ -8,11 +8,11 @@
 
 use std::net::Ipv4Addr;
 
+mod common;
+
+use common::*;
 use ferrolb_bpf::maps::*;
 use ferrolb_bpf::{Datapath, DatapathConfig, lut, monotonic_ns};
-
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_SHOT: u32 = 2;
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
 const VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
@@ -29,22 +29,6 @@ const PSH: u8 = 0x08;
 
 // ---------------------------------------------------------------------------------------
 // Packet building
-
-fn csum(data: &[u8], init: u32) -> u16 {
-    let mut s = init;
-    for c in data.chunks(2) {
-        let w = if c.len() == 2 {
-            u16::from_be_bytes([c[0], c[1]])
-        } else {
-            u16::from_be_bytes([c[0], 0])
-        };
-        s += u32::from(w);
-    }
-    while s >> 16 != 0 {
-        s = (s & 0xffff) + (s >> 16);
-    }
-    !(s as u16)
-}
 
 fn pseudo(src: Ipv4Addr, dst: Ipv4Addr, proto: u8, len: usize) -> u32 {
     let mut s = 0u32;
@@ -178,14 +162,6 @@ fn checksums_ok(p: &[u8]) -> bool {
 
 // ---------------------------------------------------------------------------------------
 // Datapath setup
-
-fn in_private_netns(test: &str) -> bool {
-    if !ferrolb_tests::require(test, &[]) {
-        return false;
-    }
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare netns");
-    true
-}
 
 fn datapath(node_id: u16) -> Datapath {
     Datapath::load(&DatapathConfig {

@@ -5,11 +5,11 @@
 
 use std::net::Ipv6Addr;
 
+mod common;
+
+use common::*;
 use ferrolb_bpf::maps::*;
 use ferrolb_bpf::{Datapath, DatapathConfig, lut};
-
-const TC_ACT_OK: u32 = 0;
-const TC_ACT_SHOT: u32 = 2;
 
 const CLIENT: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 2);
 const VIP: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0xaaaa, 0, 0, 0, 0, 0x10);
@@ -27,22 +27,6 @@ const ICMP6: u8 = 58;
 
 // ---------------------------------------------------------------------------------------
 // Packet building
-
-fn csum(data: &[u8], init: u32) -> u16 {
-    let mut s = init;
-    for c in data.chunks(2) {
-        let w = if c.len() == 2 {
-            u16::from_be_bytes([c[0], c[1]])
-        } else {
-            u16::from_be_bytes([c[0], 0])
-        };
-        s += u32::from(w);
-    }
-    while s >> 16 != 0 {
-        s = (s & 0xffff) + (s >> 16);
-    }
-    !(s as u16)
-}
 
 /// RFC 8200 section 8.1 pseudo header.
 fn pseudo(src: Ipv6Addr, dst: Ipv6Addr, next: u8, len: usize) -> u32 {
@@ -149,14 +133,6 @@ fn checksum_ok(p: &[u8]) -> bool {
 
 // ---------------------------------------------------------------------------------------
 // Datapath setup
-
-fn in_private_netns(test: &str) -> bool {
-    if !ferrolb_tests::require(test, &[]) {
-        return false;
-    }
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare netns");
-    true
-}
 
 fn datapath() -> Datapath {
     Datapath::load(&DatapathConfig {
@@ -333,7 +309,8 @@ fn v6_icmp_echo_is_balanced_and_neighbour_discovery_passes() {
     assert!(checksum_ok(&out), "ICMPv6 covers the pseudo header");
     let (_, out) = run(&mut dp, &echo(ip(EP1, VIP, ICMP6), 129, id, 1));
     assert_eq!(out, echo(ip(VIP, CLIENT, ICMP6), 129, 77, 1));
-    // A reply without a flow, and neighbour solicitation for the VIP: untouched.
+    // A reply without a flow, and neighbour solicitation for the VIP: untouched (the
+    // datapath answers solicitations only on interfaces whose MAC the agent recorded).
     let stray = echo(ip(EP2, VIP, ICMP6), 129, 5, 1);
     assert_eq!(run(&mut dp, &stray), (TC_ACT_OK, stray.clone()));
     let mut ns = vec![135, 0, 0, 0, 0, 0, 0, 0];
@@ -399,5 +376,78 @@ fn v6_fragments_and_unknown_mid_stream_tcp_to_a_vip_are_dropped() {
     let ack = tcp(ip(CLIENT, VIP, TCP), 40001, 5556, ACK, b"");
     assert_eq!(run(&mut dp, &ack), (TC_ACT_OK, ack.clone()));
     drop(l);
+    assert!(dp.ct_entries().is_empty());
+}
+
+const OUR_MAC: [u8; 6] = [0x02, 0xfe, 0, 0, 0, 0x01];
+const TC_ACT_REDIRECT: u32 = 7;
+
+/// A neighbour solicitation for `target` from CLIENT (MAC 02:00:00:00:00:02), to the
+/// solicited-node multicast group, with or without the source link-layer address option.
+fn solicitation(target: Ipv6Addr, src: Ipv6Addr, hop: u8, with_slla: bool) -> Vec<u8> {
+    let t = target.octets();
+    let group = Ipv6Addr::from([
+        0xff, 0x02, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0xff, t[13], t[14], t[15],
+    ]);
+    let mut body = vec![135, 0, 0, 0, 0, 0, 0, 0];
+    body.extend(t);
+    if with_slla {
+        body.extend([1, 1, 0x02, 0, 0, 0, 0, 0x02]);
+    }
+    let mut h = ip(src, group, ICMP6);
+    h.hop = hop;
+    let mut f = frame(&h, body, Some(2));
+    f[0..6].copy_from_slice(&[0x33, 0x33, 0xff, t[13], t[14], t[15]]);
+    f
+}
+
+/// The advertisement the datapath must answer with: solicited + override, our MAC.
+fn advertisement(target: Ipv6Addr, to: Ipv6Addr) -> Vec<u8> {
+    let mut body = vec![136, 0, 0, 0, 0x60, 0, 0, 0];
+    body.extend(target.octets());
+    body.extend([2, 1]);
+    body.extend(OUR_MAC);
+    let mut h = ip(target, to, ICMP6);
+    h.hop = 255;
+    let mut f = frame(&h, body, Some(2));
+    f[0..6].copy_from_slice(&[0x02, 0, 0, 0, 0, 0x02]);
+    f[6..12].copy_from_slice(&OUR_MAC);
+    f
+}
+
+/// IPv6 VIPs live on lo, where the kernel's neighbour discovery does not answer for them: the
+/// datapath answers solicitations for VIPs itself (out of the interface they came in on), and
+/// drops them while the node is an L2 standby.
+#[test]
+fn v6_neighbour_solicitations_for_vips_are_answered_unless_standby() {
+    if !in_private_netns("v6_neighbour_solicitations_for_vips_are_answered_unless_standby") {
+        return;
+    }
+    let mut dp = datapath();
+    install(&mut dp, 1, 80, PROTO_TCP, 0, &[(EP1, 8080)]);
+    // Test runs see the packet arrive on lo (ifindex 1 in a fresh namespace).
+    dp.set_if_mac(1, OUR_MAC).unwrap();
+    for with_slla in [true, false] {
+        let (rc, out) = run(&mut dp, &solicitation(VIP, CLIENT, 255, with_slla));
+        assert_eq!(rc, TC_ACT_REDIRECT, "answered out of the same interface");
+        assert_eq!(out, advertisement(VIP, CLIENT), "with SLLA: {with_slla}");
+        assert!(checksum_ok(&out));
+    }
+    assert_eq!(dp.counter(Counter::NdAnswered), 2);
+    // Not a VIP, not hop limit 255 (RFC 4861 §7.1.1), or duplicate address detection (from
+    // ::): left to the kernel untouched.
+    for ns in [
+        solicitation(EP2, CLIENT, 255, true),
+        solicitation(VIP, CLIENT, 64, true),
+        solicitation(VIP, Ipv6Addr::UNSPECIFIED, 255, false),
+    ] {
+        assert_eq!(run(&mut dp, &ns), (TC_ACT_OK, ns.clone()));
+    }
+    // An L2 standby drops solicitations for VIPs (as it drops ARP requests for them).
+    dp.set_ha_flags(HA_L2_STANDBY).unwrap();
+    let (rc, _) = run(&mut dp, &solicitation(VIP, CLIENT, 255, true));
+    assert_eq!(rc, TC_ACT_SHOT);
+    assert_eq!(dp.counter(Counter::ArpSuppressed), 1);
+    assert_eq!(dp.counter(Counter::NdAnswered), 2);
     assert!(dp.ct_entries().is_empty());
 }

@@ -93,7 +93,13 @@ pub const FRR_LAB: &[&str] = &[
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    // Cargo sets CARGO_MANIFEST_DIR for the test process too (the crate under test, one level
+    // below the root). It wins over this crate's compile-time path: with a target directory
+    // shared between clones, this crate may have been built from another clone.
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .filter(|d| d.join("../containerlab").is_dir())
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_default()
