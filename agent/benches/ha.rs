@@ -22,6 +22,7 @@ use ferrolb_agent::ha::{Ha, HaConfig};
 use ferrolb_bpf::maps::*;
 use ferrolb_bpf::{Datapath, DatapathConfig, lut, monotonic_ns};
 use ferrolb_consync::{Config, Consync};
+use ferrolb_tests::inet_csum as csum;
 use serde_json::{Value, json};
 
 const VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
@@ -175,22 +176,6 @@ fn bench_sync(n: u32) -> Value {
 }
 
 // --- packets for the lag benchmark --------------------------------------------------------
-
-fn csum(data: &[u8], init: u32) -> u16 {
-    let mut s = init;
-    for c in data.chunks(2) {
-        let w = if c.len() == 2 {
-            u16::from_be_bytes([c[0], c[1]])
-        } else {
-            u16::from_be_bytes([c[0], 0])
-        };
-        s += u32::from(w);
-    }
-    while s > 0xffff {
-        s = (s & 0xffff) + (s >> 16);
-    }
-    !(s as u16)
-}
 
 fn syn(src: Ipv4Addr, sport: u16) -> Vec<u8> {
     let mut p = vec![0u8; 14 + 20 + 20];

@@ -96,7 +96,7 @@ fn wait_nexthops(lab: &TestLab, n: usize, secs: u64) -> Duration {
     .unwrap()
 }
 
-fn udpflow(lab: &TestLab, seconds: f64, flows: u32) -> Vec<Value> {
+fn udpflow(lab: &TestLab, vip: &str, seconds: f64, flows: u32) -> Vec<Value> {
     let out = lab
         .exec_ok(
             "client",
@@ -104,7 +104,7 @@ fn udpflow(lab: &TestLab, seconds: f64, flows: u32) -> Vec<Value> {
                 "python3",
                 &probe_path(),
                 "udpflow",
-                VIP,
+                vip,
                 "9001",
                 &seconds.to_string(),
                 "--flows",
@@ -212,7 +212,7 @@ fn ecmp_rule_changes_and_roles() {
         return;
     };
     // Flows spread over both LB nodes (one-arm: the backend sees which node it was).
-    let flows = udpflow(&lab, 1.0, 16);
+    let flows = udpflow(&lab, VIP, 1.0, 16);
     let mut by_lb = std::collections::BTreeMap::new();
     for f in &flows {
         assert_eq!(f["sent"], f["answered"], "{f}");
@@ -464,7 +464,7 @@ fn bird_tor_ecmp_roles_and_failover() {
     ) else {
         return;
     };
-    let flows = udpflow(&lab, 1.0, 16);
+    let flows = udpflow(&lab, VIP, 1.0, 16);
     let mut lbs = std::collections::BTreeSet::new();
     for f in &flows {
         assert_eq!(f["sent"], f["answered"], "{f}");
@@ -724,22 +724,7 @@ fn lab6(topology: &str, test: &str, label: &str) -> Option<TestLab> {
 
 /// IPv6 UDP flows through the VIP: every datagram answered; the LB addresses backends saw.
 fn udpflow6(lab: &TestLab, seconds: f64, flows: u32) -> std::collections::BTreeSet<String> {
-    let out = lab
-        .exec_ok(
-            "client",
-            &[
-                "python3",
-                &probe_path(),
-                "udpflow",
-                VIP6,
-                "9001",
-                &seconds.to_string(),
-                "--flows",
-                &flows.to_string(),
-            ],
-        )
-        .unwrap();
-    let flows: Vec<Value> = serde_json::from_str(&out).unwrap();
+    let flows = udpflow(lab, VIP6, seconds, flows);
     let mut lbs = std::collections::BTreeSet::new();
     for f in &flows {
         assert!(f["sent"].as_u64().unwrap() > 0, "{f}");

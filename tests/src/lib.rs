@@ -105,6 +105,24 @@ pub fn repo_root() -> PathBuf {
         .unwrap_or_default()
 }
 
+/// The Internet checksum (RFC 1071) of `data`, starting from the partial sum `init` (a pseudo
+/// header), for tests and benchmarks that build packets byte by byte.
+pub fn inet_csum(data: &[u8], init: u32) -> u16 {
+    let mut s = init;
+    for c in data.chunks(2) {
+        let w = if c.len() == 2 {
+            u16::from_be_bytes([c[0], c[1]])
+        } else {
+            u16::from_be_bytes([c[0], 0])
+        };
+        s += u32::from(w);
+    }
+    while s >> 16 != 0 {
+        s = (s & 0xffff) + (s >> 16);
+    }
+    !(s as u16)
+}
+
 /// A lab name unique to this process and call: `t<pid>-<n>-<label>`.
 pub fn unique_name(label: &str) -> String {
     static SEQ: AtomicU32 = AtomicU32::new(0);
