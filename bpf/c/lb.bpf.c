@@ -55,6 +55,9 @@ struct icmphdr {
 #define ICMPV6_PARAMPROB 4
 #define ICMPV6_ECHO_REQUEST 128
 #define ICMPV6_ECHO_REPLY 129
+#define ND_NS 135
+#define ND_NA 136
+#define ND_NA_SOLICITED_OVERRIDE 0x60000000
 
 #ifndef IPPROTO_ICMPV6
 #define IPPROTO_ICMPV6 58
@@ -215,6 +218,7 @@ struct pkt {
 	__u8 echo_req;  /* ICMP(v6) echo request */
 	__u8 is_icmp_err;
 	__u8 frag;
+	__u8 nd_solicit; /* an ICMPv6 neighbour solicitation (not balanced; see nd_vip) */
 };
 
 static __always_inline void addr_cp(__u32 *d, const __u32 *s)
@@ -287,7 +291,10 @@ static __always_inline int parse_l4(struct __sk_buff *skb, struct pkt *p, __u8 l
 			   (v6 && icmp.type >= ICMPV6_DEST_UNREACH && icmp.type <= ICMPV6_PARAMPROB)) {
 			p->is_icmp_err = 1;
 		} else {
-			return -1; /* neighbour discovery, router advertisements, ...: not ours */
+			/* Neighbour discovery, router advertisements, ...: not balanced. A
+			 * solicitation may be for a VIP (nd_vip). */
+			p->nd_solicit = v6 && icmp.type == ND_NS;
+			return -1;
 		}
 		p->proto = IPPROTO_ICMP;
 	} else {
@@ -1135,9 +1142,6 @@ struct nd_na {
 	__u8 mac[6];
 };
 
-#define ND_NS 135
-#define ND_NA 136
-#define ND_NA_SOLICITED_OVERRIDE 0x60000000
 
 /* IPv6 VIPs live on lo, and the kernel answers neighbour solicitations only for addresses of
  * the receiving interface: the datapath answers a solicitation for a VIP itself (RFC 4861
@@ -1224,13 +1228,14 @@ int flb_ingress(struct __sk_buff *skb)
 		}
 		return TC_ACT_OK;
 	}
-	if ((void *)(eth + 1) <= end && eth->h_proto == bpf_htons(ETH_P_IPV6)) {
-		int rc = nd_vip(skb);
-		if (rc >= 0)
-			return rc;
-	}
-	if (parse(skb, &p) < 0)
+	if (parse(skb, &p) < 0) {
+		if (p.nd_solicit) {
+			int rc = nd_vip(skb);
+			if (rc >= 0)
+				return rc;
+		}
 		return TC_ACT_OK;
+	}
 	if (p.frag) {
 		if (is_vip(p.daddr, p.family, p.proto)) {
 			count(FLB_CNT_DROP_FRAGMENT);
