@@ -925,6 +925,9 @@ static __always_inline int xlate(struct __sk_buff *skb, struct pkt *p, struct fl
 static __always_inline int fwd(struct __sk_buff *skb, __u8 family)
 {
 	struct bpf_fib_lookup fib = {};
+	/* From the header read below: IPv4 TTL and protocol as one 16-bit word (for the
+	 * incremental checksum), or IPv6 hop limit in the first byte. */
+	__u8 ttl_proto[2];
 	if (family == FLB_FAMILY_V6) {
 		struct ip6hdr_ ip6;
 		if (bpf_skb_load_bytes(skb, ETH_HLEN_, &ip6, sizeof(ip6)) < 0)
@@ -936,6 +939,8 @@ static __always_inline int fwd(struct __sk_buff *skb, __u8 family)
 		addr_cp(fib.ipv6_dst, ip6.daddr);
 		fib.l4_protocol = ip6.nexthdr;
 		fib.tot_len = bpf_ntohs(ip6.payload_len) + sizeof(ip6);
+		ttl_proto[0] = ip6.hop_limit;
+		ttl_proto[1] = 0;
 	} else {
 		struct iphdr ip;
 		if (bpf_skb_load_bytes(skb, ETH_HLEN_, &ip, sizeof(ip)) < 0)
@@ -947,6 +952,8 @@ static __always_inline int fwd(struct __sk_buff *skb, __u8 family)
 		fib.ipv4_dst = ip.daddr;
 		fib.l4_protocol = ip.protocol;
 		fib.tot_len = bpf_ntohs(ip.tot_len);
+		ttl_proto[0] = ip.ttl;
+		ttl_proto[1] = ip.protocol;
 	}
 	fib.ifindex = skb->ingress_ifindex;
 	int rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
@@ -954,16 +961,10 @@ static __always_inline int fwd(struct __sk_buff *skb, __u8 family)
 		return TC_ACT_OK;
 	if (family == FLB_FAMILY_V6) {
 		/* Decrement the hop limit like a router (no header checksum in IPv6). */
-		__u8 hl;
-		if (bpf_skb_load_bytes(skb, IP6_HOP_OFF, &hl, 1) < 0)
-			return TC_ACT_OK;
-		hl -= 1;
-		bpf_skb_store_bytes(skb, IP6_HOP_OFF, &hl, 1, 0);
+		ttl_proto[0] -= 1;
+		bpf_skb_store_bytes(skb, IP6_HOP_OFF, ttl_proto, 1, 0);
 	} else {
 		/* Decrement TTL like a router (RFC 1812 incremental checksum). */
-		__u8 ttl_proto[2];
-		if (bpf_skb_load_bytes(skb, IP_TTL_OFF, ttl_proto, 2) < 0)
-			return TC_ACT_OK;
 		__u16 old = *(__u16 *)ttl_proto;
 		ttl_proto[0] -= 1;
 		__u16 new = *(__u16 *)ttl_proto;
