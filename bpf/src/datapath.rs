@@ -731,7 +731,17 @@ fn collect(
         if v.flags & CTF_SYNCED != 0 || !v.expired(k.proto, now_ns) {
             continue;
         }
-        let peer = k.peer(v);
+        // `entries` is a snapshot (walking a large table takes a while): a new flow may
+        // have taken this key since, or the flow may have come alive again. Decide on the
+        // entry as it is now, not as it was.
+        let v = match conntrack.get(k, 0) {
+            Ok(cur) => cur,
+            Err(_) => continue,
+        };
+        if v.flags & CTF_SYNCED != 0 || !v.expired(k.proto, now_ns) {
+            continue;
+        }
+        let peer = k.peer(&v);
         if let Ok(pv) = conntrack.get(&peer, 0)
             && !pv.expired(k.proto, now_ns)
         {
@@ -748,7 +758,7 @@ fn collect(
             }
         }
         if conntrack.remove(k).is_ok() {
-            removed.push((*k, *v));
+            removed.push((*k, v));
         }
     }
     removed

@@ -689,9 +689,27 @@ fn the_collector_works_on_its_own_handles() {
         dp.ct_insert(&key, &e).unwrap();
     }
     let entries = c.entries();
-    assert_eq!(c.collect_from(&entries, monotonic_ns()).len(), 2);
+    // The second flow had expired when the table was walked, but between the walk and the
+    // removal the client reused its port: a new flow took the original-direction key (its
+    // reply entry is another one, toward another backend, so the old reply entry stays
+    // idle). The collector decides on the entry as it is now and leaves the new flow alone.
+    let k2 = CtKey::v4(CLIENT, 7001, VIP, 53, PROTO_UDP);
+    let v2 = dp.ct_get(&k2).unwrap().unwrap();
+    let r2 = k2.peer(&v2);
+    let mut old_reply = dp.ct_get(&r2).unwrap().unwrap();
+    old_reply.last_ns -= 3_000_000_000;
+    dp.ct_insert(&r2, &old_reply).unwrap();
+    let mut old_orig = v2;
+    old_orig.last_ns -= 3_000_000_000;
+    let mut snapshot = entries.clone();
+    for (key, e) in [(k2, old_orig), (r2, old_reply)] {
+        snapshot.retain(|(sk, _)| *sk != key);
+        snapshot.push((key, e));
+    }
+    assert_eq!(c.collect_from(&snapshot, monotonic_ns()).len(), 2);
     // The datapath's own handle sees the result.
     assert!(dp.ct_get(&k).unwrap().is_none());
+    assert!(dp.ct_get(&k2).unwrap().is_some(), "the live flow stays");
     assert_eq!(dp.ct_entries().len(), 2);
 }
 
