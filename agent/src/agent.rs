@@ -95,14 +95,15 @@ fn attach_new(dp: &mut Datapath, cfg: &Config, done: &mut BTreeMap<String, u32>)
 /// Starts BFD: sessions saved over REST, then those of `--ka` (which win for the same peer).
 /// Without `--ka`, a BFD that cannot bind UDP 3784 is a warning, not a failure.
 async fn start_bfd(cfg: &Config) -> Result<Option<BfdService>> {
-    let handle = match ferrolb_bfd::spawn(ferrolb_bfd::socket::CONTROL_PORT) {
-        Ok(h) => h,
-        Err(e) if cfg.keepalives.is_empty() => {
-            warn!(error = %e, "BFD not started; /config/bfd answers 503");
-            return Ok(None);
-        }
-        Err(e) => return Err(e).context("start BFD for --ka"),
-    };
+    let handle =
+        match ferrolb_bfd::spawn(ferrolb_bfd::socket::CONTROL_PORT, cfg.flags.bfd_rt_priority) {
+            Ok(h) => h,
+            Err(e) if cfg.keepalives.is_empty() => {
+                warn!(error = %e, "BFD not started; /config/bfd answers 503");
+                return Ok(None);
+            }
+            Err(e) => return Err(e).context("start BFD for --ka"),
+        };
     let specs = BfdService::load(&cfg.flags.config_path)?;
     for s in specs.values() {
         match s.peer_config() {

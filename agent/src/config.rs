@@ -119,6 +119,13 @@ pub struct Flags {
     #[arg(long, value_name = "REMOTE:SOURCE[:INTERVAL]")]
     pub ka: Option<String>,
 
+    /// Real-time priority (SCHED_FIFO, 1-99) of the BFD thread, so that forwarding load and
+    /// busy processes cannot delay BFD packets past a peer's detection time; 0 leaves it at
+    /// normal priority. Refused by the kernel: a warning, and normal priority.
+    #[arg(long, default_value_t = 10, value_name = "N",
+          value_parser = clap::value_parser!(u8).range(0..=99))]
+    pub bfd_rt_priority: u8,
+
     /// Advertise VIPs over BGP (configured with /config/bgp/global and /config/bgp/neigh).
     #[arg(short = 'b', long)]
     pub bgp: bool,
@@ -419,6 +426,17 @@ mod tests {
             100_000
         );
         assert!(parse_ka("10.0.0.2:10.0.0.1:5").is_err());
+    }
+
+    #[test]
+    fn bfd_thread_priority() {
+        assert_eq!(cfg(&[]).unwrap().flags.bfd_rt_priority, 10);
+        assert_eq!(
+            cfg(&["--bfd-rt-priority=0"]).unwrap().flags.bfd_rt_priority,
+            0
+        );
+        let e = cfg(&["--bfd-rt-priority=100"]).unwrap_err().to_string();
+        assert!(e.contains("--bfd-rt-priority"), "{e}");
     }
 
     #[test]

@@ -476,7 +476,25 @@ fn stable_at_50ms_while_forwarding() {
             .as_f64()
             .unwrap()
             / 1e9;
-    eprintln!("60 s at 50 ms x 3 while forwarding {gbps:.2} Gbit/s through lb1");
+    let m = lab
+        .exec_ok("lb1", &["curl", "-sf", "http://127.0.0.1:11111/metrics"])
+        .unwrap();
+    let metric = |name: &str| -> f64 {
+        m.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} in lb1's metrics"))
+    };
+    let late_ms = metric("ferrolb_bfd_timer_late_max_seconds") * 1000.0;
+    eprintln!(
+        "60 s at 50 ms x 3 while forwarding {gbps:.2} Gbit/s through lb1; its BFD timers ran at \
+         most {late_ms:.1} ms late ({} late runs)",
+        metric("ferrolb_bfd_timers_late_total")
+    );
+    assert_eq!(
+        metric("ferrolb_bfd_thread_rt_priority"),
+        10.0,
+        "the BFD thread runs SCHED_FIFO"
+    );
     assert!(start.elapsed() >= Duration::from_secs(60));
     assert!(gbps > 0.1, "traffic flowed: {gbps} Gbit/s");
     let after: Vec<(Value, Value)> = sessions(&lab, "lb1")

@@ -398,6 +398,39 @@ pub async fn metrics(svc: &BfdService) -> String {
     ] {
         let _ = writeln!(o, "ferrolb_bfd_drops_total{{reason=\"{reason}\"}} {n}");
     }
+    fam(
+        &mut o,
+        "ferrolb_bfd_timers_late_total",
+        "counter",
+        "BFD timer runs more than 10 ms after their deadline (the node is too busy for its BFD intervals).",
+    );
+    let _ = writeln!(
+        o,
+        "ferrolb_bfd_timers_late_total {}",
+        c.timers_late.load(Relaxed)
+    );
+    fam(
+        &mut o,
+        "ferrolb_bfd_timer_late_max_seconds",
+        "gauge",
+        "The latest a BFD timer has run after its deadline.",
+    );
+    let _ = writeln!(
+        o,
+        "ferrolb_bfd_timer_late_max_seconds {}",
+        c.timer_late_max_us.load(Relaxed) as f64 / 1e6
+    );
+    fam(
+        &mut o,
+        "ferrolb_bfd_thread_rt_priority",
+        "gauge",
+        "SCHED_FIFO priority of the BFD thread (0: normal scheduling).",
+    );
+    let _ = writeln!(
+        o,
+        "ferrolb_bfd_thread_rt_priority {}",
+        c.rt_priority.load(Relaxed)
+    );
     o
 }
 
