@@ -727,18 +727,18 @@ fn collect(
     now_ns: u64,
 ) -> Vec<(CtKey, Ct)> {
     let mut removed = Vec::new();
+    let idle = |k: &CtKey, v: &Ct| v.flags & CTF_SYNCED == 0 && v.expired(k.proto, now_ns);
     for (k, v) in entries {
-        if v.flags & CTF_SYNCED != 0 || !v.expired(k.proto, now_ns) {
+        if !idle(k, v) {
             continue;
         }
         // `entries` is a snapshot (walking a large table takes a while): a new flow may
         // have taken this key since, or the flow may have come alive again. Decide on the
         // entry as it is now, not as it was.
-        let v = match conntrack.get(k, 0) {
-            Ok(cur) => cur,
-            Err(_) => continue,
+        let Ok(v) = conntrack.get(k, 0) else {
+            continue;
         };
-        if v.flags & CTF_SYNCED != 0 || !v.expired(k.proto, now_ns) {
+        if !idle(k, &v) {
             continue;
         }
         let peer = k.peer(&v);
