@@ -21,12 +21,6 @@ const EP2: Ipv4Addr = Ipv4Addr::new(10, 10, 10, 12);
 const EP3: Ipv4Addr = Ipv4Addr::new(10, 10, 10, 13);
 const LB_IF: Ipv4Addr = Ipv4Addr::new(10, 10, 10, 2);
 
-const SYN: u8 = 0x02;
-const ACK: u8 = 0x10;
-const FIN: u8 = 0x01;
-const RST: u8 = 0x04;
-const PSH: u8 = 0x08;
-
 // ---------------------------------------------------------------------------------------
 // Packet building
 
