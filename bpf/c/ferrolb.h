@@ -12,7 +12,7 @@
 #ifndef FERROLB_H
 #define FERROLB_H
 
-#define FLB_LAYOUT_VERSION 3
+#define FLB_LAYOUT_VERSION 4
 
 #define FLB_MAX_ENDPOINTS 32
 /* Lookup-table length per endpoint set: a prime, >= 100 x FLB_MAX_ENDPOINTS
@@ -81,7 +81,21 @@
 #define FLB_CNT_ARP_SUPPRESSED 9
 /* Neighbour solicitations for an IPv6 VIP answered by the datapath. */
 #define FLB_CNT_ND_ANSWERED 10
-#define FLB_CNT_MAX 11
+/* Source-NAT port allocations that needed more than FLB_NAT_EASY_PROBES probes (the pool
+ * toward that endpoint is filling up), and expired occupants of a port taken over. */
+#define FLB_CNT_NAT_HARD 11
+#define FLB_CNT_NAT_TAKEOVER 12
+#define FLB_CNT_MAX 13
+
+/* Source-NAT ports (one-arm, full NAT; ICMP: echo identifiers): 1024..65535. */
+#define FLB_NAT_PORT_LO 1024
+#define FLB_NAT_PORTS 64512
+/* Probes per allocation: the client's own port first, then random ports. At 90 % occupancy
+ * 128 probes all fail with probability 0.9^128 ~ 1e-6. */
+#define FLB_NAT_PROBES 128
+#define FLB_NAT_EASY_PROBES 8
+/* The datapath tells the agent of a hard allocation at most this often (FLB_EV_NAT_PRESSURE). */
+#define FLB_NAT_SIGNAL_NS 100000000ULL
 
 /* Bits of ha_flags[0], set by the agent. */
 #define FLB_HA_L2_STANDBY 0x01 /* L2 mode, not MASTER: do not answer ARP / NS for VIPs */
@@ -94,6 +108,13 @@
 #define FLB_EV_CREATED 1
 #define FLB_EV_ESTABLISHED 2
 #define FLB_EV_CLOSED 3
+/* The datapath removed an entry (an expired flow whose NAT port or 4-tuple a new flow
+ * took): key and value of the removed original-direction entry, so peers drop it too. */
+#define FLB_EV_REMOVED 4
+/* A source-NAT port allocation was hard or failed: key and value are the new flow's reply
+ * entry (its pool: endpoint, translated source, endpoint port). The agent runs its
+ * collector at once. */
+#define FLB_EV_NAT_PRESSURE 5
 
 struct flb_svc_key {
 	__u32 addr[4];

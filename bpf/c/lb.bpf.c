@@ -185,6 +185,14 @@ struct {
 	__uint(max_entries, 1);
 } ha_flags SEC(".maps");
 
+/* When the datapath last told the agent of source-NAT port pressure (index 0, ns). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, 1);
+} nat_signal SEC(".maps");
+
 #define IP_MF 0x2000
 #define IP_OFFSET 0x1fff
 #define ETH_HLEN_ 14
@@ -427,6 +435,30 @@ static __always_inline __u64 ct_timeout_ns(const struct flb_ct *v, __u8 proto)
 	return (__u64)s * 1000000000ULL;
 }
 
+/* Is an entry last used at v->last_ns still within its timeout at `now`?
+ *
+ * The difference is signed, and this is the fix for flows whose translation changed
+ * mid-stream (issue 12). `now` is read once per packet, before the lookup; meanwhile another
+ * CPU handling the same flow (a bulk TCP flow's data and its ACKs run on two CPUs) stores a
+ * later time in last_ns. Unsigned, now - last_ns then wrapped to ~2^64, the live flow looked
+ * expired (its peer entry too, for the same reason), and ct_create replaced it with a new
+ * flow and a new source-NAT port: the backend saw segments of a connection it did not know
+ * and reset it. A last_ns in our future means "alive". */
+static __always_inline int ct_alive(const struct flb_ct *v, __u8 proto, __u64 now)
+{
+	return (__s64)(now - v->last_ns) <= (__s64)ct_timeout_ns(v, proto);
+}
+
+/* Is k the key of the other direction of v's flow? */
+static __always_inline int ct_points_to(const struct flb_ct *v, const struct flb_ct_key *k)
+{
+	if (!addr_eq(v->nat_daddr, k->saddr) || !addr_eq(v->nat_saddr, k->daddr))
+		return 0;
+	if (k->proto == IPPROTO_ICMP)
+		return v->nat_sport == k->sport && k->dport == 0;
+	return v->nat_dport == k->sport && v->nat_sport == k->dport;
+}
+
 static __always_inline void emit(__u32 type, const struct flb_ct_key *k, const struct flb_ct *v)
 {
 	struct flb_ct_event *ev = bpf_ringbuf_reserve(&events, sizeof(*ev), 0);
@@ -599,7 +631,7 @@ static __always_inline __u32 select_ep(const struct flb_svc *svc, const struct f
 		ak.svc_id = svc->id;
 		addr_cp(ak.addr, p->saddr);
 		struct flb_affinity *a = bpf_map_lookup_elem(&affinity, &ak);
-		if (a && now - a->last_ns < (__u64)svc->timeout_s * 1000000000ULL &&
+		if (a && (__s64)(now - a->last_ns) < (__s64)((__u64)svc->timeout_s * 1000000000ULL) &&
 		    ep_ok(be, a->ep_idx)) {
 			a->last_ns = now;
 			return a->ep_idx;
@@ -705,12 +737,155 @@ static __always_inline int unknown_tcp_to_vip(struct __sk_buff *skb, const struc
 	return 1;
 }
 
-/* Create both conntrack entries for a new flow (`seen_ns`: when the caller found no live
- * entry). Returns 0 and fills *out with the original-direction entry, or a negative value
- * to drop. */
-static __always_inline int ct_create(const struct pkt *p, const struct flb_svc *svc,
-				     struct flb_ct_key *okey, struct flb_ct *out, __u64 seen_ns)
+/* Does the entry found under a packet's key carry that packet's flow? A synced entry lives
+ * as long as its origin says; otherwise the flow is alive while either direction is (one-way
+ * UDP keeps only one fresh). A new SYN on a closed original entry starts a new flow. */
+static __always_inline int ct_live(const struct flb_ct_key *key, const struct flb_ct *e,
+				   const struct pkt *p, __u64 now)
 {
+	if (p->proto == IPPROTO_TCP && e->dir == 0 && (p->tcp_flags & 0x12) == 0x02 &&
+	    eff_state(e) >= FLB_CT_TIME_WAIT)
+		return 0;
+	if ((e->flags & FLB_CTF_SYNCED) || ct_alive(e, p->proto, now))
+		return 1;
+	struct flb_ct_key pk;
+	ct_peer_key(&pk, key, e);
+	struct flb_ct *pe = bpf_map_lookup_elem(&conntrack, &pk);
+	return pe && ct_alive(pe, p->proto, now);
+}
+
+/* An entry the datapath is about to delete because a new flow takes its key or its NAT
+ * port. Its flow's least-connections count is released once (the CLOSED bit is the claim,
+ * as at a close), and an original-direction entry is reported so peers drop it too. */
+static __always_inline void ct_retire(const struct flb_ct_key *k, struct flb_ct *v)
+{
+	if (v->dir != 0)
+		return;
+	__u32 old = __sync_fetch_and_or(&v->fin, FLB_FIN_CLOSED);
+	if (!(old & FLB_FIN_CLOSED))
+		lc_dec(v);
+	emit(FLB_EV_REMOVED, k, v);
+}
+
+/* Remove a dead flow whose entry `v` sits at `k`; `pk` is the key of its other direction and
+ * `pe` the entry there, if any. The other direction goes first, only if it belongs to the
+ * same flow (points back at k and was created with it), then k itself. The caller has
+ * claimed v (no other CPU retires it at the same time). */
+static __always_inline void ct_remove_flow(const struct flb_ct_key *k, struct flb_ct *v,
+					   const struct flb_ct_key *pk, struct flb_ct *pe)
+{
+	if (pe && ct_points_to(pe, k) && pe->created_ns == v->created_ns) {
+		ct_retire(pk, pe);
+		bpf_map_delete_elem(&conntrack, pk);
+	}
+	ct_retire(k, v);
+	bpf_map_delete_elem(&conntrack, k);
+}
+
+/* May a new flow take the key k that `occ` holds? Only a local entry past its timeout whose
+ * flow's other direction is gone or past its timeout too. Claimed with a compare-and-swap
+ * on last_ns, so of several CPUs wanting the same port one takes it over. */
+static __always_inline int ct_take_over(const struct flb_ct_key *k, struct flb_ct *occ, __u64 now)
+{
+	if (occ->flags & FLB_CTF_SYNCED)
+		return 0;
+	__u64 last = occ->last_ns;
+	if ((__s64)(now - last) <= (__s64)ct_timeout_ns(occ, k->proto))
+		return 0;
+	struct flb_ct_key pk;
+	ct_peer_key(&pk, k, occ);
+	struct flb_ct *pe = bpf_map_lookup_elem(&conntrack, &pk);
+	if (pe && ct_points_to(pe, k) &&
+	    ((pe->flags & FLB_CTF_SYNCED) || ct_alive(pe, k->proto, now)))
+		return 0;
+	if (__sync_val_compare_and_swap(&occ->last_ns, last, now) != last)
+		return 0;
+	ct_remove_flow(k, occ, &pk, pe);
+	count(FLB_CNT_NAT_TAKEOVER);
+	return 1;
+}
+
+/* bpf_loop state for the source-NAT port search. */
+struct nat_search {
+	struct flb_ct_key rkey; /* the reply key; its translated port is filled per probe */
+	struct flb_ct *reply;   /* the reply entry to insert (the caller's stack) */
+	__u64 now;
+	__u32 probes;
+	__u16 first; /* the client's own port (network order), 0 = none */
+	__u16 port;  /* the port found (network order) */
+	__u8 icmp;
+	__u8 found;
+};
+
+static long nat_probe(__u32 i, void *arg)
+{
+	struct nat_search *c = arg;
+	__u16 port;
+	if (i == 0 && c->first)
+		port = c->first;
+	else
+		port = bpf_htons(FLB_NAT_PORT_LO + bpf_get_prandom_u32() % FLB_NAT_PORTS);
+	c->probes = i + 1;
+	if (c->icmp)
+		c->rkey.sport = port;
+	else
+		c->rkey.dport = port;
+	/* Look before inserting: a refused BPF_NOEXIST insert into an LRU map still takes a
+	 * free node (and may evict someone) first. */
+	struct flb_ct *occ = bpf_map_lookup_elem(&conntrack, &c->rkey);
+	if (occ && !ct_take_over(&c->rkey, occ, c->now))
+		return 0;
+	if (bpf_map_update_elem(&conntrack, &c->rkey, c->reply, BPF_NOEXIST) != 0)
+		return 0; /* another CPU took it since the lookup */
+	c->port = port;
+	c->found = 1;
+	return 1;
+}
+
+/* Tell the agent (at most every FLB_NAT_SIGNAL_NS) that a NAT pool is filling up. */
+static __always_inline void nat_signal_pressure(const struct flb_ct_key *rkey,
+						const struct flb_ct *reply, __u64 now)
+{
+	__u32 zero = 0;
+	__u64 *last = bpf_map_lookup_elem(&nat_signal, &zero);
+	if (!last)
+		return;
+	__u64 l = *last;
+	if (now - l < FLB_NAT_SIGNAL_NS && l != 0)
+		return;
+	if (__sync_val_compare_and_swap(last, l, now) != l)
+		return;
+	emit(FLB_EV_NAT_PRESSURE, rkey, reply);
+}
+
+/* Create both conntrack entries for a new flow whose key `okey` held no live entry when the
+ * caller looked. Returns 0 and fills *out with the original-direction entry, or a negative
+ * value to drop. */
+static __always_inline int ct_create(const struct pkt *p, const struct flb_svc *svc,
+				     struct flb_ct_key *okey, struct flb_ct *out)
+{
+	__u64 now = bpf_ktime_get_ns();
+
+	/* The entry now under our key: a live one was created by another CPU since our lookup
+	 * (a duplicate SYN): use it, so both packets go to one endpoint. A dead one (expired,
+	 * or closed and this is a new SYN) is removed with its reply entry, which still holds
+	 * a NAT port (a 4-tuple reused after TIME_WAIT). */
+	struct flb_ct *prev = bpf_map_lookup_elem(&conntrack, okey);
+	if (prev) {
+		if (ct_live(okey, prev, p, now)) {
+			*out = *prev;
+			return 0;
+		}
+		/* Synced entries too: a new SYN on a closed flow starts a new one wherever the
+		 * old one was created. */
+		__u64 last = prev->last_ns;
+		if (__sync_val_compare_and_swap(&prev->last_ns, last, now) == last) {
+			struct flb_ct_key pk;
+			ct_peer_key(&pk, okey, prev);
+			ct_remove_flow(okey, prev, &pk, bpf_map_lookup_elem(&conntrack, &pk));
+		}
+	}
+
 	__u32 slot = svc->be_slot;
 	struct flb_backends *be = bpf_map_lookup_elem(&backends, &slot);
 	if (!be) {
@@ -724,7 +899,6 @@ static __always_inline int ct_create(const struct pkt *p, const struct flb_svc *
 		return -1;
 	}
 	const struct flb_ep *ep = &be->ep[i];
-	__u64 now = bpf_ktime_get_ns();
 
 	__u16 eport = p->dport;
 	if (p->proto != IPPROTO_ICMP && ep->port != 0)
@@ -762,27 +936,36 @@ static __always_inline int ct_create(const struct pkt *p, const struct flb_svc *
 	o->nat_dport = p->proto == IPPROTO_ICMP ? 0 : p->sport;
 	o->dir = 1;
 
-	struct flb_ct_key rkey;
+	struct nat_search c;
+	__builtin_memset(&c, 0, sizeof(c));
+	int icmp = p->proto == IPPROTO_ICMP;
+	ct_key(&c.rkey, ep->addr, snat, icmp ? p->sport : eport, icmp ? 0 : p->sport, p->proto,
+	       p->family);
 	int ok = -1;
 	__u16 nport = p->sport;
 	if (addr_eq(snat, p->saddr)) {
 		/* Client address kept: the reply key cannot collide with
 		 * another client's flow. */
-		ct_key(&rkey, ep->addr, snat, p->proto == IPPROTO_ICMP ? p->sport : eport,
-		       p->proto == IPPROTO_ICMP ? 0 : p->sport, p->proto, p->family);
-		ok = bpf_map_update_elem(&conntrack, &rkey, o, BPF_ANY);
+		ok = bpf_map_update_elem(&conntrack, &c.rkey, o, BPF_ANY);
 	} else {
-		/* Source rewritten: find a free source port (ICMP: echo id)
-		 * so that two clients never share a translated 5-tuple. */
-		__u32 h = flow_hash(p);
-		for (int t = 0; t < 8; t++) {
-			nport = bpf_htons(1024 + ((h + t * 7919) % 64511));
-			ct_key(&rkey, ep->addr, snat, p->proto == IPPROTO_ICMP ? nport : eport,
-			       p->proto == IPPROTO_ICMP ? 0 : nport, p->proto, p->family);
-			if (bpf_map_update_elem(&conntrack, &rkey, o, BPF_NOEXIST) == 0) {
-				ok = 0;
-				break;
-			}
+		/* Source rewritten: find a free source port (ICMP: echo id) so that two
+		 * clients never share a translated 5-tuple. The client's own port first
+		 * (clients mostly use distinct ports), then random probes, each independent (a fixed
+		 * stride correlates with structured occupancy, e.g. a client's contiguous
+		 * ephemeral range). */
+		c.reply = o;
+		c.now = now;
+		c.icmp = icmp;
+		if (icmp || bpf_ntohs(p->sport) >= FLB_NAT_PORT_LO)
+			c.first = p->sport;
+		bpf_loop(FLB_NAT_PROBES, nat_probe, &c, 0);
+		if (c.found) {
+			ok = 0;
+			nport = c.port;
+		}
+		if (!c.found || c.probes > FLB_NAT_EASY_PROBES) {
+			count(FLB_CNT_NAT_HARD);
+			nat_signal_pressure(&c.rkey, o, now);
 		}
 	}
 
@@ -790,7 +973,7 @@ static __always_inline int ct_create(const struct pkt *p, const struct flb_svc *
 	addr_cp(o->nat_saddr, snat);
 	addr_cp(o->nat_daddr, ep->addr);
 	o->nat_sport = nport;
-	o->nat_dport = p->proto == IPPROTO_ICMP ? 0 : eport;
+	o->nat_dport = icmp ? 0 : eport;
 	o->dir = 0;
 	if (ok != 0) {
 		if (lc)
@@ -798,36 +981,29 @@ static __always_inline int ct_create(const struct pkt *p, const struct flb_svc *
 		count(FLB_CNT_DROP_NAT_PORTS);
 		return -1;
 	}
-	if (bpf_map_update_elem(&conntrack, okey, o, BPF_NOEXIST) != 0) {
-		/* Another CPU created this flow since our lookup (a duplicate SYN): use its
-		 * entry so both packets go to one endpoint, and drop our reply entry unless it
-		 * is the same key as theirs. A stale entry is replaced. */
+	for (int t = 0; t < 2; t++) {
+		if (bpf_map_update_elem(&conntrack, okey, o, BPF_NOEXIST) == 0) {
+			count(FLB_CNT_CT_CREATED);
+			emit(FLB_EV_CREATED, okey, o);
+			return 0;
+		}
+		/* Another CPU created this flow since we looked (a duplicate SYN): use its
+		 * entry, and drop our reply entry unless it is the same key as theirs. */
 		struct flb_ct *cur = bpf_map_lookup_elem(&conntrack, okey);
-		if (cur && cur->created_ns >= seen_ns) {
-			/* Their reply key is (nat_daddr, nat_dport) -> (nat_saddr, nat_sport). */
-			int same = addr_eq(cur->nat_daddr, rkey.saddr) &&
-				   addr_eq(cur->nat_saddr, rkey.daddr) &&
-				   (p->proto == IPPROTO_ICMP ? cur->nat_sport == rkey.sport
-							     : (cur->nat_dport == rkey.sport &&
-								cur->nat_sport == rkey.dport));
-			if (!same)
-				bpf_map_delete_elem(&conntrack, &rkey);
+		if (cur) {
+			if (!ct_points_to(cur, &c.rkey))
+				bpf_map_delete_elem(&conntrack, &c.rkey);
 			if (lc)
 				lc_dec(o);
 			*out = *cur;
 			return 0;
 		}
-		if (bpf_map_update_elem(&conntrack, okey, o, BPF_ANY) != 0) {
-			bpf_map_delete_elem(&conntrack, &rkey);
-			if (lc)
-				lc_dec(o);
-			count(FLB_CNT_DROP_NAT_PORTS);
-			return -1;
-		}
 	}
-	count(FLB_CNT_CT_CREATED);
-	emit(FLB_EV_CREATED, okey, o);
-	return 0;
+	bpf_map_delete_elem(&conntrack, &c.rkey);
+	if (lc)
+		lc_dec(o);
+	count(FLB_CNT_DROP_NAT_PORTS);
+	return -1;
 }
 
 /* Rewrite one 32-bit address field of the IPv4 header (and the L4 pseudo
@@ -1254,25 +1430,8 @@ int flb_ingress(struct __sk_buff *skb)
 	__u64 now = bpf_ktime_get_ns();
 	struct flb_ct *e = bpf_map_lookup_elem(&conntrack, &key);
 	struct flb_ct ce;
-	if (e) {
-		/* A synced entry's lifetime is its origin's: the agent deletes it when the
-		 * origin does, and ages it from the moment it adopts it. */
-		int fresh = (e->flags & FLB_CTF_SYNCED) || now - e->last_ns <= ct_timeout_ns(e, p.proto);
-		if (!fresh) {
-			/* One direction may be quiet (one-way UDP); the flow is
-			 * alive while either direction is. */
-			struct flb_ct_key pk;
-			ct_peer_key(&pk, &key, e);
-			struct flb_ct *pe = bpf_map_lookup_elem(&conntrack, &pk);
-			fresh = pe && now - pe->last_ns <= ct_timeout_ns(pe, p.proto);
-		}
-		/* A new SYN on a closed flow starts a new connection. */
-		if (p.proto == IPPROTO_TCP && e->dir == 0 && (p.tcp_flags & 0x12) == 0x02 &&
-		    eff_state(e) >= FLB_CT_TIME_WAIT)
-			fresh = 0;
-		if (!fresh)
-			e = 0;
-	}
+	if (e && !ct_live(&key, e, &p, now))
+		e = 0;
 	if (!e) {
 		if (p.proto == IPPROTO_ICMP && !p.echo_req)
 			return TC_ACT_OK;
@@ -1284,7 +1443,7 @@ int flb_ingress(struct __sk_buff *skb)
 			}
 			return TC_ACT_OK;
 		}
-		if (ct_create(&p, svc, &key, &ce, now) < 0)
+		if (ct_create(&p, svc, &key, &ce) < 0)
 			return TC_ACT_SHOT;
 		e = bpf_map_lookup_elem(&conntrack, &key);
 		if (!e)

@@ -457,6 +457,21 @@ impl Datapath {
         Ok((r.return_value, out))
     }
 
+    /// A handle that runs the program with `BPF_PROG_TEST_RUN` from any thread.
+    pub fn test_runner(&mut self) -> Result<crate::TestRunner> {
+        use std::os::fd::AsFd;
+        let prog: &mut SchedClassifier = program(&mut self.ebpf)?;
+        let fd = prog.fd().map_err(|e| BpfError::Program {
+            context: "program fd".into(),
+            source: e,
+        })?;
+        let fd = fd.as_fd().try_clone_to_owned().map_err(|e| BpfError::Io {
+            context: "dup the program fd".into(),
+            source: e,
+        })?;
+        Ok(crate::TestRunner { fd })
+    }
+
     // --- services -------------------------------------------------------------------------
 
     pub fn set_service(&mut self, key: &SvcKey, svc: &Svc) -> Result<()> {

@@ -23,11 +23,13 @@ pub mod batch;
 pub mod datapath;
 pub mod lut;
 pub mod maps;
+pub mod testrun;
 
 pub use datapath::{
     Capacity, Collector, Datapath, DatapathConfig, EventStream, SyncTable, default_pin_dir,
     ensure_bpffs, monotonic_ns, other_layouts, purge,
 };
+pub use testrun::TestRunner;
 
 use std::path::PathBuf;
 

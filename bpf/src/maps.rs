@@ -7,7 +7,7 @@ use std::mem::{offset_of, size_of};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// The pinned-map layout version (`FLB_LAYOUT_VERSION`); part of the pin path.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 /// Endpoints per service (`FLB_MAX_ENDPOINTS`).
 pub const MAX_ENDPOINTS: usize = 32;
 /// Lookup-table length per endpoint set (`FLB_LUT_SIZE`, a prime).
@@ -19,6 +19,14 @@ pub const MAX_RANGES: usize = 8;
 
 pub const FAMILY_V4: u8 = 4;
 pub const FAMILY_V6: u8 = 6;
+
+/// NAT modes (`FLB_MODE_*`, loxilb numbering).
+pub const MODE_DNAT: u8 = 0;
+pub const MODE_ONEARM: u8 = 1;
+pub const MODE_FULLNAT: u8 = 2;
+
+/// Source-NAT ports per pool (`FLB_NAT_PORTS`: 1024..65535).
+pub const NAT_PORTS: u32 = 64512;
 
 pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_TCP: u8 = 6;
@@ -103,9 +111,13 @@ pub enum Counter {
     ArpSuppressed = 9,
     /// Neighbour solicitations for an IPv6 VIP answered by the datapath.
     NdAnswered = 10,
+    /// Source-NAT port allocations that needed more than a few probes (a pool filling up).
+    NatHard = 11,
+    /// Expired occupants of a source-NAT port (or of a reused 4-tuple's reply key) taken over.
+    NatTakeover = 12,
 }
 
-pub const COUNTERS: usize = 11;
+pub const COUNTERS: usize = 13;
 
 /// `ha_flags` bit: L2 mode, not MASTER (ARP requests for VIPs are dropped).
 pub const HA_L2_STANDBY: u32 = 0x01;
@@ -116,6 +128,12 @@ pub enum EventKind {
     Created,
     Established,
     Closed,
+    /// The datapath removed an expired flow's original entry (a new flow took its key or
+    /// its NAT port): peers drop it too.
+    Removed,
+    /// A source-NAT port allocation was hard or failed; the event carries the new flow's
+    /// reply entry (its pool). The agent runs its collector at once.
+    NatPressure,
 }
 
 /// An address in the datapath's layout.
@@ -457,6 +475,8 @@ impl CtEvent {
             1 => Some(EventKind::Created),
             2 => Some(EventKind::Established),
             3 => Some(EventKind::Closed),
+            4 => Some(EventKind::Removed),
+            5 => Some(EventKind::NatPressure),
             _ => None,
         }
     }

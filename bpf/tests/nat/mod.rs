@@ -1,0 +1,433 @@
+//! Source NAT (one-arm, full NAT): a live flow's translation never changes, whatever two CPUs
+//! do with it at once; port allocation keeps the client's port when it can, finds a free one
+//! up to high occupancy, takes over expired occupants, and leaves no orphaned entry when a
+//! 4-tuple is reused.
+
+use std::sync::{Arc, Barrier};
+
+use ferrolb_bpf::TestRunner;
+
+use super::*;
+
+const CLIENT2: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 3);
+const MODE_FULL: u8 = 2;
+const MODE_ONE_ARM: u8 = 1;
+const POOL_LO: u16 = 1024;
+
+/// A datapath whose conntrack map holds a whole NAT pool in one CPU's LRU share.
+fn big_datapath() -> Datapath {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+    Datapath::load(&DatapathConfig {
+        max_services: 64,
+        max_conntrack: 131_072 * cpus,
+        ..Default::default()
+    })
+    .expect("load datapath")
+}
+
+/// (source address, source port) of a packet built by these tests.
+fn src_of(p: &[u8]) -> (Ipv4Addr, u16) {
+    (
+        Ipv4Addr::new(p[26], p[27], p[28], p[29]),
+        u16::from_be_bytes([p[34], p[35]]),
+    )
+}
+
+fn dst_of(p: &[u8]) -> (Ipv4Addr, u16) {
+    (dest_of(p), u16::from_be_bytes([p[36], p[37]]))
+}
+
+/// Live reply entries holding `ports` of the pool (VIP -> EP1:8080, TCP), as other clients'
+/// full-NAT flows would.
+fn occupy(dp: &Datapath, ports: impl Iterator<Item = u16>) -> usize {
+    let now = monotonic_ns();
+    let entries: Vec<(CtKey, Ct)> = ports
+        .map(|p| {
+            let k = CtKey::v4(EP1, 8080, VIP, p, PROTO_TCP);
+            let v = Ct {
+                nat_saddr: addr_words(VIP.into()).0,
+                nat_daddr: addr_words(Ipv4Addr::new(192, 0, 2, 1).into()).0,
+                nat_sport: 80u16.to_be(),
+                nat_dport: p.to_be(),
+                svc_id: 9,
+                timeout_s: 240,
+                dir: 1,
+                state: CtState::Established.as_u8(),
+                flags: CTF_LOCAL,
+                mode: MODE_FULL,
+                created_ns: now,
+                last_ns: now,
+                ..Default::default()
+            };
+            (k, v)
+        })
+        .collect();
+    let mut t = dp.sync_table().unwrap();
+    let n = t.insert_many(&entries);
+    assert_eq!(n, entries.len());
+    n
+}
+
+fn events(dp: &mut Datapath) -> Vec<CtEvent> {
+    let mut ev = dp.take_events().unwrap();
+    std::iter::from_fn(|| ev.try_next()).collect()
+}
+
+/// The root cause of issue 12, deterministically: another CPU handling the same flow stamps
+/// last_ns with a time later than the one this packet read before its lookup. Unsigned,
+/// `now - last_ns` wrapped and the live flow looked expired: it was re-created with a new NAT
+/// port mid-stream.
+#[test]
+fn a_flow_stamped_later_by_another_cpu_keeps_its_translation() {
+    if !in_private_netns("a_flow_stamped_later_by_another_cpu_keeps_its_translation") {
+        return;
+    }
+    for mode in [MODE_FULL, MODE_ONE_ARM] {
+        let mut dp = datapath(0);
+        install(&mut dp, &svc(9, 80, PROTO_TCP, mode, 0));
+        run(&mut dp, &tcp(ip(CLIENT, VIP, 6), 40000, 80, SYN, b""));
+        let k = CtKey::v4(CLIENT, 40000, VIP, 80, PROTO_TCP);
+        let o = dp.ct_get(&k).unwrap().unwrap();
+        for key in [k, k.peer(&o)] {
+            let mut v = dp.ct_get(&key).unwrap().unwrap();
+            v.state = CtState::Established.as_u8();
+            v.last_ns = monotonic_ns() + 50_000_000; // "later", by the other CPU
+            dp.ct_insert(&key, &v).unwrap();
+        }
+        let (rc, out) = run(
+            &mut dp,
+            &tcp_seq(ip(CLIENT, VIP, 6), 40000, 80, 2000, PSH | ACK, b"data"),
+        );
+        assert_eq!(rc, TC_ACT_OK);
+        assert_eq!(
+            src_of(&out).1,
+            u16::from_be(o.nat_sport),
+            "mode {mode}: translation kept"
+        );
+        assert_eq!(
+            dp.counter(Counter::CtCreated),
+            1,
+            "mode {mode}: no new flow"
+        );
+        assert_eq!(dp.ct_entries().len(), 2, "mode {mode}");
+    }
+}
+
+/// Segment shapes of a bulk transfer: in-order data, a retransmission, an out-of-order
+/// segment, a window probe, a pure ACK.
+fn shapes(i: u32) -> (u32, u8, &'static [u8]) {
+    let seq = 5000 + i * 1000;
+    match i % 5 {
+        0 => (seq, PSH | ACK, &[0x55; 1000]),
+        1 => (seq - 1000, PSH | ACK, &[0x55; 1000]), // retransmitted
+        2 => (seq + 7000, ACK, &[0x66; 500]),        // out of order
+        3 => (seq - 1, ACK, &[0x77]),                // window probe
+        _ => (seq, ACK, b""),
+    }
+}
+
+/// Both directions of one flow hammered from two CPUs at once: every packet keeps the flow's
+/// translation, and no second flow is ever created.
+#[test]
+fn translation_holds_under_both_directions_on_two_cpus() {
+    if !in_private_netns("translation_holds_under_both_directions_on_two_cpus") {
+        return;
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    const N: u32 = 40_000;
+    for mode in [MODE_FULL, MODE_ONE_ARM] {
+        let mut dp = datapath(0);
+        install(&mut dp, &svc(9, 80, PROTO_TCP, mode, 0));
+        let src = if mode == MODE_FULL { VIP } else { LB_IF };
+        let (_, out) = run(&mut dp, &tcp(ip(CLIENT, VIP, 6), 40000, 80, SYN, b""));
+        let nport = src_of(&out).1;
+        run(&mut dp, &tcp(ip(EP1, src, 6), 8080, nport, SYN | ACK, b""));
+        run(&mut dp, &tcp(ip(CLIENT, VIP, 6), 40000, 80, ACK, b""));
+        assert_eq!(
+            dp.ct_get(&CtKey::v4(CLIENT, 40000, VIP, 80, PROTO_TCP))
+                .unwrap()
+                .unwrap()
+                .state(),
+            CtState::Established
+        );
+        let runners: Vec<Arc<TestRunner>> = (0..2)
+            .map(|_| Arc::new(dp.test_runner().unwrap()))
+            .collect();
+        let start = Arc::new(Barrier::new(2));
+        let handles: Vec<_> = runners
+            .into_iter()
+            .enumerate()
+            .map(|(side, r)| {
+                let start = start.clone();
+                std::thread::spawn(move || {
+                    pin_to(side % cpus);
+                    start.wait();
+                    let mut bad = Vec::new();
+                    for i in 0..N {
+                        let (seq, flags, data) = shapes(i);
+                        let (p, want_src, want_dst) = if side == 0 {
+                            (
+                                tcp_seq(ip(CLIENT, VIP, 6), 40000, 80, seq, flags, data),
+                                (src, nport),
+                                (EP1, 8080),
+                            )
+                        } else {
+                            (
+                                tcp_seq(ip(EP1, src, 6), 8080, nport, seq, flags, data),
+                                (VIP, 80),
+                                (CLIENT, 40000),
+                            )
+                        };
+                        let (rc, out) = r.run(&p).unwrap();
+                        if rc != TC_ACT_OK || src_of(&out) != want_src || dst_of(&out) != want_dst {
+                            bad.push((i, rc, src_of(&out), dst_of(&out)));
+                        }
+                    }
+                    bad
+                })
+            })
+            .collect();
+        for (side, h) in handles.into_iter().enumerate() {
+            let bad = h.join().unwrap();
+            assert!(
+                bad.is_empty(),
+                "mode {mode}, side {side}: {} of {N} packets translated otherwise, first {:?}",
+                bad.len(),
+                &bad[..bad.len().min(5)]
+            );
+        }
+        assert_eq!(dp.counter(Counter::CtCreated), 1, "mode {mode}: one flow");
+        assert_eq!(dp.ct_entries().len(), 2, "mode {mode}");
+        let o = orig(&dp, 40000, 80, PROTO_TCP);
+        assert_eq!(u16::from_be(o.nat_sport), nport, "mode {mode}");
+        assert!(o.packets >= u64::from(N), "mode {mode}");
+    }
+}
+
+/// Two CPUs miss the same new flow at once (a duplicate SYN): one creates it, the other
+/// adopts it; both packets go the same way and no stray entry is left.
+#[test]
+fn a_duplicate_syn_on_two_cpus_makes_one_flow() {
+    if !in_private_netns("a_duplicate_syn_on_two_cpus_makes_one_flow") {
+        return;
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    const FLOWS: u16 = 3000;
+    let mut dp = big_datapath();
+    let mut s = svc(9, 80, PROTO_TCP, MODE_FULL, 0);
+    s.eps = vec![(EP1, 8080, 1), (EP2, 8080, 1)];
+    install(&mut dp, &s);
+    let start = Arc::new(Barrier::new(2));
+    let handles: Vec<_> = (0..2)
+        .map(|side| {
+            let r = dp.test_runner().unwrap();
+            let start = start.clone();
+            std::thread::spawn(move || {
+                pin_to(side % cpus);
+                let mut outs = Vec::new();
+                for i in 0..FLOWS {
+                    let p = tcp(ip(CLIENT, VIP, 6), 20000 + i, 80, SYN, b"");
+                    start.wait();
+                    let (rc, out) = r.run(&p).unwrap();
+                    outs.push((rc, src_of(&out), dst_of(&out)));
+                }
+                outs
+            })
+        })
+        .collect();
+    let outs: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    for (i, (a, b)) in outs[0].iter().zip(&outs[1]).enumerate() {
+        assert_eq!(a, b, "flow {i}: both SYNs went one way");
+        assert_eq!(a.0, TC_ACT_OK);
+    }
+    assert_eq!(outs[0].len(), FLOWS as usize);
+    assert_eq!(dp.counter(Counter::CtCreated), u64::from(FLOWS));
+    assert_eq!(
+        dp.ct_entries().len(),
+        2 * FLOWS as usize,
+        "no stray reply entry"
+    );
+}
+
+#[test]
+fn the_client_port_is_kept_when_free() {
+    if !in_private_netns("the_client_port_is_kept_when_free") {
+        return;
+    }
+    let mut dp = datapath(0);
+    install(&mut dp, &svc(9, 80, PROTO_TCP, MODE_FULL, 0));
+    let (_, a) = run(&mut dp, &tcp(ip(CLIENT, VIP, 6), 40000, 80, SYN, b""));
+    assert_eq!(src_of(&a), (VIP, 40000), "own port kept");
+    // Same port from another client: taken, so another one.
+    let (_, b) = run(&mut dp, &tcp(ip(CLIENT2, VIP, 6), 40000, 80, SYN, b""));
+    assert_eq!(src_of(&b).0, VIP);
+    assert_ne!(src_of(&b).1, 40000);
+    assert!(src_of(&b).1 >= POOL_LO);
+    // A privileged source port is never used as a NAT port.
+    let (_, c) = run(&mut dp, &tcp(ip(CLIENT, VIP, 6), 700, 80, SYN, b""));
+    assert!(src_of(&c).1 >= POOL_LO);
+    assert_eq!(dp.counter(Counter::NatHard), 0);
+    assert_eq!(dp.ct_entries().len(), 6);
+}
+
+/// 90 % of the pool held by live flows (every port but one in ten): new flows whose own
+/// port is taken still get a free port, each a different one.
+#[test]
+fn a_pool_ninety_percent_full_still_gives_ports() {
+    if !in_private_netns("a_pool_ninety_percent_full_still_gives_ports") {
+        return;
+    }
+    pin_to(0); // one CPU's LRU share holds the pool
+    let mut dp = big_datapath();
+    install(&mut dp, &svc(9, 80, PROTO_TCP, MODE_FULL, 0));
+    let free = |p: u16| (p - POOL_LO).is_multiple_of(10);
+    let held = occupy(&dp, (POOL_LO..=u16::MAX).filter(|p| !free(*p)));
+    assert_eq!(held, 58_060);
+    const FLOWS: u16 = 400;
+    let mut got = std::collections::BTreeSet::new();
+    for i in 0..FLOWS {
+        let cport = 30001 + i * 10; // taken in the pool
+        let (rc, out) = run(&mut dp, &tcp(ip(CLIENT, VIP, 6), cport, 80, SYN, b""));
+        assert_eq!(rc, TC_ACT_OK, "flow {i} got a port");
+        let (s, p) = src_of(&out);
+        assert_eq!(s, VIP);
+        assert!(free(p), "flow {i}: port {p} was held");
+        assert!(got.insert(p), "flow {i}: port {p} given twice");
+    }
+    assert_eq!(dp.counter(Counter::DropNatPorts), 0);
+    assert_eq!(dp.ct_entries().len(), held + 2 * FLOWS as usize);
+    // At 90 % a good share needs more than 8 probes: counted, and the agent told (once per
+    // 100 ms at most).
+    assert!(dp.counter(Counter::NatHard) > 0);
+    let pressure = events(&mut dp)
+        .iter()
+        .filter(|e| e.kind() == Some(EventKind::NatPressure))
+        .count();
+    assert!(pressure >= 1);
+}
+
+/// Every port held by a live flow: the new flow is dropped, counted, and the agent told.
+#[test]
+fn a_full_pool_drops_counts_and_tells_the_agent() {
+    if !in_private_netns("a_full_pool_drops_counts_and_tells_the_agent") {
+        return;
+    }
+    pin_to(0);
+    let mut dp = big_datapath();
+    install(&mut dp, &svc(9, 80, PROTO_TCP, MODE_FULL, 0));
+    occupy(&dp, POOL_LO..=u16::MAX);
+    let (rc, _) = run(&mut dp, &tcp(ip(CLIENT, VIP, 6), 40000, 80, SYN, b""));
+    assert_eq!(rc, TC_ACT_SHOT);
+    assert_eq!(dp.counter(Counter::DropNatPorts), 1);
+    assert_eq!(dp.counter(Counter::NatHard), 1);
+    assert_eq!(dp.counter(Counter::CtCreated), 0);
+    let ev = events(&mut dp);
+    let p: Vec<_> = ev
+        .iter()
+        .filter(|e| e.kind() == Some(EventKind::NatPressure))
+        .collect();
+    assert_eq!(p.len(), 1);
+    // The event names the pool: endpoint and translated source.
+    assert_eq!(p[0].key.saddr, addr_words(EP1.into()).0);
+    assert_eq!(p[0].key.daddr, addr_words(VIP.into()).0);
+    assert!(
+        dp.ct_get(&CtKey::v4(CLIENT, 40000, VIP, 80, PROTO_TCP))
+            .unwrap()
+            .is_none()
+    );
+}
+
+/// An expired flow still holding the port a new flow wants is taken over: the old flow's
+/// entries go (the peers are told), the new flow gets the port.
+#[test]
+fn an_expired_occupant_is_taken_over() {
+    if !in_private_netns("an_expired_occupant_is_taken_over") {
+        return;
+    }
+    let mut dp = datapath(0);
+    let mut s = svc(9, 53, PROTO_UDP, MODE_FULL, 0);
+    s.timeout_s = 1;
+    install(&mut dp, &s);
+    run(&mut dp, &udp(ip(CLIENT, VIP, 17), 5353, 53, b"a", true));
+    let ka = CtKey::v4(CLIENT, 5353, VIP, 53, PROTO_UDP);
+    let a = dp.ct_get(&ka).unwrap().unwrap();
+    assert_eq!(u16::from_be(a.nat_sport), 5353);
+    let age = |dp: &mut Datapath, key: &CtKey| {
+        let mut v = dp.ct_get(key).unwrap().unwrap();
+        v.last_ns = v.last_ns.saturating_sub(2_000_000_000);
+        dp.ct_insert(key, &v).unwrap();
+    };
+    // Only the reply direction quiet (one-way UDP): the flow lives, its port stays taken.
+    age(&mut dp, &ka.peer(&a));
+    let (_, out) = run(&mut dp, &udp(ip(CLIENT2, VIP, 17), 5353, 53, b"b", true));
+    assert_ne!(src_of(&out).1, 5353);
+    assert_eq!(dp.counter(Counter::NatTakeover), 0);
+    assert!(dp.ct_get(&ka).unwrap().is_some());
+    // Both directions quiet: a third client takes the port over.
+    age(&mut dp, &ka);
+    let client3 = Ipv4Addr::new(198, 51, 100, 4);
+    let (rc, out) = run(&mut dp, &udp(ip(client3, VIP, 17), 5353, 53, b"c", true));
+    assert_eq!(rc, TC_ACT_OK);
+    assert_eq!(src_of(&out), (VIP, 5353));
+    assert_eq!(dp.counter(Counter::NatTakeover), 1);
+    assert!(dp.ct_get(&ka).unwrap().is_none(), "old flow removed");
+    assert_eq!(dp.ct_entries().len(), 4, "two live flows, no orphan");
+    let removed: Vec<_> = events(&mut dp)
+        .into_iter()
+        .filter(|e| e.kind() == Some(EventKind::Removed))
+        .collect();
+    assert_eq!(removed.len(), 1);
+    assert_eq!(removed[0].key, ka);
+    // The reply reaches the new client.
+    let (_, back) = run(&mut dp, &udp(ip(EP1, VIP, 17), 8080, 5353, b"r", true));
+    assert_eq!(dst_of(&back), (client3, 5353));
+}
+
+/// A closed TCP flow's 4-tuple reused by a new SYN (TIME_WAIT): a new flow, the old one's
+/// entries both gone (its reply entry held a NAT port), to the same endpoint or another.
+#[test]
+fn a_four_tuple_reused_after_time_wait_leaves_no_orphan() {
+    if !in_private_netns("a_four_tuple_reused_after_time_wait_leaves_no_orphan") {
+        return;
+    }
+    for eps in [vec![(EP1, 8080, 1)], vec![(EP1, 8080, 1), (EP2, 8080, 1)]] {
+        for mode in [MODE_FULL, MODE_ONE_ARM] {
+            let mut dp = datapath(0);
+            let mut s = svc(9, 80, PROTO_TCP, mode, 0);
+            s.eps = eps.clone();
+            install(&mut dp, &s);
+            let src = if mode == MODE_FULL { VIP } else { LB_IF };
+            let mut last_port = 0;
+            for round in 0..3u64 {
+                let (_, out) = run(&mut dp, &tcp(ip(CLIENT, VIP, 6), 40000, 80, SYN, b""));
+                let (ep, _) = dst_of(&out);
+                let nport = src_of(&out).1;
+                run(&mut dp, &tcp(ip(ep, src, 6), 8080, nport, SYN | ACK, b""));
+                run(&mut dp, &tcp(ip(CLIENT, VIP, 6), 40000, 80, ACK, b""));
+                run(&mut dp, &tcp(ip(CLIENT, VIP, 6), 40000, 80, FIN | ACK, b""));
+                run(&mut dp, &tcp(ip(ep, src, 6), 8080, nport, FIN | ACK, b""));
+                run(&mut dp, &tcp(ip(CLIENT, VIP, 6), 40000, 80, ACK, b""));
+                let o = orig(&dp, 40000, 80, PROTO_TCP);
+                assert_eq!(o.state(), CtState::TimeWait, "round {round}");
+                assert_eq!(
+                    dp.ct_entries().len(),
+                    2,
+                    "round {round}: one flow's entries"
+                );
+                assert_eq!(dp.counter(Counter::CtCreated), round + 1);
+                if eps.len() == 1 {
+                    // One endpoint: the freed reply key lets the client keep its port.
+                    assert_eq!(nport, 40000, "round {round}");
+                }
+                last_port = nport;
+            }
+            assert!(last_port >= POOL_LO);
+            let removed = events(&mut dp)
+                .iter()
+                .filter(|e| e.kind() == Some(EventKind::Removed))
+                .count();
+            assert_eq!(removed, 2, "each reuse removed the closed flow");
+            assert_eq!(dp.counter(Counter::DropNatPorts), 0);
+        }
+    }
+}
