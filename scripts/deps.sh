@@ -2,18 +2,19 @@
 # Installs the system packages ferrolb's builds, labs and tests need (Debian 12), idempotently:
 # only missing packages are installed, and apt-get update runs only when something is missing.
 #   scripts/deps.sh           what builds and tests need
-#   scripts/deps.sh --bench   also what the benchmarks need (wrk, nginx; keepalived, conntrackd)
+#   scripts/deps.sh --bench   also what the benchmarks need (nginx; keepalived, conntrackd)
 set -euo pipefail
 PACKAGES=(
   clang-19 libbpf-dev          # eBPF datapath (C programs built by build.rs)
   iproute2 nftables ethtool    # namespaces, veth links, fault injection
   procps util-linux kmod       # sysctl, nsenter/mount, module probing
-  iputils-ping iperf3          # lab traffic
+  iputils-ping iperf3 wrk      # lab traffic
   frr bird2                    # ToR routers and interop peers
   curl python3 openssl         # REST calls, the lab's servers and probes, test certificates
+  prometheus                   # promtool: the alert rules (docs/prometheus) are unit-tested
 )
 if [ "${1:-}" = "--bench" ]; then
-  PACKAGES+=(wrk nginx-light keepalived conntrackd conntrack)   # + the HA baseline
+  PACKAGES+=(nginx-light keepalived conntrackd conntrack)   # + the HA baseline
 fi
 missing=()
 for p in "${PACKAGES[@]}"; do

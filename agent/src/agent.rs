@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use ferrolb_bpf::maps::EventKind;
 use ferrolb_bpf::{Datapath, DatapathConfig, default_pin_dir, monotonic_ns};
 use tokio::io::unix::AsyncFd;
 use tracing::{debug, info, warn};
@@ -22,6 +23,8 @@ use crate::store::Store;
 
 /// How often the conntrack event ring buffer is drained when the datapath does not wake us.
 pub const EVENT_POLL_MS: u64 = 20;
+/// Collector passes run on source-NAT port pressure are at least this far apart.
+const NAT_PRESSURE_MIN_GAP: Duration = Duration::from_secs(1);
 
 /// The same in cluster mode: the poll bounds how old a flow can be before its peers have it.
 pub const EVENT_POLL_MS_CLUSTER: u64 = 5;
@@ -482,21 +485,36 @@ pub async fn run(cfg: Config) -> Result<()> {
         .datapath()
         .collector()
         .context("open the conntrack collector's map handles")?;
+    // The datapath reports source-NAT port pressure (a hard or failed allocation): expired
+    // flows may hold the ports, so the collector runs at once (at most once a second).
+    let nat_pressure = Arc::new(tokio::sync::Notify::new());
     {
         let app = app.clone();
         let cfg = cfg.clone();
+        let nat_pressure = nat_pressure.clone();
         tokio::spawn(async move {
             let mut gc = tokio::time::interval(Duration::from_secs(cfg.flags.gc_interval));
             gc.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut last_pass = std::time::Instant::now();
             loop {
-                gc.tick().await;
+                tokio::select! {
+                    _ = gc.tick() => {}
+                    _ = nat_pressure.notified() => {
+                        let since = last_pass.elapsed();
+                        if since < NAT_PRESSURE_MIN_GAP {
+                            tokio::time::sleep(NAT_PRESSURE_MIN_GAP - since).await;
+                        }
+                        debug!("source-NAT port pressure: collecting now");
+                    }
+                }
+                last_pass = std::time::Instant::now();
                 let app = app.clone();
                 let cfg = cfg.clone();
                 let mut attached_now = std::mem::take(&mut attached);
                 let res = tokio::task::spawn_blocking(move || {
                     let now = monotonic_ns();
                     let entries = collector.entries();
-                    let flows = census(&entries, now);
+                    let pass = census(&entries, now);
                     let removed_entries = collector.collect_from(&entries, now);
                     if let Some(ha) = &app.ha {
                         ha.publish_events(&[], &removed_entries);
@@ -506,7 +524,7 @@ pub async fn run(cfg: Config) -> Result<()> {
                         debug!(removed, "conntrack collector pass");
                     }
                     if let Ok(mut e) = app.engine.lock() {
-                        e.set_census(flows, (entries.len() - removed) as u64, removed as u64);
+                        e.set_census(pass, (entries.len() - removed) as u64, removed as u64);
                         attach_new(e.datapath_mut(), &cfg, &mut attached_now);
                     }
                     (collector, attached_now)
@@ -529,6 +547,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     // Conntrack events from the ring buffer.
     if let Some(ev) = events {
         let app = app.clone();
+        let nat_pressure = nat_pressure.clone();
         tokio::spawn(async move {
             // SAFETY: the ring buffer owns its map fd for its whole life, and the EventStream
             // (moved into the AsyncFd) always returns that same fd.
@@ -566,11 +585,24 @@ pub async fn run(cfg: Config) -> Result<()> {
                     _ = tick.tick() => {}
                 }
                 while let Some(e) = afd.get_mut().try_next() {
-                    if let Some(k) = e.kind() {
-                        app.metrics.event(k);
-                    }
-                    if app.ha.is_some() {
-                        batch.push((e.key, e.val));
+                    let Some(k) = e.kind() else { continue };
+                    app.metrics.event(k);
+                    match k {
+                        EventKind::NatPressure => nat_pressure.notify_one(),
+                        EventKind::Removed => {
+                            // In order: a removal followed by a new flow on the same key
+                            // must reach the peers in that order.
+                            if let Some(ha) = &app.ha {
+                                ha.publish_events(&batch, &[]);
+                                batch.clear();
+                                ha.publish_events(&[], &[(e.key, e.val)]);
+                            }
+                        }
+                        EventKind::Created | EventKind::Established | EventKind::Closed => {
+                            if app.ha.is_some() {
+                                batch.push((e.key, e.val));
+                            }
+                        }
                     }
                 }
                 if let Some(ha) = &app.ha {

@@ -22,8 +22,29 @@ use crate::vip;
 pub struct CtCensus {
     /// (protocol, state) -> flows (original-direction entries).
     pub flows: BTreeMap<(String, &'static str), u64>,
+    /// Source-NAT ports held per pool (live reply entries of one-arm and full-NAT flows).
+    pub nat_pools: BTreeMap<NatPool, u64>,
     pub entries: u64,
     pub collected_total: u64,
+}
+
+/// A source-NAT port pool: flows translated to one source address toward one endpoint
+/// address and port share its 64,512 ports (ICMP: echo identifiers, port 0).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct NatPool {
+    pub protocol: String,
+    /// The translated source: the VIP (full NAT) or the node's address (one-arm).
+    pub source: IpAddr,
+    pub endpoint: IpAddr,
+    pub port: u16,
+}
+
+/// What a collector pass counts (see [`census`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CensusPass {
+    /// (protocol, state) -> flows (original-direction entries).
+    pub flows: BTreeMap<(String, &'static str), u64>,
+    pub nat_pools: BTreeMap<NatPool, u64>,
 }
 
 pub struct Engine {
@@ -356,13 +377,9 @@ impl Engine {
     }
 
     /// Records a collector pass (see [`census`]).
-    pub fn set_census(
-        &mut self,
-        flows: BTreeMap<(String, &'static str), u64>,
-        entries: u64,
-        removed: u64,
-    ) {
-        self.census.flows = flows;
+    pub fn set_census(&mut self, pass: CensusPass, entries: u64, removed: u64) {
+        self.census.flows = pass.flows;
+        self.census.nat_pools = pass.nat_pools;
         self.census.entries = entries;
         self.census.collected_total += removed;
     }
@@ -393,17 +410,40 @@ impl Engine {
 pub fn census(
     entries: &[(ferrolb_bpf::maps::CtKey, ferrolb_bpf::maps::Ct)],
     now_ns: u64,
-) -> BTreeMap<(String, &'static str), u64> {
-    let mut flows: BTreeMap<(String, &'static str), u64> = BTreeMap::new();
+) -> CensusPass {
+    use ferrolb_bpf::maps::{CTF_SYNCED, MODE_FULLNAT, MODE_ONEARM, PROTO_ICMP, words_addr};
+    let mut pass = CensusPass::default();
+    let proto_name = |n: u8| {
+        Protocol::from_number(n)
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_else(|| n.to_string())
+    };
     for (k, v) in entries {
-        if v.dir == 0 && !v.expired(k.proto, now_ns) {
-            let p = Protocol::from_number(k.proto)
-                .map(|p| p.as_str().to_string())
-                .unwrap_or_else(|| k.proto.to_string());
-            *flows.entry((p, v.state().name())).or_default() += 1;
+        let live = v.flags & CTF_SYNCED != 0 || !v.expired(k.proto, now_ns);
+        if !live {
+            continue;
+        }
+        if v.dir == 0 {
+            *pass
+                .flows
+                .entry((proto_name(k.proto), v.state().name()))
+                .or_default() += 1;
+        } else if v.mode == MODE_ONEARM || v.mode == MODE_FULLNAT {
+            // A reply entry holds its NAT port: key endpoint:port -> source:port.
+            let pool = NatPool {
+                protocol: proto_name(k.proto),
+                source: words_addr(&k.daddr, k.family),
+                endpoint: words_addr(&k.saddr, k.family),
+                port: if k.proto == PROTO_ICMP {
+                    0
+                } else {
+                    u16::from_be(k.sport)
+                },
+            };
+            *pass.nat_pools.entry(pool).or_default() += 1;
         }
     }
-    flows
+    pass
 }
 
 fn key_tuple(k: &ferrolb_bpf::maps::CtKey) -> ([u32; 4], [u32; 4], u16, u16, u8) {
@@ -420,5 +460,79 @@ pub fn ct_state_name(s: CtState) -> &'static str {
         CtState::FinWait => "fin-wait",
         CtState::TimeWait => "time-wait",
         CtState::Close => "closed",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use ferrolb_bpf::maps::{
+        CTF_LOCAL, CTF_SYNCED, Ct, CtKey, MODE_DNAT, MODE_FULLNAT, MODE_ONEARM, PROTO_TCP,
+        PROTO_UDP,
+    };
+
+    use super::*;
+
+    const VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+    const EP: Ipv4Addr = Ipv4Addr::new(10, 10, 10, 11);
+    const NOW: u64 = 1_000_000_000_000;
+
+    fn entry(dir: u8, mode: u8, idle_s: u64, flags: u8) -> Ct {
+        Ct {
+            dir,
+            mode,
+            flags,
+            timeout_s: 240,
+            state: CtState::Established.as_u8(),
+            last_ns: NOW - idle_s * 1_000_000_000,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn census_counts_live_flows_and_the_nat_ports_they_hold() {
+        let client = Ipv4Addr::new(198, 51, 100, 2);
+        let reply = |nport: u16, proto: u8| CtKey::v4(EP, 8080, VIP, nport, proto);
+        let entries = vec![
+            // A live full-NAT TCP flow: its original entry and its reply entry (port 40000).
+            (
+                CtKey::v4(client, 40000, VIP, 80, PROTO_TCP),
+                entry(0, MODE_FULLNAT, 1, CTF_LOCAL),
+            ),
+            (
+                reply(40000, PROTO_TCP),
+                entry(1, MODE_FULLNAT, 1, CTF_LOCAL),
+            ),
+            // Another port of the same pool, synced from a peer (holds the port here too).
+            (
+                reply(40001, PROTO_TCP),
+                entry(1, MODE_FULLNAT, 900, CTF_SYNCED),
+            ),
+            // Expired: holds nothing.
+            (
+                reply(40002, PROTO_TCP),
+                entry(1, MODE_FULLNAT, 900, CTF_LOCAL),
+            ),
+            // Same endpoint, UDP: another pool.
+            (reply(5353, PROTO_UDP), entry(1, MODE_ONEARM, 1, CTF_LOCAL)),
+            // DNAT reply entries hold no NAT port.
+            (
+                CtKey::v4(EP, 8080, client, 40000, PROTO_TCP),
+                entry(1, MODE_DNAT, 1, CTF_LOCAL),
+            ),
+        ];
+        let pass = census(&entries, NOW);
+        assert_eq!(pass.flows.values().sum::<u64>(), 1);
+        let pool = |protocol: &str| NatPool {
+            protocol: protocol.into(),
+            source: VIP.into(),
+            endpoint: EP.into(),
+            port: 8080,
+        };
+        assert_eq!(
+            pass.nat_pools,
+            BTreeMap::from([(pool("tcp"), 2), (pool("udp"), 1)])
+        );
     }
 }

@@ -14,7 +14,7 @@ use crate::lb::Engine;
 #[derive(Default)]
 pub struct Metrics {
     api: Mutex<BTreeMap<(String, String, u16), u64>>,
-    events: [AtomicU64; 3],
+    events: [AtomicU64; 5],
 }
 
 impl Metrics {
@@ -30,6 +30,8 @@ impl Metrics {
             EventKind::Created => 0,
             EventKind::Established => 1,
             EventKind::Closed => 2,
+            EventKind::Removed => 3,
+            EventKind::NatPressure => 4,
         };
         self.events[i].fetch_add(1, Ordering::Relaxed);
     }
@@ -39,6 +41,17 @@ fn esc(s: &str) -> String {
     s.replace('\\', "\\\\")
         .replace('"', "\\\"")
         .replace('\n', "\\n")
+}
+
+/// Labels of a source-NAT pool (addresses of rules and endpoints only, never clients).
+fn pool_labels(p: &crate::lb::NatPool) -> String {
+    format!(
+        "protocol=\"{}\",source=\"{}\",endpoint=\"{}\",endpoint_port=\"{}\"",
+        esc(&p.protocol),
+        p.source,
+        p.endpoint,
+        p.port
+    )
 }
 
 fn head(out: &mut String, name: &str, kind: &str, help: &str) {
@@ -206,6 +219,52 @@ pub fn render(m: &Metrics, e: &Engine) -> String {
     );
     head(
         &mut o,
+        "ferrolb_nat_port_hard_allocations_total",
+        "counter",
+        "Source-NAT port allocations that needed more than 8 probes (a pool filling up).",
+    );
+    let _ = writeln!(
+        o,
+        "ferrolb_nat_port_hard_allocations_total {}",
+        c[Counter::NatHard as usize]
+    );
+    head(
+        &mut o,
+        "ferrolb_nat_port_takeovers_total",
+        "counter",
+        "Source-NAT ports taken over from expired flows that still held them.",
+    );
+    let _ = writeln!(
+        o,
+        "ferrolb_nat_port_takeovers_total {}",
+        c[Counter::NatTakeover as usize]
+    );
+    head(
+        &mut o,
+        "ferrolb_nat_ports_in_use",
+        "gauge",
+        "Source-NAT ports held by live flows, per pool (translated source, endpoint, \
+         endpoint port; at the last collector pass).",
+    );
+    for (pool, n) in &e.census.nat_pools {
+        let _ = writeln!(o, "ferrolb_nat_ports_in_use{{{}}} {n}", pool_labels(pool));
+    }
+    head(
+        &mut o,
+        "ferrolb_nat_ports_fill_ratio",
+        "gauge",
+        "Source-NAT ports in use over the 64512 a pool has (new flows to it fail near 1).",
+    );
+    for (pool, n) in &e.census.nat_pools {
+        let _ = writeln!(
+            o,
+            "ferrolb_nat_ports_fill_ratio{{{}}} {}",
+            pool_labels(pool),
+            *n as f64 / f64::from(ferrolb_bpf::maps::NAT_PORTS)
+        );
+    }
+    head(
+        &mut o,
         "ferrolb_nd_answered_total",
         "counter",
         "IPv6 neighbour solicitations for VIPs answered by the datapath.",
@@ -221,7 +280,16 @@ pub fn render(m: &Metrics, e: &Engine) -> String {
         "counter",
         "Conntrack events read from the datapath ring buffer, by kind.",
     );
-    for (i, k) in ["created", "established", "closed"].iter().enumerate() {
+    for (i, k) in [
+        "created",
+        "established",
+        "closed",
+        "removed",
+        "nat_pressure",
+    ]
+    .iter()
+    .enumerate()
+    {
         let _ = writeln!(
             o,
             "ferrolb_conntrack_events_total{{kind=\"{k}\"}} {}",
