@@ -2,9 +2,11 @@
 """ferrolb benchmark (not a test): one run, three paths, ratios against baselines measured in
 the same run on the same lab (containerlab/lb-single):
 
-  plain   client -> lb1 (routing only, no load balancer) -> be1
-  nft     client -> lb1 nftables DNAT (the kernel's conntrack NAT, what kube-proxy uses) -> be1
-  ferrolb client -> lb1 ferrolb (eBPF, DNAT mode) -> be1
+  plain           client -> lb1 (routing only, no load balancer) -> be1
+  nft             client -> lb1 nftables DNAT (the kernel's conntrack NAT, what kube-proxy uses) -> be1
+  ferrolb         client -> lb1 ferrolb (eBPF, DNAT mode) -> be1
+  ferrolb-onearm  the same rule in one-arm mode (source: lb1's address toward be1)
+  ferrolb-fullnat the same rule in full-NAT mode (source: the VIP)
 
 Each path is measured for TCP throughput (iperf3, one stream, 5 s), requests/s (wrk, keep-alive,
 32 connections, 5 s, against nginx) and new connections/s (wrk with "Connection: close").
@@ -52,16 +54,16 @@ def api(method, path, body=None):
     return lab("lb1", *argv)
 
 
-def iperf(target):
-    out = lab("client", "iperf3", "-c", target, "-t", str(SECONDS), "-J", timeout=60)
+def iperf(target, port=5201):
+    out = lab("client", "iperf3", "-c", target, "-p", str(port), "-t", str(SECONDS), "-J", timeout=60)
     return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9
 
 
-def wrk(target, close):
+def wrk(target, close, port=80):
     argv = ["wrk", "-t2", "-c32", "-d%ds" % SECONDS, "--timeout", "2s"]
     if close:
         argv += ["-H", "Connection: close"]
-    out = lab("client", *(argv + ["http://%s/" % target]), timeout=60)
+    out = lab("client", *(argv + ["http://%s:%d/" % (target, port)]), timeout=60)
     m = re.search(r"Requests/sec:\s+([\d.]+)", out)
     errs = re.search(r"Socket errors: (.*)", out)
     non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
@@ -71,8 +73,13 @@ def wrk(target, close):
     return float(m.group(1)) if m else 0.0
 
 
-def measure(target):
-    return {"gbps": iperf(target), "rps": wrk(target, False), "cps": wrk(target, True)}
+def measure(target, offset=0):
+    return {"gbps": iperf(target, 5201 + offset), "rps": wrk(target, False, 80 + offset),
+            "cps": wrk(target, True, 80 + offset)}
+
+
+# ferrolb's NAT modes (loxilb numbering) and the port offset of their rules.
+MODES = (("ferrolb", 0, 0), ("ferrolb-onearm", 1, 1), ("ferrolb-fullnat", 2, 2))
 
 
 def agent_pid(tag):
@@ -134,7 +141,7 @@ def bench(rounds, out_json):
     lab("be1", "iperf3", "-s", "-D")
     time.sleep(0.5)
 
-    results = {"plain": [], "nft": [], "ferrolb": []}
+    results = {"plain": [], "nft": [], "ferrolb": [], "ferrolb-onearm": [], "ferrolb-fullnat": []}
     for r in range(rounds):
         print("round %d/%d" % (r + 1, rounds), flush=True)
         # Baselines with no ferrolb datapath at all on lb1.
@@ -148,17 +155,23 @@ def bench(rounds, out_json):
         results["nft"].append(measure(NFT_VIP))
         lab("lb1", "nft", "delete table ip flbbench")
         tag = start_agent()
-        for port, tport in ((80, 80), (5201, 5201)):
-            api("POST", "/config/loadbalancer", {
-                "serviceArguments": {"externalIP": VIP, "port": port, "protocol": "tcp", "sel": 0, "mode": 0},
-                "endpoints": [{"endpointIP": BE1, "targetPort": tport, "weight": 1}]})
-        print(" ferrolb", flush=True)
-        results["ferrolb"].append(measure(VIP))
+        for name, mode, off in MODES:
+            for port, tport in ((80 + off, 80), (5201 + off, 5201)):
+                api("POST", "/config/loadbalancer", {
+                    "serviceArguments": {"externalIP": VIP, "port": port, "protocol": "tcp", "sel": 0,
+                                         "mode": mode},
+                    "endpoints": [{"endpointIP": BE1, "targetPort": tport, "weight": 1}]})
+        for name, mode, off in MODES:
+            print(" " + name, flush=True)
+            results[name].append(measure(VIP, off))
+        m = lab("lb1", "curl", "-sf", "http://127.0.0.1:11111/metrics")
+        exhausted = re.search(r'reason="nat_ports_exhausted"\} (\d+)', m)
+        print("  nat_ports_exhausted drops: %s" % (exhausted.group(1) if exhausted else "?"), flush=True)
 
     best = {k: {m: max(x[m] for x in v) for m in ("gbps", "rps", "cps")} for k, v in results.items()}
     print()
     print("%-28s %12s %12s %12s" % ("path (best of %d)" % rounds, "TCP Gbit/s", "requests/s", "new conn/s"))
-    for k in ("plain", "nft", "ferrolb"):
+    for k in ("plain", "nft", "ferrolb", "ferrolb-onearm", "ferrolb-fullnat"):
         b = best[k]
         print("%-28s %12.2f %12.0f %12.0f" % (k, b["gbps"], b["rps"], b["cps"]))
     ratios = {
@@ -168,6 +181,11 @@ def bench(rounds, out_json):
         "cps_vs_nft": best["ferrolb"]["cps"] / best["nft"]["cps"],
         "rps_vs_plain": best["ferrolb"]["rps"] / best["plain"]["rps"],
         "cps_vs_plain": best["ferrolb"]["cps"] / best["plain"]["cps"],
+        # Source NAT against DNAT, same run (target: full NAT new connections >= 0.9x DNAT).
+        "fullnat_cps_vs_dnat": best["ferrolb-fullnat"]["cps"] / best["ferrolb"]["cps"],
+        "onearm_cps_vs_dnat": best["ferrolb-onearm"]["cps"] / best["ferrolb"]["cps"],
+        "fullnat_rps_vs_dnat": best["ferrolb-fullnat"]["rps"] / best["ferrolb"]["rps"],
+        "fullnat_throughput_vs_dnat": best["ferrolb-fullnat"]["gbps"] / best["ferrolb"]["gbps"],
     }
     print()
     for k, v in ratios.items():
