@@ -217,28 +217,21 @@ pub fn render(m: &Metrics, e: &Engine) -> String {
         "ferrolb_icmp_errors_translated_total {}",
         c[Counter::IcmpErrTranslated as usize]
     );
-    head(
-        &mut o,
-        "ferrolb_nat_port_hard_allocations_total",
-        "counter",
-        "Source-NAT port allocations that needed more than 8 probes (a pool filling up).",
-    );
-    let _ = writeln!(
-        o,
-        "ferrolb_nat_port_hard_allocations_total {}",
-        c[Counter::NatHard as usize]
-    );
-    head(
-        &mut o,
-        "ferrolb_nat_port_takeovers_total",
-        "counter",
-        "Source-NAT ports taken over from expired flows that still held them.",
-    );
-    let _ = writeln!(
-        o,
-        "ferrolb_nat_port_takeovers_total {}",
-        c[Counter::NatTakeover as usize]
-    );
+    for (name, help, idx) in [
+        (
+            "ferrolb_nat_port_hard_allocations_total",
+            "Source-NAT port allocations that needed more than 8 probes (a pool filling up).",
+            Counter::NatHard,
+        ),
+        (
+            "ferrolb_nat_port_takeovers_total",
+            "Source-NAT ports taken over from expired flows that still held them.",
+            Counter::NatTakeover,
+        ),
+    ] {
+        head(&mut o, name, "counter", help);
+        let _ = writeln!(o, "{name} {}", c[idx as usize]);
+    }
     head(
         &mut o,
         "ferrolb_nat_ports_in_use",

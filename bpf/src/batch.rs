@@ -26,16 +26,14 @@ struct BatchAttr {
 }
 
 fn bpf(cmd: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
-    // SAFETY: attr is a valid bpf_attr prefix for the batch commands; the pointers in it refer
-    // to buffers the caller keeps alive and sized for `count` elements.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *mut BatchAttr,
-            std::mem::size_of::<BatchAttr>(),
-        )
-    };
+    sys_bpf(cmd, attr)
+}
+
+/// The `bpf(2)` syscall with `attr` as its `union bpf_attr` prefix.
+pub(crate) fn sys_bpf<A>(cmd: libc::c_long, attr: &mut A) -> io::Result<()> {
+    // SAFETY: the callers pass a `#[repr(C)]` bpf_attr prefix valid for `cmd`, whose pointers
+    // refer to buffers they keep alive and sized as the attr says.
+    let rc = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut A, std::mem::size_of::<A>()) };
     if rc < 0 {
         Err(io::Error::last_os_error())
     } else {

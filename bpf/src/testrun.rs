@@ -70,20 +70,6 @@ impl TestRunner {
     }
 
     fn call(&self, attr: &mut TestAttr) -> io::Result<()> {
-        // SAFETY: attr is a valid bpf_attr prefix for BPF_PROG_TEST_RUN; data_in and data_out
-        // point to buffers of the sizes given, alive for the call.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_PROG_TEST_RUN,
-                attr as *mut TestAttr,
-                std::mem::size_of::<TestAttr>(),
-            )
-        };
-        if rc < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(())
-        }
+        crate::batch::sys_bpf(BPF_PROG_TEST_RUN, attr)
     }
 }
