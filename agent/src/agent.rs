@@ -146,6 +146,35 @@ async fn start_bfd(cfg: &Config) -> Result<Option<BfdService>> {
 /// The HA settings from the flags: one sync peer per `--cluster` address, watched by the
 /// `--ka` BFD session to the same address (or by the only `--ka` session when there is one
 /// peer and one session).
+/// Feeds BFD transitions to `apply(peer, up)` until the stream ends. When the receiver lagged
+/// (the broadcast dropped its oldest events), the dropped ones may include some peer's Down:
+/// HA latches on BFD, so instead of skipping ahead it re-reads every session's current state.
+async fn follow_bfd<L, Fut>(
+    mut events: tokio::sync::broadcast::Receiver<ferrolb_bfd::Event>,
+    list: L,
+    apply: impl Fn(std::net::IpAddr, bool),
+) where
+    L: Fn() -> Fut,
+    Fut: std::future::Future<Output = Vec<(std::net::IpAddr, bool)>>,
+{
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        match events.recv().await {
+            Ok(ev) => apply(ev.peer, ev.to == ferrolb_bfd::State::Up),
+            Err(RecvError::Lagged(n)) => {
+                warn!(
+                    missed = n,
+                    "BFD events dropped (slow reader): re-reading every session's state"
+                );
+                for (peer, up) in list().await {
+                    apply(peer, up);
+                }
+            }
+            Err(RecvError::Closed) => return,
+        }
+    }
+}
+
 fn ha_config(cfg: &Config) -> HaConfig {
     let peers = cfg
         .cluster
@@ -228,22 +257,29 @@ async fn start_ha(app: &Shared, ha: &Arc<Ha>, cfg: &Config) -> Result<()> {
     );
     if let Some(b) = &app.bfd {
         // Subscribe first, then read the current states: no transition falls in between.
-        let mut events = b.handle.subscribe();
-        if let Ok(list) = b.handle.list().await {
-            for s in list {
-                ha.bfd_event(s.peer, s.status.state == ferrolb_bfd::State::Up);
+        let events = b.handle.subscribe();
+        let handle = b.handle.clone();
+        let list = move || {
+            let handle = handle.clone();
+            async move {
+                handle
+                    .list()
+                    .await
+                    .map(|l| {
+                        l.into_iter()
+                            .map(|s| (s.peer, s.status.state == ferrolb_bfd::State::Up))
+                            .collect()
+                    })
+                    .unwrap_or_default()
             }
+        };
+        for (peer, up) in list().await {
+            ha.bfd_event(peer, up);
         }
         let h = ha.clone();
-        tokio::spawn(async move {
-            loop {
-                match events.recv().await {
-                    Ok(ev) => h.bfd_event(ev.peer, ev.to == ferrolb_bfd::State::Up),
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(_) => return,
-                }
-            }
-        });
+        tokio::spawn(follow_bfd(events, list, move |peer, up| {
+            h.bfd_event(peer, up)
+        }));
     }
     {
         let h = ha.clone();
@@ -707,4 +743,59 @@ pub async fn run(cfg: Config) -> Result<()> {
         r.context("API server task")??;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::{IpAddr, Ipv4Addr};
+    use std::sync::Mutex;
+    use std::time::SystemTime;
+
+    use ferrolb_bfd::{Diag, Event, State};
+
+    use super::*;
+
+    fn ev(peer: IpAddr, from: State, to: State) -> Event {
+        Event {
+            peer,
+            instance: String::new(),
+            from,
+            to,
+            diag: Diag::None,
+            at: SystemTime::now(),
+            silence: None,
+        }
+    }
+
+    /// Peer A goes Down, then peer B flaps until the two-slot channel has dropped A's event:
+    /// the follower must still end with A down (from the re-read), and B as it really is.
+    #[tokio::test]
+    async fn a_lagged_bfd_stream_resyncs_instead_of_losing_a_down() {
+        let a = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 1));
+        let b = IpAddr::V4(Ipv4Addr::new(10, 0, 0, 2));
+        let (tx, rx) = tokio::sync::broadcast::channel(2);
+        tx.send(ev(a, State::Up, State::Down)).unwrap();
+        tx.send(ev(b, State::Down, State::Up)).unwrap();
+        tx.send(ev(b, State::Up, State::Down)).unwrap();
+        tx.send(ev(b, State::Down, State::Up)).unwrap();
+        drop(tx);
+        let seen = Mutex::new(BTreeMap::new());
+        let lists = Mutex::new(0);
+        follow_bfd(
+            rx,
+            || {
+                *lists.lock().unwrap() += 1;
+                async move { vec![(a, false), (b, true)] }
+            },
+            |peer, up| {
+                seen.lock().unwrap().insert(peer, up);
+            },
+        )
+        .await;
+        assert_eq!(*lists.lock().unwrap(), 1, "one re-read for the lag");
+        assert_eq!(
+            seen.into_inner().unwrap(),
+            BTreeMap::from([(a, false), (b, true)])
+        );
+    }
 }

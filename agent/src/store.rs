@@ -171,14 +171,36 @@ impl Store {
             }
         };
         let found_any = !journal.is_empty() || path.exists();
-        for line in journal.split(|b| *b == b'\n') {
+        // Only complete lines (ending in a newline) count. A tail without one was cut short
+        // by a crash mid-append: never acknowledged, so it is cut off here, before the next
+        // append could glue a new line onto it.
+        let complete = journal
+            .iter()
+            .rposition(|b| *b == b'\n')
+            .map_or(0, |i| i + 1);
+        if complete < journal.len() {
+            tracing::warn!(
+                path = %jpath.display(),
+                bytes = journal.len() - complete,
+                "journal ends in a torn line (crash mid-append): dropped"
+            );
+            let f = OpenOptions::new()
+                .write(true)
+                .open(&jpath)
+                .map_err(io_err(&jpath))?;
+            f.set_len(complete as u64).map_err(io_err(&jpath))?;
+            f.sync_data().map_err(io_err(&jpath))?;
+        }
+        for (n, line) in journal[..complete].split(|b| *b == b'\n').enumerate() {
             if line.is_empty() {
                 continue;
             }
-            // A line cut short by a crash does not parse: it was never acknowledged.
-            let Ok(e) = serde_json::from_slice::<Entry>(line) else {
-                continue;
-            };
+            // A complete line that does not parse is damage, not a crash: refuse rather
+            // than silently skip a change (the rules after it would be replayed without it).
+            let e = serde_json::from_slice::<Entry>(line).map_err(|err| StoreError::Corrupt {
+                path: jpath.clone(),
+                reason: format!("line {}: {err}", n + 1),
+            })?;
             if e.seq <= self.seq {
                 continue;
             }
@@ -230,21 +252,37 @@ impl Store {
             self.journal = Some(f);
         }
         let mut buf = Vec::new();
-        for op in ops {
-            self.seq += 1;
-            let e = Entry { seq: self.seq, op };
+        let n_ops = ops.len() as u64;
+        for (i, op) in ops.into_iter().enumerate() {
+            let e = Entry {
+                seq: self.seq + 1 + i as u64,
+                op,
+            };
             serde_json::to_writer(&mut buf, &e).map_err(|err| StoreError::Corrupt {
                 path: jpath.clone(),
                 reason: err.to_string(),
             })?;
             buf.push(b'\n');
         }
+        self.seq += n_ops;
         let f = self.journal.as_mut().ok_or_else(|| StoreError::Corrupt {
             path: jpath.clone(),
             reason: "journal not open".into(),
         })?;
-        f.write_all(&buf).map_err(io_err(&jpath))?;
-        f.sync_data().map_err(io_err(&jpath))?;
+        let before = f.metadata().map_err(io_err(&jpath))?.len();
+        let written = f.write_all(&buf).and_then(|()| f.sync_data());
+        if let Err(e) = written {
+            // A partial append (disk full, I/O error) must not stay: the next append would
+            // glue onto it. Cut the file back and forget the sequence numbers; the caller
+            // reports the error and the change is not acknowledged.
+            let _ = f.set_len(before).and_then(|()| f.sync_data());
+            self.journal = None;
+            self.seq -= n_ops;
+            return Err(StoreError::Io {
+                path: jpath,
+                source: e,
+            });
+        }
         self.since_snapshot += 1;
         Ok(())
     }
@@ -359,6 +397,31 @@ mod tests {
             .unwrap();
         let (back, _) = Store::new(&dir).load().unwrap().unwrap();
         assert_eq!(back, rs);
+        // ... and cut off, so the next append starts on a line of its own.
+        let mut after_crash = Store::new(&dir);
+        after_crash.load().unwrap();
+        let r_next = add(&mut rs, 85);
+        after_crash
+            .record(
+                vec![Op::Put {
+                    rule: Box::new(r_next),
+                }],
+                &rs,
+                &vips,
+            )
+            .unwrap();
+        assert_eq!(Store::new(&dir).load().unwrap().unwrap().0, rs);
+        again = Store::new(&dir);
+        again.load().unwrap();
+
+        // A damaged complete line in the middle is refused with its line number, not skipped.
+        let good = fs::read(dir.join(JOURNAL_FILE)).unwrap();
+        let mut bad = b"{\"seq\":1,\"op\":\"nonsense\"}\n".to_vec();
+        bad.extend_from_slice(&good);
+        fs::write(dir.join(JOURNAL_FILE), &bad).unwrap();
+        let e = Store::new(&dir).load().unwrap_err().to_string();
+        assert!(e.contains("journal.jsonl") && e.contains("line 1"), "{e}");
+        fs::write(dir.join(JOURNAL_FILE), &good).unwrap();
 
         // Compaction folds the journal into the snapshot; loading gives the same state.
         again.snapshot(&rs, &vips).unwrap();
@@ -382,6 +445,44 @@ mod tests {
             e.contains("state.json") && e.contains("move it aside"),
             "{e}"
         );
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    /// A full disk: the append fails, the error reaches the caller, nothing of it stays in
+    /// the journal, and the sequence goes on from where it was once the disk has room.
+    #[test]
+    fn a_failed_append_leaves_nothing_behind() {
+        let dir = tmpdir("full");
+        let mut store = Store::new(&dir);
+        let mut rs = RuleSet::default();
+        let vips = BTreeSet::new();
+        let r1 = add(&mut rs, 80);
+        store
+            .record(vec![Op::Put { rule: Box::new(r1) }], &rs, &vips)
+            .unwrap();
+        let saved = fs::read(dir.join(JOURNAL_FILE)).unwrap();
+        // Writes to /dev/full fail with ENOSPC.
+        fs::remove_file(dir.join(JOURNAL_FILE)).unwrap();
+        std::os::unix::fs::symlink("/dev/full", dir.join(JOURNAL_FILE)).unwrap();
+        store.journal = None;
+        let mut failed = rs.clone();
+        let r2 = add(&mut failed, 81);
+        let seq = store.seq;
+        let e = store
+            .record(vec![Op::Put { rule: Box::new(r2) }], &failed, &vips)
+            .unwrap_err();
+        assert!(e.to_string().contains("journal.jsonl"), "{e}");
+        assert_eq!(store.seq, seq, "the failed change used no sequence number");
+        // Room again: the next change follows on.
+        fs::remove_file(dir.join(JOURNAL_FILE)).unwrap();
+        fs::write(dir.join(JOURNAL_FILE), &saved).unwrap();
+        let r3 = add(&mut rs, 82);
+        store
+            .record(vec![Op::Put { rule: Box::new(r3) }], &rs, &vips)
+            .unwrap();
+        let mut back = Store::new(&dir);
+        assert_eq!(back.load().unwrap().unwrap().0, rs);
+        assert_eq!(back.seq, seq + 1);
         let _ = fs::remove_dir_all(&dir);
     }
 
