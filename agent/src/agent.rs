@@ -140,12 +140,10 @@ async fn start_bfd(cfg: &Config) -> Result<Option<BfdService>> {
         handle,
         dir: cfg.flags.config_path.clone(),
         specs: tokio::sync::Mutex::new(specs),
+        keepalive_peers: cfg.keepalives.iter().map(|k| k.remote).collect(),
     }))
 }
 
-/// The HA settings from the flags: one sync peer per `--cluster` address, watched by the
-/// `--ka` BFD session to the same address (or by the only `--ka` session when there is one
-/// peer and one session).
 /// Feeds BFD transitions to `apply(peer, up)` until the stream ends. When the receiver lagged
 /// (the broadcast dropped its oldest events), the dropped ones may include some peer's Down:
 /// HA latches on BFD, so instead of skipping ahead it re-reads every session's current state.
@@ -175,6 +173,9 @@ async fn follow_bfd<L, Fut>(
     }
 }
 
+/// The HA settings from the flags: one sync peer per `--cluster` address, watched by the
+/// `--ka` BFD session to the same address (or by the only `--ka` session when there is one
+/// peer and one session).
 fn ha_config(cfg: &Config) -> HaConfig {
     let peers = cfg
         .cluster

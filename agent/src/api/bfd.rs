@@ -85,6 +85,23 @@ pub struct BfdService {
     pub handle: Handle,
     pub dir: PathBuf,
     pub specs: Mutex<BTreeMap<IpAddr, BfdSpec>>,
+    /// Peers of `--ka` sessions: HA watches them, so the API may not remove them.
+    pub keepalive_peers: std::collections::BTreeSet<IpAddr>,
+}
+
+/// Why a session may not be removed through the API, if it may not: a `--ka` session is the
+/// HA pair's failure detector. Removing it would make the peer see our session go down and
+/// take over while this node, which still holds the VIPs, would not know.
+pub fn delete_refusal(
+    ip: IpAddr,
+    keepalive_peers: &std::collections::BTreeSet<IpAddr>,
+) -> Option<String> {
+    keepalive_peers.contains(&ip).then(|| {
+        format!(
+            "remoteIP: {ip} is this node's --ka keepalive peer (HA failure detection); \
+             remove it from --ka and restart the agent to stop it"
+        )
+    })
 }
 
 impl BfdService {
@@ -245,6 +262,9 @@ pub async fn delete(
         )
     })?;
     let svc = service(&app)?;
+    if let Some(why) = delete_refusal(ip, &svc.keepalive_peers) {
+        return Err(ApiError::new(StatusCode::CONFLICT, why));
+    }
     let mut specs = svc.specs.lock().await;
     let existed = svc
         .handle
@@ -490,5 +510,13 @@ mod tests {
         let s = parse_bfd(br#"{"remoteIp":"10.0.0.2","sourceIp":"10.0.0.1","authType":"meticulous-keyed-sha1","authKeyId":2,"authKey":"k"}"#).unwrap();
         let a = s.peer_config().unwrap().session.auth.unwrap();
         assert_eq!((a.auth_type, a.key_id), (AuthType::MeticulousKeyedSha1, 2));
+    }
+
+    #[test]
+    fn the_keepalive_session_cannot_be_deleted_through_the_api() {
+        let ka: std::collections::BTreeSet<IpAddr> = ["10.0.0.2".parse().unwrap()].into();
+        let why = delete_refusal("10.0.0.2".parse().unwrap(), &ka).unwrap();
+        assert!(why.contains("remoteIP") && why.contains("--ka"), "{why}");
+        assert_eq!(delete_refusal("10.0.0.3".parse().unwrap(), &ka), None);
     }
 }
