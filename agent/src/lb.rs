@@ -341,9 +341,7 @@ impl Engine {
                 .get(&key_tuple(&peer))
                 .map(|p| (p.packets, p.bytes))
                 .unwrap_or((0, 0));
-            let proto = Protocol::from_number(k.proto)
-                .map(|p| p.as_str().to_string())
-                .unwrap_or_else(|| k.proto.to_string());
+            let proto = proto_name(k.proto);
             let mode = match v.mode {
                 1 => "onearm",
                 2 => "fullnat",
@@ -413,11 +411,6 @@ pub fn census(
 ) -> CensusPass {
     use ferrolb_bpf::maps::{CTF_SYNCED, MODE_FULLNAT, MODE_ONEARM, PROTO_ICMP, words_addr};
     let mut pass = CensusPass::default();
-    let proto_name = |n: u8| {
-        Protocol::from_number(n)
-            .map(|p| p.as_str().to_string())
-            .unwrap_or_else(|| n.to_string())
-    };
     for (k, v) in entries {
         let live = v.flags & CTF_SYNCED != 0 || !v.expired(k.proto, now_ns);
         if !live {
@@ -444,6 +437,13 @@ pub fn census(
         }
     }
     pass
+}
+
+/// "tcp", "udp", "icmp", or the protocol number.
+fn proto_name(n: u8) -> String {
+    Protocol::from_number(n)
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| n.to_string())
 }
 
 fn key_tuple(k: &ferrolb_bpf::maps::CtKey) -> ([u32; 4], [u32; 4], u16, u16, u8) {

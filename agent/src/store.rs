@@ -264,7 +264,6 @@ impl Store {
             })?;
             buf.push(b'\n');
         }
-        self.seq += n_ops;
         let f = self.journal.as_mut().ok_or_else(|| StoreError::Corrupt {
             path: jpath.clone(),
             reason: "journal not open".into(),
@@ -273,16 +272,16 @@ impl Store {
         let written = f.write_all(&buf).and_then(|()| f.sync_data());
         if let Err(e) = written {
             // A partial append (disk full, I/O error) must not stay: the next append would
-            // glue onto it. Cut the file back and forget the sequence numbers; the caller
+            // glue onto it. Cut the file back; the sequence numbers stay unused. The caller
             // reports the error and the change is not acknowledged.
             let _ = f.set_len(before).and_then(|()| f.sync_data());
             self.journal = None;
-            self.seq -= n_ops;
             return Err(StoreError::Io {
                 path: jpath,
                 source: e,
             });
         }
+        self.seq += n_ops;
         self.since_snapshot += 1;
         Ok(())
     }

@@ -435,7 +435,7 @@ static __always_inline __u64 ct_timeout_ns(const struct flb_ct *v, __u8 proto)
 	return (__u64)s * 1000000000ULL;
 }
 
-/* Is an entry last used at v->last_ns still within its timeout at `now`?
+/* Was something last used at `last` still within its timeout at `now`? (ct_alive: an entry.)
  *
  * The difference is signed, and this is the fix for flows whose translation changed
  * mid-stream (issue 12). `now` is read once per packet, before the lookup; meanwhile another
@@ -444,9 +444,14 @@ static __always_inline __u64 ct_timeout_ns(const struct flb_ct *v, __u8 proto)
  * expired (its peer entry too, for the same reason), and ct_create replaced it with a new
  * flow and a new source-NAT port: the backend saw segments of a connection it did not know
  * and reset it. A last_ns in our future means "alive". */
+static __always_inline int fresh_since(__u64 now, __u64 last, __u64 timeout_ns)
+{
+	return (__s64)(now - last) <= (__s64)timeout_ns;
+}
+
 static __always_inline int ct_alive(const struct flb_ct *v, __u8 proto, __u64 now)
 {
-	return (__s64)(now - v->last_ns) <= (__s64)ct_timeout_ns(v, proto);
+	return fresh_since(now, v->last_ns, ct_timeout_ns(v, proto));
 }
 
 /* Is k the key of the other direction of v's flow? */
@@ -631,7 +636,7 @@ static __always_inline __u32 select_ep(const struct flb_svc *svc, const struct f
 		ak.svc_id = svc->id;
 		addr_cp(ak.addr, p->saddr);
 		struct flb_affinity *a = bpf_map_lookup_elem(&affinity, &ak);
-		if (a && (__s64)(now - a->last_ns) < (__s64)((__u64)svc->timeout_s * 1000000000ULL) &&
+		if (a && fresh_since(now, a->last_ns, (__u64)svc->timeout_s * 1000000000ULL) &&
 		    ep_ok(be, a->ep_idx)) {
 			a->last_ns = now;
 			return a->ep_idx;
@@ -789,8 +794,8 @@ static __always_inline int ct_take_over(const struct flb_ct_key *k, struct flb_c
 {
 	if (occ->flags & FLB_CTF_SYNCED)
 		return 0;
-	__u64 last = occ->last_ns;
-	if ((__s64)(now - last) <= (__s64)ct_timeout_ns(occ, k->proto))
+	__u64 last = occ->last_ns; /* the value the claim below compares against */
+	if (fresh_since(now, last, ct_timeout_ns(occ, k->proto)))
 		return 0;
 	struct flb_ct_key pk;
 	ct_peer_key(&pk, k, occ);

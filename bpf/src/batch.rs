@@ -25,10 +25,6 @@ struct BatchAttr {
     flags: u64,
 }
 
-fn bpf(cmd: libc::c_long, attr: &mut BatchAttr) -> io::Result<()> {
-    sys_bpf(cmd, attr)
-}
-
 /// The `bpf(2)` syscall with `attr` as its `union bpf_attr` prefix.
 pub(crate) fn sys_bpf<A>(cmd: libc::c_long, attr: &mut A) -> io::Result<()> {
     // SAFETY: the callers pass a `#[repr(C)]` bpf_attr prefix valid for `cmd`, whose pointers
@@ -69,7 +65,7 @@ pub fn lookup_all<K: Copy + Default, V: Copy + Default>(
             map_fd: fd(map),
             ..Default::default()
         };
-        let r = bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+        let r = sys_bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
         let n = (attr.count as usize).min(chunk);
         out.extend(keys[..n].iter().copied().zip(vals[..n].iter().copied()));
         match r {
@@ -101,7 +97,7 @@ pub fn update_all<K: Copy, V: Copy>(map: &MapData, entries: &[(K, V)]) -> io::Re
             map_fd: fd(map),
             ..Default::default()
         };
-        let r = bpf(BPF_MAP_UPDATE_BATCH, &mut attr);
+        let r = sys_bpf(BPF_MAP_UPDATE_BATCH, &mut attr);
         done += attr.count as usize;
         r?;
         if attr.count == 0 {

@@ -1,8 +1,7 @@
 //! `BPF_PROG_TEST_RUN` on a program fd of its own. [`Datapath::test_run`](crate::Datapath)
 //! borrows the datapath mutably (aya's API); a [`TestRunner`] is `Send + Sync`, so several
 //! threads pinned to several CPUs can run the same program (and its maps) at once: the only
-//! way to test what happens when two CPUs handle one flow, and how the benchmarks measure
-//! the program's own cost (`repeat`).
+//! way to test what happens when two CPUs handle one flow.
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -53,20 +52,6 @@ impl TestRunner {
         self.call(&mut attr)?;
         out.truncate((attr.data_size_out as usize).min(out.len()));
         Ok((attr.retval, out))
-    }
-
-    /// Runs the program `repeat` times on `packet` (in the kernel, one syscall): the last
-    /// verdict and the mean time per run in nanoseconds.
-    pub fn run_repeat(&self, packet: &[u8], repeat: u32) -> io::Result<(u32, u32)> {
-        let mut attr = TestAttr {
-            prog_fd: self.fd.as_raw_fd() as u32,
-            data_size_in: packet.len() as u32,
-            data_in: packet.as_ptr() as u64,
-            repeat: repeat.max(1),
-            ..Default::default()
-        };
-        self.call(&mut attr)?;
-        Ok((attr.retval, attr.duration))
     }
 
     fn call(&self, attr: &mut TestAttr) -> io::Result<()> {
