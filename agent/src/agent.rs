@@ -215,6 +215,14 @@ async fn start_ha(app: &Shared, ha: &Arc<Ha>, cfg: &Config) -> Result<()> {
         ),
         ha.cfg.peers.iter().map(|p| p.0).collect(),
     );
+    // Peers accept sync connections only from the addresses in their --cluster list: connect
+    // from the address --ka says is ours toward them.
+    sc.source = cfg
+        .keepalives
+        .iter()
+        .find(|k| cfg.cluster.contains(&k.remote))
+        .or(cfg.keepalives.first())
+        .map(|k| k.source);
     if let Some(f) = &cfg.flags.sync_token_file {
         let t = std::fs::read_to_string(f)
             .with_context(|| format!("--sync-token-file: read {}", f.display()))?;

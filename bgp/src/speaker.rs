@@ -523,6 +523,19 @@ impl Session {
         self.fsm.adopt_incoming(Instant::now())
     }
 
+    /// A message error: the NOTIFICATION RFC 4271 §6 gives it goes out before the session
+    /// closes (none for an undecodable NOTIFICATION).
+    fn protocol_error(&mut self, e: &wire::WireError) -> Vec<Output> {
+        let now = Instant::now();
+        match e.notification() {
+            Some(n) if self.fsm.state() != State::Idle => self.fsm.handle(Event::Reset(n), now),
+            _ => {
+                self.stream = None;
+                self.fsm.handle(Event::TcpConnectionFails, now)
+            }
+        }
+    }
+
     /// Decodes every whole message in the buffer and feeds the FSM.
     fn receive(&mut self) -> Vec<Output> {
         let mut outs = Vec::new();
@@ -531,10 +544,9 @@ impl Session {
                 Ok(Some(l)) if self.buf.len() >= l => l,
                 Ok(_) => return outs,
                 Err(e) => {
-                    warn!(neighbor = %self.cfg.address, error = %e, "bad BGP header; closing");
+                    warn!(neighbor = %self.cfg.address, error = %e, "bad BGP message header; closing");
                     self.buf.clear();
-                    self.stream = None;
-                    outs.extend(self.fsm.handle(Event::TcpConnectionFails, Instant::now()));
+                    outs.extend(self.protocol_error(&e));
                     return outs;
                 }
             };
@@ -579,11 +591,9 @@ impl Session {
                     outs.extend(self.fsm.handle(Event::Message(d.message), now));
                 }
                 Err(e) => {
-                    warn!(neighbor = %self.cfg.address, error = %e, "undecodable BGP message; closing");
-                    let n = BgpNotificationMessage::UpdateMessageError(
-                        netgauze_bgp_pkt::notification::UpdateMessageError::MalformedAttributeList { value: Box::new([]) },
-                    );
-                    outs.extend(self.fsm.handle(Event::Reset(n), now));
+                    warn!(neighbor = %self.cfg.address, error = %e, "bad BGP message; closing");
+                    self.buf.clear();
+                    outs.extend(self.protocol_error(&e));
                     return outs;
                 }
             }

@@ -14,7 +14,10 @@ use netgauze_bgp_pkt::capabilities::{
 };
 use netgauze_bgp_pkt::community::{Community, LargeCommunity};
 use netgauze_bgp_pkt::nlri::{Ipv4Unicast, Ipv4UnicastAddress, Ipv6Unicast, Ipv6UnicastAddress};
-use netgauze_bgp_pkt::notification::BgpNotificationMessage;
+use netgauze_bgp_pkt::notification::{
+    BgpNotificationMessage, MessageHeaderError, OpenMessageError, RouteRefreshError,
+    UpdateMessageError,
+};
 use netgauze_bgp_pkt::open::{BgpOpenMessage, BgpOpenMessageParameter};
 use netgauze_bgp_pkt::path_attribute::{
     As4PathSegment, AsPath, AsPathSegmentType, Communities, LargeCommunities, LocalPreference,
@@ -64,11 +67,48 @@ pub struct RouteAttrs {
 pub enum WireError {
     #[error("encoding: {0}")]
     Encode(String),
-    #[error("bad marker or length {0}")]
-    BadHeader(usize),
-    #[error("decoding: {0}")]
-    Decode(String),
+    /// A message RFC 4271 §6 answers with a NOTIFICATION (`None`: close without one, e.g. an
+    /// undecodable NOTIFICATION, which is never answered).
+    #[error("{detail}")]
+    Protocol {
+        detail: String,
+        notification: Option<BgpNotificationMessage>,
+    },
 }
+
+impl WireError {
+    /// The NOTIFICATION RFC 4271 §6 gives this error, if any.
+    pub fn notification(&self) -> Option<BgpNotificationMessage> {
+        match self {
+            WireError::Protocol { notification, .. } => notification.clone(),
+            WireError::Encode(_) => None,
+        }
+    }
+}
+
+fn protocol(detail: impl Into<String>, n: Option<BgpNotificationMessage>) -> WireError {
+    WireError::Protocol {
+        detail: detail.into(),
+        notification: n,
+    }
+}
+
+fn header_error(detail: String, e: MessageHeaderError) -> WireError {
+    protocol(detail, Some(BgpNotificationMessage::MessageHeaderError(e)))
+}
+
+fn open_error(detail: String, e: OpenMessageError) -> WireError {
+    protocol(detail, Some(BgpNotificationMessage::OpenMessageError(e)))
+}
+
+/// Message types (RFC 4271 §4.1, RFC 2918).
+const OPEN: u8 = 1;
+const UPDATE: u8 = 2;
+const NOTIFICATION: u8 = 3;
+const KEEPALIVE: u8 = 4;
+const ROUTE_REFRESH: u8 = 5;
+/// The only BGP version we speak (sent back in an Unsupported Version Number error).
+pub const BGP_VERSION: u8 = 4;
 
 pub fn encode(m: &BgpMessage) -> Result<Vec<u8>, WireError> {
     let mut buf = Vec::with_capacity(64);
@@ -302,18 +342,83 @@ pub fn withdraw(prefixes: &[Ipv4Net]) -> BgpMessage {
 }
 
 /// The length of the message at the start of `buf`, once its header is complete.
+/// Checks the header of the message at the start of `buf` (RFC 4271 §6.1): the marker, the
+/// length (within 19..=4096 and what the type needs) and the type. `Ok(None)`: the header is
+/// not complete yet.
 pub fn frame_len(buf: &[u8]) -> Result<Option<usize>, WireError> {
     if buf.len() < HEADER_LEN {
         return Ok(None);
     }
     if buf[..16].iter().any(|b| *b != 0xff) {
-        return Err(WireError::BadHeader(0));
+        return Err(header_error(
+            "marker is not all ones".into(),
+            MessageHeaderError::ConnectionNotSynchronized {
+                value: Box::new([]),
+            },
+        ));
     }
-    let len = usize::from(u16::from_be_bytes([buf[16], buf[17]]));
-    if !(HEADER_LEN..=MAX_MESSAGE_LEN).contains(&len) {
-        return Err(WireError::BadHeader(len));
+    let raw = [buf[16], buf[17]];
+    let len = usize::from(u16::from_be_bytes(raw));
+    let kind = buf[18];
+    let fits = match kind {
+        OPEN => len >= 29,
+        UPDATE => len >= 23,
+        NOTIFICATION => len >= 21,
+        KEEPALIVE => len == HEADER_LEN,
+        ROUTE_REFRESH => len >= 23,
+        _ => {
+            return Err(header_error(
+                format!("unknown message type {kind}"),
+                MessageHeaderError::BadMessageType {
+                    value: Box::new([kind]),
+                },
+            ));
+        }
+    };
+    if !fits || !(HEADER_LEN..=MAX_MESSAGE_LEN).contains(&len) {
+        return Err(header_error(
+            format!("bad length {len} for message type {kind}"),
+            MessageHeaderError::BadMessageLength {
+                value: Box::new(raw),
+            },
+        ));
     }
     Ok(Some(len))
+}
+
+/// The OPEN checks of RFC 4271 §6.2 that come before decoding: version, BGP identifier,
+/// hold time. (The peer AS is checked against the configuration by the FSM.)
+fn check_open(frame: &[u8]) -> Result<(), WireError> {
+    let body = &frame[HEADER_LEN.min(frame.len())..];
+    let [version, _, _, h0, h1, i0, i1, i2, i3, ..] = *body else {
+        return Ok(());
+    };
+    if version != BGP_VERSION {
+        return Err(open_error(
+            format!("unsupported BGP version {version}"),
+            OpenMessageError::UnsupportedVersionNumber {
+                value: Box::new(u16::from(BGP_VERSION).to_be_bytes()),
+            },
+        ));
+    }
+    let hold = u16::from_be_bytes([h0, h1]);
+    if hold == 1 || hold == 2 {
+        return Err(open_error(
+            format!("unacceptable hold time {hold}"),
+            OpenMessageError::UnacceptableHoldTime {
+                value: Box::new([]),
+            },
+        ));
+    }
+    if [i0, i1, i2, i3] == [0, 0, 0, 0] {
+        return Err(open_error(
+            "BGP identifier 0.0.0.0".into(),
+            OpenMessageError::BadBgpIdentifier {
+                value: Box::new([]),
+            },
+        ));
+    }
+    Ok(())
 }
 
 /// A decoded message and the attribute errors RFC 7606 lets us survive.
@@ -335,8 +440,33 @@ pub fn decode(frame: &[u8], asn4: bool) -> Result<Decoded, WireError> {
         false,
         false,
     );
-    let message = BgpMessage::parse(&mut SliceReader::new(frame), &mut ctx)
-        .map_err(|e| WireError::Decode(format!("{e:?}")))?;
+    let kind = frame.get(18).copied().unwrap_or(0);
+    if kind == OPEN {
+        check_open(frame)?;
+    }
+    let message = BgpMessage::parse(&mut SliceReader::new(frame), &mut ctx).map_err(|e| {
+        let detail = format!("undecodable message of type {kind}: {e:?}");
+        let n = match kind {
+            OPEN => Some(BgpNotificationMessage::OpenMessageError(
+                OpenMessageError::Unspecific {
+                    value: Box::new([]),
+                },
+            )),
+            UPDATE => Some(BgpNotificationMessage::UpdateMessageError(
+                UpdateMessageError::MalformedAttributeList {
+                    value: Box::new([]),
+                },
+            )),
+            ROUTE_REFRESH => Some(BgpNotificationMessage::RouteRefreshError(
+                RouteRefreshError::InvalidMessageLength {
+                    value: frame.get(16..18).unwrap_or_default().into(),
+                },
+            )),
+            // A NOTIFICATION is never answered with one (§6.4); nothing else gets here.
+            _ => None,
+        };
+        protocol(detail, n)
+    })?;
     let ignored = ctx.reset_parsing_errors();
     let attribute_errors = ignored
         .path_attr_errors()

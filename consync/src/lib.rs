@@ -15,14 +15,18 @@
 //!   an idle stream carries a heartbeat every [`Config::heartbeat`], and every batch carries
 //!   the server's [`pb::NodeStatus`] (roles and terms), so the channel is also the role
 //!   exchange;
-//! - peers authenticate with a shared token (`authorization: Bearer …`) or mutual TLS.
+//! - only the configured peers' addresses may connect (others are refused at accept and
+//!   counted, token or not); peers also authenticate with a shared token
+//!   (`authorization: Bearer …`) or mutual TLS;
+//! - a [`pb::HandoverRequest`] is taken only from the peer address whose subscription reported
+//!   the node id the request claims.
 //!
 //! The crate knows nothing of datapaths or roles: the agent implements [`Node`].
 
 pub mod log;
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -72,6 +76,9 @@ pub struct Config {
     pub node_id: u32,
     pub listen: SocketAddr,
     pub peers: Vec<SocketAddr>,
+    /// The source address of our connections to peers (the address they know us by); the
+    /// routing table's choice when `None`.
+    pub source: Option<IpAddr>,
     /// Shared secret; a subscriber without it is refused (and counted).
     pub token: Option<String>,
     pub tls: Option<TlsFiles>,
@@ -89,6 +96,7 @@ impl Config {
             node_id,
             listen,
             peers,
+            source: None,
             token: None,
             tls: None,
             log_capacity: 1 << 20,
@@ -145,8 +153,10 @@ pub trait Node: Send + Sync + 'static {
     /// A peer's status arrived (`Some`) or its channel was lost (`None`).
     fn peer_status(&self, peer: SocketAddr, status: Option<&pb::NodeStatus>);
     /// A planned switchover: take `req.instance`'s MASTER role; the caller's state has been
-    /// applied. Returns the new term, or why not.
-    fn handover(&self, req: &pb::HandoverRequest) -> Result<u64, String>;
+    /// applied. `from` is the configured address of the peer that asked (checked: it is the
+    /// address the request came from, and that peer reported `req.node_id`). Returns the new
+    /// term, or why not.
+    fn handover(&self, from: SocketAddr, req: &pb::HandoverRequest) -> Result<u64, String>;
 }
 
 /// What one subscription (this node reading a peer) knows.
@@ -177,8 +187,11 @@ pub struct PeerInfo {
 pub struct Stats {
     pub sent: AtomicU64,
     pub streams: AtomicU64,
-    /// Peers refused: bad or missing token, or a failed TLS handshake.
+    /// Connections and requests refused: an address outside the cluster, a bad or missing
+    /// token, a failed TLS handshake, a Handover whose sender is not the node it claims.
     pub refused: AtomicU64,
+    /// Of those, connections from an address that is not a configured peer's.
+    pub refused_address: AtomicU64,
     pub resyncs_served: AtomicU64,
 }
 
@@ -253,9 +266,11 @@ impl Consync {
             .http2_keepalive_interval(Some(Duration::from_secs(1)))
             .http2_keepalive_timeout(Some(Duration::from_secs(2)))
             .add_service(ConSyncServer::new(svc));
+        let allowed: Arc<HashSet<IpAddr>> =
+            Arc::new(me.cfg.peers.iter().map(|p| p.ip().to_canonical()).collect());
         match server_tls {
             None => {
-                let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+                let incoming = plain_incoming(listener, allowed, me.stats.clone());
                 tokio::spawn(async move {
                     if let Err(e) = router.serve_with_incoming(incoming).await {
                         warn!(error = %e, "conntrack sync server stopped");
@@ -265,7 +280,7 @@ impl Consync {
             Some(config) => {
                 // Our own acceptor, so that a peer failing the handshake (no certificate, or
                 // one the CA did not sign) is counted as refused.
-                let incoming = tls_incoming(listener, config, me.stats.clone());
+                let incoming = tls_incoming(listener, config, allowed, me.stats.clone());
                 tokio::spawn(async move {
                     if let Err(e) = router.serve_with_incoming(incoming).await {
                         warn!(error = %e, "conntrack sync server stopped");
@@ -346,7 +361,7 @@ impl Consync {
             Some(t) => Some(load_tls(t)?),
             None => None,
         };
-        let mut client = connect(slot.addr, tls.as_ref()).await?;
+        let mut client = connect(slot.addr, self.cfg.source, tls.as_ref()).await?;
         let (epoch, seq) = self.log.position();
         let mut req = Request::new(pb::HandoverRequest {
             node_id: self.cfg.node_id,
@@ -463,26 +478,68 @@ fn server_tls(t: &TlsFiles) -> Result<rustls::ServerConfig, Error> {
 
 type TlsConn = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
 
-/// Accepts TCP connections and completes each TLS handshake in its own task (bounded in time);
-/// failures are counted in `Stats::refused`.
+/// The next connection from a configured peer's address; others are closed at once and
+/// counted (a stranger on the segment gets neither a stream nor a handshake).
+async fn accept_peer(
+    listener: &tokio::net::TcpListener,
+    allowed: &HashSet<IpAddr>,
+    stats: &Stats,
+) -> (tokio::net::TcpStream, SocketAddr) {
+    loop {
+        let (tcp, peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                warn!(error = %e, "sync accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        if !allowed.contains(&peer.ip().to_canonical()) {
+            stats.refused.fetch_add(1, Ordering::Relaxed);
+            let n = stats.refused_address.fetch_add(1, Ordering::Relaxed);
+            // A scan must not flood the log: the first refusal and then every 1000th.
+            if n % 1000 == 0 {
+                warn!(%peer, refused = n + 1, "conntrack sync: connection from an address outside --cluster refused");
+            }
+            drop(tcp);
+            continue;
+        }
+        let _ = tcp.set_nodelay(true);
+        return (tcp, peer);
+    }
+}
+
+/// Plain TCP: the peers' connections, handed to the gRPC server.
+fn plain_incoming(
+    listener: tokio::net::TcpListener,
+    allowed: Arc<HashSet<IpAddr>>,
+    stats: Arc<Stats>,
+) -> ReceiverStream<Result<tokio::net::TcpStream, std::io::Error>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, _) = accept_peer(&listener, &allowed, &stats).await;
+            if tx.send(Ok(tcp)).await.is_err() {
+                return;
+            }
+        }
+    });
+    ReceiverStream::new(rx)
+}
+
+/// Accepts the peers' TCP connections and completes each TLS handshake in its own task
+/// (bounded in time); failures are counted in `Stats::refused`.
 fn tls_incoming(
     listener: tokio::net::TcpListener,
     config: Arc<rustls::ServerConfig>,
+    allowed: Arc<HashSet<IpAddr>>,
     stats: Arc<Stats>,
 ) -> ReceiverStream<Result<TlsConn, std::io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     tokio::spawn(async move {
         loop {
-            let (tcp, peer) = match listener.accept().await {
-                Ok(c) => c,
-                Err(e) => {
-                    warn!(error = %e, "sync accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let _ = tcp.set_nodelay(true);
+            let (tcp, peer) = accept_peer(&listener, &allowed, &stats).await;
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             let stats = stats.clone();
@@ -524,6 +581,7 @@ fn load_tls(t: &TlsFiles) -> Result<TlsParts, Error> {
 
 async fn connect(
     addr: SocketAddr,
+    source: Option<IpAddr>,
     tls: Option<&TlsParts>,
 ) -> Result<ConSyncClient<tonic::transport::Channel>, Error> {
     let scheme = if tls.is_some() { "https" } else { "http" };
@@ -531,6 +589,7 @@ async fn connect(
     let mut ep = tonic::transport::Endpoint::from_shared(format!("{scheme}://{addr}"))
         .map_err(|e| rpc(e.to_string()))?
         .connect_timeout(Duration::from_millis(500))
+        .local_address(source)
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(WINDOW))
         .initial_connection_window_size(Some(WINDOW))
@@ -601,13 +660,29 @@ impl ConSync for Service {
         req: Request<pb::HandoverRequest>,
     ) -> Result<Response<pb::HandoverReply>, Status> {
         self.cs.check(&req)?;
+        let remote = req.remote_addr().map(|a| a.ip().to_canonical());
         let r = req.into_inner();
+        // The sender must be the peer whose own stream reported the node id it claims.
+        let Some(from) = self.cs.peers.iter().find_map(|p| {
+            let i = p.info();
+            (i.node_id == Some(r.node_id) && Some(p.addr.ip().to_canonical()) == remote)
+                .then_some(p.addr)
+        }) else {
+            self.cs.stats.refused.fetch_add(1, Ordering::Relaxed);
+            warn!(?remote, claimed = r.node_id, "conntrack sync: Handover refused (the sender is not that node)");
+            return Err(Status::permission_denied(format!(
+                "Handover refused: {} is not the address of node {}",
+                remote.map_or_else(|| "an unknown address".to_string(), |a| a.to_string()),
+                r.node_id
+            )));
+        };
         // Wait until we have applied everything the caller had published when it asked.
         let deadline = Instant::now() + Duration::from_secs(3);
         loop {
             let caught_up = self.cs.peers.iter().any(|p| {
                 let i = p.info();
-                i.node_id == Some(r.node_id)
+                p.addr == from
+                    && i.node_id == Some(r.node_id)
                     && i.connected
                     && i.synced_once
                     && i.epoch == r.epoch
@@ -629,7 +704,7 @@ impl ConSync for Service {
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
         let node = self.cs.node.clone();
-        let reply = match tokio::task::spawn_blocking(move || node.handover(&r)).await {
+        let reply = match tokio::task::spawn_blocking(move || node.handover(from, &r)).await {
             Ok(Ok(term)) => pb::HandoverReply {
                 accepted: true,
                 term,
@@ -783,7 +858,9 @@ async fn subscribe_once(
     slot: &Arc<PeerSlot>,
     tls: Option<&TlsParts>,
 ) -> Result<(), String> {
-    let mut client = connect(slot.addr, tls).await.map_err(|e| e.to_string())?;
+    let mut client = connect(slot.addr, cs.cfg.source, tls)
+        .await
+        .map_err(|e| e.to_string())?;
     let (epoch, next_seq) = {
         let i = slot.info();
         (i.epoch, i.next_seq)

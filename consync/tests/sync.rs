@@ -50,7 +50,7 @@ impl Node for FakeNode {
     fn peer_status(&self, peer: SocketAddr, status: Option<&pb::NodeStatus>) {
         self.peers.lock().unwrap().insert(peer, status.cloned());
     }
-    fn handover(&self, req: &pb::HandoverRequest) -> Result<u64, String> {
+    fn handover(&self, _from: SocketAddr, req: &pb::HandoverRequest) -> Result<u64, String> {
         self.took.lock().unwrap().push(req.instance.clone());
         Ok(req.term + 1)
     }
@@ -272,7 +272,7 @@ fn wrong_token_is_refused_and_counted() {
             .unwrap()
             .insert(FlowId::from(&key(1)), flow(0, 1));
         let b = node(1);
-        let mut ca = Config::new(0, addr(22011), vec![]);
+        let mut ca = Config::new(0, addr(22011), vec![addr(22012)]);
         ca.token = Some("s3cret".into());
         let mut cb = Config::new(1, addr(22012), vec![addr(22011)]);
         cb.token = Some("wrong".into());
@@ -404,7 +404,8 @@ fn mutual_tls_admits_only_the_clusters_certificates() {
             .unwrap()
             .insert(FlowId::from(&key(1)), flow(0, 1));
         let (b, c, d) = (node(1), node(2), node(3));
-        let mut ca = Config::new(0, addr(22021), vec![]);
+        // C and D connect from a cluster address (all share 127.0.0.1): TLS refuses them.
+        let mut ca = Config::new(0, addr(22021), vec![addr(22022)]);
         ca.tls = Some(tls("a", "ca"));
         let mut cb = Config::new(1, addr(22022), vec![addr(22021)]);
         cb.tls = Some(tls("b", "ca"));
@@ -412,7 +413,7 @@ fn mutual_tls_admits_only_the_clusters_certificates() {
         cc.tls = Some(tls("c", "rogue"));
         let cd = Config::new(3, addr(22024), vec![addr(22021)]);
         let sa = Consync::start(ca, a.clone()).await.unwrap();
-        let _sb = Consync::start(cb, b.clone()).await.unwrap();
+        let sb = Consync::start(cb, b.clone()).await.unwrap();
         let sc = Consync::start(cc, c.clone()).await.unwrap();
         let sd = Consync::start(cd, d.clone()).await.unwrap();
         let bb = b.clone();
@@ -430,5 +431,98 @@ fn mutual_tls_admits_only_the_clusters_certificates() {
             .refused
             .load(std::sync::atomic::Ordering::Relaxed);
         assert!(refused >= 2, "refused {refused}");
+    });
+}
+
+fn at(ip: [u8; 4], port: u16) -> SocketAddr {
+    SocketAddr::from((ip, port))
+}
+
+/// A host outside `--cluster` is refused at accept (no token configured); a Handover is
+/// taken only from the address of the node it claims to come from.
+#[test]
+fn only_cluster_addresses_connect_and_handovers_come_from_the_claimed_node() {
+    if !ferrolb_tests::private_netns("only_cluster_addresses_connect") {
+        return;
+    }
+    let rt = runtime();
+    rt.block_on(async {
+        let (a, b, c) = (node(0), node(1), node(2));
+        a.own
+            .lock()
+            .unwrap()
+            .insert(FlowId::from(&key(1)), flow(0, 1));
+        let (pa, pb_, pc) = (
+            at([127, 0, 0, 1], 22031),
+            at([127, 0, 0, 2], 22032),
+            at([127, 0, 0, 3], 22033),
+        );
+        let ca = Config::new(0, pa, vec![pb_]);
+        let mut cb = Config::new(1, pb_, vec![pa]);
+        cb.source = Some(pb_.ip());
+        let mut cc = Config::new(2, pc, vec![pa]);
+        cc.source = Some(pc.ip());
+        let sa = Consync::start(ca, a.clone()).await.unwrap();
+        let sb = Consync::start(cb, b.clone()).await.unwrap();
+        let sc = Consync::start(cc, c.clone()).await.unwrap();
+        let bb = b.clone();
+        wait_async("B (in A's --cluster) syncs", Duration::from_secs(5), move || {
+            synced_ports(&bb) == vec![1]
+        })
+        .await;
+        let saa = sa.clone();
+        wait_async("A hears B's node id", Duration::from_secs(5), move || {
+            saa.peers()[0].node_id == Some(1)
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(synced_ports(&c).is_empty(), "C is outside A's --cluster");
+        assert!(!sc.peers()[0].connected);
+        let by_address = sa
+            .stats()
+            .refused_address
+            .load(std::sync::atomic::Ordering::Relaxed);
+        assert!(by_address >= 1, "refused by address: {by_address}");
+
+        // Raw Handover requests, as a forger would send them.
+        async fn forge(
+            from: std::net::IpAddr,
+            to: SocketAddr,
+            node_id: u32,
+            (epoch, seq): (u64, u64),
+        ) -> Result<pb::HandoverReply, String> {
+            let ch = tonic::transport::Endpoint::from_shared(format!("http://{to}"))
+                .unwrap()
+                .local_address(Some(from))
+                .connect_timeout(Duration::from_millis(500))
+                .connect()
+                .await
+                .map_err(|e| format!("connect: {e}"))?;
+            let mut client = pb::con_sync_client::ConSyncClient::new(ch);
+            let mut req = tonic::Request::new(pb::HandoverRequest {
+                node_id,
+                instance: "llb-inst0".into(),
+                term: 3,
+                epoch,
+                seq,
+            });
+            req.set_timeout(Duration::from_secs(5));
+            client
+                .handover(req)
+                .await
+                .map(|r| r.into_inner())
+                .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
+        }
+        // From outside the cluster: the connection is closed before any request.
+        let r = forge(pc.ip(), pa, 1, sb.position()).await;
+        assert!(r.is_err(), "{r:?}");
+        // From B's address, claiming to be another node.
+        let e = forge(pb_.ip(), pa, 7, sb.position()).await.unwrap_err();
+        assert!(e.contains("PermissionDenied"), "{e}");
+        assert!(a.took.lock().unwrap().is_empty(), "no forged handover taken");
+        // From B's address as B: the request reaches the node (which decides on terms).
+        let r = forge(pb_.ip(), pa, 1, sb.position()).await.unwrap();
+        assert!(r.accepted, "{}", r.reason);
+        assert_eq!(a.took.lock().unwrap().as_slice(), ["llb-inst0"]);
     });
 }

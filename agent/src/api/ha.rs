@@ -300,9 +300,16 @@ pub fn metrics(ha: &Ha) -> String {
     gauge(
         &mut s,
         "ferrolb_sync_refused_total",
-        "Subscribers refused (bad or missing token).",
+        "Sync connections and requests refused (address outside --cluster, bad or missing token, failed TLS handshake, forged Handover).",
         "counter",
         st.refused.load(Ordering::Relaxed).to_string(),
+    );
+    gauge(
+        &mut s,
+        "ferrolb_sync_refused_address_total",
+        "Sync connections refused because the address is not a --cluster peer's.",
+        "counter",
+        st.refused_address.load(Ordering::Relaxed).to_string(),
     );
     let peers = cs.peers();
     gauge(

@@ -109,6 +109,37 @@ pub struct PeerView {
     pub sync_cuts: u64,
     /// The peer reported our own node id (logged once).
     pub same_id_reported: bool,
+    /// The peer reported a term above [`TERM_LIMIT`] (logged once).
+    pub term_refused: bool,
+}
+
+/// Terms above this are refused wherever they come from (peer statuses, Handover requests), so
+/// `term + 1` can never wrap.
+pub const TERM_LIMIT: u64 = 1 << 48;
+
+/// The term this node takes in a planned switchover, or why the request is refused. The
+/// caller must be the MASTER it says it is: `claimed` is the term it reports as MASTER in
+/// its own status stream (`reported`). Terms never wrap: a term with no successor is refused.
+pub fn handover_term(
+    ours: u64,
+    max_seen: u64,
+    reported: Option<u64>,
+    claimed: u64,
+) -> Result<u64, String> {
+    match reported {
+        None => return Err("the caller is not MASTER in its own status".into()),
+        Some(t) if t != claimed => {
+            return Err(format!(
+                "term {claimed} is not the caller's MASTER term ({t})"
+            ));
+        }
+        Some(_) => {}
+    }
+    let next = ours.max(max_seen).max(claimed).saturating_add(1);
+    if next > TERM_LIMIT {
+        return Err(format!("term {claimed} is beyond the limit ({TERM_LIMIT})"));
+    }
+    Ok(next)
 }
 
 impl PeerView {
@@ -819,6 +850,16 @@ impl Node for Ha {
                     }
                     return;
                 }
+                Some(s) if s.instances.iter().any(|i| i.term > TERM_LIMIT) => {
+                    // No election produces such a term (one promotion per millisecond would
+                    // take 8,900 years): a broken or hostile peer. Its status is not believed,
+                    // so it can neither outrank us nor push our terms toward wrapping.
+                    if !v.term_refused {
+                        v.term_refused = true;
+                        tracing::error!(peer = %peer, node = s.node_id, limit = TERM_LIMIT, "HA: a peer reports a term above the limit; its status is ignored");
+                    }
+                    return;
+                }
                 Some(s) => {
                     v.node_id = Some(s.node_id);
                     v.status = Some(s.clone());
@@ -842,7 +883,7 @@ impl Node for Ha {
         self.wake.notify_one();
     }
 
-    fn handover(&self, req: &pb::HandoverRequest) -> Result<u64, String> {
+    fn handover(&self, from: SocketAddr, req: &pb::HandoverRequest) -> Result<u64, String> {
         if !self.cfg.ka {
             return Err("roles are set over REST on this node (no --ka)".into());
         }
@@ -851,8 +892,10 @@ impl Node for Ha {
             if !st.ready {
                 return Err("this node is still joining".into());
             }
+            let reported = st.peers.get(&from).and_then(PeerView::master_term);
+            let term = handover_term(st.term, st.max_term_seen, reported, req.term)?;
             st.role = Role::Master;
-            st.term = st.term.max(st.max_term_seen).max(req.term) + 1;
+            st.term = term;
             st.max_term_seen = st.term;
             st.since = Instant::now();
             st.transitions += 1;
@@ -864,5 +907,29 @@ impl Node for Ha {
         let n = self.adopt(|o| o == from);
         info!(adopted = n, "HA: the previous MASTER's flows adopted");
         Ok(term)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_handover_is_taken_only_at_the_callers_own_master_term() {
+        // The caller is MASTER at term 7 in its status: we take term 8.
+        assert_eq!(handover_term(6, 7, Some(7), 7), Ok(8));
+        // Our own terms are never lowered.
+        assert_eq!(handover_term(9, 9, Some(7), 7), Ok(10));
+        // A forged term (not what the caller reports), or a caller that is not MASTER.
+        assert!(handover_term(6, 7, Some(7), 1001).is_err());
+        assert!(handover_term(6, 7, None, 7).is_err());
+        // A term with no successor, or beyond the limit, never wraps to 0.
+        let e = handover_term(0, 0, Some(u64::MAX), u64::MAX).unwrap_err();
+        assert!(e.contains("limit"), "{e}");
+        assert!(handover_term(0, 0, Some(TERM_LIMIT), TERM_LIMIT).is_err());
+        assert_eq!(
+            handover_term(0, 0, Some(TERM_LIMIT - 1), TERM_LIMIT - 1),
+            Ok(TERM_LIMIT)
+        );
     }
 }
