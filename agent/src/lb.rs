@@ -93,6 +93,22 @@ impl Engine {
     /// together or not at all.
     pub fn apply(&mut self, spec: RuleSpec) -> Result<(), RuleError> {
         let cap = self.dp.capacity().services;
+        // A new VIP must not be an address of this node's interfaces (lo aside: an operator
+        // may provision VIPs there): it would go on lo and take the address from its owner.
+        let vip = spec.key.external_ip;
+        if !self.managed_vips.contains(&vip)
+            && !self.rules.rules.values().any(|r| r.key.external_ip == vip)
+        {
+            let owner = vip::interface_with(vip).map_err(|e| {
+                RuleError::Internal(format!("listing this node's addresses: {e:#}"))
+            })?;
+            if let Some(iface) = owner.filter(|i| i != "lo") {
+                return Err(RuleError::Invalid(FieldError::new(
+                    "serviceArguments.externalIP",
+                    format!("{vip} is an address of this node ({iface}); a VIP must be an address no interface here has"),
+                )));
+            }
+        }
         let mut change = self.rules.plan(spec, cap)?;
         // One-arm needs each endpoint's source address (kept for endpoints that stay).
         if change.rule().service.mode == 1 {

@@ -157,6 +157,9 @@ impl RuleSet {
 
     /// Plans a create/replace/attach/detach without applying it.
     pub fn plan(&self, spec: RuleSpec, capacity: u32) -> Result<Change, RuleError> {
+        if spec.oper != 2 {
+            self.check_addresses(&spec)?;
+        }
         let existing = self.rules.get(&spec.key);
         match spec.oper {
             1 | 2 => {
@@ -276,6 +279,40 @@ impl RuleSet {
                 Ok(Change::Create(Box::new(Rule { id, ..candidate })))
             }
         }
+    }
+
+    /// A VIP is never an endpoint's address, in this rule or any other: traffic for it would
+    /// be balanced away from the backend that owns it (and the VIP put on `lo` would take
+    /// the address from the backend's clients on this node).
+    fn check_addresses(&self, spec: &RuleSpec) -> Result<(), RuleError> {
+        let vip = spec.key.external_ip;
+        for (i, e) in spec.endpoints.iter().enumerate() {
+            let owner = if e.ip == vip {
+                Some(spec.key.to_string())
+            } else {
+                self.rules
+                    .values()
+                    .find(|r| r.key.external_ip == e.ip)
+                    .map(|r| format!("{} ({})", r.key, r.label()))
+            };
+            if let Some(owner) = owner {
+                return Err(RuleError::Invalid(FieldError::new(
+                    format!("endpoints[{i}].endpointIP"),
+                    format!("{} is the VIP of lb-rule {owner}", e.ip),
+                )));
+            }
+        }
+        if let Some(r) = self
+            .rules
+            .values()
+            .find(|r| r.key != spec.key && r.endpoints.iter().any(|e| e.spec.ip == vip))
+        {
+            return Err(RuleError::Invalid(FieldError::new(
+                "serviceArguments.externalIP",
+                format!("{vip} is an endpoint of lb-rule {} ({})", r.key, r.label()),
+            )));
+        }
+        Ok(())
     }
 
     fn check_conflicts(&self, r: &Rule) -> Result<(), RuleError> {
@@ -645,6 +682,52 @@ mod tests {
             r#"{{"serviceArguments":{{"externalIP":"20.20.20.1","port":{port}{extra}}},"endpoints":[{}]}}"#,
             e.join(",")
         )
+    }
+
+    #[test]
+    fn a_vip_is_never_an_endpoint_address() {
+        let mut rs = RuleSet::default();
+        let c = rs
+            .plan(spec(&body(80, &[("10.0.0.1", 8080, 1)], "")), 16)
+            .unwrap();
+        rs.apply(&c);
+        // A VIP equal to another rule's endpoint.
+        let e = rs
+            .plan(
+                spec(r#"{"serviceArguments":{"externalIP":"10.0.0.1","port":81},"endpoints":[{"endpointIP":"10.0.0.9","targetPort":80}]}"#),
+                16,
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("serviceArguments.externalIP") && e.contains("endpoint of lb-rule 20.20.20.1:80"),
+            "{e}"
+        );
+        // An endpoint equal to another rule's VIP, or to its own.
+        let e = rs
+            .plan(
+                spec(r#"{"serviceArguments":{"externalIP":"20.20.20.2","port":81},"endpoints":[{"endpointIP":"10.0.0.2","targetPort":80},{"endpointIP":"20.20.20.1","targetPort":80}]}"#),
+                16,
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("endpoints[1].endpointIP") && e.contains("is the VIP of"), "{e}");
+        let e = rs
+            .plan(spec(&body(82, &[("20.20.20.1", 80, 1)], "")), 16)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("endpoints[0].endpointIP"), "{e}");
+        // Attaching such an endpoint is refused too; detaching is not checked.
+        let e = rs
+            .plan(spec(&body(80, &[("20.20.20.1", 80, 1)], r#","oper":1"#)), 16)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("is the VIP of"), "{e}");
+        // Another port of the same VIP and a new endpoint are fine.
+        assert!(
+            rs.plan(spec(&body(443, &[("10.0.0.3", 8443, 1)], "")), 16)
+                .is_ok()
+        );
     }
 
     #[test]

@@ -66,6 +66,25 @@ pub fn sync(wanted: &BTreeSet<IpAddr>, managed: &BTreeSet<IpAddr>) -> Result<BTr
     Ok(now)
 }
 
+/// The interface that carries `addr` in this network namespace, if any.
+pub fn interface_with(addr: IpAddr) -> Result<Option<String>> {
+    let list = nix::ifaddrs::getifaddrs().context("getifaddrs")?;
+    for ifa in list {
+        let Some(a) = ifa.address else { continue };
+        let ip = if let Some(v4) = a.as_sockaddr_in() {
+            IpAddr::V4(v4.ip())
+        } else if let Some(v6) = a.as_sockaddr_in6() {
+            IpAddr::V6(v6.ip())
+        } else {
+            continue;
+        };
+        if ip == addr {
+            return Ok(Some(ifa.interface_name));
+        }
+    }
+    Ok(None)
+}
+
 fn host_len(ip: IpAddr) -> u8 {
     if ip.is_ipv6() { 128 } else { 32 }
 }

@@ -405,6 +405,28 @@ fn rest_api_is_loxilb_compatible() {
             r#"{"serviceArguments":{"externalIP":"203.0.113.10","port":80},"endpoints":[{"endpointIP":"10.0.0.1","targetPort":1},{"endpointIP":"10.0.0.1","targetPort":1}]}"#,
             "duplicate endpoint",
         ),
+        // Addresses exactly as written; keys differing only in case are ambiguous.
+        (
+            r#"{"serviceArguments":{"externalIP":"203.0.113.77 ","port":80},"endpoints":[]}"#,
+            "serviceArguments.externalIP: '203.0.113.77 ' is not an IP address",
+        ),
+        (
+            r#"{"serviceArguments":{"externalIP":"203.0.113.77","port":1,"Port":70000},"endpoints":[]}"#,
+            "given twice",
+        ),
+        // A VIP that is this node's own address (eth2), or a backend's of a rule in place.
+        (
+            r#"{"serviceArguments":{"externalIP":"10.10.10.2","port":80},"endpoints":[]}"#,
+            "10.10.10.2 is an address of this node (eth2)",
+        ),
+        (
+            r#"{"serviceArguments":{"externalIP":"10.10.10.11","port":7070},"endpoints":[]}"#,
+            "10.10.10.11 is an endpoint of lb-rule",
+        ),
+        (
+            r#"{"serviceArguments":{"externalIP":"203.0.113.77","port":80},"endpoints":[{"endpointIP":"203.0.113.10","targetPort":80}]}"#,
+            "endpoints[0].endpointIP: 203.0.113.10 is the VIP of lb-rule",
+        ),
     ];
     for (body, want) in bad {
         let (st, v) = api(&lab, "POST", "/config/loadbalancer", Some(body));

@@ -134,32 +134,19 @@ impl BfdService {
     }
 }
 
-fn get<'a>(o: &'a serde_json::Map<String, Value>, name: &str) -> Option<&'a Value> {
-    o.get(name)
-        .or_else(|| {
-            o.iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case(name))
-                .map(|(_, v)| v)
-        })
-        .filter(|v| !v.is_null())
-}
+use super::models::field as get;
 
 fn ip_field(o: &serde_json::Map<String, Value>, name: &str) -> Result<IpAddr, FieldError> {
     let v = get(o, name).ok_or_else(|| FieldError::new(name, "required"))?;
     let s = v
         .as_str()
         .ok_or_else(|| FieldError::new(name, "must be a string"))?;
-    s.parse()
-        .map_err(|_| FieldError::new(name, format!("'{s}' is not an IP address")))
+    super::models::strict_ip(s, name)
 }
 
 /// Parses a `POST /config/bfd` body.
 pub fn parse_bfd(body: &[u8]) -> Result<BfdSpec, FieldError> {
-    let v: Value = serde_json::from_slice(body)
-        .map_err(|e| FieldError::new("", format!("invalid JSON: {e}")))?;
-    let o = v
-        .as_object()
-        .ok_or_else(|| FieldError::new("", "body must be an object"))?;
+    let o = &super::models::body_object(body)?;
     let remote = ip_field(o, "remoteIp")?;
     let source = ip_field(o, "sourceIp")?;
     if remote.is_ipv4() != source.is_ipv4() {

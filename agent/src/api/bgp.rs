@@ -285,23 +285,10 @@ pub fn routes_for(
     out
 }
 
-fn get<'a>(o: &'a serde_json::Map<String, Value>, name: &str) -> Option<&'a Value> {
-    o.get(name)
-        .or_else(|| {
-            o.iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case(name))
-                .map(|(_, v)| v)
-        })
-        .filter(|v| !v.is_null())
-}
+use super::models::field as get;
 
 fn obj(body: &[u8]) -> Result<serde_json::Map<String, Value>, FieldError> {
-    let v: Value = serde_json::from_slice(body)
-        .map_err(|e| FieldError::new("", format!("invalid JSON: {e}")))?;
-    match v {
-        Value::Object(o) => Ok(o),
-        _ => Err(FieldError::new("", "body must be an object")),
-    }
+    super::models::body_object(body)
 }
 
 fn uint(
@@ -335,10 +322,7 @@ fn neighbor_ip(o: &serde_json::Map<String, Value>) -> Result<IpAddr, FieldError>
     let name = "ipAddress";
     let ip: IpAddr = match get(o, name) {
         None => return Err(FieldError::new(name, "required (an IPv4 or IPv6 address)")),
-        Some(Value::String(s)) => s
-            .trim()
-            .parse()
-            .map_err(|_| FieldError::new(name, format!("'{s}' is not an IP address")))?,
+        Some(Value::String(s)) => super::models::strict_ip(s, name)?,
         Some(_) => return Err(FieldError::new(name, "must be a string")),
     };
     let ip = ip.to_canonical();

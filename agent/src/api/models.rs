@@ -203,15 +203,7 @@ impl<'a> Obj<'a> {
     }
 
     fn get(&self, name: &str) -> Option<&'a Value> {
-        self.map
-            .get(name)
-            .or_else(|| {
-                self.map
-                    .iter()
-                    .find(|(k, _)| k.eq_ignore_ascii_case(name))
-                    .map(|(_, v)| v)
-            })
-            .filter(|v| !v.is_null())
+        field(self.map, name)
     }
 
     fn int(&self, name: &str, min: i64, max: i64) -> Result<Option<i64>, FieldError> {
@@ -273,7 +265,79 @@ impl<'a> Obj<'a> {
     }
 }
 
-fn kind(v: &Value) -> &'static str {
+/// Parses a request body as JSON. Keys are matched without regard to case (as loxilb's Go
+/// decoder does), so one object holding two keys that differ only in case (`"port"` and
+/// `"Port"`) is ambiguous: refused, naming both, instead of one silently winning.
+pub fn parse_json(body: &[u8]) -> Result<Value, FieldError> {
+    let v: Value = serde_json::from_slice(body)
+        .map_err(|e| FieldError::new("", format!("invalid JSON: {e}")))?;
+    check_keys(&v, "")?;
+    Ok(v)
+}
+
+/// [`parse_json`] for a body that must be an object.
+pub fn body_object(body: &[u8]) -> Result<Map<String, Value>, FieldError> {
+    match parse_json(body)? {
+        Value::Object(o) => Ok(o),
+        other => Err(FieldError::new(
+            "",
+            format!("body must be an object, got {}", kind(&other)),
+        )),
+    }
+}
+
+/// Every object in `v` (nested ones too) has keys that differ in more than case.
+fn check_keys(v: &Value, path: &str) -> Result<(), FieldError> {
+    let join = |k: &str| {
+        if path.is_empty() {
+            k.to_string()
+        } else {
+            format!("{path}.{k}")
+        }
+    };
+    match v {
+        Value::Object(m) => {
+            let mut seen: std::collections::HashMap<String, &str> =
+                std::collections::HashMap::with_capacity(m.len());
+            for (k, child) in m {
+                if let Some(first) = seen.insert(k.to_ascii_lowercase(), k) {
+                    return Err(FieldError::new(
+                        join(k),
+                        format!("given twice, as '{first}' and '{k}' (keys are not case-sensitive)"),
+                    ));
+                }
+                check_keys(child, &join(k))?;
+            }
+            Ok(())
+        }
+        Value::Array(a) => {
+            for (i, child) in a.iter().enumerate() {
+                check_keys(child, &format!("{path}[{i}]"))?;
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// A field of a JSON object, its name matched without regard to case; `null` is absent.
+pub fn field<'a>(o: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
+    o.get(name)
+        .or_else(|| {
+            o.iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v)
+        })
+        .filter(|v| !v.is_null())
+}
+
+/// An IP address exactly as written: no surrounding spaces, no zone, nothing after it.
+pub fn strict_ip(s: &str, name: &str) -> Result<IpAddr, FieldError> {
+    s.parse()
+        .map_err(|_| FieldError::new(name, format!("'{s}' is not an IP address")))
+}
+
+pub fn kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -285,10 +349,7 @@ fn kind(v: &Value) -> &'static str {
 }
 
 fn parse_ip(s: &str, field: &str) -> Result<IpAddr, FieldError> {
-    let ip: IpAddr = s
-        .trim()
-        .parse()
-        .map_err(|_| FieldError::new(field, format!("'{s}' is not an IP address")))?;
+    let ip = strict_ip(s, field)?;
     if let IpAddr::V6(v6) = ip {
         if v6.to_ipv4_mapped().is_some() {
             return Err(FieldError::new(
@@ -316,8 +377,7 @@ fn parse_ip(s: &str, field: &str) -> Result<IpAddr, FieldError> {
 
 /// Parses and validates a `LoadbalanceEntry` body.
 pub fn parse_rule(body: &[u8]) -> Result<RuleSpec, FieldError> {
-    let v: Value = serde_json::from_slice(body)
-        .map_err(|e| FieldError::new("", format!("invalid JSON: {e}")))?;
+    let v = parse_json(body)?;
     let top = Obj::new(&v, "")?;
     let sa_v = top.get("serviceArguments").ok_or_else(|| {
         FieldError::new("serviceArguments", "required (with externalIP and port)")
@@ -654,6 +714,29 @@ mod tests {
   "managed":true,"probetype":"","probeport":0,"probereq":"","proberesp":"",
   "name":"default_nginx-lb:llb-inst0"},"secondaryIPs":[],"allowedSources":[],
   "endpoints":[{"endpointIP":"192.168.80.10","targetPort":31234,"weight":1,"state":"","counter":""}]}"#;
+
+    #[test]
+    fn addresses_are_strict_and_keys_differing_in_case_are_refused() {
+        let e = err(r#"{"serviceArguments":{"externalIP":"10.77.2.2 ","port":80}}"#);
+        assert!(
+            e.contains("serviceArguments.externalIP") && e.contains("'10.77.2.2 '"),
+            "{e}"
+        );
+        let e = err(r#"{"serviceArguments":{"externalIP":"20.0.0.1","port":80},"endpoints":[{"endpointIP":" 10.0.0.1","targetPort":80}]}"#);
+        assert!(e.contains("endpoints[0].endpointIP"), "{e}");
+        let e = err(r#"{"serviceArguments":{"externalIP":"20.0.0.1","port":1,"Port":70000}}"#);
+        assert!(
+            e.contains("serviceArguments.port") && e.contains("'Port'") && e.contains("'port'"),
+            "{e}"
+        );
+        let e = err(r#"{"serviceArguments":{"externalIP":"20.0.0.1","port":80},"endpoints":[{"endpointIP":"10.0.0.1","targetPort":80,"TARGETPORT":81}]}"#);
+        assert!(e.contains("endpoints[0]."), "{e}");
+        let e = err(r#"{"serviceArguments":{"externalIP":"20.0.0.1","port":80},"ServiceArguments":{}}"#);
+        assert!(e.contains("given twice"), "{e}");
+        // The same body with one spelling of each key parses.
+        let ok = parse_rule(br#"{"serviceArguments":{"externalIP":"20.0.0.1","Port":80},"endpoints":[{"endpointIP":"10.0.0.1","TargetPort":80}]}"#);
+        assert!(ok.is_ok(), "{:?}", ok.err());
+    }
 
     #[test]
     fn kube_loxilb_create_body_parses() {
