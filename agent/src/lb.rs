@@ -61,7 +61,14 @@ impl Engine {
         let (rules, managed) = store.load()?.unwrap_or_default();
         rules::restore(&mut dp, &rules, adopted)?;
         let managed = vip::sync(&rules.vips(), &managed)?;
-        store.snapshot(&rules, &managed)?;
+        if let Err(e) = store.snapshot_at_start(&rules, &managed) {
+            if !e.is_no_space() {
+                return Err(e.into());
+            }
+            // A full state volume must not keep the agent down: the loaded state is complete
+            // (snapshot + journal); changes answer 507 until there is room.
+            warn!(error = %e, "state volume full: starting without compacting the state");
+        }
         info!(
             rules = rules.len(),
             adopted,
@@ -105,7 +112,9 @@ impl Engine {
             if let Some(iface) = owner.filter(|i| i != "lo") {
                 return Err(RuleError::Invalid(FieldError::new(
                     "serviceArguments.externalIP",
-                    format!("{vip} is an address of this node ({iface}); a VIP must be an address no interface here has"),
+                    format!(
+                        "{vip} is an address of this node ({iface}); a VIP must be an address no interface here has"
+                    ),
                 )));
             }
         }
@@ -179,7 +188,11 @@ impl Engine {
                 self.managed_vips.remove(&vip);
                 let _ = vip::del(vip);
             }
-            return Err(RuleError::Internal(format!("saving state failed: {e}")));
+            let msg = format!("saving state failed: {e}");
+            if e.is_no_space() {
+                return Err(RuleError::NoSpace(msg));
+            }
+            return Err(RuleError::Internal(msg));
         }
         Ok(())
     }
@@ -235,9 +248,13 @@ impl Engine {
                 });
             }
         }
+        let mut no_space = false;
         if failure.is_none()
-            && let Err(e) = self.store.record(ops, &self.rules, &self.managed_vips)
+            && let Err(e) = self
+                .store
+                .record_shrinking(ops, &self.rules, &self.managed_vips)
         {
+            no_space = e.is_no_space();
             failure = Some(format!("saving state failed: {e}"));
         }
         if failure.is_none() {
@@ -259,6 +276,9 @@ impl Engine {
                 if let Err(e) = rules::program(&mut self.dp, &self.rules, &change) {
                     warn!(error = %e, rule = %r.key, "could not reinstall a rule");
                 }
+            }
+            if no_space {
+                return Err(RuleError::NoSpace(msg));
             }
             return Err(RuleError::Internal(msg));
         }

@@ -93,8 +93,10 @@ pub enum RuleError {
     Exists(String),
     /// 409
     Conflict(String),
-    /// 507-ish; reported as 503 (no room)
+    /// 503: no room in the datapath's tables
     Full(String),
+    /// 507: the state volume is full (the message names the path)
+    NoSpace(String),
     /// 500
     Internal(String),
 }
@@ -107,6 +109,7 @@ impl std::fmt::Display for RuleError {
             | RuleError::Exists(s)
             | RuleError::Conflict(s)
             | RuleError::Full(s)
+            | RuleError::NoSpace(s)
             | RuleError::Internal(s) => write!(f, "{s}"),
         }
     }
@@ -700,7 +703,8 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            e.contains("serviceArguments.externalIP") && e.contains("endpoint of lb-rule 20.20.20.1:80"),
+            e.contains("serviceArguments.externalIP")
+                && e.contains("endpoint of lb-rule 20.20.20.1:80"),
             "{e}"
         );
         // An endpoint equal to another rule's VIP, or to its own.
@@ -711,7 +715,10 @@ mod tests {
             )
             .unwrap_err()
             .to_string();
-        assert!(e.contains("endpoints[1].endpointIP") && e.contains("is the VIP of"), "{e}");
+        assert!(
+            e.contains("endpoints[1].endpointIP") && e.contains("is the VIP of"),
+            "{e}"
+        );
         let e = rs
             .plan(spec(&body(82, &[("20.20.20.1", 80, 1)], "")), 16)
             .unwrap_err()
@@ -719,7 +726,10 @@ mod tests {
         assert!(e.contains("endpoints[0].endpointIP"), "{e}");
         // Attaching such an endpoint is refused too; detaching is not checked.
         let e = rs
-            .plan(spec(&body(80, &[("20.20.20.1", 80, 1)], r#","oper":1"#)), 16)
+            .plan(
+                spec(&body(80, &[("20.20.20.1", 80, 1)], r#","oper":1"#)),
+                16,
+            )
             .unwrap_err()
             .to_string();
         assert!(e.contains("is the VIP of"), "{e}");

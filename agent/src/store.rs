@@ -25,6 +25,13 @@ use crate::rules::{Rule, RuleSet};
 
 pub const STATE_FILE: &str = "state.json";
 pub const JOURNAL_FILE: &str = "journal.jsonl";
+/// Space held back on the state volume so that a full disk never blocks a delete or a start:
+/// released to write the compacted snapshot, then taken again when there is room.
+pub const RESERVE_FILE: &str = "reserve";
+/// The reserve holds at least this, and twice the last snapshot's size (at most
+/// [`RESERVE_MAX`]).
+pub const RESERVE_MIN: u64 = 1 << 20;
+pub const RESERVE_MAX: u64 = 64 << 20;
 const FORMAT_VERSION: u32 = 1;
 /// Journal entries after which the state is compacted into a new snapshot.
 pub const COMPACT_EVERY: u64 = 4096;
@@ -76,6 +83,14 @@ pub enum StoreError {
     Corrupt { path: PathBuf, reason: String },
 }
 
+impl StoreError {
+    /// The volume (or the quota) is full: nothing is wrong with the request or the state.
+    pub fn is_no_space(&self) -> bool {
+        matches!(self, StoreError::Io { source, .. }
+            if matches!(source.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT)))
+    }
+}
+
 /// Replaces `dir/name` with `bytes` atomically: a temporary file is written and flushed, then
 /// renamed over the old one, and the directory is flushed. A crash leaves the old or the new.
 pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
@@ -99,11 +114,39 @@ pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreErr
         .map_err(io_err(dir))
 }
 
+/// [`write_atomic`] for a change that makes the document smaller (a delete): when the volume
+/// is full, the reserve (see [`RESERVE_FILE`]) is released and the write tried once more.
+pub fn write_atomic_shrinking(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
+    match write_atomic(dir, name, bytes) {
+        Err(e) if e.is_no_space() => {
+            let _ = fs::remove_file(dir.join(format!("{name}.tmp")));
+            if fs::remove_file(dir.join(RESERVE_FILE)).is_err() {
+                return Err(e);
+            }
+            tracing::warn!(dir = %dir.display(), "state volume full: reserve released to save {name}");
+            write_atomic(dir, name, bytes)
+        }
+        r => r,
+    }
+}
+
+/// The answer to a failed save of a document: 507 when the volume is full, else 500; the
+/// message names the path.
+pub fn save_status(e: &StoreError) -> axum::http::StatusCode {
+    if e.is_no_space() {
+        axum::http::StatusCode::INSUFFICIENT_STORAGE
+    } else {
+        axum::http::StatusCode::INTERNAL_SERVER_ERROR
+    }
+}
+
 pub struct Store {
     dir: PathBuf,
     seq: u64,
     since_snapshot: u64,
     journal: Option<File>,
+    /// Size of the last snapshot written or read (sizes the reserve).
+    snapshot_len: u64,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + use<> {
@@ -118,6 +161,93 @@ impl Store {
             seq: 0,
             since_snapshot: 0,
             journal: None,
+            snapshot_len: 0,
+        }
+    }
+
+    pub fn reserve_path(&self) -> PathBuf {
+        self.dir.join(RESERVE_FILE)
+    }
+
+    /// The reserve this state needs: twice the snapshot, within [RESERVE_MIN, RESERVE_MAX].
+    fn reserve_wanted(&self) -> u64 {
+        (self.snapshot_len.saturating_mul(2)).clamp(RESERVE_MIN, RESERVE_MAX)
+    }
+
+    /// Takes the reserve (allocated blocks, not a sparse file) when it is missing or too
+    /// small. Failing for want of space is not an error: the reserve is retried later.
+    pub fn ensure_reserve(&self) -> bool {
+        let path = self.reserve_path();
+        let want = self.reserve_wanted();
+        if fs::metadata(&path).is_ok_and(|m| m.len() >= want) {
+            return true;
+        }
+        let taken = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|f| {
+                nix::fcntl::posix_fallocate(&f, 0, want as i64)
+                    .map_err(std::io::Error::from)
+                    .and_then(|()| f.sync_all())
+            });
+        match taken {
+            Ok(()) => true,
+            Err(e) => {
+                let _ = fs::remove_file(&path);
+                tracing::warn!(path = %path.display(), bytes = want, error = %e, "cannot hold back the state volume's reserve");
+                false
+            }
+        }
+    }
+
+    /// Gives the reserve back to the volume; true when there was one.
+    fn release_reserve(&self) -> bool {
+        let path = self.reserve_path();
+        let had = fs::remove_file(&path).is_ok();
+        if had {
+            tracing::warn!(path = %path.display(), "state volume full: reserve released to save the state");
+        }
+        had
+    }
+
+    /// Saves after a change that frees space (a delete): when the journal cannot grow, the
+    /// reserve is released and the state compacted into a new snapshot instead (smaller than
+    /// snapshot + journal). A full volume therefore never blocks a delete.
+    pub fn record_shrinking(
+        &mut self,
+        ops: Vec<Op>,
+        rules: &RuleSet,
+        vips: &BTreeSet<IpAddr>,
+    ) -> Result<(), StoreError> {
+        let n = ops.len() as u64;
+        match self.record(ops, rules, vips) {
+            Err(e) if e.is_no_space() => {
+                self.release_reserve();
+                self.seq += n;
+                let r = self.snapshot(rules, vips);
+                if r.is_err() {
+                    self.seq -= n;
+                }
+                r
+            }
+            r => r,
+        }
+    }
+
+    /// The compaction at start. On a full volume the reserve is released for it; if it still
+    /// cannot be written, the start goes on from the state as loaded (the journal stays valid)
+    /// and the error is returned for the log.
+    pub fn snapshot_at_start(
+        &mut self,
+        rules: &RuleSet,
+        vips: &BTreeSet<IpAddr>,
+    ) -> Result<(), StoreError> {
+        match self.snapshot(rules, vips) {
+            Err(e) if e.is_no_space() && self.release_reserve() => self.snapshot(rules, vips),
+            r => r,
         }
     }
 
@@ -139,6 +269,7 @@ impl Store {
         };
         let mut st = State::default();
         if let Some(bytes) = snapshot {
+            self.snapshot_len = bytes.len() as u64;
             st = serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
                 path: path.clone(),
                 reason: e.to_string(),
@@ -299,7 +430,11 @@ impl Store {
             path: self.path(),
             reason: e.to_string(),
         })?;
-        write_atomic(&self.dir, STATE_FILE, &bytes)?;
+        if let Err(e) = write_atomic(&self.dir, STATE_FILE, &bytes) {
+            let _ = fs::remove_file(self.dir.join(format!("{STATE_FILE}.tmp")));
+            return Err(e);
+        }
+        self.snapshot_len = bytes.len() as u64;
         // The snapshot covers every journaled change: start a new journal. A crash before
         // this point leaves entries with seq <= snapshot seq, which loading skips.
         let jpath = self.journal_path();
@@ -312,6 +447,7 @@ impl Store {
         f.sync_all().map_err(io_err(&jpath))?;
         self.journal = None;
         self.since_snapshot = 0;
+        self.ensure_reserve();
         Ok(())
     }
 }

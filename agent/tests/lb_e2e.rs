@@ -752,3 +752,129 @@ fn restart_restores_rules_and_kill9_keeps_streams() {
         "no balancing without a datapath: {res:?}"
     );
 }
+
+/// A full state volume (a 3 MiB tmpfs as `--config-path`, inside lb1's own mount namespace):
+/// creates answer 507 naming the path, deletes still work (the reserve is released to compact
+/// the state), and the agent starts again on the full volume with every rule.
+#[test]
+fn a_full_state_volume_blocks_neither_delete_nor_restart() {
+    let Some(lab) = lab(
+        "a_full_state_volume_blocks_neither_delete_nor_restart",
+        "lbfull",
+    ) else {
+        return;
+    };
+    const DIR: &str = "/var/lib/ferrolb-small";
+    assert_eq!(lab.kill("lb1", "ferrolb").unwrap(), 1);
+    lab.exec_ok("lb1", &["mkdir", "-p", DIR]).unwrap();
+    lab.exec_ok(
+        "lb1",
+        &[
+            "mount",
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=3m",
+            "ferrolb-small",
+            DIR,
+        ],
+    )
+    .unwrap();
+    let start = |name: &str| {
+        lab.spawn("lb1", name, &[FERROLB, "--config-path", DIR])
+            .unwrap();
+        lab.wait_until(
+            "the API on the small volume",
+            Duration::from_secs(20),
+            || Ok(api(&lab, "GET", "", None).0 == 200),
+        )
+        .unwrap();
+    };
+    start("ferrolb-small");
+    for port in 8001..8011u16 {
+        assert_eq!(post(&lab, &rule(port, "tcp", 0, 0, &all3(8080))).0, 200);
+    }
+    // The reserve is held back.
+    let ls = lab.exec_ok("lb1", &["ls", "-l", DIR]).unwrap();
+    assert!(ls.contains("reserve"), "{ls}");
+    // Fill the volume to the last page (what is left in the journal's last page still
+    // takes a rule or two).
+    for (file, bs) in [("filler", "64k"), ("filler2", "4k")] {
+        let _ = lab.exec(
+            "lb1",
+            &[
+                "dd",
+                "if=/dev/zero",
+                &format!("of={DIR}/{file}"),
+                &format!("bs={bs}"),
+            ],
+        );
+    }
+    let mut refused = None;
+    for port in 8011..8031u16 {
+        let (st, v) = post(&lab, &rule(port, "tcp", 0, 0, &all3(8080)));
+        if st != 200 {
+            refused = Some((port, st, v));
+            break;
+        }
+    }
+    let (last, st, v) = refused.expect("a create refused on the full volume");
+    assert_eq!(st, 507, "{v}");
+    // Nothing of the refused rule stays.
+    let (_, all) = api(&lab, "GET", "/config/loadbalancer/all", None);
+    assert!(
+        !all["lbAttr"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["serviceArguments"]["port"] == last),
+        "{all}"
+    );
+    let msg = v["message"].as_str().unwrap();
+    assert!(msg.contains(DIR) && msg.contains("No space left"), "{msg}");
+    let journal_len = || -> u64 {
+        lab.exec_ok(
+            "lb1",
+            &["stat", "-c", "%s", &format!("{DIR}/journal.jsonl")],
+        )
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+    };
+    let journal_before = journal_len();
+    // Deleting works on the full volume: the first deletes still fit in the journal's last
+    // page, then the reserve is released and the state compacted.
+    for port in 8001..=8008u16 {
+        let (st, v) = api(
+            &lab,
+            "DELETE",
+            &format!("/config/loadbalancer/externalipaddress/{VIP}/port/{port}/protocol/tcp"),
+            None,
+        );
+        assert_eq!(st, 200, "delete {port}: {v}");
+    }
+    // The state was compacted (short of 4096 entries, only that makes the journal shrink)
+    // and the reserve taken again from what the compaction freed.
+    let journal_after = journal_len();
+    assert!(
+        journal_after < journal_before,
+        "journal compacted: {journal_before} -> {journal_after} bytes"
+    );
+    let ls = lab.exec_ok("lb1", &["ls", "-l", DIR]).unwrap();
+    assert!(ls.contains("reserve"), "{ls}");
+    // And the agent starts again on the still-full volume, with exactly the rules left.
+    assert_eq!(lab.kill("lb1", "ferrolb").unwrap(), 1);
+    start("ferrolb-small-again");
+    let (_, all) = api(&lab, "GET", "/config/loadbalancer/all", None);
+    let mut ports: Vec<u64> = all["lbAttr"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["serviceArguments"]["port"].as_u64().unwrap())
+        .collect();
+    ports.sort();
+    assert_eq!(ports, (8009..u64::from(last)).collect::<Vec<u64>>());
+    let res = probe(&lab, &["http", VIP, "8009", "1"]);
+    assert!(res[0]["backend"].is_string(), "{res:?}");
+}

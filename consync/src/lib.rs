@@ -669,7 +669,11 @@ impl ConSync for Service {
                 .then_some(p.addr)
         }) else {
             self.cs.stats.refused.fetch_add(1, Ordering::Relaxed);
-            warn!(?remote, claimed = r.node_id, "conntrack sync: Handover refused (the sender is not that node)");
+            warn!(
+                ?remote,
+                claimed = r.node_id,
+                "conntrack sync: Handover refused (the sender is not that node)"
+            );
             return Err(Status::permission_denied(format!(
                 "Handover refused: {} is not the address of node {}",
                 remote.map_or_else(|| "an unknown address".to_string(), |a| a.to_string()),

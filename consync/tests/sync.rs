@@ -466,9 +466,11 @@ fn only_cluster_addresses_connect_and_handovers_come_from_the_claimed_node() {
         let sb = Consync::start(cb, b.clone()).await.unwrap();
         let sc = Consync::start(cc, c.clone()).await.unwrap();
         let bb = b.clone();
-        wait_async("B (in A's --cluster) syncs", Duration::from_secs(5), move || {
-            synced_ports(&bb) == vec![1]
-        })
+        wait_async(
+            "B (in A's --cluster) syncs",
+            Duration::from_secs(5),
+            move || synced_ports(&bb) == vec![1],
+        )
         .await;
         let saa = sa.clone();
         wait_async("A hears B's node id", Duration::from_secs(5), move || {
@@ -519,7 +521,10 @@ fn only_cluster_addresses_connect_and_handovers_come_from_the_claimed_node() {
         // From B's address, claiming to be another node.
         let e = forge(pb_.ip(), pa, 7, sb.position()).await.unwrap_err();
         assert!(e.contains("PermissionDenied"), "{e}");
-        assert!(a.took.lock().unwrap().is_empty(), "no forged handover taken");
+        assert!(
+            a.took.lock().unwrap().is_empty(),
+            "no forged handover taken"
+        );
         // From B's address as B: the request reaches the node (which decides on terms).
         let r = forge(pb_.ip(), pa, 1, sb.position()).await.unwrap();
         assert!(r.accepted, "{}", r.reason);

@@ -24,7 +24,7 @@ use tokio::sync::Mutex;
 
 use super::models::FieldError;
 use super::{ApiError, Shared};
-use crate::store::write_atomic;
+use crate::store::{save_status, write_atomic, write_atomic_shrinking};
 
 pub const BFD_FILE: &str = "bfd.json";
 
@@ -122,15 +122,21 @@ impl BfdService {
         }
     }
 
-    async fn save(&self, specs: &BTreeMap<IpAddr, BfdSpec>) -> Result<(), ApiError> {
+    /// Saves the sessions; `shrinking` (a delete) may use the state volume's reserve.
+    async fn save(
+        &self,
+        specs: &BTreeMap<IpAddr, BfdSpec>,
+        shrinking: bool,
+    ) -> Result<(), ApiError> {
         let v: Vec<&BfdSpec> = specs.values().collect();
         let bytes = serde_json::to_vec_pretty(&v).unwrap_or_default();
-        write_atomic(&self.dir, BFD_FILE, &bytes).map_err(|e| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("saving BFD sessions: {e}"),
-            )
-        })
+        let write = if shrinking {
+            write_atomic_shrinking
+        } else {
+            write_atomic
+        };
+        write(&self.dir, BFD_FILE, &bytes)
+            .map_err(|e| ApiError::new(save_status(&e), format!("saving BFD sessions: {e}")))
     }
 }
 
@@ -234,7 +240,7 @@ pub async fn create(State(app): State<Shared>, body: Bytes) -> Result<Response, 
         .await
         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))?;
     specs.insert(spec.remote, spec);
-    svc.save(&specs).await?;
+    svc.save(&specs, false).await?;
     Ok((StatusCode::OK, Json(json!({"result": "Success"}))).into_response())
 }
 
@@ -265,7 +271,7 @@ pub async fn delete(
         ));
     }
     if specs.remove(&ip).is_some() {
-        svc.save(&specs).await?;
+        svc.save(&specs, true).await?;
     }
     Ok((StatusCode::OK, Json(json!({"result": "Success"}))).into_response())
 }

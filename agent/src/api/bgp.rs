@@ -27,7 +27,7 @@ use tracing::{info, warn};
 use super::models::FieldError;
 use super::{ApiError, Shared};
 use crate::rules::RuleSet;
-use crate::store::write_atomic;
+use crate::store::{save_status, write_atomic, write_atomic_shrinking};
 
 pub const BGP_FILE: &str = "bgp.json";
 pub const BACKUP_PREPEND: u8 = 3;
@@ -212,14 +212,16 @@ impl BgpService {
         }
     }
 
-    pub async fn save(&self, st: &BgpState) -> Result<(), ApiError> {
+    /// Saves the configuration; `shrinking` (a delete) may use the state volume's reserve.
+    pub async fn save(&self, st: &BgpState, shrinking: bool) -> Result<(), ApiError> {
         let bytes = serde_json::to_vec_pretty(st).unwrap_or_default();
-        write_atomic(&self.dir, BGP_FILE, &bytes).map_err(|e| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                format!("saving BGP configuration: {e}"),
-            )
-        })
+        let write = if shrinking {
+            write_atomic_shrinking
+        } else {
+            write_atomic
+        };
+        write(&self.dir, BGP_FILE, &bytes)
+            .map_err(|e| ApiError::new(save_status(&e), format!("saving BGP configuration: {e}")))
     }
 
     /// Applies the saved/current configuration to the speaker.
@@ -386,7 +388,7 @@ pub async fn global(State(app): State<Shared>, body: Bytes) -> Result<Response, 
     st.router_id = Some(router_id);
     st.policy = policy;
     svc.apply(&st);
-    svc.save(&st).await?;
+    svc.save(&st, false).await?;
     drop(st);
     sync(&app).await;
     Ok(ok())
@@ -458,7 +460,7 @@ pub async fn neigh(State(app): State<Shared>, body: Bytes) -> Result<Response, A
     let mut st = svc.state.lock().await;
     st.neighbors.insert(address, spec.clone());
     svc.speaker.upsert_neighbor(neighbor_config(&spec));
-    svc.save(&st).await?;
+    svc.save(&st, false).await?;
     drop(st);
     if bfd {
         bfd_for_neighbor(&app, address).await;
@@ -543,7 +545,7 @@ pub async fn delete_neigh(
     }
     st.neighbors.remove(&address);
     svc.speaker.remove_neighbor(address);
-    svc.save(&st).await?;
+    svc.save(&st, true).await?;
     if n.bfd
         && let Some(b) = &app.bfd
     {
@@ -701,7 +703,7 @@ pub async fn set_cistate(State(app): State<Shared>, body: Bytes) -> Result<Respo
     {
         let mut st = svc.state.lock().await;
         st.roles.insert(instance, state);
-        svc.save(&st).await?;
+        svc.save(&st, false).await?;
     }
     sync(&app).await;
     Ok(ok())

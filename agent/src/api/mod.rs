@@ -76,6 +76,7 @@ impl From<RuleError> for ApiError {
             RuleError::NotFound(_) => StatusCode::NOT_FOUND,
             RuleError::Exists(_) | RuleError::Conflict(_) => StatusCode::CONFLICT,
             RuleError::Full(_) => StatusCode::SERVICE_UNAVAILABLE,
+            RuleError::NoSpace(_) => StatusCode::INSUFFICIENT_STORAGE,
             RuleError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         ApiError::new(status, e.to_string())

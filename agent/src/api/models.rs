@@ -303,7 +303,9 @@ fn check_keys(v: &Value, path: &str) -> Result<(), FieldError> {
                 if let Some(first) = seen.insert(k.to_ascii_lowercase(), k) {
                     return Err(FieldError::new(
                         join(k),
-                        format!("given twice, as '{first}' and '{k}' (keys are not case-sensitive)"),
+                        format!(
+                            "given twice, as '{first}' and '{k}' (keys are not case-sensitive)"
+                        ),
                     ));
                 }
                 check_keys(child, &join(k))?;
@@ -722,16 +724,22 @@ mod tests {
             e.contains("serviceArguments.externalIP") && e.contains("'10.77.2.2 '"),
             "{e}"
         );
-        let e = err(r#"{"serviceArguments":{"externalIP":"20.0.0.1","port":80},"endpoints":[{"endpointIP":" 10.0.0.1","targetPort":80}]}"#);
+        let e = err(
+            r#"{"serviceArguments":{"externalIP":"20.0.0.1","port":80},"endpoints":[{"endpointIP":" 10.0.0.1","targetPort":80}]}"#,
+        );
         assert!(e.contains("endpoints[0].endpointIP"), "{e}");
         let e = err(r#"{"serviceArguments":{"externalIP":"20.0.0.1","port":1,"Port":70000}}"#);
         assert!(
             e.contains("serviceArguments.port") && e.contains("'Port'") && e.contains("'port'"),
             "{e}"
         );
-        let e = err(r#"{"serviceArguments":{"externalIP":"20.0.0.1","port":80},"endpoints":[{"endpointIP":"10.0.0.1","targetPort":80,"TARGETPORT":81}]}"#);
+        let e = err(
+            r#"{"serviceArguments":{"externalIP":"20.0.0.1","port":80},"endpoints":[{"endpointIP":"10.0.0.1","targetPort":80,"TARGETPORT":81}]}"#,
+        );
         assert!(e.contains("endpoints[0]."), "{e}");
-        let e = err(r#"{"serviceArguments":{"externalIP":"20.0.0.1","port":80},"ServiceArguments":{}}"#);
+        let e = err(
+            r#"{"serviceArguments":{"externalIP":"20.0.0.1","port":80},"ServiceArguments":{}}"#,
+        );
         assert!(e.contains("given twice"), "{e}");
         // The same body with one spelling of each key parses.
         let ok = parse_rule(br#"{"serviceArguments":{"externalIP":"20.0.0.1","Port":80},"endpoints":[{"endpointIP":"10.0.0.1","TargetPort":80}]}"#);
