@@ -3,16 +3,13 @@
 //! [`crate::rules`]). REST handlers, the garbage collector and metrics go through it.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use ferrolb_bpf::Datapath;
 use ferrolb_bpf::maps::{CtState, MAX_ENDPOINTS};
 use tracing::{info, warn};
 
-use crate::api::models::{
-    CtEntry, CtList, FieldError, LbEndpoint, LbEntry, LbList, LbServiceArgs, Protocol, RuleKey,
-    RuleSpec,
-};
+use crate::model::{FieldError, NatMode, RuleKey, RuleSpec};
 use crate::rules::{self, Change, Rule, RuleError, RuleSet};
 use crate::store::{Op, Store};
 use crate::vip;
@@ -45,6 +42,26 @@ pub struct CensusPass {
     /// (protocol, state) -> flows (original-direction entries).
     pub flows: BTreeMap<(String, &'static str), u64>,
     pub nat_pools: BTreeMap<NatPool, u64>,
+}
+
+/// One flow as listed: its original direction, both directions' counters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FlowView {
+    pub client: SocketAddr,
+    pub vip: SocketAddr,
+    pub protocol: String,
+    pub state: &'static str,
+    pub nat: NatMode,
+    pub nat_source: SocketAddr,
+    pub nat_destination: SocketAddr,
+    pub packets: u64,
+    pub bytes: u64,
+    /// The rule's label.
+    pub service: String,
+    /// The node (`--self`) that created it.
+    pub origin: u16,
+    /// Installed from a peer's sync stream.
+    pub synced: bool,
 }
 
 pub struct Engine {
@@ -120,7 +137,7 @@ impl Engine {
         }
         let mut change = self.rules.plan(spec, cap)?;
         // One-arm needs each endpoint's source address (kept for endpoints that stay).
-        if change.rule().service.mode == 1 {
+        if change.rule().service.nat == NatMode::OneArm {
             for (i, e) in change.rule_mut().endpoints.iter_mut().enumerate() {
                 if e.snat.is_some() {
                     continue;
@@ -298,67 +315,14 @@ impl Engine {
         self.rules.rules.keys().cloned().collect()
     }
 
-    /// `GET /config/loadbalancer/all`.
-    pub fn list(&self) -> LbList {
-        let lb_attr = self
-            .rules
-            .rules
-            .values()
-            .map(|r| {
-                let s = &r.service;
-                LbEntry {
-                    service_arguments: LbServiceArgs {
-                        external_ip: r.key.external_ip.to_string(),
-                        private_ip: s.private_ip.clone(),
-                        port: r.key.port,
-                        port_max: r.key.port_max,
-                        protocol: r.key.protocol.as_str().into(),
-                        sel: s.sel,
-                        mode: s.mode,
-                        bgp: s.bgp,
-                        monitor: s.monitor,
-                        inactive_timeout: s.inactive_timeout_s,
-                        block: r.key.block,
-                        managed: s.managed,
-                        probetype: s.probe_type.clone(),
-                        probeport: s.probe_port,
-                        probereq: s.probe_req.clone(),
-                        proberesp: s.probe_resp.clone(),
-                        probe_timeout: s.probe_timeout,
-                        probe_retries: s.probe_retries,
-                        security: s.security,
-                        name: s.name.clone(),
-                        oper: 0,
-                        host: r.key.host.clone(),
-                        proxyprotocolv2: s.proxy_protocol_v2,
-                        egress: s.egress,
-                        snat: s.snat,
-                    },
-                    secondary_ips: vec![],
-                    allowed_sources: vec![],
-                    endpoints: r
-                        .endpoints
-                        .iter()
-                        .map(|e| {
-                            let st = self.dp.endpoint_stats(r.id, u32::from(e.slot));
-                            LbEndpoint {
-                                endpoint_ip: e.spec.ip.to_string(),
-                                target_port: e.spec.target_port,
-                                weight: e.spec.weight,
-                                state: "active".into(),
-                                counter: format!("{}:{}", st.packets, st.bytes),
-                            }
-                        })
-                        .collect(),
-                }
-            })
-            .collect();
-        LbList { lb_attr }
+    /// Packets and bytes an endpoint slot of a rule forwarded.
+    pub fn endpoint_stats(&self, rule: &Rule, slot: u8) -> (u64, u64) {
+        let st = self.dp.endpoint_stats(rule.id, u32::from(slot));
+        (st.packets, st.bytes)
     }
 
-    /// `GET /config/conntrack/all`: one entry per flow (the original direction), with the
-    /// packets and bytes of both directions.
-    pub fn conntrack(&self) -> CtList {
+    /// Every flow (its original direction), with the packets and bytes of both directions.
+    pub fn flows(&self) -> Vec<FlowView> {
         let entries = self.dp.ct_entries();
         let by_key: BTreeMap<_, _> = entries.iter().map(|(k, v)| (key_tuple(k), v)).collect();
         let names: BTreeMap<u32, String> = self
@@ -377,37 +341,26 @@ impl Engine {
                 .get(&key_tuple(&peer))
                 .map(|p| (p.packets, p.bytes))
                 .unwrap_or((0, 0));
-            let proto = proto_name(k.proto);
-            let mode = match v.mode {
-                1 => "onearm",
-                2 => "fullnat",
-                _ => "dnat",
-            };
             let state = match v.state() {
                 CtState::Established if k.proto != 6 => "est",
                 s => ct_state_name(s),
             };
-            out.push(CtEntry {
-                destination_ip: k.dst().to_string(),
-                source_ip: k.src().to_string(),
-                destination_port: k.dst_port(),
-                source_port: k.src_port(),
-                protocol: proto,
-                conntrack_state: state.into(),
-                // Socket-address notation: "[v6]:port" keeps IPv6 unambiguous.
-                conntrack_act: format!(
-                    "{mode}-{}->{}",
-                    std::net::SocketAddr::new(v.nat_src(k.family), u16::from_be(v.nat_sport)),
-                    std::net::SocketAddr::new(v.nat_dst(k.family), u16::from_be(v.nat_dport)),
-                ),
+            out.push(FlowView {
+                client: SocketAddr::new(k.src(), k.src_port()),
+                vip: SocketAddr::new(k.dst(), k.dst_port()),
+                protocol: proto_name(k.proto),
+                state,
+                nat: NatMode::from_code(v.mode).unwrap_or(NatMode::Dnat),
+                nat_source: SocketAddr::new(v.nat_src(k.family), u16::from_be(v.nat_sport)),
+                nat_destination: SocketAddr::new(v.nat_dst(k.family), u16::from_be(v.nat_dport)),
                 packets: v.packets + rp,
                 bytes: v.bytes + rb,
-                serv_name: names.get(&v.svc_id).cloned().unwrap_or_default(),
+                service: names.get(&v.svc_id).cloned().unwrap_or_default(),
                 origin: v.origin,
                 synced: v.flags & ferrolb_bpf::maps::CTF_SYNCED != 0,
             });
         }
-        CtList { ct_attr: out }
+        out
     }
 
     /// Records a collector pass (see [`census`]).
@@ -477,8 +430,8 @@ pub fn census(
 
 /// "tcp", "udp", "icmp", or the protocol number.
 fn proto_name(n: u8) -> String {
-    Protocol::from_number(n)
-        .map(|p| p.as_str().to_string())
+    crate::model::Protocol::from_number(n)
+        .map(|p| p.name().to_string())
         .unwrap_or_else(|| n.to_string())
 }
 

@@ -9,6 +9,7 @@ pub mod config;
 pub mod ha;
 pub mod lb;
 pub mod metrics;
+pub mod model;
 pub mod rules;
 pub mod store;
 pub mod tls;

@@ -84,7 +84,7 @@ pub fn render(m: &Metrics, e: &Engine) -> String {
                 esc(&r.label()),
                 r.key.external_ip,
                 r.key.port,
-                r.key.protocol.as_str()
+                r.key.protocol.name()
             );
             (labels, st.packets, st.bytes)
         })

@@ -19,27 +19,26 @@ use ferrolb_bpf::lut::{self, LutEndpoint};
 use ferrolb_bpf::maps::{
     Backends, Ep, MAX_ENDPOINTS, MAX_RANGES, Range, RangeKey, Ranges, Svc, SvcKey, addr_words,
 };
-use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
-use crate::api::models::{EndpointSpec, FieldError, Protocol, RuleKey, RuleSpec, ServiceSpec};
+use crate::model::{
+    EndpointSpec, FieldError, Oper, Protocol, RuleKey, RuleSpec, Selection, Service,
+};
 
 /// One endpoint of an installed rule and its slot in the datapath's endpoint array.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Endpoint {
-    #[serde(flatten)]
     pub spec: EndpointSpec,
     pub slot: u8,
     /// One-arm mode: the source address this node uses toward the endpoint.
-    #[serde(default)]
     pub snat: Option<IpAddr>,
 }
 
 /// An installed rule.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rule {
     pub key: RuleKey,
-    pub service: ServiceSpec,
+    pub service: Service,
     pub endpoints: Vec<Endpoint>,
     /// Datapath service id (index of its counters and selection state).
     pub id: u32,
@@ -116,7 +115,7 @@ impl std::fmt::Display for RuleError {
 }
 
 /// The rule table (pure: no datapath, no files).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RuleSet {
     pub rules: BTreeMap<RuleKey, Rule>,
 }
@@ -160,21 +159,26 @@ impl RuleSet {
 
     /// Plans a create/replace/attach/detach without applying it.
     pub fn plan(&self, spec: RuleSpec, capacity: u32) -> Result<Change, RuleError> {
-        if spec.oper != 2 {
+        if spec.oper != Oper::Detach {
             self.check_addresses(&spec)?;
         }
         let existing = self.rules.get(&spec.key);
         match spec.oper {
-            1 | 2 => {
+            Oper::Attach | Oper::Detach => {
                 let Some(old) = existing else {
                     return Err(RuleError::NotFound(format!(
-                        "lb-rule {} not found (oper {} needs an existing rule)",
-                        spec.key, spec.oper
+                        "lb-rule {} not found ({} needs an existing rule)",
+                        spec.key,
+                        if spec.oper == Oper::Attach {
+                            "attaching endpoints"
+                        } else {
+                            "detaching endpoints"
+                        }
                     )));
                 };
                 let mut eps: Vec<EndpointSpec> =
                     old.endpoints.iter().map(|e| e.spec.clone()).collect();
-                if spec.oper == 1 {
+                if spec.oper == Oper::Attach {
                     let mut added = 0;
                     for e in &spec.endpoints {
                         if !eps
@@ -342,7 +346,7 @@ impl RuleSet {
                 format!(
                     "at most {MAX_RANGES} port ranges per VIP and protocol ({} {})",
                     r.key.external_ip,
-                    r.key.protocol.as_str()
+                    r.key.protocol.name()
                 ),
             )));
         }
@@ -445,8 +449,8 @@ fn svc_value(r: &Rule) -> Svc {
         be_slot: r.be_slot(),
         timeout_s: r.timeout_s(),
         port_base: r.key.port,
-        mode: r.service.mode,
-        sel: r.service.sel,
+        mode: r.service.nat.code(),
+        sel: r.service.selection.code(),
     }
 }
 
@@ -481,9 +485,9 @@ pub fn backends(r: &Rule) -> Backends {
         });
     }
     be.count = count;
-    let table = match r.service.sel {
-        1 => lut::maglev(&lut_eps),
-        2 => lut::weighted(&lut_eps),
+    let table = match r.service.selection {
+        Selection::Hash => lut::maglev(&lut_eps),
+        Selection::Priority => lut::weighted(&lut_eps),
         _ => lut::round_robin(&lut_eps),
     };
     be.lut_len = table.len() as u32;
@@ -601,7 +605,7 @@ pub fn program(
                     .ct_flush_service(old.id, |slot| removed.iter().any(|r| u16::from(*r) == slot));
                 info!(rule = %old.key, flushed = n, "flushed flows of removed endpoints");
             }
-            if old.service.sel == 3 {
+            if old.service.selection == Selection::Persist {
                 dp.affinity_flush(old.id);
             }
             &new.key
@@ -635,7 +639,7 @@ pub fn uninstall(
         dp.delete_service(&svc_key(r))?;
     }
     sync_ranges_for(dp, rules_after, r.key.external_ip, r.key.protocol)?;
-    if r.service.sel == 3 {
+    if r.service.selection == Selection::Persist {
         dp.affinity_flush(r.id);
     }
     Ok(())
@@ -837,10 +841,10 @@ mod tests {
         assert_eq!(be.lut_len, 4);
         let r = rs.rules.values().next().unwrap().clone();
         let mut h = r.clone();
-        h.service.sel = 1;
+        h.service.selection = Selection::Hash;
         assert_eq!(backends(&h).lut_len as usize, ferrolb_bpf::maps::LUT_SIZE);
         let mut rr = r;
-        rr.service.sel = 0;
+        rr.service.selection = Selection::RoundRobin;
         assert_eq!(backends(&rr).lut_len, 2);
     }
 }

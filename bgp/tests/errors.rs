@@ -44,7 +44,10 @@ async fn read_message(s: &mut tokio::net::TcpStream) -> Option<Vec<u8>> {
 
 /// Plays one bad peer at `addr`: our OPEN in, `bad` out, then the (code, subcode, data) of the
 /// NOTIFICATION that came back (KEEPALIVEs skipped), or `None` if the session closed without.
-async fn bad_peer(addr: SocketAddr, bad: Vec<u8>) -> Option<(u8, u8, Vec<u8>)> {
+/// (code, subcode, data) of a NOTIFICATION.
+type Notification = (u8, u8, Vec<u8>);
+
+async fn bad_peer(addr: SocketAddr, bad: Vec<u8>) -> Option<Notification> {
     let l = tokio::net::TcpListener::bind(addr).await.unwrap();
     let (mut s, _) = tokio::time::timeout(Duration::from_secs(10), l.accept())
         .await
@@ -75,7 +78,7 @@ fn each_message_error_gets_its_own_notification() {
     bad_marker[3] = 0;
     let mut too_long = message(4, &[]);
     too_long[16..18].copy_from_slice(&5000u16.to_be_bytes());
-    let cases: Vec<(&str, Vec<u8>, Option<(u8, u8, Vec<u8>)>)> = vec![
+    let cases: Vec<(&str, Vec<u8>, Option<Notification>)> = vec![
         ("bad marker", bad_marker, Some((1, 1, vec![]))),
         (
             "length above 4096",

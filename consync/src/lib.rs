@@ -498,7 +498,7 @@ async fn accept_peer(
             stats.refused.fetch_add(1, Ordering::Relaxed);
             let n = stats.refused_address.fetch_add(1, Ordering::Relaxed);
             // A scan must not flood the log: the first refusal and then every 1000th.
-            if n % 1000 == 0 {
+            if n.is_multiple_of(1000) {
                 warn!(%peer, refused = n + 1, "conntrack sync: connection from an address outside --cluster refused");
             }
             drop(tcp);

@@ -413,7 +413,7 @@ fn mutual_tls_admits_only_the_clusters_certificates() {
         cc.tls = Some(tls("c", "rogue"));
         let cd = Config::new(3, addr(22024), vec![addr(22021)]);
         let sa = Consync::start(ca, a.clone()).await.unwrap();
-        let sb = Consync::start(cb, b.clone()).await.unwrap();
+        let _sb = Consync::start(cb, b.clone()).await.unwrap();
         let sc = Consync::start(cc, c.clone()).await.unwrap();
         let sd = Consync::start(cd, d.clone()).await.unwrap();
         let bb = b.clone();

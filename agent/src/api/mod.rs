@@ -25,8 +25,9 @@ use serde_json::json;
 
 use crate::lb::Engine;
 use crate::metrics::{self, Metrics};
+use crate::model::Protocol;
 use crate::rules::RuleError;
-use models::{CiList, CiState, Protocol, Version};
+use models::{CiList, CiState, Version};
 
 /// Request bodies above this are refused with 413.
 pub const MAX_BODY_BYTES: usize = 1 << 20;
@@ -174,7 +175,17 @@ async fn create_lb(State(app): State<Shared>, body: Bytes) -> Result<Response, A
 }
 
 async fn list_lb(State(app): State<Shared>) -> Result<Response, ApiError> {
-    let list = engine(&app)?.list();
+    let list = {
+        let e = engine(&app)?;
+        models::LbList {
+            lb_attr: e
+                .rules()
+                .rules
+                .values()
+                .map(|r| models::lb_entry(r, |slot| e.endpoint_stats(r, slot)))
+                .collect(),
+        }
+    };
     Ok(axum::Json(list).into_response())
 }
 
@@ -187,7 +198,8 @@ fn parse_path(ip: &str, port: &str, proto: &str) -> Result<(IpAddr, u16, Protoco
         .ok()
         .filter(|p| *p != 0)
         .ok_or_else(|| ApiError::bad(format!("port: must be 1..=65535, got '{port}'")))?;
-    let proto = Protocol::parse(proto, "protocol").map_err(|e| ApiError::bad(e.to_string()))?;
+    let proto =
+        models::parse_protocol(proto, "protocol").map_err(|e| ApiError::bad(e.to_string()))?;
     Ok((ip, port, proto))
 }
 
@@ -226,7 +238,7 @@ fn delete_by_key(
             StatusCode::NOT_FOUND,
             format!(
                 "lb-rule {ip}:{port}{range}/{} block {block} not found",
-                proto.as_str()
+                proto.name()
             ),
         ));
     }
@@ -286,7 +298,10 @@ async fn delete_all_lb(State(app): State<Shared>) -> Result<Response, ApiError> 
 }
 
 async fn list_ct(State(app): State<Shared>) -> Result<Response, ApiError> {
-    let list = engine(&app)?.conntrack();
+    let flows = engine(&app)?.flows();
+    let list = models::CtList {
+        ct_attr: flows.iter().map(models::ct_entry).collect(),
+    };
     Ok(axum::Json(list).into_response())
 }
 

@@ -7,172 +7,103 @@
 //! (`serviceArguments.port: must be 1..=65535, got 0`). Replies use loxilb's exact spelling.
 
 use std::collections::HashSet;
-use std::fmt;
 use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-/// Endpoints per rule (the datapath's `FLB_MAX_ENDPOINTS`).
-pub const MAX_ENDPOINTS: usize = ferrolb_bpf::maps::MAX_ENDPOINTS;
-/// loxilb's ceiling for `inactiveTimeOut`.
-pub const MAX_TIMEOUT_S: u32 = 86_400;
+use crate::lb::FlowView;
+use crate::model::{
+    EndpointSpec, NatMode, Oper, Probe, Protocol, RuleKey, RuleSpec, Selection, Service,
+};
+pub use crate::model::{FieldError, MAX_ENDPOINTS, MAX_TIMEOUT_S};
+use crate::rules::Rule;
 
-/// A request that cannot be applied, with the field it is about.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct FieldError {
-    pub field: String,
-    pub reason: String,
-}
-
-impl FieldError {
-    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> FieldError {
-        FieldError {
-            field: field.into(),
-            reason: reason.into(),
-        }
+/// A protocol as loxilb spells it in bodies and paths (any case).
+pub fn parse_protocol(s: &str, field: &str) -> Result<Protocol, FieldError> {
+    let lower = s.to_ascii_lowercase();
+    match Protocol::from_name(&lower) {
+        Some(p) => Ok(p),
+        None if lower == "sctp" => Err(FieldError::new(
+            field,
+            "sctp is not supported by this datapath yet (tcp, udp, icmp are)",
+        )),
+        None => Err(FieldError::new(
+            field,
+            format!("unknown protocol '{lower}' (tcp, udp, icmp)"),
+        )),
     }
 }
 
-impl fmt::Display for FieldError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.field.is_empty() {
-            write!(f, "{}", self.reason)
-        } else {
-            write!(f, "{}: {}", self.field, self.reason)
-        }
+/// A rule in loxilb's reply shape; `stats(slot)` gives an endpoint's (packets, bytes).
+pub fn lb_entry(r: &Rule, stats: impl Fn(u8) -> (u64, u64)) -> LbEntry {
+    let s = &r.service;
+    LbEntry {
+        service_arguments: LbServiceArgs {
+            external_ip: r.key.external_ip.to_string(),
+            private_ip: s.private_ip.clone(),
+            port: r.key.port,
+            port_max: r.key.port_max,
+            protocol: r.key.protocol.name().into(),
+            // loxilb's numbers are the datapath's codes.
+            sel: s.selection.code(),
+            mode: s.nat.code(),
+            bgp: s.bgp,
+            monitor: s.monitor,
+            inactive_timeout: s.inactive_timeout_s,
+            block: r.key.block,
+            managed: s.managed,
+            probetype: s.probe.kind.clone(),
+            probeport: s.probe.port,
+            probereq: s.probe.request.clone(),
+            proberesp: s.probe.response.clone(),
+            probe_timeout: s.probe.interval_s,
+            probe_retries: s.probe.retries,
+            security: s.security,
+            name: s.name.clone(),
+            oper: 0,
+            host: r.key.host.clone(),
+            proxyprotocolv2: s.proxy_protocol_v2,
+            egress: s.egress,
+            snat: s.snat,
+        },
+        secondary_ips: vec![],
+        allowed_sources: vec![],
+        endpoints: r
+            .endpoints
+            .iter()
+            .map(|e| {
+                let (packets, bytes) = stats(e.slot);
+                LbEndpoint {
+                    endpoint_ip: e.spec.ip.to_string(),
+                    target_port: e.spec.target_port,
+                    weight: e.spec.weight,
+                    state: "active".into(),
+                    counter: format!("{packets}:{bytes}"),
+                }
+            })
+            .collect(),
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
-#[serde(rename_all = "lowercase")]
-pub enum Protocol {
-    Tcp,
-    Udp,
-    Icmp,
-}
-
-impl Protocol {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Protocol::Tcp => "tcp",
-            Protocol::Udp => "udp",
-            Protocol::Icmp => "icmp",
-        }
-    }
-
-    pub fn number(self) -> u8 {
-        match self {
-            Protocol::Tcp => ferrolb_bpf::maps::PROTO_TCP,
-            Protocol::Udp => ferrolb_bpf::maps::PROTO_UDP,
-            Protocol::Icmp => ferrolb_bpf::maps::PROTO_ICMP,
-        }
-    }
-
-    pub fn from_number(n: u8) -> Option<Protocol> {
-        match n {
-            6 => Some(Protocol::Tcp),
-            17 => Some(Protocol::Udp),
-            1 => Some(Protocol::Icmp),
-            _ => None,
-        }
-    }
-
-    pub fn parse(s: &str, field: &str) -> Result<Protocol, FieldError> {
-        match s.to_ascii_lowercase().as_str() {
-            "tcp" => Ok(Protocol::Tcp),
-            "udp" => Ok(Protocol::Udp),
-            "icmp" => Ok(Protocol::Icmp),
-            "sctp" => Err(FieldError::new(
-                field,
-                "sctp is not supported by this datapath yet (tcp, udp, icmp are)",
-            )),
-            other => Err(FieldError::new(
-                field,
-                format!("unknown protocol '{other}' (tcp, udp, icmp)"),
-            )),
-        }
-    }
-
-    /// loxilb's default inactivity timeout (seconds).
-    pub fn default_timeout_s(self) -> u32 {
-        match self {
-            Protocol::Tcp => 240,
-            _ => 20,
-        }
+/// A flow in loxilb's conntrack reply shape.
+pub fn ct_entry(f: &FlowView) -> CtEntry {
+    CtEntry {
+        destination_ip: f.vip.ip().to_string(),
+        source_ip: f.client.ip().to_string(),
+        destination_port: f.vip.port(),
+        source_port: f.client.port(),
+        protocol: f.protocol.clone(),
+        conntrack_state: f.state.into(),
+        // Socket-address notation: "[v6]:port" keeps IPv6 unambiguous.
+        conntrack_act: format!("{}-{}->{}", f.nat.name(), f.nat_source, f.nat_destination),
+        packets: f.packets,
+        bytes: f.bytes,
+        serv_name: f.service.clone(),
+        origin: f.origin,
+        synced: f.synced,
     }
 }
-
-/// A rule's identity (loxilb's key): external IP, port range, protocol, block, host.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize, PartialOrd, Ord)]
-pub struct RuleKey {
-    pub external_ip: IpAddr,
-    pub port: u16,
-    pub port_max: u16,
-    pub protocol: Protocol,
-    pub block: u32,
-    pub host: String,
-}
-
-impl fmt::Display for RuleKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.external_ip, self.port)?;
-        if self.port_max > self.port {
-            write!(f, "-{}", self.port_max)?;
-        }
-        write!(f, "/{}", self.protocol.as_str())?;
-        if self.block != 0 {
-            write!(f, " block {}", self.block)?;
-        }
-        if !self.host.is_empty() {
-            write!(f, " host {}", self.host)?;
-        }
-        Ok(())
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct EndpointSpec {
-    pub ip: IpAddr,
-    pub target_port: u16,
-    pub weight: u16,
-}
-
-/// Everything of `serviceArguments` that ferrolb keeps (and returns on GET).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ServiceSpec {
-    pub sel: u8,
-    pub mode: u8,
-    pub bgp: bool,
-    pub monitor: bool,
-    pub inactive_timeout_s: u32,
-    pub managed: bool,
-    pub probe_type: String,
-    pub probe_port: u16,
-    pub probe_req: String,
-    pub probe_resp: String,
-    pub probe_timeout: u32,
-    pub probe_retries: u32,
-    pub security: u32,
-    pub name: String,
-    pub private_ip: String,
-    pub proxy_protocol_v2: bool,
-    pub egress: bool,
-    pub snat: bool,
-}
-
-/// A validated create/modify request.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RuleSpec {
-    pub key: RuleKey,
-    pub service: ServiceSpec,
-    pub endpoints: Vec<EndpointSpec>,
-    /// 0 create or replace, 1 attach endpoints, 2 detach endpoints.
-    pub oper: u8,
-}
-
-pub const SEL_NAMES: [&str; 5] = ["rr", "hash", "priority", "persist", "lc"];
-pub const MODE_NAMES: [&str; 3] = ["default", "onearm", "fullnat"];
 
 /// Case-insensitive view of a JSON object.
 struct Obj<'a> {
@@ -402,7 +333,7 @@ pub fn parse_rule(body: &[u8]) -> Result<RuleSpec, FieldError> {
     }
     let protocol = match sa.string("protocol")? {
         None | Some("") => Protocol::Tcp,
-        Some(p) => Protocol::parse(p, &sa.field("protocol"))?,
+        Some(p) => parse_protocol(p, &sa.field("protocol"))?,
     };
     if protocol == Protocol::Icmp && port_max != 0 {
         return Err(FieldError::new(
@@ -411,8 +342,8 @@ pub fn parse_rule(body: &[u8]) -> Result<RuleSpec, FieldError> {
         ));
     }
     let sel = sa.int("sel", i64::MIN, i64::MAX)?.unwrap_or(0);
-    let sel = match sel {
-        0..=4 => sel as u8,
+    let selection = match sel {
+        0..=4 => Selection::from_code(sel as u8).unwrap_or(Selection::RoundRobin),
         5 | 6 => {
             return Err(FieldError::new(
                 sa.field("sel"),
@@ -431,8 +362,8 @@ pub fn parse_rule(body: &[u8]) -> Result<RuleSpec, FieldError> {
         }
     };
     let mode = sa.int("mode", i64::MIN, i64::MAX)?.unwrap_or(0);
-    let mode = match mode {
-        0..=2 => mode as u8,
+    let nat = match mode {
+        0..=2 => NatMode::from_code(mode as u8).unwrap_or(NatMode::Dnat),
         3 => {
             return Err(FieldError::new(
                 sa.field("mode"),
@@ -459,7 +390,11 @@ pub fn parse_rule(body: &[u8]) -> Result<RuleSpec, FieldError> {
         .int("inactiveTimeOut", 0, i64::from(MAX_TIMEOUT_S))?
         .unwrap_or(0) as u32;
     let block = sa.int("block", 0, i64::from(u32::MAX))?.unwrap_or(0) as u32;
-    let oper = sa.int("oper", 0, 2)?.unwrap_or(0) as u8;
+    let oper = match sa.int("oper", 0, 2)?.unwrap_or(0) {
+        1 => Oper::Attach,
+        2 => Oper::Detach,
+        _ => Oper::Replace,
+    };
     let host = sa.string("host")?.unwrap_or("").to_string();
     if !host.is_empty() {
         return Err(FieldError::new(
@@ -468,19 +403,21 @@ pub fn parse_rule(body: &[u8]) -> Result<RuleSpec, FieldError> {
         ));
     }
     let probe_port = sa.int("probeport", 0, 65535)?.unwrap_or(0) as u16;
-    let service = ServiceSpec {
-        sel,
-        mode,
+    let service = Service {
+        selection,
+        nat,
         bgp: sa.boolean("bgp")?,
         monitor: sa.boolean("monitor")?,
         inactive_timeout_s: timeout,
         managed: sa.boolean("managed")?,
-        probe_type: sa.string("probetype")?.unwrap_or("").to_string(),
-        probe_port,
-        probe_req: sa.string("probereq")?.unwrap_or("").to_string(),
-        probe_resp: sa.string("proberesp")?.unwrap_or("").to_string(),
-        probe_timeout: sa.int("probeTimeout", 0, i64::from(u32::MAX))?.unwrap_or(0) as u32,
-        probe_retries: sa.int("probeRetries", 0, i64::from(u32::MAX))?.unwrap_or(0) as u32,
+        probe: Probe {
+            kind: sa.string("probetype")?.unwrap_or("").to_string(),
+            port: probe_port,
+            request: sa.string("probereq")?.unwrap_or("").to_string(),
+            response: sa.string("proberesp")?.unwrap_or("").to_string(),
+            interval_s: sa.int("probeTimeout", 0, i64::from(u32::MAX))?.unwrap_or(0) as u32,
+            retries: sa.int("probeRetries", 0, i64::from(u32::MAX))?.unwrap_or(0) as u32,
+        },
         security: sa.int("security", 0, i64::from(u32::MAX))?.unwrap_or(0) as u32,
         name: sa.string("name")?.unwrap_or("").to_string(),
         private_ip: sa.string("privateIP")?.unwrap_or("").to_string(),
@@ -752,7 +689,7 @@ mod tests {
         assert_eq!(r.key.external_ip.to_string(), "123.123.123.1");
         assert_eq!(r.key.port, 80);
         assert_eq!(r.key.protocol, Protocol::Tcp);
-        assert_eq!(r.service.mode, 2);
+        assert_eq!(r.service.nat, NatMode::FullNat);
         assert!(r.service.bgp, "BGP matched case-insensitively");
         assert!(r.service.managed);
         assert_eq!(r.service.name, "default_nginx-lb:llb-inst0");
@@ -773,8 +710,8 @@ mod tests {
             "backend_protocol":"http","mtls_frontend":{"x":1}},"endpoints":[{"endpointIP":"31.31.31.1","targetPort":8080,"weight":1}]}"#,
         )
         .unwrap();
-        assert_eq!(r.service.sel, 0);
-        assert_eq!(r.oper, 0);
+        assert_eq!(r.service.selection, Selection::RoundRobin);
+        assert_eq!(r.oper, Oper::Replace);
         assert!(!r.service.managed);
         assert_eq!(r.key.protocol, Protocol::Tcp);
     }

@@ -20,8 +20,11 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::api::models::RuleKey;
+use crate::model::RuleKey;
 use crate::rules::{Rule, RuleSet};
+
+pub mod disk;
+use disk::{DiskKey, DiskRule};
 
 pub const STATE_FILE: &str = "state.json";
 pub const JOURNAL_FILE: &str = "journal.jsonl";
@@ -32,24 +35,24 @@ pub const RESERVE_FILE: &str = "reserve";
 /// [`RESERVE_MAX`]).
 pub const RESERVE_MIN: u64 = 1 << 20;
 pub const RESERVE_MAX: u64 = 64 << 20;
-const FORMAT_VERSION: u32 = 1;
+
 /// Journal entries after which the state is compacted into a new snapshot.
 pub const COMPACT_EVERY: u64 = 4096;
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct State {
-    pub version: u32,
+/// `state.json` (see [`disk`] for the versions).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct State {
+    version: u32,
     /// The last journal sequence number this snapshot includes.
     #[serde(default)]
-    pub seq: u64,
-    pub rules: Vec<Rule>,
+    seq: u64,
+    rules: Vec<DiskRule>,
     /// Addresses this agent put on `lo` (and may therefore remove).
-    pub vips: BTreeSet<IpAddr>,
+    vips: BTreeSet<IpAddr>,
 }
 
-/// One journaled change.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "lowercase")]
+/// One change to the saved state.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Op {
     Put {
         rule: Box<Rule>,
@@ -64,11 +67,50 @@ pub enum Op {
     },
 }
 
+/// A journal line's change, as on disk.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "lowercase")]
+enum DiskOp {
+    Put { rule: Box<DiskRule> },
+    Del { key: DiskKey },
+    Vips { add: Vec<IpAddr>, del: Vec<IpAddr> },
+}
+
+impl From<&Op> for DiskOp {
+    fn from(op: &Op) -> DiskOp {
+        match op {
+            Op::Put { rule } => DiskOp::Put {
+                rule: Box::new(DiskRule::from(&**rule)),
+            },
+            Op::Del { key } => DiskOp::Del { key: key.into() },
+            Op::Vips { add, del } => DiskOp::Vips {
+                add: add.clone(),
+                del: del.clone(),
+            },
+        }
+    }
+}
+
+impl TryFrom<DiskOp> for Op {
+    type Error = String;
+    fn try_from(op: DiskOp) -> Result<Op, String> {
+        Ok(match op {
+            DiskOp::Put { rule } => Op::Put {
+                rule: Box::new(Rule::try_from(*rule)?),
+            },
+            DiskOp::Del { key } => Op::Del {
+                key: key.try_into()?,
+            },
+            DiskOp::Vips { add, del } => Op::Vips { add, del },
+        })
+    }
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 struct Entry {
     seq: u64,
     #[serde(flatten)]
-    op: Op,
+    op: DiskOp,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -267,25 +309,47 @@ impl Store {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(StoreError::Io { path, source: e }),
         };
-        let mut st = State::default();
+        let mut st = State {
+            version: disk::VERSION,
+            seq: 0,
+            rules: Vec::new(),
+            vips: BTreeSet::new(),
+        };
         if let Some(bytes) = snapshot {
             self.snapshot_len = bytes.len() as u64;
+            // The version first, so that a newer format is named as such (not as damage).
+            #[derive(Deserialize)]
+            struct Version {
+                version: u32,
+            }
+            let v: Version = serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+            if !disk::READS.contains(&v.version) {
+                return Err(StoreError::Corrupt {
+                    path,
+                    reason: format!(
+                        "format version {} (this build reads {:?})",
+                        v.version,
+                        disk::READS
+                    ),
+                });
+            }
             st = serde_json::from_slice(&bytes).map_err(|e| StoreError::Corrupt {
                 path: path.clone(),
                 reason: e.to_string(),
             })?;
-            if st.version != FORMAT_VERSION {
-                return Err(StoreError::Corrupt {
-                    path,
-                    reason: format!(
-                        "format version {} (this build reads {FORMAT_VERSION})",
-                        st.version
-                    ),
-                });
+            if st.version != disk::VERSION {
+                tracing::info!(path = %path.display(), from = st.version, to = disk::VERSION, "state format migrated (written at the next compaction)");
             }
         }
         let mut rules = RuleSet::default();
-        for r in st.rules {
+        for (i, r) in st.rules.into_iter().enumerate() {
+            let r = Rule::try_from(r).map_err(|reason| StoreError::Corrupt {
+                path: path.clone(),
+                reason: format!("rule {}: {reason}", i + 1),
+            })?;
             rules.rules.insert(r.key.clone(), r);
         }
         let mut vips = st.vips;
@@ -328,16 +392,17 @@ impl Store {
             }
             // A complete line that does not parse is damage, not a crash: refuse rather
             // than silently skip a change (the rules after it would be replayed without it).
-            let e = serde_json::from_slice::<Entry>(line).map_err(|err| StoreError::Corrupt {
+            let corrupt = |reason: String| StoreError::Corrupt {
                 path: jpath.clone(),
-                reason: format!("line {}: {err}", n + 1),
-            })?;
+                reason: format!("line {}: {reason}", n + 1),
+            };
+            let e = serde_json::from_slice::<Entry>(line).map_err(|e| corrupt(e.to_string()))?;
             if e.seq <= self.seq {
                 continue;
             }
             self.seq = e.seq;
             self.since_snapshot += 1;
-            match e.op {
+            match Op::try_from(e.op).map_err(corrupt)? {
                 Op::Put { rule } => {
                     rules.rules.insert(rule.key.clone(), *rule);
                 }
@@ -384,10 +449,10 @@ impl Store {
         }
         let mut buf = Vec::new();
         let n_ops = ops.len() as u64;
-        for (i, op) in ops.into_iter().enumerate() {
+        for (i, op) in ops.iter().enumerate() {
             let e = Entry {
                 seq: self.seq + 1 + i as u64,
-                op,
+                op: op.into(),
             };
             serde_json::to_writer(&mut buf, &e).map_err(|err| StoreError::Corrupt {
                 path: jpath.clone(),
@@ -421,9 +486,9 @@ impl Store {
     pub fn snapshot(&mut self, rules: &RuleSet, vips: &BTreeSet<IpAddr>) -> Result<(), StoreError> {
         fs::create_dir_all(&self.dir).map_err(io_err(&self.dir))?;
         let st = State {
-            version: FORMAT_VERSION,
+            version: disk::VERSION,
             seq: self.seq,
-            rules: rules.rules.values().cloned().collect(),
+            rules: rules.rules.values().map(DiskRule::from).collect(),
             vips: vips.clone(),
         };
         let bytes = serde_json::to_vec(&st).map_err(|e| StoreError::Corrupt {
@@ -478,6 +543,80 @@ mod tests {
             Change::Create(r) => *r,
             Change::Modify { new, .. } => *new,
         }
+    }
+
+    /// Files written by agents before format v2 (loxilb's numbers, flat probe fields) load,
+    /// and the next snapshot writes them as v2.
+    #[test]
+    fn format_v1_files_are_migrated() {
+        use crate::model::{NatMode, Selection};
+        let dir = tmpdir("v1");
+        fs::create_dir_all(&dir).unwrap();
+        let svc = |sel: u8, mode: u8, name: &str| {
+            format!(
+                r#"{{"sel":{sel},"mode":{mode},"bgp":true,"monitor":true,"inactive_timeout_s":0,"managed":false,"probe_type":"tcp","probe_port":8080,"probe_req":"","probe_resp":"","probe_timeout":5,"probe_retries":2,"security":0,"name":"{name}","private_ip":"","proxy_protocol_v2":false,"egress":false,"snat":false}}"#
+            )
+        };
+        let rule = |port: u16, sel: u8, mode: u8, id: u32| {
+            format!(
+                r#"{{"key":{{"external_ip":"20.20.20.1","port":{port},"port_max":0,"protocol":"tcp","block":0,"host":""}},"service":{},"endpoints":[{{"ip":"10.0.0.1","target_port":80,"weight":1,"slot":0,"snat":"10.0.0.254"}}],"id":{id},"flip":1}}"#,
+                svc(sel, mode, &format!("svc{port}:llb-inst0"))
+            )
+        };
+        fs::write(
+            dir.join(STATE_FILE),
+            format!(
+                r#"{{"version":1,"seq":1,"rules":[{}],"vips":["20.20.20.1"]}}"#,
+                rule(80, 3, 2, 0)
+            ),
+        )
+        .unwrap();
+        fs::write(
+            dir.join(JOURNAL_FILE),
+            format!(
+                "{{\"seq\":2,\"op\":\"put\",\"rule\":{}}}\n",
+                rule(81, 1, 1, 1)
+            ),
+        )
+        .unwrap();
+        let mut store = Store::new(&dir);
+        let (rs, vips) = store.load().unwrap().unwrap();
+        assert_eq!(rs.len(), 2);
+        let by_port = |p: u16| rs.rules.values().find(|r| r.key.port == p).unwrap().clone();
+        let (a, b) = (by_port(80), by_port(81));
+        assert_eq!(
+            (a.service.selection, a.service.nat),
+            (Selection::Persist, NatMode::FullNat)
+        );
+        assert_eq!(
+            (b.service.selection, b.service.nat),
+            (Selection::Hash, NatMode::OneArm)
+        );
+        assert_eq!(
+            (a.service.probe.kind.as_str(), a.service.probe.port),
+            ("tcp", 8080)
+        );
+        assert_eq!(
+            (a.service.probe.interval_s, a.service.probe.retries),
+            (5, 2)
+        );
+        assert_eq!(b.endpoints[0].snat, Some("10.0.0.254".parse().unwrap()));
+        assert_eq!((b.id, b.flip), (1, 1));
+        store.snapshot(&rs, &vips).unwrap();
+        let text = fs::read_to_string(dir.join(STATE_FILE)).unwrap();
+        assert!(text.contains(r#""version":2"#), "{text}");
+        assert!(
+            text.contains(r#""selection":"persist""#) && text.contains(r#""nat":"onearm""#),
+            "{text}"
+        );
+        assert!(!text.contains(r#""sel""#), "{text}");
+        let (again, _) = Store::new(&dir).load().unwrap().unwrap();
+        assert_eq!(again, rs);
+        // A newer format is refused by name, not taken for damage or emptied.
+        fs::write(dir.join(STATE_FILE), r#"{"version":9,"rules":"?"}"#).unwrap();
+        let e = Store::new(&dir).load().unwrap_err().to_string();
+        assert!(e.contains("format version 9"), "{e}");
+        let _ = fs::remove_dir_all(&dir);
     }
 
     #[test]
