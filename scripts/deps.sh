@@ -11,7 +11,8 @@ PACKAGES=(
   iputils-ping iperf3 wrk      # lab traffic
   frr bird2                    # ToR routers and interop peers
   curl python3 openssl         # REST calls, the lab's servers and probes, test certificates
-  prometheus                   # promtool: the alert rules (docs/prometheus) are unit-tested
+  prometheus                   # promtool and a real Prometheus for the observability test
+  python3-venv                 # the REST fuzzer's virtualenv (below)
 )
 if [ "${1:-}" = "--bench" ]; then
   PACKAGES+=(nginx-light keepalived conntrackd conntrack)   # + the HA baseline
@@ -38,4 +39,16 @@ if ((${#missing[@]})); then
 fi
 # No systemd on these machines: nothing starts at boot, and FRR's run directory may be missing.
 if id frr >/dev/null 2>&1 && [ ! -d /run/frr ]; then install -d -o frr -g frr -m 755 /run/frr; fi
+# The schema-driven REST fuzzer (agent/tests/api_fuzz.rs), from PyPI, pinned, in its own venv.
+FUZZ_VENV=/opt/ferrolb-venv
+SCHEMATHESIS=4.32.5
+if ! "$FUZZ_VENV/bin/schemathesis" --version 2>/dev/null | grep -q "$SCHEMATHESIS"; then
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "deps: schemathesis missing in $FUZZ_VENV; run as root to install it" >&2
+    exit 1
+  fi
+  echo "deps: installing schemathesis $SCHEMATHESIS into $FUZZ_VENV"
+  python3 -m venv "$FUZZ_VENV"
+  "$FUZZ_VENV/bin/pip" install -q --disable-pip-version-check "schemathesis==$SCHEMATHESIS"
+fi
 echo "deps: ok"

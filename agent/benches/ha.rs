@@ -48,6 +48,7 @@ fn ha(node: u16, peer: SocketAddr, dp: &Datapath) -> Arc<Ha> {
             l2: false,
         },
         dp.sync_table().unwrap(),
+        ferrolb_agent::roles::RoleBus::default(),
     ))
 }
 

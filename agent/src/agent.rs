@@ -1,24 +1,30 @@
 //! The daemon: loads (or adopts) the datapath, restores the rules, attaches to interfaces,
-//! and runs the REST API, the conntrack collector, the interface watcher and the event reader
+//! and runs the controllers (engine, BFD, BGP, roles, HA) and their tasks under supervision
 //! until SIGTERM or SIGINT. Exiting leaves the datapath pinned and forwarding.
+//!
+//! [`run`] is a short list of stages: datapath -> engine -> BFD -> BGP -> HA -> tasks ->
+//! signals -> REST listeners.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use ferrolb_bpf::maps::EventKind;
-use ferrolb_bpf::{Datapath, DatapathConfig, default_pin_dir, monotonic_ns};
+use ferrolb_bpf::{
+    Collector, Datapath, DatapathConfig, EventStream, default_pin_dir, monotonic_ns,
+};
 use tokio::io::unix::AsyncFd;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
-use crate::api::bfd::BfdService;
-use crate::api::bgp::BgpService;
 use crate::api::{self, App, Shared};
+use crate::bfd::Bfd;
+use crate::bgp::Bgp;
 use crate::config::Config;
 use crate::ha::{Ha, HaConfig};
-use crate::lb::{Engine, census};
+use crate::lb::{Engine, EngineHandle, census};
 use crate::metrics::Metrics;
+use crate::roles::{RoleBus, Roles};
 use crate::store::Store;
 
 /// How often the conntrack event ring buffer is drained when the datapath does not wake us.
@@ -31,6 +37,9 @@ pub const EVENT_POLL_MS_CLUSTER: u64 = 5;
 
 /// Where pinned datapaths live by default.
 pub const BPFFS_BASE: &str = "/sys/fs/bpf/ferrolb";
+
+/// A supervised task that failed is started again after this.
+const RESTART_AFTER: Duration = Duration::from_secs(1);
 
 /// This namespace's interfaces: (name, index).
 pub fn interfaces() -> Vec<(String, u32)> {
@@ -95,81 +104,68 @@ fn attach_new(dp: &mut Datapath, cfg: &Config, done: &mut BTreeMap<String, u32>)
     }
 }
 
-/// Starts BFD: sessions saved over REST, then those of `--ka` (which win for the same peer).
-/// Without `--ka`, a BFD that cannot bind UDP 3784 is a warning, not a failure.
-async fn start_bfd(cfg: &Config) -> Result<Option<BfdService>> {
-    let handle =
-        match ferrolb_bfd::spawn(ferrolb_bfd::socket::CONTROL_PORT, cfg.flags.bfd_rt_priority) {
-            Ok(h) => h,
-            Err(e) if cfg.keepalives.is_empty() => {
-                warn!(error = %e, "BFD not started; /config/bfd answers 503");
-                return Ok(None);
-            }
-            Err(e) => return Err(e).context("start BFD for --ka"),
-        };
-    let specs = BfdService::load(&cfg.flags.config_path)?;
-    for s in specs.values() {
-        match s.peer_config() {
-            Ok(pc) => {
-                if let Err(e) = handle.upsert(pc).await {
-                    warn!(peer = %s.remote, error = %e, "saved BFD session not restored");
-                }
-            }
-            Err(e) => warn!(peer = %s.remote, error = %e, "saved BFD session not restored"),
-        }
-    }
-    for ka in &cfg.keepalives {
-        let pc = ferrolb_bfd::PeerConfig {
-            peer: ka.remote,
-            local: ka.source,
-            instance: "default".into(),
-            session: ferrolb_bfd::SessionConfig {
-                desired_min_tx_us: ka.interval_us,
-                required_min_rx_us: ka.interval_us,
-                detect_mult: 3,
-                auth: None,
-            },
-        };
-        handle
-            .upsert(pc)
-            .await
-            .with_context(|| format!("--ka: BFD session to {}", ka.remote))?;
-        info!(peer = %ka.remote, source = %ka.source, interval_us = ka.interval_us, "BFD keepalive (--ka)");
-    }
-    Ok(Some(BfdService {
-        handle,
-        dir: cfg.flags.config_path.clone(),
-        specs: tokio::sync::Mutex::new(specs),
-        keepalive_peers: cfg.keepalives.iter().map(|k| k.remote).collect(),
-    }))
+/// What happens when a supervised task fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnFailure {
+    /// Log the cause, count it (`ferrolb_task_restarts_total`) and start it again.
+    Restart,
+    /// The agent cannot work without it: stop with an error (exit status 1) so that the
+    /// service manager restarts the agent; the pinned datapath keeps forwarding meanwhile.
+    Exit,
 }
 
-/// Feeds BFD transitions to `apply(peer, up)` until the stream ends. When the receiver lagged
-/// (the broadcast dropped its oldest events), the dropped ones may include some peer's Down:
-/// HA latches on BFD, so instead of skipping ahead it re-reads every session's current state.
-async fn follow_bfd<L, Fut>(
-    mut events: tokio::sync::broadcast::Receiver<ferrolb_bfd::Event>,
-    list: L,
-    apply: impl Fn(std::net::IpAddr, bool),
-) where
-    L: Fn() -> Fut,
-    Fut: std::future::Future<Output = Vec<(std::net::IpAddr, bool)>>,
-{
-    use tokio::sync::broadcast::error::RecvError;
-    loop {
-        match events.recv().await {
-            Ok(ev) => apply(ev.peer, ev.to == ferrolb_bfd::State::Up),
-            Err(RecvError::Lagged(n)) => {
-                warn!(
-                    missed = n,
-                    "BFD events dropped (slow reader): re-reading every session's state"
-                );
-                for (peer, up) in list().await {
-                    apply(peer, up);
+/// Runs the tasks of the agent: a task that panics or returns is reported with its cause and
+/// restarted, or stops the agent (see [`OnFailure`]).
+#[derive(Clone)]
+pub struct Supervisor {
+    metrics: Arc<Metrics>,
+    fatal: tokio::sync::mpsc::UnboundedSender<String>,
+}
+
+impl Supervisor {
+    pub fn new(
+        metrics: Arc<Metrics>,
+    ) -> (Supervisor, tokio::sync::mpsc::UnboundedReceiver<String>) {
+        let (fatal, rx) = tokio::sync::mpsc::unbounded_channel();
+        (Supervisor { metrics, fatal }, rx)
+    }
+
+    /// Starts `make()`'s task and keeps it running.
+    pub fn spawn<F, Fut>(&self, name: &'static str, on_failure: OnFailure, make: F)
+    where
+        F: Fn() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                let cause = match tokio::spawn(make()).await {
+                    Ok(()) => "it returned".to_string(),
+                    Err(e) if e.is_panic() => {
+                        let p = e.into_panic();
+                        let msg = p
+                            .downcast_ref::<&str>()
+                            .map(|s| s.to_string())
+                            .or_else(|| p.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "a panic".into());
+                        format!("it panicked: {msg}")
+                    }
+                    Err(e) => e.to_string(),
+                };
+                match on_failure {
+                    OnFailure::Restart => {
+                        me.metrics.task_restarted(name);
+                        error!(task = name, cause, "agent task failed; restarting it");
+                        tokio::time::sleep(RESTART_AFTER).await;
+                    }
+                    OnFailure::Exit => {
+                        error!(task = name, cause, "agent task failed; the agent stops");
+                        let _ = me.fatal.send(format!("task {name} failed: {cause}"));
+                        return;
+                    }
                 }
             }
-            Err(RecvError::Closed) => return,
-        }
+        });
     }
 }
 
@@ -204,9 +200,80 @@ fn ha_config(cfg: &Config) -> HaConfig {
     }
 }
 
+/// The datapath, loaded or adopted, with the handles the tasks take before the engine owns it.
+struct Loaded {
+    engine: Engine,
+    events: Option<EventStream>,
+    ha: Option<Arc<Ha>>,
+    collector: Collector,
+    conntrack: ferrolb_bpf::CtReader,
+}
+
+/// Stage 1: the datapath (purging other layouts), the HA table, the saved rules.
+fn load_datapath(cfg: &Config, bus: &RoleBus) -> Result<Loaded> {
+    let dir = pin_dir(cfg)?;
+    // A datapath of another layout (an upgrade) cannot be adopted, and its program would stay
+    // attached beside ours: remove it.
+    if cfg.flags.bpf_pin_dir.is_none() {
+        let _ = ferrolb_bpf::ensure_bpffs(&dir);
+        for old in ferrolb_bpf::other_layouts(&dir) {
+            match ferrolb_bpf::purge(&old) {
+                Ok(n) => warn!(
+                    dir = %old.display(),
+                    pins = n,
+                    "removed a datapath of another layout version; its flows are not adopted"
+                ),
+                Err(e) => {
+                    warn!(dir = %old.display(), error = %e, "cannot remove a datapath of another layout version")
+                }
+            }
+        }
+    }
+    let adopted = dir.join("conntrack").exists();
+    let mut dp = Datapath::load(&DatapathConfig {
+        pin_dir: Some(dir.clone()),
+        max_services: cfg.flags.max_services,
+        max_conntrack: cfg.flags.max_conntrack,
+        node_id: cfg.flags.self_id.unwrap_or(0),
+        ..Default::default()
+    })
+    .with_context(|| format!("load the datapath (pinned at {})", dir.display()))?;
+    info!(
+        pin_dir = %dir.display(),
+        adopted,
+        services = dp.capacity().services,
+        conntrack = dp.capacity().conntrack,
+        "datapath loaded"
+    );
+    let events = dp.take_events();
+    let ha = if cfg.cluster.is_empty() {
+        None
+    } else {
+        let table = dp
+            .sync_table()
+            .context("open the conntrack sync's map handles")?;
+        Some(Arc::new(Ha::new(ha_config(cfg), table, bus.clone())))
+    };
+    let collector = dp
+        .collector()
+        .context("open the conntrack collector's map handles")?;
+    let conntrack = dp
+        .ct_reader()
+        .context("open the conntrack listing's map handles")?;
+    let store = Store::new(&cfg.flags.config_path);
+    let engine = Engine::start(dp, store, adopted).context("restore saved rules")?;
+    Ok(Loaded {
+        engine,
+        events,
+        ha,
+        collector,
+        conntrack,
+    })
+}
+
 /// Starts conntrack sync and the HA tasks: role evaluation (on every event and every 50 ms),
-/// BGP following role changes, BFD state feeding peer liveness.
-async fn start_ha(app: &Shared, ha: &Arc<Ha>, cfg: &Config) -> Result<()> {
+/// BFD state feeding peer liveness, and in L2 mode the ARP follower.
+async fn start_ha(app: &Shared, ha: &Arc<Ha>, cfg: &Config, sup: &Supervisor) -> Result<()> {
     let mut sc = ferrolb_consync::Config::new(
         u32::from(ha.cfg.node_id),
         std::net::SocketAddr::new(
@@ -248,16 +315,6 @@ async fn start_ha(app: &Shared, ha: &Arc<Ha>, cfg: &Config) -> Result<()> {
         .await
         .context("start conntrack sync (--cluster)")?;
     let _ = ha.consync.set(cs);
-    // Roles saved over REST (no --ka) are restored.
-    if !ha.cfg.ka
-        && let Some(b) = &app.bgp
-    {
-        for (i, r) in b.state.lock().await.roles.iter() {
-            if let Some(role) = crate::ha::Role::parse(r) {
-                ha.set_external(i, role);
-            }
-        }
-    }
     info!(
         node = ha.cfg.node_id,
         ka = ha.cfg.ka,
@@ -266,62 +323,66 @@ async fn start_ha(app: &Shared, ha: &Arc<Ha>, cfg: &Config) -> Result<()> {
     );
     if let Some(b) = &app.bfd {
         // Subscribe first, then read the current states: no transition falls in between.
+        let b = b.clone();
         let events = b.handle.subscribe();
-        let handle = b.handle.clone();
-        let list = move || {
-            let handle = handle.clone();
-            async move {
-                handle
-                    .list()
-                    .await
-                    .map(|l| {
-                        l.into_iter()
-                            .map(|s| (s.peer, s.status.state == ferrolb_bfd::State::Up))
-                            .collect()
-                    })
-                    .unwrap_or_default()
-            }
-        };
-        for (peer, up) in list().await {
+        for (peer, up) in b.states().await {
             ha.bfd_event(peer, up);
         }
         let h = ha.clone();
-        tokio::spawn(follow_bfd(events, list, move |peer, up| {
-            h.bfd_event(peer, up)
-        }));
+        let first = std::sync::Mutex::new(Some(events));
+        sup.spawn("bfd-to-ha", OnFailure::Restart, move || {
+            let b = b.clone();
+            let h = h.clone();
+            // A restart subscribes anew (and re-reads the states before following).
+            let events = first
+                .lock()
+                .ok()
+                .and_then(|mut f| f.take())
+                .unwrap_or_else(|| b.handle.subscribe());
+            async move {
+                if h.cfg.peers.iter().any(|p| p.1.is_some()) {
+                    for (peer, up) in b.states().await {
+                        h.bfd_event(peer, up);
+                    }
+                }
+                let list = || {
+                    let b = b.clone();
+                    async move { b.states().await }
+                };
+                crate::bfd::follow(events, list, |peer, up| h.bfd_event(peer, up)).await;
+            }
+        });
     }
-    {
-        let h = ha.clone();
-        tokio::spawn(async move {
+    let h = ha.clone();
+    sup.spawn("ha-evaluate", OnFailure::Restart, move || {
+        let h = h.clone();
+        async move {
             loop {
                 tokio::select! {
                     _ = h.wake.notified() => {}
                     _ = tokio::time::sleep(Duration::from_millis(50)) => {}
                 }
                 let h2 = h.clone();
-                if tokio::task::spawn_blocking(move || h2.evaluate())
-                    .await
-                    .is_err()
-                {
-                    warn!("HA evaluation failed");
+                if let Err(e) = tokio::task::spawn_blocking(move || h2.evaluate()).await {
+                    // A panic in the role machine: the supervisor restarts the loop.
+                    std::panic::resume_unwind(e.into_panic());
                 }
             }
-        });
-    }
-    // L2 mode: a node starts as a standby (no ARP answers for VIPs) until it is MASTER.
+        }
+    });
+    // L2 mode: a node starts as a standby (no ARP answers for VIPs) until it is MASTER, and
+    // follows the role bus from there.
     if ha.cfg.l2 {
-        l2_follow_role(app, ha, false);
-    }
-    {
-        let h = ha.clone();
         let app = app.clone();
-        tokio::spawn(async move {
-            let mut was_master = false;
-            loop {
-                h.changed.notified().await;
-                api::bgp::sync_now(&app).await;
-                if h.cfg.l2 {
-                    was_master = l2_follow_role(&app, &h, was_master);
+        let h = ha.clone();
+        sup.spawn("l2-follower", OnFailure::Restart, move || {
+            let app = app.clone();
+            let h = h.clone();
+            async move {
+                let mut rx = app.roles.bus().subscribe();
+                let mut was_master = l2_follow_role(&app, &h, false).await;
+                while rx.changed().await.is_ok() {
+                    was_master = l2_follow_role(&app, &h, was_master).await;
                 }
             }
         });
@@ -330,10 +391,10 @@ async fn start_ha(app: &Shared, ha: &Arc<Ha>, cfg: &Config) -> Result<()> {
 }
 
 /// L2 mode: a BACKUP's datapath drops ARP requests for VIPs (the stack would answer them:
-/// the VIPs are on `lo` on every node); a node that just became
-/// MASTER announces them with gratuitous ARP on every attached interface, 5 times 100 ms
-/// apart. Returns whether this node is MASTER now.
-pub fn l2_follow_role(app: &Shared, ha: &Arc<Ha>, was_master: bool) -> bool {
+/// the VIPs are on `lo` on every node); a node that just became MASTER announces them with
+/// gratuitous ARP on every attached interface, 5 times 100 ms apart. Returns whether this
+/// node is MASTER now.
+pub async fn l2_follow_role(app: &Shared, ha: &Arc<Ha>, was_master: bool) -> bool {
     let role = ha.role(crate::ha::DEFAULT_INSTANCE);
     let master = role == crate::ha::Role::Master;
     // NOT_DEFINED (no roles set) answers like a single node.
@@ -342,10 +403,11 @@ pub fn l2_follow_role(app: &Shared, ha: &Arc<Ha>, was_master: bool) -> bool {
     } else {
         0
     };
-    let (ifaces, vips) = match app.engine.lock() {
-        Ok(mut e) => {
-            if let Err(e) = e.datapath_mut().set_ha_flags(flags) {
-                warn!(error = %e, "cannot set the datapath's L2 standby flag");
+    let Ok((ifaces, vips)) = app
+        .engine
+        .call(move |e| {
+            if let Err(err) = e.datapath_mut().set_ha_flags(flags) {
+                warn!(error = %err, "cannot set the datapath's L2 standby flag");
             }
             let attached = e.datapath().attached().to_vec();
             let ifaces: Vec<(String, u32)> = interfaces()
@@ -354,8 +416,10 @@ pub fn l2_follow_role(app: &Shared, ha: &Arc<Ha>, was_master: bool) -> bool {
                 .collect();
             let vips: Vec<std::net::IpAddr> = e.rules().vips().into_iter().collect();
             (ifaces, vips)
-        }
-        Err(_) => return master,
+        })
+        .await
+    else {
+        return master;
     };
     if master && !was_master {
         info!(
@@ -375,6 +439,184 @@ pub fn l2_follow_role(app: &Shared, ha: &Arc<Ha>, was_master: bool) -> bool {
         info!("L2: not MASTER; ARP requests for the VIPs are left to the MASTER");
     }
     master
+}
+
+/// The conntrack collector (its own map handles: nothing waits while it walks the table),
+/// also the interface watcher. Runs every `--gc-interval` and at once on source-NAT port
+/// pressure (at most once a second).
+async fn collector_loop(
+    app: Shared,
+    cfg: Arc<Config>,
+    mut collector: Collector,
+    nat_pressure: Arc<tokio::sync::Notify>,
+    attached: Arc<std::sync::Mutex<BTreeMap<String, u32>>>,
+) {
+    let mut gc = tokio::time::interval(Duration::from_secs(cfg.flags.gc_interval));
+    gc.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_pass = std::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = gc.tick() => {}
+            _ = nat_pressure.notified() => {
+                let since = last_pass.elapsed();
+                if since < NAT_PRESSURE_MIN_GAP {
+                    tokio::time::sleep(NAT_PRESSURE_MIN_GAP - since).await;
+                }
+                debug!("source-NAT port pressure: collecting now");
+            }
+        }
+        last_pass = std::time::Instant::now();
+        let app2 = app.clone();
+        let cfg2 = cfg.clone();
+        let attached2 = attached.clone();
+        let res = tokio::task::spawn_blocking(move || {
+            let now = monotonic_ns();
+            let entries = collector.entries();
+            let pass = census(&entries, now);
+            let removed_entries = collector.collect_from(&entries, now);
+            if let Some(ha) = &app2.ha {
+                ha.publish_events(&[], &removed_entries);
+            }
+            let removed = removed_entries.len();
+            if removed > 0 {
+                debug!(removed, "conntrack collector pass");
+            }
+            let live = (entries.len() - removed) as u64;
+            let _ = app2.engine.call_blocking(move |e| {
+                e.set_census(pass, live, removed as u64);
+                if let Ok(mut done) = attached2.lock() {
+                    attach_new(e.datapath_mut(), &cfg2, &mut done);
+                }
+            });
+            collector
+        })
+        .await;
+        match res {
+            Ok(c) => collector = c,
+            // The supervisor reports it and starts a new collector.
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+}
+
+/// Conntrack events from the ring buffer: published to the peers in ring order; port
+/// pressure wakes the collector.
+async fn event_loop(app: Shared, ev: EventStream, nat_pressure: Arc<tokio::sync::Notify>) {
+    // SAFETY: the ring buffer owns its map fd for its whole life, and the EventStream
+    // (moved into the AsyncFd) always returns that same fd.
+    let reg = unsafe { AsyncFd::register_with_interest(ev, tokio::io::Interest::READABLE) };
+    let mut afd = match reg {
+        Ok(a) => a,
+        Err(e) => {
+            error!(error = %e, "cannot poll the conntrack event ring buffer");
+            return;
+        }
+    };
+    // The datapath wakes us only when the ring fills up; otherwise drain on a timer.
+    let poll = if app.ha.is_some() {
+        EVENT_POLL_MS_CLUSTER
+    } else {
+        EVENT_POLL_MS
+    };
+    let mut tick = tokio::time::interval(Duration::from_millis(poll));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let lost_now = |app: &Shared| {
+        let engine = app.engine.clone();
+        async move {
+            engine
+                .call(|e| e.datapath().counter(ferrolb_bpf::maps::Counter::EventsLost))
+                .await
+                .ok()
+        }
+    };
+    let mut lost = lost_now(&app).await.unwrap_or(0);
+    let mut lost_checked = std::time::Instant::now();
+    let mut batch = Vec::new();
+    loop {
+        tokio::select! {
+            r = afd.readable_mut() => {
+                let Ok(mut guard) = r else { return };
+                guard.clear_ready();
+            }
+            _ = tick.tick() => {}
+        }
+        while let Some(e) = afd.get_mut().try_next() {
+            let Some(k) = e.kind() else { continue };
+            app.metrics.event(k);
+            match k {
+                EventKind::NatPressure => nat_pressure.notify_one(),
+                EventKind::Removed => {
+                    // In order: a removal followed by a new flow on the same key must reach
+                    // the peers in that order.
+                    if let Some(ha) = &app.ha {
+                        ha.publish_events(&batch, &[]);
+                        batch.clear();
+                        ha.publish_events(&[], &[(e.key, e.val)]);
+                    }
+                }
+                EventKind::Created | EventKind::Established | EventKind::Closed => {
+                    if app.ha.is_some() {
+                        batch.push((e.key, e.val));
+                    }
+                }
+            }
+        }
+        if let Some(ha) = &app.ha {
+            // Events lost in the ring buffer: the peers cannot trust their copy (checked
+            // every 100 ms: one per-CPU counter, on the engine's thread).
+            if lost_checked.elapsed() >= Duration::from_millis(100) {
+                lost_checked = std::time::Instant::now();
+                if let Some(l) = lost_now(&app).await
+                    && l != lost
+                {
+                    lost = l;
+                    ha.events_lost();
+                }
+            }
+            if !batch.is_empty() {
+                ha.publish_events(&batch, &[]);
+                batch.clear();
+            }
+        }
+    }
+}
+
+/// SIGTERM or SIGINT: a MASTER hands its role over (once the peer holds all its state), BGP
+/// drains, then every listener stops (and the agent; the datapath stays).
+async fn stop_on_signal(app: Shared, drain_grace: u64, stop: tokio::sync::watch::Sender<bool>) {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+    }
+    if let Some(ha) = &app.ha
+        && ha.cfg.ka
+        && ha.role(crate::ha::DEFAULT_INSTANCE) == crate::ha::Role::Master
+        && ha.switchover_target().is_some()
+    {
+        match crate::ha::control::switchover(ha).await {
+            Ok((node, term)) => {
+                info!(node, term, "stopping: MASTER handed over");
+                if let (Some(b), Some(_)) = (&app.bgp, &app.ha) {
+                    b.sync_routes(&app.engine, &app.roles).await;
+                }
+                if ha.cfg.l2 {
+                    l2_follow_role(&app, ha, true).await;
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "stopping: switchover failed; the peer takes over when it detects us gone")
+            }
+        }
+    }
+    if let Some(b) = &app.bgp {
+        info!(grace_s = drain_grace, "draining BGP before stopping");
+        b.speaker
+            .drain(Duration::from_secs(drain_grace), crate::bgp::BACKUP_PREPEND)
+            .await;
+    }
+    info!("stopping; the datapath stays pinned and keeps forwarding");
+    let _ = stop.send(true);
 }
 
 /// Serves the API on one listener until `stop` resolves.
@@ -397,322 +639,106 @@ fn spawn_server<L>(
 }
 
 pub async fn run(cfg: Config) -> Result<()> {
-    let dir = pin_dir(&cfg)?;
-    // A datapath of another layout (an upgrade) cannot be adopted, and its program would stay
-    // attached beside ours: remove it.
-    if cfg.flags.bpf_pin_dir.is_none() {
-        let _ = ferrolb_bpf::ensure_bpffs(&dir);
-        for old in ferrolb_bpf::other_layouts(&dir) {
-            match ferrolb_bpf::purge(&old) {
-                Ok(n) => warn!(
-                    dir = %old.display(),
-                    pins = n,
-                    "removed a datapath of another layout version; its flows are not adopted"
-                ),
-                Err(e) => {
-                    warn!(dir = %old.display(), error = %e, "cannot remove a datapath of another layout version")
-                }
-            }
-        }
+    let cfg = Arc::new(cfg);
+    let metrics = Arc::new(Metrics::default());
+    let bus = RoleBus::default();
+    // Stages: datapath and saved rules; the engine on its thread; BFD; BGP; roles; HA.
+    let Loaded {
+        mut engine,
+        events,
+        ha,
+        collector,
+        conntrack,
+    } = load_datapath(&cfg, &bus)?;
+    let attached = Arc::new(std::sync::Mutex::new(BTreeMap::new()));
+    if let Ok(mut done) = attached.lock() {
+        attach_new(engine.datapath_mut(), &cfg, &mut done);
     }
-    let adopted = dir.join("conntrack").exists();
-    let dp = Datapath::load(&DatapathConfig {
-        pin_dir: Some(dir.clone()),
-        max_services: cfg.flags.max_services,
-        max_conntrack: cfg.flags.max_conntrack,
-        node_id: cfg.flags.self_id.unwrap_or(0),
-        ..Default::default()
-    })
-    .with_context(|| format!("load the datapath (pinned at {})", dir.display()))?;
-    info!(
-        pin_dir = %dir.display(),
-        adopted,
-        services = dp.capacity().services,
-        conntrack = dp.capacity().conntrack,
-        "datapath loaded"
-    );
-    let mut dp = dp;
-    let events = dp.take_events();
-    let ha = if cfg.cluster.is_empty() {
-        None
-    } else {
-        let table = dp
-            .sync_table()
-            .context("open the conntrack sync's map handles")?;
-        Some(Arc::new(Ha::new(ha_config(&cfg), table)))
-    };
-    let store = Store::new(&cfg.flags.config_path);
-    let mut engine = Engine::start(dp, store, adopted).context("restore saved rules")?;
-    let mut attached = BTreeMap::new();
-    attach_new(engine.datapath_mut(), &cfg, &mut attached);
-    let bfd = start_bfd(&cfg).await?;
+    let engine = EngineHandle::spawn(engine).context("start the rule engine's thread")?;
+    let bfd = Bfd::start(&cfg).await?.map(Arc::new);
     let bgp = if cfg.flags.bgp {
-        let state = BgpService::load(&cfg.flags.config_path)?;
-        let svc = BgpService {
-            speaker: ferrolb_bgp::Speaker::new(),
-            dir: cfg.flags.config_path.clone(),
-            state: tokio::sync::Mutex::new(state),
-            dirty: tokio::sync::Notify::new(),
-        };
-        svc.apply(&*svc.state.lock().await);
-        // Passive neighbours connect to us; active ones may too (collisions are resolved).
-        if let Err(e) = svc.speaker.listen(179).await {
-            warn!(error = %e, "cannot listen on TCP 179: passive BGP neighbours will not come up");
-        }
-        info!("BGP speaker enabled");
-        Some(svc)
+        Some(Bgp::start(&cfg.flags.config_path, bfd.clone()).await?)
     } else {
         None
     };
+    let roles = Arc::new(Roles::load(&cfg.flags.config_path, ha.clone(), bus)?);
     let app = Arc::new(App {
-        engine: Mutex::new(engine),
-        metrics: Metrics::default(),
+        engine: engine.clone(),
+        metrics: metrics.clone(),
         bfd,
-        bgp,
+        bgp: bgp.clone(),
         ha: ha.clone(),
+        roles: roles.clone(),
+        conntrack: Arc::new(conntrack),
     });
+    let (sup, mut fatal) = Supervisor::new(metrics);
     if let Some(ha) = &ha {
-        start_ha(&app, ha, &cfg).await?;
+        start_ha(&app, ha, &cfg, &sup).await?;
     }
-    if let Some(b) = &app.bgp {
-        api::bgp::sync_now(&app).await;
-        tokio::spawn(api::bgp::sync_task(app.clone()));
-        let bfd_neighbors: Vec<std::net::IpAddr> = b
-            .state
-            .lock()
+    {
+        // Roles saved over REST (no --ka); adopting flows as MASTER walks the table.
+        let r = roles.clone();
+        tokio::task::spawn_blocking(move || r.restore())
             .await
-            .neighbors
-            .values()
-            .filter(|n| n.bfd)
-            .map(|n| n.address)
-            .collect();
-        for n in bfd_neighbors {
-            api::bgp::bfd_for_neighbor(&app, n).await;
-        }
+            .context("restore saved roles")?;
     }
-    // BFD Down on a BGP neighbour with `bfd: true` tears its session down at once.
-    if let (Some(b), Some(_)) = (&app.bfd, &app.bgp) {
-        let mut events = b.handle.subscribe();
-        let app = app.clone();
-        tokio::spawn(async move {
-            loop {
-                let ev = match events.recv().await {
-                    Ok(e) => e,
-                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(_) => return,
-                };
-                if ev.to != ferrolb_bfd::State::Down || ev.from != ferrolb_bfd::State::Up {
-                    continue;
-                }
-                let peer = ev.peer;
-                let Some(svc) = &app.bgp else { return };
-                let bfd_on = svc
-                    .state
-                    .lock()
-                    .await
-                    .neighbors
-                    .get(&peer)
-                    .is_some_and(|n| n.bfd);
-                if bfd_on {
-                    svc.speaker.reset_neighbor(peer, "BFD session down");
-                }
-            }
+    if let Some(b) = &bgp {
+        let (b1, e1, r1) = (b.clone(), engine.clone(), roles.clone());
+        sup.spawn("bgp-routes", OnFailure::Restart, move || {
+            b1.clone().follow(e1.clone(), r1.clone())
+        });
+        let b2 = b.clone();
+        sup.spawn("bgp-bfd", OnFailure::Restart, move || {
+            b2.clone().follow_bfd()
         });
     }
-    let cfg = Arc::new(cfg);
-
-    // Conntrack collector (own map handles: the API is not held up while it walks the
-    // table) and interface watcher.
-    let mut collector = app
-        .engine
-        .lock()
-        .map_err(|_| anyhow::anyhow!("engine lock poisoned"))?
-        .datapath()
-        .collector()
-        .context("open the conntrack collector's map handles")?;
     // The datapath reports source-NAT port pressure (a hard or failed allocation): expired
     // flows may hold the ports, so the collector runs at once (at most once a second).
     let nat_pressure = Arc::new(tokio::sync::Notify::new());
     {
-        let app = app.clone();
-        let cfg = cfg.clone();
-        let nat_pressure = nat_pressure.clone();
-        tokio::spawn(async move {
-            let mut gc = tokio::time::interval(Duration::from_secs(cfg.flags.gc_interval));
-            gc.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let mut last_pass = std::time::Instant::now();
-            loop {
-                tokio::select! {
-                    _ = gc.tick() => {}
-                    _ = nat_pressure.notified() => {
-                        let since = last_pass.elapsed();
-                        if since < NAT_PRESSURE_MIN_GAP {
-                            tokio::time::sleep(NAT_PRESSURE_MIN_GAP - since).await;
-                        }
-                        debug!("source-NAT port pressure: collecting now");
-                    }
-                }
-                last_pass = std::time::Instant::now();
-                let app = app.clone();
-                let cfg = cfg.clone();
-                let mut attached_now = std::mem::take(&mut attached);
-                let res = tokio::task::spawn_blocking(move || {
-                    let now = monotonic_ns();
-                    let entries = collector.entries();
-                    let pass = census(&entries, now);
-                    let removed_entries = collector.collect_from(&entries, now);
-                    if let Some(ha) = &app.ha {
-                        ha.publish_events(&[], &removed_entries);
-                    }
-                    let removed = removed_entries.len();
-                    if removed > 0 {
-                        debug!(removed, "conntrack collector pass");
-                    }
-                    if let Ok(mut e) = app.engine.lock() {
-                        e.set_census(pass, (entries.len() - removed) as u64, removed as u64);
-                        attach_new(e.datapath_mut(), &cfg, &mut attached_now);
-                    }
-                    (collector, attached_now)
-                })
-                .await;
-                match res {
-                    Ok((c, a)) => {
-                        collector = c;
-                        attached = a;
-                    }
-                    Err(e) => {
-                        warn!(error = %e, "collector task failed; collection stops");
-                        return;
-                    }
-                }
+        let (app, cfg, np, att) = (app.clone(), cfg.clone(), nat_pressure.clone(), attached);
+        let first = std::sync::Mutex::new(Some(collector));
+        sup.spawn("collector", OnFailure::Restart, move || {
+            let (app, cfg, np, att) = (app.clone(), cfg.clone(), np.clone(), att.clone());
+            let given = first.lock().ok().and_then(|mut f| f.take());
+            async move {
+                // After a failure: new handles from the datapath.
+                let c = match given {
+                    Some(c) => c,
+                    None => match app.engine.call(|e| e.datapath().collector()).await {
+                        Ok(Ok(c)) => c,
+                        Ok(Err(e)) => panic!("no collector handles: {e}"),
+                        Err(e) => panic!("{e}"),
+                    },
+                };
+                collector_loop(app, cfg, c, np, att).await
             }
         });
     }
-
-    // Conntrack events from the ring buffer.
     if let Some(ev) = events {
-        let app = app.clone();
-        let nat_pressure = nat_pressure.clone();
-        tokio::spawn(async move {
-            // SAFETY: the ring buffer owns its map fd for its whole life, and the EventStream
-            // (moved into the AsyncFd) always returns that same fd.
-            let reg = unsafe { AsyncFd::register_with_interest(ev, tokio::io::Interest::READABLE) };
-            let mut afd = match reg {
-                Ok(a) => a,
-                Err(e) => {
-                    warn!(error = %e, "cannot poll the conntrack event ring buffer");
-                    return;
-                }
-            };
-            // The datapath wakes us only when the ring fills up; otherwise drain on a timer.
-            let poll = if app.ha.is_some() {
-                EVENT_POLL_MS_CLUSTER
-            } else {
-                EVENT_POLL_MS
-            };
-            let mut tick = tokio::time::interval(Duration::from_millis(poll));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            let lost_now = |app: &Shared| {
-                app.engine
-                    .lock()
-                    .ok()
-                    .map(|e| e.datapath().counter(ferrolb_bpf::maps::Counter::EventsLost))
-            };
-            let mut lost = lost_now(&app).unwrap_or(0);
-            let mut lost_checked = std::time::Instant::now();
-            let mut batch = Vec::new();
-            loop {
-                tokio::select! {
-                    r = afd.readable_mut() => {
-                        let Ok(mut guard) = r else { return };
-                        guard.clear_ready();
-                    }
-                    _ = tick.tick() => {}
-                }
-                while let Some(e) = afd.get_mut().try_next() {
-                    let Some(k) = e.kind() else { continue };
-                    app.metrics.event(k);
-                    match k {
-                        EventKind::NatPressure => nat_pressure.notify_one(),
-                        EventKind::Removed => {
-                            // In order: a removal followed by a new flow on the same key
-                            // must reach the peers in that order.
-                            if let Some(ha) = &app.ha {
-                                ha.publish_events(&batch, &[]);
-                                batch.clear();
-                                ha.publish_events(&[], &[(e.key, e.val)]);
-                            }
-                        }
-                        EventKind::Created | EventKind::Established | EventKind::Closed => {
-                            if app.ha.is_some() {
-                                batch.push((e.key, e.val));
-                            }
-                        }
-                    }
-                }
-                if let Some(ha) = &app.ha {
-                    // Events lost in the ring buffer: the peers cannot trust their copy
-                    // (checked every 100 ms: one per-CPU counter, under the engine lock).
-                    if lost_checked.elapsed() >= Duration::from_millis(100) {
-                        lost_checked = std::time::Instant::now();
-                        if let Some(l) = lost_now(&app)
-                            && l != lost
-                        {
-                            lost = l;
-                            ha.events_lost();
-                        }
-                    }
-                    if !batch.is_empty() {
-                        ha.publish_events(&batch, &[]);
-                        batch.clear();
-                    }
+        // The ring buffer can be taken once: without its reader the peers would silently
+        // stop getting flows, so a failure stops the agent (a supervisor restarts it).
+        let (app, np) = (app.clone(), nat_pressure.clone());
+        let ev = std::sync::Mutex::new(Some(ev));
+        sup.spawn("conntrack-events", OnFailure::Exit, move || {
+            let (app, np) = (app.clone(), np.clone());
+            let ev = ev.lock().ok().and_then(|mut e| e.take());
+            async move {
+                if let Some(ev) = ev {
+                    event_loop(app, ev, np).await;
                 }
             }
         });
     }
-
-    // SIGTERM or SIGINT stops every listener (and the agent; the datapath stays).
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let drain_app = app.clone();
-    let drain_grace = cfg.flags.bgp_drain_seconds;
-    tokio::spawn(async move {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
-        }
-        // A MASTER hands its role over (once the peer holds all its state) before draining.
-        if let Some(ha) = &drain_app.ha
-            && ha.cfg.ka
-            && ha.role(crate::ha::DEFAULT_INSTANCE) == crate::ha::Role::Master
-            && ha.switchover_target().is_some()
-        {
-            match api::ha::switchover_now(&drain_app).await {
-                Ok((node, term)) => {
-                    info!(node, term, "stopping: MASTER handed over");
-                    if ha.cfg.l2 {
-                        l2_follow_role(&drain_app, ha, true);
-                    }
-                }
-                Err(e) => {
-                    warn!(error = %e.message(), "stopping: switchover failed; the peer takes over when it detects us gone")
-                }
-            }
-        }
-        if let Some(b) = &drain_app.bgp {
-            info!(grace_s = drain_grace, "draining BGP before stopping");
-            b.speaker
-                .drain(Duration::from_secs(drain_grace), api::bgp::BACKUP_PREPEND)
-                .await;
-        }
-        info!("stopping; the datapath stays pinned and keeps forwarding");
-        let _ = stop_tx.send(true);
-    });
+    tokio::spawn(stop_on_signal(
+        app.clone(),
+        cfg.flags.bgp_drain_seconds,
+        stop_tx,
+    ));
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-
     let mut servers = tokio::task::JoinSet::new();
     if cfg.flags.tls {
         let (Some(cert), Some(key)) = (&cfg.flags.tls_certificate, &cfg.flags.tls_key) else {
@@ -744,14 +770,16 @@ pub async fn run(cfg: Config) -> Result<()> {
             "HTTP",
         );
     }
-    if servers.is_empty() {
-        stopped(stop_rx).await;
-        return Ok(());
+    loop {
+        tokio::select! {
+            Some(why) = fatal.recv() => anyhow::bail!("{why}"),
+            r = servers.join_next(), if !servers.is_empty() => match r {
+                Some(r) => r.context("API server task")??,
+                None => return Ok(()),
+            },
+            _ = stopped(stop_rx.clone()), if servers.is_empty() => return Ok(()),
+        }
     }
-    while let Some(r) = servers.join_next().await {
-        r.context("API server task")??;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -790,7 +818,7 @@ mod tests {
         drop(tx);
         let seen = Mutex::new(BTreeMap::new());
         let lists = Mutex::new(0);
-        follow_bfd(
+        crate::bfd::follow(
             rx,
             || {
                 *lists.lock().unwrap() += 1;
@@ -805,6 +833,45 @@ mod tests {
         assert_eq!(
             seen.into_inner().unwrap(),
             BTreeMap::from([(a, false), (b, true)])
+        );
+    }
+
+    /// A task that panics is reported, counted and started again; one marked Exit stops the
+    /// agent with its cause.
+    #[tokio::test]
+    async fn failed_tasks_are_restarted_or_stop_the_agent() {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        let metrics = Arc::new(Metrics::default());
+        let (sup, mut fatal) = Supervisor::new(metrics.clone());
+        let runs = Arc::new(AtomicU32::new(0));
+        let r = runs.clone();
+        let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
+        sup.spawn("flaky", OnFailure::Restart, move || {
+            let r = r.clone();
+            let done = done_tx.clone();
+            async move {
+                if r.fetch_add(1, Ordering::SeqCst) == 0 {
+                    panic!("collector map gone");
+                }
+                let _ = done.send(());
+                std::future::pending::<()>().await;
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(5), done_rx.recv())
+            .await
+            .expect("restarted within 5 s");
+        assert_eq!(runs.load(Ordering::SeqCst), 2);
+        assert_eq!(metrics.task_restarts(), vec![("flaky", 1)]);
+        sup.spawn("events", OnFailure::Exit, || async {
+            panic!("ring buffer gone")
+        });
+        let why = tokio::time::timeout(Duration::from_secs(5), fatal.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            why.contains("events") && why.contains("ring buffer gone"),
+            "{why}"
         );
     }
 }

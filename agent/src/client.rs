@@ -1,11 +1,10 @@
-//! A minimal blocking HTTP/1.1 client for `ferroctl` and the tests: one request per
-//! connection (`Connection: close`), bounded by a timeout, `http://` only.
+//! The REST client of `ferroctl`: `ureq` (blocking HTTP/1.1, rustls) for `http://` and
+//! `https://` URLs, with the node's CA given by `--cacert` (otherwise the web's roots).
 
-use std::io::{Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow};
 
 #[derive(Debug, Clone)]
 pub struct HttpResponse {
@@ -24,120 +23,62 @@ impl HttpResponse {
     }
 }
 
-/// Splits `http://host:port/path` into (host:port, path).
-fn split_url(url: &str) -> Result<(String, String)> {
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| anyhow!("{url}: only http:// URLs are supported"))?;
-    let (hostport, path) = match rest.find('/') {
-        Some(i) => (&rest[..i], &rest[i..]),
-        None => (rest, "/"),
-    };
-    let hostport = if hostport.contains(':') && !hostport.ends_with(']') {
-        hostport.to_string()
-    } else {
-        format!("{hostport}:80")
-    };
-    Ok((hostport, path.to_string()))
+/// Replies larger than this are refused (a conntrack listing of a million flows fits).
+const MAX_REPLY: u64 = 1 << 30;
+
+pub struct Client {
+    agent: ureq::Agent,
 }
 
-pub fn request(
-    method: &str,
-    url: &str,
-    body: Option<&[u8]>,
-    timeout: Duration,
-) -> Result<HttpResponse> {
-    let (hostport, path) = split_url(url)?;
-    let addr = hostport
-        .to_socket_addrs()
-        .with_context(|| format!("resolve {hostport}"))?
-        .next()
-        .ok_or_else(|| anyhow!("{hostport}: no address"))?;
-    let mut s = TcpStream::connect_timeout(&addr, timeout)
-        .with_context(|| format!("connect to {hostport}"))?;
-    s.set_read_timeout(Some(timeout))?;
-    s.set_write_timeout(Some(timeout))?;
-    let body = body.unwrap_or(&[]);
-    let mut req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {hostport}\r\nConnection: close\r\nAccept: */*\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    if !body.is_empty() {
-        req.push_str("Content-Type: application/json\r\n");
-    }
-    req.push_str("\r\n");
-    s.write_all(req.as_bytes())?;
-    s.write_all(body)?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)
-        .with_context(|| format!("read the reply from {hostport}"))?;
-    parse_response(&raw)
-}
-
-fn parse_response(raw: &[u8]) -> Result<HttpResponse> {
-    let end = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or_else(|| anyhow!("malformed HTTP reply (no header end)"))?;
-    let head = String::from_utf8_lossy(&raw[..end]);
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let status: u16 = status_line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| anyhow!("malformed status line '{status_line}'"))?;
-    let chunked = lines.any(|l| {
-        let l = l.to_ascii_lowercase();
-        l.starts_with("transfer-encoding:") && l.contains("chunked")
-    });
-    let mut body = raw[end + 4..].to_vec();
-    if chunked {
-        body = dechunk(&body)?;
-    }
-    Ok(HttpResponse { status, body })
-}
-
-fn dechunk(mut b: &[u8]) -> Result<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let eol = b
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .ok_or_else(|| anyhow!("malformed chunked body"))?;
-        let size_s = String::from_utf8_lossy(&b[..eol]);
-        let size = usize::from_str_radix(size_s.split(';').next().unwrap_or("").trim(), 16)
-            .map_err(|_| anyhow!("malformed chunk size '{size_s}'"))?;
-        b = &b[eol + 2..];
-        if size == 0 {
-            return Ok(out);
+impl Client {
+    /// `cacert`: PEM file of the CA(s) that sign the node's HTTPS certificate.
+    pub fn new(timeout: Duration, cacert: Option<&std::path::Path>) -> Result<Client> {
+        let mut tls = ureq::tls::TlsConfig::builder();
+        if let Some(path) = cacert {
+            let pem = std::fs::read(path)
+                .with_context(|| format!("--cacert: read {}", path.display()))?;
+            let certs: Vec<ureq::tls::Certificate<'static>> = ureq::tls::parse_pem(&pem)
+                .filter_map(|item| match item {
+                    Ok(ureq::tls::PemItem::Certificate(c)) => Some(Ok(c)),
+                    Ok(_) => None,
+                    Err(e) => Some(Err(e)),
+                })
+                .collect::<Result<_, _>>()
+                .map_err(|e| anyhow!("--cacert: {}: {e}", path.display()))?;
+            if certs.is_empty() {
+                anyhow::bail!("--cacert: {} holds no certificate", path.display());
+            }
+            tls = tls.root_certs(ureq::tls::RootCerts::Specific(Arc::new(certs)));
         }
-        if b.len() < size + 2 {
-            bail!("truncated chunked body");
-        }
-        out.extend_from_slice(&b[..size]);
-        b = &b[size + 2..];
+        let agent = ureq::Agent::config_builder()
+            .timeout_global(Some(timeout))
+            .http_status_as_error(false)
+            .tls_config(tls.build())
+            .build()
+            .new_agent();
+        Ok(Client { agent })
     }
-}
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn parses_plain_and_chunked_replies() {
-        let r = parse_response(b"HTTP/1.1 404 Not Found\r\ncontent-length: 2\r\n\r\n{}").unwrap();
-        assert_eq!((r.status, r.text().as_str()), (404, "{}"));
-        let r = parse_response(
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n",
-        )
-        .unwrap();
-        assert_eq!(r.text(), "abcde");
-        assert!(parse_response(b"garbage").is_err());
-        assert_eq!(
-            split_url("http://10.0.0.1:11111/netlox/v1").unwrap(),
-            ("10.0.0.1:11111".into(), "/netlox/v1".into())
-        );
-        assert!(split_url("https://x").is_err());
+    /// One request; any HTTP status is an answer (only transport failures are errors).
+    pub fn request(&self, method: &str, url: &str, body: Option<&[u8]>) -> Result<HttpResponse> {
+        let resp = match (method, body) {
+            ("GET", _) => self.agent.get(url).call(),
+            ("DELETE", _) => self.agent.delete(url).call(),
+            ("POST", b) => self
+                .agent
+                .post(url)
+                .header("content-type", "application/json")
+                .send(b.unwrap_or_default()),
+            (m, _) => return Err(anyhow!("unsupported method {m}")),
+        }
+        .map_err(|e| anyhow!("{e}"))?;
+        let status = resp.status().as_u16();
+        let body = resp
+            .into_body()
+            .with_config()
+            .limit(MAX_REPLY)
+            .read_to_vec()
+            .map_err(|e| anyhow!("reading the reply: {e}"))?;
+        Ok(HttpResponse { status, body })
     }
 }

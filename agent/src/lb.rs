@@ -1,12 +1,17 @@
 //! The load-balancer engine: owns the datapath, the rule set, the state store and the VIPs on
 //! `lo`, and performs every change in the order that keeps them consistent (see
-//! [`crate::rules`]). REST handlers, the garbage collector and metrics go through it.
+//! [`crate::rules`]).
+//!
+//! The engine lives on a thread of its own ([`EngineHandle::spawn`]): everything it does
+//! blocks (map updates, rtnetlink, `fdatasync`), so none of it runs on the async workers that
+//! carry BGP keepalives and sync heartbeats. REST handlers, the collector and metrics send it
+//! jobs and await the answers; rule changes are announced on a watch channel that BGP follows.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 
 use ferrolb_bpf::Datapath;
-use ferrolb_bpf::maps::{CtState, MAX_ENDPOINTS};
+use ferrolb_bpf::maps::CtState;
 use tracing::{info, warn};
 
 use crate::model::{FieldError, NatMode, RuleKey, RuleSpec};
@@ -34,6 +39,74 @@ pub struct NatPool {
     pub source: IpAddr,
     pub endpoint: IpAddr,
     pub port: u16,
+}
+
+/// A job for the engine's thread.
+type Job = Box<dyn FnOnce(&mut Engine) + Send>;
+
+/// The engine's thread stopped (it panicked, or the agent is stopping).
+#[derive(Debug, thiserror::Error)]
+#[error("the rule engine is not running")]
+pub struct EngineGone;
+
+/// Jobs waiting for the engine beyond this make callers wait (back-pressure on bursts).
+const QUEUE: usize = 256;
+
+/// The way to the engine's thread. Cheap to clone.
+#[derive(Clone)]
+pub struct EngineHandle {
+    tx: tokio::sync::mpsc::Sender<Job>,
+    rules: tokio::sync::watch::Receiver<u64>,
+}
+
+impl EngineHandle {
+    /// Moves `engine` onto its own thread.
+    pub fn spawn(mut engine: Engine) -> std::io::Result<EngineHandle> {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Job>(QUEUE);
+        let rules = engine.rules_version.subscribe();
+        std::thread::Builder::new()
+            .name("ferrolb-engine".into())
+            .spawn(move || {
+                while let Some(job) = rx.blocking_recv() {
+                    job(&mut engine);
+                }
+            })?;
+        Ok(EngineHandle { tx, rules })
+    }
+
+    /// Runs `f` on the engine's thread and returns its answer.
+    pub async fn call<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Engine) -> R + Send + 'static,
+    ) -> Result<R, EngineGone> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.tx
+            .send(Box::new(move |e| {
+                let _ = tx.send(f(e));
+            }))
+            .await
+            .map_err(|_| EngineGone)?;
+        rx.await.map_err(|_| EngineGone)
+    }
+
+    /// [`EngineHandle::call`] from a thread outside the async runtime (the blocking pool).
+    pub fn call_blocking<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Engine) -> R + Send + 'static,
+    ) -> Result<R, EngineGone> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.tx
+            .blocking_send(Box::new(move |e| {
+                let _ = tx.send(f(e));
+            }))
+            .map_err(|_| EngineGone)?;
+        rx.blocking_recv().map_err(|_| EngineGone)
+    }
+
+    /// Changes every time the rule set changes.
+    pub fn rules_changed(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.rules.clone()
+    }
 }
 
 /// What a collector pass counts (see [`census`]).
@@ -70,6 +143,8 @@ pub struct Engine {
     store: Store,
     managed_vips: BTreeSet<IpAddr>,
     pub census: CtCensus,
+    /// Bumped after every change of the rule set.
+    rules_version: tokio::sync::watch::Sender<u64>,
 }
 
 impl Engine {
@@ -98,6 +173,7 @@ impl Engine {
             store,
             managed_vips: managed,
             census: CtCensus::default(),
+            rules_version: tokio::sync::watch::channel(0).0,
         })
     }
 
@@ -142,7 +218,7 @@ impl Engine {
                 if e.snat.is_some() {
                     continue;
                 }
-                let src = vip::source_toward(e.spec.ip).map_err(|err| {
+                let src = vip::source_toward_blocking(e.spec.ip).map_err(|err| {
                     RuleError::Invalid(FieldError::new(
                         format!("endpoints[{i}].endpointIP"),
                         format!("one-arm mode needs a route to {}: {err:#}", e.spec.ip),
@@ -211,6 +287,7 @@ impl Engine {
             }
             return Err(RuleError::Internal(msg));
         }
+        self.rules_version.send_modify(|v| *v = v.wrapping_add(1));
         Ok(())
     }
 
@@ -299,6 +376,7 @@ impl Engine {
             }
             return Err(RuleError::Internal(msg));
         }
+        self.rules_version.send_modify(|v| *v = v.wrapping_add(1));
         Ok(removed.len())
     }
 
@@ -321,46 +399,13 @@ impl Engine {
         (st.packets, st.bytes)
     }
 
-    /// Every flow (its original direction), with the packets and bytes of both directions.
-    pub fn flows(&self) -> Vec<FlowView> {
-        let entries = self.dp.ct_entries();
-        let by_key: BTreeMap<_, _> = entries.iter().map(|(k, v)| (key_tuple(k), v)).collect();
-        let names: BTreeMap<u32, String> = self
-            .rules
+    /// Rule labels by datapath service id (for flow listings).
+    pub fn labels_by_id(&self) -> std::collections::HashMap<u32, String> {
+        self.rules
             .rules
             .values()
             .map(|r| (r.id, r.label()))
-            .collect();
-        let mut out = Vec::new();
-        for (k, v) in &entries {
-            if v.dir != 0 {
-                continue;
-            }
-            let peer = k.peer(v);
-            let (rp, rb) = by_key
-                .get(&key_tuple(&peer))
-                .map(|p| (p.packets, p.bytes))
-                .unwrap_or((0, 0));
-            let state = match v.state() {
-                CtState::Established if k.proto != 6 => "est",
-                s => ct_state_name(s),
-            };
-            out.push(FlowView {
-                client: SocketAddr::new(k.src(), k.src_port()),
-                vip: SocketAddr::new(k.dst(), k.dst_port()),
-                protocol: proto_name(k.proto),
-                state,
-                nat: NatMode::from_code(v.mode).unwrap_or(NatMode::Dnat),
-                nat_source: SocketAddr::new(v.nat_src(k.family), u16::from_be(v.nat_sport)),
-                nat_destination: SocketAddr::new(v.nat_dst(k.family), u16::from_be(v.nat_dport)),
-                packets: v.packets + rp,
-                bytes: v.bytes + rb,
-                service: names.get(&v.svc_id).cloned().unwrap_or_default(),
-                origin: v.origin,
-                synced: v.flags & ferrolb_bpf::maps::CTF_SYNCED != 0,
-            });
-        }
-        out
+            .collect()
     }
 
     /// Records a collector pass (see [`census`]).
@@ -369,27 +414,6 @@ impl Engine {
         self.census.nat_pools = pass.nat_pools;
         self.census.entries = entries;
         self.census.collected_total += removed;
-    }
-
-    /// Per-endpoint figures for metrics: (rule label, vip, port, proto, endpoint, packets,
-    /// bytes).
-    pub fn endpoint_counters(&self) -> Vec<(String, String, u64, u64)> {
-        let mut v = Vec::new();
-        for r in self.rules.rules.values() {
-            for e in &r.endpoints {
-                if usize::from(e.slot) >= MAX_ENDPOINTS {
-                    continue;
-                }
-                let st = self.dp.endpoint_stats(r.id, u32::from(e.slot));
-                v.push((
-                    r.label(),
-                    std::net::SocketAddr::new(e.spec.ip, e.spec.target_port).to_string(),
-                    st.packets,
-                    st.bytes,
-                ));
-            }
-        }
-        v
     }
 }
 
@@ -429,14 +453,39 @@ pub fn census(
 }
 
 /// "tcp", "udp", "icmp", or the protocol number.
+/// One flow as listed, from its original-direction entry `k`/`v` and the reply entry `peer`
+/// (whose counters it adds), `labels` naming the rules.
+pub fn flow_view(
+    k: &ferrolb_bpf::maps::CtKey,
+    v: &ferrolb_bpf::maps::Ct,
+    peer: Option<&ferrolb_bpf::maps::Ct>,
+    labels: &std::collections::HashMap<u32, String>,
+) -> FlowView {
+    let (rp, rb) = peer.map(|p| (p.packets, p.bytes)).unwrap_or((0, 0));
+    let state = match v.state() {
+        CtState::Established if k.proto != 6 => "est",
+        s => ct_state_name(s),
+    };
+    FlowView {
+        client: SocketAddr::new(k.src(), k.src_port()),
+        vip: SocketAddr::new(k.dst(), k.dst_port()),
+        protocol: proto_name(k.proto),
+        state,
+        nat: NatMode::from_code(v.mode).unwrap_or(NatMode::Dnat),
+        nat_source: SocketAddr::new(v.nat_src(k.family), u16::from_be(v.nat_sport)),
+        nat_destination: SocketAddr::new(v.nat_dst(k.family), u16::from_be(v.nat_dport)),
+        packets: v.packets + rp,
+        bytes: v.bytes + rb,
+        service: labels.get(&v.svc_id).cloned().unwrap_or_default(),
+        origin: v.origin,
+        synced: v.flags & ferrolb_bpf::maps::CTF_SYNCED != 0,
+    }
+}
+
 fn proto_name(n: u8) -> String {
     crate::model::Protocol::from_number(n)
         .map(|p| p.name().to_string())
         .unwrap_or_else(|| n.to_string())
-}
-
-fn key_tuple(k: &ferrolb_bpf::maps::CtKey) -> ([u32; 4], [u32; 4], u16, u16, u8) {
-    (k.saddr, k.daddr, k.sport, k.dport, k.proto)
 }
 
 /// loxilb-style conntrack state names.

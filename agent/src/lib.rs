@@ -4,12 +4,16 @@
 
 pub mod agent;
 pub mod api;
+pub mod bfd;
+pub mod bgp;
 pub mod client;
 pub mod config;
 pub mod ha;
 pub mod lb;
 pub mod metrics;
 pub mod model;
+pub mod netlink;
+pub mod roles;
 pub mod rules;
 pub mod store;
 pub mod tls;

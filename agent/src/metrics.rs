@@ -1,9 +1,9 @@
-//! Prometheus text exposition (`/metrics`, `/netlox/v1/metrics`), rendered from the datapath's
-//! counters, the last conntrack census and the agent's own counters. Labels never carry
-//! client addresses: cardinality follows rules and endpoints only.
+//! Prometheus exposition (`/metrics`, `/netlox/v1/metrics`) through `metrics` +
+//! `metrics-exporter-prometheus`: each controller records its series into one scrape's
+//! recorder ([`scrape`]), which renders them. Labels never carry client addresses:
+//! cardinality follows rules, endpoints, neighbours, sessions and peers only.
 
 use std::collections::BTreeMap;
-use std::fmt::Write;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -15,9 +15,24 @@ use crate::lb::Engine;
 pub struct Metrics {
     api: Mutex<BTreeMap<(String, String, u16), u64>>,
     events: [AtomicU64; 5],
+    restarts: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 impl Metrics {
+    /// A supervised task failed and was restarted.
+    pub fn task_restarted(&self, task: &'static str) {
+        if let Ok(mut m) = self.restarts.lock() {
+            *m.entry(task).or_default() += 1;
+        }
+    }
+
+    pub fn task_restarts(&self) -> Vec<(&'static str, u64)> {
+        self.restarts
+            .lock()
+            .map(|m| m.iter().map(|(k, v)| (*k, *v)).collect())
+            .unwrap_or_default()
+    }
+
     pub fn api_request(&self, method: &str, route: &str, status: u16) {
         if let Ok(mut m) = self.api.lock() {
             *m.entry((method.to_string(), route.to_string(), status))
@@ -37,150 +52,195 @@ impl Metrics {
     }
 }
 
-fn esc(s: &str) -> String {
-    s.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
+/// One scrape: the series are recorded into a fresh `metrics-exporter-prometheus` recorder
+/// (the only registry; it escapes label values and writes HELP/TYPE) and rendered. A fresh
+/// one per scrape: series of deleted rules, endpoints or sessions disappear at once.
+pub fn scrape(record: impl FnOnce()) -> String {
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    metrics::with_local_recorder(&recorder, record);
+    handle.render()
 }
 
-/// Labels of a source-NAT pool (addresses of rules and endpoints only, never clients).
-fn pool_labels(p: &crate::lb::NatPool) -> String {
-    format!(
-        "protocol=\"{}\",source=\"{}\",endpoint=\"{}\",endpoint_port=\"{}\"",
-        esc(&p.protocol),
-        p.source,
-        p.endpoint,
-        p.port
-    )
+/// Labels: static names, values from anywhere (escaped by the exporter).
+pub type Labels<'a> = &'a [(&'static str, String)];
+
+pub fn gauge(name: &'static str, help: &'static str, labels: Labels<'_>, v: f64) {
+    metrics::describe_gauge!(name, help);
+    metrics::gauge!(name, labels).set(v);
 }
 
-fn head(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
+pub fn counter(name: &'static str, help: &'static str, labels: Labels<'_>, v: u64) {
+    metrics::describe_counter!(name, help);
+    metrics::counter!(name, labels).absolute(v);
 }
 
-/// The whole exposition.
-pub fn render(m: &Metrics, e: &Engine) -> String {
-    let mut o = String::with_capacity(4096);
-    let dp = e.datapath();
+/// What the datapath metrics need, read on the engine's thread in a few batched syscalls.
+#[derive(Debug, Clone, Default)]
+pub struct DatapathSnapshot {
+    pub rules: usize,
+    /// (label, vip, port, protocol, packets, bytes)
+    pub services: Vec<(String, String, u16, &'static str, u64, u64)>,
+    /// (rule label, endpoint ip:port, packets, bytes)
+    pub endpoints: Vec<(String, String, u64, u64)>,
+    pub census: crate::lb::CtCensus,
+    pub counters: Vec<u64>,
+    pub conntrack_capacity: u32,
+}
 
-    head(
-        &mut o,
-        "ferrolb_rules_installed",
-        "gauge",
-        "Load-balancer rules installed.",
-    );
-    let _ = writeln!(o, "ferrolb_rules_installed {}", e.rules().len());
-
-    // (labels, packets, bytes) per rule and per endpoint.
-    let svc: Vec<(String, u64, u64)> = e
-        .rules()
-        .rules
-        .values()
-        .map(|r| {
-            let st = dp.service_stats(r.id);
-            let labels = format!(
-                "service=\"{}\",vip=\"{}\",port=\"{}\",protocol=\"{}\"",
-                esc(&r.label()),
-                r.key.external_ip,
-                r.key.port,
-                r.key.protocol.name()
-            );
-            (labels, st.packets, st.bytes)
-        })
-        .collect();
-    let eps: Vec<(String, u64, u64)> = e
-        .endpoint_counters()
-        .into_iter()
-        .map(|(svc, ep, p, b)| (format!("service=\"{}\",endpoint=\"{ep}\"", esc(&svc)), p, b))
-        .collect();
-    for (rows, what, per) in [(&svc, "service", "rule"), (&eps, "endpoint", "endpoint")] {
-        for (unit, pick) in [("packets", 0), ("bytes", 1)] {
-            let name = format!("ferrolb_{what}_{unit}_total");
-            head(
-                &mut o,
-                &name,
-                "counter",
-                &format!(
-                    "{} forwarded per {per} (both directions).",
-                    if pick == 0 { "Packets" } else { "Bytes" }
-                ),
-            );
-            for (labels, p, b) in rows.iter() {
-                let _ = writeln!(o, "{name}{{{labels}}} {}", if pick == 0 { p } else { b });
-            }
+impl DatapathSnapshot {
+    pub fn take(e: &Engine) -> DatapathSnapshot {
+        let dp = e.datapath();
+        let rules: Vec<&crate::rules::Rule> = e.rules().rules.values().collect();
+        let ids: Vec<u32> = rules.iter().map(|r| r.id).collect();
+        let eps: Vec<(u32, u32, usize, usize)> = rules
+            .iter()
+            .enumerate()
+            .flat_map(|(ri, r)| {
+                r.endpoints
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, ep)| usize::from(ep.slot) < ferrolb_bpf::maps::MAX_ENDPOINTS)
+                    .map(move |(ei, ep)| (r.id, u32::from(ep.slot), ri, ei))
+            })
+            .collect();
+        let pairs: Vec<(u32, u32)> = eps.iter().map(|(id, slot, _, _)| (*id, *slot)).collect();
+        let (svc, ep) = dp.stats_many(&ids, &pairs).unwrap_or_else(|err| {
+            tracing::warn!(error = %err, "batched counter read failed; reading one by one");
+            (
+                ids.iter().map(|id| dp.service_stats(*id)).collect(),
+                pairs
+                    .iter()
+                    .map(|(id, slot)| dp.endpoint_stats(*id, *slot))
+                    .collect(),
+            )
+        });
+        DatapathSnapshot {
+            rules: rules.len(),
+            services: rules
+                .iter()
+                .zip(&svc)
+                .map(|(r, st)| {
+                    (
+                        r.label(),
+                        r.key.external_ip.to_string(),
+                        r.key.port,
+                        r.key.protocol.name(),
+                        st.packets,
+                        st.bytes,
+                    )
+                })
+                .collect(),
+            endpoints: eps
+                .iter()
+                .zip(&ep)
+                .map(|((_, _, ri, ei), st)| {
+                    let r = rules[*ri];
+                    let e = &r.endpoints[*ei];
+                    (
+                        r.label(),
+                        std::net::SocketAddr::new(e.spec.ip, e.spec.target_port).to_string(),
+                        st.packets,
+                        st.bytes,
+                    )
+                })
+                .collect(),
+            census: e.census.clone(),
+            counters: dp.counters().to_vec(),
+            conntrack_capacity: dp.capacity().conntrack,
         }
     }
+}
 
-    head(
-        &mut o,
-        "ferrolb_conntrack_flows",
-        "gauge",
-        "Tracked flows by protocol and state (at the last collector pass).",
+/// Records the datapath's and the agent's own series.
+pub fn record(m: &Metrics, d: &DatapathSnapshot) {
+    let s = |v: &str| v.to_string();
+    gauge(
+        "ferrolb_rules_installed",
+        "Load-balancer rules installed.",
+        &[],
+        d.rules as f64,
     );
+    for (label, vip, port, proto, p, b) in &d.services {
+        let l = [
+            ("service", label.clone()),
+            ("vip", vip.clone()),
+            ("port", port.to_string()),
+            ("protocol", s(proto)),
+        ];
+        counter(
+            "ferrolb_service_packets_total",
+            "Packets forwarded per rule (both directions).",
+            &l,
+            *p,
+        );
+        counter(
+            "ferrolb_service_bytes_total",
+            "Bytes forwarded per rule (both directions).",
+            &l,
+            *b,
+        );
+    }
+    for (svc, ep, p, b) in &d.endpoints {
+        let l = [("service", svc.clone()), ("endpoint", ep.clone())];
+        counter(
+            "ferrolb_endpoint_packets_total",
+            "Packets forwarded per endpoint (both directions).",
+            &l,
+            *p,
+        );
+        counter(
+            "ferrolb_endpoint_bytes_total",
+            "Bytes forwarded per endpoint (both directions).",
+            &l,
+            *b,
+        );
+    }
     for proto in ["tcp", "udp", "icmp"] {
         for st in CtState::ALL {
             if proto != "tcp" && st != CtState::Established {
                 continue;
             }
-            let n = e
+            let n = d
                 .census
                 .flows
                 .get(&(proto.to_string(), st.name()))
                 .copied()
                 .unwrap_or(0);
-            let _ = writeln!(
-                o,
-                "ferrolb_conntrack_flows{{protocol=\"{proto}\",state=\"{}\"}} {n}",
-                st.name()
+            gauge(
+                "ferrolb_conntrack_flows",
+                "Tracked flows by protocol and state (at the last collector pass).",
+                &[("protocol", s(proto)), ("state", s(st.name()))],
+                n as f64,
             );
         }
     }
-    let cap = dp.capacity().conntrack;
-    head(
-        &mut o,
+    let cap = d.conntrack_capacity;
+    gauge(
         "ferrolb_conntrack_entries",
-        "gauge",
         "Conntrack map entries (two per flow).",
+        &[],
+        d.census.entries as f64,
     );
-    let _ = writeln!(o, "ferrolb_conntrack_entries {}", e.census.entries);
-    head(
-        &mut o,
+    gauge(
         "ferrolb_conntrack_capacity",
-        "gauge",
         "Conntrack map size.",
+        &[],
+        f64::from(cap),
     );
-    let _ = writeln!(o, "ferrolb_conntrack_capacity {cap}");
-    head(
-        &mut o,
+    gauge(
         "ferrolb_conntrack_fill_ratio",
-        "gauge",
         "Conntrack entries / capacity.",
+        &[],
+        d.census.entries as f64 / f64::from(cap.max(1)),
     );
-    let _ = writeln!(
-        o,
-        "ferrolb_conntrack_fill_ratio {:.6}",
-        e.census.entries as f64 / f64::from(cap.max(1))
-    );
-    head(
-        &mut o,
+    counter(
         "ferrolb_conntrack_collected_total",
-        "counter",
         "Expired conntrack entries removed by the collector.",
+        &[],
+        d.census.collected_total,
     );
-    let _ = writeln!(
-        o,
-        "ferrolb_conntrack_collected_total {}",
-        e.census.collected_total
-    );
-
-    let c = dp.counters();
-    head(
-        &mut o,
-        "ferrolb_datapath_drops_total",
-        "counter",
-        "Packets the datapath dropped, by reason.",
-    );
+    let c = |i: Counter| d.counters.get(i as usize).copied().unwrap_or(0);
     for (reason, idx) in [
         ("fragment", Counter::DropFragment),
         ("no_endpoint", Counter::DropNoEndpoint),
@@ -189,89 +249,62 @@ pub fn render(m: &Metrics, e: &Engine) -> String {
         ("no_flow", Counter::DropNoFlow),
         ("arp_standby", Counter::ArpSuppressed),
     ] {
-        let _ = writeln!(
-            o,
-            "ferrolb_datapath_drops_total{{reason=\"{reason}\"}} {}",
-            c[idx as usize]
+        counter(
+            "ferrolb_datapath_drops_total",
+            "Packets the datapath dropped, by reason.",
+            &[("reason", s(reason))],
+            c(idx),
         );
     }
-    head(
-        &mut o,
+    counter(
         "ferrolb_conntrack_created_total",
-        "counter",
         "Flows created by the datapath.",
+        &[],
+        c(Counter::CtCreated),
     );
-    let _ = writeln!(
-        o,
-        "ferrolb_conntrack_created_total {}",
-        c[Counter::CtCreated as usize]
-    );
-    head(
-        &mut o,
+    counter(
         "ferrolb_icmp_errors_translated_total",
-        "counter",
         "ICMP errors about tracked flows translated back to the sender.",
+        &[],
+        c(Counter::IcmpErrTranslated),
     );
-    let _ = writeln!(
-        o,
-        "ferrolb_icmp_errors_translated_total {}",
-        c[Counter::IcmpErrTranslated as usize]
+    counter(
+        "ferrolb_nat_port_hard_allocations_total",
+        "Source-NAT port allocations that needed more than 8 probes (a pool filling up).",
+        &[],
+        c(Counter::NatHard),
     );
-    for (name, help, idx) in [
-        (
-            "ferrolb_nat_port_hard_allocations_total",
-            "Source-NAT port allocations that needed more than 8 probes (a pool filling up).",
-            Counter::NatHard,
-        ),
-        (
-            "ferrolb_nat_port_takeovers_total",
-            "Source-NAT ports taken over from expired flows that still held them.",
-            Counter::NatTakeover,
-        ),
-    ] {
-        head(&mut o, name, "counter", help);
-        let _ = writeln!(o, "{name} {}", c[idx as usize]);
-    }
-    head(
-        &mut o,
-        "ferrolb_nat_ports_in_use",
-        "gauge",
-        "Source-NAT ports held by live flows, per pool (translated source, endpoint, \
-         endpoint port; at the last collector pass).",
+    counter(
+        "ferrolb_nat_port_takeovers_total",
+        "Source-NAT ports taken over from expired flows that still held them.",
+        &[],
+        c(Counter::NatTakeover),
     );
-    for (pool, n) in &e.census.nat_pools {
-        let _ = writeln!(o, "ferrolb_nat_ports_in_use{{{}}} {n}", pool_labels(pool));
-    }
-    head(
-        &mut o,
-        "ferrolb_nat_ports_fill_ratio",
-        "gauge",
-        "Source-NAT ports in use over the 64512 a pool has (new flows to it fail near 1).",
-    );
-    for (pool, n) in &e.census.nat_pools {
-        let _ = writeln!(
-            o,
-            "ferrolb_nat_ports_fill_ratio{{{}}} {}",
-            pool_labels(pool),
-            *n as f64 / f64::from(ferrolb_bpf::maps::NAT_PORTS)
+    for (pool, n) in &d.census.nat_pools {
+        let l = [
+            ("protocol", pool.protocol.clone()),
+            ("source", pool.source.to_string()),
+            ("endpoint", pool.endpoint.to_string()),
+            ("endpoint_port", pool.port.to_string()),
+        ];
+        gauge(
+            "ferrolb_nat_ports_in_use",
+            "Source-NAT ports held by live flows, per pool (translated source, endpoint, endpoint port; at the last collector pass).",
+            &l,
+            *n as f64,
+        );
+        gauge(
+            "ferrolb_nat_ports_fill_ratio",
+            "Source-NAT ports in use over the 64512 a pool has (new flows to it fail near 1).",
+            &l,
+            *n as f64 / f64::from(ferrolb_bpf::maps::NAT_PORTS),
         );
     }
-    head(
-        &mut o,
+    counter(
         "ferrolb_nd_answered_total",
-        "counter",
         "IPv6 neighbour solicitations for VIPs answered by the datapath.",
-    );
-    let _ = writeln!(
-        o,
-        "ferrolb_nd_answered_total {}",
-        c[Counter::NdAnswered as usize]
-    );
-    head(
-        &mut o,
-        "ferrolb_conntrack_events_total",
-        "counter",
-        "Conntrack events read from the datapath ring buffer, by kind.",
+        &[],
+        c(Counter::NdAnswered),
     );
     for (i, k) in [
         "created",
@@ -283,44 +316,45 @@ pub fn render(m: &Metrics, e: &Engine) -> String {
     .iter()
     .enumerate()
     {
-        let _ = writeln!(
-            o,
-            "ferrolb_conntrack_events_total{{kind=\"{k}\"}} {}",
-            m.events[i].load(Ordering::Relaxed)
+        counter(
+            "ferrolb_conntrack_events_total",
+            "Conntrack events read from the datapath ring buffer, by kind.",
+            &[("kind", s(k))],
+            m.events[i].load(Ordering::Relaxed),
         );
     }
-    head(
-        &mut o,
+    counter(
         "ferrolb_conntrack_events_lost_total",
-        "counter",
         "Conntrack events lost because the ring buffer was full.",
-    );
-    let _ = writeln!(
-        o,
-        "ferrolb_conntrack_events_lost_total {}",
-        c[Counter::EventsLost as usize]
-    );
-
-    head(
-        &mut o,
-        "ferrolb_api_requests_total",
-        "counter",
-        "REST requests by method, route and status.",
+        &[],
+        c(Counter::EventsLost),
     );
     if let Ok(api) = m.api.lock() {
         for ((method, route, status), n) in api.iter() {
-            let _ = writeln!(
-                o,
-                "ferrolb_api_requests_total{{method=\"{method}\",route=\"{}\",status=\"{status}\"}} {n}",
-                esc(route)
+            counter(
+                "ferrolb_api_requests_total",
+                "REST requests by method, route and status.",
+                &[
+                    ("method", method.clone()),
+                    ("route", route.clone()),
+                    ("status", status.to_string()),
+                ],
+                *n,
             );
         }
     }
-    head(&mut o, "ferrolb_build_info", "gauge", "Build information.");
-    let _ = writeln!(
-        o,
-        "ferrolb_build_info{{version=\"{}\"}} 1",
-        env!("CARGO_PKG_VERSION")
+    for (task, n) in m.task_restarts() {
+        counter(
+            "ferrolb_task_restarts_total",
+            "Agent tasks that failed and were restarted, by task.",
+            &[("task", s(task))],
+            n,
+        );
+    }
+    gauge(
+        "ferrolb_build_info",
+        "Build information.",
+        &[("version", s(env!("CARGO_PKG_VERSION")))],
+        1.0,
     );
-    o
 }

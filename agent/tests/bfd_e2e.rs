@@ -21,12 +21,18 @@ const BIRDC: &[&str] = &["birdc", "-s", "/run/bird/bird.ctl"];
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn lab(test: &str, label: &str) -> Option<TestLab> {
+    lab_with(test, label, "100ms")
+}
+
+/// The lab with the lb1-lb2 `--ka` session at `ka` (e.g. "50ms").
+fn lab_with(test: &str, label: &str, ka: &str) -> Option<TestLab> {
     let mut programs = ferrolb_tests::FRR_LAB.to_vec();
     programs.extend(["curl", "bird", "birdc", "iperf3"]);
     if !require(test, &programs) {
         return None;
     }
-    let lab = TestLab::up_with(TOPOLOGY, label, &[("FERROLB", FERROLB)]).expect("lab up");
+    let lab =
+        TestLab::up_with(TOPOLOGY, label, &[("FERROLB", FERROLB), ("KA", ka)]).expect("lab up");
     // BIRD starts before `exec` gives it its address: when its BFD socket could not bind then
     // ("bind: Cannot assign requested address" in bird.log), a protocol restart binds it now.
     let mut argv = BIRDC.to_vec();
@@ -400,21 +406,26 @@ fn authentication_interoperates_with_bird() {
 #[test]
 fn stable_at_50ms_while_forwarding() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let Some(lab) = lab("stable_at_50ms_while_forwarding", "bfdstab") else {
+    // lb1 and lb2 run their --ka session at 50 ms from the flags.
+    let Some(lab) = lab_with("stable_at_50ms_while_forwarding", "bfdstab", "50ms") else {
         return;
     };
     add_session(&lab, FRR, 50_000, None);
     add_session(&lab, BIRD, 50_000, None);
-    let lb2 = json!({"remoteIp": "10.0.0.1", "sourceIp": LB2, "interval": 50_000, "retryCount": 3});
-    assert_eq!(
-        rest(&lab, "lb2", "POST", "/config/bfd", Some(&lb2.to_string())).0,
-        200
+    // A --ka session is HA's failure detector: REST may neither change nor delete it.
+    let lb1 =
+        json!({"remoteIp": LB2, "sourceIp": "10.0.0.1", "interval": 200_000, "retryCount": 3});
+    let (st, v) = rest(&lab, "lb1", "POST", "/config/bfd", Some(&lb1.to_string()));
+    assert_eq!(st, 409, "{v}");
+    assert!(v["message"].as_str().unwrap().contains("--ka"), "{v}");
+    let (st, v) = rest(
+        &lab,
+        "lb1",
+        "DELETE",
+        &format!("/config/bfd/remoteIP/{LB2}"),
+        None,
     );
-    let lb1 = json!({"remoteIp": LB2, "sourceIp": "10.0.0.1", "interval": 50_000, "retryCount": 3});
-    assert_eq!(
-        rest(&lab, "lb1", "POST", "/config/bfd", Some(&lb1.to_string())).0,
-        200
-    );
+    assert_eq!(st, 409, "{v}");
     frr_timers(&lab, 50);
     // BIRD at 50 ms too.
     lab.exec_ok(

@@ -878,3 +878,59 @@ fn a_full_state_volume_blocks_neither_delete_nor_restart() {
     let res = probe(&lab, &["http", VIP, "8009", "1"]);
     assert!(res[0]["backend"].is_string(), "{res:?}");
 }
+
+/// `ferroctl` over HTTPS: the agent serves the API with `--tls`, `ferroctl --tls --cacert`
+/// verifies the node against its CA; without the CA the certificate is refused.
+#[test]
+fn ferroctl_speaks_https_to_the_node() {
+    let Some(lab) = lab("ferroctl_speaks_https_to_the_node", "lbtls") else {
+        return;
+    };
+    struct Dir(std::path::PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+    let dir = Dir(std::env::temp_dir().join(ferrolb_tests::unique_name("ferroctl-tls")));
+    std::fs::create_dir_all(&dir.0).unwrap();
+    ferrolb_tests::certs(&dir.0, "ca", &["node"]);
+    let file = |n: &str| dir.0.join(n).to_string_lossy().into_owned();
+    assert_eq!(lab.kill("lb1", "ferrolb").unwrap(), 1);
+    lab.spawn(
+        "lb1",
+        "ferrolb-tls",
+        &[
+            FERROLB,
+            "--config-path",
+            "/etc/ferrolb/",
+            "--tls",
+            "--tls-certificate",
+            &file("node.pem"),
+            "--tls-key",
+            &file("node.key"),
+        ],
+    )
+    .unwrap();
+    wait_ready(&lab);
+    assert_eq!(post(&lab, &rule(8443, "tcp", 0, 0, &all3(8080))).0, 200);
+    let cacert = file("ca.pem");
+    let out = lab
+        .exec_ok(
+            "lb1",
+            &[
+                FERROCTL, "--tls", "--cacert", &cacert, "--json", "get", "lb",
+            ],
+        )
+        .unwrap();
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["lbAttr"][0]["serviceArguments"]["port"], 8443, "{v}");
+    // Without the node's CA the certificate is not trusted.
+    let r = lab
+        .exec(
+            "lb1",
+            &[FERROCTL, "--url", "https://127.0.0.1:8091", "get", "lb"],
+        )
+        .unwrap();
+    assert!(!r.success(), "an unknown issuer must be refused");
+}

@@ -1,4 +1,6 @@
-//! The only file that touches sockets: single-hop BFD transport (RFC 5881).
+//! The only file that touches sockets: single-hop BFD transport (RFC 5881). Sockets are made
+//! and configured with socket2; what it lacks (IP_RECVTTL / IPV6_RECVHOPLIMIT and reading the
+//! TTL from `recvmsg`'s control messages) is done with libc here.
 //!
 //! - Receive: one UDP socket per address family on port 3784 with `IP_RECVTTL` /
 //!   `IPV6_RECVHOPLIMIT`, so every datagram comes with its TTL; GTSM (RFC 5082) drops anything
@@ -9,14 +11,16 @@
 use std::io;
 use std::mem::{size_of, zeroed};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
+
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 /// The BFD control port (RFC 5881 §4).
 pub const CONTROL_PORT: u16 = 3784;
 /// Source ports for control packets (RFC 5881 §4).
 pub const SOURCE_PORTS: std::ops::RangeInclusive<u16> = 49152..=65535;
 /// GTSM: TTL / hop limit sent and required.
-pub const TTL: i32 = 255;
+pub const TTL: u32 = 255;
 
 fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
     if rc < 0 {
@@ -26,6 +30,7 @@ fn check(rc: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
+/// For the options socket2 does not have (IP_RECVTTL, IPV6_RECVHOPLIMIT).
 fn setsockopt_int(fd: RawFd, level: i32, name: i32, v: i32) -> io::Result<()> {
     // SAFETY: v lives across the call; the size matches.
     check(unsafe {
@@ -38,34 +43,6 @@ fn setsockopt_int(fd: RawFd, level: i32, name: i32, v: i32) -> io::Result<()> {
         )
     })
     .map(drop)
-}
-
-fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-    // SAFETY: all-zero is a valid sockaddr_storage.
-    let mut ss: libc::sockaddr_storage = unsafe { zeroed() };
-    match addr {
-        SocketAddr::V4(a) => {
-            // SAFETY: sockaddr_storage is large enough and suitably aligned for sockaddr_in.
-            let sin = unsafe {
-                &mut *(&mut ss as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>()
-            };
-            sin.sin_family = libc::AF_INET as libc::sa_family_t;
-            sin.sin_port = a.port().to_be();
-            sin.sin_addr.s_addr = u32::from_ne_bytes(a.ip().octets());
-            (ss, size_of::<libc::sockaddr_in>() as libc::socklen_t)
-        }
-        SocketAddr::V6(a) => {
-            // SAFETY: as above, for sockaddr_in6.
-            let sin6 = unsafe {
-                &mut *(&mut ss as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
-            };
-            sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
-            sin6.sin6_port = a.port().to_be();
-            sin6.sin6_addr.s6_addr = a.ip().octets();
-            sin6.sin6_scope_id = a.scope_id();
-            (ss, size_of::<libc::sockaddr_in6>() as libc::socklen_t)
-        }
-    }
 }
 
 fn from_sockaddr(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
@@ -94,36 +71,17 @@ fn from_sockaddr(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
     }
 }
 
-fn udp_socket(v6: bool) -> io::Result<OwnedFd> {
-    let family = if v6 { libc::AF_INET6 } else { libc::AF_INET };
-    // SAFETY: plain socket(2); the fd is owned right away.
-    let fd = check(unsafe {
-        libc::socket(
-            family,
-            libc::SOCK_DGRAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            0,
-        )
-    })?;
-    // SAFETY: fd is a fresh descriptor we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn bind(fd: &OwnedFd, addr: SocketAddr) -> io::Result<()> {
-    let (ss, len) = sockaddr(addr);
-    // SAFETY: ss/len describe a valid address.
-    check(unsafe {
-        libc::bind(
-            fd.as_raw_fd(),
-            (&ss as *const libc::sockaddr_storage).cast(),
-            len,
-        )
-    })
-    .map(drop)
+/// A non-blocking, close-on-exec UDP socket of the family (socket2).
+fn udp_socket(v6: bool) -> io::Result<Socket> {
+    let domain = if v6 { Domain::IPV6 } else { Domain::IPV4 };
+    let s = Socket::new(domain, Type::DGRAM.cloexec(), Some(Protocol::UDP))?;
+    s.set_nonblocking(true)?;
+    Ok(s)
 }
 
 /// A receiving socket on port 3784 (or another port, for tests) for one family.
 pub struct RxSocket {
-    fd: OwnedFd,
+    fd: Socket,
 }
 
 /// One received datagram.
@@ -138,9 +96,9 @@ pub struct Datagram {
 impl RxSocket {
     pub fn bind(v6: bool, port: u16) -> io::Result<RxSocket> {
         let fd = udp_socket(v6)?;
-        setsockopt_int(fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
+        fd.set_reuse_address(true)?;
         let addr = if v6 {
-            setsockopt_int(fd.as_raw_fd(), libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, 1)?;
+            fd.set_only_v6(true)?;
             setsockopt_int(
                 fd.as_raw_fd(),
                 libc::IPPROTO_IPV6,
@@ -152,7 +110,7 @@ impl RxSocket {
             setsockopt_int(fd.as_raw_fd(), libc::IPPROTO_IP, libc::IP_RECVTTL, 1)?;
             SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port)
         };
-        bind(&fd, addr)?;
+        fd.bind(&SockAddr::from(addr))?;
         Ok(RxSocket { fd })
     }
 
@@ -212,7 +170,7 @@ impl AsRawFd for RxSocket {
 
 /// A session's sending socket.
 pub struct TxSocket {
-    fd: OwnedFd,
+    fd: Socket,
     pub local: SocketAddr,
 }
 
@@ -222,14 +180,9 @@ impl TxSocket {
     pub fn bind(local: IpAddr, first_port: u16) -> io::Result<TxSocket> {
         let fd = udp_socket(local.is_ipv6())?;
         if local.is_ipv6() {
-            setsockopt_int(
-                fd.as_raw_fd(),
-                libc::IPPROTO_IPV6,
-                libc::IPV6_UNICAST_HOPS,
-                TTL,
-            )?;
+            fd.set_unicast_hops_v6(TTL)?;
         } else {
-            setsockopt_int(fd.as_raw_fd(), libc::IPPROTO_IP, libc::IP_TTL, TTL)?;
+            fd.set_ttl_v4(TTL)?;
         }
         let span = u32::from(SOURCE_PORTS.end() - SOURCE_PORTS.start()) + 1;
         let start = u32::from(first_port.clamp(*SOURCE_PORTS.start(), *SOURCE_PORTS.end()))
@@ -238,7 +191,7 @@ impl TxSocket {
         for i in 0..256u32 {
             let port = *SOURCE_PORTS.start() + ((start + i * 97) % span) as u16;
             let addr = SocketAddr::new(local, port);
-            match bind(&fd, addr) {
+            match fd.bind(&SockAddr::from(addr)) {
                 Ok(()) => return Ok(TxSocket { fd, local: addr }),
                 Err(e) if e.kind() == io::ErrorKind::AddrInUse => last = e,
                 Err(e) => return Err(e),
@@ -248,23 +201,7 @@ impl TxSocket {
     }
 
     pub fn send_to(&self, buf: &[u8], to: SocketAddr) -> io::Result<usize> {
-        let (ss, len) = sockaddr(to);
-        // SAFETY: buf and ss are valid for the call.
-        let n = unsafe {
-            libc::sendto(
-                self.fd.as_raw_fd(),
-                buf.as_ptr().cast(),
-                buf.len(),
-                0,
-                (&ss as *const libc::sockaddr_storage).cast(),
-                len,
-            )
-        };
-        if n < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(n as usize)
-        }
+        self.fd.send_to(buf, &SockAddr::from(to))
     }
 }
 

@@ -1,5 +1,7 @@
 //! The only file that touches BGP sockets: an outgoing TCP connection with optional TCP MD5
-//! signatures (RFC 2385) and GTSM (RFC 5082: TTL 255 sent, 254 minimum accepted).
+//! signatures (RFC 2385) and GTSM (RFC 5082: TTL 255 sent, 254 minimum accepted). Options
+//! socket2 has (TTL / hop limit, IPV6_V6ONLY) are set with it; TCP_MD5SIG and IP_MINTTL /
+//! IPV6_MINHOPCOUNT, which it lacks, with libc here.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -55,12 +57,7 @@ pub fn set_md5(fd: i32, peer: IpAddr, key: &[u8]) -> io::Result<()> {
 pub fn listen_v6_only(port: u16) -> io::Result<tokio::net::TcpListener> {
     let sock = TcpSocket::new_v6()?;
     sock.set_reuseaddr(true)?;
-    setsockopt(
-        sock.as_raw_fd(),
-        libc::IPPROTO_IPV6,
-        libc::IPV6_V6ONLY,
-        &1i32.to_ne_bytes(),
-    )?;
+    socket2::SockRef::from(&sock).set_only_v6(true)?;
     sock.bind(SocketAddr::new(
         IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
         port,
@@ -90,16 +87,14 @@ pub async fn connect(
         )?;
     }
     if gtsm {
-        let (level, ttl, min) = if addr.is_ipv4() {
-            (libc::IPPROTO_IP, libc::IP_TTL, libc::IP_MINTTL)
+        let s2 = socket2::SockRef::from(&sock);
+        let (level, min) = if addr.is_ipv4() {
+            s2.set_ttl_v4(255)?;
+            (libc::IPPROTO_IP, libc::IP_MINTTL)
         } else {
-            (
-                libc::IPPROTO_IPV6,
-                libc::IPV6_UNICAST_HOPS,
-                libc::IPV6_MINHOPCOUNT,
-            )
+            s2.set_unicast_hops_v6(255)?;
+            (libc::IPPROTO_IPV6, libc::IPV6_MINHOPCOUNT)
         };
-        setsockopt(fd, level, ttl, &255i32.to_ne_bytes())?;
         setsockopt(fd, level, min, &254i32.to_ne_bytes())?;
     }
     tokio::time::timeout(timeout, sock.connect(addr))

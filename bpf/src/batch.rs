@@ -41,46 +41,153 @@ fn fd(map: &MapData) -> u32 {
     map.fd().as_fd().as_raw_fd() as u32
 }
 
+/// A hash map read a chunk at a time (one syscall per chunk), so that a caller can process
+/// or stream a large table with memory bounded by the chunk. Plain-old-data types only.
+pub struct HashBatches<'a, K, V> {
+    map: &'a MapData,
+    chunk: usize,
+    // Hash maps use a bucket index (u32) as the batch token.
+    token_in: [u8; 8],
+    token_out: [u8; 8],
+    first: bool,
+    done: bool,
+    _kv: std::marker::PhantomData<(K, V)>,
+}
+
+impl<'a, K: Copy + Default, V: Copy + Default> HashBatches<'a, K, V> {
+    pub fn new(map: &'a MapData, chunk: usize) -> Self {
+        HashBatches {
+            map,
+            chunk: chunk.max(64),
+            token_in: [0; 8],
+            token_out: [0; 8],
+            first: true,
+            done: false,
+            _kv: std::marker::PhantomData,
+        }
+    }
+
+    /// The next chunk; `Ok(None)` at the end. An error means the kernel refused batching.
+    pub fn next_chunk(&mut self) -> io::Result<Option<Vec<(K, V)>>> {
+        while !self.done {
+            let mut keys = vec![K::default(); self.chunk];
+            let mut vals = vec![V::default(); self.chunk];
+            let mut attr = BatchAttr {
+                in_batch: if self.first {
+                    0
+                } else {
+                    self.token_in.as_ptr() as u64
+                },
+                out_batch: self.token_out.as_mut_ptr() as u64,
+                keys: keys.as_mut_ptr() as u64,
+                values: vals.as_mut_ptr() as u64,
+                count: self.chunk as u32,
+                map_fd: fd(self.map),
+                ..Default::default()
+            };
+            let r = sys_bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
+            let n = (attr.count as usize).min(self.chunk);
+            match r {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) => self.done = true,
+                // A bucket holds more entries than `chunk`: retry the same position with more
+                // room.
+                Err(e)
+                    if e.raw_os_error() == Some(libc::ENOSPC) && n == 0 && self.chunk < 1 << 20 =>
+                {
+                    self.chunk *= 2;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            }
+            self.token_in = self.token_out;
+            self.first = false;
+            if n > 0 {
+                keys.truncate(n);
+                vals.truncate(n);
+                return Ok(Some(keys.into_iter().zip(vals).collect()));
+            }
+        }
+        Ok(None)
+    }
+}
+
 /// Every (key, value) of a hash map, `chunk` entries per syscall. Plain-old-data types only
 /// (the caller's `Pod` types). An error means the kernel refused batching (use the iterator).
 pub fn lookup_all<K: Copy + Default, V: Copy + Default>(
     map: &MapData,
     chunk: usize,
 ) -> io::Result<Vec<(K, V)>> {
-    let mut chunk = chunk.max(64);
+    let mut b = HashBatches::<K, V>::new(map, chunk);
     let mut out = Vec::new();
-    // Hash maps use a bucket index (u32) as the batch token.
-    let mut token_in = [0u8; 8];
-    let mut token_out = [0u8; 8];
-    let mut first = true;
-    loop {
-        let mut keys = vec![K::default(); chunk];
-        let mut vals = vec![V::default(); chunk];
+    while let Some(c) = b.next_chunk()? {
+        out.extend(c);
+    }
+    Ok(out)
+}
+
+/// Sums over CPUs of the entries `indices` (sorted, ascending) of a per-CPU array whose value
+/// is `W` u64 words, reading windows of at most 1024 entries per syscall. Returns one sum per
+/// index, in order.
+pub fn percpu_array_sums<const W: usize>(
+    map: &MapData,
+    indices: &[u32],
+    ncpus: usize,
+) -> io::Result<Vec<[u64; W]>> {
+    const WINDOW: u32 = 1024;
+    let mut out = Vec::with_capacity(indices.len());
+    let mut i = 0;
+    while i < indices.len() {
+        let start = indices[i];
+        let last = indices
+            .iter()
+            .skip(i)
+            .take_while(|x| **x < start.saturating_add(WINDOW))
+            .last()
+            .copied()
+            .unwrap_or(start);
+        let count = last - start + 1;
+        let mut keys = vec![0u32; count as usize];
+        let mut vals = vec![0u64; count as usize * W * ncpus];
+        // Array batches continue after the key given in `in_batch`.
+        let prev = start.wrapping_sub(1);
+        let mut token_out = 0u32;
         let mut attr = BatchAttr {
-            in_batch: if first { 0 } else { token_in.as_ptr() as u64 },
-            out_batch: token_out.as_mut_ptr() as u64,
+            in_batch: if start == 0 {
+                0
+            } else {
+                &prev as *const u32 as u64
+            },
+            out_batch: &mut token_out as *mut u32 as u64,
             keys: keys.as_mut_ptr() as u64,
             values: vals.as_mut_ptr() as u64,
-            count: chunk as u32,
+            count,
             map_fd: fd(map),
             ..Default::default()
         };
         let r = sys_bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
-        let n = (attr.count as usize).min(chunk);
-        out.extend(keys[..n].iter().copied().zip(vals[..n].iter().copied()));
+        let n = (attr.count as usize).min(count as usize);
         match r {
             Ok(()) => {}
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(out),
-            // A bucket holds more entries than `chunk`: retry the same position with more room.
-            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) && n == 0 && chunk < 1 << 20 => {
-                chunk *= 2;
-                continue;
-            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
             Err(e) => return Err(e),
         }
-        token_in = token_out;
-        first = false;
+        while i < indices.len() && indices[i] <= last {
+            let at = (indices[i] - start) as usize;
+            let mut sum = [0u64; W];
+            if at < n && keys[at] == indices[i] {
+                for cpu in 0..ncpus {
+                    let base = (at * ncpus + cpu) * W;
+                    for (w, s) in sum.iter_mut().enumerate() {
+                        *s += vals[base + w];
+                    }
+                }
+            }
+            out.push(sum);
+            i += 1;
+        }
     }
+    Ok(out)
 }
 
 /// Inserts or replaces `entries` in one syscall per `chunk`; returns how many were written

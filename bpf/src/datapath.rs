@@ -661,6 +661,65 @@ impl Datapath {
         })
     }
 
+    /// Per-service and per-endpoint counters of many rules in a few syscalls (windows of
+    /// 1024 entries) instead of one per entry. `services`: service ids; `endpoints`: (service
+    /// id, endpoint slot). Sums in the order asked.
+    pub fn stats_many(
+        &self,
+        services: &[u32],
+        endpoints: &[(u32, u32)],
+    ) -> Result<(Vec<Stats>, Vec<Stats>)> {
+        use aya::maps::IterableMap;
+        let cpus = aya::util::nr_cpus().map_err(|(c, e)| BpfError::Io {
+            context: c.to_string(),
+            source: e,
+        })?;
+        let read = |map: &PerCpuArray<MapData, Stats>, name: &str, idx: Vec<u32>| {
+            // Sorted for the windows; answers put back in the order asked.
+            let mut order: Vec<usize> = (0..idx.len()).collect();
+            order.sort_by_key(|i| idx[*i]);
+            let sorted: Vec<u32> = order.iter().map(|i| idx[*i]).collect();
+            let sums =
+                crate::batch::percpu_array_sums::<2>(map.map(), &sorted, cpus).map_err(|e| {
+                    BpfError::Io {
+                        context: format!("batched read of {name}"),
+                        source: e,
+                    }
+                })?;
+            let mut out = vec![Stats::default(); idx.len()];
+            for (k, i) in order.into_iter().enumerate() {
+                out[i] = Stats {
+                    packets: sums[k][0],
+                    bytes: sums[k][1],
+                };
+            }
+            Ok::<_, BpfError>(out)
+        };
+        let svc = read(&self.svc_stats, "svc_stats", services.to_vec())?;
+        let ep = read(
+            &self.ep_stats,
+            "ep_stats",
+            endpoints
+                .iter()
+                .map(|(id, slot)| id * MAX_ENDPOINTS as u32 + slot)
+                .collect(),
+        )?;
+        Ok((svc, ep))
+    }
+
+    /// Separate conntrack handles for listing the table a chunk at a time (the REST listing
+    /// streams it without holding the engine).
+    pub fn ct_reader(&self) -> Result<CtReader> {
+        let m = aya::maps::MapData::from_id(self.collector_ids.0).map_err(|e| BpfError::Map {
+            map: "conntrack".into(),
+            source: e,
+        })?;
+        Ok(CtReader {
+            conntrack: HashMap::try_from(aya::maps::Map::LruHashMap(m))
+                .map_err(map_err("conntrack"))?,
+        })
+    }
+
     pub fn service_stats(&self, id: u32) -> Stats {
         self.svc_stats
             .get(&id, 0)
@@ -794,6 +853,23 @@ impl Collector {
     /// Removes idle flows among `entries`; returns the entries that went.
     pub fn collect_from(&mut self, entries: &[(CtKey, Ct)], now_ns: u64) -> Vec<(CtKey, Ct)> {
         collect(&mut self.conntrack, &mut self.ep_conns, entries, now_ns)
+    }
+}
+
+/// Conntrack read handles of their own (see [`Datapath::ct_reader`]).
+pub struct CtReader {
+    conntrack: HashMap<MapData, CtKey, Ct>,
+}
+
+impl CtReader {
+    /// The table `chunk` entries per syscall.
+    pub fn batches(&self, chunk: usize) -> crate::batch::HashBatches<'_, CtKey, Ct> {
+        use aya::maps::IterableMap;
+        crate::batch::HashBatches::new(self.conntrack.map(), chunk)
+    }
+
+    pub fn get(&self, key: &CtKey) -> Option<Ct> {
+        self.conntrack.get(key, 0).ok()
     }
 }
 

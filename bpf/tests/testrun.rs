@@ -384,6 +384,22 @@ fn dnat_rewrites_both_directions_and_tracks_tcp_states() {
     let st = dp.service_stats(1);
     assert_eq!(st.packets, 8);
     assert_eq!(dp.endpoint_stats(1, 0).packets, 8);
+    // The batched reads (metrics) agree with the one-entry reads, in the order asked.
+    let (svc, eps) = dp.stats_many(&[1, 0, 1], &[(1, 1), (1, 0)]).unwrap();
+    assert_eq!(svc, vec![st, dp.service_stats(0), st]);
+    assert_eq!(eps, vec![dp.endpoint_stats(1, 1), dp.endpoint_stats(1, 0)]);
+    assert_eq!(eps[1].packets, 8);
+    // The chunked conntrack reader sees what the listing sees.
+    let reader = dp.ct_reader().unwrap();
+    let mut b = reader.batches(64);
+    let mut n = 0;
+    while let Some(c) = b.next_chunk().unwrap() {
+        for (k, v) in &c {
+            assert_eq!(reader.get(k), Some(*v));
+        }
+        n += c.len();
+    }
+    assert_eq!(n, dp.ct_entries().len());
 
     // Events: created, established, closed; the reused 4-tuple removes the closed flow
     // (peers drop it too) and creates a new one.

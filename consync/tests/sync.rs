@@ -299,76 +299,6 @@ fn wrong_token_is_refused_and_counted() {
     });
 }
 
-/// Makes a CA and node certificates (IP SAN 127.0.0.1) with the openssl CLI in `dir`.
-fn certs(dir: &std::path::Path, ca: &str, nodes: &[&str]) {
-    let run = |args: &[&str]| {
-        let out = std::process::Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "openssl {args:?}: {out:?}");
-    };
-    std::fs::write(
-        dir.join("ext.cnf"),
-        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n",
-    )
-    .unwrap();
-    let ca_key = format!("{ca}.key");
-    let ca_pem = format!("{ca}.pem");
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
-        "-keyout",
-        &ca_key,
-        "-out",
-        &ca_pem,
-        "-days",
-        "2",
-        "-subj",
-        "/CN=ferrolb test CA",
-    ]);
-    for n in nodes {
-        let (key, csr, pem) = (format!("{n}.key"), format!("{n}.csr"), format!("{n}.pem"));
-        run(&[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            &key,
-            "-out",
-            &csr,
-            "-subj",
-            &format!("/CN={n}"),
-        ]);
-        run(&[
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            &ca_pem,
-            "-CAkey",
-            &ca_key,
-            "-CAcreateserial",
-            "-out",
-            &pem,
-            "-days",
-            "2",
-            "-extfile",
-            "ext.cnf",
-        ]);
-    }
-}
-
 /// Mutual TLS: peers with certificates from the cluster's CA sync; a peer whose certificate
 /// another CA signed is refused and counted, and so is one that speaks plain TCP.
 #[test]
@@ -389,8 +319,8 @@ fn mutual_tls_admits_only_the_clusters_certificates() {
         }
     }
     let _gone = Gone(dir.clone());
-    certs(&dir, "ca", &["a", "b"]);
-    certs(&dir, "rogue", &["c"]);
+    ferrolb_tests::certs(&dir, "ca", &["a", "b"]);
+    ferrolb_tests::certs(&dir, "rogue", &["c"]);
     let tls = |n: &str, ca: &str| ferrolb_consync::TlsFiles {
         cert: dir.join(format!("{n}.pem")),
         key: dir.join(format!("{n}.key")),

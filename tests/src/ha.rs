@@ -348,3 +348,24 @@ pub fn mac_of(lab: &TestLab, node: &str, iface: &str) -> String {
     let v: Value = serde_json::from_str(&out).unwrap();
     v[0]["address"].as_str().unwrap().to_string()
 }
+
+/// The agent's command line on `node` of the HA pair lab (as the topology starts it), for
+/// restarting it; the second value is the node's `--self`.
+pub fn agent_command(node: &str, ka: &str, ferrolb: &str) -> (Vec<String>, u16) {
+    let (me, peer, id) = match node {
+        "lb1" => ("10.10.10.2", "10.10.10.3", 0),
+        _ => ("10.10.10.3", "10.10.10.2", 1),
+    };
+    let argv = [
+        ferrolb.to_string(),
+        "-b".into(),
+        "--config-path".into(),
+        "/etc/ferrolb/".into(),
+        "--bgp-drain-seconds".into(),
+        "2".into(),
+        format!("--cluster={peer}"),
+        format!("--self={id}"),
+        format!("--ka={peer}:{me}:{ka}"),
+    ];
+    (argv.to_vec(), id)
+}

@@ -283,3 +283,75 @@ pub fn rest(
         serde_json::from_str(payload).unwrap_or(serde_json::Value::Null),
     )
 }
+
+/// Makes a CA and node certificates (IP SAN 127.0.0.1) with the openssl CLI in `dir`.
+/// Panics on failure (it runs inside tests).
+#[allow(clippy::unwrap_used)]
+pub fn certs(dir: &std::path::Path, ca: &str, nodes: &[&str]) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "openssl {args:?}: {out:?}");
+    };
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n",
+    )
+    .unwrap();
+    let ca_key = format!("{ca}.key");
+    let ca_pem = format!("{ca}.pem");
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        &ca_key,
+        "-out",
+        &ca_pem,
+        "-days",
+        "2",
+        "-subj",
+        "/CN=ferrolb test CA",
+    ]);
+    for n in nodes {
+        let (key, csr, pem) = (format!("{n}.key"), format!("{n}.csr"), format!("{n}.pem"));
+        run(&[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &key,
+            "-out",
+            &csr,
+            "-subj",
+            &format!("/CN={n}"),
+        ]);
+        run(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca_pem,
+            "-CAkey",
+            &ca_key,
+            "-CAcreateserial",
+            "-out",
+            &pem,
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ]);
+    }
+}

@@ -1,15 +1,9 @@
 //! BGP over REST in loxilb's shapes (kube-loxilb's way): `POST /config/bgp/global`,
 //! `POST /config/bgp/neigh`, `GET /config/bgp/neigh/all`, `DELETE /config/bgp/neigh/{ip}`;
-//! roles with `POST /config/cistate`; ferrolb's `POST /config/bgp/drain`. The configuration is
-//! saved in `<config-path>/bgp.json` and restored on start.
-//!
-//! Originated routes: a /32 for every VIP of a rule with `bgp: true`; the rule's HA instance
-//! (its name after `:`, default `llb-inst0`) decides the attributes: MASTER and NOT_DEFINED
-//! advertise plainly, BACKUP prepends its AS [`BACKUP_PREPEND`] times with MED [`BACKUP_MED`].
+//! ferrolb's `GET /config/bgp/routes` and `POST /config/bgp/drain`. Parsing and rendering
+//! only: the BGP controller ([`crate::bgp`]) keeps the state and the routes.
 
-use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr};
-use std::path::PathBuf;
 use std::time::{Duration, SystemTime};
 
 use axum::Json;
@@ -17,97 +11,21 @@ use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use ferrolb_bgp::{GlobalConfig, NeighborConfig, RouteAttrs, Routes, Speaker};
-use ipnet::IpNet;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::sync::Mutex;
-use tracing::{info, warn};
 
 use super::models::FieldError;
 use super::{ApiError, Shared};
-use crate::rules::RuleSet;
-use crate::store::{save_status, write_atomic, write_atomic_shrinking};
+use crate::bgp::{Bgp, BgpError, NeighSpec, RoutePolicy};
 
-pub const BGP_FILE: &str = "bgp.json";
-pub const BACKUP_PREPEND: u8 = 3;
-pub const BACKUP_MED: u32 = 200;
-pub const DEFAULT_INSTANCE: &str = "llb-inst0";
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NeighSpec {
-    pub address: IpAddr,
-    pub remote_as: u32,
-    pub remote_port: u16,
-    pub hold_time_s: u16,
-    pub bfd: bool,
-    #[serde(default)]
-    pub password: Option<String>,
-    #[serde(default)]
-    pub ttl_security: bool,
-    #[serde(default)]
-    pub passive: bool,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BgpState {
-    pub local_as: Option<u32>,
-    pub router_id: Option<Ipv4Addr>,
-    pub neighbors: BTreeMap<IpAddr, NeighSpec>,
-    /// Role per cluster instance (MASTER, BACKUP, NOT_DEFINED).
-    #[serde(default)]
-    pub roles: BTreeMap<String, String>,
-    #[serde(default)]
-    pub policy: RoutePolicy,
-}
-
-/// Attributes of originated routes (set with `POST /config/bgp/global`, ferrolb's fields).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RoutePolicy {
-    /// MED of MASTER / NOT_DEFINED routes (none by default).
-    pub med: Option<u32>,
-    pub backup_med: u32,
-    pub backup_prepend: u8,
-    /// LOCAL_PREF toward iBGP neighbours (100 when unset).
-    pub local_pref: Option<u32>,
-    pub backup_local_pref: Option<u32>,
-    /// Added to every route.
-    pub communities: Vec<u32>,
-    pub large_communities: Vec<(u32, u32, u32)>,
-}
-
-impl Default for RoutePolicy {
-    fn default() -> Self {
-        RoutePolicy {
-            med: None,
-            backup_med: BACKUP_MED,
-            backup_prepend: BACKUP_PREPEND,
-            local_pref: None,
-            backup_local_pref: None,
-            communities: Vec::new(),
-            large_communities: Vec::new(),
-        }
-    }
-}
-
-impl RoutePolicy {
-    pub fn attrs(&self, backup: bool) -> RouteAttrs {
-        RouteAttrs {
-            med: if backup {
-                Some(self.backup_med)
-            } else {
-                self.med
-            },
-            prepend: if backup { self.backup_prepend } else { 0 },
-            communities: self.communities.clone(),
-            large_communities: self.large_communities.clone(),
-            local_pref: if backup {
-                self.backup_local_pref
-            } else {
-                self.local_pref
-            },
-        }
-    }
+fn bgp_error(e: BgpError) -> ApiError {
+    let status = match &e {
+        BgpError::NotFound(_) => StatusCode::NOT_FOUND,
+        BgpError::Save(s) => crate::store::save_status(s),
+        BgpError::Task(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        BgpError::Full => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    ApiError::new(status, e.to_string())
 }
 
 fn community(s: &str, field: &str) -> Result<u32, FieldError> {
@@ -189,104 +107,6 @@ fn parse_policy(o: &serde_json::Map<String, Value>, p: &mut RoutePolicy) -> Resu
     Ok(())
 }
 
-pub struct BgpService {
-    pub speaker: Speaker,
-    pub dir: PathBuf,
-    pub state: Mutex<BgpState>,
-    /// Rules or roles changed: the route set is recomputed (coalesced, see [`sync_task`]).
-    pub dirty: tokio::sync::Notify,
-}
-
-impl BgpService {
-    pub fn load(dir: &std::path::Path) -> anyhow::Result<BgpState> {
-        let path = dir.join(BGP_FILE);
-        match std::fs::read(&path) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| {
-                anyhow::anyhow!(
-                    "{}: not a ferrolb BGP document ({e}); move it aside",
-                    path.display()
-                )
-            }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BgpState::default()),
-            Err(e) => Err(anyhow::anyhow!("{}: {e}", path.display())),
-        }
-    }
-
-    /// Saves the configuration; `shrinking` (a delete) may use the state volume's reserve.
-    pub async fn save(&self, st: &BgpState, shrinking: bool) -> Result<(), ApiError> {
-        let bytes = serde_json::to_vec_pretty(st).unwrap_or_default();
-        let write = if shrinking {
-            write_atomic_shrinking
-        } else {
-            write_atomic
-        };
-        write(&self.dir, BGP_FILE, &bytes)
-            .map_err(|e| ApiError::new(save_status(&e), format!("saving BGP configuration: {e}")))
-    }
-
-    /// Applies the saved/current configuration to the speaker.
-    pub fn apply(&self, st: &BgpState) {
-        if let (Some(a), Some(r)) = (st.local_as, st.router_id) {
-            self.speaker.set_global(GlobalConfig {
-                local_as: a,
-                router_id: r,
-            });
-        }
-        for n in st.neighbors.values() {
-            self.speaker.upsert_neighbor(neighbor_config(n));
-        }
-    }
-}
-
-pub fn neighbor_config(n: &NeighSpec) -> NeighborConfig {
-    NeighborConfig {
-        address: n.address,
-        remote_as: n.remote_as,
-        remote_port: n.remote_port,
-        hold_time_s: n.hold_time_s,
-        connect_retry_s: 1,
-        password: n.password.clone(),
-        ttl_security: n.ttl_security,
-        passive: n.passive,
-    }
-}
-
-/// The routes the rules ask for, with role-driven attributes.
-pub fn routes_for(
-    rules: &RuleSet,
-    roles: &BTreeMap<String, String>,
-    policy: &RoutePolicy,
-) -> Routes {
-    let mut out = Routes::new();
-    for r in rules.rules.values() {
-        if !r.service.bgp {
-            continue;
-        }
-        let vip = r.key.external_ip;
-        let instance = r
-            .service
-            .name
-            .rsplit_once(':')
-            .map(|(_, i)| i)
-            .filter(|i| !i.is_empty())
-            .unwrap_or(DEFAULT_INSTANCE);
-        let backup = roles.get(instance).is_some_and(|s| s == "BACKUP");
-        let attrs = policy.attrs(backup);
-        let Ok(net) = IpNet::new(vip, if vip.is_ipv6() { 128 } else { 32 }) else {
-            continue;
-        };
-        // Two rules on one VIP in different roles: the plainer advertisement wins.
-        out.entry(net)
-            .and_modify(|a: &mut RouteAttrs| {
-                if !backup {
-                    *a = policy.attrs(false);
-                }
-            })
-            .or_insert(attrs);
-    }
-    out
-}
-
 use super::models::field as get;
 
 fn obj(body: &[u8]) -> Result<serde_json::Map<String, Value>, FieldError> {
@@ -349,8 +169,8 @@ fn bad(e: FieldError) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, e.to_string())
 }
 
-fn service(app: &Shared) -> Result<&BgpService, ApiError> {
-    app.bgp.as_ref().ok_or_else(|| {
+fn service(app: &Shared) -> Result<&Bgp, ApiError> {
+    app.bgp.as_deref().ok_or_else(|| {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "BGP is not enabled on this node (start ferrolb with -b/--bgp)",
@@ -381,16 +201,11 @@ pub async fn global(State(app): State<Shared>, body: Bytes) -> Result<Response, 
         )));
     }
     let svc = service(&app)?;
-    let mut st = svc.state.lock().await;
-    let mut policy = st.policy.clone();
+    let mut policy = svc.config().await.policy;
     parse_policy(&o, &mut policy).map_err(bad)?;
-    st.local_as = Some(local_as as u32);
-    st.router_id = Some(router_id);
-    st.policy = policy;
-    svc.apply(&st);
-    svc.save(&st, false).await?;
-    drop(st);
-    sync(&app).await;
+    svc.set_global(local_as as u32, router_id, policy)
+        .await
+        .map_err(bgp_error)?;
     Ok(ok())
 }
 
@@ -457,47 +272,8 @@ pub async fn neigh(State(app): State<Shared>, body: Bytes) -> Result<Response, A
         ttl_security,
         passive,
     };
-    let mut st = svc.state.lock().await;
-    st.neighbors.insert(address, spec.clone());
-    svc.speaker.upsert_neighbor(neighbor_config(&spec));
-    svc.save(&st, false).await?;
-    drop(st);
-    if bfd {
-        bfd_for_neighbor(&app, address).await;
-    }
+    svc.upsert_neighbor(spec).await.map_err(bgp_error)?;
     Ok(ok())
-}
-
-/// A BFD session to a BGP neighbour with `bfd: true` (100 ms x 3 unless one exists already).
-pub async fn bfd_for_neighbor(app: &Shared, address: IpAddr) {
-    let Some(b) = &app.bfd else {
-        warn!(%address, "BGP neighbour wants BFD but BFD is not running");
-        return;
-    };
-    if b.handle
-        .list()
-        .await
-        .is_ok_and(|l| l.iter().any(|p| p.peer == address))
-    {
-        return;
-    }
-    let source = match crate::vip::source_toward(address) {
-        Ok(s) => s,
-        Err(e) => {
-            warn!(%address, error = %e, "no source address for BFD to the BGP neighbour");
-            return;
-        }
-    };
-    let pc = ferrolb_bfd::PeerConfig {
-        peer: address,
-        local: source,
-        instance: "bgp".into(),
-        session: ferrolb_bfd::SessionConfig::default(),
-    };
-    match b.handle.upsert(pc).await {
-        Ok(_) => info!(%address, "BFD for the BGP neighbour"),
-        Err(e) => warn!(%address, error = %e, "BFD for the BGP neighbour failed"),
-    }
 }
 
 #[derive(Deserialize)]
@@ -518,39 +294,19 @@ pub async fn delete_neigh(
             format!("'{ip}' is not an IP address"),
         ))
     })?;
-    let svc = service(&app)?;
-    let mut st = svc.state.lock().await;
-    let Some(n) = st.neighbors.get(&address).cloned() else {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!("no BGP neighbour {address}"),
-        ));
-    };
-    if let Some(ra) = q.remote_as.as_deref().filter(|s| !s.is_empty()) {
-        let ra: u32 = ra.parse().map_err(|_| {
+    let remote_as = match q.remote_as.as_deref().filter(|s| !s.is_empty()) {
+        None => None,
+        Some(ra) => Some(ra.parse::<u32>().map_err(|_| {
             bad(FieldError::new(
                 "remoteAs",
                 format!("'{ra}' is not an AS number"),
             ))
-        })?;
-        if ra != n.remote_as {
-            return Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                format!(
-                    "BGP neighbour {address} has remote AS {}, not {ra}",
-                    n.remote_as
-                ),
-            ));
-        }
-    }
-    st.neighbors.remove(&address);
-    svc.speaker.remove_neighbor(address);
-    svc.save(&st, true).await?;
-    if n.bfd
-        && let Some(b) = &app.bfd
-    {
-        let _ = b.handle.remove(address).await;
-    }
+        })?),
+    };
+    service(&app)?
+        .remove_neighbor(address, remote_as)
+        .await
+        .map_err(bgp_error)?;
     Ok(ok())
 }
 
@@ -609,243 +365,29 @@ pub async fn drain(State(app): State<Shared>, body: Bytes) -> Result<Response, A
     };
     let svc = service(&app)?;
     svc.speaker
-        .drain(Duration::from_secs(grace), BACKUP_PREPEND)
+        .drain(Duration::from_secs(grace), crate::bgp::BACKUP_PREPEND)
         .await;
     Ok(ok())
-}
-
-/// How long changes are gathered before the route set is recomputed (a burst of 10,000 rule
-/// changes costs a few recomputations, not 10,000).
-pub const SYNC_COALESCE: Duration = Duration::from_millis(20);
-
-/// Asks for the originated routes to follow the rules and roles.
-pub async fn sync(app: &Shared) {
-    if let Some(svc) = &app.bgp {
-        svc.dirty.notify_one();
-    }
-}
-
-/// Recomputes the originated routes from the rules and roles now.
-pub async fn sync_now(app: &Shared) {
-    let Some(svc) = &app.bgp else { return };
-    let (roles, policy) = {
-        let st = svc.state.lock().await;
-        (st.roles.clone(), st.policy.clone())
-    };
-    let routes = match app.engine.lock() {
-        Ok(e) => match &app.ha {
-            // Under --ka the nodes decide roles; saved REST roles do not apply.
-            Some(ha) if ha.cfg.ka => routes_for(
-                e.rules(),
-                &super::ha::roles_for_rules(ha, e.rules()),
-                &policy,
-            ),
-            _ => routes_for(e.rules(), &roles, &policy),
-        },
-        Err(_) => return,
-    };
-    svc.speaker.set_routes(routes);
-}
-
-/// The task behind [`sync`]: waits for a change, gathers for [`SYNC_COALESCE`], recomputes.
-pub async fn sync_task(app: Shared) {
-    let Some(svc) = &app.bgp else { return };
-    loop {
-        svc.dirty.notified().await;
-        tokio::time::sleep(SYNC_COALESCE).await;
-        sync_now(&app).await;
-    }
-}
-
-/// `POST /config/cistate`: `{"instance":"llb-inst0","state":"MASTER"|"BACKUP"|"NOT_DEFINED","vip":...}`.
-pub async fn set_cistate(State(app): State<Shared>, body: Bytes) -> Result<Response, ApiError> {
-    let o = obj(&body).map_err(bad)?;
-    let instance = match get(&o, "instance") {
-        None => DEFAULT_INSTANCE.to_string(),
-        Some(Value::String(s)) if !s.is_empty() => s.clone(),
-        Some(_) => {
-            return Err(bad(FieldError::new(
-                "instance",
-                "must be a non-empty string",
-            )));
-        }
-    };
-    let state = match get(&o, "state") {
-        Some(Value::String(s)) => s.to_ascii_uppercase(),
-        _ => {
-            return Err(bad(FieldError::new(
-                "state",
-                "required: MASTER, BACKUP or NOT_DEFINED",
-            )));
-        }
-    };
-    if !matches!(state.as_str(), "MASTER" | "BACKUP" | "NOT_DEFINED") {
-        return Err(bad(FieldError::new(
-            "state",
-            format!("'{state}' is not MASTER, BACKUP or NOT_DEFINED"),
-        )));
-    }
-    if let Some(ha) = &app.ha {
-        if ha.cfg.ka {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                "roles on this node are decided by the cluster (--ka); use POST /config/ha/switchover (ferroctl ha switchover)",
-            ));
-        }
-        if let Some(role) = crate::ha::Role::parse(&state) {
-            ha.set_external(&instance, role);
-        }
-        if app.bgp.is_none() {
-            return Ok(ok());
-        }
-    }
-    let svc = service(&app)?;
-    {
-        let mut st = svc.state.lock().await;
-        st.roles.insert(instance, state);
-        svc.save(&st, false).await?;
-    }
-    sync(&app).await;
-    Ok(ok())
-}
-
-/// Roles for `GET /config/cistate/all` (empty without BGP).
-pub async fn roles(app: &Shared) -> BTreeMap<String, String> {
-    match &app.bgp {
-        Some(s) => s.state.lock().await.roles.clone(),
-        None => BTreeMap::new(),
-    }
-}
-
-/// Prometheus lines for BGP: one family per metric, one line per neighbour and label set.
-pub fn metrics(svc: &BgpService) -> String {
-    use std::fmt::Write;
-    type Lines = fn(&ferrolb_bgp::NeighborStatus) -> Vec<(String, u64)>;
-    let families: [(&str, &str, &str, Lines); 6] = [
-        (
-            "ferrolb_bgp_session_established",
-            "gauge",
-            "1 when the BGP session is Established.",
-            |n| {
-                vec![(
-                    String::new(),
-                    u64::from(n.state == ferrolb_bgp::State::Established),
-                )]
-            },
-        ),
-        (
-            "ferrolb_bgp_state_transitions_total",
-            "counter",
-            "BGP FSM state changes.",
-            |n| vec![(String::new(), n.transitions)],
-        ),
-        (
-            "ferrolb_bgp_updates_total",
-            "counter",
-            "UPDATE messages per direction.",
-            |n| {
-                vec![
-                    (",direction=\"in\"".into(), n.updates_in),
-                    (",direction=\"out\"".into(), n.updates_out),
-                ]
-            },
-        ),
-        (
-            "ferrolb_bgp_prefixes",
-            "gauge",
-            "Prefixes advertised to and received from the neighbour.",
-            |n| {
-                vec![
-                    (",direction=\"advertised\"".into(), n.prefixes_sent),
-                    (",direction=\"received\"".into(), n.prefixes_received),
-                ]
-            },
-        ),
-        (
-            "ferrolb_bgp_notifications_total",
-            "counter",
-            "NOTIFICATION messages by direction and error code.",
-            |n| {
-                let by = |dir: &str, m: &BTreeMap<u8, u64>| {
-                    m.iter()
-                        .map(|(code, c)| (format!(",direction=\"{dir}\",code=\"{code}\""), *c))
-                        .collect::<Vec<_>>()
-                };
-                let mut v = by("in", &n.notifications_in);
-                v.extend(by("out", &n.notifications_out));
-                v
-            },
-        ),
-        (
-            "ferrolb_bgp_treat_as_withdraw_total",
-            "counter",
-            "Received UPDATEs treated as withdraw (RFC 7606).",
-            |n| vec![(String::new(), n.treat_as_withdraw)],
-        ),
-    ];
-    let ns = svc.speaker.neighbors();
-    let mut o = String::new();
-    for (name, kind, help, lines) in families {
-        let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}");
-        for n in &ns {
-            for (labels, v) in lines(n) {
-                let _ = writeln!(o, "{name}{{neighbor=\"{}\"{labels}}} {v}", n.config.address);
-            }
-        }
-    }
-    o
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::models::parse_rule;
 
     #[test]
-    fn routes_follow_bgp_flag_and_roles() {
-        let mut rs = RuleSet::default();
-        for (port, bgp, name) in [
-            (80, true, "default_a:llb-inst0"),
-            (81, false, "default_b:llb-inst0"),
-            (82, true, "x:inst1"),
-        ] {
-            let ip = if port == 82 {
-                "203.0.113.11"
-            } else {
-                "203.0.113.10"
-            };
-            let b = format!(
-                r#"{{"serviceArguments":{{"externalIP":"{ip}","port":{port},"BGP":{bgp},"name":"{name}"}},"endpoints":[]}}"#
-            );
-            let c = rs.plan(parse_rule(b.as_bytes()).unwrap(), 16).unwrap();
-            rs.apply(&c);
-        }
-        let pol = RoutePolicy::default();
-        let plain = routes_for(&rs, &BTreeMap::new(), &pol);
-        assert_eq!(plain.len(), 2);
-        assert!(plain.values().all(|a| *a == RouteAttrs::default()));
-        let roles = BTreeMap::from([("llb-inst0".to_string(), "BACKUP".to_string())]);
-        let r = routes_for(&rs, &roles, &pol);
-        let a = &r[&"203.0.113.10/32".parse().unwrap()];
-        assert_eq!((a.prepend, a.med), (BACKUP_PREPEND, Some(BACKUP_MED)));
-        assert_eq!(
-            r[&"203.0.113.11/32".parse().unwrap()],
-            RouteAttrs::default(),
-            "another instance"
-        );
-        // A configured policy: communities on every route, its own BACKUP values.
+    fn route_policy_fields_parse_and_bad_ones_are_refused() {
         let mut pol = RoutePolicy::default();
         let o: serde_json::Map<String, Value> = serde_json::from_str(
             r#"{"communities":["65100:10"],"largeCommunities":["65100:1:2"],"backupPrepend":5,"backupMed":300,"med":10}"#,
         )
         .unwrap();
         parse_policy(&o, &mut pol).unwrap();
-        let r = routes_for(&rs, &roles, &pol);
-        let a = &r[&"203.0.113.10/32".parse().unwrap()];
-        assert_eq!((a.prepend, a.med), (5, Some(300)));
-        assert_eq!(a.communities, vec![(65100 << 16) | 10]);
-        assert_eq!(a.large_communities, vec![(65100, 1, 2)]);
-        assert_eq!(r[&"203.0.113.11/32".parse().unwrap()].med, Some(10));
+        assert_eq!(
+            (pol.backup_prepend, pol.backup_med, pol.med),
+            (5, 300, Some(10))
+        );
+        assert_eq!(pol.communities, vec![(65100 << 16) | 10]);
+        assert_eq!(pol.large_communities, vec![(65100, 1, 2)]);
         for bad in [
             r#"{"communities":["65100"]}"#,
             r#"{"communities":["70000:1"]}"#,

@@ -1,9 +1,10 @@
 //! The REST API, wire-compatible with loxilb's `/netlox/v1` (see `docs/api.md` and
 //! `docs/openapi.yaml`, served at `/netlox/v1/openapi.yaml`).
 //!
-//! Handlers only translate between HTTP and [`crate::lb::Engine`]: parse and validate (400
-//! naming the field), call the engine, map its error to a status (404 not found, 409 exists
-//! or conflicts, 503 no room, 500 internal), reply with loxilb's JSON shapes.
+//! Handlers are thin: parse and validate (400 naming the field), call a controller (the
+//! engine on its own thread, BGP, BFD, roles, HA), map its error to a status (404 not found,
+//! 409 exists or conflicts, 503 no room, 507 state volume full, 500 internal), and render
+//! loxilb's JSON shapes (`models`).
 
 pub mod bfd;
 pub mod bgp;
@@ -12,10 +13,10 @@ pub mod models;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use axum::Router;
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
@@ -23,8 +24,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use serde_json::json;
 
-use crate::lb::Engine;
-use crate::metrics::{self, Metrics};
+use crate::lb::{EngineGone, EngineHandle};
+use crate::metrics::Metrics;
 use crate::model::Protocol;
 use crate::rules::RuleError;
 use models::{CiList, CiState, Version};
@@ -34,15 +35,19 @@ pub const MAX_BODY_BYTES: usize = 1 << 20;
 
 pub const OPENAPI: &str = include_str!("../../../docs/openapi.yaml");
 
+/// The controllers the handlers call.
 pub struct App {
-    pub engine: Mutex<Engine>,
-    pub metrics: Metrics,
+    pub engine: EngineHandle,
+    pub metrics: Arc<Metrics>,
     /// None when BFD could not start (UDP 3784 taken).
-    pub bfd: Option<bfd::BfdService>,
+    pub bfd: Option<Arc<crate::bfd::Bfd>>,
     /// None without -b/--bgp.
-    pub bgp: Option<bgp::BgpService>,
+    pub bgp: Option<Arc<crate::bgp::Bgp>>,
     /// None without --cluster.
     pub ha: Option<Arc<crate::ha::Ha>>,
+    pub roles: Arc<crate::roles::Roles>,
+    /// Conntrack read handles for the streamed listing.
+    pub conntrack: Arc<ferrolb_bpf::CtReader>,
 }
 
 pub type Shared = Arc<App>;
@@ -95,14 +100,14 @@ impl IntoResponse for ApiError {
     }
 }
 
-fn success() -> Response {
-    (StatusCode::OK, axum::Json(json!({"result": "Success"}))).into_response()
+impl From<EngineGone> for ApiError {
+    fn from(e: EngineGone) -> ApiError {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+    }
 }
 
-fn engine(app: &App) -> Result<std::sync::MutexGuard<'_, Engine>, ApiError> {
-    app.engine
-        .lock()
-        .map_err(|_| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "engine lock poisoned"))
+fn success() -> Response {
+    (StatusCode::OK, axum::Json(json!({"result": "Success"}))).into_response()
 }
 
 pub fn router(app: Shared) -> Router {
@@ -121,7 +126,7 @@ pub fn router(app: Shared) -> Router {
         .route("/config/loadbalancer/name/{name}", delete(delete_lb_name))
         .route("/config/conntrack/all", get(list_ct))
         .route("/config/cistate/all", get(list_cistate))
-        .route("/config/cistate", post(bgp::set_cistate))
+        .route("/config/cistate", post(ha::set_cistate))
         .route("/config/ha", get(ha::status))
         .route("/config/ha/switchover", post(ha::switchover))
         .route("/config/bgp/global", post(bgp::global))
@@ -137,6 +142,8 @@ pub fn router(app: Shared) -> Router {
         .route("/metrics", get(prometheus))
         .route("/openapi.yaml", get(openapi));
     Router::new()
+        // The base path answers with and without its trailing slash.
+        .route("/netlox/v1/", get(liveness))
         .nest("/netlox/v1", v1)
         .route("/metrics", get(prometheus))
         .route("/version", get(version))
@@ -169,23 +176,42 @@ async fn liveness() -> Response {
 
 async fn create_lb(State(app): State<Shared>, body: Bytes) -> Result<Response, ApiError> {
     let spec = models::parse_rule(&body).map_err(|e| ApiError::bad(e.to_string()))?;
-    engine(&app)?.apply(spec)?;
-    bgp::sync(&app).await;
+    app.engine.call(move |e| e.apply(spec)).await??;
     Ok(success())
 }
 
 async fn list_lb(State(app): State<Shared>) -> Result<Response, ApiError> {
-    let list = {
-        let e = engine(&app)?;
-        models::LbList {
-            lb_attr: e
-                .rules()
-                .rules
-                .values()
-                .map(|r| models::lb_entry(r, |slot| e.endpoint_stats(r, slot)))
-                .collect(),
-        }
-    };
+    let list = app
+        .engine
+        .call(|e| {
+            let rules: Vec<_> = e.rules().rules.values().collect();
+            let ids: Vec<u32> = rules.iter().map(|r| r.id).collect();
+            let eps: Vec<(u32, u32)> = rules
+                .iter()
+                .flat_map(|r| r.endpoints.iter().map(|ep| (r.id, u32::from(ep.slot))))
+                .collect();
+            let stats = e.datapath().stats_many(&ids, &eps).map(|(_, ep)| ep);
+            let mut at = 0;
+            models::LbList {
+                lb_attr: rules
+                    .iter()
+                    .map(|r| {
+                        let base = at;
+                        at += r.endpoints.len();
+                        models::lb_entry(r, |slot| {
+                            let i = r.endpoints.iter().position(|ep| ep.slot == slot);
+                            match (&stats, i) {
+                                (Ok(s), Some(i)) => {
+                                    s.get(base + i).map_or((0, 0), |x| (x.packets, x.bytes))
+                                }
+                                _ => e.endpoint_stats(r, slot),
+                            }
+                        })
+                    })
+                    .collect(),
+            }
+        })
+        .await?;
     Ok(axum::Json(list).into_response())
 }
 
@@ -214,7 +240,7 @@ fn parse_block(q: &HashMap<String, String>) -> Result<u32, ApiError> {
 }
 
 /// Deletes the rules matching a loxilb delete path; 404 naming what was asked for when none.
-fn delete_by_key(
+async fn delete_by_key(
     app: &App,
     ip: &str,
     port: &str,
@@ -230,19 +256,19 @@ fn delete_by_key(
         })
         .transpose()?;
     let block = parse_block(q)?;
-    let mut e = engine(app)?;
-    let keys = e.rules().find(ip, port, portmax, proto, Some(block));
-    if keys.is_empty() {
-        let range = portmax.map(|m| format!("-{m}")).unwrap_or_default();
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!(
-                "lb-rule {ip}:{port}{range}/{} block {block} not found",
-                proto.name()
-            ),
-        ));
-    }
-    e.delete(&keys)?;
+    app.engine
+        .call(move |e| {
+            let keys = e.rules().find(ip, port, portmax, proto, Some(block));
+            if keys.is_empty() {
+                let range = portmax.map(|m| format!("-{m}")).unwrap_or_default();
+                return Err(RuleError::NotFound(format!(
+                    "lb-rule {ip}:{port}{range}/{} block {block} not found",
+                    proto.name()
+                )));
+            }
+            e.delete(&keys)
+        })
+        .await??;
     Ok(success())
 }
 
@@ -251,9 +277,7 @@ async fn delete_lb(
     Path((ip, port, proto)): Path<(String, String, String)>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    let r = delete_by_key(&app, &ip, &port, None, &proto, &q);
-    bgp::sync(&app).await;
-    r
+    delete_by_key(&app, &ip, &port, None, &proto, &q).await
 }
 
 async fn delete_lb_range(
@@ -261,92 +285,122 @@ async fn delete_lb_range(
     Path((ip, port, portmax, proto)): Path<(String, String, String, String)>,
     Query(q): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
-    let r = delete_by_key(&app, &ip, &port, Some(&portmax), &proto, &q);
-    bgp::sync(&app).await;
-    r
+    delete_by_key(&app, &ip, &port, Some(&portmax), &proto, &q).await
 }
 
 async fn delete_lb_name(
     State(app): State<Shared>,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    {
-        let mut e = engine(&app)?;
-        let keys = e.find_by_name(&name);
-        if keys.is_empty() {
-            return Err(ApiError::new(
-                StatusCode::NOT_FOUND,
-                format!("no lb-rule named '{name}'"),
-            ));
-        }
-        e.delete(&keys)?;
-    }
-    bgp::sync(&app).await;
+    app.engine
+        .call(move |e| {
+            let keys = e.find_by_name(&name);
+            if keys.is_empty() {
+                return Err(RuleError::NotFound(format!("no lb-rule named '{name}'")));
+            }
+            e.delete(&keys)
+        })
+        .await??;
     Ok(success())
 }
 
 async fn delete_all_lb(State(app): State<Shared>) -> Result<Response, ApiError> {
-    {
-        let mut e = engine(&app)?;
-        let keys = e.all_keys();
-        if !keys.is_empty() {
-            e.delete(&keys)?;
-        }
-    }
-    bgp::sync(&app).await;
+    app.engine
+        .call(|e| {
+            let keys = e.all_keys();
+            if keys.is_empty() {
+                return Ok(0);
+            }
+            e.delete(&keys)
+        })
+        .await??;
     Ok(success())
 }
 
+/// Flows per chunk of the streamed conntrack listing (one syscall each).
+const CT_CHUNK: usize = 4096;
+
+/// `GET /config/conntrack/all`, streamed: the table is read a chunk at a time on the
+/// blocking pool and each chunk's JSON sent as it is ready, so memory stays bounded by a few
+/// chunks whatever the table holds (1M flows included) and the engine is not held.
 async fn list_ct(State(app): State<Shared>) -> Result<Response, ApiError> {
-    let flows = engine(&app)?.flows();
-    let list = models::CtList {
-        ct_attr: flows.iter().map(models::ct_entry).collect(),
-    };
-    Ok(axum::Json(list).into_response())
+    let labels = app.engine.call(|e| e.labels_by_id()).await?;
+    let reader = app.conntrack.clone();
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    tokio::task::spawn_blocking(move || {
+        if tx
+            .blocking_send(Ok(Bytes::from_static(b"{\"ctAttr\":[")))
+            .is_err()
+        {
+            return;
+        }
+        let mut first = true;
+        let mut batches = reader.batches(CT_CHUNK);
+        loop {
+            match batches.next_chunk() {
+                Ok(Some(chunk)) => {
+                    let mut buf = Vec::with_capacity(chunk.len() * 160);
+                    for (k, v) in &chunk {
+                        if v.dir != 0 {
+                            continue;
+                        }
+                        let peer = reader.get(&k.peer(v));
+                        let f = crate::lb::flow_view(k, v, peer.as_ref(), &labels);
+                        if !first {
+                            buf.push(b',');
+                        }
+                        first = false;
+                        if serde_json::to_writer(&mut buf, &models::ct_entry(&f)).is_err() {
+                            return;
+                        }
+                    }
+                    if !buf.is_empty() && tx.blocking_send(Ok(Bytes::from(buf))).is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "conntrack listing failed part way");
+                    let _ = tx.blocking_send(Err(e));
+                    return;
+                }
+            }
+        }
+        let _ = tx.blocking_send(Ok(Bytes::from_static(b"]}")));
+    });
+    Ok((
+        [(header::CONTENT_TYPE, "application/json")],
+        Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx)),
+    )
+        .into_response())
 }
 
-async fn list_cistate(State(app): State<Shared>) -> Response {
-    if let Some(h) = &app.ha {
-        let instances = match app.engine.lock() {
-            Ok(e) => e
-                .rules()
+async fn list_cistate(State(app): State<Shared>) -> Result<Response, ApiError> {
+    let instances = app
+        .engine
+        .call(|e| {
+            e.rules()
                 .rules
                 .values()
-                .map(|r| ha::instance_of(&r.service.name).to_string())
-                .collect(),
-            Err(_) => Default::default(),
-        };
-        let sync = ha::synced(h);
-        return axum::Json(CiList {
-            attr: h
-                .roles(&instances)
-                .into_iter()
-                .map(|r| CiState {
-                    instance: r.instance,
-                    state: r.role.name().to_string(),
-                    vip: "0.0.0.0".into(),
-                    sync,
-                })
-                .collect(),
+                .map(|r| r.service.instance().to_string())
+                .collect()
         })
-        .into_response();
-    }
-    let mut roles = bgp::roles(&app).await;
-    roles
-        .entry(bgp::DEFAULT_INSTANCE.to_string())
-        .or_insert_with(|| "NOT_DEFINED".to_string());
-    axum::Json(CiList {
-        attr: roles
+        .await?;
+    let sync = app.ha.as_deref().map_or(0, crate::ha::control::synced);
+    Ok(axum::Json(CiList {
+        attr: app
+            .roles
+            .list(&instances)
             .into_iter()
-            .map(|(instance, state)| CiState {
+            .map(|(instance, role)| CiState {
                 instance,
-                state,
+                state: role.name().to_string(),
                 vip: "0.0.0.0".into(),
-                sync: 0,
+                sync,
             })
             .collect(),
     })
-    .into_response()
+    .into_response())
 }
 
 async fn version() -> Response {
@@ -362,19 +416,31 @@ async fn version() -> Response {
 }
 
 async fn prometheus(State(app): State<Shared>) -> Result<Response, ApiError> {
-    let mut text = {
-        let e = engine(&app)?;
-        metrics::render(&app.metrics, &e)
+    // Everything is read first (the datapath on the engine's thread, in batches; BFD from its
+    // thread), then recorded and rendered in one go.
+    let dp = app
+        .engine
+        .call(|e| crate::metrics::DatapathSnapshot::take(e))
+        .await?;
+    let bfd = match &app.bfd {
+        Some(b) => Some((
+            b.handle.list().await.unwrap_or_default(),
+            b.handle.counters.clone(),
+        )),
+        None => None,
     };
-    if let Some(b) = &app.bfd {
-        text.push_str(&bfd::metrics(b).await);
-    }
-    if let Some(b) = &app.bgp {
-        text.push_str(&bgp::metrics(b));
-    }
-    if let Some(h) = &app.ha {
-        text.push_str(&ha::metrics(h));
-    }
+    let text = crate::metrics::scrape(|| {
+        crate::metrics::record(&app.metrics, &dp);
+        if let Some((l, c)) = &bfd {
+            crate::bfd::record_metrics(l, c);
+        }
+        if let Some(b) = &app.bgp {
+            b.record_metrics();
+        }
+        if let Some(h) = &app.ha {
+            crate::ha::control::record_metrics(h);
+        }
+    });
     Ok((
         [(
             header::CONTENT_TYPE,

@@ -1,11 +1,12 @@
 //! `ferroctl`: a loxicmd-style CLI for any ferrolb node's REST API. Human tables by default,
-//! `--json` for scripts, `--url` to pick the node.
+//! `--json` for scripts, `--url` to pick the node (`https://` with `--cacert`, or `--tls` for
+//! the node's HTTPS port on 127.0.0.1).
 
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
-use ferrolb_agent::client::{HttpResponse, request};
+use ferrolb_agent::client::HttpResponse;
 use serde_json::{Value, json};
 
 #[derive(Debug, Parser)]
@@ -15,9 +16,15 @@ use serde_json::{Value, json};
     about = "Control a ferrolb node over its REST API"
 )]
 struct Cli {
-    /// Base URL of the node's API.
-    #[arg(long, global = true, default_value = "http://127.0.0.1:11111")]
-    url: String,
+    /// Base URL of the node's API (http:// or https://).
+    #[arg(long, global = true)]
+    url: Option<String>,
+    /// Talk HTTPS to the node's --tls-port (8091) when no --url is given.
+    #[arg(long, global = true)]
+    tls: bool,
+    /// PEM file of the CA that signs the node's HTTPS certificate.
+    #[arg(long, global = true, value_name = "FILE")]
+    cacert: Option<std::path::PathBuf>,
     /// Print the API's JSON instead of a table.
     #[arg(long, global = true)]
     json: bool,
@@ -161,14 +168,27 @@ fn pick(names: &[&str], v: &str, flag: &str) -> Result<usize> {
 
 struct Client {
     base: String,
-    timeout: Duration,
+    http: ferrolb_agent::client::Client,
 }
 
 impl Client {
+    fn new(cli: &Cli, timeout: Duration) -> Result<Client> {
+        let base = match (&cli.url, cli.tls) {
+            (Some(u), _) => u.clone(),
+            (None, true) => "https://127.0.0.1:8091".into(),
+            (None, false) => "http://127.0.0.1:11111".into(),
+        };
+        Ok(Client {
+            base,
+            http: ferrolb_agent::client::Client::new(timeout, cli.cacert.as_deref())?,
+        })
+    }
+
     fn call(&self, method: &str, path: &str, body: Option<&Value>) -> Result<HttpResponse> {
         let url = format!("{}/netlox/v1{path}", self.base.trim_end_matches('/'));
         let bytes = body.map(|b| b.to_string().into_bytes());
-        request(method, &url, bytes.as_deref(), self.timeout)
+        self.http
+            .request(method, &url, bytes.as_deref())
             .with_context(|| format!("{method} {url}"))
     }
 
@@ -492,10 +512,7 @@ const MODE: [&str; 3] = ["default", "onearm", "fullnat"];
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    let c = Client {
-        base: cli.url.clone(),
-        timeout: Duration::from_secs(cli.timeout.max(1)),
-    };
+    let c = Client::new(&cli, Duration::from_secs(cli.timeout.max(1)))?;
     match cli.cmd {
         Cmd::Version => {
             let v = c.ok("GET", "/version", None)?;
@@ -506,10 +523,7 @@ fn main() -> Result<()> {
             }
         }
         Cmd::Drain { grace } => {
-            let c = Client {
-                base: c.base,
-                timeout: Duration::from_secs(grace + 10),
-            };
+            let c = Client::new(&cli, Duration::from_secs(grace + 10))?;
             let v = c.ok(
                 "POST",
                 "/config/bgp/drain",
@@ -524,10 +538,7 @@ fn main() -> Result<()> {
         Cmd::Ha {
             what: HaWhat::Switchover,
         } => {
-            let c = Client {
-                base: c.base,
-                timeout: Duration::from_secs(15),
-            };
+            let c = Client::new(&cli, Duration::from_secs(15))?;
             let v = c.ok("POST", "/config/ha/switchover", None)?;
             if cli.json {
                 println!("{v}");

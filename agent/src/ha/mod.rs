@@ -18,6 +18,7 @@
 //! - **Without `--ka`**, roles come from `POST /config/cistate` (kube-loxilb); becoming MASTER
 //!   there adopts every synced entry.
 
+pub mod control;
 pub mod cpus;
 pub mod election;
 pub mod flows;
@@ -35,7 +36,7 @@ use ferrolb_bpf::monotonic_ns;
 use ferrolb_consync::{Consync, FlowId, Node, pb};
 use tracing::{info, warn};
 
-pub const DEFAULT_INSTANCE: &str = "llb-inst0";
+pub use crate::model::DEFAULT_INSTANCE;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Role {
@@ -142,6 +143,112 @@ pub fn handover_term(
     Ok(next)
 }
 
+/// What one evaluation decided (see [`step`]).
+#[derive(Debug, Default, PartialEq)]
+pub struct Step {
+    /// Peers declared dead now: (address, node id, last known alive).
+    pub newly_dead: Vec<(SocketAddr, Option<u32>, Option<Instant>)>,
+    /// Became MASTER: why, and when the old MASTER was last known alive.
+    pub promote: Option<(String, Option<Instant>)>,
+    /// Stepped down to BACKUP: why.
+    pub demote: Option<String>,
+    /// Became ready now: after how long, and whether every peer's first sync completed
+    /// (false: the join timeout passed).
+    pub ready: Option<(Duration, bool)>,
+}
+
+/// The HA core, pure: from the state (peer views updated by BFD and sync events) and the
+/// time, decides liveness, readiness and the role, and updates the state. No I/O: the
+/// caller ([`Ha::evaluate`]) logs, announces and adopts flows. `joined`: every peer's first
+/// snapshot has arrived.
+fn step(st: &mut State, cfg: &HaConfig, now: Instant, joined: bool) -> Step {
+    let mut out = Step::default();
+    let was_master = st.role == Role::Master;
+    for (addr, v) in st.peers.iter_mut() {
+        let fresh = v.connected
+            && v.heard
+                .is_some_and(|h| now.duration_since(h) < cfg.silent_dead);
+        let alive = if v.bfd_was_up { v.bfd_up } else { fresh };
+        if alive {
+            // The last moment it was known alive: its last batch (heartbeats every 100 ms), or
+            // now when nothing was heard yet.
+            v.last_alive = Some(v.heard.filter(|_| v.connected).unwrap_or(now));
+        }
+        if v.alive && !alive {
+            out.newly_dead.push((*addr, v.node_id, v.last_alive));
+            v.fresh_status = false;
+            v.may_outrank = was_master;
+        }
+        v.alive = alive;
+    }
+    if !cfg.ka {
+        return out;
+    }
+    if !st.ready {
+        let waited = now.duration_since(st.started);
+        if joined {
+            st.ready = true;
+            out.ready = Some((waited, true));
+        } else if waited >= cfg.join_timeout {
+            st.ready = true;
+            out.ready = Some((waited, false));
+        }
+    }
+    let peak = st.peers.values().map(PeerView::max_term).max().unwrap_or(0);
+    st.max_term_seen = st.max_term_seen.max(peak);
+    let facts: Vec<election::PeerFacts> = st
+        .peers
+        .values()
+        .map(|v| election::PeerFacts {
+            node_id: v.node_id,
+            alive: v.alive,
+            fresh: v.fresh_status,
+            master_term: v.master_term(),
+        })
+        .collect();
+    match election::decide(u32::from(cfg.node_id), st.role, st.term, st.ready, &facts) {
+        election::Decision::Stay => {}
+        election::Decision::Demote { node, term } => {
+            out.demote = Some(format!(
+                "node {node} is MASTER with term {term} (ours {})",
+                st.term
+            ));
+            st.role = Role::Backup;
+            st.term = st.term.max(st.max_term_seen);
+            st.since = now;
+            st.transitions += 1;
+        }
+        election::Decision::Promote => {
+            let last = out.newly_dead.iter().filter_map(|d| d.2).max().or_else(|| {
+                st.peers
+                    .values()
+                    .filter(|v| !v.alive)
+                    .filter_map(|v| v.last_alive)
+                    .max()
+            });
+            let reason = if out.newly_dead.is_empty() {
+                "no live MASTER".to_string()
+            } else {
+                format!(
+                    "peer(s) {:?} dead",
+                    out.newly_dead.iter().map(|d| d.0).collect::<Vec<_>>()
+                )
+            };
+            st.role = Role::Master;
+            st.term = st
+                .max_term_seen
+                .max(st.term)
+                .saturating_add(1)
+                .min(TERM_LIMIT + 1);
+            st.max_term_seen = st.term;
+            st.since = now;
+            st.transitions += 1;
+            out.promote = Some((reason, last));
+        }
+    }
+    out
+}
+
 impl PeerView {
     fn master_term(&self) -> Option<u64> {
         let s = self.status.as_ref()?;
@@ -194,8 +301,8 @@ pub struct Ha {
     state: Mutex<State>,
     table: Mutex<SyncTable>,
     pub consync: OnceLock<Arc<Consync>>,
-    /// Roles changed (BGP follows).
-    pub changed: tokio::sync::Notify,
+    /// Roles changed: BGP and the L2 follower subscribe (see [`crate::roles::RoleBus`]).
+    roles: crate::roles::RoleBus,
     /// Something happened that may change roles.
     pub wake: tokio::sync::Notify,
     pub counters: HaCounters,
@@ -212,7 +319,7 @@ pub struct InstanceRole {
 }
 
 impl Ha {
-    pub fn new(cfg: HaConfig, table: SyncTable) -> Ha {
+    pub fn new(cfg: HaConfig, table: SyncTable, roles: crate::roles::RoleBus) -> Ha {
         let now = Instant::now();
         let peers = cfg
             .peers
@@ -246,7 +353,7 @@ impl Ha {
             }),
             table: Mutex::new(table),
             consync: OnceLock::new(),
-            changed: tokio::sync::Notify::new(),
+            roles,
             wake: tokio::sync::Notify::new(),
             counters: HaCounters::default(),
             cpu_cursor: std::sync::atomic::AtomicUsize::new(0),
@@ -384,7 +491,7 @@ impl Ha {
                 "MASTER (set over REST): synced flows adopted"
             );
         }
-        self.changed.notify_one();
+        self.roles.changed();
     }
 
     /// A BFD session changed state.
@@ -404,121 +511,45 @@ impl Ha {
         }
     }
 
-    /// Re-evaluates liveness and roles; called on every event and on a short timer.
+    /// Re-evaluates liveness and roles; called on every event and on a short timer. The
+    /// decision is [`step`] (pure); this applies its effects: logs, the role bus, adoption.
     pub fn evaluate(&self) {
         let now = Instant::now();
-        let mut newly_dead: Vec<(SocketAddr, Option<u32>, Option<Instant>)> = Vec::new();
-        let mut promote: Option<(String, Option<Instant>)> = None;
-        let mut demote: Option<String> = None;
-        {
+        let joined = self
+            .consync
+            .get()
+            .map(|c| c.peers().iter().all(|p| p.synced_once))
+            .unwrap_or(true);
+        let (out, term) = {
             let mut st = self.st();
-            let joined = self
-                .consync
-                .get()
-                .map(|c| c.peers().iter().all(|p| p.synced_once))
-                .unwrap_or(true);
-            let was_master = st.role == Role::Master;
-            for (addr, v) in st.peers.iter_mut() {
-                let fresh = v.connected
-                    && v.heard
-                        .is_some_and(|h| now.duration_since(h) < self.cfg.silent_dead);
-                let alive = if v.bfd_was_up { v.bfd_up } else { fresh };
-                if alive {
-                    // The last moment it was known alive: its last batch (heartbeats every
-                    // 100 ms), or now when nothing was heard yet.
-                    v.last_alive = Some(v.heard.filter(|_| v.connected).unwrap_or(now));
-                }
-                if v.alive && !alive {
-                    newly_dead.push((*addr, v.node_id, v.last_alive));
-                    v.fresh_status = false;
-                    v.may_outrank = was_master;
-                }
-                v.alive = alive;
-            }
-            if !self.cfg.ka {
-                drop(st);
-                for (addr, id, _) in &newly_dead {
-                    warn!(peer = %addr, node = ?id, "HA: peer dead");
-                }
-                self.adopt_dead(&newly_dead);
-                return;
-            }
-            if !st.ready {
-                let waited = now.duration_since(st.started);
-                if joined {
-                    st.ready = true;
-                    info!(
-                        waited_ms = waited.as_millis() as u64,
-                        "HA: first sync from every peer complete; ready"
-                    );
-                } else if waited >= self.cfg.join_timeout {
-                    st.ready = true;
-                    warn!(
-                        waited_ms = waited.as_millis() as u64,
-                        "HA: no complete sync from every peer within the join timeout; proceeding without their state"
-                    );
-                }
-            }
-            let peak = st.peers.values().map(PeerView::max_term).max().unwrap_or(0);
-            st.max_term_seen = st.max_term_seen.max(peak);
-            let facts: Vec<election::PeerFacts> = st
-                .peers
-                .values()
-                .map(|v| election::PeerFacts {
-                    node_id: v.node_id,
-                    alive: v.alive,
-                    fresh: v.fresh_status,
-                    master_term: v.master_term(),
-                })
-                .collect();
-            let me = u32::from(self.cfg.node_id);
-            match election::decide(me, st.role, st.term, st.ready, &facts) {
-                election::Decision::Stay => {}
-                election::Decision::Demote { node, term } => {
-                    demote = Some(format!(
-                        "node {node} is MASTER with term {term} (ours {})",
-                        st.term
-                    ));
-                }
-                election::Decision::Promote => {
-                    let last = newly_dead.iter().filter_map(|d| d.2).max().or_else(|| {
-                        st.peers
-                            .values()
-                            .filter(|v| !v.alive)
-                            .filter_map(|v| v.last_alive)
-                            .max()
-                    });
-                    promote = Some((
-                        if newly_dead.is_empty() {
-                            "no live MASTER".to_string()
-                        } else {
-                            format!(
-                                "peer(s) {:?} dead",
-                                newly_dead.iter().map(|d| d.0).collect::<Vec<_>>()
-                            )
-                        },
-                        last,
-                    ));
-                }
-            }
-            if let Some(reason) = &demote {
-                st.role = Role::Backup;
-                st.term = st.term.max(st.max_term_seen);
-                st.since = now;
-                st.transitions += 1;
-                warn!(reason, "HA: two MASTERs; stepping down to BACKUP");
-            }
-            if let Some((reason, _)) = &promote {
-                st.role = Role::Master;
-                st.term = st.max_term_seen.max(st.term) + 1;
-                st.max_term_seen = st.term;
-                st.since = now;
-                st.transitions += 1;
-                info!(term = st.term, reason, "HA: MASTER");
-            }
+            let out = step(&mut st, &self.cfg, now, joined);
+            (out, st.term)
+        };
+        let Step {
+            newly_dead,
+            promote,
+            demote,
+            ready,
+        } = out;
+        match ready {
+            Some((waited, true)) => info!(
+                waited_ms = waited.as_millis() as u64,
+                "HA: first sync from every peer complete; ready"
+            ),
+            Some((waited, false)) => warn!(
+                waited_ms = waited.as_millis() as u64,
+                "HA: no complete sync from every peer within the join timeout; proceeding without their state"
+            ),
+            None => {}
+        }
+        if let Some(reason) = &demote {
+            warn!(reason, "HA: two MASTERs; stepping down to BACKUP");
+        }
+        if let Some((reason, _)) = &promote {
+            info!(term, reason, "HA: MASTER");
         }
         if promote.is_some() || demote.is_some() {
-            self.changed.notify_one();
+            self.roles.changed();
         }
         for (addr, id, _) in &newly_dead {
             warn!(peer = %addr, node = ?id, "HA: peer dead");
@@ -669,7 +700,7 @@ impl Ha {
             st.transitions += 1;
         }
         info!(term, "HA: handed MASTER over; BACKUP");
-        self.changed.notify_one();
+        self.roles.changed();
     }
 
     /// The live, ready peer a planned switchover goes to (lowest node id).
@@ -868,7 +899,7 @@ impl Node for Ha {
                     if !v.fresh_status {
                         v.fresh_status = true;
                         v.may_outrank = false;
-                        self.changed.notify_one();
+                        self.roles.changed();
                     }
                 }
                 None => {
@@ -902,7 +933,7 @@ impl Node for Ha {
             st.term
         };
         info!(from = req.node_id, term, "HA: MASTER by planned switchover");
-        self.changed.notify_one();
+        self.roles.changed();
         let from = u16::try_from(req.node_id).unwrap_or(u16::MAX);
         let n = self.adopt(|o| o == from);
         info!(adopted = n, "HA: the previous MASTER's flows adopted");
@@ -931,5 +962,231 @@ mod tests {
             handover_term(0, 0, Some(TERM_LIMIT - 1), TERM_LIMIT - 1),
             Ok(TERM_LIMIT)
         );
+    }
+
+    // --- the pure core, driven like two (or three) nodes exchanging statuses and BFD ---
+
+    const A: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1)), 22222);
+    const B: SocketAddr = SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 2)), 22222);
+
+    fn cfg(id: u16, peer: SocketAddr) -> HaConfig {
+        HaConfig {
+            node_id: id,
+            ka: true,
+            peers: vec![(peer, Some(peer.ip()))],
+            join_timeout: Duration::from_secs(5),
+            silent_dead: Duration::from_secs(1),
+            l2: false,
+        }
+    }
+
+    fn node(c: &HaConfig, t0: Instant) -> State {
+        State {
+            role: Role::Backup,
+            term: 0,
+            since: t0,
+            external: BTreeMap::new(),
+            ready: false,
+            started: t0,
+            peers: c
+                .peers
+                .iter()
+                .map(|(a, bfd)| {
+                    (
+                        *a,
+                        PeerView {
+                            bfd_peer: *bfd,
+                            ..Default::default()
+                        },
+                    )
+                })
+                .collect(),
+            max_term_seen: 0,
+            transitions: 0,
+            last_failover_s: None,
+        }
+    }
+
+    fn status(st: &State, id: u16) -> pb::NodeStatus {
+        pb::NodeStatus {
+            node_id: u32::from(id),
+            ready: st.ready,
+            instances: vec![pb::InstanceStatus {
+                instance: DEFAULT_INSTANCE.into(),
+                role: st.role.pb() as i32,
+                term: st.term,
+            }],
+        }
+    }
+
+    /// `st` hears `from`'s status over sync at `now` (as `peer_status` records it).
+    fn hear(st: &mut State, from: SocketAddr, s: pb::NodeStatus, now: Instant) {
+        let v = st.peers.get_mut(&from).unwrap();
+        v.node_id = Some(s.node_id);
+        v.status = Some(s);
+        v.connected = true;
+        v.heard = Some(now);
+        if !v.fresh_status {
+            v.fresh_status = true;
+            v.may_outrank = false;
+        }
+    }
+
+    fn bfd(st: &mut State, peer: SocketAddr, up: bool) {
+        let v = st.peers.get_mut(&peer).unwrap();
+        v.bfd_up = up;
+        v.bfd_was_up |= up;
+    }
+
+    /// Two nodes that came up together and exchanged statuses: A (0) MASTER term 1, B BACKUP.
+    fn pair(t0: Instant) -> (HaConfig, State, HaConfig, State) {
+        let (ca, cb) = (cfg(0, B), cfg(1, A));
+        let (mut a, mut b) = (node(&ca, t0), node(&cb, t0));
+        for _ in 0..2 {
+            bfd(&mut a, B, true);
+            bfd(&mut b, A, true);
+            let (sa, sb) = (status(&a, 0), status(&b, 1));
+            hear(&mut a, B, sb, t0);
+            hear(&mut b, A, sa, t0);
+            step(&mut a, &ca, t0, true);
+            step(&mut b, &cb, t0, true);
+        }
+        (ca, a, cb, b)
+    }
+
+    #[test]
+    fn cold_start_of_both_elects_the_lowest_id_once() {
+        let t0 = Instant::now();
+        let (ca, cb) = (cfg(0, B), cfg(1, A));
+        let (mut a, mut b) = (node(&ca, t0), node(&cb, t0));
+        bfd(&mut a, B, true);
+        bfd(&mut b, A, true);
+        let (sa, sb) = (status(&a, 0), status(&b, 1));
+        hear(&mut a, B, sb, t0);
+        hear(&mut b, A, sa, t0);
+        // Not joined yet: nobody takes a role.
+        assert_eq!(step(&mut a, &ca, t0, false), Step::default());
+        assert_eq!(step(&mut b, &cb, t0, false), Step::default());
+        // Both joined: A (lower id) takes MASTER, B waits for A.
+        let sa_step = step(&mut a, &ca, t0, true);
+        assert!(sa_step.promote.is_some() && sa_step.ready == Some((Duration::ZERO, true)));
+        let sb_step = step(&mut b, &cb, t0, true);
+        assert!(
+            sb_step.promote.is_none(),
+            "B never takes MASTER while A lives"
+        );
+        hear(&mut b, A, status(&a, 0), t0);
+        assert_eq!(step(&mut b, &cb, t0, true), Step::default());
+        assert_eq!((a.role, a.term, b.role), (Role::Master, 1, Role::Backup));
+    }
+
+    #[test]
+    fn master_death_promotes_the_backup_with_a_higher_term() {
+        let t0 = Instant::now();
+        let (_ca, a, cb, mut b) = pair(t0);
+        assert_eq!((a.role, b.role), (Role::Master, Role::Backup));
+        let t1 = t0 + Duration::from_millis(300);
+        bfd(&mut b, A, false);
+        let out = step(&mut b, &cb, t1, true);
+        assert_eq!(out.newly_dead.len(), 1);
+        let (why, last) = out.promote.expect("B takes over");
+        assert!(why.contains("dead"), "{why}");
+        assert_eq!(
+            last,
+            Some(t0),
+            "the failover is measured from A's last batch"
+        );
+        assert_eq!((b.role, b.term), (Role::Master, 2));
+    }
+
+    #[test]
+    fn backup_death_leaves_the_master_alone() {
+        let t0 = Instant::now();
+        let (ca, mut a, _cb, _b) = pair(t0);
+        bfd(&mut a, B, false);
+        let out = step(&mut a, &ca, t0 + Duration::from_millis(300), true);
+        assert_eq!(out.newly_dead.len(), 1);
+        assert!(out.promote.is_none() && out.demote.is_none());
+        assert_eq!((a.role, a.term), (Role::Master, 1));
+    }
+
+    #[test]
+    fn a_partition_makes_two_masters_and_the_heal_leaves_the_later_one() {
+        let t0 = Instant::now();
+        let (ca, mut a, cb, mut b) = pair(t0);
+        // The keepalive network fails: each side sees the other dead.
+        let t1 = t0 + Duration::from_millis(300);
+        bfd(&mut a, B, false);
+        bfd(&mut b, A, false);
+        step(&mut a, &ca, t1, true);
+        step(&mut b, &cb, t1, true);
+        assert_eq!((a.role, a.term), (Role::Master, 1));
+        assert_eq!(
+            (b.role, b.term),
+            (Role::Master, 2),
+            "B promoted on its side"
+        );
+        // A stays MASTER meanwhile but a returning B may outrank it.
+        assert!(a.peers[&B].may_outrank);
+        // Heal: BFD up, statuses cross. The later promotion (term 2) keeps MASTER.
+        let t2 = t1 + Duration::from_secs(5);
+        bfd(&mut a, B, true);
+        bfd(&mut b, A, true);
+        let (sa, sb) = (status(&a, 0), status(&b, 1));
+        hear(&mut a, B, sb, t2);
+        hear(&mut b, A, sa, t2);
+        let oa = step(&mut a, &ca, t2, true);
+        let ob = step(&mut b, &cb, t2, true);
+        assert!(oa.demote.is_some(), "A steps down: {oa:?}");
+        assert!(ob.demote.is_none() && ob.promote.is_none(), "{ob:?}");
+        assert_eq!(
+            (a.role, a.term, b.role, b.term),
+            (Role::Backup, 2, Role::Master, 2)
+        );
+        // And it stays so.
+        hear(&mut b, A, status(&a, 0), t2);
+        assert_eq!(step(&mut b, &cb, t2, true), Step::default());
+    }
+
+    #[test]
+    fn a_peer_returning_during_a_switchover_does_not_take_the_role_back() {
+        let t0 = Instant::now();
+        let (ca, mut a, cb, mut b) = pair(t0);
+        // A's status, sent just before the switchover, is still in flight.
+        let stale = status(&a, 0);
+        // B takes MASTER by handover at the term A reports (as the sync service checks).
+        let reported = b.peers[&A].master_term();
+        let term = handover_term(b.term, b.max_term_seen, reported, a.term).unwrap();
+        b.role = Role::Master;
+        b.term = term;
+        b.max_term_seen = term;
+        // A steps down (`stepped_down`).
+        a.role = Role::Backup;
+        a.term = a.term.max(term);
+        a.max_term_seen = a.max_term_seen.max(term);
+        // The stale MASTER status (term 1) reaches B: B keeps the role.
+        let t1 = t0 + Duration::from_millis(10);
+        hear(&mut b, A, stale, t1);
+        assert_eq!(step(&mut b, &cb, t1, true), Step::default());
+        hear(&mut a, B, status(&b, 1), t1);
+        assert_eq!(step(&mut a, &ca, t1, true), Step::default());
+        assert_eq!((a.role, b.role, b.term), (Role::Backup, Role::Master, 2));
+    }
+
+    #[test]
+    fn a_lone_node_waits_for_the_join_timeout_then_takes_master() {
+        let t0 = Instant::now();
+        let ca = cfg(1, A);
+        let mut b = node(&ca, t0);
+        // The peer never answers: no BFD, no sync. Not joined.
+        assert_eq!(
+            step(&mut b, &ca, t0 + Duration::from_secs(4), false),
+            Step::default()
+        );
+        assert_eq!(b.role, Role::Backup);
+        let out = step(&mut b, &ca, t0 + Duration::from_secs(5), false);
+        assert_eq!(out.ready, Some((Duration::from_secs(5), false)));
+        assert!(out.promote.is_some(), "{out:?}");
+        assert_eq!((b.role, b.term), (Role::Master, 1));
     }
 }

@@ -1,0 +1,504 @@
+//! The BGP controller: the speaker, its configuration (`<config-path>/bgp.json`, restored at
+//! start), the originated routes and the BFD coupling of neighbours.
+//!
+//! Originated routes are computed purely ([`routes_for`]) from the rules, the roles and the
+//! policy: a /32 (/128) for every VIP of a rule with `bgp: true`; the rule's HA instance decides
+//! the attributes (MASTER and NOT_DEFINED advertise plainly, BACKUP prepends its AS
+//! [`BACKUP_PREPEND`] times with MED [`BACKUP_MED`]). They follow the engine's rule changes and
+//! the [`crate::roles::RoleBus`] ([`Bgp::follow`]), gathered for [`SYNC_COALESCE`].
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ferrolb_bgp::{GlobalConfig, NeighborConfig, RouteAttrs, Routes, Speaker};
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+use tracing::{info, warn};
+
+use crate::bfd::Bfd;
+use crate::ha::Role;
+use crate::lb::EngineHandle;
+use crate::metrics::{counter, gauge};
+use crate::roles::Roles;
+use crate::rules::RuleSet;
+use crate::store::{StoreError, write_atomic, write_atomic_shrinking};
+
+pub const BGP_FILE: &str = "bgp.json";
+pub const BACKUP_PREPEND: u8 = 3;
+pub const BACKUP_MED: u32 = 200;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NeighSpec {
+    pub address: IpAddr,
+    pub remote_as: u32,
+    pub remote_port: u16,
+    pub hold_time_s: u16,
+    pub bfd: bool,
+    #[serde(default)]
+    pub password: Option<String>,
+    #[serde(default)]
+    pub ttl_security: bool,
+    #[serde(default)]
+    pub passive: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BgpConfig {
+    pub local_as: Option<u32>,
+    pub router_id: Option<Ipv4Addr>,
+    pub neighbors: BTreeMap<IpAddr, NeighSpec>,
+    #[serde(default)]
+    pub policy: RoutePolicy,
+}
+
+/// Attributes of originated routes (set with `POST /config/bgp/global`, ferrolb's fields).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RoutePolicy {
+    /// MED of MASTER / NOT_DEFINED routes (none by default).
+    pub med: Option<u32>,
+    pub backup_med: u32,
+    pub backup_prepend: u8,
+    /// LOCAL_PREF toward iBGP neighbours (100 when unset).
+    pub local_pref: Option<u32>,
+    pub backup_local_pref: Option<u32>,
+    /// Added to every route.
+    pub communities: Vec<u32>,
+    pub large_communities: Vec<(u32, u32, u32)>,
+}
+
+impl Default for RoutePolicy {
+    fn default() -> Self {
+        RoutePolicy {
+            med: None,
+            backup_med: BACKUP_MED,
+            backup_prepend: BACKUP_PREPEND,
+            local_pref: None,
+            backup_local_pref: None,
+            communities: Vec::new(),
+            large_communities: Vec::new(),
+        }
+    }
+}
+
+impl RoutePolicy {
+    pub fn attrs(&self, backup: bool) -> RouteAttrs {
+        RouteAttrs {
+            med: if backup {
+                Some(self.backup_med)
+            } else {
+                self.med
+            },
+            prepend: if backup { self.backup_prepend } else { 0 },
+            communities: self.communities.clone(),
+            large_communities: self.large_communities.clone(),
+            local_pref: if backup {
+                self.backup_local_pref
+            } else {
+                self.local_pref
+            },
+        }
+    }
+}
+
+/// How long changes are gathered before the route set is recomputed (a burst of 10,000 rule
+/// changes costs a few recomputations, not 10,000).
+pub const SYNC_COALESCE: Duration = Duration::from_millis(20);
+
+#[derive(Debug, thiserror::Error)]
+pub enum BgpError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("saving BGP configuration: {0}")]
+    Save(#[from] StoreError),
+    #[error("saving BGP configuration: {0}")]
+    Task(String),
+    #[error("at most {MAX_NEIGHBORS} BGP neighbours")]
+    Full,
+}
+
+/// Neighbours the REST API may configure (each runs a session task and a TCP connection).
+pub const MAX_NEIGHBORS: usize = 256;
+
+pub fn neighbor_config(n: &NeighSpec) -> NeighborConfig {
+    NeighborConfig {
+        address: n.address,
+        remote_as: n.remote_as,
+        remote_port: n.remote_port,
+        hold_time_s: n.hold_time_s,
+        connect_retry_s: 1,
+        password: n.password.clone(),
+        ttl_security: n.ttl_security,
+        passive: n.passive,
+    }
+}
+
+/// The routes the rules ask for, with role-driven attributes. Pure.
+pub fn routes_for(rules: &RuleSet, role_of: impl Fn(&str) -> Role, policy: &RoutePolicy) -> Routes {
+    let mut out = Routes::new();
+    for r in rules.rules.values() {
+        if !r.service.bgp {
+            continue;
+        }
+        let vip = r.key.external_ip;
+        let backup = role_of(r.service.instance()) == Role::Backup;
+        let attrs = policy.attrs(backup);
+        let Ok(net) = IpNet::new(vip, if vip.is_ipv6() { 128 } else { 32 }) else {
+            continue;
+        };
+        // Two rules on one VIP in different roles: the plainer advertisement wins.
+        out.entry(net)
+            .and_modify(|a: &mut RouteAttrs| {
+                if !backup {
+                    *a = policy.attrs(false);
+                }
+            })
+            .or_insert(attrs);
+    }
+    out
+}
+
+pub struct Bgp {
+    pub speaker: Speaker,
+    dir: PathBuf,
+    config: Mutex<BgpConfig>,
+    bfd: Option<Arc<Bfd>>,
+    /// The configuration changed (policy): routes are recomputed.
+    dirty: tokio::sync::Notify,
+}
+
+fn load(dir: &std::path::Path) -> anyhow::Result<BgpConfig> {
+    let path = dir.join(BGP_FILE);
+    match std::fs::read(&path) {
+        Ok(b) => serde_json::from_slice(&b).map_err(|e| {
+            anyhow::anyhow!(
+                "{}: not a ferrolb BGP document ({e}); move it aside",
+                path.display()
+            )
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(BgpConfig::default()),
+        Err(e) => Err(anyhow::anyhow!("{}: {e}", path.display())),
+    }
+}
+
+impl Bgp {
+    /// Loads the saved configuration, applies it to a new speaker and listens on TCP 179.
+    pub async fn start(dir: &std::path::Path, bfd: Option<Arc<Bfd>>) -> anyhow::Result<Arc<Bgp>> {
+        let config = load(dir)?;
+        let bgp = Arc::new(Bgp {
+            speaker: Speaker::new(),
+            dir: dir.to_path_buf(),
+            config: Mutex::new(config.clone()),
+            bfd,
+            dirty: tokio::sync::Notify::new(),
+        });
+        if let (Some(a), Some(r)) = (config.local_as, config.router_id) {
+            bgp.speaker.set_global(GlobalConfig {
+                local_as: a,
+                router_id: r,
+            });
+        }
+        for n in config.neighbors.values() {
+            bgp.speaker.upsert_neighbor(neighbor_config(n));
+        }
+        // Passive neighbours connect to us; active ones may too (collisions are resolved).
+        if let Err(e) = bgp.speaker.listen(179).await {
+            warn!(error = %e, "cannot listen on TCP 179: passive BGP neighbours will not come up");
+        }
+        for n in config.neighbors.values().filter(|n| n.bfd) {
+            bgp.ensure_bfd(n.address).await;
+        }
+        info!("BGP speaker enabled");
+        Ok(bgp)
+    }
+
+    pub async fn config(&self) -> BgpConfig {
+        self.config.lock().await.clone()
+    }
+
+    /// Saves off the async workers; `shrinking` (a delete) may use the state volume's reserve.
+    async fn save(&self, c: &BgpConfig, shrinking: bool) -> Result<(), BgpError> {
+        let bytes = serde_json::to_vec_pretty(c).unwrap_or_default();
+        let dir = self.dir.clone();
+        tokio::task::spawn_blocking(move || {
+            if shrinking {
+                write_atomic_shrinking(&dir, BGP_FILE, &bytes)
+            } else {
+                write_atomic(&dir, BGP_FILE, &bytes)
+            }
+        })
+        .await
+        .map_err(|e| BgpError::Task(e.to_string()))??;
+        Ok(())
+    }
+
+    /// `POST /config/bgp/global`: AS, router id and route policy; saved, then applied.
+    pub async fn set_global(
+        &self,
+        local_as: u32,
+        router_id: Ipv4Addr,
+        policy: RoutePolicy,
+    ) -> Result<(), BgpError> {
+        let mut c = self.config.lock().await;
+        let mut next = c.clone();
+        next.local_as = Some(local_as);
+        next.router_id = Some(router_id);
+        next.policy = policy;
+        self.save(&next, false).await?;
+        *c = next;
+        self.speaker.set_global(GlobalConfig {
+            local_as,
+            router_id,
+        });
+        drop(c);
+        self.dirty.notify_one();
+        Ok(())
+    }
+
+    /// `POST /config/bgp/neigh`: saved, then applied (with a BFD session if asked).
+    pub async fn upsert_neighbor(&self, spec: NeighSpec) -> Result<(), BgpError> {
+        let mut c = self.config.lock().await;
+        if !c.neighbors.contains_key(&spec.address) && c.neighbors.len() >= MAX_NEIGHBORS {
+            return Err(BgpError::Full);
+        }
+        let mut next = c.clone();
+        next.neighbors.insert(spec.address, spec.clone());
+        self.save(&next, false).await?;
+        *c = next;
+        self.speaker.upsert_neighbor(neighbor_config(&spec));
+        drop(c);
+        if spec.bfd {
+            self.ensure_bfd(spec.address).await;
+        }
+        Ok(())
+    }
+
+    /// `DELETE /config/bgp/neigh/{ip}` (with `remoteAs` when given: it must match).
+    pub async fn remove_neighbor(
+        &self,
+        address: IpAddr,
+        remote_as: Option<u32>,
+    ) -> Result<(), BgpError> {
+        let mut c = self.config.lock().await;
+        let Some(n) = c.neighbors.get(&address).cloned() else {
+            return Err(BgpError::NotFound(format!("no BGP neighbour {address}")));
+        };
+        if let Some(ra) = remote_as
+            && ra != n.remote_as
+        {
+            return Err(BgpError::NotFound(format!(
+                "BGP neighbour {address} has remote AS {}, not {ra}",
+                n.remote_as
+            )));
+        }
+        let mut next = c.clone();
+        next.neighbors.remove(&address);
+        self.save(&next, true).await?;
+        *c = next;
+        self.speaker.remove_neighbor(address);
+        drop(c);
+        if n.bfd
+            && let Some(b) = &self.bfd
+        {
+            let _ = b.handle.remove(address).await;
+        }
+        Ok(())
+    }
+
+    async fn ensure_bfd(&self, address: IpAddr) {
+        match &self.bfd {
+            Some(b) => b.ensure_session(address, "bgp").await,
+            None => warn!(%address, "BGP neighbour wants BFD but BFD is not running"),
+        }
+    }
+
+    /// Recomputes the originated routes now.
+    pub async fn sync_routes(&self, engine: &EngineHandle, roles: &Arc<Roles>) {
+        let policy = self.config.lock().await.policy.clone();
+        let roles = roles.clone();
+        match engine
+            .call(move |e| routes_for(e.rules(), |i| roles.advertised(i), &policy))
+            .await
+        {
+            Ok(r) => self.speaker.set_routes(r),
+            Err(e) => warn!(error = %e, "BGP routes not recomputed"),
+        }
+    }
+
+    /// Keeps the originated routes in step with the rules, the roles and the policy: waits
+    /// for a change of any of them, gathers for [`SYNC_COALESCE`], recomputes. Returns when
+    /// the engine or the role bus is gone.
+    pub async fn follow(self: Arc<Self>, engine: EngineHandle, roles: Arc<Roles>) {
+        let mut rules = engine.rules_changed();
+        let mut role_rx = roles.bus().subscribe();
+        self.sync_routes(&engine, &roles).await;
+        loop {
+            tokio::select! {
+                r = rules.changed() => if r.is_err() { return },
+                r = role_rx.changed() => if r.is_err() { return },
+                _ = self.dirty.notified() => {}
+            }
+            tokio::time::sleep(SYNC_COALESCE).await;
+            rules.mark_unchanged();
+            role_rx.mark_unchanged();
+            self.sync_routes(&engine, &roles).await;
+        }
+    }
+
+    /// BFD Down on a neighbour with `bfd: true` tears its session down at once. A lagged
+    /// event stream re-reads every session: a missed Down is not lost.
+    pub async fn follow_bfd(self: Arc<Self>) {
+        let Some(b) = self.bfd.clone() else { return };
+        let events = b.handle.subscribe();
+        let me = self.clone();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<IpAddr>();
+        let resets = async move {
+            while let Some(peer) = rx.recv().await {
+                let bfd_on = me
+                    .config
+                    .lock()
+                    .await
+                    .neighbors
+                    .get(&peer)
+                    .is_some_and(|n| n.bfd);
+                if bfd_on {
+                    me.speaker.reset_neighbor(peer, "BFD session down");
+                }
+            }
+        };
+        let b2 = b.clone();
+        let watch = crate::bfd::follow(
+            events,
+            move || {
+                let b = b2.clone();
+                async move { b.states().await }
+            },
+            move |peer, up| {
+                if !up {
+                    let _ = tx.send(peer);
+                }
+            },
+        );
+        tokio::join!(resets, watch);
+    }
+
+    /// Records the BGP series (one per neighbour and label set).
+    pub fn record_metrics(&self) {
+        for n in self.speaker.neighbors() {
+            let nb = n.config.address.to_string();
+            let l = |extra: &[(&'static str, &str)]| {
+                let mut v = vec![("neighbor", nb.clone())];
+                v.extend(extra.iter().map(|(k, x)| (*k, x.to_string())));
+                v
+            };
+            gauge(
+                "ferrolb_bgp_session_established",
+                "1 when the BGP session is Established.",
+                &l(&[]),
+                f64::from(u8::from(n.state == ferrolb_bgp::State::Established)),
+            );
+            counter(
+                "ferrolb_bgp_state_transitions_total",
+                "BGP FSM state changes.",
+                &l(&[]),
+                n.transitions,
+            );
+            for (dir, v) in [("in", n.updates_in), ("out", n.updates_out)] {
+                counter(
+                    "ferrolb_bgp_updates_total",
+                    "UPDATE messages per direction.",
+                    &l(&[("direction", dir)]),
+                    v,
+                );
+            }
+            for (dir, v) in [
+                ("advertised", n.prefixes_sent),
+                ("received", n.prefixes_received),
+            ] {
+                gauge(
+                    "ferrolb_bgp_prefixes",
+                    "Prefixes advertised to and received from the neighbour.",
+                    &l(&[("direction", dir)]),
+                    v as f64,
+                );
+            }
+            for (dir, m) in [("in", &n.notifications_in), ("out", &n.notifications_out)] {
+                for (code, c) in m {
+                    counter(
+                        "ferrolb_bgp_notifications_total",
+                        "NOTIFICATION messages by direction and error code.",
+                        &l(&[("direction", dir), ("code", &code.to_string())]),
+                        *c,
+                    );
+                }
+            }
+            counter(
+                "ferrolb_bgp_treat_as_withdraw_total",
+                "Received UPDATEs treated as withdraw (RFC 7606).",
+                &l(&[]),
+                n.treat_as_withdraw,
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::models::parse_rule;
+
+    #[test]
+    fn routes_follow_bgp_flag_and_roles() {
+        let mut rs = RuleSet::default();
+        for (port, bgp, name) in [
+            (80, true, "default_a:llb-inst0"),
+            (81, false, "default_b:llb-inst0"),
+            (82, true, "x:inst1"),
+        ] {
+            let ip = if port == 82 {
+                "203.0.113.11"
+            } else {
+                "203.0.113.10"
+            };
+            let b = format!(
+                r#"{{"serviceArguments":{{"externalIP":"{ip}","port":{port},"BGP":{bgp},"name":"{name}"}},"endpoints":[]}}"#
+            );
+            let c = rs.plan(parse_rule(b.as_bytes()).unwrap(), 16).unwrap();
+            rs.apply(&c);
+        }
+        let pol = RoutePolicy::default();
+        let plain = routes_for(&rs, |_| Role::NotDefined, &pol);
+        assert_eq!(plain.len(), 2);
+        assert!(plain.values().all(|a| *a == RouteAttrs::default()));
+        let backup0 = |i: &str| {
+            if i == "llb-inst0" {
+                Role::Backup
+            } else {
+                Role::Master
+            }
+        };
+        let r = routes_for(&rs, backup0, &pol);
+        let a = &r[&"203.0.113.10/32".parse().unwrap()];
+        assert_eq!((a.prepend, a.med), (BACKUP_PREPEND, Some(BACKUP_MED)));
+        assert_eq!(
+            r[&"203.0.113.11/32".parse().unwrap()],
+            RouteAttrs::default(),
+            "another instance"
+        );
+        let pol = RoutePolicy {
+            backup_prepend: 5,
+            backup_med: 300,
+            med: Some(10),
+            communities: vec![(65100 << 16) | 10],
+            ..RoutePolicy::default()
+        };
+        let r = routes_for(&rs, backup0, &pol);
+        let a = &r[&"203.0.113.10/32".parse().unwrap()];
+        assert_eq!((a.prepend, a.med), (5, Some(300)));
+        assert_eq!(a.communities, vec![(65100 << 16) | 10]);
+        assert_eq!(r[&"203.0.113.11/32".parse().unwrap()].med, Some(10));
+    }
+}

@@ -1,0 +1,231 @@
+//! rtnetlink requests the agent makes, built and parsed with `netlink-packet-route` over a
+//! synchronous `netlink-sys` socket: VIP addresses on `lo`, the address list, and the
+//! source address the kernel picks toward a destination (what `ip route get` prints as
+//! `src`). Synchronous on purpose: the callers are the engine's own thread and the blocking
+//! pool, never the async workers; every receive is bounded by a 2 s timeout.
+
+use std::io;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use netlink_packet_core::{
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST, NetlinkHeader, NetlinkMessage,
+    NetlinkPayload,
+};
+use netlink_packet_route::address::{
+    AddressAttribute, AddressHeaderFlags, AddressMessage, AddressScope,
+};
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
+use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+
+/// How long a request waits for the kernel's answer.
+const TIMEOUT: Duration = Duration::from_secs(2);
+
+fn family(ip: IpAddr) -> AddressFamily {
+    if ip.is_ipv6() {
+        AddressFamily::Inet6
+    } else {
+        AddressFamily::Inet
+    }
+}
+
+pub fn host_len(ip: IpAddr) -> u8 {
+    if ip.is_ipv6() { 128 } else { 32 }
+}
+
+fn socket() -> io::Result<Socket> {
+    let mut s = Socket::new(NETLINK_ROUTE)?;
+    s.bind_auto()?;
+    s.connect(&SocketAddr::new(0, 0))?;
+    let sock = socket2::SockRef::from(&s);
+    sock.set_read_timeout(Some(TIMEOUT))?;
+    Ok(s)
+}
+
+/// Sends one request and collects the messages of its answer: until the ACK (or an error)
+/// for a plain request, until DONE for a dump.
+fn request(msg: RouteNetlinkMessage, flags: u16) -> io::Result<Vec<RouteNetlinkMessage>> {
+    let s = socket()?;
+    let mut hdr = NetlinkHeader::default();
+    hdr.flags = NLM_F_REQUEST | flags;
+    hdr.sequence_number = 1;
+    let mut packet = NetlinkMessage::new(hdr, NetlinkPayload::from(msg));
+    packet.finalize();
+    let mut buf = vec![0u8; packet.buffer_len()];
+    packet.serialize(&mut buf[..]);
+    s.send(&buf, 0)?;
+    let dump = flags & NLM_F_DUMP == NLM_F_DUMP;
+    let mut out = Vec::new();
+    let mut rx = vec![0u8; 1 << 16];
+    loop {
+        let n = s.recv(&mut &mut rx[..], 0)?;
+        let mut off = 0;
+        while off < n {
+            let m = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&rx[off..n])
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+            let len = m.header.length as usize;
+            match m.payload {
+                NetlinkPayload::Done(_) => return Ok(out),
+                NetlinkPayload::Error(e) if e.code.is_some() => return Err(e.to_io()),
+                // An ACK ends a plain request.
+                NetlinkPayload::Error(_) if !dump => return Ok(out),
+                NetlinkPayload::InnerMessage(i) => {
+                    out.push(i);
+                    if !dump && flags & NLM_F_ACK == 0 {
+                        return Ok(out);
+                    }
+                }
+                _ => {}
+            }
+            if len == 0 {
+                break;
+            }
+            off += (len + 3) & !3;
+        }
+    }
+}
+
+fn address_message(index: u32, ip: IpAddr) -> AddressMessage {
+    let mut m = AddressMessage::default();
+    m.header.family = family(ip);
+    m.header.prefix_len = host_len(ip);
+    m.header.index = index;
+    // Universe scope, as `ip addr add` gives a non-127 address on lo.
+    m.header.scope = AddressScope::Universe;
+    if ip.is_ipv6() {
+        // Usable at once (no duplicate address detection), as `ip addr add ... nodad`.
+        m.header.flags = AddressHeaderFlags::Nodad;
+    }
+    m.attributes.push(AddressAttribute::Local(ip));
+    m.attributes.push(AddressAttribute::Address(ip));
+    m
+}
+
+/// Adds `ip`/32 (/128) to interface `index`. `Ok(false)`: it was there already.
+pub fn add_address(index: u32, ip: IpAddr) -> io::Result<bool> {
+    match request(
+        RouteNetlinkMessage::NewAddress(address_message(index, ip)),
+        NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
+    ) {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Removes `ip`/32 (/128) from interface `index`; already gone is fine.
+pub fn del_address(index: u32, ip: IpAddr) -> io::Result<()> {
+    match request(
+        RouteNetlinkMessage::DelAddress(address_message(index, ip)),
+        NLM_F_ACK,
+    ) {
+        Ok(_) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EADDRNOTAVAIL) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Every address of this network namespace: (interface index, address).
+pub fn addresses() -> io::Result<Vec<(u32, IpAddr)>> {
+    let replies = request(
+        RouteNetlinkMessage::GetAddress(AddressMessage::default()),
+        NLM_F_DUMP,
+    )?;
+    let mut out = Vec::new();
+    for r in replies {
+        let RouteNetlinkMessage::NewAddress(m) = r else {
+            continue;
+        };
+        // IFA_LOCAL is the address itself (IFA_ADDRESS is the peer on point-to-point links).
+        let local = m.attributes.iter().find_map(|a| match a {
+            AddressAttribute::Local(ip) => Some(*ip),
+            _ => None,
+        });
+        let addr = local.or_else(|| {
+            m.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Address(ip) => Some(*ip),
+                _ => None,
+            })
+        });
+        if let Some(ip) = addr {
+            out.push((m.header.index, ip));
+        }
+    }
+    Ok(out)
+}
+
+/// The source address the kernel would use toward `dst` (`ip route get <dst>`'s `src`).
+pub fn source_toward(dst: IpAddr) -> io::Result<IpAddr> {
+    let mut m = RouteMessage::default();
+    m.header.address_family = family(dst);
+    m.header.destination_prefix_length = host_len(dst);
+    m.attributes
+        .push(RouteAttribute::Destination(RouteAddress::from(dst)));
+    let replies = request(RouteNetlinkMessage::GetRoute(m), 0)?;
+    replies
+        .into_iter()
+        .find_map(|r| match r {
+            RouteNetlinkMessage::NewRoute(m) => m.attributes.into_iter().find_map(|a| match a {
+                RouteAttribute::PrefSource(RouteAddress::Inet(a)) => Some(IpAddr::V4(a)),
+                RouteAttribute::PrefSource(RouteAddress::Inet6(a)) => Some(IpAddr::V6(a)),
+                _ => None,
+            }),
+            _ => None,
+        })
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("no source address toward {dst}"),
+            )
+        })
+}
+
+/// The index of interface `name`.
+pub fn if_index(name: &str) -> io::Result<u32> {
+    nix::net::if_::if_nametoindex(name).map_err(io::Error::from)
+}
+
+/// The name of the interface with index `index`.
+pub fn if_name(index: u32) -> Option<String> {
+    let mut buf = [0u8; libc::IF_NAMESIZE];
+    // SAFETY: if_indextoname writes at most IF_NAMESIZE bytes (NUL-terminated) into buf.
+    let p = unsafe { libc::if_indextoname(index, buf.as_mut_ptr().cast()) };
+    if p.is_null() {
+        return None;
+    }
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    Some(String::from_utf8_lossy(&buf[..end]).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// In a private network namespace: add, list, add again (already there), route source,
+    /// remove, remove again (already gone).
+    #[test]
+    fn addresses_and_route_sources_over_rtnetlink() {
+        if !ferrolb_tests::private_netns("addresses_and_route_sources_over_rtnetlink") {
+            return;
+        }
+        let lo = if_index("lo").unwrap();
+        let v4: IpAddr = "203.0.113.77".parse().unwrap();
+        let v6: IpAddr = "2001:db8::77".parse().unwrap();
+        for ip in [v4, v6] {
+            assert!(add_address(lo, ip).unwrap(), "{ip} added");
+            assert!(!add_address(lo, ip).unwrap(), "{ip} already there");
+            assert!(addresses().unwrap().contains(&(lo, ip)), "{ip} listed");
+            assert_eq!(source_toward(ip).unwrap(), ip, "local route to {ip}");
+            del_address(lo, ip).unwrap();
+            del_address(lo, ip).unwrap();
+            assert!(!addresses().unwrap().contains(&(lo, ip)));
+        }
+        assert_eq!(if_name(lo).as_deref(), Some("lo"));
+        let e = source_toward("198.51.100.1".parse().unwrap()).unwrap_err();
+        assert!(
+            e.raw_os_error() == Some(libc::ENETUNREACH) || e.kind() == io::ErrorKind::NotFound,
+            "{e}"
+        );
+    }
+}

@@ -1,0 +1,225 @@
+//! The agent under load, on the HA pair (`--ka`, BGP with BFD to an FRR ToR): 100,000 UDP
+//! flows are opened through the MASTER while 8 clients make 5,000 rule changes (each sent to
+//! both nodes, as kube-loxilb does), `/metrics` of both nodes is scraped every 100 ms and the
+//! MASTER's `/config/conntrack/all` is read back to back. Nothing may flap: no role change, no
+//! BGP or BFD transition on either node or on the ToR; the sync lag stays under 100 ms (p99 of
+//! the samples); every acknowledged change is in place on both nodes after both restart.
+//! Prints the REST p50/p99 latency and each agent's peak RSS.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use ferrolb_tests::ha::{LBS, VIP, metric};
+use ferrolb_tests::{TestLab, repo_root, rest};
+use serde_json::{Value, json};
+
+const FERROLB: &str = env!("CARGO_BIN_EXE_ferrolb");
+const CHANGES: u32 = 5_000;
+const CLIENTS: u32 = 8;
+const FLOWS: u32 = 100_000;
+
+/// Sum of a metric family over its series on a node (0 when absent).
+fn family_sum(lab: &TestLab, node: &str, name: &str) -> f64 {
+    let text = lab
+        .exec_ok(node, &["curl", "-sf", "http://127.0.0.1:11111/metrics"])
+        .unwrap();
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// What must not move during the load, per node: role transitions, BGP and BFD transitions.
+fn stability(lab: &TestLab) -> Vec<(String, f64)> {
+    let mut v = Vec::new();
+    for (node, ..) in LBS {
+        for name in [
+            "ferrolb_ha_role_transitions_total",
+            "ferrolb_bgp_state_transitions_total",
+            "ferrolb_bfd_state_transitions_total",
+        ] {
+            v.push((format!("{node} {name}"), family_sum(lab, node, name)));
+        }
+    }
+    let frr = lab
+        .exec_ok("tor", &["vtysh", "-c", "show bfd peers counters json"])
+        .unwrap();
+    let peers: Value = serde_json::from_str(&frr).unwrap();
+    for p in peers.as_array().unwrap() {
+        v.push((
+            format!("tor bfd {} down", p["peer"]),
+            p["session-down"].as_f64().unwrap_or(0.0),
+        ));
+    }
+    v
+}
+
+fn peak_rss_kib(lab: &TestLab, node: &str) -> u64 {
+    let out = lab
+        .exec_ok(
+            node,
+            &[
+                "sh",
+                "-c",
+                "grep VmHWM /proc/$(pgrep -x ferrolb | head -1)/status",
+            ],
+        )
+        .unwrap();
+    out.split_whitespace()
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap()
+}
+
+fn rule_ports(lab: &TestLab, node: &str) -> BTreeSet<u64> {
+    let (st, v) = rest(lab, node, "GET", "/config/loadbalancer/all", None);
+    assert_eq!(st, 200, "{v}");
+    v["lbAttr"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["serviceArguments"]["port"].as_u64().unwrap())
+        .filter(|p| *p >= 20000)
+        .collect()
+}
+
+#[test]
+fn rest_metrics_and_listings_under_load_leave_the_pair_steady() {
+    let test = "rest_metrics_and_listings_under_load_leave_the_pair_steady";
+    let Some(lab) = ferrolb_tests::ha::up(test, "haload", "100ms", FERROLB) else {
+        return;
+    };
+    // The flows' rule: UDP, kept 10 minutes idle.
+    for (node, ..) in LBS {
+        let r = json!({"serviceArguments": {"externalIP": VIP, "port": 9100, "protocol": "udp", "mode": 2,
+                                            "BGP": true, "inactiveTimeOut": 600, "name": "load-udp:llb-inst0"},
+                       "endpoints": [{"endpointIP": "10.10.10.11", "targetPort": 9001, "weight": 1}]});
+        let (st, v) = rest(
+            &lab,
+            node,
+            "POST",
+            "/config/loadbalancer",
+            Some(&r.to_string()),
+        );
+        assert_eq!(st, 200, "{v}");
+    }
+    let before = stability(&lab);
+    let scripts = repo_root().join("agent/tests/load");
+    let flows = scripts.join("udp_flows.py").to_string_lossy().into_owned();
+    let load = scripts.join("rest_load.py").to_string_lossy().into_owned();
+    // 100,000 flows at 25,000 per second, during the REST load.
+    lab.spawn(
+        "client",
+        "udp-flows",
+        &[
+            "python3",
+            &flows,
+            "198.51.100",
+            VIP,
+            "9100",
+            &FLOWS.to_string(),
+            "25000",
+        ],
+    )
+    .unwrap();
+    let out_file = std::env::temp_dir().join(ferrolb_tests::unique_name("rest-load.json"));
+    struct Gone(std::path::PathBuf);
+    impl Drop for Gone {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let _gone = Gone(out_file.clone());
+    let r = lab
+        .exec(
+            "tor",
+            &[
+                "python3",
+                &load,
+                LBS[0].1,
+                LBS[1].1,
+                &CHANGES.to_string(),
+                &CLIENTS.to_string(),
+                out_file.to_str().unwrap(),
+            ],
+        )
+        .unwrap();
+    assert!(r.success(), "{r:?}");
+    let res: Value = serde_json::from_str(&std::fs::read_to_string(&out_file).unwrap()).unwrap();
+    let after = stability(&lab);
+    let rss: Vec<(String, u64)> = LBS
+        .iter()
+        .map(|(n, ..)| (n.to_string(), peak_rss_kib(&lab, n)))
+        .collect();
+    let ct_reads = res["ct_reads"].as_array().unwrap();
+    let max_flows = ct_reads
+        .iter()
+        .filter_map(|r| r[1].as_i64())
+        .max()
+        .unwrap_or(0);
+    let ct_times: Vec<f64> = ct_reads.iter().filter_map(|r| r[0].as_f64()).collect();
+    eprintln!(
+        "load: {} changes x 2 nodes from {} clients in {:.1} s: REST p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; \
+         {} scrapes (p99 {:.1} ms); {} conntrack listings (up to {max_flows} flows, slowest {:.2} s); \
+         sync lag p99 {}; peak RSS {:?} KiB",
+        res["changes"],
+        res["clients"],
+        res["seconds"].as_f64().unwrap(),
+        res["p50"].as_f64().unwrap() * 1e3,
+        res["p99"].as_f64().unwrap() * 1e3,
+        res["max"].as_f64().unwrap() * 1e3,
+        res["scrapes"],
+        res["scrape_p99"].as_f64().unwrap_or(0.0) * 1e3,
+        ct_reads.len(),
+        ct_times.iter().cloned().fold(0.0, f64::max),
+        res["lag_p99"],
+        rss,
+    );
+    assert_eq!(res["error_count"], 0, "errors: {}", res["errors"]);
+    assert_eq!(before, after, "a role, BGP or BFD transition under load");
+    assert!(
+        max_flows >= i64::from(FLOWS) * 9 / 10,
+        "listings saw {max_flows} flows"
+    );
+    assert!(res["scrapes"].as_u64().unwrap() >= 20);
+    for (n, ..) in LBS {
+        let p99 = res["lag_p99"][n].as_f64().unwrap_or(0.0);
+        assert!(p99 < 0.1, "sync lag p99 on {n}: {p99} s");
+    }
+    assert!(
+        metric(&lab, "lb2", "ferrolb_sync_entries_applied_total").unwrap_or(0.0)
+            >= f64::from(FLOWS) * 0.9,
+        "lb2 holds the MASTER's flows"
+    );
+    // Every acknowledged change survives a restart of both agents.
+    let created: BTreeSet<u64> = res["created"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_u64().unwrap())
+        .collect();
+    let deleted: BTreeSet<u64> = res["deleted"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_u64().unwrap())
+        .collect();
+    let want: BTreeSet<u64> = created.difference(&deleted).copied().collect();
+    assert_eq!(
+        created.len() + deleted.len(),
+        CHANGES as usize,
+        "every change acknowledged"
+    );
+    for (node, ..) in LBS {
+        assert_eq!(lab.kill(node, "ferrolb").unwrap(), 1);
+        let (cmd, _) = ferrolb_tests::ha::agent_command(node, "100ms", FERROLB);
+        lab.spawn(node, "ferrolb-restarted", &cmd).unwrap();
+        lab.wait_until("the restarted API", Duration::from_secs(30), || {
+            Ok(rest(&lab, node, "GET", "", None).0 == 200)
+        })
+        .unwrap();
+        assert_eq!(rule_ports(&lab, node), want, "{node} after a restart");
+    }
+    lab.down().unwrap();
+}
