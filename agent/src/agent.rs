@@ -260,8 +260,14 @@ fn load_datapath(cfg: &Config, bus: &RoleBus) -> Result<Loaded> {
     let conntrack = dp
         .ct_reader()
         .context("open the conntrack listing's map handles")?;
+    let flusher = crate::lb::spawn_flusher(
+        dp.collector()
+            .context("open the conntrack flusher's map handles")?,
+    )
+    .context("start the conntrack flusher's thread")?;
     let store = Store::new(&cfg.flags.config_path);
-    let engine = Engine::start(dp, store, adopted).context("restore saved rules")?;
+    let mut engine = Engine::start(dp, store, adopted).context("restore saved rules")?;
+    engine.set_flusher(flusher);
     Ok(Loaded {
         engine,
         events,

@@ -41,6 +41,67 @@ pub struct NatPool {
     pub port: u16,
 }
 
+/// Flows to remove from conntrack after a rule change. Only flows created before the change
+/// go (`before_ns`): a service id or endpoint slot given to a new rule or endpoint since keeps
+/// its new flows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Flush {
+    /// Every flow of these (deleted) services.
+    Services { ids: BTreeSet<u32>, before_ns: u64 },
+    /// The flows of a service's removed endpoints (UDP and ICMP: TCP drains).
+    Endpoints {
+        svc: u32,
+        slots: Vec<u8>,
+        before_ns: u64,
+    },
+}
+
+impl Flush {
+    fn matches(&self, v: &ferrolb_bpf::maps::Ct) -> bool {
+        match self {
+            Flush::Services { ids, before_ns } => {
+                ids.contains(&v.svc_id) && v.created_ns < *before_ns
+            }
+            Flush::Endpoints {
+                svc,
+                slots,
+                before_ns,
+            } => {
+                v.svc_id == *svc
+                    && slots.iter().any(|s| u16::from(*s) == v.ep_idx)
+                    && v.created_ns < *before_ns
+            }
+        }
+    }
+}
+
+/// Removes flows of deleted rules and endpoints on a thread of its own (`ferrolb-flush`), with
+/// its own conntrack handles: a delete answers without walking the table, and a burst of
+/// deletes shares one walk. Flows of a deleted rule are gone within a walk of the table
+/// (milliseconds to a second at a million entries).
+pub fn spawn_flusher(
+    mut collector: ferrolb_bpf::Collector,
+) -> std::io::Result<std::sync::mpsc::Sender<Flush>> {
+    let (tx, rx) = std::sync::mpsc::channel::<Flush>();
+    std::thread::Builder::new()
+        .name("ferrolb-flush".into())
+        .spawn(move || {
+            while let Ok(first) = rx.recv() {
+                let mut reqs = vec![first];
+                reqs.extend(rx.try_iter());
+                let t = std::time::Instant::now();
+                let n = collector.remove_where(|_, v| reqs.iter().any(|r| r.matches(v)));
+                info!(
+                    requests = reqs.len(),
+                    entries = n,
+                    ms = t.elapsed().as_millis() as u64,
+                    "flows of deleted rules and endpoints flushed"
+                );
+            }
+        })?;
+    Ok(tx)
+}
+
 /// A job for the engine's thread.
 type Job = Box<dyn FnOnce(&mut Engine) + Send>;
 
@@ -145,6 +206,8 @@ pub struct Engine {
     pub census: CtCensus,
     /// Bumped after every change of the rule set.
     rules_version: tokio::sync::watch::Sender<u64>,
+    /// Where conntrack flushes go ([`spawn_flusher`]); done inline without one.
+    flusher: Option<std::sync::mpsc::Sender<Flush>>,
 }
 
 impl Engine {
@@ -174,7 +237,25 @@ impl Engine {
             managed_vips: managed,
             census: CtCensus::default(),
             rules_version: tokio::sync::watch::channel(0).0,
+            flusher: None,
         })
+    }
+
+    /// Conntrack flushes from now on go to `tx` (see [`spawn_flusher`]).
+    pub fn set_flusher(&mut self, tx: std::sync::mpsc::Sender<Flush>) {
+        self.flusher = Some(tx);
+    }
+
+    fn flush(&mut self, f: Flush) {
+        let f = match &self.flusher {
+            Some(tx) => match tx.send(f) {
+                Ok(()) => return,
+                Err(e) => e.0,
+            },
+            None => f,
+        };
+        let n = self.dp.ct_remove_where(|_, v| f.matches(v));
+        info!(entries = n, "flows of deleted rules and endpoints flushed");
     }
 
     pub fn datapath(&self) -> &Datapath {
@@ -287,6 +368,17 @@ impl Engine {
             }
             return Err(RuleError::Internal(msg));
         }
+        if let Change::Modify { old, new } = &change {
+            let slots = rules::flushed_slots(old, new);
+            if !slots.is_empty() {
+                info!(rule = %old.key, endpoints = slots.len(), "flushing flows of removed endpoints");
+                self.flush(Flush::Endpoints {
+                    svc: old.id,
+                    slots,
+                    before_ns: ferrolb_bpf::monotonic_ns(),
+                });
+            }
+        }
         self.rules_version.send_modify(|v| *v = v.wrapping_add(1));
         Ok(())
     }
@@ -352,10 +444,13 @@ impl Engine {
             failure = Some(format!("saving state failed: {e}"));
         }
         if failure.is_none() {
-            // One pass over conntrack for every removed rule's flows.
+            // One pass over conntrack for every removed rule's flows, off this thread.
             let ids: BTreeSet<u32> = removed.iter().map(|r| r.id).collect();
-            let n = self.dp.ct_flush_services(&ids);
-            info!(rules = removed.len(), flows_flushed = n, "rules deleted");
+            info!(rules = removed.len(), "rules deleted");
+            self.flush(Flush::Services {
+                ids,
+                before_ns: ferrolb_bpf::monotonic_ns(),
+            });
         }
         if let Some(msg) = failure {
             warn!(error = %msg, "delete failed; rolling back");
@@ -526,6 +621,41 @@ mod tests {
             last_ns: NOW - idle_s * 1_000_000_000,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn flushes_take_only_the_flows_created_before_the_change() {
+        let flow = |svc: u32, ep: u16, created: u64| Ct {
+            svc_id: svc,
+            ep_idx: ep,
+            created_ns: created,
+            ..Default::default()
+        };
+        let del = Flush::Services {
+            ids: [3, 5].into(),
+            before_ns: 100,
+        };
+        assert!(del.matches(&flow(3, 0, 99)));
+        assert!(
+            !del.matches(&flow(3, 0, 100)),
+            "a new rule that took id 3 keeps its flows"
+        );
+        assert!(!del.matches(&flow(4, 0, 1)));
+        let eps = Flush::Endpoints {
+            svc: 7,
+            slots: vec![2],
+            before_ns: 100,
+        };
+        assert!(eps.matches(&flow(7, 2, 50)));
+        assert!(
+            !eps.matches(&flow(7, 1, 50)),
+            "other endpoints keep their flows"
+        );
+        assert!(
+            !eps.matches(&flow(7, 2, 150)),
+            "a new endpoint in the slot keeps its flows"
+        );
+        assert!(!eps.matches(&flow(8, 2, 50)));
     }
 
     #[test]

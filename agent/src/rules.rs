@@ -19,7 +19,7 @@ use ferrolb_bpf::lut::{self, LutEndpoint};
 use ferrolb_bpf::maps::{
     Backends, Ep, MAX_ENDPOINTS, MAX_RANGES, Range, RangeKey, Ranges, Svc, SvcKey, addr_words,
 };
-use tracing::{info, warn};
+use tracing::warn;
 
 use crate::model::{
     EndpointSpec, FieldError, Oper, Protocol, RuleKey, RuleSpec, Selection, Service,
@@ -495,6 +495,23 @@ pub fn backends(r: &Rule) -> Backends {
     be
 }
 
+/// The endpoint slots of `old` whose UDP/ICMP flows go when `old` becomes `new` (removed or
+/// replaced endpoints; TCP flows drain instead, as kube-proxy's do).
+pub fn flushed_slots(old: &Rule, new: &Rule) -> Vec<u8> {
+    if old.key.protocol == Protocol::Tcp {
+        return Vec::new();
+    }
+    old.endpoints
+        .iter()
+        .filter(|o| {
+            !new.endpoints
+                .iter()
+                .any(|n| n.slot == o.slot && n.spec == o.spec)
+        })
+        .map(|o| o.slot)
+        .collect()
+}
+
 /// Writes one rule into the datapath: its endpoint set into the spare slot, then the service
 /// entry pointing at it (the atomic switch). `fresh` resets the id's counters and selection
 /// state (a new rule, or a restart that found no state).
@@ -590,21 +607,8 @@ pub fn program(
             }
             // `new` lives in the spare slot (plan flipped it): write it, then switch.
             install(dp, new, false)?;
-            let removed: Vec<u8> = old
-                .endpoints
-                .iter()
-                .filter(|o| {
-                    !new.endpoints
-                        .iter()
-                        .any(|n| n.slot == o.slot && n.spec == o.spec)
-                })
-                .map(|o| o.slot)
-                .collect();
-            if !removed.is_empty() && old.key.protocol != Protocol::Tcp {
-                let n = dp
-                    .ct_flush_service(old.id, |slot| removed.iter().any(|r| u16::from(*r) == slot));
-                info!(rule = %old.key, flushed = n, "flushed flows of removed endpoints");
-            }
+            // Flows of removed UDP/ICMP endpoints go after the change is saved (the engine
+            // asks for it: `flushed_slots`).
             if old.service.selection == Selection::Persist {
                 dp.affinity_flush(old.id);
             }

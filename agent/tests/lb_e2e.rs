@@ -574,11 +574,27 @@ fn rest_api_is_loxilb_compatible() {
     assert!(ctl(&["get", "ct"]).contains("fullnat-203.0.113.10"));
     assert!(ctl(&["get", "ha"]).contains("NOT_DEFINED"));
     assert!(ctl(&["version"]).contains("ferrolb"));
+    let flows_8081 = || {
+        api(&lab, "GET", "/config/conntrack/all", None).1["ctAttr"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["destinationPort"] == 8081)
+            .count()
+    };
+    assert!(flows_8081() > 0);
     ctl(&["delete", "lb", VIP, "--tcp=8081"]);
     let out = lab
         .exec("lb1", &[FERROCTL, "delete", "lb", VIP, "--tcp=8081"])
         .unwrap();
     assert!(!out.success() && out.stderr.contains("404"), "{out:?}");
+    // The deleted rule's flows are flushed (by the flusher thread, right after the answer).
+    lab.wait_until(
+        "the deleted rule's flows flushed",
+        Duration::from_secs(3),
+        || Ok(flows_8081() == 0),
+    )
+    .unwrap();
 
     // Delete all; the VIP leaves lo.
     assert_eq!(post(&lab, &rule(80, "tcp", 0, 0, &all3(8080))).0, 200);

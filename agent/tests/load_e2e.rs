@@ -55,21 +55,16 @@ fn stability(lab: &TestLab) -> Vec<(String, f64)> {
     v
 }
 
+/// The agent's peak RSS on `node` (the ferrolb process in the node's network namespace: the
+/// lab's nodes share the host's PID namespace).
 fn peak_rss_kib(lab: &TestLab, node: &str) -> u64 {
-    let out = lab
-        .exec_ok(
-            node,
-            &[
-                "sh",
-                "-c",
-                "grep VmHWM /proc/$(pgrep -x ferrolb | head -1)/status",
-            ],
-        )
-        .unwrap();
+    let script = "me=$(readlink /proc/self/ns/net); for p in $(pgrep -x ferrolb); do \
+                  [ \"$(readlink /proc/$p/ns/net)\" = \"$me\" ] && grep VmHWM /proc/$p/status; done; true";
+    let out = lab.exec_ok(node, &["sh", "-c", script]).unwrap();
     out.split_whitespace()
         .nth(1)
         .and_then(|n| n.parse().ok())
-        .unwrap()
+        .unwrap_or_else(|| panic!("no ferrolb process on {node}: {out}"))
 }
 
 fn rule_ports(lab: &TestLab, node: &str) -> BTreeSet<u64> {
@@ -90,11 +85,14 @@ fn rest_metrics_and_listings_under_load_leave_the_pair_steady() {
     let Some(lab) = ferrolb_tests::ha::up(test, "haload", "100ms", FERROLB) else {
         return;
     };
-    // The flows' rule: UDP, kept 10 minutes idle.
+    // The flows' rule: UDP, kept 10 minutes idle, three endpoints (full NAT gives each
+    // endpoint a pool of 64,512 source ports).
     for (node, ..) in LBS {
         let r = json!({"serviceArguments": {"externalIP": VIP, "port": 9100, "protocol": "udp", "mode": 2,
                                             "BGP": true, "inactiveTimeOut": 600, "name": "load-udp:llb-inst0"},
-                       "endpoints": [{"endpointIP": "10.10.10.11", "targetPort": 9001, "weight": 1}]});
+                       "endpoints": [{"endpointIP": "10.10.10.11", "targetPort": 9001, "weight": 1},
+                                     {"endpointIP": "10.10.10.12", "targetPort": 9001, "weight": 1},
+                                     {"endpointIP": "10.10.10.13", "targetPort": 9001, "weight": 1}]});
         let (st, v) = rest(
             &lab,
             node,

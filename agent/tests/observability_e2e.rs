@@ -46,10 +46,11 @@ fn promtool_check(text: &str) -> (bool, String) {
     )
 }
 
-/// An instant query against the test's Prometheus: the `result` list.
-fn query(lab: &TestLab, q: &str) -> Vec<Value> {
+/// An instant query against the test's Prometheus: the `result` list, or `None` while
+/// Prometheus does not answer.
+fn try_query(lab: &TestLab, q: &str) -> Option<Vec<Value>> {
     let out = lab
-        .exec_ok(
+        .exec(
             "tor",
             &[
                 "curl",
@@ -59,10 +60,16 @@ fn query(lab: &TestLab, q: &str) -> Vec<Value> {
                 &format!("query={q}"),
             ],
         )
-        .unwrap();
-    let v: Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(v["status"], "success", "{q}: {v}");
-    v["data"]["result"].as_array().cloned().unwrap_or_default()
+        .ok()?;
+    if !out.success() {
+        return None;
+    }
+    let v: Value = serde_json::from_str(&out.stdout).ok()?;
+    (v["status"] == "success").then(|| v["data"]["result"].as_array().cloned().unwrap_or_default())
+}
+
+fn query(lab: &TestLab, q: &str) -> Vec<Value> {
+    try_query(lab, q).unwrap_or_else(|| panic!("Prometheus query {q} failed"))
 }
 
 fn metric_names(text: &str) -> Vec<String> {
@@ -162,10 +169,7 @@ fn prometheus_scrapes_an_ha_pair_and_the_dashboard_queries_real_series() {
     lab.wait_until(
         "Prometheus scrapes both agents",
         Duration::from_secs(30),
-        || {
-            let up = std::panic::catch_unwind(|| query(&lab, "up == 1")).unwrap_or_default();
-            Ok(up.len() == 2)
-        },
+        || Ok(try_query(&lab, "up == 1").is_some_and(|up| up.len() == 2)),
     )
     .unwrap();
     // Give the series two more scrapes.

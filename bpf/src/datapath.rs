@@ -614,26 +614,11 @@ impl Datapath {
         })
     }
 
-    /// Drops conntrack entries of one service whose endpoint satisfies `gone`, e.g. after the
-    /// endpoint was removed from the rule.
-    pub fn ct_flush_service(&mut self, svc_id: u32, gone: impl Fn(u16) -> bool) -> usize {
+    /// Drops the conntrack entries `gone` picks, in one pass.
+    pub fn ct_remove_where(&mut self, gone: impl Fn(&CtKey, &Ct) -> bool) -> usize {
         let mut n = 0;
         for (k, v) in self.ct_entries() {
-            if v.svc_id == svc_id && gone(v.ep_idx) && self.conntrack.remove(&k).is_ok() {
-                n += 1;
-            }
-        }
-        n
-    }
-
-    /// Drops every conntrack entry of the given services, in one pass.
-    pub fn ct_flush_services(&mut self, svc_ids: &std::collections::BTreeSet<u32>) -> usize {
-        if svc_ids.is_empty() {
-            return 0;
-        }
-        let mut n = 0;
-        for (k, v) in self.ct_entries() {
-            if svc_ids.contains(&v.svc_id) && self.conntrack.remove(&k).is_ok() {
+            if gone(&k, &v) && self.conntrack.remove(&k).is_ok() {
                 n += 1;
             }
         }
@@ -853,6 +838,37 @@ impl Collector {
     /// Removes idle flows among `entries`; returns the entries that went.
     pub fn collect_from(&mut self, entries: &[(CtKey, Ct)], now_ns: u64) -> Vec<(CtKey, Ct)> {
         collect(&mut self.conntrack, &mut self.ep_conns, entries, now_ns)
+    }
+
+    /// Removes the entries `gone` picks, reading the table a chunk at a time (memory: the
+    /// keys that go). Returns how many went.
+    pub fn remove_where(&mut self, gone: impl Fn(&CtKey, &Ct) -> bool) -> usize {
+        use aya::maps::IterableMap;
+        let mut doomed = Vec::new();
+        {
+            let mut b = crate::batch::HashBatches::<CtKey, Ct>::new(self.conntrack.map(), 4096);
+            loop {
+                match b.next_chunk() {
+                    Ok(Some(c)) => doomed.extend(c.iter().filter(|(k, v)| gone(k, v)).map(|e| e.0)),
+                    Ok(None) => break,
+                    Err(e) => {
+                        debug!(error = %e, "batched conntrack lookups refused; iterating");
+                        doomed.extend(
+                            self.conntrack
+                                .iter()
+                                .filter_map(|r| r.ok())
+                                .filter(|(k, v)| gone(k, v))
+                                .map(|e| e.0),
+                        );
+                        break;
+                    }
+                }
+            }
+        }
+        doomed
+            .iter()
+            .filter(|k| self.conntrack.remove(k).is_ok())
+            .count()
     }
 }
 

@@ -81,6 +81,12 @@ pub fn parse_bfd(body: &[u8]) -> Result<BfdSpec, FieldError> {
     }
     let instance = match get(o, "instance") {
         None => "default".to_string(),
+        Some(Value::String(s)) if s.len() > super::models::MAX_INSTANCE => {
+            return Err(FieldError::new(
+                "instance",
+                format!("at most {} bytes", super::models::MAX_INSTANCE),
+            ));
+        }
         Some(Value::String(s)) => s.clone(),
         Some(_) => return Err(FieldError::new("instance", "must be a string")),
     };

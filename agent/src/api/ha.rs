@@ -119,11 +119,13 @@ pub async fn set_cistate(State(app): State<Shared>, body: Bytes) -> Result<Respo
     let o = body_object(&body).map_err(bad)?;
     let instance = match field(&o, "instance") {
         None => DEFAULT_INSTANCE.to_string(),
-        Some(Value::String(s)) if !s.is_empty() => s.clone(),
+        Some(Value::String(s)) if !s.is_empty() && s.len() <= super::models::MAX_INSTANCE => {
+            s.clone()
+        }
         Some(_) => {
             return Err(bad(FieldError::new(
                 "instance",
-                "must be a non-empty string",
+                "must be a non-empty string of at most 64 bytes",
             )));
         }
     };

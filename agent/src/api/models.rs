@@ -17,6 +17,15 @@ use crate::model::{
     EndpointSpec, NatMode, Oper, Probe, Protocol, RuleKey, RuleSpec, Selection, Service,
 };
 pub use crate::model::{FieldError, MAX_ENDPOINTS, MAX_TIMEOUT_S};
+
+/// Longest rule name, probe request and probe response (bytes).
+pub const MAX_TEXT: usize = 256;
+/// Longest probe type (`http`, `https`, ...).
+pub const MAX_PROBE_TYPE: usize = 16;
+/// Longest `privateIP` (kept and echoed, not used).
+pub const MAX_PRIVATE_IP: usize = 64;
+/// Longest HA instance name (roles, BFD sessions).
+pub const MAX_INSTANCE: usize = 64;
 use crate::rules::Rule;
 
 /// A protocol as loxilb spells it in bodies and paths (any case).
@@ -171,6 +180,20 @@ impl<'a> Obj<'a> {
                 format!("must be a string, got {}", kind(other)),
             )),
         }
+    }
+
+    /// A string of at most `max` bytes (what is stored and echoed back is bounded).
+    fn string_max(&self, name: &str, max: usize) -> Result<Option<&'a str>, FieldError> {
+        let v = self.string(name)?;
+        if let Some(s) = v
+            && s.len() > max
+        {
+            return Err(FieldError::new(
+                self.field(name),
+                format!("at most {max} bytes, got {}", s.len()),
+            ));
+        }
+        Ok(v)
     }
 
     fn boolean(&self, name: &str) -> Result<bool, FieldError> {
@@ -411,16 +434,28 @@ pub fn parse_rule(body: &[u8]) -> Result<RuleSpec, FieldError> {
         inactive_timeout_s: timeout,
         managed: sa.boolean("managed")?,
         probe: Probe {
-            kind: sa.string("probetype")?.unwrap_or("").to_string(),
+            kind: sa
+                .string_max("probetype", MAX_PROBE_TYPE)?
+                .unwrap_or("")
+                .to_string(),
             port: probe_port,
-            request: sa.string("probereq")?.unwrap_or("").to_string(),
-            response: sa.string("proberesp")?.unwrap_or("").to_string(),
+            request: sa
+                .string_max("probereq", MAX_TEXT)?
+                .unwrap_or("")
+                .to_string(),
+            response: sa
+                .string_max("proberesp", MAX_TEXT)?
+                .unwrap_or("")
+                .to_string(),
             interval_s: sa.int("probeTimeout", 0, i64::from(u32::MAX))?.unwrap_or(0) as u32,
             retries: sa.int("probeRetries", 0, i64::from(u32::MAX))?.unwrap_or(0) as u32,
         },
         security: sa.int("security", 0, i64::from(u32::MAX))?.unwrap_or(0) as u32,
-        name: sa.string("name")?.unwrap_or("").to_string(),
-        private_ip: sa.string("privateIP")?.unwrap_or("").to_string(),
+        name: sa.string_max("name", MAX_TEXT)?.unwrap_or("").to_string(),
+        private_ip: sa
+            .string_max("privateIP", MAX_PRIVATE_IP)?
+            .unwrap_or("")
+            .to_string(),
         proxy_protocol_v2: sa.boolean("proxyprotocolv2")?,
         egress: sa.boolean("egress")?,
         snat: sa.boolean("snat")?,
