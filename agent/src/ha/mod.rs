@@ -318,39 +318,44 @@ pub struct InstanceRole {
     pub term: u64,
 }
 
+impl State {
+    /// A node that just started: BACKUP and joining under `--ka`, every peer unknown.
+    fn new(cfg: &HaConfig, now: Instant) -> State {
+        State {
+            role: if cfg.ka {
+                Role::Backup
+            } else {
+                Role::NotDefined
+            },
+            term: 0,
+            since: now,
+            external: BTreeMap::new(),
+            ready: !cfg.ka,
+            started: now,
+            peers: cfg
+                .peers
+                .iter()
+                .map(|(a, bfd)| {
+                    (
+                        *a,
+                        PeerView {
+                            bfd_peer: *bfd,
+                            ..Default::default()
+                        },
+                    )
+                })
+                .collect(),
+            max_term_seen: 0,
+            transitions: 0,
+            last_failover_s: None,
+        }
+    }
+}
+
 impl Ha {
     pub fn new(cfg: HaConfig, table: SyncTable, roles: crate::roles::RoleBus) -> Ha {
-        let now = Instant::now();
-        let peers = cfg
-            .peers
-            .iter()
-            .map(|(a, bfd)| {
-                (
-                    *a,
-                    PeerView {
-                        bfd_peer: *bfd,
-                        ..Default::default()
-                    },
-                )
-            })
-            .collect();
         Ha {
-            state: Mutex::new(State {
-                role: if cfg.ka {
-                    Role::Backup
-                } else {
-                    Role::NotDefined
-                },
-                term: 0,
-                since: now,
-                external: BTreeMap::new(),
-                ready: !cfg.ka,
-                started: now,
-                peers,
-                max_term_seen: 0,
-                transitions: 0,
-                last_failover_s: None,
-            }),
+            state: Mutex::new(State::new(&cfg, Instant::now())),
             table: Mutex::new(table),
             consync: OnceLock::new(),
             roles,
@@ -981,30 +986,7 @@ mod tests {
     }
 
     fn node(c: &HaConfig, t0: Instant) -> State {
-        State {
-            role: Role::Backup,
-            term: 0,
-            since: t0,
-            external: BTreeMap::new(),
-            ready: false,
-            started: t0,
-            peers: c
-                .peers
-                .iter()
-                .map(|(a, bfd)| {
-                    (
-                        *a,
-                        PeerView {
-                            bfd_peer: *bfd,
-                            ..Default::default()
-                        },
-                    )
-                })
-                .collect(),
-            max_term_seen: 0,
-            transitions: 0,
-            last_failover_s: None,
-        }
+        State::new(c, t0)
     }
 
     fn status(st: &State, id: u16) -> pb::NodeStatus {
