@@ -476,25 +476,27 @@ async fn collector_loop(
         let cfg2 = cfg.clone();
         let attached2 = attached.clone();
         let res = tokio::task::spawn_blocking(move || {
-            let now = monotonic_ns();
-            let entries = collector.entries();
-            let pass = census(&entries, now);
-            let removed_entries = collector.collect_from(&entries, now);
-            if let Some(ha) = &app2.ha {
-                ha.publish_events(&[], &removed_entries);
-            }
-            let removed = removed_entries.len();
-            if removed > 0 {
-                debug!(removed, "conntrack collector pass");
-            }
-            let live = (entries.len() - removed) as u64;
-            let _ = app2.engine.call_blocking(move |e| {
-                e.set_census(pass, live, removed as u64);
-                if let Ok(mut done) = attached2.lock() {
-                    attach_new(e.datapath_mut(), &cfg2, &mut done);
+            crate::lb::at_low_priority(|| {
+                let now = monotonic_ns();
+                let entries = collector.entries();
+                let pass = census(&entries, now);
+                let removed_entries = collector.collect_from(&entries, now);
+                if let Some(ha) = &app2.ha {
+                    ha.publish_events(&[], &removed_entries);
                 }
-            });
-            collector
+                let removed = removed_entries.len();
+                if removed > 0 {
+                    debug!(removed, "conntrack collector pass");
+                }
+                let live = (entries.len() - removed) as u64;
+                let _ = app2.engine.call_blocking(move |e| {
+                    e.set_census(pass, live, removed as u64);
+                    if let Ok(mut done) = attached2.lock() {
+                        attach_new(e.datapath_mut(), &cfg2, &mut done);
+                    }
+                });
+                collector
+            })
         })
         .await;
         match res {

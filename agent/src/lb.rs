@@ -90,7 +90,9 @@ pub fn spawn_flusher(
                 let mut reqs = vec![first];
                 reqs.extend(rx.try_iter());
                 let t = std::time::Instant::now();
-                let n = collector.remove_where(|_, v| reqs.iter().any(|r| r.matches(v)));
+                let n = at_low_priority(|| {
+                    collector.remove_where(|_, v| reqs.iter().any(|r| r.matches(v)))
+                });
                 info!(
                     requests = reqs.len(),
                     entries = n,
@@ -100,6 +102,21 @@ pub fn spawn_flusher(
             }
         })?;
     Ok(tx)
+}
+
+/// Runs `f` on the current thread at a lower CPU priority (nice 10), then restores it: bulk
+/// work (table walks, listings) yields the CPU to the latency-sensitive tasks (sync, BGP, BFD,
+/// REST) on a busy node instead of competing with them as an equal.
+pub fn at_low_priority<R>(f: impl FnOnce() -> R) -> R {
+    // SAFETY: plain syscalls on the calling thread (PRIO_PROCESS with a thread id applies to
+    // that thread on Linux).
+    let tid = unsafe { libc::gettid() } as libc::id_t;
+    let before = unsafe { libc::getpriority(libc::PRIO_PROCESS, tid) };
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, 10) };
+    let r = f();
+    // SAFETY: as above; the thread (possibly a reused pool thread) gets its priority back.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, before) };
+    r
 }
 
 /// A job for the engine's thread.

@@ -1,5 +1,5 @@
 //! The agent under load, on the HA pair (`--ka`, BGP with BFD to an FRR ToR): 100,000 UDP
-//! flows are opened through the MASTER while 8 clients make 5,000 rule changes (each sent to
+//! flows are opened through the MASTER (10,000 a second) while 8 clients make 5,000 rule changes (each sent to
 //! both nodes, as kube-loxilb does), `/metrics` of both nodes is scraped every 100 ms and the
 //! MASTER's `/config/conntrack/all` is read back to back. Nothing may flap: no role change, no
 //! BGP or BFD transition on either node or on the ToR; the sync lag stays under 100 ms (p99 of
@@ -106,7 +106,7 @@ fn rest_metrics_and_listings_under_load_leave_the_pair_steady() {
     let scripts = repo_root().join("agent/tests/load");
     let flows = scripts.join("udp_flows.py").to_string_lossy().into_owned();
     let load = scripts.join("rest_load.py").to_string_lossy().into_owned();
-    // 100,000 flows at 25,000 per second, during the REST load.
+    // 100,000 flows at 10,000 per second, during the REST load.
     lab.spawn(
         "client",
         "udp-flows",
@@ -117,7 +117,7 @@ fn rest_metrics_and_listings_under_load_leave_the_pair_steady() {
             VIP,
             "9100",
             &FLOWS.to_string(),
-            "25000",
+            "10000",
         ],
     )
     .unwrap();
@@ -157,7 +157,11 @@ fn rest_metrics_and_listings_under_load_leave_the_pair_steady() {
         .max()
         .unwrap_or(0);
     let ct_times: Vec<f64> = ct_reads.iter().filter_map(|r| r[0].as_f64()).collect();
-    eprintln!(
+    // Straight to the process's stderr (not the test harness's captured output): the CI log
+    // shows these figures for a passing run too.
+    use std::io::Write;
+    let _ = writeln!(
+        std::io::stderr(),
         "load: {} changes x 2 nodes from {} clients in {:.1} s: REST p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; \
          {} scrapes (p99 {:.1} ms); {} conntrack listings (up to {max_flows} flows, slowest {:.2} s); \
          sync lag p99 {}; peak RSS {:?} KiB",
@@ -181,8 +185,14 @@ fn rest_metrics_and_listings_under_load_leave_the_pair_steady() {
         "listings saw {max_flows} flows"
     );
     assert!(res["scrapes"].as_u64().unwrap() >= 20);
-    for (n, ..) in LBS {
-        let p99 = res["lag_p99"][n].as_f64().unwrap_or(0.0);
+    // The BACKUP applies the MASTER's flows: its lag is the one that matters (the MASTER gets
+    // no flows from it; its samples stay 0).
+    for (n, ip, ..) in LBS {
+        let samples = res["lag_samples"][ip].as_u64().unwrap_or(0);
+        assert!(samples >= 20, "{n}: {samples} lag samples");
+        let p99 = res["lag_p99"][ip]
+            .as_f64()
+            .unwrap_or_else(|| panic!("no sync lag p99 for {n} ({ip}): {}", res["lag_p99"]));
         assert!(p99 < 0.1, "sync lag p99 on {n}: {p99} s");
     }
     assert!(

@@ -366,45 +366,47 @@ async fn list_ct(State(app): State<Shared>) -> Result<Response, ApiError> {
     let reader = app.conntrack.clone();
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
     tokio::task::spawn_blocking(move || {
-        if tx
-            .blocking_send(Ok(Bytes::from_static(b"{\"ctAttr\":[")))
-            .is_err()
-        {
-            return;
-        }
-        let mut first = true;
-        let mut batches = reader.batches(CT_CHUNK);
-        loop {
-            match batches.next_chunk() {
-                Ok(Some(chunk)) => {
-                    let mut buf = Vec::with_capacity(chunk.len() * 160);
-                    for (k, v) in &chunk {
-                        if v.dir != 0 {
-                            continue;
+        crate::lb::at_low_priority(|| {
+            if tx
+                .blocking_send(Ok(Bytes::from_static(b"{\"ctAttr\":[")))
+                .is_err()
+            {
+                return;
+            }
+            let mut first = true;
+            let mut batches = reader.batches(CT_CHUNK);
+            loop {
+                match batches.next_chunk() {
+                    Ok(Some(chunk)) => {
+                        let mut buf = Vec::with_capacity(chunk.len() * 160);
+                        for (k, v) in &chunk {
+                            if v.dir != 0 {
+                                continue;
+                            }
+                            let peer = reader.get(&k.peer(v));
+                            let f = crate::lb::flow_view(k, v, peer.as_ref(), &labels);
+                            if !first {
+                                buf.push(b',');
+                            }
+                            first = false;
+                            if serde_json::to_writer(&mut buf, &models::ct_entry(&f)).is_err() {
+                                return;
+                            }
                         }
-                        let peer = reader.get(&k.peer(v));
-                        let f = crate::lb::flow_view(k, v, peer.as_ref(), &labels);
-                        if !first {
-                            buf.push(b',');
-                        }
-                        first = false;
-                        if serde_json::to_writer(&mut buf, &models::ct_entry(&f)).is_err() {
+                        if !buf.is_empty() && tx.blocking_send(Ok(Bytes::from(buf))).is_err() {
                             return;
                         }
                     }
-                    if !buf.is_empty() && tx.blocking_send(Ok(Bytes::from(buf))).is_err() {
+                    Ok(None) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "conntrack listing failed part way");
+                        let _ = tx.blocking_send(Err(e));
                         return;
                     }
                 }
-                Ok(None) => break,
-                Err(e) => {
-                    tracing::warn!(error = %e, "conntrack listing failed part way");
-                    let _ = tx.blocking_send(Err(e));
-                    return;
-                }
             }
-        }
-        let _ = tx.blocking_send(Ok(Bytes::from_static(b"]}")));
+            let _ = tx.blocking_send(Ok(Bytes::from_static(b"]}")));
+        })
     });
     Ok((
         [(header::CONTENT_TYPE, "application/json")],
