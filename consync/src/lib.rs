@@ -44,6 +44,9 @@ use crate::log::{ChangeLog, Resume};
 /// The sync port.
 pub const PORT: u16 = 22222;
 
+/// Upper bounds (ms) of the sync-lag buckets; the last one takes everything.
+pub const LAG_BUCKETS_MS: [u64; 9] = [5, 10, 25, 50, 100, 250, 500, 1000, u64::MAX];
+
 /// HTTP/2 flow-control windows: a bulk snapshot streams megabytes, which the 64 KiB default
 /// would hold to one window per round trip.
 const WINDOW: u32 = 16 << 20;
@@ -178,6 +181,9 @@ pub struct PeerInfo {
     pub disconnects: u64,
     /// Send-to-apply delay of the last batch that carried changes, in seconds.
     pub lag_s: f64,
+    /// Batches that carried changes, by send-to-apply delay: `lag_batches[i]` counts those
+    /// within [`LAG_BUCKETS_MS`]`[i]` (cumulative, the last bucket is every batch).
+    pub lag_batches: [u64; LAG_BUCKETS_MS.len()],
     pub last_heard: Option<Instant>,
     pub last_error: Option<String>,
 }
@@ -988,7 +994,14 @@ async fn subscribe_once(
         i.applied += applied;
         i.next_seq = last + 1;
         i.behind = batch.next_seq.saturating_sub(i.next_seq);
-        i.lag_s = unix_ns().saturating_sub(batch.sent_unix_ns) as f64 / 1e9;
+        let lag_ns = unix_ns().saturating_sub(batch.sent_unix_ns);
+        i.lag_s = lag_ns as f64 / 1e9;
+        let lag_ms = lag_ns / 1_000_000;
+        for (b, n) in LAG_BUCKETS_MS.iter().zip(i.lag_batches.iter_mut()) {
+            if lag_ms <= *b {
+                *n += 1;
+            }
+        }
     }
 }
 

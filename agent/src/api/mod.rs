@@ -469,18 +469,28 @@ async fn prometheus(State(app): State<Shared>) -> Result<Response, ApiError> {
         )),
         None => None,
     };
-    let text = crate::metrics::scrape(|| {
-        crate::metrics::record(&app.metrics, &dp);
-        if let Some((l, c)) = &bfd {
-            crate::bfd::record_metrics(l, c);
-        }
-        if let Some(b) = &app.bgp {
-            b.record_metrics();
-        }
-        if let Some(h) = &app.ha {
-            crate::ha::control::record_metrics(h);
-        }
-    });
+    // Recording and rendering tens of thousands of series takes tens of milliseconds of CPU:
+    // on the blocking pool at low priority, never on the async workers that carry sync, BGP
+    // and REST.
+    let app2 = app.clone();
+    let text = tokio::task::spawn_blocking(move || {
+        crate::lb::at_low_priority(|| {
+            crate::metrics::scrape(|| {
+                crate::metrics::record(&app2.metrics, &dp);
+                if let Some((l, c)) = &bfd {
+                    crate::bfd::record_metrics(l, c);
+                }
+                if let Some(b) = &app2.bgp {
+                    b.record_metrics();
+                }
+                if let Some(h) = &app2.ha {
+                    crate::ha::control::record_metrics(h);
+                }
+            })
+        })
+    })
+    .await
+    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     Ok((
         [(
             header::CONTENT_TYPE,

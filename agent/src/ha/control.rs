@@ -215,6 +215,19 @@ pub fn record_metrics(ha: &Ha) {
             &l,
             p.lag_s,
         );
+        for (b, n) in ferrolb_consync::LAG_BUCKETS_MS.iter().zip(p.lag_batches) {
+            let le = if *b == u64::MAX {
+                "inf".to_string()
+            } else {
+                b.to_string()
+            };
+            counter(
+                "ferrolb_sync_lag_batches_total",
+                "Batches of changes from the peer applied within lag_le_ms milliseconds of being sent (cumulative).",
+                &[l[0].clone(), ("lag_le_ms", le)],
+                n,
+            );
+        }
         gauge(
             "ferrolb_sync_behind_changes",
             "Changes the peer had logged that we had not applied, at its last batch.",
