@@ -15,7 +15,7 @@ use tracing::{info, warn};
 
 use crate::config::Config;
 use crate::model::FieldError;
-use crate::store::{StoreError, write_atomic, write_atomic_shrinking};
+use crate::store::{StoreError, save_document};
 
 pub const BFD_FILE: &str = "bfd.json";
 
@@ -197,16 +197,7 @@ impl Bfd {
     ) -> Result<(), BfdError> {
         let v: Vec<&BfdSpec> = specs.values().collect();
         let bytes = serde_json::to_vec_pretty(&v).unwrap_or_default();
-        let dir = self.dir.clone();
-        tokio::task::spawn_blocking(move || {
-            if shrinking {
-                write_atomic_shrinking(&dir, BFD_FILE, &bytes)
-            } else {
-                write_atomic(&dir, BFD_FILE, &bytes)
-            }
-        })
-        .await
-        .map_err(|e| BfdError::Runner(e.to_string()))??;
+        save_document(self.dir.clone(), BFD_FILE, bytes, shrinking).await?;
         Ok(())
     }
 

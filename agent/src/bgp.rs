@@ -25,7 +25,7 @@ use crate::lb::EngineHandle;
 use crate::metrics::{counter, gauge};
 use crate::roles::Roles;
 use crate::rules::RuleSet;
-use crate::store::{StoreError, write_atomic, write_atomic_shrinking};
+use crate::store::{StoreError, save_document};
 
 pub const BGP_FILE: &str = "bgp.json";
 pub const BACKUP_PREPEND: u8 = 3;
@@ -114,8 +114,6 @@ pub enum BgpError {
     NotFound(String),
     #[error("saving BGP configuration: {0}")]
     Save(#[from] StoreError),
-    #[error("saving BGP configuration: {0}")]
-    Task(String),
     #[error("at most {MAX_NEIGHBORS} BGP neighbours")]
     Full,
 }
@@ -222,16 +220,7 @@ impl Bgp {
     /// Saves off the async workers; `shrinking` (a delete) may use the state volume's reserve.
     async fn save(&self, c: &BgpConfig, shrinking: bool) -> Result<(), BgpError> {
         let bytes = serde_json::to_vec_pretty(c).unwrap_or_default();
-        let dir = self.dir.clone();
-        tokio::task::spawn_blocking(move || {
-            if shrinking {
-                write_atomic_shrinking(&dir, BGP_FILE, &bytes)
-            } else {
-                write_atomic(&dir, BGP_FILE, &bytes)
-            }
-        })
-        .await
-        .map_err(|e| BgpError::Task(e.to_string()))??;
+        save_document(self.dir.clone(), BGP_FILE, bytes, shrinking).await?;
         Ok(())
     }
 

@@ -22,7 +22,6 @@ fn bgp_error(e: BgpError) -> ApiError {
     let status = match &e {
         BgpError::NotFound(_) => StatusCode::NOT_FOUND,
         BgpError::Save(s) => crate::store::save_status(s),
-        BgpError::Task(_) => StatusCode::INTERNAL_SERVER_ERROR,
         BgpError::Full => StatusCode::SERVICE_UNAVAILABLE,
     };
     ApiError::new(status, e.to_string())

@@ -172,6 +172,31 @@ pub fn write_atomic_shrinking(dir: &Path, name: &str, bytes: &[u8]) -> Result<()
     }
 }
 
+/// Writes a small document (`bgp.json`, `bfd.json`) atomically from the blocking pool, for the
+/// async controllers; `shrinking` (a delete) may use the reserve.
+pub async fn save_document(
+    dir: PathBuf,
+    name: &'static str,
+    bytes: Vec<u8>,
+    shrinking: bool,
+) -> Result<(), StoreError> {
+    let path = dir.join(name);
+    tokio::task::spawn_blocking(move || {
+        if shrinking {
+            write_atomic_shrinking(&dir, name, &bytes)
+        } else {
+            write_atomic(&dir, name, &bytes)
+        }
+    })
+    .await
+    .unwrap_or_else(|e| {
+        Err(StoreError::Io {
+            path,
+            source: std::io::Error::other(e.to_string()),
+        })
+    })
+}
+
 /// The answer to a failed save of a document: 507 when the volume is full, else 500; the
 /// message names the path.
 pub fn save_status(e: &StoreError) -> axum::http::StatusCode {
