@@ -277,6 +277,37 @@ fn load_datapath(cfg: &Config, bus: &RoleBus) -> Result<Loaded> {
     })
 }
 
+/// Nice value of the sync runtime's threads: ahead of the REST workers and of bulk work
+/// (nice 10), behind BFD (real-time).
+const SYNC_NICE: i32 = -10;
+
+/// The SCHED_FIFO priority the sync worker got (0: normal scheduling), for `/metrics`.
+pub static SYNC_RT_PRIORITY: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(0);
+
+/// The runtime conntrack sync runs on: one worker and its blocking pool, at [`SYNC_NICE`].
+/// Built once and kept for the life of the process (a runtime may not be dropped from inside
+/// another).
+fn sync_runtime() -> Result<&'static tokio::runtime::Runtime> {
+    static RT: std::sync::OnceLock<Result<tokio::runtime::Runtime, String>> =
+        std::sync::OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .max_blocking_threads(4)
+            .thread_name("ferrolb-sync")
+            .on_thread_start(|| {
+                if let Err(e) = crate::lb::set_thread_nice(SYNC_NICE) {
+                    tracing::warn!(nice = SYNC_NICE, error = %e, "sync thread left at normal priority");
+                }
+            })
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())
+    })
+    .as_ref()
+    .map_err(|e| anyhow::anyhow!("build conntrack sync's runtime: {e}"))
+}
+
 /// Starts conntrack sync and the HA tasks: role evaluation (on every event and every 50 ms),
 /// BFD state feeding peer liveness, and in L2 mode the ARP follower.
 async fn start_ha(app: &Shared, ha: &Arc<Ha>, cfg: &Config, sup: &Supervisor) -> Result<()> {
@@ -317,8 +348,29 @@ async fn start_ha(app: &Shared, ha: &Arc<Ha>, cfg: &Config, sup: &Supervisor) ->
         });
     }
     let node: Arc<dyn ferrolb_consync::Node> = ha.clone();
-    let cs = ferrolb_consync::Consync::start(sc, node)
+    // Sync runs on a runtime of its own, above normal priority: REST, scrapes and listings on
+    // the main workers (and load generators beside the agent) then do not delay a batch.
+    let rt = sync_runtime()?;
+    let prio = cfg.flags.sync_rt_priority;
+    if prio > 0 {
+        // A task runs on the runtime's one worker thread (never on its blocking threads).
+        let r = rt
+            .spawn(async move { crate::lb::set_thread_realtime(prio) })
+            .await
+            .context("conntrack sync's runtime stopped")?;
+        match r {
+            Ok(()) => {
+                SYNC_RT_PRIORITY.store(prio, std::sync::atomic::Ordering::Relaxed);
+                info!(priority = prio, "conntrack sync worker runs SCHED_FIFO")
+            }
+            Err(e) => warn!(priority = prio, error = %e,
+                "conntrack sync worker left at nice {SYNC_NICE}: real-time scheduling refused"),
+        }
+    }
+    let cs = rt
+        .spawn(ferrolb_consync::Consync::start(sc, node))
         .await
+        .context("conntrack sync's runtime stopped")?
         .context("start conntrack sync (--cluster)")?;
     let _ = ha.consync.set(cs);
     info!(

@@ -126,6 +126,14 @@ pub struct Flags {
           value_parser = clap::value_parser!(u8).range(0..=99))]
     pub bfd_rt_priority: u8,
 
+    /// Real-time priority (SCHED_FIFO, 1-99) of the conntrack sync worker thread (keep it
+    /// below --bfd-rt-priority), so that REST, scrapes and load beside the agent cannot hold a
+    /// sync batch back (conntrackd's `Scheduler` option); its table walks stay at normal
+    /// scheduling (nice -10). 0: nice -10 only. Refused by the kernel: a warning.
+    #[arg(long, default_value_t = 5, value_name = "N",
+          value_parser = clap::value_parser!(u8).range(0..=99))]
+    pub sync_rt_priority: u8,
+
     /// Advertise VIPs over BGP (configured with /config/bgp/global and /config/bgp/neigh).
     #[arg(short = 'b', long)]
     pub bgp: bool,
@@ -431,6 +439,9 @@ mod tests {
     #[test]
     fn bfd_thread_priority() {
         assert_eq!(cfg(&[]).unwrap().flags.bfd_rt_priority, 10);
+        assert_eq!(cfg(&[]).unwrap().flags.sync_rt_priority, 5);
+        let e = cfg(&["--sync-rt-priority=100"]).unwrap_err().to_string();
+        assert!(e.contains("--sync-rt-priority"), "{e}");
         assert_eq!(
             cfg(&["--bfd-rt-priority=0"]).unwrap().flags.bfd_rt_priority,
             0

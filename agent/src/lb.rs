@@ -119,6 +119,29 @@ pub fn at_low_priority<R>(f: impl FnOnce() -> R) -> R {
     r
 }
 
+/// Sets the calling thread's nice value (negative needs CAP_SYS_NICE).
+pub fn set_thread_nice(nice: i32) -> std::io::Result<()> {
+    // SAFETY: a plain syscall on the calling thread.
+    let tid = unsafe { libc::gettid() } as libc::id_t;
+    // SAFETY: as above.
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, nice) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `SCHED_FIFO` at `priority` for the calling thread.
+pub fn set_thread_realtime(priority: u8) -> std::io::Result<()> {
+    let param = libc::sched_param {
+        sched_priority: i32::from(priority),
+    };
+    // SAFETY: pid 0 is the calling thread; `param` is a valid sched_param.
+    if unsafe { libc::sched_setscheduler(0, libc::SCHED_FIFO, &param) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// A job for the engine's thread.
 type Job = Box<dyn FnOnce(&mut Engine) + Send>;
 

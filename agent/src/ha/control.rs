@@ -71,6 +71,12 @@ pub fn record_metrics(ha: &Ha) {
         );
     }
     gauge(
+        "ferrolb_sync_thread_rt_priority",
+        "SCHED_FIFO priority of the conntrack sync worker (--sync-rt-priority; 0: normal scheduling, also when the kernel refused).",
+        &[],
+        f64::from(crate::agent::SYNC_RT_PRIORITY.load(std::sync::atomic::Ordering::Relaxed)),
+    );
+    gauge(
         "ferrolb_ha_ready",
         "1 once this node finished its first sync from its peers (or the join timeout passed).",
         &[],

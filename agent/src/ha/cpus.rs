@@ -11,6 +11,9 @@
 /// Writes per batch (one `BPF_MAP_UPDATE_BATCH` call) between two moves.
 pub const CHUNK: usize = 512;
 
+/// Flows in one write below which a writer stays on its CPU (a live sync batch).
+pub const SPREAD_ABOVE: usize = 4 * CHUNK;
+
 /// Moves the current thread over the CPUs it may run on; restores its affinity when dropped.
 pub struct Spread {
     orig: libc::cpu_set_t,

@@ -752,7 +752,10 @@ impl Node for Ha {
         let now = monotonic_ns();
         let mut n = 0;
         let mut t = self.tbl();
-        let mut spread = if upserts.is_empty() {
+        // A live batch is small: written from whichever CPU the thread is on (it moves between
+        // batches anyway); moving it costs a wait on a busy CPU's run queue, which is sync lag.
+        // A burst as large as a snapshot chunk is spread like one.
+        let mut spread = if upserts.len() < cpus::SPREAD_ABOVE {
             None
         } else {
             cpus::Spread::new(self.cpu_cursor.fetch_add(1, Ordering::Relaxed))
