@@ -730,8 +730,20 @@ pub async fn run(cfg: Config) -> Result<()> {
         ha: ha.clone(),
         roles: roles.clone(),
         conntrack: Arc::new(conntrack),
+        health: crate::health::controller::Health::load(engine.clone(), &cfg.flags.config_path)?,
     });
     let (sup, mut fatal) = Supervisor::new(metrics);
+    {
+        // Endpoint probes: a task per target, and verdicts to the engine.
+        let h = app.health.clone();
+        sup.spawn("health-probes", OnFailure::Restart, move || {
+            h.clone().plan_loop()
+        });
+        let h = app.health.clone();
+        sup.spawn("health-verdicts", OnFailure::Restart, move || {
+            h.clone().apply_loop()
+        });
+    }
     if let Some(ha) = &ha {
         start_ha(&app, ha, &cfg, &sup).await?;
     }

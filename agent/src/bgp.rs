@@ -68,6 +68,11 @@ pub struct RoutePolicy {
     /// Added to every route.
     pub communities: Vec<u32>,
     pub large_communities: Vec<(u32, u32, u32)>,
+    /// Keep advertising a VIP whose every endpoint is inactive (loxilb's behaviour). Off by
+    /// default: the route is withdrawn, so the ToR sends the VIP's traffic to a node that
+    /// can serve it or nowhere, and returns when an endpoint does.
+    #[serde(default)]
+    pub advertise_dead_vips: bool,
 }
 
 impl Default for RoutePolicy {
@@ -80,6 +85,7 @@ impl Default for RoutePolicy {
             backup_local_pref: None,
             communities: Vec::new(),
             large_communities: Vec::new(),
+            advertise_dead_vips: false,
         }
     }
 }
@@ -137,11 +143,22 @@ pub fn neighbor_config(n: &NeighSpec) -> NeighborConfig {
 /// The routes the rules ask for, with role-driven attributes. Pure.
 pub fn routes_for(rules: &RuleSet, role_of: impl Fn(&str) -> Role, policy: &RoutePolicy) -> Routes {
     let mut out = Routes::new();
+    // VIPs with endpoints, none of them active: nothing there can serve.
+    let mut live: BTreeMap<IpAddr, (bool, bool)> = BTreeMap::new();
+    for r in rules.rules.values() {
+        let e = live.entry(r.key.external_ip).or_default();
+        e.0 |= !r.endpoints.is_empty();
+        e.1 |= r.endpoints.iter().any(|ep| !ep.down);
+    }
+    let dead = |vip: &IpAddr| live.get(vip).is_some_and(|(any, up)| *any && !*up);
     for r in rules.rules.values() {
         if !r.service.bgp {
             continue;
         }
         let vip = r.key.external_ip;
+        if !policy.advertise_dead_vips && dead(&vip) {
+            continue;
+        }
         let backup = role_of(r.service.instance()) == Role::Backup;
         let attrs = policy.attrs(backup);
         let Ok(net) = IpNet::new(vip, if vip.is_ipv6() { 128 } else { 32 }) else {
@@ -489,5 +506,41 @@ mod tests {
         assert_eq!((a.prepend, a.med), (5, Some(300)));
         assert_eq!(a.communities, vec![(65100 << 16) | 10]);
         assert_eq!(r[&"203.0.113.11/32".parse().unwrap()].med, Some(10));
+    }
+
+    #[test]
+    fn a_vip_whose_every_endpoint_is_inactive_is_withdrawn() {
+        let mut rs = RuleSet::default();
+        for port in [80, 443] {
+            let b = format!(
+                r#"{{"serviceArguments":{{"externalIP":"203.0.113.10","port":{port},"BGP":true,"Monitor":true}},
+                   "endpoints":[{{"endpointIP":"10.0.0.1","targetPort":8080}},{{"endpointIP":"10.0.0.2","targetPort":8080}}]}}"#
+            );
+            let c = rs.plan(parse_rule(b.as_bytes()).unwrap(), 16).unwrap();
+            rs.apply(&c);
+        }
+        let net: IpNet = "203.0.113.10/32".parse().unwrap();
+        let pol = RoutePolicy::default();
+        let set_down = |rs: &mut RuleSet, port: u16, down: &[bool]| {
+            let r = rs.rules.values_mut().find(|r| r.key.port == port).unwrap();
+            for (e, d) in r.endpoints.iter_mut().zip(down) {
+                e.down = *d;
+            }
+        };
+        assert!(routes_for(&rs, |_| Role::NotDefined, &pol).contains_key(&net));
+        // One rule's endpoints all down, the other rule still serves: advertised.
+        set_down(&mut rs, 80, &[true, true]);
+        assert!(routes_for(&rs, |_| Role::NotDefined, &pol).contains_key(&net));
+        // Nothing on the VIP can serve: withdrawn (unless the operator keeps it).
+        set_down(&mut rs, 443, &[true, true]);
+        assert!(!routes_for(&rs, |_| Role::NotDefined, &pol).contains_key(&net));
+        let keep = RoutePolicy {
+            advertise_dead_vips: true,
+            ..RoutePolicy::default()
+        };
+        assert!(routes_for(&rs, |_| Role::NotDefined, &keep).contains_key(&net));
+        // One endpoint back: advertised again.
+        set_down(&mut rs, 443, &[false, true]);
+        assert!(routes_for(&rs, |_| Role::NotDefined, &pol).contains_key(&net));
     }
 }

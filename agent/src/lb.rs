@@ -14,7 +14,7 @@ use ferrolb_bpf::Datapath;
 use ferrolb_bpf::maps::CtState;
 use tracing::{info, warn};
 
-use crate::model::{FieldError, NatMode, RuleKey, RuleSpec};
+use crate::model::{FieldError, NatMode, Protocol, RuleKey, RuleSpec};
 use crate::rules::{self, Change, Rule, RuleError, RuleSet};
 use crate::store::{Op, Store};
 use crate::vip;
@@ -248,6 +248,8 @@ pub struct Engine {
     rules_version: tokio::sync::watch::Sender<u64>,
     /// Where conntrack flushes go ([`spawn_flusher`]); done inline without one.
     flusher: Option<std::sync::mpsc::Sender<Flush>>,
+    /// Endpoints the prober found dead or an operator forced down.
+    health: crate::health::Verdicts,
 }
 
 impl Engine {
@@ -278,6 +280,7 @@ impl Engine {
             census: CtCensus::default(),
             rules_version: tokio::sync::watch::channel(0).0,
             flusher: None,
+            health: crate::health::Verdicts::default(),
         })
     }
 
@@ -348,6 +351,8 @@ impl Engine {
                 e.snat = Some(src);
             }
         }
+        // Endpoints already known dead stay out of selection in the new version of the rule.
+        self.health.mark(change.rule_mut());
         let rule = change.rule().clone();
         let prev = self.rules.apply(&change);
         let undo_table = |rules: &mut RuleSet| match &prev {
@@ -421,6 +426,52 @@ impl Engine {
         }
         self.rules_version.send_modify(|v| *v = v.wrapping_add(1));
         Ok(())
+    }
+
+    /// Takes the prober's verdicts: rules whose endpoints changed state get a new endpoint
+    /// set (written to the spare slot, then switched to, as any change); UDP/ICMP flows of
+    /// endpoints that went down are flushed (TCP flows drain), as for a removed endpoint.
+    /// Returns the number of rules that changed.
+    pub fn set_health(&mut self, v: crate::health::Verdicts) -> usize {
+        self.health = v;
+        let mut changed = 0;
+        let keys: Vec<RuleKey> = self.rules.rules.keys().cloned().collect();
+        for key in keys {
+            let Some(cur) = self.rules.rules.get(&key) else {
+                continue;
+            };
+            let mut next = cur.clone();
+            let (differs, went_down) = self.health.mark(&mut next);
+            if !differs {
+                continue;
+            }
+            next.flip ^= 1;
+            let res = rules::install(&mut self.dp, &next, false).and_then(|()| {
+                let mut after = self.rules.clone();
+                after.rules.insert(key.clone(), next.clone());
+                rules::sync_ranges_for(&mut self.dp, &after, key.external_ip, key.protocol)
+            });
+            if let Err(e) = res {
+                warn!(rule = %key, error = %e, "datapath update for endpoint health failed; kept the previous set");
+                continue;
+            }
+            let up = next.endpoints.iter().filter(|e| !e.down).count();
+            info!(rule = %key, active = up, endpoints = next.endpoints.len(), "endpoint states changed");
+            let (svc, proto) = (next.id, key.protocol);
+            self.rules.rules.insert(key, next);
+            changed += 1;
+            if !went_down.is_empty() && proto != Protocol::Tcp {
+                self.flush(Flush::Endpoints {
+                    svc,
+                    slots: went_down,
+                    before_ns: ferrolb_bpf::monotonic_ns(),
+                });
+            }
+        }
+        if changed > 0 {
+            self.rules_version.send_modify(|v| *v = v.wrapping_add(1));
+        }
+        changed
     }
 
     /// Deletes rules by key (all or nothing).

@@ -9,6 +9,7 @@ pub mod bgp;
 pub mod client;
 pub mod config;
 pub mod ha;
+pub mod health;
 pub mod lb;
 pub mod metrics;
 pub mod model;

@@ -81,8 +81,8 @@ pub struct DatapathSnapshot {
     pub rules: usize,
     /// (label, vip, port, protocol, packets, bytes)
     pub services: Vec<(String, String, u16, &'static str, u64, u64)>,
-    /// (rule label, endpoint ip:port, packets, bytes)
-    pub endpoints: Vec<(String, String, u64, u64)>,
+    /// (rule label, endpoint ip:port, packets, bytes, active)
+    pub endpoints: Vec<(String, String, u64, u64, bool)>,
     pub census: crate::lb::CtCensus,
     pub counters: Vec<u64>,
     pub conntrack_capacity: u32,
@@ -142,6 +142,7 @@ impl DatapathSnapshot {
                         std::net::SocketAddr::new(e.spec.ip, e.spec.target_port).to_string(),
                         st.packets,
                         st.bytes,
+                        !e.down,
                     )
                 })
                 .collect(),
@@ -181,8 +182,14 @@ pub fn record(m: &Metrics, d: &DatapathSnapshot) {
             *b,
         );
     }
-    for (svc, ep, p, b) in &d.endpoints {
+    for (svc, ep, p, b, active) in &d.endpoints {
         let l = [("service", svc.clone()), ("endpoint", ep.clone())];
+        gauge(
+            "ferrolb_endpoint_active",
+            "1 while the endpoint takes new flows; 0 when its probes failed or it was forced down.",
+            &l,
+            f64::from(u8::from(*active)),
+        );
         counter(
             "ferrolb_endpoint_packets_total",
             "Packets forwarded per endpoint (both directions).",

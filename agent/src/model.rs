@@ -212,7 +212,76 @@ pub struct EndpointSpec {
     pub weight: u16,
 }
 
-/// Endpoint health checking as requested (kept and returned; see the liveness issue).
+/// How an endpoint is probed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ProbeKind {
+    /// Never probed: always active.
+    None,
+    /// ICMP echo.
+    Ping,
+    /// A TCP connect (then request/response when given).
+    Tcp,
+    /// A UDP datagram: an ICMP port-unreachable is down; silence is up unless a response is
+    /// expected.
+    Udp,
+    /// `HEAD /<request>` over HTTP/1.1: status 200 is up.
+    Http,
+    /// The same over TLS (the certificate is not checked: endpoints are addressed by IP).
+    Https,
+}
+
+impl ProbeKind {
+    pub const ALL: [ProbeKind; 6] = [
+        ProbeKind::None,
+        ProbeKind::Ping,
+        ProbeKind::Tcp,
+        ProbeKind::Udp,
+        ProbeKind::Http,
+        ProbeKind::Https,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ProbeKind::None => "none",
+            ProbeKind::Ping => "ping",
+            ProbeKind::Tcp => "tcp",
+            ProbeKind::Udp => "udp",
+            ProbeKind::Http => "http",
+            ProbeKind::Https => "https",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<ProbeKind> {
+        ProbeKind::ALL.into_iter().find(|k| k.name() == s)
+    }
+
+    /// The probe of a rule that names none (loxilb's defaults).
+    pub fn default_for(p: Protocol) -> ProbeKind {
+        match p {
+            Protocol::Tcp => ProbeKind::Tcp,
+            Protocol::Udp => ProbeKind::Udp,
+            Protocol::Icmp => ProbeKind::Ping,
+        }
+    }
+
+    /// Whether the probe talks to a port.
+    pub fn has_port(self) -> bool {
+        !matches!(self, ProbeKind::None | ProbeKind::Ping)
+    }
+}
+
+/// Probe interval when a rule gives none (`probeTimeout` 0), seconds.
+pub const DEFAULT_PROBE_INTERVAL_S: u32 = 1;
+/// Consecutive failures before an endpoint is inactive when a rule gives none.
+pub const DEFAULT_PROBE_FALL: u32 = 2;
+/// Consecutive successes before an inactive endpoint is active again.
+pub const PROBE_RISE: u32 = 2;
+/// Longest probe interval accepted (seconds).
+pub const MAX_PROBE_INTERVAL_S: u32 = 3600;
+/// Most consecutive failures accepted (loxilb's ceiling).
+pub const MAX_PROBE_RETRIES: u32 = 100;
+
+/// Endpoint health checking as requested.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Probe {
     /// Empty: the default for the rule's protocol.
@@ -248,6 +317,30 @@ pub struct Service {
 }
 
 impl Service {
+    /// The probe the endpoints of a rule of protocol `p` get, if any: `monitor` (or a
+    /// probe type other than `none`, as loxilb) turns probing on; an empty type is the
+    /// protocol's default.
+    pub fn probe_kind(&self, p: Protocol) -> Option<ProbeKind> {
+        let kind = match self.probe.kind.as_str() {
+            "" => ProbeKind::default_for(p),
+            k => ProbeKind::from_name(k)?,
+        };
+        let asked = self.monitor || !self.probe.kind.is_empty();
+        if kind == ProbeKind::None || !asked {
+            return None;
+        }
+        Some(kind)
+    }
+
+    /// The port a probe of endpoint `ep` talks to: `probeport`, else the endpoint's target
+    /// port, else the rule's (first) port, which is where a target port of 0 sends traffic.
+    pub fn probe_port(&self, rule_port: u16, ep: &EndpointSpec) -> u16 {
+        [self.probe.port, ep.target_port, rule_port]
+            .into_iter()
+            .find(|p| *p != 0)
+            .unwrap_or(0)
+    }
+
     /// The HA instance the rule belongs to: its name after the last `:`.
     pub fn instance(&self) -> &str {
         instance_of(&self.name)
@@ -286,6 +379,51 @@ pub struct RuleSpec {
 mod tests {
     use super::*;
 
+    fn service(monitor: bool, kind: &str) -> Service {
+        Service {
+            selection: Selection::RoundRobin,
+            nat: NatMode::FullNat,
+            bgp: false,
+            monitor,
+            inactive_timeout_s: 0,
+            managed: false,
+            probe: Probe {
+                kind: kind.into(),
+                ..Probe::default()
+            },
+            security: 0,
+            name: String::new(),
+            private_ip: String::new(),
+            proxy_protocol_v2: false,
+            egress: false,
+            snat: false,
+        }
+    }
+
+    #[test]
+    fn monitor_or_a_probe_type_turns_probing_on() {
+        // kube-loxilb's body: Monitor true, empty probetype -> the protocol's default.
+        assert_eq!(
+            service(true, "").probe_kind(Protocol::Tcp),
+            Some(ProbeKind::Tcp)
+        );
+        assert_eq!(
+            service(true, "").probe_kind(Protocol::Udp),
+            Some(ProbeKind::Udp)
+        );
+        assert_eq!(
+            service(true, "").probe_kind(Protocol::Icmp),
+            Some(ProbeKind::Ping)
+        );
+        assert_eq!(service(false, "").probe_kind(Protocol::Tcp), None);
+        // An explicit type forces it (as loxilb); none turns it off.
+        assert_eq!(
+            service(false, "http").probe_kind(Protocol::Tcp),
+            Some(ProbeKind::Http)
+        );
+        assert_eq!(service(true, "none").probe_kind(Protocol::Tcp), None);
+    }
+
     #[test]
     fn names_and_codes_round_trip() {
         for s in Selection::ALL {
@@ -299,6 +437,9 @@ mod tests {
         for p in Protocol::ALL {
             assert_eq!(Protocol::from_name(p.name()), Some(p));
             assert_eq!(Protocol::from_number(p.number()), Some(p));
+        }
+        for k in ProbeKind::ALL {
+            assert_eq!(ProbeKind::from_name(k.name()), Some(k));
         }
         assert_eq!(instance_of("default_svc:inst1"), "inst1");
         assert_eq!(instance_of("svc"), DEFAULT_INSTANCE);

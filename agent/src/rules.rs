@@ -32,6 +32,9 @@ pub struct Endpoint {
     pub slot: u8,
     /// One-arm mode: the source address this node uses toward the endpoint.
     pub snat: Option<IpAddr>,
+    /// Inactive: failed its probes or forced down (not saved; the prober decides again).
+    /// Gets no new flows.
+    pub down: bool,
 }
 
 /// An installed rule.
@@ -402,6 +405,7 @@ fn assign_slots(old: &[Endpoint], new: &[EndpointSpec]) -> Vec<Endpoint> {
                 spec: e.clone(),
                 slot: o.slot,
                 snat: o.snat,
+                down: o.down,
             });
         }
     }
@@ -413,6 +417,7 @@ fn assign_slots(old: &[Endpoint], new: &[EndpointSpec]) -> Vec<Endpoint> {
                 spec: e.clone(),
                 slot: slot as u8,
                 snat: None,
+                down: false,
             });
         }
     }
@@ -469,10 +474,15 @@ pub fn backends(r: &Rule) -> Backends {
             snat_addr: e.snat.map(|a| addr_words(a).0).unwrap_or_default(),
             port: e.spec.target_port,
             weight: e.spec.weight,
-            active: 1,
+            active: u8::from(!e.down),
             pad: [0; 3],
         };
         count = count.max(s as u32 + 1);
+        // An inactive endpoint keeps its slot (its counters, its drained flows) but is in no
+        // table: Maglev rebuilds without it, which moves only its own share.
+        if e.down {
+            continue;
+        }
         let mut identity = match e.spec.ip {
             IpAddr::V4(a) => a.octets().to_vec(),
             IpAddr::V6(a) => a.octets().to_vec(),

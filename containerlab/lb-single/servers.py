@@ -48,6 +48,20 @@ class Threaded(socketserver.ThreadingMixIn, socketserver.TCPServer):
     allow_reuse_address = True
     request_queue_size = 512
 
+    def handle_error(self, request, client_address):
+        pass
+
+
+class HttpServer(http.server.ThreadingHTTPServer):
+    # Python's default backlog of 5 drops SYNs as soon as a few health probes (which close
+    # with a reset) and clients arrive together; resets are a probe's normal close, not an
+    # error worth a traceback.
+    request_queue_size = 512
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        pass
+
 
 class V6Only:
     address_family = socket.AF_INET6
@@ -57,7 +71,7 @@ class V6Only:
         super().server_bind()
 
 
-class Http6(V6Only, http.server.ThreadingHTTPServer):
+class Http6(V6Only, HttpServer):
     pass
 
 
@@ -81,7 +95,7 @@ def udp(s):
 
 
 def main():
-    http_srv = http.server.ThreadingHTTPServer(("0.0.0.0", 8080), Http)
+    http_srv = HttpServer(("0.0.0.0", 8080), Http)
     http_srv.daemon_threads = True
     echo = Threaded(("0.0.0.0", 9000), Echo)
     loops = [http_srv.serve_forever, echo.serve_forever, lambda: udp(udp_socket(socket.AF_INET, "0.0.0.0"))]

@@ -67,6 +67,16 @@ fn parse_policy(o: &serde_json::Map<String, Value>, p: &mut RoutePolicy) -> Resu
     if let Some(v) = uint(o, "backupMed", u64::from(u32::MAX))? {
         p.backup_med = v as u32;
     }
+    match get(o, "advertiseDeadVips") {
+        None => {}
+        Some(Value::Bool(b)) => p.advertise_dead_vips = *b,
+        Some(_) => {
+            return Err(FieldError::new(
+                "advertiseDeadVips",
+                "must be true or false",
+            ));
+        }
+    }
     if let Some(v) = uint(o, "backupPrepend", 32)? {
         p.backup_prepend = v as u8;
     }

@@ -9,6 +9,7 @@
 pub mod bfd;
 pub mod bgp;
 pub mod ha;
+pub mod health;
 pub mod models;
 
 use std::collections::HashMap;
@@ -48,6 +49,8 @@ pub struct App {
     pub roles: Arc<crate::roles::Roles>,
     /// Conntrack read handles for the streamed listing.
     pub conntrack: Arc<ferrolb_bpf::CtReader>,
+    /// Endpoint probes.
+    pub health: Arc<crate::health::controller::Health>,
 }
 
 pub type Shared = Arc<App>;
@@ -138,6 +141,10 @@ pub fn router(app: Shared) -> Router {
         .route("/config/bfd", post(bfd::create))
         .route("/config/bfd/all", get(bfd::list))
         .route("/config/bfd/remoteIP/{ip}", delete(bfd::delete))
+        .route("/config/endpoint", post(health::create))
+        .route("/config/endpoint/all", get(health::list))
+        .route("/config/endpoint/epipaddress/{ip}", delete(health::delete))
+        .route("/config/endpointhoststate", post(health::host_state))
         .route("/version", get(version))
         .route("/metrics", get(prometheus))
         .route("/openapi.yaml", get(openapi));
@@ -486,6 +493,7 @@ async fn prometheus(State(app): State<Shared>) -> Result<Response, ApiError> {
                 if let Some(h) = &app2.ha {
                     crate::ha::control::record_metrics(h);
                 }
+                crate::health::controller::record_metrics(&app2.health);
             })
         })
     })

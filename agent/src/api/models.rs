@@ -14,7 +14,8 @@ use serde_json::{Map, Value};
 
 use crate::lb::FlowView;
 use crate::model::{
-    EndpointSpec, NatMode, Oper, Probe, Protocol, RuleKey, RuleSpec, Selection, Service,
+    EndpointSpec, MAX_PROBE_INTERVAL_S, MAX_PROBE_RETRIES, NatMode, Oper, Probe, ProbeKind,
+    Protocol, RuleKey, RuleSpec, Selection, Service,
 };
 pub use crate::model::{FieldError, MAX_ENDPOINTS, MAX_TIMEOUT_S};
 
@@ -87,7 +88,7 @@ pub fn lb_entry(r: &Rule, stats: impl Fn(u8) -> (u64, u64)) -> LbEntry {
                     endpoint_ip: e.spec.ip.to_string(),
                     target_port: e.spec.target_port,
                     weight: e.spec.weight,
-                    state: "active".into(),
+                    state: if e.down { "inactive" } else { "active" }.into(),
                     counter: format!("{packets}:{bytes}"),
                 }
             })
@@ -426,6 +427,18 @@ pub fn parse_rule(body: &[u8]) -> Result<RuleSpec, FieldError> {
         ));
     }
     let probe_port = sa.int("probeport", 0, 65535)?.unwrap_or(0) as u16;
+    let probe_kind = sa
+        .string_max("probetype", MAX_PROBE_TYPE)?
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    if !probe_kind.is_empty() && ProbeKind::from_name(&probe_kind).is_none() {
+        return Err(FieldError::new(
+            sa.field("probetype"),
+            format!(
+                "unknown probe type '{probe_kind}' (none, ping, tcp, udp, http, https, or empty for the protocol's default)"
+            ),
+        ));
+    }
     let service = Service {
         selection,
         nat,
@@ -434,10 +447,7 @@ pub fn parse_rule(body: &[u8]) -> Result<RuleSpec, FieldError> {
         inactive_timeout_s: timeout,
         managed: sa.boolean("managed")?,
         probe: Probe {
-            kind: sa
-                .string_max("probetype", MAX_PROBE_TYPE)?
-                .unwrap_or("")
-                .to_string(),
+            kind: probe_kind,
             port: probe_port,
             request: sa
                 .string_max("probereq", MAX_TEXT)?
@@ -447,8 +457,12 @@ pub fn parse_rule(body: &[u8]) -> Result<RuleSpec, FieldError> {
                 .string_max("proberesp", MAX_TEXT)?
                 .unwrap_or("")
                 .to_string(),
-            interval_s: sa.int("probeTimeout", 0, i64::from(u32::MAX))?.unwrap_or(0) as u32,
-            retries: sa.int("probeRetries", 0, i64::from(u32::MAX))?.unwrap_or(0) as u32,
+            interval_s: sa
+                .int("probeTimeout", 0, i64::from(MAX_PROBE_INTERVAL_S))?
+                .unwrap_or(0) as u32,
+            retries: sa
+                .int("probeRetries", 0, i64::from(MAX_PROBE_RETRIES))?
+                .unwrap_or(0) as u32,
         },
         security: sa.int("security", 0, i64::from(u32::MAX))?.unwrap_or(0) as u32,
         name: sa.string_max("name", MAX_TEXT)?.unwrap_or("").to_string(),
@@ -540,6 +554,7 @@ pub fn parse_rule(body: &[u8]) -> Result<RuleSpec, FieldError> {
             }
         }
     }
+    check_probe(&sa, &service, protocol, port, &endpoints)?;
     Ok(RuleSpec {
         key: RuleKey {
             external_ip,
@@ -553,6 +568,45 @@ pub fn parse_rule(body: &[u8]) -> Result<RuleSpec, FieldError> {
         endpoints,
         oper,
     })
+}
+
+/// Probe fields that cannot be probed: a port given to a probe without one, or no port at all
+/// for one that needs it.
+fn check_probe(
+    sa: &Obj<'_>,
+    service: &Service,
+    protocol: Protocol,
+    port: u16,
+    endpoints: &[EndpointSpec],
+) -> Result<(), FieldError> {
+    let explicit = ProbeKind::from_name(&service.probe.kind);
+    if let Some(k) = explicit
+        && !k.has_port()
+        && service.probe.port != 0
+    {
+        return Err(FieldError::new(
+            sa.field("probeport"),
+            format!("a {} probe has no port; leave it 0", k.name()),
+        ));
+    }
+    let Some(kind) = service.probe_kind(protocol) else {
+        return Ok(());
+    };
+    if !kind.has_port() {
+        return Ok(());
+    }
+    for (i, e) in endpoints.iter().enumerate() {
+        if service.probe_port(port, e) == 0 {
+            return Err(FieldError::new(
+                sa.field("probeport"),
+                format!(
+                    "a {} probe needs a port: probeport, endpoints[{i}].targetPort and the rule's port are all 0",
+                    kind.name()
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 // --- replies (loxilb spelling) ----------------------------------------------------------------
@@ -811,6 +865,28 @@ mod tests {
             (
                 &base(r#""externalIP":"1.2.3.4","port":80,"protocol":"sctp""#, ep),
                 "serviceArguments.protocol: sctp is not supported",
+            ),
+            (
+                &base(r#""externalIP":"1.2.3.4","port":80,"probetype":"smtp""#, ep),
+                "serviceArguments.probetype: unknown probe type 'smtp'",
+            ),
+            (
+                &base(r#""externalIP":"1.2.3.4","port":80,"probeRetries":-1"#, ep),
+                "serviceArguments.probeRetries: must be 0..=100",
+            ),
+            (
+                &base(
+                    r#""externalIP":"1.2.3.4","port":80,"probeTimeout":3601"#,
+                    ep,
+                ),
+                "serviceArguments.probeTimeout: must be 0..=3600",
+            ),
+            (
+                &base(
+                    r#""externalIP":"1.2.3.4","port":80,"probetype":"ping","probeport":8080"#,
+                    ep,
+                ),
+                "serviceArguments.probeport: a ping probe has no port",
             ),
             (
                 &base(r#""externalIP":"1.2.3.4","port":80,"bgp":"yes""#, ep),

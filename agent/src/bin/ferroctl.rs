@@ -37,10 +37,10 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Show rules (lb), connections (ct), the HA state (ha), BFD sessions (bfd), BGP
-    /// neighbours (bgp) or originated BGP routes (bgp routes).
+    /// Show rules (lb), connections (ct), endpoint probes (ep), the HA state (ha), BFD
+    /// sessions (bfd), BGP neighbours (bgp) or originated BGP routes (bgp routes).
     Get {
-        #[arg(value_parser = ["lb", "ct", "ha", "bfd", "bgp"])]
+        #[arg(value_parser = ["lb", "ct", "ep", "ha", "bfd", "bgp"])]
         what: String,
         /// `routes` after `bgp`.
         #[arg(value_parser = ["routes"])]
@@ -302,6 +302,47 @@ fn lb_table(v: &Value) -> String {
     )
 }
 
+fn ep_table(v: &Value) -> String {
+    let rows = v["Attr"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            vec![
+                s(&e["hostName"]),
+                s(&e["name"]),
+                s(&e["probeType"]),
+                e["probePort"].to_string(),
+                format!("{}s x{}", e["probeDuration"], e["inactiveReTries"]),
+                s(&e["currState"]),
+                format!(
+                    "{}/{}/{}",
+                    s(&e["minDelay"]),
+                    s(&e["avgDelay"]),
+                    s(&e["maxDelay"])
+                ),
+                match &e["lastError"] {
+                    Value::String(x) => x.clone(),
+                    _ => "-".into(),
+                },
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "HOST",
+            "NAME",
+            "PROBE",
+            "PORT",
+            "EVERY",
+            "STATE",
+            "MIN/AVG/MAX",
+            "LAST ERROR",
+        ],
+        rows,
+    )
+}
+
 fn ct_table(v: &Value) -> String {
     let rows = v["ctAttr"]
         .as_array()
@@ -558,6 +599,7 @@ fn main() -> Result<()> {
             let path = match what.as_str() {
                 "lb" => "/config/loadbalancer/all",
                 "ct" => "/config/conntrack/all",
+                "ep" => "/config/endpoint/all",
                 "bfd" => "/config/bfd/all",
                 "bgp" if routes => "/config/bgp/routes",
                 "bgp" => "/config/bgp/neigh/all",
@@ -572,6 +614,7 @@ fn main() -> Result<()> {
                     match what.as_str() {
                         "lb" => lb_table(&v),
                         "ct" => ct_table(&v),
+                        "ep" => ep_table(&v),
                         "bfd" => bfd_table(&v),
                         "bgp" if routes => bgp_routes_table(&v),
                         "bgp" => bgp_table(&v),

@@ -256,6 +256,7 @@ impl TryFrom<DiskRule> for Rule {
                     },
                     slot: e.slot,
                     snat: e.snat,
+                    down: false,
                 })
                 .collect(),
             id: r.id,
