@@ -375,29 +375,35 @@ pub struct RuleSpec {
     pub oper: Oper,
 }
 
+/// A full-NAT round-robin service for tests, probing as asked.
+#[cfg(test)]
+pub(crate) fn test_service(monitor: bool, kind: &str) -> Service {
+    Service {
+        selection: Selection::RoundRobin,
+        nat: NatMode::FullNat,
+        bgp: false,
+        monitor,
+        inactive_timeout_s: 0,
+        managed: false,
+        probe: Probe {
+            kind: kind.into(),
+            ..Probe::default()
+        },
+        security: 0,
+        name: String::new(),
+        private_ip: String::new(),
+        proxy_protocol_v2: false,
+        egress: false,
+        snat: false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn service(monitor: bool, kind: &str) -> Service {
-        Service {
-            selection: Selection::RoundRobin,
-            nat: NatMode::FullNat,
-            bgp: false,
-            monitor,
-            inactive_timeout_s: 0,
-            managed: false,
-            probe: Probe {
-                kind: kind.into(),
-                ..Probe::default()
-            },
-            security: 0,
-            name: String::new(),
-            private_ip: String::new(),
-            proxy_protocol_v2: false,
-            egress: false,
-            snat: false,
-        }
+        test_service(monitor, kind)
     }
 
     #[test]

@@ -122,7 +122,7 @@ fn obj(body: &[u8]) -> Result<serde_json::Map<String, Value>, FieldError> {
     super::models::body_object(body)
 }
 
-fn uint(
+pub(super) fn uint(
     o: &serde_json::Map<String, Value>,
     name: &str,
     max: u64,

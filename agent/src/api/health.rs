@@ -13,6 +13,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
+use super::bgp::uint;
 use super::models::{FieldError, field as get};
 use super::{ApiError, Shared};
 use crate::health::Forced;
@@ -45,21 +46,6 @@ fn string<'a>(
         }
         Some(Value::String(s)) => Ok(Some(s)),
         Some(_) => Err(FieldError::new(name, "must be a string")),
-    }
-}
-
-fn uint(
-    o: &serde_json::Map<String, Value>,
-    name: &str,
-    max: u64,
-) -> Result<Option<u64>, FieldError> {
-    match get(o, name) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) => match n.as_u64() {
-            Some(v) if v <= max => Ok(Some(v)),
-            _ => Err(FieldError::new(name, format!("must be 0..={max}, got {n}"))),
-        },
-        Some(_) => Err(FieldError::new(name, "must be an integer")),
     }
 }
 

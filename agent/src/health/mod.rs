@@ -260,7 +260,7 @@ impl Tracker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{EndpointSpec, Oper, Probe, RuleKey, RuleSpec, Selection, Service};
+    use crate::model::{EndpointSpec, Oper, RuleKey, RuleSpec, Selection, Service};
 
     fn timing(fall: u32, rise: u32) -> Timing {
         Timing {
@@ -333,20 +333,8 @@ mod tests {
             service: Service {
                 selection: Selection::Hash,
                 nat,
-                bgp: false,
-                monitor,
                 inactive_timeout_s: 1800,
-                managed: false,
-                probe: Probe {
-                    kind: kind.into(),
-                    ..Probe::default()
-                },
-                security: 0,
-                name: String::new(),
-                private_ip: String::new(),
-                proxy_protocol_v2: false,
-                egress: false,
-                snat: false,
+                ..crate::model::test_service(monitor, kind)
             },
             endpoints: eps
                 .iter()
