@@ -97,6 +97,7 @@ fn attach_new(dp: &mut Datapath, cfg: &Config, done: &mut BTreeMap<String, u32>)
         match dp.attach(&iface) {
             Ok(()) => {
                 info!(iface, index, "datapath attached (TC ingress)");
+                crate::forwarding::ensure(&iface, !cfg.flags.no_forwarding_sysctl);
                 done.insert(iface, index);
             }
             Err(e) => warn!(iface, error = %e, "cannot attach datapath"),
@@ -212,10 +213,13 @@ struct Loaded {
 /// Stage 1: the datapath (purging other layouts), the HA table, the saved rules.
 fn load_datapath(cfg: &Config, bus: &RoleBus) -> Result<Loaded> {
     let dir = pin_dir(cfg)?;
+    match ferrolb_bpf::ensure_bpffs(&dir) {
+        Ok(mounted_here) => crate::pins::check(mounted_here, &dir),
+        Err(e) => warn!(error = %e, "cannot mount bpffs"),
+    }
     // A datapath of another layout (an upgrade) cannot be adopted, and its program would stay
     // attached beside ours: remove it.
     if cfg.flags.bpf_pin_dir.is_none() {
-        let _ = ferrolb_bpf::ensure_bpffs(&dir);
         for old in ferrolb_bpf::other_layouts(&dir) {
             match ferrolb_bpf::purge(&old) {
                 Ok(n) => warn!(
@@ -717,7 +721,11 @@ pub async fn run(cfg: Config) -> Result<()> {
     let engine = EngineHandle::spawn(engine).context("start the rule engine's thread")?;
     let bfd = Bfd::start(&cfg).await?.map(Arc::new);
     let bgp = if cfg.flags.bgp {
-        Some(Bgp::start(&cfg.flags.config_path, bfd.clone()).await?)
+        let defaults = crate::bgp::BfdDefaults {
+            interval_us: cfg.flags.bgp_bfd_interval_ms.saturating_mul(1000),
+            multiplier: cfg.flags.bgp_bfd_multiplier,
+        };
+        Some(Bgp::start(&cfg.flags.config_path, bfd.clone(), defaults).await?)
     } else {
         None
     };

@@ -66,6 +66,7 @@ impl BfdSpec {
                 required_min_rx_us: self.interval_us,
                 detect_mult: self.retry_count,
                 auth,
+                passive: false,
             },
         })
     }
@@ -167,6 +168,7 @@ impl Bfd {
                     required_min_rx_us: ka.interval_us,
                     detect_mult: 3,
                     auth: None,
+                    passive: false,
                 },
             };
             handle
@@ -239,32 +241,53 @@ impl Bfd {
         Ok(())
     }
 
-    /// A session to a BGP neighbour (100 ms x 3) unless one exists already.
-    pub async fn ensure_session(&self, peer: IpAddr, instance: &str) {
-        if self
-            .handle
-            .list()
-            .await
-            .is_ok_and(|l| l.iter().any(|p| p.peer == peer))
-        {
-            return;
-        }
-        let source = match crate::vip::source_toward(peer).await {
-            Ok(s) => s,
+    /// A session of `instance` (BGP's) to `peer` with `session`'s timers and role: created,
+    /// or changed when it is already `instance`'s. A session of another owner (`/config/bfd`,
+    /// `--ka`) to that peer is left alone: it serves.
+    pub async fn ensure_session(&self, peer: IpAddr, instance: &str, session: SessionConfig) {
+        let existing = match self.handle.list().await {
+            Ok(l) => l.into_iter().find(|p| p.peer == peer),
             Err(e) => {
-                warn!(%peer, error = %e, "no source address for BFD to the BGP neighbour");
+                warn!(%peer, error = %e, "BFD for the BGP neighbour: BFD is not running");
                 return;
             }
         };
+        let local = match existing {
+            Some(p) if p.instance != instance => return,
+            Some(p) if p.status.config == session => return,
+            Some(p) => p.local.ip(),
+            None => match crate::vip::source_toward(peer).await {
+                Ok(s) => s,
+                Err(e) => {
+                    warn!(%peer, error = %e, "no source address for BFD to the BGP neighbour");
+                    return;
+                }
+            },
+        };
+        let passive = session.passive;
+        let interval_us = session.desired_min_tx_us;
         let pc = PeerConfig {
             peer,
-            local: source,
+            local,
             instance: instance.into(),
-            session: SessionConfig::default(),
+            session,
         };
         match self.handle.upsert(pc).await {
-            Ok(_) => info!(%peer, "BFD for the BGP neighbour"),
+            Ok(_) => info!(%peer, passive, interval_us, "BFD for the BGP neighbour"),
             Err(e) => warn!(%peer, error = %e, "BFD for the BGP neighbour failed"),
+        }
+    }
+
+    /// Removes the session to `peer` if `instance` made it (not one of `/config/bfd` or
+    /// `--ka`).
+    pub async fn remove_owned(&self, peer: IpAddr, instance: &str) {
+        let ours = self
+            .handle
+            .list()
+            .await
+            .is_ok_and(|l| l.iter().any(|p| p.peer == peer && p.instance == instance));
+        if ours && !self.keepalive_peers.contains(&peer) {
+            let _ = self.handle.remove(peer).await;
         }
     }
 

@@ -28,6 +28,8 @@ use crate::rules::RuleSet;
 use crate::store::{StoreError, save_document};
 
 pub const BGP_FILE: &str = "bgp.json";
+/// The instance name of the BFD sessions BGP neighbours get.
+pub const BGP_BFD_INSTANCE: &str = "bgp";
 pub const BACKUP_PREPEND: u8 = 3;
 pub const BACKUP_MED: u32 = 200;
 
@@ -37,7 +39,10 @@ pub struct NeighSpec {
     pub remote_as: u32,
     pub remote_port: u16,
     pub hold_time_s: u16,
-    pub bfd: bool,
+    /// BFD with this neighbour: `None` (the body said nothing: kube-loxilb's) is a Passive
+    /// session, answering a neighbour that runs BFD; `Some(true)` an active one; `Some(false)`
+    /// none. Files of earlier versions said `false` for "nothing" and keep meaning none.
+    pub bfd: Option<bool>,
     #[serde(default)]
     pub password: Option<String>,
     #[serde(default)]
@@ -53,6 +58,79 @@ pub struct BgpConfig {
     pub neighbors: BTreeMap<IpAddr, NeighSpec>,
     #[serde(default)]
     pub policy: RoutePolicy,
+    /// BFD timers of neighbours' sessions (`bfdInterval` µs, `bfdRetryCount` of
+    /// `POST /config/bgp/global`); unset: the flags' (`--bgp-bfd-interval-ms`,
+    /// `--bgp-bfd-multiplier`).
+    #[serde(default)]
+    pub bfd_interval_us: Option<u32>,
+    #[serde(default)]
+    pub bfd_multiplier: Option<u8>,
+}
+
+/// How a neighbour's BFD session runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BfdMode {
+    Off,
+    Passive,
+    Active,
+}
+
+impl NeighSpec {
+    pub fn bfd_mode(&self) -> BfdMode {
+        match self.bfd {
+            None => BfdMode::Passive,
+            Some(true) => BfdMode::Active,
+            Some(false) => BfdMode::Off,
+        }
+    }
+}
+
+/// The BFD timers of neighbours' sessions when `bgp.json` sets none (from the flags).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BfdDefaults {
+    pub interval_us: u32,
+    pub multiplier: u8,
+}
+
+impl Default for BfdDefaults {
+    fn default() -> Self {
+        BfdDefaults {
+            interval_us: 100_000,
+            multiplier: 3,
+        }
+    }
+}
+
+/// The session a neighbour in `mode` gets (None: no session). Pure.
+pub fn neighbor_bfd(
+    mode: BfdMode,
+    c: &BgpConfig,
+    d: BfdDefaults,
+) -> Option<ferrolb_bfd::SessionConfig> {
+    let interval = c.bfd_interval_us.unwrap_or(d.interval_us);
+    Some(ferrolb_bfd::SessionConfig {
+        desired_min_tx_us: interval,
+        required_min_rx_us: interval,
+        detect_mult: c.bfd_multiplier.unwrap_or(d.multiplier),
+        auth: None,
+        passive: match mode {
+            BfdMode::Off => return None,
+            BfdMode::Passive => true,
+            BfdMode::Active => false,
+        },
+    })
+}
+
+/// Whether a BFD Down of a neighbour's session resets its BGP session: when the session had
+/// been Up (this follower saw it), or, for an active session, when nothing is known (a lagged
+/// event stream: the Down may follow an Up that was dropped). A passive session toward a
+/// neighbour that does not run BFD is Down from the start and never resets anything. Pure.
+pub fn bfd_down_resets(mode: BfdMode, seen_up: bool) -> bool {
+    match mode {
+        BfdMode::Off => false,
+        BfdMode::Passive => seen_up,
+        BfdMode::Active => true,
+    }
 }
 
 /// Attributes of originated routes (set with `POST /config/bgp/global`, ferrolb's fields).
@@ -181,6 +259,7 @@ pub struct Bgp {
     dir: PathBuf,
     config: Mutex<BgpConfig>,
     bfd: Option<Arc<Bfd>>,
+    bfd_defaults: BfdDefaults,
     /// The configuration changed (policy): routes are recomputed.
     dirty: tokio::sync::Notify,
 }
@@ -201,13 +280,18 @@ fn load(dir: &std::path::Path) -> anyhow::Result<BgpConfig> {
 
 impl Bgp {
     /// Loads the saved configuration, applies it to a new speaker and listens on TCP 179.
-    pub async fn start(dir: &std::path::Path, bfd: Option<Arc<Bfd>>) -> anyhow::Result<Arc<Bgp>> {
+    pub async fn start(
+        dir: &std::path::Path,
+        bfd: Option<Arc<Bfd>>,
+        bfd_defaults: BfdDefaults,
+    ) -> anyhow::Result<Arc<Bgp>> {
         let config = load(dir)?;
         let bgp = Arc::new(Bgp {
             speaker: Speaker::new(),
             dir: dir.to_path_buf(),
             config: Mutex::new(config.clone()),
             bfd,
+            bfd_defaults,
             dirty: tokio::sync::Notify::new(),
         });
         if let (Some(a), Some(r)) = (config.local_as, config.router_id) {
@@ -223,8 +307,8 @@ impl Bgp {
         if let Err(e) = bgp.speaker.listen(179).await {
             warn!(error = %e, "cannot listen on TCP 179: passive BGP neighbours will not come up");
         }
-        for n in config.neighbors.values().filter(|n| n.bfd) {
-            bgp.ensure_bfd(n.address).await;
+        for n in config.neighbors.values() {
+            bgp.ensure_bfd(n, &config).await;
         }
         info!("BGP speaker enabled");
         Ok(bgp)
@@ -247,19 +331,33 @@ impl Bgp {
         local_as: u32,
         router_id: Ipv4Addr,
         policy: RoutePolicy,
+        bfd_timers: (Option<u32>, Option<u8>),
     ) -> Result<(), BgpError> {
         let mut c = self.config.lock().await;
         let mut next = c.clone();
         next.local_as = Some(local_as);
         next.router_id = Some(router_id);
         next.policy = policy;
+        if let Some(i) = bfd_timers.0 {
+            next.bfd_interval_us = Some(i);
+        }
+        if let Some(m) = bfd_timers.1 {
+            next.bfd_multiplier = Some(m);
+        }
+        let timers_changed =
+            (next.bfd_interval_us, next.bfd_multiplier) != (c.bfd_interval_us, c.bfd_multiplier);
         self.save(&next, false).await?;
-        *c = next;
+        *c = next.clone();
         self.speaker.set_global(GlobalConfig {
             local_as,
             router_id,
         });
         drop(c);
+        if timers_changed {
+            for n in next.neighbors.values() {
+                self.ensure_bfd(n, &next).await;
+            }
+        }
         self.dirty.notify_one();
         Ok(())
     }
@@ -273,12 +371,10 @@ impl Bgp {
         let mut next = c.clone();
         next.neighbors.insert(spec.address, spec.clone());
         self.save(&next, false).await?;
-        *c = next;
+        *c = next.clone();
         self.speaker.upsert_neighbor(neighbor_config(&spec));
         drop(c);
-        if spec.bfd {
-            self.ensure_bfd(spec.address).await;
-        }
+        self.ensure_bfd(&spec, &next).await;
         Ok(())
     }
 
@@ -306,18 +402,26 @@ impl Bgp {
         *c = next;
         self.speaker.remove_neighbor(address);
         drop(c);
-        if n.bfd
-            && let Some(b) = &self.bfd
-        {
-            let _ = b.handle.remove(address).await;
+        if let Some(b) = &self.bfd {
+            b.remove_owned(address, BGP_BFD_INSTANCE).await;
         }
         Ok(())
     }
 
-    async fn ensure_bfd(&self, address: IpAddr) {
-        match &self.bfd {
-            Some(b) => b.ensure_session(address, "bgp").await,
-            None => warn!(%address, "BGP neighbour wants BFD but BFD is not running"),
+    /// Gives the neighbour the BFD session its mode asks for (or removes the one BGP made).
+    /// A session configured over `/config/bfd` or by `--ka` for the same address is left
+    /// as it is and serves the neighbour.
+    async fn ensure_bfd(&self, n: &NeighSpec, c: &BgpConfig) {
+        let mode = n.bfd_mode();
+        match (&self.bfd, neighbor_bfd(mode, c, self.bfd_defaults)) {
+            (Some(b), Some(session)) => {
+                b.ensure_session(n.address, BGP_BFD_INSTANCE, session).await
+            }
+            (Some(b), None) => b.remove_owned(n.address, BGP_BFD_INSTANCE).await,
+            (None, Some(_)) if mode == BfdMode::Active => {
+                warn!(address = %n.address, "BGP neighbour wants BFD but BFD is not running")
+            }
+            (None, _) => {}
         }
     }
 
@@ -354,23 +458,36 @@ impl Bgp {
         }
     }
 
-    /// BFD Down on a neighbour with `bfd: true` tears its session down at once. A lagged
-    /// event stream re-reads every session: a missed Down is not lost.
+    /// BFD Down on a neighbour's session tears its BGP session down at once
+    /// ([`bfd_down_resets`]). A lagged event stream re-reads every session: a missed Down is
+    /// not lost.
     pub async fn follow_bfd(self: Arc<Self>) {
         let Some(b) = self.bfd.clone() else { return };
         let events = b.handle.subscribe();
         let me = self.clone();
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<IpAddr>();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(IpAddr, bool)>();
+        let b_resets = b.clone();
         let resets = async move {
-            while let Some(peer) = rx.recv().await {
-                let bfd_on = me
+            let mut seen_up: std::collections::HashSet<IpAddr> = b_resets
+                .states()
+                .await
+                .into_iter()
+                .filter_map(|(p, up)| up.then_some(p))
+                .collect();
+            while let Some((peer, up)) = rx.recv().await {
+                if up {
+                    seen_up.insert(peer);
+                    continue;
+                }
+                let was_up = seen_up.remove(&peer);
+                let mode = me
                     .config
                     .lock()
                     .await
                     .neighbors
                     .get(&peer)
-                    .is_some_and(|n| n.bfd);
-                if bfd_on {
+                    .map_or(BfdMode::Off, NeighSpec::bfd_mode);
+                if bfd_down_resets(mode, was_up) {
                     me.speaker.reset_neighbor(peer, "BFD session down");
                 }
             }
@@ -383,9 +500,7 @@ impl Bgp {
                 async move { b.states().await }
             },
             move |peer, up| {
-                if !up {
-                    let _ = tx.send(peer);
-                }
+                let _ = tx.send((peer, up));
             },
         );
         tokio::join!(resets, watch);
@@ -455,6 +570,66 @@ impl Bgp {
 mod tests {
     use super::*;
     use crate::api::models::parse_rule;
+
+    fn neigh(bfd: Option<bool>) -> NeighSpec {
+        NeighSpec {
+            address: "192.0.2.1".parse().unwrap(),
+            remote_as: 65000,
+            remote_port: 179,
+            hold_time_s: 9,
+            bfd,
+            password: None,
+            ttl_security: false,
+            passive: false,
+        }
+    }
+
+    /// kube-loxilb's neighbour body has no BFD field: the neighbour gets a Passive session
+    /// at the flags' timers (or `bgp.json`'s); `"bfd": true` an active one; `false` none.
+    #[test]
+    fn neighbours_get_passive_bfd_unless_told_otherwise() {
+        let d = BfdDefaults {
+            interval_us: 100_000,
+            multiplier: 3,
+        };
+        let mut c = BgpConfig::default();
+        let s = neighbor_bfd(neigh(None).bfd_mode(), &c, d).unwrap();
+        assert!(s.passive);
+        assert_eq!(
+            (s.desired_min_tx_us, s.required_min_rx_us, s.detect_mult),
+            (100_000, 100_000, 3)
+        );
+        let s = neighbor_bfd(neigh(Some(true)).bfd_mode(), &c, d).unwrap();
+        assert!(!s.passive);
+        assert!(neighbor_bfd(neigh(Some(false)).bfd_mode(), &c, d).is_none());
+        c.bfd_interval_us = Some(50_000);
+        c.bfd_multiplier = Some(5);
+        let s = neighbor_bfd(BfdMode::Passive, &c, d).unwrap();
+        assert_eq!((s.desired_min_tx_us, s.detect_mult), (50_000, 5));
+    }
+
+    #[test]
+    fn saved_neighbours_of_earlier_versions_keep_their_bfd() {
+        let old = r#"{"address":"192.0.2.1","remote_as":65000,"remote_port":179,"hold_time_s":9,"bfd":false}"#;
+        let n: NeighSpec = serde_json::from_str(old).unwrap();
+        assert_eq!(n.bfd_mode(), BfdMode::Off);
+        let on = old.replace("false", "true");
+        let n: NeighSpec = serde_json::from_str(&on).unwrap();
+        assert_eq!(n.bfd_mode(), BfdMode::Active);
+        let none = serde_json::to_string(&neigh(None)).unwrap();
+        let n: NeighSpec = serde_json::from_str(&none).unwrap();
+        assert_eq!(n.bfd_mode(), BfdMode::Passive);
+    }
+
+    /// A passive session toward a ToR that does not run BFD stays Down: a re-read after a
+    /// lagged event stream must not reset that BGP session; one that was Up does.
+    #[test]
+    fn bfd_down_resets_only_sessions_that_were_up_or_are_active() {
+        assert!(!bfd_down_resets(BfdMode::Passive, false));
+        assert!(bfd_down_resets(BfdMode::Passive, true));
+        assert!(bfd_down_resets(BfdMode::Active, false));
+        assert!(!bfd_down_resets(BfdMode::Off, true));
+    }
 
     #[test]
     fn routes_follow_bgp_flag_and_roles() {

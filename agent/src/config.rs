@@ -163,6 +163,25 @@ pub struct Flags {
     /// frees the maps) and exit. Established flows stop being forwarded.
     #[arg(long)]
     pub remove_datapath: bool,
+
+    /// Leave the kernel's forwarding sysctls alone (hosts whose sysctls are managed
+    /// elsewhere). By default the agent turns `net.ipv4.conf.<if>.forwarding` and
+    /// `net.ipv6.conf.<if>.forwarding` on for every interface it attaches to, since the
+    /// datapath can forward only what the kernel would; with this flag it warns instead.
+    #[arg(long)]
+    pub no_forwarding_sysctl: bool,
+
+    /// BFD interval (transmit and receive, milliseconds) of the sessions BGP neighbours get
+    /// by default (passive unless the neighbour body says `"bfd": true`); `bfdInterval` in
+    /// `POST /config/bgp/global` overrides it.
+    #[arg(long, default_value_t = 100, value_name = "MS",
+          value_parser = clap::value_parser!(u32).range(10..=60_000))]
+    pub bgp_bfd_interval_ms: u32,
+
+    /// BFD detection multiplier of those sessions (`bfdRetryCount` overrides it).
+    #[arg(long, default_value_t = 3, value_name = "N",
+          value_parser = clap::value_parser!(u8).range(1..=255))]
+    pub bgp_bfd_multiplier: u8,
 }
 
 /// A parsed `--ka` entry.

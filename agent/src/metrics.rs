@@ -263,6 +263,21 @@ pub fn record(m: &Metrics, d: &DatapathSnapshot) {
             c(idx),
         );
     }
+    for (reason, idx) in [
+        ("no_route", Counter::FallbackNoRoute),
+        ("forwarding_disabled", Counter::FallbackFwdDisabled),
+        ("unreachable", Counter::FallbackUnreachable),
+        ("fragmentation_needed", Counter::FallbackFragNeeded),
+        ("ttl_exceeded", Counter::FallbackTtl),
+        ("other", Counter::FallbackOther),
+    ] {
+        counter(
+            "ferrolb_datapath_fallbacks_total",
+            "Rewritten packets the datapath handed to the kernel stack instead of forwarding them, by the FIB's reason (no_route: no unicast route, or a local destination; forwarding_disabled: forwarding is off on the ingress interface and the stack drops them). Service and endpoint statistics count only forwarded packets.",
+            &[("reason", s(reason))],
+            c(idx),
+        );
+    }
     counter(
         "ferrolb_conntrack_created_total",
         "Flows created by the datapath.",

@@ -213,6 +213,49 @@ fn silent_master_death_return_and_switchover() {
     ) else {
         return;
     };
+    // The lab's nodes start with forwarding off (a host as it comes): the agent turned it on
+    // for the interfaces it attached to.
+    for node in ["lb1", "lb2"] {
+        for iface in ["eth1", "eth2"] {
+            let v = lab
+                .exec_ok(
+                    node,
+                    &[
+                        "cat",
+                        &format!("/proc/sys/net/ipv4/conf/{iface}/forwarding"),
+                    ],
+                )
+                .unwrap();
+            assert_eq!(v.trim(), "1", "{node} {iface}");
+        }
+        let v = lab
+            .exec_ok(node, &["cat", "/proc/sys/net/ipv4/conf/all/forwarding"])
+            .unwrap();
+        assert_eq!(
+            v.trim(),
+            "0",
+            "{node}: only the attached interfaces forward"
+        );
+    }
+    // kube-loxilb's neighbour bodies carry no BFD field; the ToR runs `neighbor LB bfd`:
+    // its sessions come Up against ferrolb's passive ones, which fail over below.
+    lab.wait_until("the ToR's BFD sessions Up", Duration::from_secs(10), || {
+        let v = lab.vtysh_json("tor", "show bfd peers json")?;
+        let up = v.as_array().map_or(0, |a| {
+            a.iter()
+                .filter(|p| {
+                    p["status"] == "up"
+                        && p["peer"]
+                            .as_str()
+                            .is_some_and(|x| x.starts_with("192.0.2."))
+                })
+                .count()
+        });
+        Ok(up == 2)
+    })
+    .unwrap();
+    let (_, n) = rest(&lab, "lb1", "GET", "/config/bgp/neigh/all", None);
+    assert_eq!(n["bgpNeiAttr"][0]["bfd"], "passive", "{n}");
     let t = traffic_with_fault(
         &lab,
         VIP,

@@ -20,6 +20,10 @@ pub struct SessionConfig {
     pub required_min_rx_us: u32,
     pub detect_mult: u8,
     pub auth: Option<AuthConfig>,
+    /// The Passive role (§6.1): send nothing until the peer has been heard from (and again
+    /// nothing once it is forgotten after a detection timeout), then run as usual. For
+    /// peers that may or may not run BFD (a BGP neighbour): silence toward one that does not.
+    pub passive: bool,
 }
 
 impl Default for SessionConfig {
@@ -29,6 +33,7 @@ impl Default for SessionConfig {
             required_min_rx_us: 100_000,
             detect_mult: 3,
             auth: None,
+            passive: false,
         }
     }
 }
@@ -113,7 +118,7 @@ pub struct Session {
 }
 
 impl Session {
-    /// A session in Down, transmitting (we are always the active role).
+    /// A session in Down, transmitting unless it takes the Passive role.
     pub fn new(cfg: SessionConfig, local_discr: u32, seed: u32, now: Instant) -> Session {
         let mut s = Session {
             tx_in_use_us: cfg.desired_min_tx_us.max(SLOW_TX_US),
@@ -406,9 +411,11 @@ impl Session {
         if let Some(t) = self.next_tx
             && now >= t
         {
-            // §6.8.7: no periodic packets while the peer asks for none, and none in
-            // AdminDown once the peer knows (we keep sending: the peer learns it from them).
-            if self.remote_min_rx_us != 0 {
+            // §6.8.7: no periodic packets while the peer asks for none, none in the Passive
+            // role before the peer is known, and (we keep sending in AdminDown: the peer
+            // learns it from them).
+            let silent = self.cfg.passive && self.remote_discr == 0;
+            if self.remote_min_rx_us != 0 && !silent {
                 out.push(Action::Send(self.build(false)));
             }
             let iv = self.tx_interval_us().max(1);
@@ -494,7 +501,64 @@ mod tests {
             required_min_rx_us: rx_ms * 1000,
             detect_mult: mult,
             auth: None,
+            passive: false,
         }
+    }
+
+    fn passive(mut c: SessionConfig) -> SessionConfig {
+        c.passive = true;
+        c
+    }
+
+    /// §6.1 / §6.8.7: a Passive session toward a peer that never speaks sends nothing at
+    /// all (a BGP neighbour that does not run BFD sees no packets from us).
+    #[test]
+    fn a_passive_session_is_silent_until_the_peer_speaks() {
+        let mut p = Pair::new(passive(cfg(100, 100, 3)), cfg(100, 100, 3));
+        p.b_to_a = false;
+        // b's packets never reach a: a stays Down and silent.
+        p.run(Duration::from_millis(3000));
+        assert!(p.sent_a.is_empty(), "{:?}", p.sent_a);
+        assert_eq!(p.a.state(), State::Down);
+        assert!(p.changes.is_empty());
+    }
+
+    /// A Passive session answers an active peer: the three-way handshake completes from the
+    /// peer's first packet, both go Up at the fast timers, and after the peer falls silent
+    /// (detection timeout, remote discriminator forgotten) the passive side is silent again
+    /// until it hears from the peer, then comes back Up.
+    #[test]
+    fn a_passive_session_answers_an_active_peer_and_goes_quiet_after_it() {
+        let mut p = Pair::new(passive(cfg(100, 100, 3)), cfg(100, 100, 3));
+        p.run(Duration::from_millis(3000));
+        assert_eq!((p.a.state(), p.b.state()), (State::Up, State::Up));
+        let first = p.sent_a.first().unwrap();
+        assert_eq!(
+            first.1.state,
+            State::Init,
+            "a's first packet answers b's Down"
+        );
+        assert_ne!(first.1.your_discr, 0);
+        // b dies silently.
+        p.a_to_b = false;
+        p.b_to_a = false;
+        p.run(Duration::from_millis(600));
+        assert_eq!(p.a.state(), State::Down);
+        let cut = p.now;
+        let sent_before = p.sent_a.len();
+        p.a_to_b = true;
+        // A Down packet may go out at the moment of the change (telling the peer); after
+        // that, nothing while the peer is unknown.
+        p.run(Duration::from_millis(2000));
+        let after: Vec<_> = p.sent_a[sent_before..]
+            .iter()
+            .filter(|(t, _)| p.start + *t > cut)
+            .collect();
+        assert!(after.is_empty(), "{after:?}");
+        // b comes back.
+        p.b_to_a = true;
+        p.run(Duration::from_millis(3000));
+        assert_eq!((p.a.state(), p.b.state()), (State::Up, State::Up));
     }
 
     #[test]

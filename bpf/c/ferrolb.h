@@ -12,7 +12,7 @@
 #ifndef FERROLB_H
 #define FERROLB_H
 
-#define FLB_LAYOUT_VERSION 4
+#define FLB_LAYOUT_VERSION 5
 
 #define FLB_MAX_ENDPOINTS 32
 /* Lookup-table length per endpoint set: a prime, >= 100 x FLB_MAX_ENDPOINTS
@@ -85,7 +85,20 @@
  * toward that endpoint is filling up), and expired occupants of a port taken over. */
 #define FLB_CNT_NAT_HARD 11
 #define FLB_CNT_NAT_TAKEOVER 12
-#define FLB_CNT_MAX 13
+/* Rewritten packets handed to the kernel stack instead of being forwarded by the datapath,
+ * by the FIB's answer: no unicast route (none at all, or a local destination, which the
+ * stack then delivers); forwarding is disabled on the ingress interface (the stack drops
+ * them); an unreachable, blackhole or prohibit route or no source address; the egress MTU is
+ * too small (the stack sends the ICMP error); the TTL / hop limit would expire (the stack
+ * sends time-exceeded); anything else (lightweight tunnels, a failed header access, a
+ * lookup error). Only forwarded packets count in the service and endpoint statistics. */
+#define FLB_CNT_FALLBACK_NO_ROUTE 13
+#define FLB_CNT_FALLBACK_FWD_DISABLED 14
+#define FLB_CNT_FALLBACK_UNREACHABLE 15
+#define FLB_CNT_FALLBACK_FRAG_NEEDED 16
+#define FLB_CNT_FALLBACK_TTL 17
+#define FLB_CNT_FALLBACK_OTHER 18
+#define FLB_CNT_MAX 19
 
 /* Source-NAT ports (one-arm, full NAT; ICMP: echo identifiers): 1024..65535. */
 #define FLB_NAT_PORT_LO 1024

@@ -1099,22 +1099,48 @@ static __always_inline int xlate(struct __sk_buff *skb, struct pkt *p, struct fl
 	return xlate_ports(skb, p, v);
 }
 
+/* The counter for a FIB answer that is not a forwarding decision (FLB_CNT_FALLBACK_*). */
+static __always_inline __u32 fib_fallback(int rc)
+{
+	switch (rc) {
+	case BPF_FIB_LKUP_RET_NOT_FWDED:
+		return FLB_CNT_FALLBACK_NO_ROUTE;
+	case BPF_FIB_LKUP_RET_FWD_DISABLED:
+		return FLB_CNT_FALLBACK_FWD_DISABLED;
+	case BPF_FIB_LKUP_RET_BLACKHOLE:
+	case BPF_FIB_LKUP_RET_UNREACHABLE:
+	case BPF_FIB_LKUP_RET_PROHIBIT:
+	case BPF_FIB_LKUP_RET_NO_SRC_ADDR:
+		return FLB_CNT_FALLBACK_UNREACHABLE;
+	case BPF_FIB_LKUP_RET_FRAG_NEEDED:
+		return FLB_CNT_FALLBACK_FRAG_NEEDED;
+	default:
+		return FLB_CNT_FALLBACK_OTHER;
+	}
+}
+
 /* Forward a rewritten packet ourselves: the stack would drop a forwarded
  * packet whose source is one of our own addresses (the VIP in full-NAT, the
  * interface address in one-arm). Falls back to the stack when the FIB has
- * no forwarding answer (local delivery, no route, forwarding disabled). */
-static __always_inline int fwd(struct __sk_buff *skb, __u8 family)
+ * no forwarding answer (local delivery, no route, forwarding disabled), and
+ * counts why; `*served` says whether the datapath forwarded it. */
+static __always_inline int fwd(struct __sk_buff *skb, __u8 family, int *served)
 {
 	struct bpf_fib_lookup fib = {};
 	/* From the header read below: IPv4 TTL and protocol as one 16-bit word (for the
 	 * incremental checksum), or IPv6 hop limit in the first byte. */
 	__u8 ttl_proto[2];
+	*served = 0;
 	if (family == FLB_FAMILY_V6) {
 		struct ip6hdr_ ip6;
-		if (bpf_skb_load_bytes(skb, ETH_HLEN_, &ip6, sizeof(ip6)) < 0)
+		if (bpf_skb_load_bytes(skb, ETH_HLEN_, &ip6, sizeof(ip6)) < 0) {
+			count(FLB_CNT_FALLBACK_OTHER);
 			return TC_ACT_OK;
-		if (ip6.hop_limit <= 1)
+		}
+		if (ip6.hop_limit <= 1) {
+			count(FLB_CNT_FALLBACK_TTL);
 			return TC_ACT_OK; /* let the stack send time-exceeded */
+		}
 		fib.family = AF_INET6;
 		addr_cp(fib.ipv6_src, ip6.saddr);
 		addr_cp(fib.ipv6_dst, ip6.daddr);
@@ -1124,10 +1150,14 @@ static __always_inline int fwd(struct __sk_buff *skb, __u8 family)
 		ttl_proto[1] = 0;
 	} else {
 		struct iphdr ip;
-		if (bpf_skb_load_bytes(skb, ETH_HLEN_, &ip, sizeof(ip)) < 0)
+		if (bpf_skb_load_bytes(skb, ETH_HLEN_, &ip, sizeof(ip)) < 0) {
+			count(FLB_CNT_FALLBACK_OTHER);
 			return TC_ACT_OK;
-		if (ip.ttl <= 1)
+		}
+		if (ip.ttl <= 1) {
+			count(FLB_CNT_FALLBACK_TTL);
 			return TC_ACT_OK; /* let the stack send time-exceeded */
+		}
 		fib.family = AF_INET;
 		fib.ipv4_src = ip.saddr;
 		fib.ipv4_dst = ip.daddr;
@@ -1138,8 +1168,10 @@ static __always_inline int fwd(struct __sk_buff *skb, __u8 family)
 	}
 	fib.ifindex = skb->ingress_ifindex;
 	int rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
-	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH)
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH) {
+		count(fib_fallback(rc));
 		return TC_ACT_OK;
+	}
 	if (family == FLB_FAMILY_V6) {
 		/* Decrement the hop limit like a router (no header checksum in IPv6). */
 		ttl_proto[0] -= 1;
@@ -1152,12 +1184,18 @@ static __always_inline int fwd(struct __sk_buff *skb, __u8 family)
 		bpf_l3_csum_replace(skb, IP_CSUM_OFF, old, new, sizeof(new));
 		bpf_skb_store_bytes(skb, IP_TTL_OFF, ttl_proto, 1, 0);
 	}
-	count(FLB_CNT_REDIRECTED);
-	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
+		count(FLB_CNT_REDIRECTED);
+		*served = 1;
 		return bpf_redirect_neigh(fib.ifindex, 0, 0, 0);
+	}
 	if (bpf_skb_store_bytes(skb, 0, fib.dmac, ETH_ALEN, 0) < 0 ||
-	    bpf_skb_store_bytes(skb, ETH_ALEN, fib.smac, ETH_ALEN, 0) < 0)
+	    bpf_skb_store_bytes(skb, ETH_ALEN, fib.smac, ETH_ALEN, 0) < 0) {
+		count(FLB_CNT_FALLBACK_OTHER);
 		return TC_ACT_OK;
+	}
+	count(FLB_CNT_REDIRECTED);
+	*served = 1;
 	return bpf_redirect(fib.ifindex, 0);
 }
 
@@ -1232,7 +1270,8 @@ static __always_inline int icmp_err_v4(struct __sk_buff *skb, const struct pkt *
 	if (set_addr(skb, p, IP_DST_OFF, p->daddr[0], nsrc) < 0)
 		return TC_ACT_SHOT;
 	count(FLB_CNT_ICMP_ERR_XLATED);
-	return fwd(skb, FLB_FAMILY_V4);
+	int served;
+	return fwd(skb, FLB_FAMILY_V4, &served);
 }
 
 /* The same for ICMPv6 errors (destination unreachable, packet too big, time exceeded,
@@ -1275,7 +1314,8 @@ static __always_inline int icmp_err_v6(struct __sk_buff *skb, struct pkt *p)
 	if (set_addr6(skb, p, IP6_DST_OFF, p->daddr, nsrc) < 0)
 		return TC_ACT_SHOT;
 	count(FLB_CNT_ICMP_ERR_XLATED);
-	return fwd(skb, FLB_FAMILY_V6);
+	int served;
+	return fwd(skb, FLB_FAMILY_V6, &served);
 }
 
 /* L2 HA: a standby node keeps the VIPs on lo (so that taking over needs no address change)
@@ -1463,13 +1503,20 @@ int flb_ingress(struct __sk_buff *skb)
 	if (p.proto == IPPROTO_TCP && e != &ce &&
 	    ((p.tcp_flags & 0x07) || eff_state(e) < FLB_CT_EST))
 		tcp_track(&key, e, p.tcp_flags, now);
-	stats_add(&svc_stats, e->svc_id, p.len);
-	stats_add(&ep_stats, e->svc_id * FLB_MAX_ENDPOINTS + (e->ep_idx & (FLB_MAX_ENDPOINTS - 1)),
-		  p.len);
+	/* Read before the rewrite: `e` may be the stack copy or a map value a peer's sync
+	 * rewrites meanwhile; the counters are charged only for what goes on its way. */
+	__u32 svc_id = e->svc_id;
+	__u32 ep_slot = svc_id * FLB_MAX_ENDPOINTS + (e->ep_idx & (FLB_MAX_ENDPOINTS - 1));
 
 	if (xlate(skb, &p, e) < 0) {
 		count(FLB_CNT_DROP_MALFORMED);
 		return TC_ACT_SHOT;
 	}
-	return fwd(skb, p.family);
+	int served;
+	int verdict = fwd(skb, p.family, &served);
+	if (served) {
+		stats_add(&svc_stats, svc_id, p.len);
+		stats_add(&ep_stats, ep_slot, p.len);
+	}
+	return verdict;
 }

@@ -97,14 +97,14 @@ pub fn default_pin_dir(base: &Path) -> Result<PathBuf> {
 }
 
 /// Mounts bpffs on `/sys/fs/bpf` when the directory holding `dir` is not on one (a fresh
-/// machine or a lab node's private sysfs).
-pub fn ensure_bpffs(dir: &Path) -> Result<()> {
+/// machine or a lab node's private sysfs). True when this call mounted it.
+pub fn ensure_bpffs(dir: &Path) -> Result<bool> {
     let root = Path::new("/sys/fs/bpf");
     if !dir.starts_with(root) {
-        return Ok(());
+        return Ok(false);
     }
     if fs_magic(root)? == BPF_FS_MAGIC {
-        return Ok(());
+        return Ok(false);
     }
     info!("mounting bpffs on /sys/fs/bpf");
     let src = c"bpffs";
@@ -126,7 +126,7 @@ pub fn ensure_bpffs(dir: &Path) -> Result<()> {
             source: io::Error::last_os_error(),
         });
     }
-    Ok(())
+    Ok(true)
 }
 
 fn fs_magic(p: &Path) -> Result<i64> {
@@ -447,6 +447,30 @@ impl Datapath {
         let opts = aya::programs::TestRunOptions {
             data_in: Some(packet),
             data_out: Some(&mut out),
+            ..Default::default()
+        };
+        let r = prog.test_run(opts).map_err(|e| BpfError::Program {
+            context: "BPF_PROG_TEST_RUN".into(),
+            source: e,
+        })?;
+        out.truncate(r.data_size_out as usize);
+        Ok((r.return_value, out))
+    }
+
+    /// Like [`Datapath::test_run`], as if the packet had arrived on interface `ifindex` (the
+    /// FIB lookup then answers for that interface: its forwarding setting, its routes).
+    pub fn test_run_on(&mut self, packet: &[u8], ifindex: u32) -> Result<(u32, Vec<u8>)> {
+        let prog: &mut SchedClassifier = program(&mut self.ebpf)?;
+        let mut out = vec![0u8; packet.len() + 256];
+        // `struct __sk_buff` (192 bytes): ingress_ifindex at 36, ifindex at 40; the kernel
+        // refuses the other fields it does not let a test set unless they are zero.
+        let mut ctx = [0u8; 192];
+        ctx[36..40].copy_from_slice(&ifindex.to_ne_bytes());
+        ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+        let opts = aya::programs::TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            ctx_in: Some(&ctx),
             ..Default::default()
         };
         let r = prog.test_run(opts).map_err(|e| BpfError::Program {

@@ -7,7 +7,7 @@ use std::mem::{offset_of, size_of};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// The pinned-map layout version (`FLB_LAYOUT_VERSION`); part of the pin path.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 /// Endpoints per service (`FLB_MAX_ENDPOINTS`).
 pub const MAX_ENDPOINTS: usize = 32;
 /// Lookup-table length per endpoint set (`FLB_LUT_SIZE`, a prime).
@@ -115,9 +115,22 @@ pub enum Counter {
     NatHard = 11,
     /// Expired occupants of a source-NAT port (or of a reused 4-tuple's reply key) taken over.
     NatTakeover = 12,
+    /// Rewritten packets handed to the stack because the FIB has no unicast route for them
+    /// (none at all, or a local destination the stack then delivers).
+    FallbackNoRoute = 13,
+    /// ... because forwarding is disabled on the ingress interface: the stack drops them.
+    FallbackFwdDisabled = 14,
+    /// ... because of an unreachable, blackhole or prohibit route, or no source address.
+    FallbackUnreachable = 15,
+    /// ... because the egress MTU is smaller than the packet (the stack sends the ICMP error).
+    FallbackFragNeeded = 16,
+    /// ... because the TTL or hop limit would expire (the stack sends time-exceeded).
+    FallbackTtl = 17,
+    /// ... for any other reason (lightweight tunnels, a failed header access, lookup errors).
+    FallbackOther = 18,
 }
 
-pub const COUNTERS: usize = 13;
+pub const COUNTERS: usize = 19;
 
 /// `ha_flags` bit: L2 mode, not MASTER (ARP requests for VIPs are dropped).
 pub const HA_L2_STANDBY: u32 = 0x01;

@@ -3,7 +3,8 @@
 //! the builder computes from scratch, so an incremental-checksum mistake shows as a diff).
 //!
 //! Each test runs in a thread that has its own empty network namespace, so the program's FIB
-//! lookup finds no route and the verdict is TC_ACT_OK (no redirect, no TTL change).
+//! lookup finds no route and the verdict is TC_ACT_OK (no redirect, no TTL change); the
+//! forwarding test gives its namespace interfaces and routes ([`routed`]).
 #![allow(clippy::unwrap_used)]
 
 use std::net::Ipv4Addr;
@@ -380,15 +381,11 @@ fn dnat_rewrites_both_directions_and_tracks_tcp_states() {
     run(&mut dp, &tcp(ip(EP1, CLIENT, 6), 8080, 40000, RST, b""));
     assert_eq!(orig(&dp, 40000, 80, PROTO_TCP).state(), CtState::Close);
 
-    // SYN, SYN-ACK, ACK, data, FIN, FIN, SYN, RST.
-    let st = dp.service_stats(1);
-    assert_eq!(st.packets, 8);
-    assert_eq!(dp.endpoint_stats(1, 0).packets, 8);
-    // The batched reads (metrics) agree with the one-entry reads, in the order asked.
-    let (svc, eps) = dp.stats_many(&[1, 0, 1], &[(1, 1), (1, 0)]).unwrap();
-    assert_eq!(svc, vec![st, dp.service_stats(0), st]);
-    assert_eq!(eps, vec![dp.endpoint_stats(1, 1), dp.endpoint_stats(1, 0)]);
-    assert_eq!(eps[1].packets, 8);
+    // SYN, SYN-ACK, ACK, data, FIN, FIN, SYN, RST: translated, but this namespace has no
+    // interface to look a route up from, so the stack got them and none counts as served.
+    assert_eq!(dp.service_stats(1).packets, 0);
+    assert_eq!(dp.endpoint_stats(1, 0).packets, 0);
+    assert_eq!(dp.counters()[Counter::FallbackOther as usize], 8);
     // The chunked conntrack reader sees what the listing sees.
     let reader = dp.ct_reader().unwrap();
     let mut b = reader.batches(64);
@@ -959,4 +956,103 @@ fn a_standby_does_not_answer_arp_for_vips() {
     assert_eq!(dp.counters()[Counter::ArpSuppressed as usize], 1);
     dp.set_ha_flags(0).unwrap();
     assert_eq!(run(&mut dp, &vip), (TC_ACT_OK, vip.clone()));
+}
+
+/// Runs `args` (an `ip` command) in this test thread's namespace; panics with its output.
+fn ip_cmd(args: &[&str]) {
+    let out = std::process::Command::new("ip")
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "ip {args:?}: {out:?}");
+}
+
+fn set_forwarding(iface: &str, on: bool) {
+    std::fs::write(
+        format!("/proc/sys/net/ipv4/conf/{iface}/forwarding"),
+        if on { "1" } else { "0" },
+    )
+    .unwrap();
+}
+
+/// Gives this test's namespace a client-side interface `flb-in` (198.51.100.1/24, where
+/// packets arrive, forwarding as given) and an endpoint-side one `flb-out` (10.10.10.1/24,
+/// the endpoints on link), a veth pair, both up. Returns `flb-in`'s index.
+fn routed(forwarding: bool) -> u32 {
+    ip_cmd(&[
+        "link", "add", "flb-in", "type", "veth", "peer", "name", "flb-out",
+    ]);
+    ip_cmd(&["addr", "add", "198.51.100.1/24", "dev", "flb-in"]);
+    ip_cmd(&["addr", "add", "10.10.10.1/24", "dev", "flb-out"]);
+    ip_cmd(&["link", "set", "flb-in", "up"]);
+    ip_cmd(&["link", "set", "flb-out", "up"]);
+    set_forwarding("flb-in", forwarding);
+    nix::net::if_::if_nametoindex("flb-in").unwrap()
+}
+
+/// A host as it comes forwards nothing: the FIB answers "forwarding disabled" for a packet
+/// the datapath rewrote, the stack would drop it. The datapath counts each fallback by its
+/// reason and charges only forwarded packets to the service and the endpoint.
+#[test]
+fn fallbacks_to_the_stack_are_counted_by_reason() {
+    if !in_private_netns("fallbacks_to_the_stack_are_counted_by_reason") {
+        return;
+    }
+    const TC_ACT_REDIRECT: u32 = 7;
+    let ifx = routed(false);
+    let mut dp = datapath(0);
+    install(&mut dp, &svc(1, 80, PROTO_TCP, 0, 0));
+    let c = |dp: &Datapath, k: Counter| dp.counters()[k as usize];
+
+    let syn = tcp(ip(CLIENT, VIP, 6), 40000, 80, SYN, b"");
+    let (rc, out) = dp.test_run_on(&syn, ifx).unwrap();
+    assert_eq!(rc, TC_ACT_OK, "handed to the stack");
+    assert_eq!(out, tcp(ip(CLIENT, EP1, 6), 40000, 8080, SYN, b""));
+    assert_eq!(c(&dp, Counter::FallbackFwdDisabled), 1);
+    assert_eq!(c(&dp, Counter::Redirected), 0);
+    assert_eq!(dp.service_stats(1).packets, 0);
+    assert_eq!(dp.endpoint_stats(1, 0).packets, 0);
+
+    // Forwarding on: the same flow is forwarded (the endpoint is on link, its neighbour not
+    // yet resolved: redirect through the kernel's neighbour code) and counted as served.
+    set_forwarding("flb-in", true);
+    let data = tcp(ip(CLIENT, VIP, 6), 40000, 80, ACK, b"hello");
+    let (rc, out) = dp.test_run_on(&data, ifx).unwrap();
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    assert_eq!(out[22], 63, "TTL decremented like a router");
+    assert_eq!(c(&dp, Counter::Redirected), 1);
+    assert_eq!(c(&dp, Counter::FallbackFwdDisabled), 1);
+    let st = dp.endpoint_stats(1, 0);
+    assert_eq!((st.packets, st.bytes), (1, data.len() as u64));
+    assert_eq!(dp.service_stats(1), st);
+    // The batched reads (metrics) agree with the one-entry reads, in the order asked.
+    let (svcs, eps) = dp.stats_many(&[1, 0, 1], &[(1, 1), (1, 0)]).unwrap();
+    assert_eq!(svcs, vec![st, dp.service_stats(0), st]);
+    assert_eq!(eps, vec![dp.endpoint_stats(1, 1), st]);
+
+    // A TTL that would expire is left to the stack (it sends time-exceeded).
+    let mut h = ip(CLIENT, VIP, 6);
+    h.ttl = 1;
+    let (rc, _) = dp.test_run_on(&tcp(h, 40000, 80, ACK, b"x"), ifx).unwrap();
+    assert_eq!(rc, TC_ACT_OK);
+    assert_eq!(c(&dp, Counter::FallbackTtl), 1);
+
+    // An endpoint this node has no route to.
+    let mut lost = svc(2, 81, PROTO_TCP, 0, 0);
+    lost.eps = vec![(Ipv4Addr::new(192, 0, 2, 99), 8080, 1)];
+    install(&mut dp, &lost);
+    let (rc, _) = dp
+        .test_run_on(&tcp(ip(CLIENT, VIP, 6), 40001, 81, SYN, b""), ifx)
+        .unwrap();
+    assert_eq!(rc, TC_ACT_OK);
+    assert_eq!(c(&dp, Counter::FallbackNoRoute), 1);
+    // ... or whose route is unreachable.
+    ip_cmd(&["route", "add", "unreachable", "192.0.2.0/24"]);
+    let (rc, _) = dp
+        .test_run_on(&tcp(ip(CLIENT, VIP, 6), 40002, 81, SYN, b""), ifx)
+        .unwrap();
+    assert_eq!(rc, TC_ACT_OK);
+    assert_eq!(c(&dp, Counter::FallbackUnreachable), 1);
+    assert_eq!(dp.service_stats(2).packets, 0);
+    assert_eq!(c(&dp, Counter::Redirected), 1);
 }

@@ -93,12 +93,20 @@ pub fn up(test: &str, label: &str, ka: &str, ferrolb: &str) -> Option<TestLab> {
         let post =
             |path: &str, body: &Value| rest(&lab, node, "POST", path, Some(&body.to_string()));
         assert_eq!(post("/config/bgp/global", &g).0, 200);
-        // BFD to the ToR at the same interval as the keepalive (before the neighbour, which
-        // then uses this session).
-        let b = json!({"remoteIp": tor, "sourceIp": me, "interval": ms * 1000, "retryCount": 3});
-        assert_eq!(post("/config/bfd", &b).0, 200);
-        let n = json!({"ipAddress": tor, "remoteAs": 65000, "remotePort": 179, "setMultiHop": false, "bfd": true});
-        assert_eq!(post("/config/bgp/neigh", &n).0, 200);
+        if ms == 100 {
+            // kube-loxilb's neighbour body, no BFD field: the ToR (`neighbor ... bfd`) gets a
+            // passive session at the default 100 ms x 3.
+            let n = json!({"ipAddress": tor, "remoteAs": 65000, "remotePort": 179, "setMultiHop": false});
+            assert_eq!(post("/config/bgp/neigh", &n).0, 200);
+        } else {
+            // ferrolb's own fields: BFD to the ToR at the keepalive's interval (before the
+            // neighbour, which then uses this session), and an active session.
+            let b =
+                json!({"remoteIp": tor, "sourceIp": me, "interval": ms * 1000, "retryCount": 3});
+            assert_eq!(post("/config/bfd", &b).0, 200);
+            let n = json!({"ipAddress": tor, "remoteAs": 65000, "remotePort": 179, "setMultiHop": false, "bfd": true});
+            assert_eq!(post("/config/bgp/neigh", &n).0, 200);
+        }
         for (name, port, proto) in [("ha-tcp", 9000, "tcp"), ("ha-udp", 9001, "udp")] {
             let r = post(
                 "/config/loadbalancer",

@@ -16,7 +16,8 @@ use serde_json::{Value, json};
 
 use super::models::FieldError;
 use super::{ApiError, Shared};
-use crate::bgp::{Bgp, BgpError, NeighSpec, RoutePolicy};
+use crate::bgp::{BfdMode, Bgp, BgpError, NeighSpec, RoutePolicy};
+use ferrolb_bfd::runner::{MAX_INTERVAL_US, MIN_INTERVAL_US};
 
 fn bgp_error(e: BgpError) -> ApiError {
     let status = match &e {
@@ -209,12 +210,30 @@ pub async fn global(State(app): State<Shared>, body: Bytes) -> Result<Response, 
             "only 179 is supported (ferrolb connects actively)",
         )));
     }
+    let bfd_interval = uint(&o, "bfdInterval", u64::from(MAX_INTERVAL_US)).map_err(bad)?;
+    if let Some(i) = bfd_interval
+        && i < u64::from(MIN_INTERVAL_US)
+    {
+        return Err(bad(FieldError::new(
+            "bfdInterval",
+            format!("microseconds, {MIN_INTERVAL_US}..={MAX_INTERVAL_US}"),
+        )));
+    }
+    let bfd_mult = uint(&o, "bfdRetryCount", 255).map_err(bad)?;
+    if bfd_mult == Some(0) {
+        return Err(bad(FieldError::new("bfdRetryCount", "must be 1..=255")));
+    }
     let svc = service(&app)?;
     let mut policy = svc.config().await.policy;
     parse_policy(&o, &mut policy).map_err(bad)?;
-    svc.set_global(local_as as u32, router_id, policy)
-        .await
-        .map_err(bgp_error)?;
+    svc.set_global(
+        local_as as u32,
+        router_id,
+        policy,
+        (bfd_interval.map(|v| v as u32), bfd_mult.map(|v| v as u8)),
+    )
+    .await
+    .map_err(bgp_error)?;
     Ok(ok())
 }
 
@@ -266,8 +285,8 @@ pub async fn neigh(State(app): State<Shared>, body: Bytes) -> Result<Response, A
         )));
     }
     let bfd = match get(&o, "bfd") {
-        None => false,
-        Some(Value::Bool(b)) => *b,
+        None | Some(Value::Null) => None,
+        Some(Value::Bool(b)) => Some(*b),
         Some(_) => return Err(bad(FieldError::new("bfd", "must be true or false"))),
     };
     let svc = service(&app)?;
@@ -328,6 +347,13 @@ fn unix_s(t: Option<SystemTime>) -> u64 {
 /// `GET /config/bgp/neigh/all`.
 pub async fn list_neigh(State(app): State<Shared>) -> Result<Response, ApiError> {
     let svc = service(&app)?;
+    let bfd_modes: std::collections::BTreeMap<IpAddr, BfdMode> = svc
+        .config()
+        .await
+        .neighbors
+        .values()
+        .map(|n| (n.address, n.bfd_mode()))
+        .collect();
     let attr: Vec<Value> = svc
         .speaker
         .neighbors()
@@ -346,6 +372,11 @@ pub async fn list_neigh(State(app): State<Shared>) -> Result<Response, ApiError>
                 "treatAsWithdraw": n.treat_as_withdraw,
                 "lastError": n.last_error,
                 "localAddress": n.local.map(|a| a.ip().to_string()),
+                "bfd": bfd_modes.get(&n.config.address).map(|m| match m {
+                    BfdMode::Off => "off",
+                    BfdMode::Passive => "passive",
+                    BfdMode::Active => "active",
+                }),
             })
         })
         .collect();
