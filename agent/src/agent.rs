@@ -434,7 +434,13 @@ async fn start_ha(app: &Shared, ha: &Arc<Ha>, cfg: &Config, sup: &Supervisor) ->
     });
     // L2 mode: a node starts as a standby (no ARP answers for VIPs) until it is MASTER, and
     // follows the role bus from there.
-    if ha.cfg.l2 {
+    // Floating one-arm sources move the same way, with or without BGP.
+    let floating = app
+        .engine
+        .call(|e| !e.onearm_sources().is_empty())
+        .await
+        .unwrap_or(false);
+    if ha.cfg.l2 || floating {
         let app = app.clone();
         let h = ha.clone();
         sup.spawn("l2-follower", OnFailure::Restart, move || {
@@ -476,7 +482,8 @@ pub async fn l2_follow_role(app: &Shared, ha: &Arc<Ha>, was_master: bool) -> boo
                 .into_iter()
                 .filter(|(n, _)| attached.contains(n))
                 .collect();
-            let vips: Vec<std::net::IpAddr> = e.rules().vips().into_iter().collect();
+            let mut vips: Vec<std::net::IpAddr> = e.rules().vips().into_iter().collect();
+            vips.extend(e.onearm_sources());
             (ifaces, vips)
         })
         .await
@@ -718,6 +725,7 @@ pub async fn run(cfg: Config) -> Result<()> {
     if let Ok(mut done) = attached.lock() {
         attach_new(engine.datapath_mut(), &cfg, &mut done);
     }
+    engine.set_onearm_sources(cfg.onearm_sources.clone(), !cfg.cluster.is_empty());
     let engine = EngineHandle::spawn(engine).context("start the rule engine's thread")?;
     let bfd = Bfd::start(&cfg).await?.map(Arc::new);
     let bgp = if cfg.flags.bgp {

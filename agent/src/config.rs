@@ -171,6 +171,14 @@ pub struct Flags {
     #[arg(long)]
     pub no_forwarding_sysctl: bool,
 
+    /// One-arm source addresses that float with the MASTER role, `IP/PREFIX[,...]`: one-arm
+    /// rules translate traffic to endpoints inside PREFIX from IP (not from this node's own
+    /// interface address), so their flows survive a failover. IP goes on `lo` of every node;
+    /// only the MASTER answers ARP / neighbour solicitations for it and announces it on
+    /// takeover. Give every node of the cluster the same list.
+    #[arg(long, value_name = "IP/PREFIX[,...]")]
+    pub onearm_source: Option<String>,
+
     /// BFD interval (transmit and receive, milliseconds) of the sessions BGP neighbours get
     /// by default (passive unless the neighbour body says `"bfd": true`); `bfdInterval` in
     /// `POST /config/bgp/global` overrides it.
@@ -199,6 +207,8 @@ pub struct Config {
     pub cluster: Vec<IpAddr>,
     /// BFD sessions from `--ka`.
     pub keepalives: Vec<Keepalive>,
+    /// From `--onearm-source`.
+    pub onearm_sources: Vec<ipnet::IpNet>,
     pub whitelist: Option<Regex>,
     pub blacklist: Option<Regex>,
     pub log_filter: &'static str,
@@ -223,6 +233,30 @@ pub fn parse_cluster(s: &str) -> Result<Vec<IpAddr>> {
                 .map_err(|_| anyhow!("--cluster: '{p}' is not an IP address"))
         })
         .collect()
+}
+
+/// `--onearm-source`: `IP/PREFIX` items; the address must be a usable unicast address (not
+/// the prefix's network address unless the prefix is a single address).
+pub fn parse_onearm_sources(s: &str) -> Result<Vec<ipnet::IpNet>> {
+    let mut out: Vec<ipnet::IpNet> = Vec::new();
+    for item in s.split(',').map(str::trim) {
+        let net: ipnet::IpNet = item.parse().map_err(|_| {
+            anyhow!("--onearm-source: '{item}' is not IP/PREFIX (e.g. 10.10.10.100/24)")
+        })?;
+        let a = net.addr();
+        let unusable = a.is_unspecified()
+            || a.is_loopback()
+            || a.is_multicast()
+            || (net.prefix_len() < net.max_prefix_len() && a == net.network());
+        if unusable {
+            bail!("--onearm-source: {a} in '{item}' is not a usable unicast address");
+        }
+        if out.iter().any(|o| o.addr() == a) {
+            bail!("--onearm-source: {a} is given twice");
+        }
+        out.push(net);
+    }
+    Ok(out)
 }
 
 pub fn parse_ka(s: &str) -> Result<Vec<Keepalive>> {
@@ -332,9 +366,14 @@ impl Config {
         if flags.gc_interval == 0 {
             bail!("--gc-interval: must be at least 1 second");
         }
+        let onearm_sources = match &flags.onearm_source {
+            Some(s) => parse_onearm_sources(s)?,
+            None => Vec::new(),
+        };
         Ok(Config {
             flags,
             cluster,
+            onearm_sources,
             whitelist,
             blacklist,
             log_filter,
@@ -364,6 +403,34 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn onearm_sources_name_the_address_and_its_prefix() {
+        let v = parse_onearm_sources("10.10.10.100/24, fd00:10::100/64").unwrap();
+        assert_eq!(v[0].addr(), "10.10.10.100".parse::<IpAddr>().unwrap());
+        assert!(v[0].contains(&"10.10.10.11".parse::<IpAddr>().unwrap()));
+        assert!(v[1].contains(&"fd00:10::11".parse::<IpAddr>().unwrap()));
+        for bad in [
+            "10.10.10.100",
+            "10.10.10.0/24",
+            "0.0.0.0/0",
+            "127.0.0.2/8",
+            "224.0.0.1/24",
+            "10.0.0.1/24,10.0.0.1/16",
+            "x/24",
+        ] {
+            let e = parse_onearm_sources(bad).unwrap_err().to_string();
+            assert!(e.contains("--onearm-source"), "{bad}: {e}");
+        }
+        assert_eq!(
+            crate::lb::floating_source("10.10.10.12".parse().unwrap(), &v),
+            Some("10.10.10.100".parse().unwrap())
+        );
+        assert_eq!(
+            crate::lb::floating_source("10.20.0.1".parse().unwrap(), &v),
+            None
+        );
+    }
 
     fn cfg(args: &[&str]) -> Result<Config> {
         let mut v = vec!["ferrolb"];

@@ -250,6 +250,37 @@ pub struct Engine {
     flusher: Option<std::sync::mpsc::Sender<Flush>>,
     /// Endpoints the prober found dead or an operator forced down.
     health: crate::health::Verdicts,
+    /// One-arm source addresses that float with the MASTER role (`--onearm-source`).
+    onearm_sources: Vec<ipnet::IpNet>,
+    /// This node is in a cluster (`--cluster`): one-arm flows sourced from its own interface
+    /// address end at a failover.
+    in_cluster: bool,
+    /// One-arm rules already warned about that.
+    warned_onearm: BTreeSet<String>,
+}
+
+/// The warning of a one-arm rule in a cluster whose flows leave from a node's own address.
+pub const ONEARM_OWN_SOURCE: &str = "one-arm flows leave from this node's own interface address (no --onearm-source covers the endpoints): they end at a failover";
+
+/// What an operator should know about a rule: in a cluster, a one-arm rule with an endpoint
+/// translated from a node's own address (not a floating `--onearm-source`). Pure.
+pub fn rule_warnings(r: &Rule, sources: &[ipnet::IpNet], in_cluster: bool) -> Vec<String> {
+    let own = r.service.nat == NatMode::OneArm
+        && r.endpoints.iter().any(|e| {
+            e.snat
+                .is_some_and(|a| !sources.iter().any(|n| n.addr() == a))
+        });
+    if own && in_cluster {
+        vec![ONEARM_OWN_SOURCE.to_string()]
+    } else {
+        Vec::new()
+    }
+}
+
+/// The one-arm source of an endpoint: the floating address whose prefix holds it, if one
+/// does (the first of its family). Pure.
+pub fn floating_source(ep: IpAddr, sources: &[ipnet::IpNet]) -> Option<IpAddr> {
+    sources.iter().find(|n| n.contains(&ep)).map(|n| n.addr())
 }
 
 impl Engine {
@@ -281,7 +312,52 @@ impl Engine {
             rules_version: tokio::sync::watch::channel(0).0,
             flusher: None,
             health: crate::health::Verdicts::default(),
+            onearm_sources: Vec::new(),
+            in_cluster: false,
+            warned_onearm: BTreeSet::new(),
         })
+    }
+
+    /// Floating one-arm sources: each goes on `lo` and gets (empty) ranges entries, so that
+    /// the datapath treats it like a VIP: a BACKUP in L2 mode drops ARP requests for it and a
+    /// new MASTER announces it; mid-stream TCP to it that matches no flow is dropped, not
+    /// reset. Endpoints inside a source's prefix are translated from that address.
+    pub fn set_onearm_sources(&mut self, sources: Vec<ipnet::IpNet>, in_cluster: bool) {
+        for n in &sources {
+            let a = n.addr();
+            if let Err(e) = vip::add(a) {
+                warn!(address = %a, error = %e, "cannot put the one-arm source on lo");
+            }
+            let family = if a.is_ipv6() { 6 } else { 4 };
+            for proto in [
+                ferrolb_bpf::maps::PROTO_TCP,
+                ferrolb_bpf::maps::PROTO_UDP,
+                ferrolb_bpf::maps::PROTO_ICMP,
+            ] {
+                let key = ferrolb_bpf::maps::RangeKey {
+                    addr: ferrolb_bpf::maps::addr_words(a).0,
+                    proto,
+                    family,
+                    pad: 0,
+                };
+                if let Err(e) = self.dp.set_ranges(&key, &Default::default()) {
+                    warn!(address = %a, error = %e, "cannot mark the one-arm source in the datapath");
+                }
+            }
+            info!(source = %a, prefix = %n.trunc(), "one-arm source floats with the MASTER role");
+        }
+        self.onearm_sources = sources;
+        self.in_cluster = in_cluster;
+    }
+
+    /// What an operator should know about a rule (shown by `GET /config/loadbalancer/all`
+    /// and `ferroctl get lb`).
+    pub fn rule_warnings(&self, r: &Rule) -> Vec<String> {
+        rule_warnings(r, &self.onearm_sources, self.in_cluster)
+    }
+
+    pub fn onearm_sources(&self) -> Vec<IpAddr> {
+        self.onearm_sources.iter().map(|n| n.addr()).collect()
     }
 
     /// Conntrack flushes from now on go to `tx` (see [`spawn_flusher`]).
@@ -336,12 +412,27 @@ impl Engine {
             }
         }
         let mut change = self.rules.plan(spec, cap)?;
-        // One-arm needs each endpoint's source address (kept for endpoints that stay).
+        if self.onearm_sources.iter().any(|n| n.addr() == vip) {
+            return Err(RuleError::Invalid(FieldError::new(
+                "serviceArguments.externalIP",
+                format!("{vip} is a one-arm source address (--onearm-source), not a VIP"),
+            )));
+        }
+        // One-arm needs each endpoint's source address (kept for endpoints that stay): a
+        // floating one where configured, else the address of the interface toward it.
         if change.rule().service.nat == NatMode::OneArm {
+            let floating = self.onearm_sources.clone();
+            let mut own_address = false;
             for (i, e) in change.rule_mut().endpoints.iter_mut().enumerate() {
                 if e.snat.is_some() {
+                    own_address |= floating_source(e.spec.ip, &floating).is_none();
                     continue;
                 }
+                if let Some(src) = floating_source(e.spec.ip, &floating) {
+                    e.snat = Some(src);
+                    continue;
+                }
+                own_address = true;
                 let src = vip::source_toward_blocking(e.spec.ip).map_err(|err| {
                     RuleError::Invalid(FieldError::new(
                         format!("endpoints[{i}].endpointIP"),
@@ -349,6 +440,10 @@ impl Engine {
                     ))
                 })?;
                 e.snat = Some(src);
+            }
+            let name = change.rule().service.name.clone();
+            if own_address && self.in_cluster && self.warned_onearm.insert(name.clone()) {
+                warn!(rule = %name, "{ONEARM_OWN_SOURCE}");
             }
         }
         // Endpoints already known dead stay out of selection in the new version of the rule.
@@ -701,6 +796,40 @@ mod tests {
     const VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
     const EP: Ipv4Addr = Ipv4Addr::new(10, 10, 10, 11);
     const NOW: u64 = 1_000_000_000_000;
+
+    /// A one-arm rule in a cluster is flagged when an endpoint leaves from a node's own
+    /// address, not when every endpoint has a floating source; never outside a cluster, and
+    /// never for other modes.
+    #[test]
+    fn onearm_rules_sourced_from_the_node_are_flagged_in_a_cluster() {
+        let rs = RuleSet::default();
+        let body = |mode: u8| {
+            format!(
+                r#"{{"serviceArguments":{{"externalIP":"203.0.113.10","port":80,"mode":{mode},"name":"w"}},"endpoints":[{{"endpointIP":"10.10.10.11","targetPort":80}}]}}"#
+            )
+        };
+        let c = rs
+            .plan(
+                crate::api::models::parse_rule(body(1).as_bytes()).unwrap(),
+                16,
+            )
+            .unwrap();
+        let mut r = c.rule().clone();
+        let floating: Vec<ipnet::IpNet> = vec!["10.10.10.100/24".parse().unwrap()];
+        r.endpoints[0].snat = Some("10.10.10.2".parse().unwrap());
+        assert_eq!(rule_warnings(&r, &floating, true), vec![ONEARM_OWN_SOURCE]);
+        assert!(rule_warnings(&r, &floating, false).is_empty());
+        r.endpoints[0].snat = floating_source(r.endpoints[0].spec.ip, &floating);
+        assert_eq!(r.endpoints[0].snat, Some("10.10.10.100".parse().unwrap()));
+        assert!(rule_warnings(&r, &floating, true).is_empty());
+        let c = rs
+            .plan(
+                crate::api::models::parse_rule(body(2).as_bytes()).unwrap(),
+                16,
+            )
+            .unwrap();
+        assert!(rule_warnings(c.rule(), &[], true).is_empty());
+    }
 
     fn entry(dir: u8, mode: u8, idle_s: u64, flags: u8) -> Ct {
         Ct {

@@ -256,6 +256,47 @@ fn silent_master_death_return_and_switchover() {
     .unwrap();
     let (_, n) = rest(&lab, "lb1", "GET", "/config/bgp/neigh/all", None);
     assert_eq!(n["bgpNeiAttr"][0]["bfd"], "passive", "{n}");
+    // A one-arm rule on a node with no --onearm-source: accepted, and flagged (its flows
+    // leave from lb1's own address and would end at a failover).
+    let mut oa: serde_json::Value =
+        serde_json::from_str(&rule_on("203.0.113.77", false, "oa", 9000, "tcp")).unwrap();
+    oa["serviceArguments"]["mode"] = json!(1);
+    let (st, v) = rest(
+        &lab,
+        "lb1",
+        "POST",
+        "/config/loadbalancer",
+        Some(&oa.to_string()),
+    );
+    assert_eq!(st, 200, "{v}");
+    let (_, all) = rest(&lab, "lb1", "GET", "/config/loadbalancer/all", None);
+    let r = all["lbAttr"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["serviceArguments"]["externalIP"] == "203.0.113.77")
+        .unwrap();
+    assert!(
+        r["warnings"][0]
+            .as_str()
+            .unwrap()
+            .contains("end at a failover"),
+        "{r}"
+    );
+    assert_eq!(r["endpoints"][0]["snatIP"], "10.10.10.2", "{r}");
+    let out = lab.exec_ok("lb1", &[FERROCTL, "get", "lb"]).unwrap();
+    assert!(
+        out.contains("warning: 203.0.113.77:9000") && out.contains("end at a failover"),
+        "{out}"
+    );
+    let (st, _) = rest(
+        &lab,
+        "lb1",
+        "DELETE",
+        "/config/loadbalancer/externalipaddress/203.0.113.77/port/9000/protocol/tcp",
+        None,
+    );
+    assert_eq!(st, 200);
     let t = traffic_with_fault(
         &lab,
         VIP,
@@ -509,6 +550,7 @@ fn kill9_master_agent_then_it_rejoins_as_backup() {
 #[test]
 fn l2_silent_master_death_moves_the_vip_by_gratuitous_arp() {
     const L2_VIP6: &str = "2001:db8:10::50";
+    const L2_VIP_ONEARM: &str = "192.168.10.51";
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let Some(lab) = up_l2(
         "l2_silent_master_death_moves_the_vip_by_gratuitous_arp",
@@ -518,6 +560,22 @@ fn l2_silent_master_death_moves_the_vip_by_gratuitous_arp() {
     ) else {
         return;
     };
+    // A one-arm VIP (kube-loxilb's mode 1) on both nodes.
+    for node in ["lb1", "lb2"] {
+        for (name, port, proto) in [("l2oa-tcp", 9000, "tcp"), ("l2oa-udp", 9001, "udp")] {
+            let mut r: serde_json::Value =
+                serde_json::from_str(&rule_on(L2_VIP_ONEARM, false, name, port, proto)).unwrap();
+            r["serviceArguments"]["mode"] = json!(1);
+            let (st, v) = rest(
+                &lab,
+                node,
+                "POST",
+                "/config/loadbalancer",
+                Some(&r.to_string()),
+            );
+            assert_eq!(st, 200, "{v}");
+        }
+    }
     // The IPv6 VIP on the same segment (full NAT to the IPv6 backends), on both nodes.
     for node in ["lb1", "lb2"] {
         for (name, port, proto) in [("l2v6-tcp", 9000, "tcp"), ("l2v6-udp", 9001, "udp")] {
@@ -578,6 +636,21 @@ fn l2_silent_master_death_moves_the_vip_by_gratuitous_arp() {
         "l2death6",
         &["--tcp", "10", "--udp", "10", "--duration", "6"],
     );
+    let (_, all) = rest(&lab, "lb1", "GET", "/config/loadbalancer/all", None);
+    for r in all["lbAttr"].as_array().unwrap() {
+        assert!(r.get("warnings").is_none(), "{r}");
+        if r["serviceArguments"]["mode"] == 1 {
+            assert_eq!(r["endpoints"][0]["snatIP"], "10.10.10.100", "{r}");
+        }
+    }
+    // One-arm traffic too: its flows leave from the floating source 10.10.10.100
+    // (`--onearm-source`), which moves with the MASTER role.
+    start_traffic_to(
+        &lab,
+        L2_VIP_ONEARM,
+        "l2onearm",
+        &["--tcp", "10", "--udp", "10", "--duration", "6"],
+    );
     let t = traffic_with_fault(
         &lab,
         L2_VIP,
@@ -611,6 +684,17 @@ fn l2_silent_master_death_moves_the_vip_by_gratuitous_arp() {
     let outage6 = t6["summary"]["udp_outage_ms"].as_u64().unwrap();
     assert!(outage6 < 400, "IPv6 UDP outage {outage6} ms");
     assert_eq!(neighbour_mac(&lab, "client", L2_VIP6), Some(lb2_mac));
+    let toa = read_traffic(&lab, "l2onearm");
+    eprintln!("L2 silent death, one-arm: {}", toa["summary"]);
+    assert_all_survived(&toa, "L2 silent death, one-arm");
+    let outage = toa["summary"]["udp_outage_ms"].as_u64().unwrap();
+    assert!(outage < 400, "one-arm UDP outage {outage} ms");
+    // The backends now reach the floating source through lb2.
+    let lb2_backend_mac = mac_of(&lab, "lb2", "eth2");
+    assert_eq!(
+        neighbour_mac(&lab, "be1", "10.10.10.100"),
+        Some(lb2_backend_mac)
+    );
     lab.down().unwrap();
 }
 

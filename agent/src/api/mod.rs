@@ -243,15 +243,19 @@ async fn list_lb(State(app): State<Shared>) -> Result<Response, ApiError> {
                     .map(|r| {
                         let base = at;
                         at += r.endpoints.len();
-                        models::lb_entry(r, |slot| {
-                            let i = r.endpoints.iter().position(|ep| ep.slot == slot);
-                            match (&stats, i) {
-                                (Ok(s), Some(i)) => {
-                                    s.get(base + i).map_or((0, 0), |x| (x.packets, x.bytes))
+                        models::lb_entry(
+                            r,
+                            |slot| {
+                                let i = r.endpoints.iter().position(|ep| ep.slot == slot);
+                                match (&stats, i) {
+                                    (Ok(s), Some(i)) => {
+                                        s.get(base + i).map_or((0, 0), |x| (x.packets, x.bytes))
+                                    }
+                                    _ => e.endpoint_stats(r, slot),
                                 }
-                                _ => e.endpoint_stats(r, slot),
-                            }
-                        })
+                            },
+                            e.rule_warnings(r),
+                        )
                     })
                     .collect(),
             }

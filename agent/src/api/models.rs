@@ -46,7 +46,7 @@ pub fn parse_protocol(s: &str, field: &str) -> Result<Protocol, FieldError> {
 }
 
 /// A rule in loxilb's reply shape; `stats(slot)` gives an endpoint's (packets, bytes).
-pub fn lb_entry(r: &Rule, stats: impl Fn(u8) -> (u64, u64)) -> LbEntry {
+pub fn lb_entry(r: &Rule, stats: impl Fn(u8) -> (u64, u64), warnings: Vec<String>) -> LbEntry {
     let s = &r.service;
     LbEntry {
         service_arguments: LbServiceArgs {
@@ -90,9 +90,13 @@ pub fn lb_entry(r: &Rule, stats: impl Fn(u8) -> (u64, u64)) -> LbEntry {
                     weight: e.spec.weight,
                     state: if e.down { "inactive" } else { "active" }.into(),
                     counter: format!("{packets}:{bytes}"),
+                    snat_ip: (s.nat == NatMode::OneArm)
+                        .then(|| e.snat.map(|a| a.to_string()))
+                        .flatten(),
                 }
             })
             .collect(),
+        warnings,
     }
 }
 
@@ -655,6 +659,9 @@ pub struct LbEndpoint {
     pub weight: u16,
     pub state: String,
     pub counter: String,
+    /// ferrolb: the source address one-arm traffic to this endpoint leaves from.
+    #[serde(rename = "snatIP", default, skip_serializing_if = "Option::is_none")]
+    pub snat_ip: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -666,6 +673,10 @@ pub struct LbEntry {
     #[serde(rename = "allowedSources")]
     pub allowed_sources: Vec<Value>,
     pub endpoints: Vec<LbEndpoint>,
+    /// ferrolb: what an operator should know about this rule (e.g. one-arm flows that end
+    /// at a failover).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -1035,8 +1046,10 @@ mod tests {
             weight: 1,
             state: "active".into(),
             counter: "1:60".into(),
+            snat_ip: None,
         };
         let v = serde_json::to_value(&e).unwrap();
+        assert!(v.get("snatIP").is_none(), "only for one-arm endpoints");
         assert_eq!(v["endpointIP"], "1.1.1.1");
         assert_eq!(v["targetPort"], 80);
         assert_eq!(v["counter"], "1:60");

@@ -247,8 +247,18 @@ fn val(v: &Value) -> String {
 
 fn lb_table(v: &Value) -> String {
     let mut rows = Vec::new();
+    let mut notes = Vec::new();
     for r in v["lbAttr"].as_array().into_iter().flatten() {
         let a = &r["serviceArguments"];
+        for w in r["warnings"].as_array().into_iter().flatten() {
+            notes.push(format!(
+                "warning: {}:{} {}: {}",
+                s(&a["externalIP"]),
+                a["port"],
+                s(&a["name"]),
+                s(w)
+            ));
+        }
         let sel = a["sel"].as_u64().unwrap_or(0) as usize;
         let mode = a["mode"].as_u64().unwrap_or(0) as usize;
         let port = match a["portMax"].as_u64() {
@@ -285,7 +295,7 @@ fn lb_table(v: &Value) -> String {
             rows.push(row);
         }
     }
-    table(
+    let t = table(
         &[
             "VIP",
             "PORT",
@@ -299,7 +309,12 @@ fn lb_table(v: &Value) -> String {
             "PACKETS:BYTES",
         ],
         rows,
-    )
+    );
+    if notes.is_empty() {
+        t
+    } else {
+        format!("{t}{}\n", notes.join("\n"))
+    }
 }
 
 fn ep_table(v: &Value) -> String {
