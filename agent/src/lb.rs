@@ -346,6 +346,7 @@ impl Engine {
             }
             info!(source = %a, prefix = %n.trunc(), "one-arm source floats with the MASTER role");
         }
+        crate::health::set_floating_sources(sources.iter().map(|n| n.addr()).collect());
         self.onearm_sources = sources;
         self.in_cluster = in_cluster;
     }

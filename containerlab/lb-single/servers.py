@@ -5,6 +5,8 @@
   TCP   :9000  echo; each line comes back as "NAME <line>"
   UDP   :9001  each datagram -> {"backend": NAME, "peer": "ip:port", "data": ...}
 Each listens on IPv4 and, where the node has IPv6, on IPv6 too (peer "[ip6]:port").
+`--tcp P,P` / `--udp P,P` add IPv4 echo / UDP listeners on more ports (a Kubernetes node's
+NodePorts in the k8s-pair-l2 lab).
 """
 import http.server
 import json
@@ -13,7 +15,14 @@ import socketserver
 import sys
 import threading
 
-NAME = sys.argv[1] if len(sys.argv) > 1 else socket.gethostname()
+NAME = sys.argv[1] if len(sys.argv) > 1 and not sys.argv[1].startswith("--") else socket.gethostname()
+
+
+def extra_ports(flag):
+    """The ports listed after `flag` (comma-separated), if it is given."""
+    if flag in sys.argv[:-1]:
+        return [int(p) for p in sys.argv[sys.argv.index(flag) + 1].split(",") if p]
+    return []
 
 
 def peer_str(peer):
@@ -79,11 +88,11 @@ class Threaded6(V6Only, Threaded):
     pass
 
 
-def udp_socket(family, addr):
+def udp_socket(family, addr, port=9001):
     s = socket.socket(family, socket.SOCK_DGRAM)
     if family == socket.AF_INET6:
         s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-    s.bind((addr, 9001))
+    s.bind((addr, port))
     return s
 
 
@@ -99,6 +108,11 @@ def main():
     http_srv.daemon_threads = True
     echo = Threaded(("0.0.0.0", 9000), Echo)
     loops = [http_srv.serve_forever, echo.serve_forever, lambda: udp(udp_socket(socket.AF_INET, "0.0.0.0"))]
+    for port in extra_ports("--tcp"):
+        loops.append(Threaded(("0.0.0.0", port), Echo).serve_forever)
+    for port in extra_ports("--udp"):
+        sock = udp_socket(socket.AF_INET, "0.0.0.0", port)
+        loops.append(lambda sock=sock: udp(sock))
     try:
         http6 = Http6(("::", 8080), Http)
         http6.daemon_threads = True

@@ -107,13 +107,29 @@ pub fn target_of(rule: &Rule, ep: &Endpoint) -> Option<(Target, Timing)> {
         kind,
         request: s.probe.request.clone(),
         response: s.probe.response.clone(),
+        // One-arm probes leave from the address the traffic leaves from, except a floating
+        // source: only the MASTER answers for it (a BACKUP's probes would get their replies
+        // sent to the MASTER, and its ARP from that address would pull the endpoints'
+        // neighbour entry away from the MASTER); those probes leave from the node's own
+        // address toward the endpoint.
         source: if s.nat == NatMode::OneArm {
-            ep.snat
+            ep.snat.filter(|a| !floating_sources().contains(a))
         } else {
             None
         },
     };
     Some((target, timing))
+}
+
+static FLOATING: std::sync::OnceLock<Vec<IpAddr>> = std::sync::OnceLock::new();
+
+/// Declares the floating one-arm sources (`--onearm-source`), once, at start.
+pub fn set_floating_sources(v: Vec<IpAddr>) {
+    let _ = FLOATING.set(v);
+}
+
+fn floating_sources() -> &'static [IpAddr] {
+    FLOATING.get().map_or(&[], Vec::as_slice)
 }
 
 /// Every target the rules ask for, with the tightest timing any of them asks.
@@ -376,6 +392,12 @@ mod tests {
         r.endpoints[0].snat = Some("10.1.0.254".parse().unwrap());
         let (t, _) = target_of(&r, &r.endpoints[0]).unwrap();
         assert_eq!(t.source, Some("10.1.0.254".parse().unwrap()));
+        // A floating source (--onearm-source) is the MASTER's only: probes leave from the
+        // node's own address (the kernel's choice) instead.
+        set_floating_sources(vec!["10.1.0.100".parse().unwrap()]);
+        r.endpoints[0].snat = Some("10.1.0.100".parse().unwrap());
+        let (t, _) = target_of(&r, &r.endpoints[0]).unwrap();
+        assert_eq!(t.source, None);
     }
 
     #[test]
