@@ -434,13 +434,9 @@ async fn start_ha(app: &Shared, ha: &Arc<Ha>, cfg: &Config, sup: &Supervisor) ->
     });
     // L2 mode: a node starts as a standby (no ARP answers for VIPs) until it is MASTER, and
     // follows the role bus from there.
-    // Floating one-arm sources move the same way, with or without BGP.
-    let floating = app
-        .engine
-        .call(|e| !e.onearm_sources().is_empty())
-        .await
-        .unwrap_or(false);
-    if ha.cfg.l2 || floating {
+    // Floating one-arm sources (flag or REST, now or later) move the same way, with or
+    // without BGP; with BGP the VIPs are routed, so their ARP handling changes nothing.
+    {
         let app = app.clone();
         let h = ha.clone();
         sup.spawn("l2-follower", OnFailure::Restart, move || {
@@ -725,7 +721,12 @@ pub async fn run(cfg: Config) -> Result<()> {
     if let Ok(mut done) = attached.lock() {
         attach_new(engine.datapath_mut(), &cfg, &mut done);
     }
-    engine.set_onearm_sources(cfg.onearm_sources.clone(), !cfg.cluster.is_empty());
+    let saved_sources = crate::api::onearm::load(&cfg.flags.config_path)?;
+    engine.set_onearm_sources(
+        cfg.onearm_sources.clone(),
+        saved_sources,
+        !cfg.cluster.is_empty(),
+    );
     let engine = EngineHandle::spawn(engine).context("start the rule engine's thread")?;
     let bfd = Bfd::start(&cfg).await?.map(Arc::new);
     let bgp = if cfg.flags.bgp {
@@ -747,6 +748,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         roles: roles.clone(),
         conntrack: Arc::new(conntrack),
         health: crate::health::controller::Health::load(engine.clone(), &cfg.flags.config_path)?,
+        config_dir: cfg.flags.config_path.clone(),
     });
     let (sup, mut fatal) = Supervisor::new(metrics);
     {

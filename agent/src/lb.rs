@@ -257,6 +257,30 @@ pub struct Engine {
     in_cluster: bool,
     /// One-arm rules already warned about that.
     warned_onearm: BTreeSet<String>,
+    /// Sources added over REST (the others come from the flag).
+    rest_sources: BTreeSet<IpAddr>,
+}
+
+/// Floating one-arm sources a node may have (each is an address on `lo` and three ranges
+/// entries).
+pub const MAX_ONEARM_SOURCES: usize = 256;
+
+/// The ranges keys that make the datapath treat `a` like a VIP.
+fn source_range_keys(a: IpAddr) -> Vec<ferrolb_bpf::maps::RangeKey> {
+    let family = if a.is_ipv6() { 6 } else { 4 };
+    [
+        ferrolb_bpf::maps::PROTO_TCP,
+        ferrolb_bpf::maps::PROTO_UDP,
+        ferrolb_bpf::maps::PROTO_ICMP,
+    ]
+    .into_iter()
+    .map(|proto| ferrolb_bpf::maps::RangeKey {
+        addr: ferrolb_bpf::maps::addr_words(a).0,
+        proto,
+        family,
+        pad: 0,
+    })
+    .collect()
 }
 
 /// The warning of a one-arm rule in a cluster whose flows leave from a node's own address.
@@ -315,40 +339,150 @@ impl Engine {
             onearm_sources: Vec::new(),
             in_cluster: false,
             warned_onearm: BTreeSet::new(),
+            rest_sources: BTreeSet::new(),
         })
     }
 
     /// Floating one-arm sources: each goes on `lo` and gets (empty) ranges entries, so that
     /// the datapath treats it like a VIP: a BACKUP in L2 mode drops ARP requests for it and a
     /// new MASTER announces it; mid-stream TCP to it that matches no flow is dropped, not
-    /// reset. Endpoints inside a source's prefix are translated from that address.
-    pub fn set_onearm_sources(&mut self, sources: Vec<ipnet::IpNet>, in_cluster: bool) {
-        for n in &sources {
-            let a = n.addr();
-            if let Err(e) = vip::add(a) {
-                warn!(address = %a, error = %e, "cannot put the one-arm source on lo");
-            }
-            let family = if a.is_ipv6() { 6 } else { 4 };
-            for proto in [
-                ferrolb_bpf::maps::PROTO_TCP,
-                ferrolb_bpf::maps::PROTO_UDP,
-                ferrolb_bpf::maps::PROTO_ICMP,
-            ] {
-                let key = ferrolb_bpf::maps::RangeKey {
-                    addr: ferrolb_bpf::maps::addr_words(a).0,
-                    proto,
-                    family,
-                    pad: 0,
-                };
-                if let Err(e) = self.dp.set_ranges(&key, &Default::default()) {
-                    warn!(address = %a, error = %e, "cannot mark the one-arm source in the datapath");
-                }
-            }
-            info!(source = %a, prefix = %n.trunc(), "one-arm source floats with the MASTER role");
-        }
-        crate::health::set_floating_sources(sources.iter().map(|n| n.addr()).collect());
-        self.onearm_sources = sources;
+    /// reset. Endpoints inside a source's prefix are translated from that address. `rest`:
+    /// those added over REST before (saved), after the flags' (a flag's address wins).
+    pub fn set_onearm_sources(
+        &mut self,
+        flags: Vec<ipnet::IpNet>,
+        rest: Vec<ipnet::IpNet>,
+        in_cluster: bool,
+    ) {
         self.in_cluster = in_cluster;
+        for n in flags {
+            self.install_source(n);
+        }
+        for n in rest {
+            if self.onearm_sources.iter().any(|o| o.addr() == n.addr()) {
+                warn!(source = %n, "saved one-arm source ignored: --onearm-source gives that address");
+                continue;
+            }
+            self.install_source(n);
+            self.rest_sources.insert(n.addr());
+        }
+    }
+
+    fn install_source(&mut self, n: ipnet::IpNet) {
+        let a = n.addr();
+        if let Err(e) = vip::add(a) {
+            warn!(address = %a, error = %e, "cannot put the one-arm source on lo");
+        }
+        for key in source_range_keys(a) {
+            if let Err(e) = self.dp.set_ranges(&key, &Default::default()) {
+                warn!(address = %a, error = %e, "cannot mark the one-arm source in the datapath");
+            }
+        }
+        info!(source = %a, prefix = %n.trunc(), "one-arm source floats with the MASTER role");
+        self.onearm_sources.retain(|o| o.addr() != a);
+        self.onearm_sources.push(n);
+        crate::health::set_floating_sources(self.onearm_sources());
+    }
+
+    /// `POST /config/onearmsource`: a floating one-arm source for endpoints added from now on
+    /// (endpoints already installed keep theirs until their rule is posted again).
+    pub fn add_onearm_source(&mut self, n: ipnet::IpNet) -> Result<(), RuleError> {
+        let a = n.addr();
+        if self.onearm_sources.iter().any(|o| o.addr() == a) && !self.rest_sources.contains(&a) {
+            return Err(RuleError::Invalid(FieldError::new(
+                "source",
+                format!("{a} is given by --onearm-source; change the flag to change it"),
+            )));
+        }
+        if self.rules.vips().contains(&a) {
+            return Err(RuleError::Invalid(FieldError::new(
+                "source",
+                format!("{a} is a VIP of a rule, not a source address"),
+            )));
+        }
+        let owner = vip::interface_with(a)
+            .map_err(|e| RuleError::Internal(format!("listing this node's addresses: {e:#}")))?;
+        if let Some(iface) = owner.filter(|i| i != "lo") {
+            return Err(RuleError::Invalid(FieldError::new(
+                "source",
+                format!(
+                    "{a} is an address of this node ({iface}); a floating source must be an address no interface here has"
+                ),
+            )));
+        }
+        if !self.rest_sources.contains(&a) && self.onearm_sources.len() >= MAX_ONEARM_SOURCES {
+            return Err(RuleError::Invalid(FieldError::new(
+                "source",
+                format!("at most {MAX_ONEARM_SOURCES} one-arm sources"),
+            )));
+        }
+        self.install_source(n);
+        self.rest_sources.insert(a);
+        Ok(())
+    }
+
+    /// `DELETE /config/onearmsource/{ip}`: only a REST-made source no endpoint uses.
+    pub fn remove_onearm_source(&mut self, a: IpAddr) -> Result<(), RuleError> {
+        if !self.onearm_sources.iter().any(|o| o.addr() == a) {
+            return Err(RuleError::NotFound(format!("no one-arm source {a}")));
+        }
+        if !self.rest_sources.contains(&a) {
+            return Err(RuleError::Invalid(FieldError::new(
+                "source",
+                format!("{a} is given by --onearm-source; change the flag to remove it"),
+            )));
+        }
+        if let Some(r) = self
+            .rules
+            .rules
+            .values()
+            .find(|r| r.endpoints.iter().any(|e| e.snat == Some(a)))
+        {
+            return Err(RuleError::Invalid(FieldError::new(
+                "source",
+                format!(
+                    "{a} is the source of endpoints of rule '{}' ({}:{}); delete or re-post that rule first",
+                    r.service.name, r.key.external_ip, r.key.port
+                ),
+            )));
+        }
+        for key in source_range_keys(a) {
+            let _ = self.dp.delete_ranges(&key);
+        }
+        if let Err(e) = vip::del(a) {
+            warn!(address = %a, error = %e, "cannot remove the one-arm source from lo");
+        }
+        self.onearm_sources.retain(|o| o.addr() != a);
+        self.rest_sources.remove(&a);
+        crate::health::set_floating_sources(self.onearm_sources());
+        Ok(())
+    }
+
+    /// Every floating source, with whether it came over REST (else from the flag) and how
+    /// many endpoints leave from it.
+    pub fn onearm_source_list(&self) -> Vec<(ipnet::IpNet, bool, usize)> {
+        self.onearm_sources
+            .iter()
+            .map(|n| {
+                let users = self
+                    .rules
+                    .rules
+                    .values()
+                    .flat_map(|r| &r.endpoints)
+                    .filter(|e| e.snat == Some(n.addr()))
+                    .count();
+                (*n, self.rest_sources.contains(&n.addr()), users)
+            })
+            .collect()
+    }
+
+    /// The REST-made sources (what `onearm.json` holds).
+    pub fn rest_onearm_sources(&self) -> Vec<ipnet::IpNet> {
+        self.onearm_sources
+            .iter()
+            .filter(|n| self.rest_sources.contains(&n.addr()))
+            .copied()
+            .collect()
     }
 
     /// What an operator should know about a rule (shown by `GET /config/loadbalancer/all`

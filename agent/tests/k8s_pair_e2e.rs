@@ -88,6 +88,16 @@ fn the_external_pair_keeps_one_arm_and_full_nat_streams_through_a_silent_master_
                 .unwrap();
             assert_eq!(v.trim(), "1", "{node} {iface}");
         }
+        // The floating one-arm source, once, by the operator (kube-loxilb has no field for
+        // it; the agents run with loxilb's flags alone).
+        let (st, v) = rest(
+            &lab,
+            node,
+            "POST",
+            "/config/onearmsource",
+            Some(r#"{"source":"10.20.0.100/24"}"#),
+        );
+        assert_eq!(st, 200, "{v}");
         for (vip, svc, mode, ports) in [
             (
                 VIP_FULLNAT,
@@ -128,6 +138,22 @@ fn the_external_pair_keeps_one_arm_and_full_nat_streams_through_a_silent_master_
             assert_eq!(r["endpoints"][0]["snatIP"], "10.20.0.100", "{r}");
         }
     }
+    let (_, l) = rest(&lab, "lb1", "GET", "/config/onearmsource/all", None);
+    assert_eq!(
+        l["Attr"],
+        json!([{"source": "10.20.0.100/24", "origin": "rest", "endpoints": 4}]),
+        "{l}"
+    );
+    // In use: the source cannot be removed from under the rules.
+    let (st, v) = rest(
+        &lab,
+        "lb1",
+        "DELETE",
+        "/config/onearmsource/10.20.0.100",
+        None,
+    );
+    assert_eq!(st, 400, "{v}");
+    assert!(v.to_string().contains("web-onearm"), "{v}");
     let lb1_mac = mac_of(&lab, "lb1", "eth1");
     let lb2_mac = mac_of(&lab, "lb2", "eth1");
     for vip in [VIP_FULLNAT, VIP_ONEARM] {
@@ -204,5 +230,28 @@ fn the_external_pair_keeps_one_arm_and_full_nat_streams_through_a_silent_master_
         false,
     );
     wait_roles(&lab, "lb2", Duration::from_secs(15));
+    // Its agent restarts with loxilb's flags alone: the REST-made source is restored.
+    assert_eq!(lab.kill("lb1", "ferrolb").unwrap(), 1);
+    lab.spawn(
+        "lb1",
+        "ferrolb-again",
+        &[
+            FERROLB,
+            "--config-path",
+            "/etc/ferrolb/",
+            "--cluster=10.30.0.3",
+            "--self=0",
+            "--ka=10.30.0.3:10.30.0.2:100ms",
+        ],
+    )
+    .unwrap();
+    lab.wait_until("lb1's API again", Duration::from_secs(20), || {
+        Ok(rest(&lab, "lb1", "GET", "", None).0 == 200)
+    })
+    .unwrap();
+    let (_, l) = rest(&lab, "lb1", "GET", "/config/onearmsource/all", None);
+    assert_eq!(l["Attr"][0]["source"], "10.20.0.100/24", "{l}");
+    assert_eq!(l["Attr"][0]["origin"], "rest", "{l}");
+    wait_roles(&lab, "lb2", Duration::from_secs(20));
     lab.down().unwrap();
 }

@@ -11,6 +11,7 @@ pub mod bgp;
 pub mod ha;
 pub mod health;
 pub mod models;
+pub mod onearm;
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -51,6 +52,8 @@ pub struct App {
     pub conntrack: Arc<ferrolb_bpf::CtReader>,
     /// Endpoint probes.
     pub health: Arc<crate::health::controller::Health>,
+    /// `--config-path` (documents saved by API handlers).
+    pub config_dir: std::path::PathBuf,
 }
 
 pub type Shared = Arc<App>;
@@ -109,7 +112,7 @@ impl From<EngineGone> for ApiError {
     }
 }
 
-fn success() -> Response {
+pub(crate) fn success() -> Response {
     (StatusCode::OK, axum::Json(json!({"result": "Success"}))).into_response()
 }
 
@@ -141,6 +144,9 @@ pub fn router(app: Shared) -> Router {
         .route("/config/bfd", post(bfd::create))
         .route("/config/bfd/all", get(bfd::list))
         .route("/config/bfd/remoteIP/{ip}", delete(bfd::delete))
+        .route("/config/onearmsource", post(onearm::create))
+        .route("/config/onearmsource/all", get(onearm::list))
+        .route("/config/onearmsource/{ip}", delete(onearm::delete))
         .route("/config/endpoint", post(health::create))
         .route("/config/endpoint/all", get(health::list))
         .route("/config/endpoint/epipaddress/{ip}", delete(health::delete))

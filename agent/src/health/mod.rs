@@ -121,15 +121,17 @@ pub fn target_of(rule: &Rule, ep: &Endpoint) -> Option<(Target, Timing)> {
     Some((target, timing))
 }
 
-static FLOATING: std::sync::OnceLock<Vec<IpAddr>> = std::sync::OnceLock::new();
+static FLOATING: std::sync::RwLock<Vec<IpAddr>> = std::sync::RwLock::new(Vec::new());
 
-/// Declares the floating one-arm sources (`--onearm-source`), once, at start.
+/// Declares the floating one-arm sources (`--onearm-source`, `/config/onearmsource`).
 pub fn set_floating_sources(v: Vec<IpAddr>) {
-    let _ = FLOATING.set(v);
+    if let Ok(mut f) = FLOATING.write() {
+        *f = v;
+    }
 }
 
-fn floating_sources() -> &'static [IpAddr] {
-    FLOATING.get().map_or(&[], Vec::as_slice)
+fn floating_sources() -> Vec<IpAddr> {
+    FLOATING.read().map(|f| f.clone()).unwrap_or_default()
 }
 
 /// Every target the rules ask for, with the tightest timing any of them asks.
