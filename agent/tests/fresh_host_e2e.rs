@@ -62,11 +62,18 @@ impl Host {
 
     /// Starts the agent with `extra` flags; its log lines come out of the returned channel.
     fn start(&mut self, extra: &[&str]) -> mpsc::Receiver<String> {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.ns, FERROLB, "--config-path"])
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.ns, FERROLB, "--config-path"])
             .arg(&self.dir)
             .args(["--gc-interval", "1"])
-            .args(extra)
+            .args(extra);
+        self.spawn_agent(cmd)
+    }
+
+    /// Runs `cmd` as the agent; its output lines (colour codes removed) come out of the
+    /// returned channel.
+    fn spawn_agent(&mut self, mut cmd: Command) -> mpsc::Receiver<String> {
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -389,33 +396,13 @@ fn rest_post(h: &Host, path: &str, body: &str) -> String {
 fn start_agent(h: &mut Host, bpffs: Option<&HostBpffs>) -> mpsc::Receiver<String> {
     let rx = match bpffs {
         Some(m) => {
-            let mut child = Command::new("ip")
-                .args(["netns", "exec", &h.ns, "sh", "-c"])
-                .arg(format!(
-                    "mount --bind {} /sys/fs/bpf && exec {FERROLB} --config-path {} --gc-interval 1",
-                    m.0.display(),
-                    h.dir.display()
-                ))
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap();
-            let (tx, rx) = mpsc::channel();
-            for out in [
-                Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
-                Box::new(child.stderr.take().unwrap()),
-            ] {
-                let tx = tx.clone();
-                std::thread::spawn(move || {
-                    for line in BufReader::new(out).lines().map_while(Result::ok) {
-                        if tx.send(plain(&line)).is_err() {
-                            return;
-                        }
-                    }
-                });
-            }
-            h.agent = Some(child);
-            rx
+            let mut cmd = Command::new("ip");
+            cmd.args(["netns", "exec", &h.ns, "sh", "-c"]).arg(format!(
+                "mount --bind {} /sys/fs/bpf && exec {FERROLB} --config-path {} --gc-interval 1",
+                m.0.display(),
+                h.dir.display()
+            ));
+            h.spawn_agent(cmd)
         }
         None => h.start(&[]),
     };

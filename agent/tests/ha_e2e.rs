@@ -551,6 +551,7 @@ fn kill9_master_agent_then_it_rejoins_as_backup() {
 fn l2_silent_master_death_moves_the_vip_by_gratuitous_arp() {
     const L2_VIP6: &str = "2001:db8:10::50";
     const L2_VIP_ONEARM: &str = "192.168.10.51";
+    const L2_VIP6_ONEARM: &str = "2001:db8:10::51";
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let Some(lab) = up_l2(
         "l2_silent_master_death_moves_the_vip_by_gratuitous_arp",
@@ -576,15 +577,21 @@ fn l2_silent_master_death_moves_the_vip_by_gratuitous_arp() {
             assert_eq!(st, 200, "{v}");
         }
     }
-    // The IPv6 VIP on the same segment (full NAT to the IPv6 backends), on both nodes.
+    // The IPv6 VIP on the same segment (full NAT to the IPv6 backends), on both nodes, and
+    // an IPv6 one-arm VIP (floating source fd00:10::100).
     for node in ["lb1", "lb2"] {
-        for (name, port, proto) in [("l2v6-tcp", 9000, "tcp"), ("l2v6-udp", 9001, "udp")] {
+        for (vip, mode, name, port, proto) in [
+            (L2_VIP6, 2, "l2v6-tcp", 9000, "tcp"),
+            (L2_VIP6, 2, "l2v6-udp", 9001, "udp"),
+            (L2_VIP6_ONEARM, 1, "l2v6oa-tcp", 9000, "tcp"),
+            (L2_VIP6_ONEARM, 1, "l2v6oa-udp", 9001, "udp"),
+        ] {
             let eps: Vec<serde_json::Value> = ["fd00:10::11", "fd00:10::12", "fd00:10::13"]
                 .iter()
                 .map(|ip| json!({"endpointIP": ip, "targetPort": port, "weight": 1}))
                 .collect();
-            let r = json!({"serviceArguments": {"externalIP": L2_VIP6, "port": port, "protocol": proto,
-                                                "sel": 1, "mode": 2, "name": format!("{name}:llb-inst0")},
+            let r = json!({"serviceArguments": {"externalIP": vip, "port": port, "protocol": proto,
+                                                "sel": 1, "mode": mode, "name": format!("{name}:llb-inst0")},
                            "endpoints": eps})
             .to_string();
             let (st, v) = rest(&lab, node, "POST", "/config/loadbalancer", Some(&r));
@@ -640,7 +647,12 @@ fn l2_silent_master_death_moves_the_vip_by_gratuitous_arp() {
     for r in all["lbAttr"].as_array().unwrap() {
         assert!(r.get("warnings").is_none(), "{r}");
         if r["serviceArguments"]["mode"] == 1 {
-            assert_eq!(r["endpoints"][0]["snatIP"], "10.10.10.100", "{r}");
+            let want = if r["serviceArguments"]["externalIP"] == L2_VIP6_ONEARM {
+                "fd00:10::100"
+            } else {
+                "10.10.10.100"
+            };
+            assert_eq!(r["endpoints"][0]["snatIP"], want, "{r}");
         }
     }
     // One-arm traffic too: its flows leave from the floating source 10.10.10.100
@@ -650,6 +662,12 @@ fn l2_silent_master_death_moves_the_vip_by_gratuitous_arp() {
         L2_VIP_ONEARM,
         "l2onearm",
         &["--tcp", "10", "--udp", "10", "--duration", "6"],
+    );
+    start_traffic_to(
+        &lab,
+        L2_VIP6_ONEARM,
+        "l2onearm6",
+        &["--tcp", "5", "--udp", "5", "--duration", "6"],
     );
     let t = traffic_with_fault(
         &lab,
@@ -689,6 +707,11 @@ fn l2_silent_master_death_moves_the_vip_by_gratuitous_arp() {
     assert_all_survived(&toa, "L2 silent death, one-arm");
     let outage = toa["summary"]["udp_outage_ms"].as_u64().unwrap();
     assert!(outage < 400, "one-arm UDP outage {outage} ms");
+    let toa6 = read_traffic(&lab, "l2onearm6");
+    eprintln!("L2 silent death, IPv6 one-arm: {}", toa6["summary"]);
+    assert_all_survived(&toa6, "L2 silent death, IPv6 one-arm");
+    let outage = toa6["summary"]["udp_outage_ms"].as_u64().unwrap();
+    assert!(outage < 400, "IPv6 one-arm UDP outage {outage} ms");
     // The backends now reach the floating source through lb2.
     let lb2_backend_mac = mac_of(&lab, "lb2", "eth2");
     assert_eq!(

@@ -442,35 +442,27 @@ impl Datapath {
     /// Runs the program once on `packet` with `BPF_PROG_TEST_RUN`. Returns the TC verdict and
     /// the packet as the program left it.
     pub fn test_run(&mut self, packet: &[u8]) -> Result<(u32, Vec<u8>)> {
-        let prog: &mut SchedClassifier = program(&mut self.ebpf)?;
-        let mut out = vec![0u8; packet.len() + 256];
-        let opts = aya::programs::TestRunOptions {
-            data_in: Some(packet),
-            data_out: Some(&mut out),
-            ..Default::default()
-        };
-        let r = prog.test_run(opts).map_err(|e| BpfError::Program {
-            context: "BPF_PROG_TEST_RUN".into(),
-            source: e,
-        })?;
-        out.truncate(r.data_size_out as usize);
-        Ok((r.return_value, out))
+        self.test_run_ctx(packet, None)
     }
 
     /// Like [`Datapath::test_run`], as if the packet had arrived on interface `ifindex` (the
     /// FIB lookup then answers for that interface: its forwarding setting, its routes).
     pub fn test_run_on(&mut self, packet: &[u8], ifindex: u32) -> Result<(u32, Vec<u8>)> {
-        let prog: &mut SchedClassifier = program(&mut self.ebpf)?;
-        let mut out = vec![0u8; packet.len() + 256];
         // `struct __sk_buff` (192 bytes): ingress_ifindex at 36, ifindex at 40; the kernel
         // refuses the other fields it does not let a test set unless they are zero.
         let mut ctx = [0u8; 192];
         ctx[36..40].copy_from_slice(&ifindex.to_ne_bytes());
         ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+        self.test_run_ctx(packet, Some(&ctx))
+    }
+
+    fn test_run_ctx(&mut self, packet: &[u8], ctx: Option<&[u8]>) -> Result<(u32, Vec<u8>)> {
+        let prog: &mut SchedClassifier = program(&mut self.ebpf)?;
+        let mut out = vec![0u8; packet.len() + 256];
         let opts = aya::programs::TestRunOptions {
             data_in: Some(packet),
             data_out: Some(&mut out),
-            ctx_in: Some(&ctx),
+            ctx_in: ctx,
             ..Default::default()
         };
         let r = prog.test_run(opts).map_err(|e| BpfError::Program {
