@@ -61,6 +61,22 @@ pub struct Counters {
     pub transitions: AtomicU64,
     pub late: AtomicU64,
     pub refused_targets: AtomicU64,
+    /// Probes that started within [`START_DELAY_BUCKETS_MS`]`[i]` of their schedule
+    /// (cumulative; the last bucket is every probe).
+    pub start_delay: [AtomicU64; START_DELAY_BUCKETS_MS.len()],
+}
+
+/// Buckets of a probe's start delay (how long after its scheduled time it started).
+pub const START_DELAY_BUCKETS_MS: [u64; 9] = [1, 5, 10, 25, 50, 100, 250, 1000, u64::MAX];
+
+/// Counts a probe's start delay into the cumulative buckets.
+fn count_start_delay(c: &Counters, delay: Duration) {
+    let ms = delay.as_millis().min(u128::from(u64::MAX)) as u64;
+    for (b, n) in START_DELAY_BUCKETS_MS.iter().zip(&c.start_delay) {
+        if ms <= *b {
+            n.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// Probes created over REST (`POST /config/endpoint`), outside any rule.
@@ -511,6 +527,19 @@ pub fn record_metrics(h: &Health) {
             n.load(Ordering::Relaxed),
         );
     }
+    for (b, n) in START_DELAY_BUCKETS_MS.iter().zip(&c.start_delay) {
+        let le = if *b == u64::MAX {
+            "inf".to_string()
+        } else {
+            b.to_string()
+        };
+        counter(
+            "ferrolb_probe_start_delay_total",
+            "Probes that started within delay_le_ms milliseconds of their schedule (cumulative; the prober's jitter).",
+            &[("delay_le_ms", le)],
+            n.load(Ordering::Relaxed),
+        );
+    }
     counter(
         "ferrolb_probes_late_total",
         "Probes that started more than a tenth of their interval late (the prober is short of CPU or of its in-flight bound).",
@@ -575,7 +604,9 @@ async fn probe_loop(h: Arc<Health>, t: Target, timing: Timing) {
         let Ok(_permit) = h.sem.clone().acquire_owned().await else {
             return;
         };
-        if due.elapsed() > timing.interval / 10 {
+        let delay = due.elapsed();
+        count_start_delay(&h.counters, delay);
+        if delay > timing.interval / 10 {
             h.counters.late.fetch_add(1, Ordering::Relaxed);
         }
         let r = probe::run(&t, timing.timeout).await;
@@ -587,6 +618,20 @@ async fn probe_loop(h: Arc<Health>, t: Target, timing: Timing) {
 mod tests {
     use super::*;
     use crate::model::ProbeKind;
+
+    #[test]
+    fn start_delays_are_counted_cumulatively() {
+        let c = Counters::default();
+        for ms in [0, 3, 30, 2000] {
+            count_start_delay(&c, Duration::from_millis(ms));
+        }
+        let got: Vec<u64> = c
+            .start_delay
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed))
+            .collect();
+        assert_eq!(got, vec![1, 2, 2, 2, 3, 3, 3, 3, 4]);
+    }
 
     #[test]
     fn phases_spread_over_the_interval() {
