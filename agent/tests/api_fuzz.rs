@@ -6,9 +6,7 @@
 //! answers and lists rules.
 #![allow(clippy::unwrap_used)]
 
-use std::time::Duration;
-
-use ferrolb_tests::{TestLab, repo_root, require, rest};
+use ferrolb_tests::{TestLab, repo_root, require, rest, wait_api};
 
 const FERROLB: &str = env!("CARGO_BIN_EXE_ferrolb");
 const SCHEMATHESIS: &str = "/opt/ferrolb-venv/bin/schemathesis";
@@ -41,10 +39,7 @@ fn schema_driven_fuzzing_finds_no_5xx_and_only_documented_answers() {
         &[FERROLB, "-b", "--config-path", "/etc/ferrolb/"],
     )
     .unwrap();
-    lab.wait_until("the API", Duration::from_secs(20), || {
-        Ok(rest(&lab, "lb1", "GET", "", None).0 == 200)
-    })
-    .unwrap();
+    wait_api(&lab, "lb1");
     let schema = repo_root().join("docs/openapi.yaml");
     let out = lab
         .exec(

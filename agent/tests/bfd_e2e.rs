@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use ferrolb_tests::{TestLab, require, rest};
+use ferrolb_tests::{TestLab, require, rest, wait_api};
 use serde_json::{Value, json};
 
 const TOPOLOGY: &str = "containerlab/bfd-interop/bfd-interop.clab.yml";
@@ -40,10 +40,7 @@ fn lab_with(test: &str, label: &str, ka: &str) -> Option<TestLab> {
     let out = lab.exec_ok("bird", &argv).unwrap();
     assert!(out.contains("bfd1"), "{out}");
     for node in ["lb1", "lb2"] {
-        lab.wait_until(&format!("{node}'s API"), Duration::from_secs(20), || {
-            Ok(rest(&lab, node, "GET", "", None).0 == 200)
-        })
-        .unwrap();
+        wait_api(&lab, node);
     }
     Some(lab)
 }

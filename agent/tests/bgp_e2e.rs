@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use ferrolb_tests::ha::nexthops;
-use ferrolb_tests::{TestLab, require, rest};
+use ferrolb_tests::{TestLab, require, rest, wait_api};
 use serde_json::{Value, json};
 
 const TOPOLOGY: &str = "containerlab/bgp-ecmp/ferrolb.clab.yml";
@@ -48,10 +48,7 @@ fn lab_on(topology: &str, test: &str, label: &str) -> Option<TestLab> {
     }
     let lab = TestLab::up_with(topology, label, &[("FERROLB", FERROLB)]).expect("lab up");
     for (node, me, tor) in LBS {
-        lab.wait_until(&format!("{node}'s API"), Duration::from_secs(20), || {
-            Ok(rest(&lab, node, "GET", "", None).0 == 200)
-        })
-        .unwrap();
+        wait_api(&lab, node);
         let g =
             json!({"localAs": 65100, "routerId": me, "setNextHopSelf": true, "listenPort": 179});
         assert_eq!(

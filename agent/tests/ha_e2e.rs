@@ -14,7 +14,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use ferrolb_tests::ha::*;
-use ferrolb_tests::rest;
+use ferrolb_tests::{rest, wait_api};
 use serde_json::json;
 
 const FERROLB: &str = env!("CARGO_BIN_EXE_ferrolb");
@@ -217,22 +217,10 @@ fn silent_master_death_return_and_switchover() {
     // for the interfaces it attached to.
     for node in ["lb1", "lb2"] {
         for iface in ["eth1", "eth2"] {
-            let v = lab
-                .exec_ok(
-                    node,
-                    &[
-                        "cat",
-                        &format!("/proc/sys/net/ipv4/conf/{iface}/forwarding"),
-                    ],
-                )
-                .unwrap();
-            assert_eq!(v.trim(), "1", "{node} {iface}");
+            assert_eq!(forwarding(&lab, node, iface), "1", "{node} {iface}");
         }
-        let v = lab
-            .exec_ok(node, &["cat", "/proc/sys/net/ipv4/conf/all/forwarding"])
-            .unwrap();
         assert_eq!(
-            v.trim(),
+            forwarding(&lab, node, "all"),
             "0",
             "{node}: only the attached interfaces forward"
         );
@@ -482,10 +470,7 @@ fn kill9_master_agent_then_it_rejoins_as_backup() {
                 ],
             )
             .unwrap();
-            lab.wait_until("the restarted API", Duration::from_secs(20), || {
-                Ok(rest(&lab, "lb1", "GET", "", None).0 == 200)
-            })
-            .unwrap();
+            wait_api(&lab, "lb1");
         },
     );
     eprintln!("kill -9: {}", t["summary"]);

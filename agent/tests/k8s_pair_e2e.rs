@@ -12,10 +12,10 @@
 use std::time::Duration;
 
 use ferrolb_tests::ha::{
-    assert_all_survived, cut_ports, mac_of, neighbour_mac, read_traffic, role, start_traffic_to,
-    traffic_with_fault, wait_roles,
+    assert_all_survived, cut_ports, forwarding, mac_of, neighbour_mac, read_traffic, role,
+    start_traffic_to, traffic_with_fault, wait_roles,
 };
-use ferrolb_tests::{TestLab, require, rest};
+use ferrolb_tests::{TestLab, require, rest, wait_api};
 use serde_json::{Value, json};
 
 const FERROLB: &str = env!("CARGO_BIN_EXE_ferrolb");
@@ -71,22 +71,10 @@ fn the_external_pair_keeps_one_arm_and_full_nat_streams_through_a_silent_master_
     )
     .expect("lab up");
     for node in ["lb1", "lb2"] {
-        lab.wait_until(&format!("{node}'s API"), Duration::from_secs(20), || {
-            Ok(rest(&lab, node, "GET", "", None).0 == 200)
-        })
-        .unwrap();
+        wait_api(&lab, node);
         // Hosts as they come: forwarding was off; the agent turned it on where it attached.
         for iface in ["eth1", "eth2", "eth3"] {
-            let v = lab
-                .exec_ok(
-                    node,
-                    &[
-                        "cat",
-                        &format!("/proc/sys/net/ipv4/conf/{iface}/forwarding"),
-                    ],
-                )
-                .unwrap();
-            assert_eq!(v.trim(), "1", "{node} {iface}");
+            assert_eq!(forwarding(&lab, node, iface), "1", "{node} {iface}");
         }
         // The floating one-arm source, once, by the operator (kube-loxilb has no field for
         // it; the agents run with loxilb's flags alone).
@@ -245,10 +233,7 @@ fn the_external_pair_keeps_one_arm_and_full_nat_streams_through_a_silent_master_
         ],
     )
     .unwrap();
-    lab.wait_until("lb1's API again", Duration::from_secs(20), || {
-        Ok(rest(&lab, "lb1", "GET", "", None).0 == 200)
-    })
-    .unwrap();
+    wait_api(&lab, "lb1");
     let (_, l) = rest(&lab, "lb1", "GET", "/config/onearmsource/all", None);
     assert_eq!(l["Attr"][0]["source"], "10.20.0.100/24", "{l}");
     assert_eq!(l["Attr"][0]["origin"], "rest", "{l}");

@@ -84,10 +84,7 @@ pub fn up(test: &str, label: &str, ka: &str, ferrolb: &str) -> Option<TestLab> {
         assert!(out.success(), "{out:?}");
     }
     for (node, me, tor, _, _) in LBS {
-        lab.wait_until(&format!("{node}'s API"), Duration::from_secs(20), || {
-            Ok(rest(&lab, node, "GET", "", None).0 == 200)
-        })
-        .unwrap();
+        crate::wait_api(&lab, node);
         let g =
             json!({"localAs": 65100, "routerId": me, "setNextHopSelf": true, "listenPort": 179});
         let post =
@@ -326,10 +323,7 @@ pub fn up_l2(test: &str, label: &str, ka: &str, ferrolb: &str) -> Option<TestLab
     let lab =
         TestLab::up_with(L2_TOPOLOGY, label, &[("FERROLB", ferrolb), ("KA", ka)]).expect("lab up");
     for node in ["lb1", "lb2"] {
-        lab.wait_until(&format!("{node}'s API"), Duration::from_secs(20), || {
-            Ok(rest(&lab, node, "GET", "", None).0 == 200)
-        })
-        .unwrap();
+        crate::wait_api(&lab, node);
         for (name, port, proto) in [("l2-tcp", 9000, "tcp"), ("l2-udp", 9001, "udp")] {
             let body = rule_on(L2_VIP, false, name, port, proto);
             let r = rest(&lab, node, "POST", "/config/loadbalancer", Some(&body));
@@ -376,4 +370,18 @@ pub fn agent_command(node: &str, ka: &str, ferrolb: &str) -> (Vec<String>, u16) 
         format!("--ka={peer}:{me}:{ka}"),
     ];
     (argv.to_vec(), id)
+}
+
+/// `node`'s IPv4 forwarding setting of `iface` (`all` for the node-wide one).
+pub fn forwarding(lab: &TestLab, node: &str, iface: &str) -> String {
+    lab.exec_ok(
+        node,
+        &[
+            "cat",
+            &format!("/proc/sys/net/ipv4/conf/{iface}/forwarding"),
+        ],
+    )
+    .unwrap()
+    .trim()
+    .to_string()
 }

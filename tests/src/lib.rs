@@ -64,6 +64,14 @@ pub fn private_netns(test: &str) -> bool {
     true
 }
 
+/// Waits (up to 20 s) until the agent on `node` answers its REST API.
+pub fn wait_api(lab: &Lab, node: &str) {
+    lab.wait_until(&format!("{node}'s API"), Duration::from_secs(20), || {
+        Ok(rest(lab, node, "GET", "", None).0 == 200)
+    })
+    .unwrap_or_else(|e| panic!("{e}"));
+}
+
 /// Waits until each backend's HTTP server (the labs' `servers.py`, port 8080) answers from
 /// `node` (up to 20 s each).
 pub fn wait_http_backends(lab: &Lab, node: &str, backends: &[&str]) {
