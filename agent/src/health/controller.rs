@@ -386,6 +386,7 @@ impl Health {
         {
             self.counters.failures[i].fetch_add(1, Ordering::Relaxed);
         }
+        tracing::debug!(probe = %t, result = ?r, "probe");
         let mut st = self.st();
         // Removed meanwhile: the answer is of no use.
         let Some(s) = st.get_mut(t) else { return };
