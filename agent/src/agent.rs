@@ -750,6 +750,9 @@ pub async fn run(cfg: Config) -> Result<()> {
         health: crate::health::controller::Health::load(engine.clone(), &cfg.flags.config_path)?,
         config_dir: cfg.flags.config_path.clone(),
     });
+    if let Some(h) = &ha {
+        h.set_health_view(app.health.shared_view());
+    }
     let (sup, mut fatal) = Supervisor::new(metrics);
     {
         // Endpoint probes: a task per target, and verdicts to the engine.

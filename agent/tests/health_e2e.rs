@@ -5,6 +5,8 @@
 //!
 //! - be1's servers killed: both nodes take be1 out of every rule within 3 s (measured), and
 //!   new TCP, UDP and HTTP connections all go to be2; restarted: back within 3 s.
+//! - Each node's verdicts reach its peer: be1 forced down on lb1 alone shows as three
+//!   disagreements on both nodes (metric, `peerStates` in `/config/endpoint/all`).
 //! - be1's link down (the host vanishes): the same; link up: back.
 //! - be1 and be2 both down: new flows to the VIP are dropped and counted (no_endpoint), the
 //!   ToR loses the VIP's route; be2 back: the route returns and traffic flows.
@@ -297,6 +299,48 @@ fn liveness_probes_take_dead_endpoints_out_on_both_nodes() {
     ));
     check_times("servers killed", out);
     check_times("servers restarted", back);
+
+    // Each node's verdicts reach its peer in its sync status. The two agree now; be1 forced
+    // down on lb1 alone: each node shows the other's verdict beside its own and counts the
+    // three targets of be1 as disagreements; green again: they agree.
+    let disagree = |node: &str| ha::metric(&lab, node, "ferrolb_endpoint_view_disagreements");
+    let agree = |what: &str| {
+        lab.wait_until(what, Duration::from_secs(5), || {
+            Ok(LBS.iter().all(|&(n, ..)| disagree(n) == Some(0.0)))
+        })
+        .unwrap()
+    };
+    agree("both nodes agree on every endpoint");
+    let host_state = |node: &str, state: &str| {
+        let body = format!(r#"{{"hostName":"10.10.10.11","state":"{state}"}}"#);
+        let r = rest(&lab, node, "POST", "/config/endpointhoststate", Some(&body));
+        assert_eq!(r.0, 200, "{node}: {r:?}");
+    };
+    host_state("lb1", "red");
+    let seen_at = lab
+        .wait_until(
+            "lb2 to see lb1's forced-down verdict",
+            Duration::from_secs(5),
+            || Ok(LBS.iter().all(|&(n, ..)| disagree(n) == Some(3.0))),
+        )
+        .unwrap();
+    let (_, eps) = rest(&lab, "lb2", "GET", "/config/endpoint/all", None);
+    let e = eps["Attr"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["hostName"] == "10.10.10.11" && e["probePort"] == 9000)
+        .cloned()
+        .unwrap();
+    assert_eq!(e["currState"], "ok", "{e}");
+    assert_eq!(e["peerStates"][0]["peer"], "10.10.10.2:22222", "{e}");
+    assert_eq!(e["peerStates"][0]["node"], 0, "{e}");
+    assert_eq!(e["peerStates"][0]["state"], "red", "{e}");
+    host_state("lb1", "green");
+    let agreed = agree("both nodes agree again");
+    say(format!(
+        "liveness: cluster view: be1 forced down on lb1 alone -> both nodes count 3 disagreements after {seen_at:?}; green -> agreement after {agreed:?}"
+    ));
 
     // 2. be1's host vanishes (link down): the same.
     lab.link_down("be1", "eth1").unwrap();

@@ -45,6 +45,7 @@ impl Node for FakeNode {
             node_id: self.id,
             ready: true,
             instances: vec![],
+            ..Default::default()
         }
     }
     fn peer_status(&self, peer: SocketAddr, status: Option<&pb::NodeStatus>) {

@@ -18,6 +18,7 @@ use super::models::{FieldError, field as get};
 use super::{ApiError, Shared};
 use crate::health::Forced;
 use crate::health::controller::{HealthError, Manual, ManualTarget};
+use crate::health::view::{Key, PeerHealth};
 use crate::model::{MAX_PROBE_INTERVAL_S, MAX_PROBE_RETRIES, ProbeKind, Protocol};
 
 fn health_error(e: HealthError) -> ApiError {
@@ -155,7 +156,22 @@ fn go_duration(d: Option<Duration>) -> String {
     }
 }
 
+/// Each sync peer's endpoint-health view, from its last status: (peer, node id, view).
+pub fn peer_health(app: &Shared) -> Vec<(std::net::SocketAddr, Option<u32>, PeerHealth)> {
+    let Some(ha) = &app.ha else {
+        return Vec::new();
+    };
+    ha.peer_views()
+        .into_iter()
+        .filter_map(|(addr, v)| {
+            let s = v.status.as_ref()?;
+            Some((addr, v.node_id, PeerHealth::from_status(s)))
+        })
+        .collect()
+}
+
 pub async fn list(State(app): State<Shared>) -> Result<Response, ApiError> {
+    let peers = peer_health(&app);
     let forced = app.health.forced();
     let names: HashMap<_, _> = app
         .health
@@ -168,9 +184,7 @@ pub async fn list(State(app): State<Shared>) -> Result<Response, ApiError> {
         .statuses()
         .into_iter()
         .map(|(t, s)| {
-            let red = forced
-                .iter()
-                .any(|f| f.ip == t.ip && (f.port == 0 || f.port == t.port));
+            let red = crate::health::controller::is_forced(&forced, &t);
             let name = names
                 .get(&t)
                 .cloned()
@@ -194,6 +208,16 @@ pub async fn list(State(app): State<Shared>) -> Result<Response, ApiError> {
                 "lastError": s.last.and_then(|r| r.err()).map(|f| f.name()),
                 "stateSeconds": s.since.elapsed().as_secs_f64(),
                 "transitions": s.tracker.transitions,
+                // Each peer's verdict on the same target (its sync status): "unknown" when
+                // its list of down targets was cut short.
+                "peerStates": peers.iter().map(|(addr, node, p)| {
+                    let k = Key { ip: t.ip, port: t.port, kind: t.kind };
+                    json!({
+                        "peer": addr.to_string(),
+                        "node": node,
+                        "state": p.state(&k).map_or("unknown", |x| x.name()),
+                    })
+                }).collect::<Vec<_>>(),
             })
         })
         .collect();

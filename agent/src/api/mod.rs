@@ -504,6 +504,10 @@ async fn prometheus(State(app): State<Shared>) -> Result<Response, ApiError> {
                     crate::ha::control::record_metrics(h);
                 }
                 crate::health::controller::record_metrics(&app2.health);
+                crate::health::controller::record_peer_metrics(
+                    &app2.health,
+                    &health::peer_health(&app2),
+                );
             })
         })
     })

@@ -340,6 +340,7 @@ fn ep_table(v: &Value) -> String {
                     Value::String(x) => x.clone(),
                     _ => "-".into(),
                 },
+                peers_cell(e),
             ]
         })
         .collect();
@@ -353,9 +354,35 @@ fn ep_table(v: &Value) -> String {
             "STATE",
             "MIN/AVG/MAX",
             "LAST ERROR",
+            "PEERS",
         ],
         rows,
     )
+}
+
+/// Each sync peer's verdict on the target, `!` where it disagrees with this node's (one
+/// keeps the endpoint in selection, the other takes it out).
+fn peers_cell(e: &Value) -> String {
+    let ours_out = s(&e["currState"]) != "ok";
+    let cells: Vec<String> = e["peerStates"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| {
+            let who = match &p["node"] {
+                Value::Number(n) => format!("node{n}"),
+                _ => s(&p["peer"]),
+            };
+            let st = s(&p["state"]);
+            let differs = st != "unknown" && (st != "ok") != ours_out;
+            format!("{who}:{st}{}", if differs { "!" } else { "" })
+        })
+        .collect();
+    if cells.is_empty() {
+        "-".into()
+    } else {
+        cells.join(",")
+    }
 }
 
 fn ct_table(v: &Value) -> String {
@@ -768,6 +795,27 @@ fn endpoint_arg(e: &str) -> Result<(String, u16)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn endpoint_table_marks_peers_that_disagree() {
+        let v = serde_json::json!({"Attr": [
+            {"hostName": "10.0.0.1", "name": "a", "probeType": "tcp", "probePort": 80,
+             "probeDuration": 1, "inactiveReTries": 2, "currState": "ok",
+             "peerStates": [{"peer": "10.0.0.9:22222", "node": 1, "state": "nok"},
+                            {"peer": "10.0.0.8:22222", "node": null, "state": "ok"}]},
+            {"hostName": "10.0.0.2", "name": "b", "probeType": "udp", "probePort": 53,
+             "probeDuration": 1, "inactiveReTries": 2, "currState": "red",
+             "peerStates": [{"peer": "10.0.0.9:22222", "node": 1, "state": "nok"},
+                            {"peer": "10.0.0.8:22222", "node": 2, "state": "unknown"}]},
+            {"hostName": "10.0.0.3", "name": "c", "probeType": "tcp", "probePort": 81,
+             "probeDuration": 1, "inactiveReTries": 2, "currState": "ok"}
+        ]});
+        let t = ep_table(&v);
+        assert!(t.contains("PEERS"), "{t}");
+        assert!(t.contains("node1:nok!,10.0.0.8:22222:ok"), "{t}");
+        assert!(t.contains("node1:nok,node2:unknown"), "{t}");
+        assert!(!t.contains("node1:nok!,node2"), "{t}");
+    }
 
     #[test]
     fn endpoint_arguments_of_both_families() {

@@ -17,7 +17,7 @@ use ferrolb_consync::pb;
 /// statistics map, so the datapath counts nothing for it (the translation still works).
 pub const SVC_UNKNOWN: u32 = 0x07ff_ffff;
 
-fn addr(ip: IpAddr) -> pb::Addr {
+pub(crate) fn addr(ip: IpAddr) -> pb::Addr {
     pb::Addr {
         ip: match ip {
             IpAddr::V4(a) => a.octets().to_vec(),
@@ -26,7 +26,7 @@ fn addr(ip: IpAddr) -> pb::Addr {
     }
 }
 
-fn ip_of(a: Option<&pb::Addr>) -> Option<IpAddr> {
+pub(crate) fn ip_of(a: Option<&pb::Addr>) -> Option<IpAddr> {
     let b = &a?.ip;
     match b.len() {
         4 => Some(IpAddr::from(<[u8; 4]>::try_from(b.as_slice()).ok()?)),

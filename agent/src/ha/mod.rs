@@ -308,6 +308,8 @@ pub struct Ha {
     pub counters: HaCounters,
     /// Where the next bulk write starts (see [`cpus`]).
     cpu_cursor: std::sync::atomic::AtomicUsize,
+    /// This node's endpoint-health verdicts, carried in its status.
+    health_view: OnceLock<crate::health::view::SharedView>,
 }
 
 /// One instance's role, as reported.
@@ -362,8 +364,14 @@ impl Ha {
             wake: tokio::sync::Notify::new(),
             counters: HaCounters::default(),
             cpu_cursor: std::sync::atomic::AtomicUsize::new(0),
+            health_view: OnceLock::new(),
             cfg,
         }
+    }
+
+    /// The endpoint-health view this node's status carries to its peers.
+    pub fn set_health_view(&self, v: crate::health::view::SharedView) {
+        let _ = self.health_view.set(v);
     }
 
     fn st(&self) -> std::sync::MutexGuard<'_, State> {
@@ -861,10 +869,20 @@ impl Node for Ha {
                 })
                 .collect()
         };
+        let st_ready = st.ready;
+        drop(st);
+        let (endpoints_down, endpoints_down_total, endpoints_probed) = self
+            .health_view
+            .get()
+            .map(|v| (*crate::health::view::read(v)).clone())
+            .unwrap_or_default();
         pb::NodeStatus {
             node_id: u32::from(self.cfg.node_id),
-            ready: st.ready,
+            ready: st_ready,
             instances,
+            endpoints_down,
+            endpoints_down_total,
+            endpoints_probed,
         }
     }
 
@@ -901,7 +919,10 @@ impl Node for Ha {
                 }
                 Some(s) => {
                     v.node_id = Some(s.node_id);
-                    v.status = Some(s.clone());
+                    let mut s = s.clone();
+                    // What a peer may make us keep: its view is read at most this far.
+                    s.endpoints_down.truncate(crate::health::view::MAX_LISTED);
+                    v.status = Some(s);
                     v.connected = true;
                     v.heard = Some(Instant::now());
                     if !v.fresh_status {
@@ -1001,6 +1022,7 @@ mod tests {
                 role: st.role.pb() as i32,
                 term: st.term,
             }],
+            ..Default::default()
         }
     }
 

@@ -166,6 +166,8 @@ pub struct Health {
     saving: tokio::sync::Mutex<()>,
     wake: tokio::sync::Notify,
     sem: Arc<tokio::sync::Semaphore>,
+    /// This node's verdicts as its peers get them (in its sync status).
+    view: super::view::SharedView,
     pub counters: Counters,
 }
 
@@ -221,6 +223,7 @@ impl Health {
             saving: tokio::sync::Mutex::new(()),
             wake: tokio::sync::Notify::new(),
             sem: Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT)),
+            view: super::view::SharedView::default(),
             counters: Counters::default(),
         })
     }
@@ -367,6 +370,48 @@ impl Health {
         self.forced_set().iter().cloned().collect()
     }
 
+    /// The view this node's sync status carries (kept current by the apply loop).
+    pub fn shared_view(&self) -> super::view::SharedView {
+        self.view.clone()
+    }
+
+    /// This node's view now: each target's state as `currState` shows it.
+    pub fn view(&self) -> super::view::View {
+        use super::view::{Key, State};
+        let forced = self.forced();
+        let st = self.st();
+        let mut states: BTreeMap<Key, State> = BTreeMap::new();
+        for (t, s) in st.iter() {
+            let state = if is_forced(&forced, t) {
+                State::Forced
+            } else if s.tracker.up {
+                State::Up
+            } else {
+                State::Down
+            };
+            let k = Key {
+                ip: t.ip,
+                port: t.port,
+                kind: t.kind,
+            };
+            // Targets that differ only by source (one-arm rules with different egress
+            // addresses): the one held out wins.
+            states
+                .entry(k)
+                .and_modify(|x| {
+                    if *x == State::Up {
+                        *x = state;
+                    }
+                })
+                .or_insert(state);
+        }
+        super::view::View { states }
+    }
+
+    fn publish_view(&self) {
+        super::view::write(&self.view, &self.view());
+    }
+
     fn verdicts(&self) -> Verdicts {
         Verdicts {
             down: self
@@ -481,6 +526,8 @@ impl Health {
             }
             if removed {
                 self.wake.notify_one();
+            } else {
+                self.publish_view();
             }
             // Reap finished (aborted) tasks so the set does not grow.
             while set.try_join_next().is_some() {}
@@ -498,6 +545,7 @@ impl Health {
             // Endpoints that fail together (a node died) go out together.
             tokio::time::sleep(Duration::from_millis(5)).await;
             let v = self.verdicts();
+            self.publish_view();
             match self.engine.call(move |e| e.set_health(v)).await {
                 Ok(0) => {}
                 Ok(n) => info!(rules = n, "endpoint health applied to the datapath"),
@@ -507,6 +555,37 @@ impl Health {
                 }
             }
         }
+    }
+}
+
+/// Forced down (`POST /config/endpointhoststate` red): the host, on every port or this one.
+pub fn is_forced(forced: &[Forced], t: &Target) -> bool {
+    forced
+        .iter()
+        .any(|f| f.ip == t.ip && (f.port == 0 || f.port == t.port))
+}
+
+/// How this node's endpoint verdicts compare with each sync peer's (from its status).
+pub fn record_peer_metrics(
+    h: &Health,
+    peers: &[(std::net::SocketAddr, Option<u32>, super::view::PeerHealth)],
+) {
+    use crate::metrics::gauge;
+    let ours = h.view();
+    for (addr, _, p) in peers {
+        let l = [("peer", addr.to_string())];
+        gauge(
+            "ferrolb_endpoint_view_disagreements",
+            "Probe targets this node probes on which the peer decides otherwise (one keeps the endpoint in selection, the other takes it out).",
+            &l,
+            super::view::disagreements(&ours, p).len() as f64,
+        );
+        gauge(
+            "ferrolb_peer_endpoints_down",
+            "Probe targets the peer holds down (failing or forced), as its sync status reports.",
+            &l,
+            f64::from(p.down_total),
+        );
     }
 }
 

@@ -10,6 +10,7 @@
 
 pub mod controller;
 pub mod probe;
+pub mod view;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
