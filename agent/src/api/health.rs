@@ -156,22 +156,31 @@ fn go_duration(d: Option<Duration>) -> String {
     }
 }
 
-/// Each sync peer's endpoint-health view, from its last status: (peer, node id, view).
-pub fn peer_health(app: &Shared) -> Vec<(std::net::SocketAddr, Option<u32>, PeerHealth)> {
+/// Each sync peer's endpoint-health view, from its last status: (peer, node id, view);
+/// `None` for a peer whose channel is down (its last view only grows stale) or that sent
+/// no status yet.
+pub fn peer_health(app: &Shared) -> Vec<(std::net::SocketAddr, Option<u32>, Option<PeerHealth>)> {
     let Some(ha) = &app.ha else {
         return Vec::new();
     };
     ha.peer_views()
         .into_iter()
-        .filter_map(|(addr, v)| {
-            let s = v.status.as_ref()?;
-            Some((addr, v.node_id, PeerHealth::from_status(s)))
+        .map(|(addr, v)| {
+            let view = v
+                .status
+                .as_ref()
+                .filter(|_| v.connected)
+                .map(PeerHealth::from_status);
+            (addr, v.node_id, view)
         })
         .collect()
 }
 
 pub async fn list(State(app): State<Shared>) -> Result<Response, ApiError> {
-    let peers = peer_health(&app);
+    let peers: Vec<_> = peer_health(&app)
+        .into_iter()
+        .filter_map(|(a, n, p)| Some((a, n, p?)))
+        .collect();
     let forced = app.health.forced();
     let names: HashMap<_, _> = app
         .health

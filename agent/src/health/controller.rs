@@ -568,23 +568,29 @@ pub fn is_forced(forced: &[Forced], t: &Target) -> bool {
 /// How this node's endpoint verdicts compare with each sync peer's (from its status).
 pub fn record_peer_metrics(
     h: &Health,
-    peers: &[(std::net::SocketAddr, Option<u32>, super::view::PeerHealth)],
+    peers: &[(
+        std::net::SocketAddr,
+        Option<u32>,
+        Option<super::view::PeerHealth>,
+    )],
 ) {
     use crate::metrics::gauge;
     let ours = h.view();
     for (addr, _, p) in peers {
         let l = [("peer", addr.to_string())];
+        // A peer out of reach: 0, not its last (stale) figures.
         gauge(
             "ferrolb_endpoint_view_disagreements",
-            "Probe targets this node probes on which the peer decides otherwise (one keeps the endpoint in selection, the other takes it out).",
+            "Probe targets this node probes on which the peer decides otherwise (one keeps the endpoint in selection, the other takes it out); 0 while the peer's sync channel is down.",
             &l,
-            super::view::disagreements(&ours, p).len() as f64,
+            p.as_ref()
+                .map_or(0, |p| super::view::disagreements(&ours, p).len()) as f64,
         );
         gauge(
             "ferrolb_peer_endpoints_down",
-            "Probe targets the peer holds down (failing or forced), as its sync status reports.",
+            "Probe targets the peer holds down (failing or forced), as its sync status reports; 0 while its sync channel is down.",
             &l,
-            f64::from(p.down_total),
+            p.as_ref().map_or(0.0, |p| f64::from(p.down_total)),
         );
     }
 }
