@@ -193,7 +193,7 @@ pub async fn list(State(app): State<Shared>) -> Result<Response, ApiError> {
         .statuses()
         .into_iter()
         .map(|(t, s)| {
-            let red = crate::health::controller::is_forced(&forced, &t);
+            let state = crate::health::controller::target_state(&forced, &t, &s);
             let name = names
                 .get(&t)
                 .cloned()
@@ -210,7 +210,7 @@ pub async fn list(State(app): State<Shared>) -> Result<Response, ApiError> {
                 "minDelay": go_duration(s.min),
                 "avgDelay": go_duration(s.avg()),
                 "maxDelay": go_duration(s.max),
-                "currState": if red { "red" } else if s.tracker.up { "ok" } else { "nok" },
+                "currState": state.name(),
                 // ferrolb's additions:
                 "sourceIP": t.source.map(|a| a.to_string()),
                 "probes": s.probes,

@@ -382,13 +382,7 @@ impl Health {
         let st = self.st();
         let mut states: BTreeMap<Key, State> = BTreeMap::new();
         for (t, s) in st.iter() {
-            let state = if is_forced(&forced, t) {
-                State::Forced
-            } else if s.tracker.up {
-                State::Up
-            } else {
-                State::Down
-            };
+            let state = target_state(&forced, t, s);
             let k = Key {
                 ip: t.ip,
                 port: t.port,
@@ -563,6 +557,19 @@ pub fn is_forced(forced: &[Forced], t: &Target) -> bool {
     forced
         .iter()
         .any(|f| f.ip == t.ip && (f.port == 0 || f.port == t.port))
+}
+
+/// A target's state as `currState` and the cluster view name it: forced down, else its
+/// probes' verdict.
+pub fn target_state(forced: &[Forced], t: &Target, s: &Status) -> super::view::State {
+    use super::view::State;
+    if is_forced(forced, t) {
+        State::Forced
+    } else if s.tracker.up {
+        State::Up
+    } else {
+        State::Down
+    }
 }
 
 /// How this node's endpoint verdicts compare with each sync peer's (from its status).

@@ -25,15 +25,6 @@ pub struct Key {
     pub kind: ProbeKind,
 }
 
-impl std::fmt::Display for Key {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.ip {
-            IpAddr::V4(a) => write!(f, "{} {a}:{}", self.kind.name(), self.port),
-            IpAddr::V6(a) => write!(f, "{} [{a}]:{}", self.kind.name(), self.port),
-        }
-    }
-}
-
 /// A target's state, as `currState` names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum State {
