@@ -255,6 +255,14 @@ pub fn record(m: &Metrics, d: &DatapathSnapshot) {
         ("rewrite_failed", Counter::DropMalformed),
         ("no_flow", Counter::DropNoFlow),
         ("arp_standby", Counter::ArpSuppressed),
+        ("not_syn", Counter::DropNotSyn),
+        ("ip_header", Counter::DropIpHeader),
+        ("ip_length", Counter::DropIpLength),
+        ("ttl_zero", Counter::DropTtl),
+        ("tcp_header", Counter::DropTcpHeader),
+        ("tcp_flags", Counter::DropTcpFlags),
+        ("udp_length", Counter::DropUdpLength),
+        ("vlan_tagged", Counter::DropVlan),
     ] {
         counter(
             "ferrolb_datapath_drops_total",
@@ -295,6 +303,24 @@ pub fn record(m: &Metrics, d: &DatapathSnapshot) {
         "Source-NAT port allocations that needed more than 8 probes (a pool filling up).",
         &[],
         c(Counter::NatHard),
+    );
+    counter(
+        "ferrolb_nat_port_halfopen_takeovers_total",
+        "Source-NAT ports taken from half-open flows idle for seconds while their pool was under pressure (a SYN flood).",
+        &[],
+        c(Counter::HalfOpenTakeover),
+    );
+    counter(
+        "ferrolb_tcp_state_changes_ignored_total",
+        "RSTs and FINs outside the tracked sequence window: forwarded, but the flow's state was left as it was.",
+        &[],
+        c(Counter::TcpStateIgnored),
+    );
+    counter(
+        "ferrolb_tcp_out_of_window_total",
+        "TCP segments outside the tracked sequence window (forwarded, not used to track the flow).",
+        &[],
+        c(Counter::TcpOutOfWindow),
     );
     counter(
         "ferrolb_nat_port_takeovers_total",

@@ -12,7 +12,7 @@
 #ifndef FERROLB_H
 #define FERROLB_H
 
-#define FLB_LAYOUT_VERSION 5
+#define FLB_LAYOUT_VERSION 6
 
 #define FLB_MAX_ENDPOINTS 32
 /* Lookup-table length per endpoint set: a prime, >= 100 x FLB_MAX_ENDPOINTS
@@ -50,12 +50,33 @@
 #define FLB_TO_FIN_WAIT_S 120
 #define FLB_TO_TIME_WAIT_S 10
 #define FLB_TO_CLOSE_S 10
+/* A DNAT flow picked up mid-stream (no SYN seen) until a reply segment confirms it. */
+#define FLB_TO_PICKUP_S 10
+
+/* Source-NAT pools under pressure: a half-open flow (SYN_SENT, SYN_RECV or an unconfirmed
+ * pick-up) idle this long gives its port up to a new flow. Probes past FLB_NAT_EASY_PROBES
+ * take half-open occupants idle FLB_HALFOPEN_IDLE_NS; probes past FLB_HALFOPEN_HARD_PROBE,
+ * idle FLB_HALFOPEN_IDLE_HARD_NS: the oldest go first. */
+#define FLB_HALFOPEN_IDLE_NS 3000000000ULL
+#define FLB_HALFOPEN_HARD_PROBE 64
+#define FLB_HALFOPEN_IDLE_HARD_NS 1000000000ULL
+
+/* TCP sequence tracking (flb_ct.seq_next / ack_seen, per direction). A segment changes what
+ * is tracked only if its end is within FLB_SEQ_WINDOW of the direction's highest end seen and
+ * its acknowledgment within FLB_SEQ_WINDOW of the highest seen; an RST changes the flow's
+ * state only if its sequence number is within FLB_RST_WINDOW of the sender's next sequence
+ * number (RFC 5961 section 3: the end host answers an in-window one with a challenge ACK). */
+#define FLB_SEQ_WINDOW (1 << 24)
+#define FLB_RST_WINDOW (1 << 17)
 
 /* flb_ct.flags */
 #define FLB_CTF_LOCAL 0x01  /* created by this node's datapath */
 #define FLB_CTF_SYNCED 0x02 /* installed from a peer's sync stream: never idle here (the
                              * agent removes it when its origin does, or adopts it) */
 #define FLB_CTF_LC 0x04     /* counted in ep_conns (least-connections) */
+#define FLB_CTF_PICKUP 0x08 /* DNAT TCP picked up mid-stream, no reply yet: FLB_TO_PICKUP_S */
+#define FLB_CTF_SEQ 0x10    /* seq_next holds this direction's tracked next sequence number */
+#define FLB_CTF_ACK 0x20    /* ack_seen holds this direction's highest acknowledgment */
 
 /* flb_ct.fin */
 #define FLB_FIN_ORIG 0x01
@@ -98,7 +119,31 @@
 #define FLB_CNT_FALLBACK_FRAG_NEEDED 16
 #define FLB_CNT_FALLBACK_TTL 17
 #define FLB_CNT_FALLBACK_OTHER 18
-#define FLB_CNT_MAX 19
+/* Malformed packets addressed to a VIP or to a tracked flow, dropped before any flow is
+ * created (the kernel would drop them too): IPv4 version or header length wrong; IP total
+ * or payload length shorter than the header or longer than the frame; TTL or hop limit 0;
+ * TCP header truncated or its data offset out of bounds; a TCP flag combination no TCP
+ * sends (the kernel conntrack's table: null, SYN+FIN, SYN+RST, FIN without ACK, ...); a
+ * UDP length shorter than its header or longer than the packet; an 802.1Q-tagged frame
+ * (VLAN id not 0) on the untagged interface the datapath is attached to. */
+#define FLB_CNT_DROP_IP_HEADER 19
+#define FLB_CNT_DROP_IP_LENGTH 20
+#define FLB_CNT_DROP_TTL 21
+#define FLB_CNT_DROP_TCP_HEADER 22
+#define FLB_CNT_DROP_TCP_FLAGS 23
+#define FLB_CNT_DROP_UDP_LENGTH 24
+#define FLB_CNT_DROP_VLAN 25
+/* A TCP segment that is not a SYN, matches no flow and is addressed to a one-arm or full-NAT
+ * service: it never creates a flow (the endpoint could not know a new source port). */
+#define FLB_CNT_DROP_NOT_SYN 26
+/* An RST (or FIN) whose sequence number is outside the tracked window: forwarded, but the
+ * flow's state is left as it was. */
+#define FLB_CNT_TCP_STATE_IGNORED 27
+/* Segments outside the tracked window (not used to track the flow; forwarded). */
+#define FLB_CNT_TCP_OUT_OF_WINDOW 28
+/* Half-open flows whose source-NAT port a new flow took (pool under pressure). */
+#define FLB_CNT_HALFOPEN_TAKEOVER 29
+#define FLB_CNT_MAX 30
 
 /* Source-NAT ports (one-arm, full NAT; ICMP: echo identifiers): 1024..65535. */
 #define FLB_NAT_PORT_LO 1024
@@ -208,6 +253,8 @@ struct flb_ct {
 	__u8 flags;
 	__u8 mode;
 	__u32 fin; /* FLB_FIN_* bits, set with atomic or (both directions race at close) */
+	__u32 seq_next; /* TCP, host order: the next sequence number this direction sends */
+	__u32 ack_seen; /* TCP, host order: the highest acknowledgment this direction sent */
 	__u64 created_ns; /* CLOCK_MONOTONIC */
 	__u64 last_ns;
 	__u64 packets;

@@ -185,6 +185,15 @@ struct {
 	__uint(max_entries, 1);
 } ha_flags SEC(".maps");
 
+/* Per-CPU scratch for the entry a new flow is built in (the BPF stack is 512 bytes, shared
+ * with the bpf_loop callback of the port search). Not pinned. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct flb_ct);
+	__uint(max_entries, 1);
+} ct_scratch SEC(".maps");
+
 /* When the datapath last told the agent of source-NAT port pressure (index 0, ns). */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -227,6 +236,12 @@ struct pkt {
 	__u8 is_icmp_err;
 	__u8 frag;
 	__u8 nd_solicit; /* an ICMPv6 neighbour solicitation (not balanced; see nd_vip) */
+	__u8 bad;        /* FLB_CNT_DROP_* of a malformed packet (0: well formed) */
+	__u8 l4ok;       /* sport/dport were read (a malformed packet may still have them) */
+	__u32 l3end;     /* end of the IP packet (offset from the frame start) */
+	__u32 seq;       /* TCP, host order */
+	__u32 ack;       /* TCP, host order */
+	__u32 plen;      /* TCP payload length */
 };
 
 static __always_inline void addr_cp(__u32 *d, const __u32 *s)
@@ -267,22 +282,78 @@ static __always_inline __u32 l4_csum_off(__u8 proto)
 	return offsetof(struct icmphdr, checksum);
 }
 
-/* The L4 header fields we need, at p->l4off. Returns 0 or -1 to pass the packet. */
+/* Flag combinations a TCP sends, as the kernel's conntrack lists them (tcp_valid_flags),
+ * after masking PSH and the ECN bits: SYN, SYN+URG, SYN+ACK, RST, RST+ACK, FIN+ACK,
+ * FIN+ACK+URG, ACK, ACK+URG. Everything else (null, SYN+FIN, SYN+RST, FIN alone, all flags,
+ * ...) is a scan or a forgery. */
+static __always_inline int tcp_flags_valid(__u8 f)
+{
+	f &= 0x37; /* FIN SYN RST ACK URG */
+	switch (f) {
+	case 0x02:
+	case 0x22:
+	case 0x12:
+	case 0x04:
+	case 0x14:
+	case 0x11:
+	case 0x31:
+	case 0x10:
+	case 0x30:
+		return 1;
+	default:
+		return 0;
+	}
+}
+
+/* The first reason a packet is malformed is the one counted. */
+static __always_inline void set_bad(struct pkt *p, __u8 reason)
+{
+	if (!p->bad)
+		p->bad = reason;
+}
+
+/* The L4 header fields we need, at p->l4off. Returns 0 or -1 to pass the packet; a
+ * malformed header returns 0 with p->bad set. */
 static __always_inline int parse_l4(struct __sk_buff *skb, struct pkt *p, __u8 l4proto)
 {
 	if (l4proto == IPPROTO_TCP) {
 		struct tcphdr tcp;
-		if (bpf_skb_load_bytes(skb, p->l4off, &tcp, sizeof(tcp)) < 0)
-			return -1;
+		if (p->l4off + sizeof(tcp) > p->l3end ||
+		    bpf_skb_load_bytes(skb, p->l4off, &tcp, sizeof(tcp)) < 0) {
+			set_bad(p, FLB_CNT_DROP_TCP_HEADER);
+			return 0;
+		}
 		p->sport = tcp.source;
 		p->dport = tcp.dest;
+		p->l4ok = 1;
 		p->tcp_flags = ((__u8 *)&tcp)[13];
+		__u32 hl = (__u32)tcp.doff * 4;
+		if (hl < sizeof(tcp) || p->l4off + hl > p->l3end) {
+			set_bad(p, FLB_CNT_DROP_TCP_HEADER);
+			return 0;
+		}
+		if (!tcp_flags_valid(p->tcp_flags)) {
+			set_bad(p, FLB_CNT_DROP_TCP_FLAGS);
+			return 0;
+		}
+		p->seq = bpf_ntohl(tcp.seq);
+		p->ack = bpf_ntohl(tcp.ack_seq);
+		p->plen = p->l3end - p->l4off - hl;
 	} else if (l4proto == IPPROTO_UDP) {
 		struct udphdr udp;
-		if (bpf_skb_load_bytes(skb, p->l4off, &udp, sizeof(udp)) < 0)
-			return -1;
+		if (p->l4off + sizeof(udp) > p->l3end ||
+		    bpf_skb_load_bytes(skb, p->l4off, &udp, sizeof(udp)) < 0) {
+			set_bad(p, FLB_CNT_DROP_UDP_LENGTH);
+			return 0;
+		}
 		p->sport = udp.source;
 		p->dport = udp.dest;
+		p->l4ok = 1;
+		__u32 ulen = bpf_ntohs(udp.len);
+		if (ulen < sizeof(udp) || p->l4off + ulen > p->l3end) {
+			set_bad(p, FLB_CNT_DROP_UDP_LENGTH);
+			return 0;
+		}
 	} else if (l4proto == IPPROTO_ICMP || l4proto == IPPROTO_ICMPV6) {
 		struct icmphdr icmp;
 		if (bpf_skb_load_bytes(skb, p->l4off, &icmp, sizeof(icmp)) < 0)
@@ -305,6 +376,7 @@ static __always_inline int parse_l4(struct __sk_buff *skb, struct pkt *p, __u8 l
 			return -1;
 		}
 		p->proto = IPPROTO_ICMP;
+		p->l4ok = 1;
 	} else {
 		return -1;
 	}
@@ -312,30 +384,86 @@ static __always_inline int parse_l4(struct __sk_buff *skb, struct pkt *p, __u8 l
 }
 
 /* Parse Ethernet + IPv4 or IPv6 + the L4 header fields we need. Returns 0 when the packet
- * has a parsable L4 header (or is a fragment), -1 to pass it untouched. */
-static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
+ * has a parsable L4 header (or is a fragment, or is malformed: p->bad), -1 to pass it
+ * untouched.
+ *
+ * A global function: the verifier checks it once, on its own, and the caller continues with
+ * the fields of *p as unknown values, instead of re-verifying the rest of the program for
+ * every path through the parser (that took the program past the verifier's 1M-instruction
+ * budget; with it the whole program verifies in ~0.27M). */
+__noinline int parse(struct __sk_buff *skb, struct pkt *p)
 {
+	if (!p)
+		return -1;
 	void *data = (void *)(long)skb->data;
 	void *end = (void *)(long)skb->data_end;
 	struct ethhdr *eth = data;
 	if ((void *)(eth + 1) > end)
 		return -1;
 	p->len = skb->len;
+	/* The stack has moved an 802.1Q tag into the skb by now. VLAN 0 is a priority tag (the
+	 * kernel treats such a frame as untagged); any other VLAN does not belong to the
+	 * untagged interface this program is attached to, and the kernel would drop it. */
+	if (skb->vlan_present && (skb->vlan_tci & 0x0fff) != 0)
+		p->bad = FLB_CNT_DROP_VLAN;
+	/* A tag still in the frame (a stack that did not move it into the skb, a test run): the
+	 * same, judged by the inner header's destination. */
+	if (eth->h_proto == bpf_htons(ETH_P_8021Q) || eth->h_proto == bpf_htons(ETH_P_8021AD)) {
+		__u16 inner;
+		if (bpf_skb_load_bytes(skb, ETH_HLEN_ + 2, &inner, sizeof(inner)) < 0)
+			return -1;
+		if (inner == bpf_htons(ETH_P_IP)) {
+			struct iphdr ih;
+			if (bpf_skb_load_bytes(skb, ETH_HLEN_ + 4, &ih, sizeof(ih)) < 0)
+				return -1;
+			p->family = FLB_FAMILY_V4;
+			p->daddr[0] = ih.daddr;
+			p->proto = ih.protocol;
+		} else if (inner == bpf_htons(ETH_P_IPV6)) {
+			struct ip6hdr_ ih6;
+			if (bpf_skb_load_bytes(skb, ETH_HLEN_ + 4, &ih6, sizeof(ih6)) < 0)
+				return -1;
+			p->family = FLB_FAMILY_V6;
+			addr_cp(p->daddr, ih6.daddr);
+			p->proto = ih6.nexthdr == IPPROTO_ICMPV6 ? IPPROTO_ICMP : ih6.nexthdr;
+		} else {
+			return -1;
+		}
+		p->bad = FLB_CNT_DROP_VLAN;
+		return 0;
+	}
+	/* A GSO packet built by GRO may have a zero IP length (BIG TCP): it ends with the skb. */
+	int big = skb->gso_size != 0;
 	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
 		struct iphdr *ip = (void *)(eth + 1);
 		if ((void *)(ip + 1) > end)
 			return -1;
-		if (ip->ihl < 5 || ip->version != 4)
-			return -1;
 		p->family = FLB_FAMILY_V4;
-		p->l4off = ETH_HLEN_ + ip->ihl * 4;
 		p->saddr[0] = ip->saddr;
 		p->daddr[0] = ip->daddr;
 		p->proto = ip->protocol;
+		if (ip->ihl < 5 || ip->version != 4) {
+			set_bad(p, FLB_CNT_DROP_IP_HEADER);
+			return 0;
+		}
+		p->l4off = ETH_HLEN_ + ip->ihl * 4;
+		__u32 tot = bpf_ntohs(ip->tot_len);
+		__u32 avail = skb->len - ETH_HLEN_;
+		if (tot == 0 && big)
+			tot = avail;
+		if (tot < (__u32)ip->ihl * 4 || tot > avail) {
+			set_bad(p, FLB_CNT_DROP_IP_LENGTH);
+			return 0;
+		}
+		p->l3end = ETH_HLEN_ + tot;
+		if (ip->ttl == 0)
+			set_bad(p, FLB_CNT_DROP_TTL);
 		p->frag = (ip->frag_off & bpf_htons(IP_MF | IP_OFFSET)) != 0;
 		if (p->frag)
 			return 0;
-		return parse_l4(skb, p, ip->protocol);
+		/* With a bad IP header, the ports are still read to find the flow it claims. */
+		int rc = parse_l4(skb, p, ip->protocol);
+		return p->bad ? 0 : rc;
 	}
 	if (eth->h_proto != bpf_htons(ETH_P_IPV6))
 		return -1;
@@ -347,6 +475,18 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 	p->family = FLB_FAMILY_V6;
 	addr_cp(p->saddr, ip6.saddr);
 	addr_cp(p->daddr, ip6.daddr);
+	__u32 plen6 = bpf_ntohs(ip6.payload_len);
+	__u32 avail6 = skb->len - ETH_HLEN_ - sizeof(ip6);
+	if (plen6 == 0 && big)
+		plen6 = avail6;
+	if (plen6 > avail6) {
+		set_bad(p, FLB_CNT_DROP_IP_LENGTH);
+		p->proto = ip6.nexthdr == IPPROTO_ICMPV6 ? IPPROTO_ICMP : ip6.nexthdr;
+		return 0;
+	}
+	p->l3end = ETH_HLEN_ + sizeof(ip6) + plen6;
+	if (ip6.hop_limit == 0)
+		set_bad(p, FLB_CNT_DROP_TTL);
 	__u8 nh = ip6.nexthdr;
 	__u32 off = ETH_HLEN_ + sizeof(ip6);
 	for (int i = 0; i < IP6_MAX_EXT; i++) {
@@ -367,8 +507,9 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 		off += ((__u32)eh[1] + 1) * 8;
 	}
 	p->l4off = off;
-	p->proto = nh;
-	return parse_l4(skb, p, nh);
+	p->proto = nh == IPPROTO_ICMPV6 ? IPPROTO_ICMP : nh;
+	int rc = parse_l4(skb, p, nh);
+	return p->bad ? 0 : rc;
 }
 
 static __always_inline void ct_key(struct flb_ct_key *k, const __u32 *s, const __u32 *d, __u16 sp,
@@ -414,7 +555,10 @@ static __always_inline __u64 ct_timeout_ns(const struct flb_ct *v, __u8 proto)
 {
 	__u32 s = v->timeout_s;
 	if (proto == IPPROTO_TCP) {
-		switch (eff_state(v)) {
+		__u8 st = eff_state(v);
+		if (st == FLB_CT_EST && (v->flags & FLB_CTF_PICKUP))
+			return (__u64)FLB_TO_PICKUP_S * 1000000000ULL;
+		switch (st) {
 		case FLB_CT_SYN_SENT:
 		case FLB_CT_SYN_RECV:
 			s = FLB_TO_SYN_S;
@@ -492,14 +636,77 @@ static __always_inline void lc_dec(const struct flb_ct *v)
 		__sync_fetch_and_add(c, -1);
 }
 
-/* TCP tracking for a segment with SYN, FIN or RST, or of a flow not yet established. Both
- * entries of a flow carry the state (stored in both on a change). The two directions may be
- * processed at once on two CPUs at close time, so FIN bits are set with atomic or in both
- * entries: whichever packet sees both bits closes the flow, and a CLOSED bit makes the close
- * counted (event, least-connections) exactly once. */
-static __always_inline void tcp_track(const struct flb_ct_key *key, struct flb_ct *e, __u8 flags,
-				      __u64 now)
+/* Sequence tracking of one direction (the entry of the packet's key), on every TCP segment
+ * of a tracked flow. The first segment seen in a direction sets what is tracked (a SYN, or
+ * the first segment after a pick-up, a sync or an adoption). After that, a segment is in the
+ * window when its end is within FLB_SEQ_WINDOW of the highest end seen and, since a blind
+ * forger must guess it too, its acknowledgment within FLB_SEQ_WINDOW of the highest seen;
+ * only in-window segments with ACK move what is tracked (an RST never does). Returns 1 for a
+ * segment in the window. Out-of-window segments are forwarded all the same: the end host
+ * judges them (RFC 5961); they only cannot change the flow's state. */
+static __always_inline int seq_track(struct flb_ct *e, const struct pkt *p)
 {
+	__u8 f = p->tcp_flags;
+	__u32 end = p->seq + p->plen + ((f & 0x02) ? 1 : 0) + ((f & 0x01) ? 1 : 0);
+	/* A SYN or SYN-ACK while the handshake is still going starts tracking over: a client
+	 * retrying from the same port with a new initial sequence number. */
+	if (!(e->flags & FLB_CTF_SEQ) || ((f & 0x06) == 0x02 && e->state < FLB_CT_EST)) {
+		if (f & 0x04)
+			return 0;
+		e->seq_next = end;
+		e->ack_seen = p->ack;
+		e->flags |= FLB_CTF_SEQ | ((f & 0x10) ? FLB_CTF_ACK : 0);
+		return 1;
+	}
+	__s32 d = (__s32)(end - e->seq_next);
+	if (d > FLB_SEQ_WINDOW || d < -FLB_SEQ_WINDOW)
+		goto out;
+	if (f & 0x10) {
+		if (e->flags & FLB_CTF_ACK) {
+			__s32 da = (__s32)(p->ack - e->ack_seen);
+			if (da > FLB_SEQ_WINDOW || da < -FLB_SEQ_WINDOW)
+				goto out;
+			if (da > 0 && !(f & 0x04))
+				e->ack_seen = p->ack;
+		} else if (!(f & 0x04)) {
+			e->ack_seen = p->ack;
+			e->flags |= FLB_CTF_ACK;
+		}
+		if (d > 0 && !(f & 0x04))
+			e->seq_next = end;
+	}
+	return 1;
+out:
+	count(FLB_CNT_TCP_OUT_OF_WINDOW);
+	return 0;
+}
+
+/* May this RST change the flow's state? Its sequence number must be within FLB_RST_WINDOW of
+ * the next one its sender is known to send. A direction never seen before (an endpoint
+ * refusing the connection) qualifies with an RST+ACK acknowledging exactly what the other
+ * direction sent (RFC 793: an RST in SYN-SENT is acceptable if it acknowledges the SYN). A
+ * flow whose sequence numbers are not tracked (synced, adopted) is not closed by an RST: the
+ * RST is still forwarded, and the entry times out. */
+static __always_inline int rst_acceptable(const struct flb_ct *e, const struct flb_ct *pe,
+					  const struct pkt *p)
+{
+	if (e->flags & FLB_CTF_SEQ) {
+		__s32 d = (__s32)(p->seq - e->seq_next);
+		return d <= FLB_RST_WINDOW && d >= -FLB_RST_WINDOW;
+	}
+	return (p->tcp_flags & 0x10) && pe && (pe->flags & FLB_CTF_SEQ) && p->ack == pe->seq_next;
+}
+
+/* TCP tracking for a segment with SYN, FIN or RST, of a flow not yet established, or of a
+ * pick-up not yet confirmed. Both entries of a flow carry the state (stored in both on a
+ * change). The two directions may be processed at once on two CPUs at close time, so FIN bits
+ * are set with atomic or in both entries: whichever packet sees both bits closes the flow, and
+ * a CLOSED bit makes the close counted (event, least-connections) exactly once. `inwin`: the
+ * segment is in the tracked window (seq_track); an RST or FIN outside it changes nothing. */
+static __always_inline void tcp_track(const struct flb_ct_key *key, struct flb_ct *e,
+				      const struct pkt *p, int inwin, __u64 now)
+{
+	__u8 flags = p->tcp_flags;
 	__u8 st = eff_state(e);
 	__u8 next = st;
 	int close = 0;
@@ -508,8 +715,16 @@ static __always_inline void tcp_track(const struct flb_ct_key *key, struct flb_c
 	struct flb_ct *pe = bpf_map_lookup_elem(&conntrack, &pk);
 
 	if (flags & 0x04) { /* RST */
+		if (!rst_acceptable(e, pe, p)) {
+			count(FLB_CNT_TCP_STATE_IGNORED);
+			return;
+		}
 		next = FLB_CT_CLOSE;
 		close = 1;
+	} else if (!inwin) {
+		if (flags & 0x01)
+			count(FLB_CNT_TCP_STATE_IGNORED);
+		return;
 	} else if (flags & 0x01) { /* FIN */
 		__u32 bit = e->dir ? FLB_FIN_REPLY : FLB_FIN_ORIG;
 		__u32 seen = __sync_fetch_and_or(&e->fin, bit) | bit;
@@ -529,6 +744,12 @@ static __always_inline void tcp_track(const struct flb_ct_key *key, struct flb_c
 			next = FLB_CT_EST; /* a reply ACK without SYN-ACK: we joined late */
 	} else if (st == FLB_CT_SYN_RECV && e->dir == 0 && (flags & 0x12) == 0x10) {
 		next = FLB_CT_EST;
+	}
+	/* A pick-up is confirmed by the endpoint's side answering with an ACK. */
+	if ((e->flags & FLB_CTF_PICKUP) && e->dir == 1 && (flags & 0x14) == 0x10) {
+		e->flags &= ~FLB_CTF_PICKUP;
+		if (pe)
+			pe->flags &= ~FLB_CTF_PICKUP;
 	}
 	if (next != e->state) {
 		e->state = next;
@@ -710,6 +931,21 @@ static __always_inline int is_vip(const __u32 *daddr, __u8 family, __u8 proto)
 	return bpf_map_lookup_elem(&ranges, &rk) != 0;
 }
 
+/* Is a malformed packet ours to drop: addressed to a VIP (any of its protocols), or
+ * claiming a tracked flow? Anything else is the stack's business (it drops such packets
+ * too, or they belong to an interface we do not serve). */
+static __always_inline int malformed_ours(const struct pkt *p)
+{
+	if (is_vip(p->daddr, p->family, p->proto) || is_vip(p->daddr, p->family, IPPROTO_TCP) ||
+	    is_vip(p->daddr, p->family, IPPROTO_UDP))
+		return 1;
+	if (!p->l4ok)
+		return 0;
+	struct flb_ct_key k;
+	ct_key(&k, p->saddr, p->daddr, p->sport, p->dport, p->proto, p->family);
+	return bpf_map_lookup_elem(&conntrack, &k) != 0;
+}
+
 /* A TCP segment other than a connection-opening SYN, to a VIP, for which the kernel has no
  * socket: the stack would answer it with a reset. Such a segment belongs to a flow this node
  * does not know (yet): the backend side of a full-NAT flow after a takeover, or a flow whose
@@ -787,26 +1023,40 @@ static __always_inline void ct_remove_flow(const struct flb_ct_key *k, struct fl
 	bpf_map_delete_elem(&conntrack, k);
 }
 
-/* May a new flow take the key k that `occ` holds? Only a local entry past its timeout whose
- * flow's other direction is gone or past its timeout too. Claimed with a compare-and-swap
- * on last_ns, so of several CPUs wanting the same port one takes it over. */
-static __always_inline int ct_take_over(const struct flb_ct_key *k, struct flb_ct *occ, __u64 now)
+/* May a new flow take the key k that `occ` holds? A local entry past its timeout whose
+ * flow's other direction is gone or past its timeout too; or, when `halfopen_idle_ns` is not
+ * 0 (a pool under pressure), a local half-open flow (SYN_SENT, SYN_RECV, or a pick-up not yet
+ * confirmed) whose two entries have been idle that long. Claimed with a compare-and-swap on
+ * last_ns, so of several CPUs wanting the same port one takes it over. */
+static __always_inline int ct_take_over(const struct flb_ct_key *k, struct flb_ct *occ, __u64 now,
+					__u64 halfopen_idle_ns)
 {
 	if (occ->flags & FLB_CTF_SYNCED)
 		return 0;
 	__u64 last = occ->last_ns; /* the value the claim below compares against */
-	if (fresh_since(now, last, ct_timeout_ns(occ, k->proto)))
+	__u64 idle = ct_timeout_ns(occ, k->proto);
+	int half = 0;
+	if (halfopen_idle_ns && k->proto == IPPROTO_TCP) {
+		__u8 st = eff_state(occ);
+		if (st == FLB_CT_SYN_SENT || st == FLB_CT_SYN_RECV ||
+		    (st == FLB_CT_EST && (occ->flags & FLB_CTF_PICKUP))) {
+			idle = halfopen_idle_ns;
+			half = 1;
+		}
+	}
+	if (fresh_since(now, last, idle))
 		return 0;
 	struct flb_ct_key pk;
 	ct_peer_key(&pk, k, occ);
 	struct flb_ct *pe = bpf_map_lookup_elem(&conntrack, &pk);
 	if (pe && ct_points_to(pe, k) &&
-	    ((pe->flags & FLB_CTF_SYNCED) || ct_alive(pe, k->proto, now)))
+	    ((pe->flags & FLB_CTF_SYNCED) ||
+	     (half ? fresh_since(now, pe->last_ns, idle) : ct_alive(pe, k->proto, now))))
 		return 0;
 	if (__sync_val_compare_and_swap(&occ->last_ns, last, now) != last)
 		return 0;
 	ct_remove_flow(k, occ, &pk, pe);
-	count(FLB_CNT_NAT_TAKEOVER);
+	count(half ? FLB_CNT_HALFOPEN_TAKEOVER : FLB_CNT_NAT_TAKEOVER);
 	return 1;
 }
 
@@ -838,7 +1088,12 @@ static long nat_probe(__u32 i, void *arg)
 	/* Look before inserting: a refused BPF_NOEXIST insert into an LRU map still takes a
 	 * free node (and may evict someone) first. */
 	struct flb_ct *occ = bpf_map_lookup_elem(&conntrack, &c->rkey);
-	if (occ && !ct_take_over(&c->rkey, occ, c->now))
+	/* Past the easy probes the pool is under pressure: half-open flows give their ports up
+	 * too, those idle longest first. */
+	__u64 half = 0;
+	if (i >= FLB_NAT_EASY_PROBES)
+		half = i < FLB_HALFOPEN_HARD_PROBE ? FLB_HALFOPEN_IDLE_NS : FLB_HALFOPEN_IDLE_HARD_NS;
+	if (occ && !ct_take_over(&c->rkey, occ, c->now, half))
 		return 0;
 	if (bpf_map_update_elem(&conntrack, &c->rkey, c->reply, BPF_NOEXIST) != 0)
 		return 0; /* another CPU took it since the lookup */
@@ -927,9 +1182,12 @@ static __always_inline int ct_create(const struct pkt *p, const struct flb_svc *
 	o->mode = svc->mode;
 	o->created_ns = now;
 	o->last_ns = now;
-	if (p->proto == IPPROTO_TCP && (p->tcp_flags & 0x12) != 0x02)
-		o->state = FLB_CT_EST; /* picked up mid-stream */
-	else if (p->proto == IPPROTO_TCP)
+	if (p->proto == IPPROTO_TCP && (p->tcp_flags & 0x12) != 0x02) {
+		/* Picked up mid-stream (DNAT only: the caller refuses it in the other modes),
+		 * on a short timeout until the endpoint's side answers. */
+		o->state = FLB_CT_EST;
+		o->flags |= FLB_CTF_PICKUP;
+	} else if (p->proto == IPPROTO_TCP)
 		o->state = FLB_CT_SYN_SENT;
 	else
 		o->state = FLB_CT_EST;
@@ -1458,6 +1716,13 @@ int flb_ingress(struct __sk_buff *skb)
 		}
 		return TC_ACT_OK;
 	}
+	if (p.bad) {
+		if (malformed_ours(&p)) {
+			count(p.bad);
+			return TC_ACT_SHOT;
+		}
+		return TC_ACT_OK;
+	}
 	if (p.frag) {
 		if (is_vip(p.daddr, p.family, p.proto)) {
 			count(FLB_CNT_DROP_FRAGMENT);
@@ -1474,7 +1739,7 @@ int flb_ingress(struct __sk_buff *skb)
 	ct_key(&key, p.saddr, p.daddr, p.sport, p.dport, p.proto, p.family);
 	__u64 now = bpf_ktime_get_ns();
 	struct flb_ct *e = bpf_map_lookup_elem(&conntrack, &key);
-	struct flb_ct ce;
+	struct flb_ct *ce = 0;
 	if (e && !ct_live(&key, e, &p, now))
 		e = 0;
 	if (!e) {
@@ -1488,11 +1753,24 @@ int flb_ingress(struct __sk_buff *skb)
 			}
 			return TC_ACT_OK;
 		}
-		if (ct_create(&p, svc, &key, &ce) < 0)
+		/* Only a SYN opens a flow whose source this node chooses: a mid-stream segment
+		 * would get a source port the endpoint never heard of, and a flood of them would
+		 * hold the ports. DNAT keeps the client's source, so it picks flows up (a restart,
+		 * a flow whose sync is in flight), on a short timeout until confirmed. */
+		if (p.proto == IPPROTO_TCP && (p.tcp_flags & 0x12) != 0x02 &&
+		    svc->mode != FLB_MODE_DNAT) {
+			count(FLB_CNT_DROP_NOT_SYN);
+			return TC_ACT_SHOT;
+		}
+		__u32 zero = 0;
+		ce = bpf_map_lookup_elem(&ct_scratch, &zero);
+		if (!ce)
+			return TC_ACT_OK;
+		if (ct_create(&p, svc, &key, ce) < 0)
 			return TC_ACT_SHOT;
 		e = bpf_map_lookup_elem(&conntrack, &key);
 		if (!e)
-			e = &ce; /* evicted already: still translate this packet */
+			e = ce; /* evicted already: still translate this packet */
 	}
 
 	e->last_ns = now;
@@ -1500,9 +1778,12 @@ int flb_ingress(struct __sk_buff *skb)
 	__sync_fetch_and_add(&e->bytes, p.len);
 	/* Data segments of an established flow need no tracking (and no peer lookup). An
 	 * entry that exists only on the stack (evicted at once) is not tracked. */
-	if (p.proto == IPPROTO_TCP && e != &ce &&
-	    ((p.tcp_flags & 0x07) || eff_state(e) < FLB_CT_EST))
-		tcp_track(&key, e, p.tcp_flags, now);
+	if (p.proto == IPPROTO_TCP && e != ce) {
+		int inwin = seq_track(e, &p);
+		if ((p.tcp_flags & 0x07) || eff_state(e) < FLB_CT_EST ||
+		    (e->flags & FLB_CTF_PICKUP))
+			tcp_track(&key, e, &p, inwin, now);
+	}
 	/* Read before the rewrite: `e` may be the stack copy or a map value a peer's sync
 	 * rewrites meanwhile; the counters are charged only for what goes on its way. */
 	__u32 svc_id = e->svc_id;

@@ -7,7 +7,7 @@ use std::mem::{offset_of, size_of};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// The pinned-map layout version (`FLB_LAYOUT_VERSION`); part of the pin path.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 /// Endpoints per service (`FLB_MAX_ENDPOINTS`).
 pub const MAX_ENDPOINTS: usize = 32;
 /// Lookup-table length per endpoint set (`FLB_LUT_SIZE`, a prime).
@@ -37,11 +37,21 @@ pub const TO_SYN_S: u32 = 60;
 pub const TO_FIN_WAIT_S: u32 = 120;
 pub const TO_TIME_WAIT_S: u32 = 10;
 pub const TO_CLOSE_S: u32 = 10;
+/// A DNAT flow picked up mid-stream, until the endpoint's side confirms it.
+pub const TO_PICKUP_S: u32 = 10;
 
 /// Conntrack entry flags.
 pub const CTF_LOCAL: u8 = 0x01;
 pub const CTF_SYNCED: u8 = 0x02;
 pub const CTF_LC: u8 = 0x04;
+/// DNAT TCP picked up mid-stream and not yet confirmed by the endpoint's side.
+pub const CTF_PICKUP: u8 = 0x08;
+/// `seq_next` is tracked for this direction.
+pub const CTF_SEQ: u8 = 0x10;
+/// `ack_seen` is tracked for this direction.
+pub const CTF_ACK: u8 = 0x20;
+/// The flags that describe this node's own tracking of an entry (not carried by sync).
+pub const CTF_TRACKING: u8 = CTF_PICKUP | CTF_SEQ | CTF_ACK;
 
 /// Conntrack state, shared by both entries of a flow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -128,9 +138,32 @@ pub enum Counter {
     FallbackTtl = 17,
     /// ... for any other reason (lightweight tunnels, a failed header access, lookup errors).
     FallbackOther = 18,
+    /// Malformed packets to a VIP or a tracked flow, dropped before any flow is created:
+    /// IPv4 version or header length wrong.
+    DropIpHeader = 19,
+    /// ... IP length shorter than the header or longer than the frame.
+    DropIpLength = 20,
+    /// ... TTL or hop limit 0.
+    DropTtl = 21,
+    /// ... TCP header truncated or its data offset out of bounds.
+    DropTcpHeader = 22,
+    /// ... a TCP flag combination no TCP sends (null, SYN+FIN, SYN+RST, FIN alone, ...).
+    DropTcpFlags = 23,
+    /// ... UDP length shorter than its header or longer than the packet.
+    DropUdpLength = 24,
+    /// ... an 802.1Q-tagged frame (VLAN not 0) on the untagged interface.
+    DropVlan = 25,
+    /// A TCP segment that is not a SYN, matches no flow, to a one-arm or full-NAT service.
+    DropNotSyn = 26,
+    /// An RST or FIN outside the tracked window: forwarded, the flow's state unchanged.
+    TcpStateIgnored = 27,
+    /// Segments outside the tracked window (forwarded, not used for tracking).
+    TcpOutOfWindow = 28,
+    /// Half-open flows whose source-NAT port a new flow took (pool under pressure).
+    HalfOpenTakeover = 29,
 }
 
-pub const COUNTERS: usize = 19;
+pub const COUNTERS: usize = 30;
 
 /// `ha_flags` bit: L2 mode, not MASTER (ARP requests for VIPs are dropped).
 pub const HA_L2_STANDBY: u32 = 0x01;
@@ -299,6 +332,10 @@ pub struct Ct {
     pub mode: u8,
     /// FIN bits (orig 1, reply 2) and 4 once the close was counted.
     pub fin: u32,
+    /// TCP, host order: the next sequence number this direction sends (`CTF_SEQ`).
+    pub seq_next: u32,
+    /// TCP, host order: the highest acknowledgment this direction sent (`CTF_ACK`).
+    pub ack_seen: u32,
     pub created_ns: u64,
     pub last_ns: u64,
     pub packets: u64,
@@ -352,12 +389,13 @@ const _: () = {
     assert!(size_of::<CtKey>() == 40);
     assert!(offset_of!(CtKey, sport) == 32);
     assert!(offset_of!(CtKey, proto) == 36);
-    assert!(size_of::<Ct>() == 88);
+    assert!(size_of::<Ct>() == 96);
     assert!(offset_of!(Ct, svc_id) == 36);
     assert!(offset_of!(Ct, dir) == 48);
     assert!(offset_of!(Ct, fin) == 52);
-    assert!(offset_of!(Ct, created_ns) == 56);
-    assert!(size_of::<CtEvent>() == 136);
+    assert!(offset_of!(Ct, seq_next) == 56);
+    assert!(offset_of!(Ct, created_ns) == 64);
+    assert!(size_of::<CtEvent>() == 144);
     assert!(offset_of!(CtEvent, val) == 48);
     assert!(size_of::<AffinityKey>() == 24);
     assert!(size_of::<Affinity>() == 16);
@@ -458,6 +496,7 @@ impl Ct {
             return self.timeout_s;
         }
         match self.state() {
+            CtState::Established if self.flags & CTF_PICKUP != 0 => TO_PICKUP_S,
             CtState::SynSent | CtState::SynRecv => TO_SYN_S,
             CtState::FinWait => TO_FIN_WAIT_S,
             CtState::TimeWait => TO_TIME_WAIT_S,
@@ -547,12 +586,18 @@ mod tests {
         v.state = CtState::TimeWait.as_u8();
         assert!(v.expired(PROTO_TCP, 10_000_000_001));
         assert_eq!(v.timeout_s(PROTO_UDP), 240);
+        // A pick-up holds 10 s until the endpoint's side confirms it.
+        v.state = CtState::Established.as_u8();
+        v.flags = CTF_PICKUP;
+        assert!(!v.expired(PROTO_TCP, 10_000_000_000));
+        assert!(v.expired(PROTO_TCP, 10_000_000_001));
+        assert_eq!(v.timeout_s(PROTO_UDP), 240);
     }
 
     #[test]
     fn event_decoding_needs_a_whole_record() {
-        assert!(CtEvent::from_bytes(&[0u8; 135]).is_none());
-        let mut b = vec![0u8; 136];
+        assert!(CtEvent::from_bytes(&[0u8; 143]).is_none());
+        let mut b = vec![0u8; 144];
         b[0] = 2;
         assert_eq!(
             CtEvent::from_bytes(&b).unwrap().kind(),

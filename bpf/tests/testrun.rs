@@ -9,6 +9,7 @@
 
 use std::net::Ipv4Addr;
 
+mod attack;
 mod common;
 mod nat;
 
@@ -82,10 +83,16 @@ fn tcp(h: Ip, sport: u16, dport: u16, flags: u8, data: &[u8]) -> Vec<u8> {
 }
 
 fn tcp_seq(h: Ip, sport: u16, dport: u16, seq: u32, flags: u8, data: &[u8]) -> Vec<u8> {
+    tcp_sa(h, sport, dport, seq, 0, flags, data)
+}
+
+/// A TCP segment with sequence and acknowledgment numbers.
+fn tcp_sa(h: Ip, sport: u16, dport: u16, seq: u32, ack: u32, flags: u8, data: &[u8]) -> Vec<u8> {
     let mut t = vec![0u8; 20];
     t[0..2].copy_from_slice(&sport.to_be_bytes());
     t[2..4].copy_from_slice(&dport.to_be_bytes());
     t[4..8].copy_from_slice(&seq.to_be_bytes());
+    t[8..12].copy_from_slice(&ack.to_be_bytes());
     t[12] = 5 << 4;
     t[13] = flags;
     t[14..16].copy_from_slice(&64240u16.to_be_bytes());
@@ -377,15 +384,22 @@ fn dnat_rewrites_both_directions_and_tracks_tcp_states() {
     // A new SYN from the same client port opens a new connection.
     run(&mut dp, &tcp(ip(CLIENT, VIP, 6), 40000, 80, SYN, b""));
     assert_eq!(orig(&dp, 40000, 80, PROTO_TCP).state(), CtState::SynSent);
-    // RST closes it.
+    // The endpoint refuses it: an RST that does not acknowledge the SYN changes nothing
+    // (anyone can send one), one that does (RFC 793, SYN-SENT) closes the flow.
     run(&mut dp, &tcp(ip(EP1, CLIENT, 6), 8080, 40000, RST, b""));
+    assert_eq!(orig(&dp, 40000, 80, PROTO_TCP).state(), CtState::SynSent);
+    run(
+        &mut dp,
+        &tcp_sa(ip(EP1, CLIENT, 6), 8080, 40000, 0, 1001, RST | ACK, b""),
+    );
     assert_eq!(orig(&dp, 40000, 80, PROTO_TCP).state(), CtState::Close);
 
-    // SYN, SYN-ACK, ACK, data, FIN, FIN, SYN, RST: translated, but this namespace has no
+    // SYN, SYN-ACK, ACK, data, FIN, FIN, SYN, RST, RST: translated, but this namespace has no
     // interface to look a route up from, so the stack got them and none counts as served.
     assert_eq!(dp.service_stats(1).packets, 0);
     assert_eq!(dp.endpoint_stats(1, 0).packets, 0);
-    assert_eq!(dp.counters()[Counter::FallbackOther as usize], 8);
+    assert_eq!(dp.counters()[Counter::FallbackOther as usize], 9);
+    assert_eq!(dp.counters()[Counter::TcpStateIgnored as usize], 1);
     // The chunked conntrack reader sees what the listing sees.
     let reader = dp.ct_reader().unwrap();
     let mut b = reader.batches(64);
@@ -498,6 +512,7 @@ fn icmp_errors_are_translated_back_to_the_sender() {
     }
     let mut dp = datapath(0);
     install(&mut dp, &svc(6, 80, PROTO_TCP, 2, 0));
+    run(&mut dp, &tcp(ip(CLIENT, VIP, 6), 40000, 80, SYN, b""));
     let (_, fwd) = run(&mut dp, &tcp(ip(CLIENT, VIP, 6), 40000, 80, ACK, b"data"));
     let nport = u16::from_be(orig(&dp, 40000, 80, PROTO_TCP).nat_sport);
     let router = Ipv4Addr::new(10, 10, 10, 1);

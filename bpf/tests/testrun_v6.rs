@@ -325,6 +325,7 @@ fn v6_packet_too_big_reaches_the_client_about_its_own_packet() {
     }
     let mut dp = datapath();
     install(&mut dp, 1, 80, PROTO_TCP, 2, &[(EP1, 8080)]);
+    run(&mut dp, &tcp(ip(CLIENT, VIP, TCP), 40000, 80, SYN, b""));
     let (_, fwd) = run(&mut dp, &tcp(ip(CLIENT, VIP, TCP), 40000, 80, ACK, b"data"));
     // A router on the backend side cannot forward VIP:nport -> EP1:8080 (MTU 1400).
     let router = Ipv6Addr::new(0xfd00, 0x10, 0, 0, 0, 0, 0, 1);

@@ -186,6 +186,9 @@ pub fn entries_of(
         flags: CTF_SYNCED,
         mode,
         fin: f.fin & 3,
+        // Sequence tracking is this node's own: it starts from the next segment here.
+        seq_next: 0,
+        ack_seen: 0,
         created_ns: now_ns.saturating_sub(f.age_ms.saturating_mul(1_000_000)),
         last_ns: now_ns.saturating_sub(f.idle_ms.saturating_mul(1_000_000)),
         packets: 0,
@@ -243,6 +246,8 @@ mod tests {
             flags: CTF_LOCAL,
             mode: 2,
             fin: 1,
+            seq_next: 0,
+            ack_seen: 0,
             created_ns: 1_000_000_000,
             last_ns: 9_000_000_000,
             packets: 7,

@@ -1,0 +1,414 @@
+//! Hostile input (issue 16): malformed packets are dropped by reason before any flow exists;
+//! a segment that is not a SYN never opens a flow whose source this node chooses; a blind RST
+//! or FIN outside the tracked window changes nothing; half-open flows give their source-NAT
+//! ports up under pressure, established ones never do.
+
+use super::*;
+
+const MODE_FULL: u8 = 2;
+const MODE_ONE_ARM: u8 = 1;
+const OTHER: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 77);
+
+fn counter(dp: &Datapath, c: Counter) -> u64 {
+    dp.counters()[c as usize]
+}
+
+/// A TCP segment to the VIP, then `edit` applied to the whole frame (checksums are not
+/// recomputed: the datapath must judge the headers before anything else).
+fn mangled(flags: u8, edit: impl Fn(&mut Vec<u8>)) -> Vec<u8> {
+    let mut p = tcp(ip(CLIENT, VIP, 6), 40000, 80, flags, b"payload");
+    edit(&mut p);
+    p
+}
+
+fn vlan_tagged(frame: &[u8], vid: u16) -> Vec<u8> {
+    let mut v = frame[..12].to_vec();
+    v.extend([0x81, 0x00]);
+    v.extend(vid.to_be_bytes());
+    v.extend_from_slice(&frame[12..]);
+    v
+}
+
+/// Every malformed case is dropped, counted under its own reason, and creates no flow; the
+/// same malformations toward an address that is not ours pass to the stack untouched.
+#[test]
+fn malformed_packets_are_dropped_by_reason_before_any_flow() {
+    if !in_private_netns("malformed_packets_are_dropped_by_reason_before_any_flow") {
+        return;
+    }
+    let mut dp = datapath(0);
+    install(&mut dp, &svc(1, 80, PROTO_TCP, MODE_FULL, 0));
+    install(&mut dp, &svc(2, 53, PROTO_UDP, MODE_FULL, 0));
+    let udp_len = |len: u16| {
+        let mut p = udp(ip(CLIENT, VIP, 17), 5353, 53, b"query", true);
+        p[38..40].copy_from_slice(&len.to_be_bytes());
+        p
+    };
+    let cases: Vec<(&str, Vec<u8>, Counter)> = vec![
+        (
+            "ihl 4",
+            mangled(SYN, |p| p[14] = 0x44),
+            Counter::DropIpHeader,
+        ),
+        (
+            "version 5",
+            mangled(SYN, |p| p[14] = 0x55),
+            Counter::DropIpHeader,
+        ),
+        (
+            "total length below the header",
+            mangled(SYN, |p| p[16..18].copy_from_slice(&19u16.to_be_bytes())),
+            Counter::DropIpLength,
+        ),
+        (
+            "total length beyond the frame",
+            mangled(SYN, |p| {
+                let l = u16::from_be_bytes([p[16], p[17]]) + 100;
+                p[16..18].copy_from_slice(&l.to_be_bytes());
+            }),
+            Counter::DropIpLength,
+        ),
+        ("ttl 0", mangled(SYN, |p| p[22] = 0), Counter::DropTtl),
+        (
+            "data offset beyond the packet",
+            mangled(SYN, |p| p[46] = 15 << 4),
+            Counter::DropTcpHeader,
+        ),
+        (
+            "data offset below 5",
+            mangled(SYN, |p| p[46] = 4 << 4),
+            Counter::DropTcpHeader,
+        ),
+        (
+            "tcp header cut by the ip length",
+            mangled(SYN, |p| p[16..18].copy_from_slice(&30u16.to_be_bytes())),
+            Counter::DropTcpHeader,
+        ),
+        ("syn+fin", mangled(SYN | FIN, |_| {}), Counter::DropTcpFlags),
+        ("syn+rst", mangled(SYN | RST, |_| {}), Counter::DropTcpFlags),
+        ("null", mangled(0, |_| {}), Counter::DropTcpFlags),
+        ("all flags", mangled(0x3f, |_| {}), Counter::DropTcpFlags),
+        ("fin alone", mangled(FIN, |_| {}), Counter::DropTcpFlags),
+        ("udp length 0", udp_len(0), Counter::DropUdpLength),
+        ("udp length 7", udp_len(7), Counter::DropUdpLength),
+        ("udp length beyond", udp_len(200), Counter::DropUdpLength),
+        (
+            "802.1Q tagged",
+            vlan_tagged(&tcp(ip(CLIENT, VIP, 6), 40000, 80, SYN, b""), 100),
+            Counter::DropVlan,
+        ),
+    ];
+    for (name, p, reason) in &cases {
+        let before = counter(&dp, *reason);
+        let (rc, _) = run(&mut dp, p);
+        assert_eq!(rc, TC_ACT_SHOT, "{name}");
+        assert_eq!(counter(&dp, *reason), before + 1, "{name} counted");
+        assert!(dp.ct_entries().is_empty(), "{name} made a flow");
+    }
+    assert_eq!(counter(&dp, Counter::CtCreated), 0);
+    // The same packets toward an address that is neither a VIP nor a tracked flow are the
+    // stack's business (it drops them itself).
+    let total =
+        |dp: &Datapath| -> u64 { cases.iter().map(|(_, _, r)| counter(dp, *r)).sum::<u64>() };
+    let before = total(&dp);
+    for (name, p, _) in &cases {
+        let mut q = p.clone();
+        let off = if name.starts_with("802.1Q") { 4 } else { 0 };
+        q[30 + off..34 + off].copy_from_slice(&OTHER.octets());
+        assert_eq!(
+            run(&mut dp, &q),
+            (TC_ACT_OK, q.clone()),
+            "{name} to another host"
+        );
+    }
+    assert_eq!(total(&dp), before);
+    // Well-formed traffic still opens flows: ECN bits and PSH are fine, a priority tag too
+    // would be (the kernel strips VLAN 0 like no tag).
+    let (rc, _) = run(
+        &mut dp,
+        &tcp(ip(CLIENT, VIP, 6), 40001, 80, SYN | 0xc0, b""),
+    );
+    assert_eq!(rc, TC_ACT_OK);
+    assert_eq!(counter(&dp, Counter::CtCreated), 1);
+}
+
+/// A malformed packet claiming a tracked flow (a DNAT reply: its destination is the client,
+/// not a VIP) is dropped too, not handed to the stack untranslated.
+#[test]
+fn malformed_packets_of_a_tracked_flow_are_dropped() {
+    if !in_private_netns("malformed_packets_of_a_tracked_flow_are_dropped") {
+        return;
+    }
+    let mut dp = datapath(0);
+    install(&mut dp, &svc(1, 80, PROTO_TCP, 0, 0));
+    run(&mut dp, &tcp(ip(CLIENT, VIP, 6), 40000, 80, SYN, b""));
+    let bad = tcp(ip(EP1, CLIENT, 6), 8080, 40000, SYN | FIN | ACK, b"");
+    assert_eq!(run(&mut dp, &bad).0, TC_ACT_SHOT);
+    assert_eq!(counter(&dp, Counter::DropTcpFlags), 1);
+    assert_eq!(orig(&dp, 40000, 80, PROTO_TCP).state(), CtState::SynSent);
+}
+
+/// One-arm and full NAT: a segment that is not a SYN and matches no flow is dropped and
+/// counted, whatever its flags, and holds no port. DNAT picks it up on a 10 s timeout until
+/// the endpoint's side answers.
+#[test]
+fn only_a_syn_opens_a_source_nat_flow_and_dnat_pickups_are_short() {
+    if !in_private_netns("only_a_syn_opens_a_source_nat_flow_and_dnat_pickups_are_short") {
+        return;
+    }
+    let mut dp = datapath(0);
+    install(&mut dp, &svc(1, 80, PROTO_TCP, MODE_FULL, 0));
+    install(&mut dp, &svc(2, 81, PROTO_TCP, MODE_ONE_ARM, 0));
+    install(&mut dp, &svc(3, 82, PROTO_TCP, 0, 0));
+    for port in [80, 81] {
+        for flags in [ACK, ACK | PSH, FIN | ACK, RST, RST | ACK, SYN | ACK] {
+            let (rc, _) = run(&mut dp, &tcp(ip(CLIENT, VIP, 6), 40000, port, flags, b"x"));
+            assert_eq!(rc, TC_ACT_SHOT, "port {port} flags {flags:#x}");
+        }
+    }
+    assert_eq!(counter(&dp, Counter::DropNotSyn), 12);
+    assert!(dp.ct_entries().is_empty());
+
+    // DNAT: picked up, forwarded, on the short timeout.
+    let (rc, out) = run(&mut dp, &tcp(ip(CLIENT, VIP, 6), 40000, 82, ACK, b"x"));
+    assert_eq!(rc, TC_ACT_OK);
+    assert_eq!(out, tcp(ip(CLIENT, EP1, 6), 40000, 8080, ACK, b"x"));
+    let o = orig(&dp, 40000, 82, PROTO_TCP);
+    assert_eq!(o.state(), CtState::Established);
+    assert_eq!(o.flags & CTF_PICKUP, CTF_PICKUP);
+    assert_eq!(o.timeout_s(PROTO_TCP), TO_PICKUP_S);
+    // More client segments do not confirm it; the endpoint's ACK does, on both entries.
+    run(&mut dp, &tcp(ip(CLIENT, VIP, 6), 40000, 82, ACK, b"y"));
+    assert_eq!(
+        orig(&dp, 40000, 82, PROTO_TCP).flags & CTF_PICKUP,
+        CTF_PICKUP
+    );
+    run(&mut dp, &tcp(ip(EP1, CLIENT, 6), 8080, 40000, ACK, b""));
+    let o = orig(&dp, 40000, 82, PROTO_TCP);
+    assert_eq!(o.flags & CTF_PICKUP, 0);
+    assert_eq!(o.timeout_s(PROTO_TCP), 240);
+    let r = dp
+        .ct_get(&CtKey::v4(EP1, 8080, CLIENT, 40000, PROTO_TCP))
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.flags & CTF_PICKUP, 0);
+}
+
+/// A full-NAT connection with real sequence numbers: client ISN 1000, endpoint ISN 5000.
+/// Returns the translated source port.
+fn handshake(dp: &mut Datapath) -> u16 {
+    let (rc, out) = run(
+        dp,
+        &tcp_sa(ip(CLIENT, VIP, 6), 40000, 80, 1000, 0, SYN, b""),
+    );
+    assert_eq!(rc, TC_ACT_OK);
+    let nport = u16::from_be_bytes([out[34], out[35]]);
+    run(
+        dp,
+        &tcp_sa(ip(EP1, VIP, 6), 8080, nport, 5000, 1001, SYN | ACK, b""),
+    );
+    run(
+        dp,
+        &tcp_sa(ip(CLIENT, VIP, 6), 40000, 80, 1001, 5001, ACK, b""),
+    );
+    run(
+        dp,
+        &tcp_sa(
+            ip(CLIENT, VIP, 6),
+            40000,
+            80,
+            1001,
+            5001,
+            ACK | PSH,
+            b"hello",
+        ),
+    );
+    run(
+        dp,
+        &tcp_sa(
+            ip(EP1, VIP, 6),
+            8080,
+            nport,
+            5001,
+            1006,
+            ACK | PSH,
+            b"world!",
+        ),
+    );
+    assert_eq!(orig(dp, 40000, 80, PROTO_TCP).state(), CtState::Established);
+    nport
+}
+
+/// RFC 5961's reasoning: a blind attacker does not know the sequence numbers. RSTs and FINs
+/// outside the tracked window are forwarded (the end host judges them) but the flow stays
+/// established; a forged segment cannot move the window for a later RST; an RST at the
+/// sender's next sequence number closes the flow.
+#[test]
+fn a_blind_rst_outside_the_window_changes_nothing() {
+    if !in_private_netns("a_blind_rst_outside_the_window_changes_nothing") {
+        return;
+    }
+    let mut dp = datapath(0);
+    install(&mut dp, &svc(1, 80, PROTO_TCP, MODE_FULL, 0));
+    let nport = handshake(&mut dp);
+    let o = orig(&dp, 40000, 80, PROTO_TCP);
+    assert_eq!(o.flags & CTF_SEQ, CTF_SEQ);
+    assert_eq!(o.seq_next, 1006);
+    assert_eq!(o.ack_seen, 5001);
+
+    // Spoofed as the client, and as the endpoint, at sequence numbers far from the window.
+    for seq in [
+        1006u32.wrapping_add(1 << 20),
+        1006 ^ 0x8000_0000,
+        1006u32.wrapping_sub(1 << 18),
+    ] {
+        let (rc, _) = run(
+            &mut dp,
+            &tcp_sa(ip(CLIENT, VIP, 6), 40000, 80, seq, 0, RST, b""),
+        );
+        assert_eq!(rc, TC_ACT_OK, "forwarded: the endpoint judges it");
+        run(
+            &mut dp,
+            &tcp_sa(ip(EP1, VIP, 6), 8080, nport, seq ^ 0x4000_0000, 0, RST, b""),
+        );
+    }
+    assert_eq!(counter(&dp, Counter::TcpStateIgnored), 6);
+    assert_eq!(
+        orig(&dp, 40000, 80, PROTO_TCP).state(),
+        CtState::Established
+    );
+    // A SYN on the established flow changes nothing either.
+    run(
+        &mut dp,
+        &tcp_sa(ip(CLIENT, VIP, 6), 40000, 80, 77_777, 0, SYN, b""),
+    );
+    assert_eq!(
+        orig(&dp, 40000, 80, PROTO_TCP).state(),
+        CtState::Established
+    );
+    // A forged FIN with a wrong acknowledgment: no FIN bit, no state change.
+    run(
+        &mut dp,
+        &tcp_sa(
+            ip(CLIENT, VIP, 6),
+            40000,
+            80,
+            1006,
+            5007 ^ 0x8000_0000,
+            FIN | ACK,
+            b"",
+        ),
+    );
+    let o = orig(&dp, 40000, 80, PROTO_TCP);
+    assert_eq!(o.fin & 3, 0);
+    assert_eq!(o.state(), CtState::Established);
+    // A forged data segment far ahead does not move the window, so an RST at its end is
+    // still refused.
+    let far = 1006u32.wrapping_add(1 << 25);
+    run(
+        &mut dp,
+        &tcp_sa(ip(CLIENT, VIP, 6), 40000, 80, far, 5007, ACK, b"zzzz"),
+    );
+    assert_eq!(orig(&dp, 40000, 80, PROTO_TCP).seq_next, 1006);
+    run(
+        &mut dp,
+        &tcp_sa(ip(CLIENT, VIP, 6), 40000, 80, far + 4, 0, RST, b""),
+    );
+    assert_eq!(
+        orig(&dp, 40000, 80, PROTO_TCP).state(),
+        CtState::Established
+    );
+    assert!(counter(&dp, Counter::TcpOutOfWindow) >= 2);
+    // The real close: the client's RST at its next sequence number.
+    run(
+        &mut dp,
+        &tcp_sa(ip(CLIENT, VIP, 6), 40000, 80, 1006, 0, RST, b""),
+    );
+    assert_eq!(orig(&dp, 40000, 80, PROTO_TCP).state(), CtState::Close);
+}
+
+/// Reply entries holding `ports` of the pool VIP -> EP1:8080 (TCP) in `state`, idle for
+/// `idle_ns`, as other clients' full-NAT flows would.
+fn occupy(dp: &Datapath, ports: impl Iterator<Item = u16>, state: CtState, idle_ns: u64) {
+    let last = monotonic_ns() - idle_ns;
+    let entries: Vec<(CtKey, Ct)> = ports
+        .map(|p| {
+            let k = CtKey::v4(EP1, 8080, VIP, p, PROTO_TCP);
+            let v = Ct {
+                nat_saddr: addr_words(VIP.into()).0,
+                nat_daddr: addr_words(Ipv4Addr::new(192, 0, 2, 1).into()).0,
+                nat_sport: 80u16.to_be(),
+                nat_dport: p.to_be(),
+                svc_id: 1,
+                timeout_s: 240,
+                dir: 1,
+                state: state.as_u8(),
+                flags: CTF_LOCAL,
+                mode: MODE_FULL,
+                created_ns: last,
+                last_ns: last,
+                ..Default::default()
+            };
+            (k, v)
+        })
+        .collect();
+    let mut t = dp.sync_table().unwrap();
+    assert_eq!(t.insert_many(&entries), entries.len());
+}
+
+fn big_datapath() -> Datapath {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+    Datapath::load(&DatapathConfig {
+        max_services: 64,
+        max_conntrack: 131_072 * cpus,
+        ..Default::default()
+    })
+    .expect("load datapath")
+}
+
+/// A pool full of half-open flows idle for seconds gives a new SYN a port (the half-open flow
+/// goes, counted); one full of established flows, or of half-open flows only just opened,
+/// does not: established flows are never evicted for new ones.
+#[test]
+fn half_open_flows_give_their_ports_up_under_pressure() {
+    if !in_private_netns("half_open_flows_give_their_ports_up_under_pressure") {
+        return;
+    }
+    pin_to(0);
+    let cases = [
+        (CtState::SynRecv, 4_000_000_000u64, true),
+        (CtState::SynSent, 1_500_000_000, true),
+        (CtState::Established, 4_000_000_000, false),
+        (CtState::SynRecv, 200_000_000, false),
+    ];
+    for (state, idle, gets_port) in cases {
+        let mut dp = big_datapath();
+        install(&mut dp, &svc(1, 80, PROTO_TCP, MODE_FULL, 0));
+        occupy(&dp, 1024..=u16::MAX, state, idle);
+        let (rc, _) = run(&mut dp, &tcp(ip(CLIENT, VIP, 6), 40000, 80, SYN, b""));
+        let what = format!("{} idle {} ms", state.name(), idle / 1_000_000);
+        if gets_port {
+            assert_eq!(rc, TC_ACT_OK, "{what}");
+            assert_eq!(counter(&dp, Counter::HalfOpenTakeover), 1, "{what}");
+            assert_eq!(counter(&dp, Counter::DropNatPorts), 0, "{what}");
+            let o = orig(&dp, 40000, 80, PROTO_TCP);
+            // The taken port now belongs to the new flow.
+            let r = dp
+                .ct_get(&CtKey::v4(
+                    EP1,
+                    8080,
+                    VIP,
+                    u16::from_be(o.nat_sport),
+                    PROTO_TCP,
+                ))
+                .unwrap()
+                .unwrap();
+            assert_eq!(r.nat_daddr, addr_words(CLIENT.into()).0, "{what}");
+            assert_eq!(r.state(), CtState::SynSent);
+        } else {
+            assert_eq!(rc, TC_ACT_SHOT, "{what}");
+            assert_eq!(counter(&dp, Counter::HalfOpenTakeover), 0, "{what}");
+            assert_eq!(counter(&dp, Counter::DropNatPorts), 1, "{what}");
+        }
+    }
+}
