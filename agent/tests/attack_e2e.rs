@@ -1,5 +1,6 @@
 //! Hostile traffic on the `lb-single` lab (issue 16), every sender bounded in count and time:
-//! malformed frames are dropped by reason and make no flow; a client reconnecting 1,000 times
+//! 30 s of connections from one address at the client's highest rate all succeed with no
+//! source-NAT port refused; malformed frames are dropped by reason and make no flow; a client reconnecting 1,000 times
 //! from one address and port always gets through; three spoofed RSTs with random sequence
 //! numbers do not close an idle connection; a flood of 200,000 spoofed SYNs at a full-NAT VIP
 //! (more than its two endpoints' 129,024 source ports) leaves running streams intact and new
@@ -23,6 +24,8 @@ const FERROLB: &str = env!("CARGO_BIN_EXE_ferrolb");
 const FLOOD_PORT: u16 = 80;
 /// Full NAT, one endpoint: reconnects and the spoofed resets.
 const ONE_PORT: u16 = 81;
+/// Full NAT, two endpoints' HTTP: the connection-rate stage.
+const HTTP_PORT: u16 = 82;
 
 fn hostile() -> String {
     ferrolb_tests::repo_root()
@@ -42,11 +45,11 @@ fn run(lab: &TestLab, args: &[&str]) -> Value {
         .unwrap_or_else(|e| panic!("hostile.py {args:?} printed {:?}: {e}", out.stdout))
 }
 
-fn add_rule(lab: &TestLab, port: u16, eps: &[&str]) {
+fn add_rule(lab: &TestLab, port: u16, eps: &[&str], target: u16) {
     let body = json!({
         "serviceArguments": {"externalIP": VIP, "port": port, "protocol": "tcp",
                              "sel": 0, "mode": 2, "name": format!("attack{port}:llb-inst0")},
-        "endpoints": eps.iter().map(|ip| json!({"endpointIP": ip, "targetPort": 9000, "weight": 1})).collect::<Vec<_>>(),
+        "endpoints": eps.iter().map(|ip| json!({"endpointIP": ip, "targetPort": target, "weight": 1})).collect::<Vec<_>>(),
     });
     let (st, v) = ferrolb_tests::rest(
         lab,
@@ -80,14 +83,15 @@ fn n(v: &Value, k: &str) -> u64 {
 #[test]
 fn floods_and_forgeries_leave_the_vip_serving() {
     let test = "floods_and_forgeries_leave_the_vip_serving";
-    if !require(test, &["ip", "curl", "python3"]) {
+    if !require(test, &["ip", "curl", "python3", "wrk", "sysctl"]) {
         return;
     }
     let lab = TestLab::up_with(TOPOLOGY, "attack", &[("FERROLB", FERROLB)]).expect("lab up");
     ferrolb_tests::wait_api(&lab, "lb1");
     ferrolb_tests::wait_http_backends(&lab, "lb1", &BE);
-    add_rule(&lab, FLOOD_PORT, &BE[..2]);
-    add_rule(&lab, ONE_PORT, &BE[..1]);
+    add_rule(&lab, FLOOD_PORT, &BE[..2], 9000);
+    add_rule(&lab, ONE_PORT, &BE[..1], 9000);
+    add_rule(&lab, HTTP_PORT, &BE[..2], 8080);
     let vip_port = |p: u16| p.to_string();
     // The rules answer before anything hostile starts.
     let warm = run(
@@ -95,6 +99,42 @@ fn floods_and_forgeries_leave_the_vip_serving() {
         &["probe", VIP, &vip_port(FLOOD_PORT), "50", "0.5", "1000"],
     );
     assert_eq!(n(&warm, "fail"), 0, "{warm}");
+
+    // 0. 30 s of new connections from one client address, as fast as the client makes them
+    //    (wrk, `Connection: close`; the client reuses its ports like a busy proxy): none fails
+    //    and none is refused for want of a source-NAT port.
+    lab.exec_ok("client", &["sysctl", "-w", "net.ipv4.tcp_tw_reuse=1"])
+        .unwrap();
+    let exhausted0 = drops(&lab, "nat_ports_exhausted");
+    let out = lab
+        .exec_ok(
+            "client",
+            &[
+                "wrk",
+                "-t1",
+                "-c16",
+                "-d30s",
+                "-H",
+                "Connection: close",
+                &format!("http://{VIP}:{HTTP_PORT}/"),
+            ],
+        )
+        .unwrap();
+    let rate: f64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("Requests/sec:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no rate in wrk's output: {out}"));
+    let exhausted = drops(&lab, "nat_ports_exhausted") - exhausted0;
+    println!(
+        "30 s of connections from one address: {rate:.0}/s, nat_ports_exhausted drops {exhausted}"
+    );
+    assert!(rate > 0.0);
+    assert!(
+        !out.contains("Socket errors") && !out.contains("Non-2xx"),
+        "failed connections: {out}"
+    );
+    assert_eq!(exhausted, 0.0);
 
     std::thread::scope(|s| {
         // 1. Three spoofed RSTs with random sequence numbers on an idle connection; it still
@@ -140,10 +180,12 @@ fn floods_and_forgeries_leave_the_vip_serving() {
         assert_eq!(created(&lab), c0, "a malformed frame made a flow");
 
         // 3. One client address and port, 1,000 connections one after the other (each
-        //    closed with a reset before the next): all succeed.
+        //    closed with a reset before the next): all succeed. The port is outside the
+        //    ephemeral range the connection-rate stage just went through (its TIME_WAIT
+        //    sockets would refuse the bind).
         let re = run(
             &lab,
-            &["reconnect", VIP, &vip_port(ONE_PORT), "41234", "1000"],
+            &["reconnect", VIP, &vip_port(ONE_PORT), "20000", "1000"],
         );
         println!("reconnects from one port: {re}");
         assert_eq!(n(&re, "ok"), 1000, "{re}");

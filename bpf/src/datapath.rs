@@ -24,6 +24,8 @@ use crate::{BpfError, Result};
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb.bpf.o"));
 
 const PROGRAM: &str = "flb_ingress";
+/// The benchmark's floor program (see `floor_runner`).
+const FLOOR: &str = "flb_floor";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// Load-time parameters. Sizes apply when the maps are created; adopted pinned maps keep
@@ -477,6 +479,36 @@ impl Datapath {
     pub fn test_runner(&mut self) -> Result<crate::TestRunner> {
         use std::os::fd::AsFd;
         let prog: &mut SchedClassifier = program(&mut self.ebpf)?;
+        let fd = prog.fd().map_err(|e| BpfError::Program {
+            context: "program fd".into(),
+            source: e,
+        })?;
+        let fd = fd.as_fd().try_clone_to_owned().map_err(|e| BpfError::Io {
+            context: "dup the program fd".into(),
+            source: e,
+        })?;
+        Ok(crate::TestRunner { fd })
+    }
+
+    /// A runner for the benchmark's floor program (`flb_floor`: FIB lookup, MAC rewrite,
+    /// redirect; never attached), loaded on first use.
+    pub fn floor_runner(&mut self) -> Result<crate::TestRunner> {
+        use std::os::fd::AsFd;
+        let prog: &mut SchedClassifier = self
+            .ebpf
+            .program_mut(FLOOR)
+            .ok_or_else(|| BpfError::Invalid(format!("the object has no program {FLOOR}")))?
+            .try_into()
+            .map_err(|e| BpfError::Program {
+                context: format!("{FLOOR} is not a classifier"),
+                source: e,
+            })?;
+        if prog.fd().is_err() {
+            prog.load().map_err(|e| BpfError::Program {
+                context: format!("load {FLOOR} (verifier)"),
+                source: e,
+            })?;
+        }
         let fd = prog.fd().map_err(|e| BpfError::Program {
             context: "program fd".into(),
             source: e,

@@ -82,10 +82,10 @@ def flood(kind, dst, port, count, rate, maxsecs):
 def echo_once(dst, port, timeout, sport=None, linger_reset=False):
     c = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     c.settimeout(timeout)
-    if sport is not None:
-        c.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        c.bind(("0.0.0.0", sport))
     try:
+        if sport is not None:
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            c.bind(("0.0.0.0", sport))
         c.connect((dst, port))
         c.sendall(b"hello\n")
         got = b""
