@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use ferrolb_tests::ha::metric;
 use ferrolb_tests::{TestLab, require};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 const TOPOLOGY: &str = "containerlab/lb-single/lb-single.clab.yml";
 const VIP: &str = "203.0.113.10";
@@ -45,20 +45,9 @@ fn run(lab: &TestLab, args: &[&str]) -> Value {
         .unwrap_or_else(|e| panic!("hostile.py {args:?} printed {:?}: {e}", out.stdout))
 }
 
+/// A full-NAT rule.
 fn add_rule(lab: &TestLab, port: u16, eps: &[&str], target: u16) {
-    let body = json!({
-        "serviceArguments": {"externalIP": VIP, "port": port, "protocol": "tcp",
-                             "sel": 0, "mode": 2, "name": format!("attack{port}:llb-inst0")},
-        "endpoints": eps.iter().map(|ip| json!({"endpointIP": ip, "targetPort": target, "weight": 1})).collect::<Vec<_>>(),
-    });
-    let (st, v) = ferrolb_tests::rest(
-        lab,
-        "lb1",
-        "POST",
-        "/config/loadbalancer",
-        Some(&body.to_string()),
-    );
-    assert_eq!(st, 200, "rule {port}: {v}");
+    ferrolb_tests::add_tcp_rule(lab, "lb1", VIP, port, 2, eps, target);
 }
 
 fn m(lab: &TestLab, name: &str) -> f64 {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use ferrolb_tests::ha::metric;
 use ferrolb_tests::{TestLab, require};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 const TOPOLOGY: &str = "containerlab/lb-single/lb-single.clab.yml";
 const VIP: &str = "203.0.113.10";
@@ -36,19 +36,7 @@ fn lab(test: &str, label: &str, programs: &[&str]) -> Option<TestLab> {
 }
 
 fn add_rule(lab: &TestLab, port: u16, mode: u8, eps: &[&str], target: u16) {
-    let body = json!({
-        "serviceArguments": {"externalIP": VIP, "port": port, "protocol": "tcp",
-                             "sel": 0, "mode": mode, "name": format!("nat{port}:llb-inst0")},
-        "endpoints": eps.iter().map(|ip| json!({"endpointIP": ip, "targetPort": target, "weight": 1})).collect::<Vec<_>>(),
-    });
-    let (st, v) = ferrolb_tests::rest(
-        lab,
-        "lb1",
-        "POST",
-        "/config/loadbalancer",
-        Some(&body.to_string()),
-    );
-    assert_eq!(st, 200, "rule {port}: {v}");
+    ferrolb_tests::add_tcp_rule(lab, "lb1", VIP, port, mode, eps, target);
 }
 
 /// (client port -> translation) of the lab client's flows to VIP:port.

@@ -477,23 +477,12 @@ impl Datapath {
 
     /// A handle that runs the program with `BPF_PROG_TEST_RUN` from any thread.
     pub fn test_runner(&mut self) -> Result<crate::TestRunner> {
-        use std::os::fd::AsFd;
-        let prog: &mut SchedClassifier = program(&mut self.ebpf)?;
-        let fd = prog.fd().map_err(|e| BpfError::Program {
-            context: "program fd".into(),
-            source: e,
-        })?;
-        let fd = fd.as_fd().try_clone_to_owned().map_err(|e| BpfError::Io {
-            context: "dup the program fd".into(),
-            source: e,
-        })?;
-        Ok(crate::TestRunner { fd })
+        runner(program(&mut self.ebpf)?)
     }
 
     /// A runner for the benchmark's floor program (`flb_floor`: FIB lookup, MAC rewrite,
     /// redirect; never attached), loaded on first use.
     pub fn floor_runner(&mut self) -> Result<crate::TestRunner> {
-        use std::os::fd::AsFd;
         let prog: &mut SchedClassifier = self
             .ebpf
             .program_mut(FLOOR)
@@ -509,15 +498,7 @@ impl Datapath {
                 source: e,
             })?;
         }
-        let fd = prog.fd().map_err(|e| BpfError::Program {
-            context: "program fd".into(),
-            source: e,
-        })?;
-        let fd = fd.as_fd().try_clone_to_owned().map_err(|e| BpfError::Io {
-            context: "dup the program fd".into(),
-            source: e,
-        })?;
-        Ok(crate::TestRunner { fd })
+        runner(prog)
     }
 
     // --- services -------------------------------------------------------------------------
@@ -1102,6 +1083,20 @@ fn attached_to(prog: &SchedClassifier, iface: &str) -> bool {
         Ok((_, progs)) => progs.iter().any(|p| p.id() == me.id()),
         Err(_) => true,
     }
+}
+
+/// A test-run handle on a loaded program (its own copy of the fd).
+fn runner(prog: &SchedClassifier) -> Result<crate::TestRunner> {
+    use std::os::fd::AsFd;
+    let fd = prog.fd().map_err(|e| BpfError::Program {
+        context: "program fd".into(),
+        source: e,
+    })?;
+    let fd = fd.as_fd().try_clone_to_owned().map_err(|e| BpfError::Io {
+        context: "dup the program fd".into(),
+        source: e,
+    })?;
+    Ok(crate::TestRunner { fd })
 }
 
 fn program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {

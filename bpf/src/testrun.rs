@@ -39,29 +39,24 @@ impl TestRunner {
     /// Runs the program once on `packet`: the TC verdict and the packet as the program left
     /// it (room for 256 more bytes).
     pub fn run(&self, packet: &[u8]) -> io::Result<(u32, Vec<u8>)> {
-        let mut out = vec![0u8; packet.len() + 256];
-        let mut attr = TestAttr {
-            prog_fd: self.fd.as_raw_fd() as u32,
-            data_size_in: packet.len() as u32,
-            data_size_out: out.len() as u32,
-            data_in: packet.as_ptr() as u64,
-            data_out: out.as_mut_ptr() as u64,
-            repeat: 1,
-            ..Default::default()
-        };
-        self.call(&mut attr)?;
-        out.truncate((attr.data_size_out as usize).min(out.len()));
-        Ok((attr.retval, out))
+        let (rc, _, out) = self.exec(packet, None)?;
+        Ok((rc, out))
     }
 
     /// Runs the program once on a fresh copy of `packet`, as if it had arrived on
     /// `ifindex`: the verdict and the kernel's measure of the run in nanoseconds.
     pub fn run_timed(&self, packet: &[u8], ifindex: u32) -> io::Result<(u32, u32)> {
-        let mut out = vec![0u8; packet.len() + 256];
         // `struct __sk_buff`: ingress_ifindex at 36, ifindex at 40 (192 bytes in all).
         let mut ctx = [0u8; 192];
         ctx[36..40].copy_from_slice(&ifindex.to_ne_bytes());
         ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+        let (rc, ns, _) = self.exec(packet, Some(&ctx))?;
+        Ok((rc, ns))
+    }
+
+    /// One run: verdict, duration (ns), the packet as the program left it.
+    fn exec(&self, packet: &[u8], ctx: Option<&[u8]>) -> io::Result<(u32, u32, Vec<u8>)> {
+        let mut out = vec![0u8; packet.len() + 256];
         let mut attr = TestAttr {
             prog_fd: self.fd.as_raw_fd() as u32,
             data_size_in: packet.len() as u32,
@@ -69,12 +64,13 @@ impl TestRunner {
             data_in: packet.as_ptr() as u64,
             data_out: out.as_mut_ptr() as u64,
             repeat: 1,
-            ctx_size_in: ctx.len() as u32,
-            ctx_in: ctx.as_ptr() as u64,
+            ctx_size_in: ctx.map_or(0, |c| c.len() as u32),
+            ctx_in: ctx.map_or(0, |c| c.as_ptr() as u64),
             ..Default::default()
         };
         self.call(&mut attr)?;
-        Ok((attr.retval, attr.duration))
+        out.truncate((attr.data_size_out as usize).min(out.len()));
+        Ok((attr.retval, attr.duration, out))
     }
 
     fn call(&self, attr: &mut TestAttr) -> io::Result<()> {

@@ -292,6 +292,35 @@ pub fn rest(
     )
 }
 
+/// A TCP rule on `node` through kube-loxilb's body (named `tcp<port>:llb-inst0`): VIP:port in
+/// NAT `mode` (0 DNAT, 1 one-arm, 2 full NAT) to `eps` on `target`, round robin. Panics unless
+/// the agent answers 200 (it runs inside tests).
+pub fn add_tcp_rule(
+    lab: &Lab,
+    node: &str,
+    vip: &str,
+    port: u16,
+    mode: u8,
+    eps: &[&str],
+    target: u16,
+) {
+    let body = serde_json::json!({
+        "serviceArguments": {"externalIP": vip, "port": port, "protocol": "tcp",
+                             "sel": 0, "mode": mode, "name": format!("tcp{port}:llb-inst0")},
+        "endpoints": eps.iter()
+            .map(|ip| serde_json::json!({"endpointIP": ip, "targetPort": target, "weight": 1}))
+            .collect::<Vec<_>>(),
+    });
+    let (st, v) = rest(
+        lab,
+        node,
+        "POST",
+        "/config/loadbalancer",
+        Some(&body.to_string()),
+    );
+    assert_eq!(st, 200, "rule {vip}:{port}: {v}");
+}
+
 /// Makes a CA and node certificates (IP SAN 127.0.0.1) with the openssl CLI in `dir`.
 /// Panics on failure (it runs inside tests).
 #[allow(clippy::unwrap_used)]

@@ -3,6 +3,7 @@
 //! or FIN outside the tracked window changes nothing; half-open flows give their source-NAT
 //! ports up under pressure, established ones never do.
 
+use super::nat::{big_datapath, occupy_as};
 use super::*;
 
 const MODE_FULL: u8 = 2;
@@ -327,45 +328,6 @@ fn a_blind_rst_outside_the_window_changes_nothing() {
     assert_eq!(orig(&dp, 40000, 80, PROTO_TCP).state(), CtState::Close);
 }
 
-/// Reply entries holding `ports` of the pool VIP -> EP1:8080 (TCP) in `state`, idle for
-/// `idle_ns`, as other clients' full-NAT flows would.
-fn occupy(dp: &Datapath, ports: impl Iterator<Item = u16>, state: CtState, idle_ns: u64) {
-    let last = monotonic_ns() - idle_ns;
-    let entries: Vec<(CtKey, Ct)> = ports
-        .map(|p| {
-            let k = CtKey::v4(EP1, 8080, VIP, p, PROTO_TCP);
-            let v = Ct {
-                nat_saddr: addr_words(VIP.into()).0,
-                nat_daddr: addr_words(Ipv4Addr::new(192, 0, 2, 1).into()).0,
-                nat_sport: 80u16.to_be(),
-                nat_dport: p.to_be(),
-                svc_id: 1,
-                timeout_s: 240,
-                dir: 1,
-                state: state.as_u8(),
-                flags: CTF_LOCAL,
-                mode: MODE_FULL,
-                created_ns: last,
-                last_ns: last,
-                ..Default::default()
-            };
-            (k, v)
-        })
-        .collect();
-    let mut t = dp.sync_table().unwrap();
-    assert_eq!(t.insert_many(&entries), entries.len());
-}
-
-fn big_datapath() -> Datapath {
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
-    Datapath::load(&DatapathConfig {
-        max_services: 64,
-        max_conntrack: 131_072 * cpus,
-        ..Default::default()
-    })
-    .expect("load datapath")
-}
-
 /// A pool full of half-open flows idle for seconds gives a new SYN a port (the half-open flow
 /// goes, counted); one full of established flows, or of half-open flows only just opened,
 /// does not: established flows are never evicted for new ones.
@@ -384,7 +346,7 @@ fn half_open_flows_give_their_ports_up_under_pressure() {
     for (state, idle, gets_port) in cases {
         let mut dp = big_datapath();
         install(&mut dp, &svc(1, 80, PROTO_TCP, MODE_FULL, 0));
-        occupy(&dp, 1024..=u16::MAX, state, idle);
+        occupy_as(&dp, 1024..=u16::MAX, state, idle);
         let (rc, _) = run(&mut dp, &tcp(ip(CLIENT, VIP, 6), 40000, 80, SYN, b""));
         let what = format!("{} idle {} ms", state.name(), idle / 1_000_000);
         if gets_port {

@@ -15,7 +15,7 @@ const MODE_ONE_ARM: u8 = 1;
 const POOL_LO: u16 = 1024;
 
 /// A datapath whose conntrack map holds a whole NAT pool in one CPU's LRU share.
-fn big_datapath() -> Datapath {
+pub(super) fn big_datapath() -> Datapath {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
     Datapath::load(&DatapathConfig {
         max_services: 64,
@@ -40,7 +40,18 @@ fn dst_of(p: &[u8]) -> (Ipv4Addr, u16) {
 /// Live reply entries holding `ports` of the pool (VIP -> EP1:8080, TCP), as other clients'
 /// full-NAT flows would.
 fn occupy(dp: &Datapath, ports: impl Iterator<Item = u16>) -> usize {
-    let now = monotonic_ns();
+    occupy_as(dp, ports, CtState::Established, 0)
+}
+
+/// Reply entries holding `ports` of the pool VIP -> EP1:8080 (TCP) in `state`, idle for
+/// `idle_ns`, as other clients' full-NAT flows would.
+pub(super) fn occupy_as(
+    dp: &Datapath,
+    ports: impl Iterator<Item = u16>,
+    state: CtState,
+    idle_ns: u64,
+) -> usize {
+    let now = monotonic_ns() - idle_ns;
     let entries: Vec<(CtKey, Ct)> = ports
         .map(|p| {
             let k = CtKey::v4(EP1, 8080, VIP, p, PROTO_TCP);
@@ -52,7 +63,7 @@ fn occupy(dp: &Datapath, ports: impl Iterator<Item = u16>) -> usize {
                 svc_id: 9,
                 timeout_s: 240,
                 dir: 1,
-                state: CtState::Established.as_u8(),
+                state: state.as_u8(),
                 flags: CTF_LOCAL,
                 mode: MODE_FULL,
                 created_ns: now,
