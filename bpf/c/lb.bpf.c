@@ -1330,15 +1330,66 @@ static __always_inline int set_port(struct __sk_buff *skb, const struct pkt *p, 
 	return bpf_skb_store_bytes(skb, off, &new, sizeof(new), 0);
 }
 
+/* One's complement partial sums (the kernel's __wsum) of field changes, so that several
+ * changed fields cost one checksum helper call: `~old + new` per 32-bit word, folded. The
+ * helpers take such a sum with size 0 and keep skb->csum right (CHECKSUM_COMPLETE) or leave a
+ * CHECKSUM_PARTIAL packet's pseudo-header sum as the offload expects, which a direct write
+ * could not. */
+static __always_inline __u64 wsum_change(__u64 s, __u32 old, __u32 new)
+{
+	return s + (__u32)~old + new;
+}
+
+static __always_inline __u32 wsum_fold(__u64 s)
+{
+	s = (s & 0xffffffff) + (s >> 32);
+	s = (s & 0xffffffff) + (s >> 32);
+	return (__u32)s;
+}
+
+/* Both ports of a TCP or UDP header (adjacent: one checksum update, one store), or an ICMP
+ * echo identifier. */
 static __always_inline int xlate_ports(struct __sk_buff *skb, const struct pkt *p,
 				       const struct flb_ct *v)
 {
 	if (p->proto == IPPROTO_ICMP)
 		return set_port(skb, p, p->l4off + offsetof(struct icmphdr, un.echo.id), p->sport,
 				v->nat_sport);
-	if (set_port(skb, p, p->l4off, p->sport, v->nat_sport) < 0)
+	if (p->sport == v->nat_sport && p->dport == v->nat_dport)
+		return 0;
+	/* As the two ports lie in memory: source first. */
+	__u16 ports[2] = {v->nat_sport, v->nat_dport};
+	__u32 oldw = (__u32)p->sport | ((__u32)p->dport << 16);
+	__u32 neww = (__u32)v->nat_sport | ((__u32)v->nat_dport << 16);
+	__u64 f = 0;
+	if (p->proto == IPPROTO_UDP)
+		f |= BPF_F_MARK_MANGLED_0;
+	if (bpf_l4_csum_replace(skb, p->l4off + l4_csum_off(p->proto), 0,
+				wsum_fold(wsum_change(0, oldw, neww)), f) < 0)
 		return -1;
-	return set_port(skb, p, p->l4off + 2, p->dport, v->nat_dport);
+	return bpf_skb_store_bytes(skb, p->l4off, ports, sizeof(ports), 0);
+}
+
+/* Both IPv4 addresses (adjacent in the header): one L4 and one L3 checksum update and one
+ * store, whichever of them changes. */
+static __always_inline int xlate_addrs4(struct __sk_buff *skb, const struct pkt *p,
+					const struct flb_ct *v)
+{
+	__u32 addrs[2] = {v->nat_saddr[0], v->nat_daddr[0]};
+	if (addrs[0] == p->saddr[0] && addrs[1] == p->daddr[0])
+		return 0;
+	__u32 diff = wsum_fold(wsum_change(wsum_change(0, p->saddr[0], addrs[0]), p->daddr[0],
+					   addrs[1]));
+	if (p->proto != IPPROTO_ICMP) {
+		__u64 f = BPF_F_PSEUDO_HDR;
+		if (p->proto == IPPROTO_UDP)
+			f |= BPF_F_MARK_MANGLED_0;
+		if (bpf_l4_csum_replace(skb, p->l4off + l4_csum_off(p->proto), 0, diff, f) < 0)
+			return -1;
+	}
+	if (bpf_l3_csum_replace(skb, IP_CSUM_OFF, 0, diff, 0) < 0)
+		return -1;
+	return bpf_skb_store_bytes(skb, IP_SRC_OFF, addrs, sizeof(addrs), 0);
 }
 
 static __always_inline int xlate(struct __sk_buff *skb, struct pkt *p, struct flb_ct *v)
@@ -1350,9 +1401,7 @@ static __always_inline int xlate(struct __sk_buff *skb, struct pkt *p, struct fl
 			return -1;
 		return xlate_ports(skb, p, v);
 	}
-	if (set_addr(skb, p, IP_SRC_OFF, p->saddr[0], v->nat_saddr[0]) < 0)
-		return -1;
-	if (set_addr(skb, p, IP_DST_OFF, p->daddr[0], v->nat_daddr[0]) < 0)
+	if (xlate_addrs4(skb, p, v) < 0)
 		return -1;
 	return xlate_ports(skb, p, v);
 }
