@@ -309,7 +309,7 @@ impl Datapath {
             loader.map_pin_path(name, path.as_path());
         }
         let mut ebpf = loader.load(OBJECT).map_err(BpfError::Load)?;
-        let prog: &mut SchedClassifier = program(&mut ebpf)?;
+        let prog: &mut SchedClassifier = program(&mut ebpf, PROGRAM)?;
         prog.load().map_err(|e| BpfError::Program {
             context: "load flb_ingress (verifier)".into(),
             source: e,
@@ -379,7 +379,7 @@ impl Datapath {
             .pin_dir
             .as_ref()
             .map(|d| d.join(format!("link_ingress_{iface}")));
-        let prog: &mut SchedClassifier = program(&mut self.ebpf)?;
+        let prog: &mut SchedClassifier = program(&mut self.ebpf, PROGRAM)?;
         let perr =
             |context: String| move |e: ProgramError| BpfError::Program { context, source: e };
         if let Some(pin) = &pin {
@@ -459,7 +459,7 @@ impl Datapath {
     }
 
     fn test_run_ctx(&mut self, packet: &[u8], ctx: Option<&[u8]>) -> Result<(u32, Vec<u8>)> {
-        let prog: &mut SchedClassifier = program(&mut self.ebpf)?;
+        let prog: &mut SchedClassifier = program(&mut self.ebpf, PROGRAM)?;
         let mut out = vec![0u8; packet.len() + 256];
         let opts = aya::programs::TestRunOptions {
             data_in: Some(packet),
@@ -477,21 +477,13 @@ impl Datapath {
 
     /// A handle that runs the program with `BPF_PROG_TEST_RUN` from any thread.
     pub fn test_runner(&mut self) -> Result<crate::TestRunner> {
-        runner(program(&mut self.ebpf)?)
+        runner(program(&mut self.ebpf, PROGRAM)?)
     }
 
     /// A runner for the benchmark's floor program (`flb_floor`: FIB lookup, MAC rewrite,
     /// redirect; never attached), loaded on first use.
     pub fn floor_runner(&mut self) -> Result<crate::TestRunner> {
-        let prog: &mut SchedClassifier = self
-            .ebpf
-            .program_mut(FLOOR)
-            .ok_or_else(|| BpfError::Invalid(format!("the object has no program {FLOOR}")))?
-            .try_into()
-            .map_err(|e| BpfError::Program {
-                context: format!("{FLOOR} is not a classifier"),
-                source: e,
-            })?;
+        let prog = program(&mut self.ebpf, FLOOR)?;
         if prog.fd().is_err() {
             prog.load().map_err(|e| BpfError::Program {
                 context: format!("load {FLOOR} (verifier)"),
@@ -1099,12 +1091,13 @@ fn runner(prog: &SchedClassifier) -> Result<crate::TestRunner> {
     Ok(crate::TestRunner { fd })
 }
 
-fn program(ebpf: &mut Ebpf) -> Result<&mut SchedClassifier> {
-    ebpf.program_mut(PROGRAM)
-        .ok_or_else(|| BpfError::Invalid(format!("the object has no program {PROGRAM}")))?
+/// The classifier `name` of the object (`PROGRAM`, or the benchmark's `FLOOR`).
+fn program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier> {
+    ebpf.program_mut(name)
+        .ok_or_else(|| BpfError::Invalid(format!("the object has no program {name}")))?
         .try_into()
         .map_err(|e| BpfError::Program {
-            context: format!("{PROGRAM} is not a classifier"),
+            context: format!("{name} is not a classifier"),
             source: e,
         })
 }
