@@ -9,6 +9,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // Packed flow records arrive as one buffer: share it instead of copying it.
+        .bytes(".ferrolb.consync.v1.SyncBatch.packed_snapshot")
+        .bytes(".ferrolb.consync.v1.SyncBatch.packed_changes")
         .compile_fds(fds)?;
     Ok(())
 }

@@ -127,7 +127,11 @@ fn bench_sync(n: u32) -> Value {
     // Where the time goes: building the snapshot on A, installing it on B (no network).
     use ferrolb_consync::Node;
     let t = Instant::now();
-    let flows = ha_a.own_flows();
+    let mut flows = Vec::new();
+    ha_a.own_flows(&mut |c| {
+        flows.extend(c);
+        true
+    });
     let own_s = t.elapsed().as_secs_f64();
     let scratch = datapath(2, cap);
     let ha_c = ha(2, "127.0.0.1:23009".parse().unwrap(), &scratch);
@@ -136,17 +140,15 @@ fn bench_sync(n: u32) -> Value {
         ha_c.apply(0, chunk, &[]);
     }
     let apply_s = t.elapsed().as_secs_f64();
-    let keep: std::collections::HashSet<ferrolb_consync::FlowId> = flows
-        .iter()
-        .filter_map(|f| f.key.as_ref().map(ferrolb_consync::FlowId::from))
-        .collect();
+    // The stale sweep's read: every key of the origin's flows this node holds.
     let t = Instant::now();
-    ha_c.retain(0, &keep);
-    let retain_s = t.elapsed().as_secs_f64();
+    let held = ha_c.flows_of(0);
+    let held_s = t.elapsed().as_secs_f64();
+    assert_eq!(held.len() as u32, n);
     drop(ha_c);
     drop(scratch);
-    let took = rt.block_on(async {
-        let _ca = consync(0, 23001, 23002, &ha_a).await;
+    let (took, again) = rt.block_on(async {
+        let ca = consync(0, 23001, 23002, &ha_a).await;
         let t = Instant::now();
         let cb = consync(1, 23002, 23001, &ha_b).await;
         loop {
@@ -157,7 +159,22 @@ fn bench_sync(n: u32) -> Value {
             assert!(t.elapsed() < Duration::from_secs(300), "snapshot too slow");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        t.elapsed().as_secs_f64()
+        let took = t.elapsed().as_secs_f64();
+        // Again, onto a node that holds every flow already (a reconnect after an overflow):
+        // the stale sweep now compares every key.
+        let t = Instant::now();
+        ca.resync();
+        loop {
+            if cb.peers()[0].snapshots >= 2 {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(300),
+                "second snapshot too slow"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        (took, t.elapsed().as_secs_f64())
     });
     let installed = b.ct_entries().len() / 2;
     assert_eq!(installed as u32, n, "B holds every flow");
@@ -169,9 +186,11 @@ fn bench_sync(n: u32) -> Value {
         "resync_s": took,
         "snapshot_build_s": own_s,
         "install_s": apply_s,
-        "retain_walk_s": retain_s,
+        "held_keys_walk_s": held_s,
         "resync_flows_per_s": (n as f64 / took).round(),
         "resync_entries_per_s": (2.0 * n as f64 / took).round(),
+        "resync_onto_held_s": again,
+        "resync_onto_held_entries_per_s": (2.0 * n as f64 / again).round(),
         "ratio_to_map_walk": walk_s / took,
     })
 }

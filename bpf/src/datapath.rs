@@ -942,6 +942,38 @@ impl SyncTable {
         ct_walk(&self.conntrack)
     }
 
+    /// Hands the table to `f` a chunk of about `chunk` entries at a time (batched lookups;
+    /// the whole table at once when the kernel refuses them); stops when `f` returns false.
+    pub fn walk(&self, chunk: usize, mut f: impl FnMut(&[(CtKey, Ct)]) -> bool) {
+        use aya::maps::IterableMap;
+        let mut b = crate::batch::HashBatches::<CtKey, Ct>::new(self.conntrack.map(), chunk);
+        loop {
+            match b.next_chunk() {
+                Ok(Some(c)) => {
+                    if !f(&c) {
+                        return;
+                    }
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    debug!(error = %e, "batched conntrack lookups refused; iterating");
+                    let all: Vec<(CtKey, Ct)> =
+                        self.conntrack.iter().filter_map(|r| r.ok()).collect();
+                    f(&all);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Inserts or replaces entries with batched updates through a shared handle (several
+    /// threads may write at once); an error when the kernel refuses batches, with how many
+    /// were written before it in the `Ok` of a retry by [`SyncTable::insert_many`].
+    pub fn update_batch(&self, entries: &[(CtKey, Ct)]) -> std::io::Result<usize> {
+        use aya::maps::IterableMap;
+        crate::batch::update_all(self.conntrack.map(), entries)
+    }
+
     /// Inserts or replaces many entries with batched updates (one syscall per few thousand;
     /// one by one when the kernel refuses batches). Returns how many were written.
     pub fn insert_many(&mut self, entries: &[(CtKey, Ct)]) -> usize {

@@ -23,6 +23,7 @@
 //!
 //! The crate knows nothing of datapaths or roles: the agent implements [`Node`].
 
+pub mod flow;
 pub mod log;
 
 use std::collections::HashSet;
@@ -39,6 +40,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::{debug, info, warn};
 
+pub use crate::flow::{Change, Flow, FlowError, FlowKey, Numbered};
 use crate::log::{ChangeLog, Resume};
 
 /// The sync port.
@@ -91,6 +93,9 @@ pub struct Config {
     pub heartbeat: Duration,
     /// A subscription that hears nothing for this long is dropped and reconnected.
     pub dead_after: Duration,
+    /// Ask peers for packed flow records (true). False subscribes as a node of an older
+    /// version does, with explicit messages (tests of mixed versions).
+    pub packed: bool,
 }
 
 impl Config {
@@ -107,50 +112,28 @@ impl Config {
             batch_delay: Duration::from_millis(2),
             heartbeat: Duration::from_millis(100),
             dead_after: Duration::from_millis(1000),
-        }
-    }
-}
-
-/// A flow's identity, usable as a set member (fixed size: building a set of a snapshot's
-/// hundreds of thousands of flows allocates nothing per flow).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct FlowId {
-    pub protocol: i32,
-    /// Address bytes (4 or 16 used) and how many.
-    pub client: ([u8; 16], u8),
-    pub client_port: u32,
-    pub vip: ([u8; 16], u8),
-    pub vip_port: u32,
-}
-
-fn addr_id(a: Option<&pb::Addr>) -> ([u8; 16], u8) {
-    let mut out = [0u8; 16];
-    let Some(a) = a else { return (out, 0) };
-    let n = a.ip.len().min(16);
-    out[..n].copy_from_slice(&a.ip[..n]);
-    (out, n as u8)
-}
-
-impl From<&pb::FlowKey> for FlowId {
-    fn from(k: &pb::FlowKey) -> FlowId {
-        FlowId {
-            protocol: k.protocol,
-            client: addr_id(k.client.as_ref()),
-            client_port: k.client_port,
-            vip: addr_id(k.vip.as_ref()),
-            vip_port: k.vip_port,
+            packed: true,
         }
     }
 }
 
 /// What the agent provides. The blocking methods run on tokio's blocking pool.
 pub trait Node: Send + Sync + 'static {
-    /// Every flow this node created and still holds (for a snapshot). Blocking.
-    fn own_flows(&self) -> Vec<pb::Flow>;
+    /// Every flow this node created and still holds (for a snapshot), handed to `emit` a
+    /// chunk at a time as the table is walked, so that the first chunks travel while the
+    /// walk goes on. Stops when `emit` returns false (the subscriber left). Blocking.
+    fn own_flows(&self, emit: &mut dyn FnMut(Vec<Flow>) -> bool);
     /// Installs or removes a peer's flows; returns how many were applied. Blocking.
-    fn apply(&self, origin: u32, upserts: &[pb::Flow], deletes: &[pb::FlowKey]) -> u64;
-    /// After a snapshot from `origin`: removes that origin's flows not in `keep`. Blocking.
-    fn retain(&self, origin: u32, keep: &HashSet<FlowId>) -> u64;
+    fn apply(&self, origin: u32, upserts: &[Flow], deletes: &[FlowKey]) -> u64;
+    /// The keys of every flow from `origin` this node holds. Read when a snapshot from
+    /// `origin` starts (while it arrives): those the snapshot does not contain are stale.
+    /// Blocking.
+    fn flows_of(&self, origin: u32) -> HashSet<FlowKey>;
+    /// After a snapshot from `origin`: removes these stale flows (still from `origin`);
+    /// returns how many went. Blocking.
+    fn remove_stale(&self, origin: u32, keys: &[FlowKey]) -> u64;
+    /// `n` flows from `origin` were refused as malformed before reaching [`Node::apply`].
+    fn malformed(&self, origin: u32, n: u64);
     /// This node's status, sent with every batch.
     fn status(&self) -> pb::NodeStatus;
     /// A peer's status arrived (`Some`) or its channel was lost (`None`).
@@ -302,7 +285,7 @@ impl Consync {
     }
 
     /// Appends this node's changes to the log served to peers.
-    pub fn publish(&self, changes: Vec<pb::change::Change>) -> u64 {
+    pub fn publish(&self, changes: Vec<Change>) -> u64 {
         self.log.publish(changes)
     }
 
@@ -649,7 +632,7 @@ impl ConSync for Service {
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .push((r.node_id, pos.clone()));
-            let res = serve(&cs, &tx, r.epoch, r.next_seq, &pos).await;
+            let res = serve(&cs, &tx, r.epoch, r.next_seq, r.packed, &pos).await;
             cs.active_streams
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -739,12 +722,13 @@ async fn serve(
     tx: &Tx,
     epoch: u64,
     next_seq: u64,
+    packed: bool,
     pos: &AtomicU64,
 ) -> Result<(), String> {
     let mut wake = cs.log.subscribe();
     let (mut epoch, mut next) = match cs.log.resume(epoch, next_seq) {
         Resume::From(n) => (epoch, n),
-        Resume::Snapshot => send_snapshot(cs, tx).await?,
+        Resume::Snapshot => send_snapshot(cs, tx, packed).await?,
     };
     pos.store(next, Ordering::Relaxed);
     let mut last_sent = Instant::now();
@@ -752,7 +736,7 @@ async fn serve(
         match cs.log.read(epoch, next, cs.cfg.batch_max) {
             None => {
                 // Our log moved on (new epoch, or the subscriber fell out of it).
-                (epoch, next) = send_snapshot(cs, tx).await?;
+                (epoch, next) = send_snapshot(cs, tx, packed).await?;
                 pos.store(next, Ordering::Relaxed);
                 continue;
             }
@@ -770,7 +754,15 @@ async fn serve(
                 next = changes.last().map_or(next, |c| c.seq + 1);
                 let n = changes.len() as u64;
                 let mut b = cs.batch(epoch);
-                b.changes = changes;
+                if packed {
+                    let mut buf = Vec::with_capacity(changes.len() * flow::RECORD);
+                    for c in &changes {
+                        flow::encode(c, &mut buf);
+                    }
+                    b.packed_changes = buf.into();
+                } else {
+                    b.changes = changes.iter().map(pb::Change::from).collect();
+                }
                 tx.send(Ok(b)).await.map_err(|_| "subscriber gone")?;
                 cs.stats.sent.fetch_add(n, Ordering::Relaxed);
                 pos.store(next, Ordering::Relaxed);
@@ -793,43 +785,73 @@ async fn serve(
     }
 }
 
-/// Sends a snapshot; returns the (epoch, sequence) the live changes continue from.
-async fn send_snapshot(cs: &Arc<Consync>, tx: &Tx) -> Result<(u64, u64), String> {
+/// Sends a snapshot; returns the (epoch, sequence) the live changes continue from. The
+/// table is walked on the blocking pool and each chunk is sent as soon as it is read, so the
+/// subscriber installs the first flows while the walk goes on.
+async fn send_snapshot(cs: &Arc<Consync>, tx: &Tx, packed: bool) -> Result<(u64, u64), String> {
     // Changes from `next` on are in the log (or force another snapshot): the snapshot is at
     // least as new as `next - 1`, and re-applying a change it already contains is harmless.
     let (epoch, next) = cs.log.position();
     let node = cs.node.clone();
-    let mut build = tokio::task::spawn_blocking(move || node.own_flows());
-    // Walking a large table takes a while: heartbeats keep the subscriber from giving up.
+    let (ctx, mut chunks) = tokio::sync::mpsc::channel::<Vec<Flow>>(4);
+    let mut walk = tokio::task::spawn_blocking(move || {
+        node.own_flows(&mut |chunk| chunk.is_empty() || ctx.blocking_send(chunk).is_ok());
+    });
+    // Walking a large table takes a while: heartbeats keep the subscriber from giving up
+    // while no chunk comes.
     let mut hb = tokio::time::interval(cs.cfg.heartbeat);
     hb.tick().await;
-    let flows = loop {
+    let mut total = 0usize;
+    let mut walking = true;
+    loop {
         tokio::select! {
-            r = &mut build => break r.map_err(|e| e.to_string())?,
+            c = chunks.recv() => {
+                let Some(part) = c else { break };
+                let n = part.len();
+                total += n;
+                let mut b = cs.batch(epoch);
+                snapshot_part(&mut b, &part, packed);
+                tx.send(Ok(b)).await.map_err(|_| "subscriber gone")?;
+                cs.stats.sent.fetch_add(n as u64, Ordering::Relaxed);
+                hb.reset();
+            }
+            r = &mut walk, if walking => {
+                r.map_err(|e| e.to_string())?;
+                walking = false;
+            }
             _ = hb.tick() => {
                 tx.send(Ok(cs.batch(epoch))).await.map_err(|_| "subscriber gone")?;
             }
         }
-    };
-    let total = flows.len();
-    let mut it = flows.into_iter().peekable();
-    let chunk = cs.cfg.batch_max.max(1) * 4;
-    loop {
-        let part: Vec<pb::Flow> = it.by_ref().take(chunk).collect();
-        let done = it.peek().is_none();
-        let n = part.len() as u64;
-        let mut b = cs.batch(epoch);
-        b.snapshot = part;
-        b.snapshot_done = done;
-        b.snapshot_seq = next;
-        tx.send(Ok(b)).await.map_err(|_| "subscriber gone")?;
-        cs.stats.sent.fetch_add(n, Ordering::Relaxed);
-        if done {
-            break;
-        }
     }
-    debug!(flows = total, epoch, next, "sync snapshot sent");
+    if walking {
+        walk.await.map_err(|e| e.to_string())?;
+    }
+    let mut b = cs.batch(epoch);
+    b.snapshot_done = true;
+    b.snapshot_seq = next;
+    tx.send(Ok(b)).await.map_err(|_| "subscriber gone")?;
+    debug!(flows = total, epoch, next, packed, "sync snapshot sent");
     Ok((epoch, next))
+}
+
+/// Puts a chunk of a snapshot into `b`, packed or explicit.
+fn snapshot_part(b: &mut pb::SyncBatch, part: &[Flow], packed: bool) {
+    if packed {
+        let mut buf = Vec::with_capacity(part.len() * flow::RECORD);
+        for f in part {
+            flow::encode(
+                &Numbered {
+                    seq: 0,
+                    change: Change::Upsert(*f),
+                },
+                &mut buf,
+            );
+        }
+        b.packed_snapshot = buf.into();
+    } else {
+        b.snapshot = part.iter().map(pb::Flow::from).collect();
+    }
 }
 
 /// Keeps a subscription to one peer alive: connect, subscribe, apply, reconnect.
@@ -879,6 +901,7 @@ async fn subscribe_once(
         node_id: cs.cfg.node_id,
         epoch,
         next_seq,
+        packed: cs.cfg.packed,
     });
     cs.authorize(&mut req);
     let mut stream = client
@@ -886,8 +909,9 @@ async fn subscribe_once(
         .await
         .map_err(|s| format!("subscribe: {}", s.message()))?
         .into_inner();
-    // Flows seen in the snapshot being received (for `retain`).
-    let mut seen: Option<HashSet<FlowId>> = None;
+    // The snapshot being received: the keys of the flows from this peer we held when it
+    // started (read while it arrives), and the keys it contained.
+    let mut snap: Option<Snapshot> = None;
     loop {
         let msg = tokio::select! {
             m = tokio::time::timeout(cs.cfg.dead_after, stream.message()) => m,
@@ -913,55 +937,126 @@ async fn subscribe_once(
         let Some(origin) = origin else {
             return Err("batch without status".into());
         };
-        if !batch.snapshot.is_empty() || batch.snapshot_done {
-            let set = seen.get_or_insert_with(HashSet::new);
-            for f in &batch.snapshot {
-                if let Some(k) = &f.key {
-                    set.insert(FlowId::from(k));
+        if !batch.snapshot.is_empty() || !batch.packed_snapshot.is_empty() || batch.snapshot_done {
+            let s = snap.get_or_insert_with(|| {
+                let node = cs.node.clone();
+                Snapshot {
+                    held: Some(tokio::task::spawn_blocking(move || node.flows_of(origin))),
+                    held_none: false,
+                    seen: std::collections::HashMap::new(),
+                    received: 0,
+                }
+            });
+            let (flows, refused) = if batch.packed_snapshot.is_empty() {
+                explicit(batch.snapshot.iter().map(Flow::try_from))
+            } else {
+                let it = flow::decode(&batch.packed_snapshot).map_err(|e| e.to_string())?;
+                explicit(it.map(|r| {
+                    r.and_then(|c| match c.change {
+                        Change::Upsert(f) => Ok(f),
+                        Change::Delete(_) => Err(FlowError::Field {
+                            field: "kind",
+                            reason: "a delete inside a snapshot",
+                        }),
+                    })
+                }))
+            };
+            if refused > 0 {
+                cs.node.malformed(origin, refused);
+            }
+            // Whether any of our flows could be stale: once the read of what we held has
+            // finished and found none, the snapshot's keys need not be kept.
+            if !s.held_none
+                && let Some(h) = s.held.take_if(|h| h.is_finished())
+            {
+                let held = h.await.map_err(|e| e.to_string())?;
+                s.held_none = held.is_empty();
+                for k in held {
+                    s.seen.entry(k).or_insert(false);
                 }
             }
-            let n = batch.snapshot.len() as u64;
-            let applied = apply(cs, origin, batch.snapshot, Vec::new()).await?;
-            let mut done_set = None;
-            if batch.snapshot_done {
-                done_set = seen.take();
+            if !s.held_none {
+                for f in &flows {
+                    s.seen.insert(f.key, true);
+                }
             }
+            let n = flows.len() as u64 + refused;
+            s.received += n;
+            let applied = apply(cs, origin, flows, Vec::new()).await?;
             {
                 let mut i = slot.info();
                 i.received += n;
                 i.applied += applied;
-                if done_set.is_some() {
+                if batch.snapshot_done {
                     i.epoch = batch.epoch;
                     i.next_seq = batch.snapshot_seq;
                 }
             }
-            if let Some(keep) = done_set {
-                let node = cs.node.clone();
-                let removed = tokio::task::spawn_blocking(move || node.retain(origin, &keep))
-                    .await
-                    .map_err(|e| e.to_string())?;
+            if batch.snapshot_done {
+                let Some(mut s) = snap.take() else {
+                    continue;
+                };
+                if let Some(h) = s.held.take() {
+                    let held = h.await.map_err(|e| e.to_string())?;
+                    for k in held {
+                        s.seen.entry(k).or_insert(false);
+                    }
+                }
+                // Held before, not in the snapshot: stale.
+                let stale: Vec<FlowKey> = s
+                    .seen
+                    .into_iter()
+                    .filter_map(|(k, in_snapshot)| (!in_snapshot).then_some(k))
+                    .collect();
+                let removed = if stale.is_empty() {
+                    0
+                } else {
+                    let node = cs.node.clone();
+                    tokio::task::spawn_blocking(move || node.remove_stale(origin, &stale))
+                        .await
+                        .map_err(|e| e.to_string())?
+                };
                 let mut i = slot.info();
                 i.snapshots += 1;
                 i.synced_once = true;
                 i.behind = batch.next_seq.saturating_sub(i.next_seq);
-                info!(peer = %slot.addr, node = origin, flows = n, stale_removed = removed, "sync snapshot applied");
+                info!(peer = %slot.addr, node = origin, flows = s.received, stale_removed = removed, "sync snapshot applied");
             }
             continue;
         }
-        if batch.changes.is_empty() {
+        let numbered: Vec<Result<Numbered, FlowError>> = if batch.packed_changes.is_empty() {
+            batch.changes.iter().map(Numbered::try_from).collect()
+        } else {
+            flow::decode(&batch.packed_changes)
+                .map_err(|e| e.to_string())?
+                .collect()
+        };
+        if numbered.is_empty() {
             // A heartbeat (also sent while a snapshot is being built).
             let mut i = slot.info();
-            if batch.epoch == i.epoch && seen.is_none() {
+            if batch.epoch == i.epoch && snap.is_none() {
                 i.behind = batch.next_seq.saturating_sub(i.next_seq);
             }
             continue;
         }
-        if seen.is_some() {
+        if snap.is_some() {
             return Err("changes inside a snapshot".into());
         }
+        // Sequence numbers of refused records still count: a gap is a gap.
+        let seqs: Vec<u64> = batch
+            .changes
+            .iter()
+            .map(|c| c.seq)
+            .chain(
+                batch
+                    .packed_changes
+                    .chunks_exact(flow::RECORD)
+                    .map(|r| u64::from_be_bytes(r[32..40].try_into().unwrap_or([0; 8]))),
+            )
+            .collect();
         {
             let mut i = slot.info();
-            let first = batch.changes[0].seq;
+            let first = seqs[0];
             if batch.epoch != i.epoch || first != i.next_seq {
                 i.resyncs += 1;
                 i.epoch = 0;
@@ -969,24 +1064,34 @@ async fn subscribe_once(
                 warn!(peer = %slot.addr, expected = i.next_seq, got = first, "sync sequence gap: resyncing");
                 return Err("sequence gap".into());
             }
-            for w in batch.changes.windows(2) {
-                if w[1].seq != w[0].seq + 1 {
+            for w in seqs.windows(2) {
+                if w[1] != w[0].wrapping_add(1) {
                     i.resyncs += 1;
                     i.epoch = 0;
                     return Err("sequence gap inside a batch".into());
                 }
             }
         }
-        let last = batch.changes.last().map_or(0, |c| c.seq);
-        let n = batch.changes.len() as u64;
+        let last = seqs[seqs.len() - 1];
+        let n = seqs.len() as u64;
         let mut ups = Vec::new();
         let mut dels = Vec::new();
-        for c in batch.changes {
-            match c.change {
-                Some(pb::change::Change::Upsert(f)) => ups.push(f),
-                Some(pb::change::Change::Delete(k)) => dels.push(k),
-                None => {}
+        let mut refused = 0;
+        for c in numbered {
+            match c {
+                Ok(Numbered {
+                    change: Change::Upsert(f),
+                    ..
+                }) => ups.push(f),
+                Ok(Numbered {
+                    change: Change::Delete(k),
+                    ..
+                }) => dels.push(k),
+                Err(_) => refused += 1,
             }
+        }
+        if refused > 0 {
+            cs.node.malformed(origin, refused);
         }
         let applied = apply(cs, origin, ups, dels).await?;
         let mut i = slot.info();
@@ -1005,11 +1110,36 @@ async fn subscribe_once(
     }
 }
 
+/// A snapshot being received.
+struct Snapshot {
+    /// Reading the keys of the peer's flows this node held when the snapshot started.
+    held: Option<tokio::task::JoinHandle<HashSet<FlowKey>>>,
+    /// That read found none: nothing can be stale, `seen` is not kept.
+    held_none: bool,
+    /// Keys held before (false) or received in the snapshot (true).
+    seen: std::collections::HashMap<FlowKey, bool>,
+    /// Flows received in it.
+    received: u64,
+}
+
+/// The flows that decoded, and how many did not.
+fn explicit(it: impl Iterator<Item = Result<Flow, FlowError>>) -> (Vec<Flow>, u64) {
+    let mut ok = Vec::with_capacity(it.size_hint().0);
+    let mut refused = 0;
+    for r in it {
+        match r {
+            Ok(f) => ok.push(f),
+            Err(_) => refused += 1,
+        }
+    }
+    (ok, refused)
+}
+
 async fn apply(
     cs: &Arc<Consync>,
     origin: u32,
-    ups: Vec<pb::Flow>,
-    dels: Vec<pb::FlowKey>,
+    ups: Vec<Flow>,
+    dels: Vec<FlowKey>,
 ) -> Result<u64, String> {
     if ups.is_empty() && dels.is_empty() {
         return Ok(0);

@@ -7,7 +7,7 @@
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
-use crate::pb;
+use crate::flow::{Change, Numbered};
 
 /// Where a subscriber can continue from.
 #[derive(Debug, PartialEq, Eq)]
@@ -21,7 +21,7 @@ pub enum Resume {
 struct Inner {
     epoch: u64,
     next_seq: u64,
-    changes: VecDeque<pb::Change>,
+    changes: VecDeque<Numbered>,
 }
 
 pub struct ChangeLog {
@@ -65,7 +65,7 @@ impl ChangeLog {
     }
 
     /// Appends changes (their `seq` is assigned here) and wakes the streams.
-    pub fn publish(&self, changes: impl IntoIterator<Item = pb::change::Change>) -> u64 {
+    pub fn publish(&self, changes: impl IntoIterator<Item = Change>) -> u64 {
         let mut g = self.lock();
         let mut n = 0;
         for c in changes {
@@ -74,10 +74,7 @@ impl ChangeLog {
             if g.changes.len() == self.capacity {
                 g.changes.pop_front();
             }
-            g.changes.push_back(pb::Change {
-                seq,
-                change: Some(c),
-            });
+            g.changes.push_back(Numbered { seq, change: c });
             n += 1;
         }
         let pos = (g.epoch, g.next_seq);
@@ -114,7 +111,7 @@ impl ChangeLog {
 
     /// Up to `max` changes from `from` on, in `epoch`; `None` when the subscriber must start
     /// over (new epoch, or the changes it needs were dropped).
-    pub fn read(&self, epoch: u64, from: u64, max: usize) -> Option<Vec<pb::Change>> {
+    pub fn read(&self, epoch: u64, from: u64, max: usize) -> Option<Vec<Numbered>> {
         let g = self.lock();
         if epoch != g.epoch {
             return None;
@@ -136,10 +133,13 @@ impl ChangeLog {
 mod tests {
     use super::*;
 
-    fn del(port: u32) -> pb::change::Change {
-        pb::change::Change::Delete(pb::FlowKey {
+    fn del(port: u16) -> Change {
+        Change::Delete(crate::flow::FlowKey {
+            protocol: crate::flow::PROTO_TCP,
+            client: std::net::IpAddr::from([10, 0, 0, 1]),
             client_port: port,
-            ..Default::default()
+            vip: std::net::IpAddr::from([10, 0, 0, 2]),
+            vip_port: 80,
         })
     }
 

@@ -4,42 +4,64 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::{BTreeMap, HashSet};
+use std::net::IpAddr;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ferrolb_consync::{Config, Consync, FlowId, Node, pb};
+use ferrolb_consync::{Change, Config, Consync, Flow, FlowKey, Node, pb};
 
 #[derive(Default)]
 struct FakeNode {
     id: u32,
-    own: Mutex<BTreeMap<FlowId, pb::Flow>>,
+    own: Mutex<BTreeMap<FlowKey, Flow>>,
     /// (origin, flow) installed from peers.
-    synced: Mutex<BTreeMap<FlowId, (u32, pb::Flow)>>,
+    synced: Mutex<BTreeMap<FlowKey, (u32, Flow)>>,
+    stale_removed: Mutex<u64>,
     peers: Mutex<BTreeMap<SocketAddr, Option<pb::NodeStatus>>>,
     took: Mutex<Vec<String>>,
 }
 
 impl Node for FakeNode {
-    fn own_flows(&self) -> Vec<pb::Flow> {
-        self.own.lock().unwrap().values().cloned().collect()
+    fn own_flows(&self, emit: &mut dyn FnMut(Vec<Flow>) -> bool) {
+        // Small chunks, so that a snapshot takes several batches.
+        let all: Vec<Flow> = self.own.lock().unwrap().values().copied().collect();
+        for c in all.chunks(7) {
+            if !emit(c.to_vec()) {
+                return;
+            }
+        }
     }
-    fn apply(&self, origin: u32, ups: &[pb::Flow], dels: &[pb::FlowKey]) -> u64 {
+    fn apply(&self, origin: u32, ups: &[Flow], dels: &[FlowKey]) -> u64 {
         let mut s = self.synced.lock().unwrap();
         for f in ups {
-            s.insert(FlowId::from(f.key.as_ref().unwrap()), (origin, f.clone()));
+            s.insert(f.key, (origin, *f));
         }
         for k in dels {
-            s.remove(&FlowId::from(k));
+            s.remove(k);
         }
         (ups.len() + dels.len()) as u64
     }
-    fn retain(&self, origin: u32, keep: &HashSet<FlowId>) -> u64 {
-        let mut s = self.synced.lock().unwrap();
-        let before = s.len();
-        s.retain(|k, (o, _)| *o != origin || keep.contains(k));
-        (before - s.len()) as u64
+    fn flows_of(&self, origin: u32) -> HashSet<FlowKey> {
+        let s = self.synced.lock().unwrap();
+        s.iter()
+            .filter(|(_, (o, _))| *o == origin)
+            .map(|(k, _)| *k)
+            .collect()
     }
+    fn remove_stale(&self, origin: u32, keys: &[FlowKey]) -> u64 {
+        let mut s = self.synced.lock().unwrap();
+        let mut n = 0;
+        for k in keys {
+            if s.get(k).is_some_and(|(o, _)| *o == origin) {
+                s.remove(k);
+                n += 1;
+            }
+        }
+        *self.stale_removed.lock().unwrap() += n;
+        n
+    }
+    fn malformed(&self, _origin: u32, _n: u64) {}
     fn status(&self) -> pb::NodeStatus {
         pb::NodeStatus {
             node_id: self.id,
@@ -57,34 +79,29 @@ impl Node for FakeNode {
     }
 }
 
-fn flow(origin: u32, port: u32) -> pb::Flow {
-    pb::Flow {
-        key: Some(key(port)),
-        nat_source: Some(pb::Addr {
-            ip: vec![203, 0, 113, 10],
-        }),
-        nat_source_port: 40000 + port,
-        endpoint: Some(pb::Addr {
-            ip: vec![10, 10, 10, 11],
-        }),
+fn flow(origin: u32, port: u16) -> Flow {
+    Flow {
+        key: key(port),
+        nat_source: IpAddr::from([203, 0, 113, 10]),
+        nat_source_port: 20000 + port,
+        endpoint: IpAddr::from([10, 10, 10, 11]),
         endpoint_port: 9000,
         mode: 2,
-        state: pb::TcpState::Established as i32,
+        state: pb::TcpState::Established as u8,
+        fin: 0,
+        timeout_s: 240,
         origin,
-        ..Default::default()
+        age_ms: 1000,
+        idle_ms: 5,
     }
 }
 
-fn key(port: u32) -> pb::FlowKey {
-    pb::FlowKey {
-        protocol: pb::Protocol::Tcp as i32,
-        client: Some(pb::Addr {
-            ip: vec![198, 51, 100, 2],
-        }),
+fn key(port: u16) -> FlowKey {
+    FlowKey {
+        protocol: pb::Protocol::Tcp as u8,
+        client: IpAddr::from([198, 51, 100, 2]),
         client_port: port,
-        vip: Some(pb::Addr {
-            ip: vec![203, 0, 113, 10],
-        }),
+        vip: IpAddr::from([203, 0, 113, 10]),
         vip_port: 80,
     }
 }
@@ -123,34 +140,47 @@ fn addr(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
-fn synced_ports(n: &FakeNode) -> Vec<u32> {
+fn synced_ports(n: &FakeNode) -> Vec<u16> {
     n.synced
         .lock()
         .unwrap()
         .values()
-        .map(|(_, f)| f.key.as_ref().unwrap().client_port)
+        .map(|(_, f)| f.key.client_port)
         .collect()
 }
 
+/// Two nodes of this version: packed records.
 #[test]
 fn snapshot_live_resume_and_resync() {
     if !ferrolb_tests::private_netns("snapshot_live_resume_and_resync") {
         return;
     }
+    snapshot_live_resume_and_resync_with(true, 22001);
+}
+
+/// A subscriber that does not ask for packed records (an older version): the same sequence
+/// in explicit messages.
+#[test]
+fn snapshot_live_resume_and_resync_explicit() {
+    if !ferrolb_tests::private_netns("snapshot_live_resume_and_resync_explicit") {
+        return;
+    }
+    snapshot_live_resume_and_resync_with(false, 22041);
+}
+
+fn snapshot_live_resume_and_resync_with(packed: bool, port: u16) {
     let rt = runtime();
     rt.block_on(async {
         let a = node(0);
         let b = node(1);
         // A's flows before anyone subscribes: they arrive in the snapshot.
         for p in 1..=100 {
-            a.own
-                .lock()
-                .unwrap()
-                .insert(FlowId::from(&key(p)), flow(0, p));
+            a.own.lock().unwrap().insert(key(p), flow(0, p));
         }
-        let mut ca = Config::new(0, addr(22001), vec![addr(22002)]);
+        let mut ca = Config::new(0, addr(port), vec![addr(port + 1)]);
         ca.log_capacity = 64;
-        let cb = Config::new(1, addr(22002), vec![addr(22001)]);
+        let mut cb = Config::new(1, addr(port + 1), vec![addr(port)]);
+        cb.packed = packed;
         let sa = Consync::start(ca, a.clone()).await.unwrap();
         let sb = Consync::start(cb, b.clone()).await.unwrap();
         let bb = b.clone();
@@ -167,8 +197,8 @@ fn snapshot_live_resume_and_resync() {
         let t0 = Instant::now();
         sa.publish(
             (101..=110)
-                .map(|p| pb::change::Change::Upsert(flow(0, p)))
-                .chain((1..=5).map(|p| pb::change::Change::Delete(key(p))))
+                .map(|p| Change::Upsert(flow(0, p)))
+                .chain((1..=5).map(|p| Change::Delete(key(p))))
                 .collect(),
         );
         let bb = b.clone();
@@ -185,7 +215,7 @@ fn snapshot_live_resume_and_resync() {
         // Resume: B reconnects and continues from its sequence number without a snapshot.
         sb.reconnect();
         tokio::time::sleep(Duration::from_millis(300)).await;
-        sa.publish(vec![pb::change::Change::Upsert(flow(0, 111))]);
+        sa.publish(vec![Change::Upsert(flow(0, 111))]);
         let bb = b.clone();
         wait_async("change after resume", Duration::from_secs(2), move || {
             synced_ports(&bb).contains(&111)
@@ -196,34 +226,28 @@ fn snapshot_live_resume_and_resync() {
         assert!(pb.disconnects >= 1);
         // Overflow: B is away while A publishes more than its log keeps. A flow A dropped
         // meanwhile (port 6) must not survive on B.
-        a.own.lock().unwrap().remove(&FlowId::from(&key(6)));
+        a.own.lock().unwrap().remove(&key(6));
         for p in 101..=111 {
-            a.own
-                .lock()
-                .unwrap()
-                .insert(FlowId::from(&key(p)), flow(0, p));
+            a.own.lock().unwrap().insert(key(p), flow(0, p));
         }
         for p in 7..=9 {
-            a.own.lock().unwrap().remove(&FlowId::from(&key(p)));
+            a.own.lock().unwrap().remove(&key(p));
         }
         sb.reconnect();
         // While B reconnects, 200 changes go by (the log keeps 64).
         for p in 200..400 {
-            a.own
-                .lock()
-                .unwrap()
-                .insert(FlowId::from(&key(p)), flow(0, p));
-            sa.publish(vec![pb::change::Change::Upsert(flow(0, p))]);
+            a.own.lock().unwrap().insert(key(p), flow(0, p));
+            sa.publish(vec![Change::Upsert(flow(0, p))]);
         }
         let bb = b.clone();
         let aa = a.clone();
         wait_async("resync after overflow", Duration::from_secs(5), move || {
-            let mut want: Vec<u32> = aa
+            let mut want: Vec<u16> = aa
                 .own
                 .lock()
                 .unwrap()
                 .values()
-                .map(|f| f.key.as_ref().unwrap().client_port)
+                .map(|f| f.key.client_port)
                 .collect();
             want.sort();
             let mut got = synced_ports(&bb);
@@ -232,6 +256,14 @@ fn snapshot_live_resume_and_resync() {
         })
         .await;
         assert!(!synced_ports(&b).contains(&6), "stale flow removed");
+        assert_eq!(
+            *b.stale_removed.lock().unwrap(),
+            4,
+            "ports 6 to 9 were stale"
+        );
+        // Every field arrives as sent.
+        let got = b.synced.lock().unwrap().get(&key(300)).map(|e| e.1);
+        assert_eq!(got, Some(flow(0, 300)));
         // A sees B's status too (full mesh), and B can hand a role to A.
         let aa = a.clone();
         wait_async("A hears B", Duration::from_secs(3), move || {
@@ -268,10 +300,7 @@ fn wrong_token_is_refused_and_counted() {
     let rt = runtime();
     rt.block_on(async {
         let a = node(0);
-        a.own
-            .lock()
-            .unwrap()
-            .insert(FlowId::from(&key(1)), flow(0, 1));
+        a.own.lock().unwrap().insert(key(1), flow(0, 1));
         let b = node(1);
         let mut ca = Config::new(0, addr(22011), vec![addr(22012)]);
         ca.token = Some("s3cret".into());
@@ -330,10 +359,7 @@ fn mutual_tls_admits_only_the_clusters_certificates() {
     let rt = runtime();
     rt.block_on(async {
         let a = node(0);
-        a.own
-            .lock()
-            .unwrap()
-            .insert(FlowId::from(&key(1)), flow(0, 1));
+        a.own.lock().unwrap().insert(key(1), flow(0, 1));
         let (b, c, d) = (node(1), node(2), node(3));
         // C and D connect from a cluster address (all share 127.0.0.1): TLS refuses them.
         let mut ca = Config::new(0, addr(22021), vec![addr(22022)]);
@@ -379,10 +405,7 @@ fn only_cluster_addresses_connect_and_handovers_come_from_the_claimed_node() {
     let rt = runtime();
     rt.block_on(async {
         let (a, b, c) = (node(0), node(1), node(2));
-        a.own
-            .lock()
-            .unwrap()
-            .insert(FlowId::from(&key(1)), flow(0, 1));
+        a.own.lock().unwrap().insert(key(1), flow(0, 1));
         let (pa, pb_, pc) = (
             at([127, 0, 0, 1], 22031),
             at([127, 0, 0, 2], 22032),

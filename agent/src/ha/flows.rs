@@ -11,12 +11,13 @@ use ferrolb_bpf::maps::{
     CTF_SYNCED, Ct, CtKey, FAMILY_V4, FAMILY_V6, PROTO_ICMP, PROTO_TCP, PROTO_UDP, addr_words,
     words_addr,
 };
-use ferrolb_consync::pb;
+use ferrolb_consync::{Flow, FlowKey, pb};
 
 /// `svc_id` of a synced flow whose service this node does not have: out of range of every
 /// statistics map, so the datapath counts nothing for it (the translation still works).
 pub const SVC_UNKNOWN: u32 = 0x07ff_ffff;
 
+/// An address in the sync protocol's explicit form (node status messages).
 pub(crate) fn addr(ip: IpAddr) -> pb::Addr {
     pb::Addr {
         ip: match ip {
@@ -26,6 +27,7 @@ pub(crate) fn addr(ip: IpAddr) -> pb::Addr {
     }
 }
 
+/// An address from the explicit form; `None` unless 4 or 16 bytes.
 pub(crate) fn ip_of(a: Option<&pb::Addr>) -> Option<IpAddr> {
     let b = &a?.ip;
     match b.len() {
@@ -35,89 +37,55 @@ pub(crate) fn ip_of(a: Option<&pb::Addr>) -> Option<IpAddr> {
     }
 }
 
-fn proto_of(p: i32) -> Option<u8> {
-    match pb::Protocol::try_from(p).ok()? {
-        pb::Protocol::Icmp => Some(PROTO_ICMP),
-        pb::Protocol::Tcp => Some(PROTO_TCP),
-        pb::Protocol::Udp => Some(PROTO_UDP),
-        pb::Protocol::Unspecified => None,
-    }
-}
-
-fn port(p: u32) -> Option<u16> {
-    u16::try_from(p).ok()
-}
-
 /// The flow key of an original-direction entry's key.
-pub fn key_of(k: &CtKey) -> pb::FlowKey {
-    pb::FlowKey {
-        protocol: i32::from(k.proto),
-        client: Some(addr(words_addr(&k.saddr, k.family))),
-        client_port: u32::from(u16::from_be(k.sport)),
-        vip: Some(addr(words_addr(&k.daddr, k.family))),
-        vip_port: u32::from(u16::from_be(k.dport)),
+pub fn key_of(k: &CtKey) -> FlowKey {
+    FlowKey {
+        protocol: k.proto,
+        client: words_addr(&k.saddr, k.family),
+        client_port: u16::from_be(k.sport),
+        vip: words_addr(&k.daddr, k.family),
+        vip_port: u16::from_be(k.dport),
     }
 }
 
-/// The sync protocol's identity of an original-direction key, without building the message
-/// (the same value as `FlowId::from(&key_of(k))`).
-pub fn flow_id(k: &CtKey) -> ferrolb_consync::FlowId {
-    let addr = |w: &[u32; 4]| -> ([u8; 16], u8) {
-        let mut out = [0u8; 16];
-        match words_addr(w, k.family) {
-            IpAddr::V4(a) => {
-                out[..4].copy_from_slice(&a.octets());
-                (out, 4)
-            }
-            IpAddr::V6(a) => (a.octets(), 16),
-        }
-    };
-    ferrolb_consync::FlowId {
-        protocol: i32::from(k.proto),
-        client: addr(&k.saddr),
-        client_port: u32::from(u16::from_be(k.sport)),
-        vip: addr(&k.daddr),
-        vip_port: u32::from(u16::from_be(k.dport)),
+/// The datapath key of a flow's original direction; `None` when the key does not fit the
+/// datapath (consync has checked the protocol and that both addresses share a family).
+pub fn ct_key(k: &FlowKey) -> Option<CtKey> {
+    if !matches!(k.protocol, PROTO_ICMP | PROTO_TCP | PROTO_UDP) {
+        return None;
     }
-}
-
-/// The datapath key of a flow's original direction; `None` when the key is malformed.
-pub fn ct_key(k: &pb::FlowKey) -> Option<CtKey> {
-    let proto = proto_of(k.protocol)?;
-    let client = ip_of(k.client.as_ref())?;
-    let vip = ip_of(k.vip.as_ref())?;
-    let (s, fs) = addr_words(client);
-    let (d, fd) = addr_words(vip);
+    let (s, fs) = addr_words(k.client);
+    let (d, fd) = addr_words(k.vip);
     if fs != fd {
         return None;
     }
-    let dport = if proto == PROTO_ICMP {
+    let dport = if k.protocol == PROTO_ICMP {
         0
     } else {
-        port(k.vip_port)?
+        k.vip_port
     };
     Some(CtKey {
         saddr: s,
         daddr: d,
-        sport: port(k.client_port)?.to_be(),
+        sport: k.client_port.to_be(),
         dport: dport.to_be(),
-        proto,
+        proto: k.protocol,
         family: fs,
         zone: 0,
     })
 }
 
 /// A flow from an original-direction entry. `now_ns` is this node's monotonic clock.
-pub fn flow_of(k: &CtKey, v: &Ct, now_ns: u64) -> pb::Flow {
-    pb::Flow {
-        key: Some(key_of(k)),
-        nat_source: Some(addr(v.nat_src(k.family))),
-        nat_source_port: u32::from(u16::from_be(v.nat_sport)),
-        endpoint: Some(addr(v.nat_dst(k.family))),
-        endpoint_port: u32::from(u16::from_be(v.nat_dport)),
-        mode: u32::from(v.mode),
-        state: i32::from(v.state),
-        fin: v.fin & 3,
+pub fn flow_of(k: &CtKey, v: &Ct, now_ns: u64) -> Flow {
+    Flow {
+        key: key_of(k),
+        nat_source: v.nat_src(k.family),
+        nat_source_port: u16::from_be(v.nat_sport),
+        endpoint: v.nat_dst(k.family),
+        endpoint_port: u16::from_be(v.nat_dport),
+        mode: v.mode,
+        state: v.state,
+        fin: (v.fin & 3) as u8,
         timeout_s: v.timeout_s,
         origin: u32::from(v.origin),
         age_ms: now_ns.saturating_sub(v.created_ns) / 1_000_000,
@@ -150,32 +118,30 @@ pub fn resolve(table: &SyncTable, key: &CtKey, ep: IpAddr, ep_port: u16) -> (u32
 /// endpoint numbers from `resolve` (see [`resolve`]). `None` when the flow is malformed (it
 /// is then skipped and counted).
 pub fn entries_of(
-    f: &pb::Flow,
+    f: &Flow,
     now_ns: u64,
     mut resolve: impl FnMut(&CtKey, IpAddr, u16) -> (u32, u16),
 ) -> Option<[(CtKey, Ct); 2]> {
-    let key = ct_key(f.key.as_ref()?)?;
+    let key = ct_key(&f.key)?;
     let family = key.family;
-    let nat_src = ip_of(f.nat_source.as_ref())?;
-    let ep = ip_of(f.endpoint.as_ref())?;
-    let (ns, fa) = addr_words(nat_src);
-    let (nd, fb) = addr_words(ep);
+    let (ns, fa) = addr_words(f.nat_source);
+    let (nd, fb) = addr_words(f.endpoint);
     if fa != family || fb != family || !(family == FAMILY_V4 || family == FAMILY_V6) {
         return None;
     }
     let origin = u16::try_from(f.origin).ok()?;
-    let state = u8::try_from(f.state).ok().filter(|s| *s <= 6)?;
-    let mode = u8::try_from(f.mode).ok().filter(|m| *m <= 2)?;
+    let state = Some(f.state).filter(|s| *s <= 6)?;
+    let mode = Some(f.mode).filter(|m| *m <= 2)?;
     let ep_port = if key.proto == PROTO_ICMP {
         0
     } else {
-        port(f.endpoint_port)?
+        f.endpoint_port
     };
-    let (svc_id, ep_idx) = resolve(&key, ep, ep_port);
+    let (svc_id, ep_idx) = resolve(&key, f.endpoint, ep_port);
     let orig = Ct {
         nat_saddr: ns,
         nat_daddr: nd,
-        nat_sport: port(f.nat_source_port)?.to_be(),
+        nat_sport: f.nat_source_port.to_be(),
         nat_dport: ep_port.to_be(),
         svc_id,
         timeout_s: f.timeout_s,
@@ -185,7 +151,7 @@ pub fn entries_of(
         state,
         flags: CTF_SYNCED,
         mode,
-        fin: f.fin & 3,
+        fin: u32::from(f.fin & 3),
         // Sequence tracking is this node's own: it starts from the next segment here.
         seq_next: 0,
         ack_seen: 0,
@@ -264,7 +230,6 @@ mod tests {
         {
             let (k, _) = entry_in(p, v6);
             assert_eq!(ct_key(&key_of(&k)), Some(k));
-            assert_eq!(flow_id(&k), ferrolb_consync::FlowId::from(&key_of(&k)));
         }
     }
 
@@ -272,18 +237,25 @@ mod tests {
     fn malformed_keys_are_refused() {
         let (k, _) = entry(PROTO_TCP);
         let good = key_of(&k);
-        let mut bad = good.clone();
+        let mut bad = good;
         bad.protocol = 47;
         assert_eq!(ct_key(&bad), None);
-        let mut bad = good.clone();
-        bad.client_port = 70_000;
-        assert_eq!(ct_key(&bad), None);
-        let mut bad = good.clone();
-        bad.vip = Some(pb::Addr { ip: vec![1, 2, 3] });
-        assert_eq!(ct_key(&bad), None);
         let mut bad = good;
-        bad.vip = Some(pb::Addr { ip: vec![0; 16] });
+        bad.vip = IpAddr::from([0u8; 16]);
         assert_eq!(ct_key(&bad), None, "mixed families");
+        let (k, v) = entry(PROTO_TCP);
+        let mut f = flow_of(&k, &v, 10_000_000_000);
+        f.origin = 70_000;
+        assert!(
+            entries_of(&f, 0, |_, _, _| (0, 0)).is_none(),
+            "origin beyond u16"
+        );
+        let mut f = flow_of(&k, &v, 10_000_000_000);
+        f.endpoint = IpAddr::from([0u8; 16]);
+        assert!(
+            entries_of(&f, 0, |_, _, _| (0, 0)).is_none(),
+            "mixed families"
+        );
     }
 
     #[test]
@@ -292,10 +264,7 @@ mod tests {
         let f = flow_of(&k, &v, 10_000_000_000);
         assert_eq!(f.nat_source_port, 5555);
         assert_eq!(f.endpoint_port, 8080);
-        assert_eq!(
-            f.endpoint.as_ref().map(|a| a.ip.clone()),
-            Some(vec![10, 10, 10, 12])
-        );
+        assert_eq!(f.endpoint, IpAddr::from([10, 10, 10, 12]));
         assert_eq!((f.age_ms, f.idle_ms), (9000, 1000));
         assert_eq!((f.origin, f.mode, f.state, f.fin), (3, 2, 3, 1));
     }

@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use ferrolb_bpf::SyncTable;
 use ferrolb_bpf::maps::{CTF_LOCAL, CTF_SYNCED, Ct, CtKey};
 use ferrolb_bpf::monotonic_ns;
-use ferrolb_consync::{Consync, FlowId, Node, pb};
+use ferrolb_consync::{Change, Consync, Flow, FlowKey, Node, pb};
 use tracing::{info, warn};
 
 pub use crate::model::DEFAULT_INSTANCE;
@@ -615,7 +615,6 @@ impl Ha {
         let mut published = Vec::new();
         {
             let mut t = self.tbl();
-            let mut spread = cpus::Spread::new(self.cpu_cursor.fetch_add(1, Ordering::Relaxed));
             let mine: Vec<(CtKey, Ct)> = t
                 .entries()
                 .into_iter()
@@ -632,16 +631,16 @@ impl Ha {
                     )
                 })
                 .collect();
-            for chunk in mine.chunks(cpus::CHUNK) {
-                if let Some(s) = spread.as_mut() {
-                    s.next();
-                }
-                t.insert_many(chunk);
-            }
+            cpus::write(
+                &mut t,
+                &mine,
+                false,
+                self.cpu_cursor.fetch_add(1, Ordering::Relaxed),
+            );
             published.extend(
                 mine.iter()
                     .filter(|(_, v)| v.dir == 0)
-                    .map(|(k, v)| pb::change::Change::Upsert(flows::flow_of(k, v, now))),
+                    .map(|(k, v)| Change::Upsert(flows::flow_of(k, v, now))),
             );
         }
         let n = published.len() as u64;
@@ -678,12 +677,12 @@ impl Ha {
                     _ if v.dir == 0 => *v,
                     _ => continue,
                 };
-                out.push(pb::change::Change::Upsert(flows::flow_of(&ok, &cur, now)));
+                out.push(Change::Upsert(flows::flow_of(&ok, &cur, now)));
             }
         }
         for (k, v) in removed {
             if v.dir == 0 && mine(v) {
-                out.push(pb::change::Change::Delete(flows::key_of(k)));
+                out.push(Change::Delete(flows::key_of(k)));
             }
         }
         let n = out.len() as u64;
@@ -728,24 +727,28 @@ impl Ha {
 }
 
 impl Node for Ha {
-    fn own_flows(&self) -> Vec<pb::Flow> {
+    fn own_flows(&self, emit: &mut dyn FnMut(Vec<Flow>) -> bool) {
         let me = self.cfg.node_id;
         let now = monotonic_ns();
         let t = self.tbl();
-        t.entries()
-            .into_iter()
-            .filter(|(k, v)| {
-                v.dir == 0
-                    && v.origin == me
-                    && v.flags & CTF_LOCAL != 0
-                    && v.flags & CTF_SYNCED == 0
-                    && !v.expired(k.proto, now)
-            })
-            .map(|(k, v)| flows::flow_of(&k, &v, now))
-            .collect()
+        t.walk(4096, |chunk| {
+            emit(
+                chunk
+                    .iter()
+                    .filter(|(k, v)| {
+                        v.dir == 0
+                            && v.origin == me
+                            && v.flags & CTF_LOCAL != 0
+                            && v.flags & CTF_SYNCED == 0
+                            && !v.expired(k.proto, now)
+                    })
+                    .map(|(k, v)| flows::flow_of(k, v, now))
+                    .collect(),
+            )
+        });
     }
 
-    fn apply(&self, origin: u32, upserts: &[pb::Flow], deletes: &[pb::FlowKey]) -> u64 {
+    fn apply(&self, origin: u32, upserts: &[Flow], deletes: &[FlowKey]) -> u64 {
         let Ok(origin) = u16::try_from(origin) else {
             return 0;
         };
@@ -760,14 +763,6 @@ impl Node for Ha {
         let now = monotonic_ns();
         let mut n = 0;
         let mut t = self.tbl();
-        // A live batch is small: written from whichever CPU the thread is on (it moves between
-        // batches anyway); moving it costs a wait on a busy CPU's run queue, which is sync lag.
-        // A burst as large as a snapshot chunk is spread like one.
-        let mut spread = if upserts.len() < cpus::SPREAD_ABOVE {
-            None
-        } else {
-            cpus::Spread::new(self.cpu_cursor.fetch_add(1, Ordering::Relaxed))
-        };
         // Service and endpoint numbers per (VIP, port, protocol, endpoint) within this batch:
         // a batch is mostly flows of a few services.
         let mut resolved: std::collections::HashMap<(CtKey, IpAddr, u16), (u32, u16)> =
@@ -804,12 +799,13 @@ impl Node for Ha {
             writes.push(pair[1]);
             writes.push(pair[0]);
         }
-        for chunk in writes.chunks(cpus::CHUNK) {
-            if let Some(s) = spread.as_mut() {
-                s.next();
-            }
-            n += t.insert_many(chunk) as u64;
-        }
+        // A live batch is small and stays on this CPU; a snapshot chunk is spread (cpus.rs).
+        n += cpus::write(
+            &mut t,
+            &writes,
+            true,
+            self.cpu_cursor.fetch_add(1, Ordering::Relaxed),
+        ) as u64;
         n /= 2;
         self.counters.installed.fetch_add(n, Ordering::Relaxed);
         let mut d = 0;
@@ -831,24 +827,50 @@ impl Node for Ha {
         n + d
     }
 
-    fn retain(&self, origin: u32, keep: &HashSet<FlowId>) -> u64 {
+    fn flows_of(&self, origin: u32) -> HashSet<FlowKey> {
+        let mut out = HashSet::new();
+        let Ok(origin) = u16::try_from(origin) else {
+            return out;
+        };
+        self.tbl().walk(4096, |chunk| {
+            out.extend(
+                chunk
+                    .iter()
+                    .filter(|(_, v)| v.dir == 0 && v.flags & CTF_SYNCED != 0 && v.origin == origin)
+                    .map(|(k, _)| flows::key_of(k)),
+            );
+            true
+        });
+        out
+    }
+
+    fn remove_stale(&self, origin: u32, keys: &[FlowKey]) -> u64 {
         let Ok(origin) = u16::try_from(origin) else {
             return 0;
         };
         let mut t = self.tbl();
         let mut n = 0;
-        for (k, v) in t.entries() {
-            if v.dir != 0 || v.flags & CTF_SYNCED == 0 || v.origin != origin {
+        for k in keys {
+            let Some(key) = flows::ct_key(k) else {
                 continue;
-            }
-            if !keep.contains(&flows::flow_id(&k)) {
-                let _ = t.delete(&k.peer(&v));
-                let _ = t.delete(&k);
+            };
+            // Still the peer's synced flow (not adopted or replaced meanwhile).
+            if let Ok(Some(cur)) = t.get(&key)
+                && cur.dir == 0
+                && cur.flags & CTF_SYNCED != 0
+                && cur.origin == origin
+            {
+                let _ = t.delete(&key.peer(&cur));
+                let _ = t.delete(&key);
                 n += 1;
             }
         }
         self.counters.stale_removed.fetch_add(n, Ordering::Relaxed);
         n
+    }
+
+    fn malformed(&self, _origin: u32, n: u64) {
+        self.counters.malformed.fetch_add(n, Ordering::Relaxed);
     }
 
     fn status(&self) -> pb::NodeStatus {
