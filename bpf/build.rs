@@ -10,21 +10,11 @@ fn main() {
     println!("cargo:rerun-if-changed=c/lb.bpf.c");
     println!("cargo:rerun-if-changed=c/ferrolb.h");
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR")).join("lb.bpf.o");
+    // The flags, one per line, shared with the benchmarks that build variants.
+    println!("cargo:rerun-if-changed=c/clang-flags");
     let status = Command::new(&clang)
-        .args([
-            "-O2",
-            "-g",
-            "-target",
-            "bpf",
-            "-mcpu=v3",
-            "-Wall",
-            "-Werror",
-            "-I/usr/include/x86_64-linux-gnu",
-            "-Ic",
-            "-c",
-            "c/lb.bpf.c",
-            "-o",
-        ])
+        .args(include_str!("c/clang-flags").lines())
+        .args(["-Ic", "-c", "c/lb.bpf.c", "-o"])
         .arg(&out)
         .status();
     match status {

@@ -4,8 +4,9 @@
 //! - `sync`: bulk resync rate. Node A's datapath holds N flows (inserted into its conntrack
 //!   map); node B subscribes and installs them. Real code paths: the map walk, protobuf, gRPC
 //!   over loopback, the map inserts on B. Baseline: the map walk alone (what any sync must do).
-//! - `lag`: steady-state sync lag. Flows are created in A's datapath by running SYN packets
-//!   through the program (BPF_PROG_TEST_RUN) at a fixed rate; the agent's event path publishes
+//! - `lag`: steady-state sync lag. Flows are created in A's datapath by running first packets
+//!   (UDP: a TCP flow is synced when its handshake completes, through the same path) through
+//!   the program (BPF_PROG_TEST_RUN) at a fixed rate; the agent's event path publishes
 //!   them; the time from the packet to the flow being present in B's map is sampled.
 //! - `failover`: the silent death of the MASTER in the `ha-pair` lab (same traffic shape as the
 //!   keepalived baseline: 4 TCP streams, 4 UDP flows, fault at 3 s), against keepalived
@@ -197,32 +198,33 @@ fn bench_sync(n: u32) -> Value {
 
 // --- packets for the lag benchmark --------------------------------------------------------
 
-fn syn(src: Ipv4Addr, sport: u16) -> Vec<u8> {
-    let mut p = vec![0u8; 14 + 20 + 20];
+/// A new flow's first packet: a UDP datagram (a TCP flow is synced when its handshake
+/// completes, through the same event path; a lone SYN is not synced at all).
+fn first_packet(src: Ipv4Addr, sport: u16) -> Vec<u8> {
+    let mut p = vec![0u8; 14 + 20 + 8 + 4];
     p[12] = 0x08;
     let ip = &mut p[14..34];
     ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&40u16.to_be_bytes());
+    ip[2..4].copy_from_slice(&32u16.to_be_bytes());
     ip[8] = 64;
-    ip[9] = 6;
+    ip[9] = 17;
     ip[12..16].copy_from_slice(&src.octets());
     ip[16..20].copy_from_slice(&VIP.octets());
     let c = csum(ip, 0);
     ip[10..12].copy_from_slice(&c.to_be_bytes());
-    let tcp = &mut p[34..54];
-    tcp[0..2].copy_from_slice(&sport.to_be_bytes());
-    tcp[2..4].copy_from_slice(&80u16.to_be_bytes());
-    tcp[12] = 0x50;
-    tcp[13] = 0x02;
-    tcp[14..16].copy_from_slice(&0xffffu16.to_be_bytes());
+    let udp = &mut p[34..46];
+    udp[0..2].copy_from_slice(&sport.to_be_bytes());
+    udp[2..4].copy_from_slice(&80u16.to_be_bytes());
+    udp[4..6].copy_from_slice(&12u16.to_be_bytes());
+    udp[8..12].copy_from_slice(b"ping");
     let mut pseudo = 0u32;
     for w in [src.octets(), VIP.octets()] {
         pseudo += u32::from(u16::from_be_bytes([w[0], w[1]]))
             + u32::from(u16::from_be_bytes([w[2], w[3]]));
     }
-    pseudo += 6 + 20;
-    let c = csum(tcp, pseudo);
-    tcp[16..18].copy_from_slice(&c.to_be_bytes());
+    pseudo += 17 + 12;
+    let c = csum(udp, pseudo);
+    udp[6..8].copy_from_slice(&c.to_be_bytes());
     p
 }
 
@@ -264,7 +266,7 @@ fn install_service(dp: &mut Datapath) {
         &SvcKey {
             addr,
             port: 80u16.to_be(),
-            proto: PROTO_TCP,
+            proto: PROTO_UDP,
             family: FAMILY_V4,
         },
         &Svc {
@@ -280,7 +282,7 @@ fn install_service(dp: &mut Datapath) {
     dp.set_ranges(
         &RangeKey {
             addr,
-            proto: PROTO_TCP,
+            proto: PROTO_UDP,
             family: FAMILY_V4,
             pad: 0,
         },
@@ -369,7 +371,7 @@ fn bench_lag(rate: u32, seconds: u32) -> Value {
         }
         let client = Ipv4Addr::from(0x0a80_0000 + (i >> 14));
         let sport = 1024 + (i & 0x3fff) as u16;
-        let (rc, _) = a.test_run(&syn(client, sport)).unwrap();
+        let (rc, _) = a.test_run(&first_packet(client, sport)).unwrap();
         if rc == 2 {
             continue; // dropped (no free NAT port): no flow to sample
         }
@@ -378,7 +380,7 @@ fn bench_lag(rate: u32, seconds: u32) -> Value {
             pending
                 .lock()
                 .unwrap()
-                .insert(CtKey::v4(client, sport, VIP, 80, PROTO_TCP), Instant::now());
+                .insert(CtKey::v4(client, sport, VIP, 80, PROTO_UDP), Instant::now());
         }
     }
     let achieved = f64::from(total) / start.elapsed().as_secs_f64();

@@ -238,6 +238,7 @@ fn load_datapath(cfg: &Config, bus: &RoleBus) -> Result<Loaded> {
         pin_dir: Some(dir.clone()),
         max_services: cfg.flags.max_services,
         max_conntrack: cfg.flags.max_conntrack,
+        max_halfopen: cfg.flags.max_halfopen,
         node_id: cfg.flags.self_id.unwrap_or(0),
         ..Default::default()
     })
@@ -247,6 +248,7 @@ fn load_datapath(cfg: &Config, bus: &RoleBus) -> Result<Loaded> {
         adopted,
         services = dp.capacity().services,
         conntrack = dp.capacity().conntrack,
+        halfopen = dp.capacity().halfopen,
         "datapath loaded"
     );
     let events = dp.take_events();
@@ -547,9 +549,14 @@ async fn collector_loop(
                 if removed > 0 {
                     debug!(removed, "conntrack collector pass");
                 }
-                let live = (entries.len() - removed) as u64;
+                // Live entries of each table (the half-open ones carry CTF_NEW).
+                let new = |v: &ferrolb_bpf::maps::Ct| v.flags & ferrolb_bpf::maps::CTF_NEW != 0;
+                let halfopen = entries.iter().filter(|(_, v)| new(v)).count()
+                    - removed_entries.iter().filter(|(_, v)| new(v)).count();
+                let live = (entries.len() - removed - halfopen) as u64;
+                let halfopen = halfopen as u64;
                 let _ = app2.engine.call_blocking(move |e| {
-                    e.set_census(pass, live, removed as u64);
+                    e.set_census(pass, live, halfopen, removed as u64);
                     if let Ok(mut done) = attached2.lock() {
                         attach_new(e.datapath_mut(), &cfg2, &mut done);
                     }

@@ -155,6 +155,12 @@ pub struct Flags {
     #[arg(long, default_value_t = 1 << 20, value_name = "N")]
     pub max_conntrack: u32,
 
+    /// Entries of the half-open table (TCP flows before their handshake completes: an LRU of
+    /// its own, so a SYN flood evicts only half-open flows), at first creation; 0: a quarter
+    /// of --max-conntrack.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub max_halfopen: u32,
+
     /// Seconds between conntrack collector passes.
     #[arg(long, default_value_t = 5, value_name = "SECONDS")]
     pub gc_interval: u64,
@@ -362,6 +368,9 @@ impl Config {
         }
         if flags.max_conntrack < 1024 {
             bail!("--max-conntrack: must be at least 1024");
+        }
+        if flags.max_halfopen != 0 && flags.max_halfopen < 1024 {
+            bail!("--max-halfopen: must be 0 (a quarter of --max-conntrack) or at least 1024");
         }
         if flags.gc_interval == 0 {
             bail!("--gc-interval: must be at least 1 second");

@@ -26,7 +26,9 @@ pub struct CtCensus {
     pub flows: BTreeMap<(String, &'static str), u64>,
     /// Source-NAT ports held per pool (live reply entries of one-arm and full-NAT flows).
     pub nat_pools: BTreeMap<NatPool, u64>,
+    /// Entries of the conntrack table, and of the half-open table.
     pub entries: u64,
+    pub halfopen: u64,
     pub collected_total: u64,
 }
 
@@ -825,10 +827,11 @@ impl Engine {
     }
 
     /// Records a collector pass (see [`census`]).
-    pub fn set_census(&mut self, pass: CensusPass, entries: u64, removed: u64) {
+    pub fn set_census(&mut self, pass: CensusPass, entries: u64, halfopen: u64, removed: u64) {
         self.census.flows = pass.flows;
         self.census.nat_pools = pass.nat_pools;
         self.census.entries = entries;
+        self.census.halfopen = halfopen;
         self.census.collected_total += removed;
     }
 }

@@ -86,6 +86,7 @@ pub struct DatapathSnapshot {
     pub census: crate::lb::CtCensus,
     pub counters: Vec<u64>,
     pub conntrack_capacity: u32,
+    pub halfopen_capacity: u32,
 }
 
 impl DatapathSnapshot {
@@ -149,6 +150,7 @@ impl DatapathSnapshot {
             census: e.census.clone(),
             counters: dp.counters().to_vec(),
             conntrack_capacity: dp.capacity().conntrack,
+            halfopen_capacity: dp.capacity().halfopen,
         }
     }
 }
@@ -225,21 +227,33 @@ pub fn record(m: &Metrics, d: &DatapathSnapshot) {
     let cap = d.conntrack_capacity;
     gauge(
         "ferrolb_conntrack_entries",
-        "Conntrack map entries (two per flow).",
+        "Conntrack table entries (two per flow): established TCP, UDP and ICMP flows.",
         &[],
         d.census.entries as f64,
     );
     gauge(
         "ferrolb_conntrack_capacity",
-        "Conntrack map size.",
+        "Conntrack table size: a new flow is refused when it is full.",
         &[],
         f64::from(cap),
     );
     gauge(
         "ferrolb_conntrack_fill_ratio",
-        "Conntrack entries / capacity.",
+        "Conntrack entries / capacity (new flows are dropped at 1).",
         &[],
         d.census.entries as f64 / f64::from(cap.max(1)),
+    );
+    gauge(
+        "ferrolb_conntrack_halfopen_entries",
+        "Half-open table entries (two per flow): TCP flows before their handshake completes, DNAT pick-ups before the endpoint confirms them.",
+        &[],
+        d.census.halfopen as f64,
+    );
+    gauge(
+        "ferrolb_conntrack_halfopen_capacity",
+        "Half-open table size (an LRU: when full, the oldest half-open flows go).",
+        &[],
+        f64::from(d.halfopen_capacity),
     );
     counter(
         "ferrolb_conntrack_collected_total",
@@ -263,6 +277,7 @@ pub fn record(m: &Metrics, d: &DatapathSnapshot) {
         ("tcp_flags", Counter::DropTcpFlags),
         ("udp_length", Counter::DropUdpLength),
         ("vlan_tagged", Counter::DropVlan),
+        ("conntrack_full", Counter::DropCtFull),
     ] {
         counter(
             "ferrolb_datapath_drops_total",
@@ -291,6 +306,12 @@ pub fn record(m: &Metrics, d: &DatapathSnapshot) {
         "Flows created by the datapath.",
         &[],
         c(Counter::CtCreated),
+    );
+    counter(
+        "ferrolb_conntrack_handshakes_completed_total",
+        "TCP flows (and DNAT pick-ups) that completed and moved from the half-open table to the conntrack table.",
+        &[],
+        c(Counter::CtPromoted),
     );
     counter(
         "ferrolb_icmp_errors_translated_total",

@@ -1,6 +1,7 @@
 //! The agent's side of a bulk resync on a real datapath (root, a private network namespace):
-//! a snapshot's chunks written from one thread are spread over the per-CPU LRU shares so that
-//! none is evicted, and the stale sweep removes exactly the flows the snapshot did not carry.
+//! a snapshot's chunks, applied from one thread, are written by one pinned thread per CPU and
+//! every flow lands (the conntrack table never evicts), and the stale sweep removes exactly
+//! the flows the snapshot did not carry.
 #![allow(clippy::unwrap_used)]
 
 use std::collections::HashSet;
@@ -48,8 +49,10 @@ fn pin_to(cpu: usize) {
 }
 
 #[test]
-fn a_snapshot_from_one_thread_fills_every_cpu_share_and_the_sweep_removes_only_stale_flows() {
-    if !ferrolb_tests::private_netns("a_snapshot_from_one_thread_fills_every_cpu_share") {
+fn a_snapshot_installs_in_parallel_and_the_sweep_removes_only_stale_flows() {
+    if !ferrolb_tests::private_netns(
+        "a_snapshot_installs_in_parallel_and_the_sweep_removes_only_stale_flows",
+    ) {
         return;
     }
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -72,8 +75,7 @@ fn a_snapshot_from_one_thread_fills_every_cpu_share_and_the_sweep_removes_only_s
         dp.sync_table().unwrap(),
         ferrolb_agent::roles::RoleBus::default(),
     ));
-    // Three quarters of the table (two entries a flow), from one thread on CPU 0: written
-    // there alone, CPU 0's share (capacity / CPUs) would overflow and evict.
+    // Three quarters of the table (two entries a flow), applied from one thread on CPU 0.
     let cap = dp.capacity().conntrack;
     let n = cap * 3 / 8;
     let flows: Vec<Flow> = (0..n).map(flow).collect();

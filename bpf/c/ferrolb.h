@@ -12,7 +12,7 @@
 #ifndef FERROLB_H
 #define FERROLB_H
 
-#define FLB_LAYOUT_VERSION 6
+#define FLB_LAYOUT_VERSION 7
 
 #define FLB_MAX_ENDPOINTS 32
 /* Lookup-table length per endpoint set: a prime, >= 100 x FLB_MAX_ENDPOINTS
@@ -69,6 +69,12 @@
 #define FLB_SEQ_WINDOW (1 << 24)
 #define FLB_RST_WINDOW (1 << 17)
 
+/* ct_new's LRU lists: one common list (docs/decisions/0007-conntrack-tables.md); the
+ * benchmark builds the per-CPU variant with -DFLB_CT_NEW_MAP_FLAGS=2 (BPF_F_NO_COMMON_LRU). */
+#ifndef FLB_CT_NEW_MAP_FLAGS
+#define FLB_CT_NEW_MAP_FLAGS 0
+#endif
+
 /* flb_ct.flags */
 #define FLB_CTF_LOCAL 0x01  /* created by this node's datapath */
 #define FLB_CTF_SYNCED 0x02 /* installed from a peer's sync stream: never idle here (the
@@ -77,6 +83,8 @@
 #define FLB_CTF_PICKUP 0x08 /* DNAT TCP picked up mid-stream, no reply yet: FLB_TO_PICKUP_S */
 #define FLB_CTF_SEQ 0x10    /* seq_next holds this direction's tracked next sequence number */
 #define FLB_CTF_ACK 0x20    /* ack_seen holds this direction's highest acknowledgment */
+#define FLB_CTF_NEW 0x40    /* lives in ct_new: a TCP flow not yet established, or a pick-up
+                             * not yet confirmed (moved to conntrack when it is) */
 
 /* flb_ct.fin */
 #define FLB_FIN_ORIG 0x01
@@ -143,7 +151,12 @@
 #define FLB_CNT_TCP_OUT_OF_WINDOW 28
 /* Half-open flows whose source-NAT port a new flow took (pool under pressure). */
 #define FLB_CNT_HALFOPEN_TAKEOVER 29
-#define FLB_CNT_MAX 30
+/* A new flow refused because the conntrack table is full (an established TCP flow that
+ * could not move out of ct_new, or a new UDP or ICMP flow): dropped. */
+#define FLB_CNT_DROP_CT_FULL 30
+/* Half-open flows that completed (moved from ct_new to conntrack). */
+#define FLB_CNT_CT_PROMOTED 31
+#define FLB_CNT_MAX 32
 
 /* Source-NAT ports (one-arm, full NAT; ICMP: echo identifiers): 1024..65535. */
 #define FLB_NAT_PORT_LO 1024

@@ -112,14 +112,26 @@ struct {
 	__uint(max_entries, 8192);
 } backends SEC(".maps");
 
+/* Flows live in two tables (docs/decisions/0007-conntrack-tables.md). `conntrack` holds
+ * established TCP flows and every UDP and ICMP flow: a plain hash that never evicts, so no
+ * flood can push a live flow out; when it is full a new flow is refused (dropped, counted).
+ * `ct_new` holds TCP flows until their handshake completes (and DNAT pick-ups until the
+ * endpoint's side confirms them): an LRU of its own, so a SYN flood evicts only half-open
+ * flows. Both entries of a flow are in the same table; a key is in one of them. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct flb_ct_key);
+	__type(value, struct flb_ct);
+	__uint(max_entries, 1048576);
+} conntrack SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__type(key, struct flb_ct_key);
 	__type(value, struct flb_ct);
-	__uint(max_entries, 1048576);
-	/* Per-CPU LRU lists: no global lock on insert; lookups still see every entry. */
-	__uint(map_flags, BPF_F_NO_COMMON_LRU);
-} conntrack SEC(".maps");
+	__uint(max_entries, 262144);
+	__uint(map_flags, FLB_CT_NEW_MAP_FLAGS);
+} ct_new SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -194,6 +206,14 @@ struct {
 	__uint(max_entries, 1);
 } ct_scratch SEC(".maps");
 
+/* Per-CPU parameters of the FIB lookup (fwd), off the stack. Not pinned. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct bpf_fib_lookup);
+	__uint(max_entries, 1);
+} fib_scratch SEC(".maps");
+
 /* When the datapath last told the agent of source-NAT port pressure (index 0, ns). */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -238,6 +258,7 @@ struct pkt {
 	__u8 nd_solicit; /* an ICMPv6 neighbour solicitation (not balanced; see nd_vip) */
 	__u8 bad;        /* FLB_CNT_DROP_* of a malformed packet (0: well formed) */
 	__u8 l4ok;       /* sport/dport were read (a malformed packet may still have them) */
+	__u8 untracked;  /* the flow's entry is a stack copy (evicted at once): not tracked */
 	__u32 l3end;     /* end of the IP packet (offset from the frame start) */
 	__u32 seq;       /* TCP, host order */
 	__u32 ack;       /* TCP, host order */
@@ -681,6 +702,73 @@ out:
 	return 0;
 }
 
+/* The entry under k, in whichever table holds it (established flows first: the common
+ * case costs one lookup). */
+static __always_inline struct flb_ct *ct_lookup(const struct flb_ct_key *k)
+{
+	struct flb_ct *e = bpf_map_lookup_elem(&conntrack, k);
+	if (!e)
+		e = bpf_map_lookup_elem(&ct_new, k);
+	return e;
+}
+
+/* Insert v under k into the table its FLB_CTF_NEW flag names. */
+static __always_inline long ct_insert(const struct flb_ct_key *k, const struct flb_ct *v,
+				      __u64 flags)
+{
+	if (v->flags & FLB_CTF_NEW)
+		return bpf_map_update_elem(&ct_new, k, v, flags);
+	return bpf_map_update_elem(&conntrack, k, v, flags);
+}
+
+static __always_inline void ct_delete(const struct flb_ct_key *k)
+{
+	if (bpf_map_delete_elem(&conntrack, k) != 0)
+		bpf_map_delete_elem(&ct_new, k);
+}
+
+#define E2BIG_ 7
+
+/* A half-open flow completed (its handshake, or a pick-up confirmed by the endpoint's
+ * side): both entries move from ct_new to conntrack, reply first. Returns the entry now under
+ * `key`, or 0 when conntrack is full: the flow stays half-open (it will expire there) and
+ * the caller drops the packet; counted. Another CPU moving the same flow at once is fine
+ * (its copy is the one kept). */
+static __always_inline struct flb_ct *ct_promote(const struct flb_ct_key *key, struct flb_ct *e)
+{
+	struct flb_ct_key pk;
+	ct_peer_key(&pk, key, e);
+	struct flb_ct *pe = bpf_map_lookup_elem(&ct_new, &pk);
+	if (pe && !ct_points_to(pe, key))
+		pe = 0;
+	e->flags &= ~FLB_CTF_NEW;
+	if (pe)
+		pe->flags &= ~FLB_CTF_NEW;
+	long rc = 0;
+	if (pe)
+		rc = bpf_map_update_elem(&conntrack, &pk, pe, BPF_NOEXIST);
+	if (rc == 0 || rc == -17 /* EEXIST */) {
+		long ro = bpf_map_update_elem(&conntrack, key, e, BPF_NOEXIST);
+		if (ro == 0 || ro == -17) {
+			if (pe)
+				bpf_map_delete_elem(&ct_new, &pk);
+			bpf_map_delete_elem(&ct_new, key);
+			count(FLB_CNT_CT_PROMOTED);
+			struct flb_ct *m = bpf_map_lookup_elem(&conntrack, key);
+			if (m && ro == 0)
+				emit(FLB_EV_ESTABLISHED, key, m);
+			return m;
+		}
+		if (pe && rc == 0)
+			bpf_map_delete_elem(&conntrack, &pk);
+	}
+	e->flags |= FLB_CTF_NEW;
+	if (pe)
+		pe->flags |= FLB_CTF_NEW;
+	count(FLB_CNT_DROP_CT_FULL);
+	return 0;
+}
+
 /* May this RST change the flow's state? Its sequence number must be within FLB_RST_WINDOW of
  * the next one its sender is known to send. A direction never seen before (an endpoint
  * refusing the connection) qualifies with an RST+ACK acknowledging exactly what the other
@@ -712,7 +800,7 @@ static __always_inline void tcp_track(const struct flb_ct_key *key, struct flb_c
 	int close = 0;
 	struct flb_ct_key pk;
 	ct_peer_key(&pk, key, e);
-	struct flb_ct *pe = bpf_map_lookup_elem(&conntrack, &pk);
+	struct flb_ct *pe = ct_lookup(&pk);
 
 	if (flags & 0x04) { /* RST */
 		if (!rst_acceptable(e, pe, p)) {
@@ -758,7 +846,8 @@ static __always_inline void tcp_track(const struct flb_ct_key *key, struct flb_c
 			pe->last_ns = now;
 		}
 	}
-	if (next == FLB_CT_EST && st < FLB_CT_EST)
+	/* A half-open flow is reported once it has moved to conntrack (ct_promote). */
+	if (next == FLB_CT_EST && st < FLB_CT_EST && !(e->flags & FLB_CTF_NEW))
 		emit(FLB_EV_ESTABLISHED, key, e);
 	if (close) {
 		struct flb_ct *o = e->dir == 0 ? e : pe;
@@ -943,15 +1032,17 @@ static __always_inline int malformed_ours(const struct pkt *p)
 		return 0;
 	struct flb_ct_key k;
 	ct_key(&k, p->saddr, p->daddr, p->sport, p->dport, p->proto, p->family);
-	return bpf_map_lookup_elem(&conntrack, &k) != 0;
+	return ct_lookup(&k) != 0;
 }
 
 /* A TCP segment other than a connection-opening SYN, to a VIP, for which the kernel has no
  * socket: the stack would answer it with a reset. Such a segment belongs to a flow this node
  * does not know (yet): the backend side of a full-NAT flow after a takeover, or a flow whose
  * sync is still in flight. Dropping it lets TCP retransmit instead of dying. */
-static __always_inline int unknown_tcp_to_vip(struct __sk_buff *skb, const struct pkt *p)
+__noinline int unknown_tcp_to_vip(struct __sk_buff *skb, const struct pkt *p)
 {
+	if (!p)
+		return 0;
 	if (p->proto != IPPROTO_TCP || (p->tcp_flags & 0x12) == 0x02)
 		return 0;
 	if (!is_vip(p->daddr, p->family, IPPROTO_TCP))
@@ -991,7 +1082,7 @@ static __always_inline int ct_live(const struct flb_ct_key *key, const struct fl
 		return 1;
 	struct flb_ct_key pk;
 	ct_peer_key(&pk, key, e);
-	struct flb_ct *pe = bpf_map_lookup_elem(&conntrack, &pk);
+	struct flb_ct *pe = ct_lookup(&pk);
 	return pe && ct_alive(pe, p->proto, now);
 }
 
@@ -1017,10 +1108,10 @@ static __always_inline void ct_remove_flow(const struct flb_ct_key *k, struct fl
 {
 	if (pe && ct_points_to(pe, k) && pe->created_ns == v->created_ns) {
 		ct_retire(pk, pe);
-		bpf_map_delete_elem(&conntrack, pk);
+		ct_delete(pk);
 	}
 	ct_retire(k, v);
-	bpf_map_delete_elem(&conntrack, k);
+	ct_delete(k);
 }
 
 /* May a new flow take the key k that `occ` holds? A local entry past its timeout whose
@@ -1048,7 +1139,7 @@ static __always_inline int ct_take_over(const struct flb_ct_key *k, struct flb_c
 		return 0;
 	struct flb_ct_key pk;
 	ct_peer_key(&pk, k, occ);
-	struct flb_ct *pe = bpf_map_lookup_elem(&conntrack, &pk);
+	struct flb_ct *pe = ct_lookup(&pk);
 	if (pe && ct_points_to(pe, k) &&
 	    ((pe->flags & FLB_CTF_SYNCED) ||
 	     (half ? fresh_since(now, pe->last_ns, idle) : ct_alive(pe, k->proto, now))))
@@ -1070,6 +1161,7 @@ struct nat_search {
 	__u16 port;  /* the port found (network order) */
 	__u8 icmp;
 	__u8 found;
+	__u8 full;
 };
 
 static long nat_probe(__u32 i, void *arg)
@@ -1085,9 +1177,10 @@ static long nat_probe(__u32 i, void *arg)
 		c->rkey.sport = port;
 	else
 		c->rkey.dport = port;
-	/* Look before inserting: a refused BPF_NOEXIST insert into an LRU map still takes a
-	 * free node (and may evict someone) first. */
-	struct flb_ct *occ = bpf_map_lookup_elem(&conntrack, &c->rkey);
+	/* Look before inserting (in both tables: a port is taken wherever its flow lives): a
+	 * refused BPF_NOEXIST insert into an LRU map still takes a free node (and may evict
+	 * someone) first. */
+	struct flb_ct *occ = ct_lookup(&c->rkey);
 	/* Past the easy probes the pool is under pressure: half-open flows give their ports up
 	 * too, those idle longest first. */
 	__u64 half = 0;
@@ -1095,7 +1188,12 @@ static long nat_probe(__u32 i, void *arg)
 		half = i < FLB_HALFOPEN_HARD_PROBE ? FLB_HALFOPEN_IDLE_NS : FLB_HALFOPEN_IDLE_HARD_NS;
 	if (occ && !ct_take_over(&c->rkey, occ, c->now, half))
 		return 0;
-	if (bpf_map_update_elem(&conntrack, &c->rkey, c->reply, BPF_NOEXIST) != 0)
+	long rc = ct_insert(&c->rkey, c->reply, BPF_NOEXIST);
+	if (rc == -E2BIG_) {
+		c->full = 1; /* conntrack is full: no port helps */
+		return 1;
+	}
+	if (rc != 0)
 		return 0; /* another CPU took it since the lookup */
 	c->port = port;
 	c->found = 1;
@@ -1130,7 +1228,7 @@ static __always_inline int ct_create(const struct pkt *p, const struct flb_svc *
 	 * (a duplicate SYN): use it, so both packets go to one endpoint. A dead one (expired,
 	 * or closed and this is a new SYN) is removed with its reply entry, which still holds
 	 * a NAT port (a 4-tuple reused after TIME_WAIT). */
-	struct flb_ct *prev = bpf_map_lookup_elem(&conntrack, okey);
+	struct flb_ct *prev = ct_lookup(okey);
 	if (prev) {
 		if (ct_live(okey, prev, p, now)) {
 			*out = *prev;
@@ -1142,7 +1240,7 @@ static __always_inline int ct_create(const struct pkt *p, const struct flb_svc *
 		if (__sync_val_compare_and_swap(&prev->last_ns, last, now) == last) {
 			struct flb_ct_key pk;
 			ct_peer_key(&pk, okey, prev);
-			ct_remove_flow(okey, prev, &pk, bpf_map_lookup_elem(&conntrack, &pk));
+			ct_remove_flow(okey, prev, &pk, ct_lookup(&pk));
 		}
 	}
 
@@ -1186,10 +1284,11 @@ static __always_inline int ct_create(const struct pkt *p, const struct flb_svc *
 		/* Picked up mid-stream (DNAT only: the caller refuses it in the other modes),
 		 * on a short timeout until the endpoint's side answers. */
 		o->state = FLB_CT_EST;
-		o->flags |= FLB_CTF_PICKUP;
-	} else if (p->proto == IPPROTO_TCP)
+		o->flags |= FLB_CTF_PICKUP | FLB_CTF_NEW;
+	} else if (p->proto == IPPROTO_TCP) {
 		o->state = FLB_CT_SYN_SENT;
-	else
+		o->flags |= FLB_CTF_NEW;
+	} else
 		o->state = FLB_CT_EST;
 
 	/* The reply entry: back to the VIP and the client. */
@@ -1209,7 +1308,9 @@ static __always_inline int ct_create(const struct pkt *p, const struct flb_svc *
 	if (addr_eq(snat, p->saddr)) {
 		/* Client address kept: the reply key cannot collide with
 		 * another client's flow. */
-		ok = bpf_map_update_elem(&conntrack, &c.rkey, o, BPF_ANY);
+		ok = ct_insert(&c.rkey, o, BPF_ANY);
+		if (ok == -E2BIG_)
+			c.full = 1;
 	} else {
 		/* Source rewritten: find a free source port (ICMP: echo id) so that two
 		 * clients never share a translated 5-tuple. The client's own port first
@@ -1226,7 +1327,7 @@ static __always_inline int ct_create(const struct pkt *p, const struct flb_svc *
 			ok = 0;
 			nport = c.port;
 		}
-		if (!c.found || c.probes > FLB_NAT_EASY_PROBES) {
+		if (!c.full && (!c.found || c.probes > FLB_NAT_EASY_PROBES)) {
 			count(FLB_CNT_NAT_HARD);
 			nat_signal_pressure(&c.rkey, o, now);
 		}
@@ -1241,31 +1342,39 @@ static __always_inline int ct_create(const struct pkt *p, const struct flb_svc *
 	if (ok != 0) {
 		if (lc)
 			lc_dec(o);
-		count(FLB_CNT_DROP_NAT_PORTS);
+		count(c.full ? FLB_CNT_DROP_CT_FULL : FLB_CNT_DROP_NAT_PORTS);
 		return -1;
 	}
 	for (int t = 0; t < 2; t++) {
-		if (bpf_map_update_elem(&conntrack, okey, o, BPF_NOEXIST) == 0) {
+		long rc = ct_insert(okey, o, BPF_NOEXIST);
+		if (rc == 0) {
 			count(FLB_CNT_CT_CREATED);
-			emit(FLB_EV_CREATED, okey, o);
+			/* A half-open TCP flow is reported when it completes (ct_promote): peers
+			 * never hold half-open flows, so a flood here does not fill their tables. */
+			if (!(o->flags & FLB_CTF_NEW))
+				emit(FLB_EV_CREATED, okey, o);
 			return 0;
+		}
+		if (rc == -E2BIG_) {
+			c.full = 1;
+			break;
 		}
 		/* Another CPU created this flow since we looked (a duplicate SYN): use its
 		 * entry, and drop our reply entry unless it is the same key as theirs. */
-		struct flb_ct *cur = bpf_map_lookup_elem(&conntrack, okey);
+		struct flb_ct *cur = ct_lookup(okey);
 		if (cur) {
 			if (!ct_points_to(cur, &c.rkey))
-				bpf_map_delete_elem(&conntrack, &c.rkey);
+				ct_delete(&c.rkey);
 			if (lc)
 				lc_dec(o);
 			*out = *cur;
 			return 0;
 		}
 	}
-	bpf_map_delete_elem(&conntrack, &c.rkey);
+	ct_delete(&c.rkey);
 	if (lc)
 		lc_dec(o);
-	count(FLB_CNT_DROP_NAT_PORTS);
+	count(c.full ? FLB_CNT_DROP_CT_FULL : FLB_CNT_DROP_NAT_PORTS);
 	return -1;
 }
 
@@ -1433,11 +1542,18 @@ static __always_inline __u32 fib_fallback(int rc)
  * counts why; `*served` says whether the datapath forwarded it. */
 static __always_inline int fwd(struct __sk_buff *skb, __u8 family, int *served)
 {
-	struct bpf_fib_lookup fib = {};
+	/* The lookup's parameters live in a per-CPU map, not on the 512-byte stack. */
+	__u32 zero = 0;
+	struct bpf_fib_lookup *f = bpf_map_lookup_elem(&fib_scratch, &zero);
+	*served = 0;
+	if (!f) {
+		count(FLB_CNT_FALLBACK_OTHER);
+		return TC_ACT_OK;
+	}
+	__builtin_memset(f, 0, sizeof(*f));
 	/* From the header read below: IPv4 TTL and protocol as one 16-bit word (for the
 	 * incremental checksum), or IPv6 hop limit in the first byte. */
 	__u8 ttl_proto[2];
-	*served = 0;
 	if (family == FLB_FAMILY_V6) {
 		struct ip6hdr_ ip6;
 		if (bpf_skb_load_bytes(skb, ETH_HLEN_, &ip6, sizeof(ip6)) < 0) {
@@ -1448,11 +1564,11 @@ static __always_inline int fwd(struct __sk_buff *skb, __u8 family, int *served)
 			count(FLB_CNT_FALLBACK_TTL);
 			return TC_ACT_OK; /* let the stack send time-exceeded */
 		}
-		fib.family = AF_INET6;
-		addr_cp(fib.ipv6_src, ip6.saddr);
-		addr_cp(fib.ipv6_dst, ip6.daddr);
-		fib.l4_protocol = ip6.nexthdr;
-		fib.tot_len = bpf_ntohs(ip6.payload_len) + sizeof(ip6);
+		f->family = AF_INET6;
+		addr_cp(f->ipv6_src, ip6.saddr);
+		addr_cp(f->ipv6_dst, ip6.daddr);
+		f->l4_protocol = ip6.nexthdr;
+		f->tot_len = bpf_ntohs(ip6.payload_len) + sizeof(ip6);
 		ttl_proto[0] = ip6.hop_limit;
 		ttl_proto[1] = 0;
 	} else {
@@ -1465,16 +1581,16 @@ static __always_inline int fwd(struct __sk_buff *skb, __u8 family, int *served)
 			count(FLB_CNT_FALLBACK_TTL);
 			return TC_ACT_OK; /* let the stack send time-exceeded */
 		}
-		fib.family = AF_INET;
-		fib.ipv4_src = ip.saddr;
-		fib.ipv4_dst = ip.daddr;
-		fib.l4_protocol = ip.protocol;
-		fib.tot_len = bpf_ntohs(ip.tot_len);
+		f->family = AF_INET;
+		f->ipv4_src = ip.saddr;
+		f->ipv4_dst = ip.daddr;
+		f->l4_protocol = ip.protocol;
+		f->tot_len = bpf_ntohs(ip.tot_len);
 		ttl_proto[0] = ip.ttl;
 		ttl_proto[1] = ip.protocol;
 	}
-	fib.ifindex = skb->ingress_ifindex;
-	int rc = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+	f->ifindex = skb->ingress_ifindex;
+	int rc = bpf_fib_lookup(skb, f, sizeof(*f), 0);
 	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH) {
 		count(fib_fallback(rc));
 		return TC_ACT_OK;
@@ -1494,16 +1610,16 @@ static __always_inline int fwd(struct __sk_buff *skb, __u8 family, int *served)
 	if (rc == BPF_FIB_LKUP_RET_NO_NEIGH) {
 		count(FLB_CNT_REDIRECTED);
 		*served = 1;
-		return bpf_redirect_neigh(fib.ifindex, 0, 0, 0);
+		return bpf_redirect_neigh(f->ifindex, 0, 0, 0);
 	}
-	if (bpf_skb_store_bytes(skb, 0, fib.dmac, ETH_ALEN, 0) < 0 ||
-	    bpf_skb_store_bytes(skb, ETH_ALEN, fib.smac, ETH_ALEN, 0) < 0) {
+	if (bpf_skb_store_bytes(skb, 0, f->dmac, ETH_ALEN, 0) < 0 ||
+	    bpf_skb_store_bytes(skb, ETH_ALEN, f->smac, ETH_ALEN, 0) < 0) {
 		count(FLB_CNT_FALLBACK_OTHER);
 		return TC_ACT_OK;
 	}
 	count(FLB_CNT_REDIRECTED);
 	*served = 1;
-	return bpf_redirect(fib.ifindex, 0);
+	return bpf_redirect(f->ifindex, 0);
 }
 
 static __always_inline __u16 csum_fold32(__u32 c)
@@ -1550,7 +1666,7 @@ static __always_inline int icmp_err_v4(struct __sk_buff *skb, const struct pkt *
 	k.dport = ports[0];
 	k.proto = in.protocol;
 	k.family = FLB_FAMILY_V4;
-	struct flb_ct *e = bpf_map_lookup_elem(&conntrack, &k);
+	struct flb_ct *e = ct_lookup(&k);
 	if (!e)
 		return -1;
 	__u32 nsrc = e->nat_daddr[0], ndst = e->nat_saddr[0];
@@ -1598,7 +1714,7 @@ static __always_inline int icmp_err_v6(struct __sk_buff *skb, struct pkt *p)
 		return -1;
 	struct flb_ct_key k;
 	ct_key(&k, in.daddr, in.saddr, ports[1], ports[0], in.nexthdr, FLB_FAMILY_V6);
-	struct flb_ct *e = bpf_map_lookup_elem(&conntrack, &k);
+	struct flb_ct *e = ct_lookup(&k);
 	if (!e)
 		return -1;
 	__u32 nsrc[4], ndst[4];
@@ -1678,7 +1794,8 @@ struct nd_na {
  * it while this node is an L2 standby, as it does ARP. Returns a TC verdict, or -1 when the
  * packet is not a solicitation for a VIP (or one we leave to the kernel: duplicate address
  * detection, an interface whose MAC the agent did not record). */
-static __always_inline int nd_vip(struct __sk_buff *skb)
+/* Global (its own frame, see icmp_err4). */
+__noinline int nd_vip(struct __sk_buff *skb)
 {
 	struct nd_ns ns;
 	if (bpf_skb_load_bytes(skb, ETH_HLEN_, &ns, sizeof(ns)) < 0)
@@ -1743,6 +1860,72 @@ static __always_inline int nd_vip(struct __sk_buff *skb)
 	return bpf_redirect(ifindex, 0);
 }
 
+/* ICMP and ICMPv6 errors about a tracked flow, translated back (icmp_err_v4, icmp_err_v6);
+ * -1 when not about one. Global functions: their frames are not stacked on the main one's
+ * for the rest of the program (the BPF stack is 512 bytes for a whole call chain). */
+__noinline int icmp_err4(struct __sk_buff *skb, struct pkt *p)
+{
+	if (!p)
+		return -1;
+	return icmp_err_v4(skb, p);
+}
+
+__noinline int icmp_err6(struct __sk_buff *skb, struct pkt *p)
+{
+	if (!p)
+		return -1;
+	return icmp_err_v6(skb, p);
+}
+
+/* Everything after a packet found its flow (or made it): counters, TCP tracking (and the
+ * move of a completed half-open flow from ct_new to conntrack), translation, forwarding,
+ * statistics.
+ *
+ * A global function, like `parse`: the verifier checks it once with `e` as plain memory,
+ * whichever table the entry lives in, instead of once per table for every path after the
+ * lookup (two tables doubled the states past the 1M-instruction budget). */
+__noinline int flow_packet(struct __sk_buff *skb, struct pkt *p, const struct flb_ct_key *key,
+			   struct flb_ct *e, __u64 now)
+{
+	if (!p || !key || !e)
+		return TC_ACT_SHOT;
+	e->last_ns = now;
+	__sync_fetch_and_add(&e->packets, 1);
+	__sync_fetch_and_add(&e->bytes, p->len);
+	/* Data segments of an established flow need no tracking (and no peer lookup). An
+	 * entry that exists only on the stack (evicted at once) is not tracked. */
+	if (p->proto == IPPROTO_TCP && !p->untracked) {
+		int inwin = seq_track(e, p);
+		if ((p->tcp_flags & 0x07) || eff_state(e) < FLB_CT_EST ||
+		    (e->flags & (FLB_CTF_PICKUP | FLB_CTF_NEW)))
+			tcp_track(key, e, p, inwin, now);
+		/* Established (or a pick-up confirmed) in ct_new: it moves to conntrack now, or at
+		 * a later segment if conntrack is full (this one is dropped). */
+		if ((e->flags & (FLB_CTF_NEW | FLB_CTF_PICKUP)) == FLB_CTF_NEW &&
+		    e->state == FLB_CT_EST) {
+			e = ct_promote(key, e);
+			if (!e)
+				return TC_ACT_SHOT;
+		}
+	}
+	/* Read before the rewrite: `e` may be the stack copy or a map value a peer's sync
+	 * rewrites meanwhile; the counters are charged only for what goes on its way. */
+	__u32 svc_id = e->svc_id;
+	__u32 ep_slot = svc_id * FLB_MAX_ENDPOINTS + (e->ep_idx & (FLB_MAX_ENDPOINTS - 1));
+
+	if (xlate(skb, p, e) < 0) {
+		count(FLB_CNT_DROP_MALFORMED);
+		return TC_ACT_SHOT;
+	}
+	int served;
+	int verdict = fwd(skb, p->family, &served);
+	if (served) {
+		stats_add(&svc_stats, svc_id, p->len);
+		stats_add(&ep_stats, ep_slot, p->len);
+	}
+	return verdict;
+}
+
 SEC("classifier")
 int flb_ingress(struct __sk_buff *skb)
 {
@@ -1780,14 +1963,14 @@ int flb_ingress(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	}
 	if (p.is_icmp_err) {
-		int rc = p.family == FLB_FAMILY_V6 ? icmp_err_v6(skb, &p) : icmp_err_v4(skb, &p);
+		int rc = p.family == FLB_FAMILY_V6 ? icmp_err6(skb, &p) : icmp_err4(skb, &p);
 		return rc < 0 ? TC_ACT_OK : rc;
 	}
 	/* Only echo requests start ICMP flows; replies match existing ones. */
 	struct flb_ct_key key;
 	ct_key(&key, p.saddr, p.daddr, p.sport, p.dport, p.proto, p.family);
 	__u64 now = bpf_ktime_get_ns();
-	struct flb_ct *e = bpf_map_lookup_elem(&conntrack, &key);
+	struct flb_ct *e = ct_lookup(&key);
 	struct flb_ct *ce = 0;
 	if (e && !ct_live(&key, e, &p, now))
 		e = 0;
@@ -1817,38 +2000,13 @@ int flb_ingress(struct __sk_buff *skb)
 			return TC_ACT_OK;
 		if (ct_create(&p, svc, &key, ce) < 0)
 			return TC_ACT_SHOT;
-		e = bpf_map_lookup_elem(&conntrack, &key);
+		e = ct_lookup(&key);
 		if (!e)
 			e = ce; /* evicted already: still translate this packet */
 	}
 
-	e->last_ns = now;
-	__sync_fetch_and_add(&e->packets, 1);
-	__sync_fetch_and_add(&e->bytes, p.len);
-	/* Data segments of an established flow need no tracking (and no peer lookup). An
-	 * entry that exists only on the stack (evicted at once) is not tracked. */
-	if (p.proto == IPPROTO_TCP && e != ce) {
-		int inwin = seq_track(e, &p);
-		if ((p.tcp_flags & 0x07) || eff_state(e) < FLB_CT_EST ||
-		    (e->flags & FLB_CTF_PICKUP))
-			tcp_track(&key, e, &p, inwin, now);
-	}
-	/* Read before the rewrite: `e` may be the stack copy or a map value a peer's sync
-	 * rewrites meanwhile; the counters are charged only for what goes on its way. */
-	__u32 svc_id = e->svc_id;
-	__u32 ep_slot = svc_id * FLB_MAX_ENDPOINTS + (e->ep_idx & (FLB_MAX_ENDPOINTS - 1));
-
-	if (xlate(skb, &p, e) < 0) {
-		count(FLB_CNT_DROP_MALFORMED);
-		return TC_ACT_SHOT;
-	}
-	int served;
-	int verdict = fwd(skb, p.family, &served);
-	if (served) {
-		stats_add(&svc_stats, svc_id, p.len);
-		stats_add(&ep_stats, ep_slot, p.len);
-	}
-	return verdict;
+	p.untracked = e == ce;
+	return flow_packet(skb, &p, &key, e, now);
 }
 
 /* The benchmark's floor (bpf/benches/cycles.rs), never attached by the agent: the least a

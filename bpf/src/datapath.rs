@@ -37,6 +37,9 @@ pub struct DatapathConfig {
     pub pin_dir: Option<PathBuf>,
     pub max_services: u32,
     pub max_conntrack: u32,
+    /// `ct_new`: TCP flows before their handshake completes (an LRU of its own); 0 picks a
+    /// quarter of `max_conntrack`.
+    pub max_halfopen: u32,
     pub max_affinity: u32,
     /// Written into every conntrack entry this node creates (`origin`).
     pub node_id: u16,
@@ -48,6 +51,7 @@ impl Default for DatapathConfig {
             pin_dir: None,
             max_services: 4096,
             max_conntrack: 1 << 20,
+            max_halfopen: 0,
             max_affinity: 65536,
             node_id: 0,
         }
@@ -59,6 +63,8 @@ impl Default for DatapathConfig {
 pub struct Capacity {
     pub services: u32,
     pub conntrack: u32,
+    /// `ct_new`, the half-open flows' table.
+    pub halfopen: u32,
 }
 
 /// The loaded datapath: the program and typed handles on its maps.
@@ -68,7 +74,7 @@ pub struct Datapath {
     services: HashMap<MapData, SvcKey, Svc>,
     ranges: HashMap<MapData, RangeKey, Ranges>,
     backends: Array<MapData, Backends>,
-    conntrack: HashMap<MapData, CtKey, Ct>,
+    conntrack: CtTables,
     affinity: HashMap<MapData, AffinityKey, Affinity>,
     rr_state: Array<MapData, u32>,
     ep_conns: Array<MapData, u32>,
@@ -80,7 +86,7 @@ pub struct Datapath {
     if_macs: HashMap<MapData, u32, [u8; 8]>,
     events: Option<RingBuf<MapData>>,
     capacity: Capacity,
-    collector_ids: (u32, u32),
+    collector_ids: (u32, u32, u32),
     sync_ids: [u32; 4],
     attached: Vec<String>,
 }
@@ -248,11 +254,12 @@ where
     T::try_from(m).map_err(map_err(name))
 }
 
-const MAPS: [&str; 13] = [
+const MAPS: [&str; 14] = [
     "services",
     "ranges",
     "backends",
     "conntrack",
+    "ct_new",
     "affinity",
     "rr_state",
     "ep_conns",
@@ -267,6 +274,12 @@ const MAPS: [&str; 13] = [
 impl Datapath {
     /// Loads the program and creates (or adopts) the maps. Nothing is attached yet.
     pub fn load(cfg: &DatapathConfig) -> Result<Datapath> {
+        Self::load_object(cfg, OBJECT)
+    }
+
+    /// [`Datapath::load`] from another build of `c/lb.bpf.c` (benchmarks of variants, e.g.
+    /// `-DFLB_CT_NEW_MAP_FLAGS=0`); `object` must be aligned as an ELF file is read.
+    pub fn load_object(cfg: &DatapathConfig, object: &[u8]) -> Result<Datapath> {
         if cfg.max_services == 0 || cfg.max_services > 1 << 20 {
             return Err(BpfError::Invalid(format!(
                 "max services {} out of range 1..={}",
@@ -293,6 +306,11 @@ impl Datapath {
         };
         let svc = cfg.max_services;
         let ep = svc * MAX_ENDPOINTS as u32;
+        let halfopen = if cfg.max_halfopen == 0 {
+            (cfg.max_conntrack / 4).max(1024)
+        } else {
+            cfg.max_halfopen.max(1024)
+        };
         let mut loader = EbpfLoader::new();
         loader
             .override_global("NODE_ID", &cfg.node_id, true)
@@ -300,6 +318,7 @@ impl Datapath {
             .map_max_entries("ranges", svc)
             .map_max_entries("backends", svc * 2)
             .map_max_entries("conntrack", cfg.max_conntrack)
+            .map_max_entries("ct_new", halfopen)
             .map_max_entries("affinity", cfg.max_affinity.max(1024))
             .map_max_entries("rr_state", svc)
             .map_max_entries("ep_conns", ep)
@@ -308,7 +327,7 @@ impl Datapath {
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
         }
-        let mut ebpf = loader.load(OBJECT).map_err(BpfError::Load)?;
+        let mut ebpf = loader.load(object).map_err(BpfError::Load)?;
         let prog: &mut SchedClassifier = program(&mut ebpf, PROGRAM)?;
         prog.load().map_err(|e| BpfError::Program {
             context: "load flb_ingress (verifier)".into(),
@@ -318,8 +337,13 @@ impl Datapath {
         let capacity = Capacity {
             services: max_entries(&ebpf, "services")?,
             conntrack: max_entries(&ebpf, "conntrack")?,
+            halfopen: max_entries(&ebpf, "ct_new")?,
         };
-        let collector_ids = (map_id(&ebpf, "conntrack")?, map_id(&ebpf, "ep_conns")?);
+        let collector_ids = (
+            map_id(&ebpf, "conntrack")?,
+            map_id(&ebpf, "ct_new")?,
+            map_id(&ebpf, "ep_conns")?,
+        );
         let sync_ids = [
             map_id(&ebpf, "conntrack")?,
             map_id(&ebpf, "services")?,
@@ -327,7 +351,10 @@ impl Datapath {
             map_id(&ebpf, "backends")?,
         ];
         let services: HashMap<MapData, SvcKey, Svc> = take(&mut ebpf, "services")?;
-        let conntrack: HashMap<MapData, CtKey, Ct> = take(&mut ebpf, "conntrack")?;
+        let conntrack = CtTables {
+            main: take(&mut ebpf, "conntrack")?,
+            new: take(&mut ebpf, "ct_new")?,
+        };
         Ok(Datapath {
             ranges: take(&mut ebpf, "ranges")?,
             backends: take(&mut ebpf, "backends")?,
@@ -560,27 +587,24 @@ impl Datapath {
 
     // --- conntrack ------------------------------------------------------------------------
 
+    /// The entry under `key`, in whichever table holds it.
     pub fn ct_get(&self, key: &CtKey) -> Result<Option<Ct>> {
-        match self.conntrack.get(key, 0) {
-            Ok(v) => Ok(Some(v)),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(e) => Err(map_err("conntrack")(e)),
-        }
+        self.conntrack.get(key)
     }
 
+    /// Into `ct_new` when the entry is flagged [`CTF_NEW`], else into `conntrack`.
     pub fn ct_insert(&mut self, key: &CtKey, val: &Ct) -> Result<()> {
-        self.conntrack
-            .insert(key, val, 0)
-            .map_err(map_err("conntrack"))
+        self.conntrack.insert(key, val)
     }
 
     pub fn ct_delete(&mut self, key: &CtKey) -> Result<()> {
-        ignore_missing(self.conntrack.remove(key)).map_err(map_err("conntrack"))
+        self.conntrack.delete(key)
     }
 
-    /// Every conntrack entry (batched lookups; the iterator when the kernel refuses them).
+    /// Every conntrack entry of both tables (batched lookups; the iterator when the kernel
+    /// refuses them).
     pub fn ct_entries(&self) -> Vec<(CtKey, Ct)> {
-        ct_walk(&self.conntrack)
+        self.conntrack.entries()
     }
 
     /// Deletes entries idle past their timeout (a flow is idle when both of its entries
@@ -605,10 +629,9 @@ impl Datapath {
                 source: e,
             })
         };
-        let ct = aya::maps::Map::LruHashMap(open(self.collector_ids.0, "conntrack")?);
-        let lc = aya::maps::Map::Array(open(self.collector_ids.1, "ep_conns")?);
+        let lc = aya::maps::Map::Array(open(self.collector_ids.2, "ep_conns")?);
         Ok(Collector {
-            conntrack: HashMap::try_from(ct).map_err(map_err("conntrack"))?,
+            conntrack: CtTables::open(self.collector_ids.0, self.collector_ids.1)?,
             ep_conns: Array::try_from(lc).map_err(map_err("ep_conns"))?,
         })
     }
@@ -624,7 +647,7 @@ impl Datapath {
         };
         let [ct, svc, rng, be] = self.sync_ids;
         Ok(SyncTable {
-            conntrack: HashMap::try_from(aya::maps::Map::LruHashMap(open(ct, "conntrack")?))
+            conntrack: HashMap::try_from(aya::maps::Map::HashMap(open(ct, "conntrack")?))
                 .map_err(map_err("conntrack"))?,
             services: HashMap::try_from(aya::maps::Map::HashMap(open(svc, "services")?))
                 .map_err(map_err("services"))?,
@@ -639,7 +662,7 @@ impl Datapath {
     pub fn ct_remove_where(&mut self, gone: impl Fn(&CtKey, &Ct) -> bool) -> usize {
         let mut n = 0;
         for (k, v) in self.ct_entries() {
-            if gone(&k, &v) && self.conntrack.remove(&k).is_ok() {
+            if gone(&k, &v) && self.conntrack.delete(&k).is_ok() {
                 n += 1;
             }
         }
@@ -716,13 +739,8 @@ impl Datapath {
     /// Separate conntrack handles for listing the table a chunk at a time (the REST listing
     /// streams it without holding the engine).
     pub fn ct_reader(&self) -> Result<CtReader> {
-        let m = aya::maps::MapData::from_id(self.collector_ids.0).map_err(|e| BpfError::Map {
-            map: "conntrack".into(),
-            source: e,
-        })?;
         Ok(CtReader {
-            conntrack: HashMap::try_from(aya::maps::Map::LruHashMap(m))
-                .map_err(map_err("conntrack"))?,
+            conntrack: CtTables::open(self.collector_ids.0, self.collector_ids.1)?,
         })
     }
 
@@ -801,7 +819,7 @@ impl Datapath {
 /// least-connection counts right, and returns the removed entries. Entries synced from a peer
 /// never idle here (their origin removes them). Map operations lock one bucket at a time.
 fn collect(
-    conntrack: &mut HashMap<MapData, CtKey, Ct>,
+    conntrack: &mut CtTables,
     ep_conns: &mut Array<MapData, u32>,
     entries: &[(CtKey, Ct)],
     now_ns: u64,
@@ -815,14 +833,14 @@ fn collect(
         // `entries` is a snapshot (walking a large table takes a while): a new flow may
         // have taken this key since, or the flow may have come alive again. Decide on the
         // entry as it is now, not as it was.
-        let Ok(v) = conntrack.get(k, 0) else {
+        let Ok(Some(v)) = conntrack.get(k) else {
             continue;
         };
         if !idle(k, &v) {
             continue;
         }
         let peer = k.peer(&v);
-        if let Ok(pv) = conntrack.get(&peer, 0)
+        if let Ok(Some(pv)) = conntrack.get(&peer)
             && !pv.expired(k.proto, now_ns)
         {
             continue;
@@ -837,7 +855,7 @@ fn collect(
                 let _ = ep_conns.set(idx, n.saturating_sub(1), 0);
             }
         }
-        if conntrack.remove(k).is_ok() {
+        if conntrack.delete_existing(k) {
             removed.push((*k, v));
         }
     }
@@ -846,14 +864,14 @@ fn collect(
 
 /// The conntrack collector's own map handles (see [`Datapath::collector`]).
 pub struct Collector {
-    conntrack: HashMap<MapData, CtKey, Ct>,
+    conntrack: CtTables,
     ep_conns: Array<MapData, u32>,
 }
 
 impl Collector {
-    /// Every conntrack entry.
+    /// Every conntrack entry, of both tables.
     pub fn entries(&self) -> Vec<(CtKey, Ct)> {
-        ct_walk(&self.conntrack)
+        self.conntrack.entries()
     }
 
     /// Removes idle flows among `entries`; returns the entries that went.
@@ -861,13 +879,12 @@ impl Collector {
         collect(&mut self.conntrack, &mut self.ep_conns, entries, now_ns)
     }
 
-    /// Removes the entries `gone` picks, reading the table a chunk at a time (memory: the
+    /// Removes the entries `gone` picks, reading the tables a chunk at a time (memory: the
     /// keys that go). Returns how many went.
     pub fn remove_where(&mut self, gone: impl Fn(&CtKey, &Ct) -> bool) -> usize {
-        use aya::maps::IterableMap;
         let mut doomed = Vec::new();
         {
-            let mut b = crate::batch::HashBatches::<CtKey, Ct>::new(self.conntrack.map(), 4096);
+            let mut b = self.conntrack.batches(4096);
             loop {
                 match b.next_chunk() {
                     Ok(Some(c)) => doomed.extend(c.iter().filter(|(k, v)| gone(k, v)).map(|e| e.0)),
@@ -876,8 +893,8 @@ impl Collector {
                         debug!(error = %e, "batched conntrack lookups refused; iterating");
                         doomed.extend(
                             self.conntrack
+                                .entries()
                                 .iter()
-                                .filter_map(|r| r.ok())
                                 .filter(|(k, v)| gone(k, v))
                                 .map(|e| e.0),
                         );
@@ -888,25 +905,116 @@ impl Collector {
         }
         doomed
             .iter()
-            .filter(|k| self.conntrack.remove(k).is_ok())
+            .filter(|k| self.conntrack.delete_existing(k))
             .count()
     }
 }
 
 /// Conntrack read handles of their own (see [`Datapath::ct_reader`]).
 pub struct CtReader {
-    conntrack: HashMap<MapData, CtKey, Ct>,
+    conntrack: CtTables,
 }
 
 impl CtReader {
-    /// The table `chunk` entries per syscall.
-    pub fn batches(&self, chunk: usize) -> crate::batch::HashBatches<'_, CtKey, Ct> {
-        use aya::maps::IterableMap;
-        crate::batch::HashBatches::new(self.conntrack.map(), chunk)
+    /// Both tables, `chunk` entries per syscall.
+    pub fn batches(&self, chunk: usize) -> CtBatches<'_> {
+        self.conntrack.batches(chunk)
     }
 
     pub fn get(&self, key: &CtKey) -> Option<Ct> {
-        self.conntrack.get(key, 0).ok()
+        self.conntrack.get(key).ok().flatten()
+    }
+}
+
+/// The two conntrack tables (see `c/lb.bpf.c`): `conntrack`, a hash that never evicts, for
+/// established TCP flows and every UDP and ICMP flow; `ct_new`, an LRU, for TCP flows until
+/// their handshake completes (entries flagged [`CTF_NEW`]). A key is in one of them.
+pub(crate) struct CtTables {
+    main: HashMap<MapData, CtKey, Ct>,
+    new: HashMap<MapData, CtKey, Ct>,
+}
+
+impl CtTables {
+    /// Handles of their own on the two maps, by id.
+    fn open(main: u32, new: u32) -> Result<CtTables> {
+        let open = |id: u32, name: &str| {
+            aya::maps::MapData::from_id(id).map_err(|e| BpfError::Map {
+                map: name.to_string(),
+                source: e,
+            })
+        };
+        Ok(CtTables {
+            main: HashMap::try_from(aya::maps::Map::HashMap(open(main, "conntrack")?))
+                .map_err(map_err("conntrack"))?,
+            new: HashMap::try_from(aya::maps::Map::LruHashMap(open(new, "ct_new")?))
+                .map_err(map_err("ct_new"))?,
+        })
+    }
+
+    fn get(&self, key: &CtKey) -> Result<Option<Ct>> {
+        for (m, name) in [(&self.main, "conntrack"), (&self.new, "ct_new")] {
+            match m.get(key, 0) {
+                Ok(v) => return Ok(Some(v)),
+                Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(map_err(name)(e)),
+            }
+        }
+        Ok(None)
+    }
+
+    fn insert(&mut self, key: &CtKey, val: &Ct) -> Result<()> {
+        if val.flags & CTF_NEW != 0 {
+            self.new.insert(key, val, 0).map_err(map_err("ct_new"))
+        } else {
+            self.main.insert(key, val, 0).map_err(map_err("conntrack"))
+        }
+    }
+
+    fn delete(&mut self, key: &CtKey) -> Result<()> {
+        ignore_missing(self.main.remove(key)).map_err(map_err("conntrack"))?;
+        ignore_missing(self.new.remove(key)).map_err(map_err("ct_new"))
+    }
+
+    /// Whether an entry under `key` was there to delete (in either table).
+    fn delete_existing(&mut self, key: &CtKey) -> bool {
+        let a = self.main.remove(key).is_ok();
+        let b = self.new.remove(key).is_ok();
+        a || b
+    }
+
+    fn entries(&self) -> Vec<(CtKey, Ct)> {
+        let mut all = ct_walk(&self.main);
+        all.extend(ct_walk(&self.new));
+        all
+    }
+
+    fn batches(&self, chunk: usize) -> CtBatches<'_> {
+        use aya::maps::IterableMap;
+        CtBatches {
+            main: crate::batch::HashBatches::new(self.main.map(), chunk),
+            new: crate::batch::HashBatches::new(self.new.map(), chunk),
+            on_new: false,
+        }
+    }
+}
+
+/// Both conntrack tables a chunk at a time: `conntrack`, then `ct_new`.
+pub struct CtBatches<'a> {
+    main: crate::batch::HashBatches<'a, CtKey, Ct>,
+    new: crate::batch::HashBatches<'a, CtKey, Ct>,
+    on_new: bool,
+}
+
+impl CtBatches<'_> {
+    /// The next chunk; `Ok(None)` at the end. An error means the kernel refused batching.
+    pub fn next_chunk(&mut self) -> std::io::Result<Option<Vec<(CtKey, Ct)>>> {
+        if !self.on_new {
+            match self.main.next_chunk()? {
+                Some(c) => return Ok(Some(c)),
+                None => self.on_new = true,
+            }
+        }
+        self.new.next_chunk()
     }
 }
 

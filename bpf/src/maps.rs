@@ -7,7 +7,7 @@ use std::mem::{offset_of, size_of};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// The pinned-map layout version (`FLB_LAYOUT_VERSION`); part of the pin path.
-pub const LAYOUT_VERSION: u32 = 6;
+pub const LAYOUT_VERSION: u32 = 7;
 /// Endpoints per service (`FLB_MAX_ENDPOINTS`).
 pub const MAX_ENDPOINTS: usize = 32;
 /// Lookup-table length per endpoint set (`FLB_LUT_SIZE`, a prime).
@@ -50,8 +50,11 @@ pub const CTF_PICKUP: u8 = 0x08;
 pub const CTF_SEQ: u8 = 0x10;
 /// `ack_seen` is tracked for this direction.
 pub const CTF_ACK: u8 = 0x20;
+/// In `ct_new`: a TCP flow whose handshake has not completed, or a pick-up not yet
+/// confirmed (moved to `conntrack` when it is; never synced).
+pub const CTF_NEW: u8 = 0x40;
 /// The flags that describe this node's own tracking of an entry (not carried by sync).
-pub const CTF_TRACKING: u8 = CTF_PICKUP | CTF_SEQ | CTF_ACK;
+pub const CTF_TRACKING: u8 = CTF_PICKUP | CTF_SEQ | CTF_ACK | CTF_NEW;
 
 /// Conntrack state, shared by both entries of a flow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -161,9 +164,14 @@ pub enum Counter {
     TcpOutOfWindow = 28,
     /// Half-open flows whose source-NAT port a new flow took (pool under pressure).
     HalfOpenTakeover = 29,
+    /// A new flow refused because the conntrack table is full (a handshake that completed
+    /// but could not move out of `ct_new`, or a new UDP or ICMP flow): dropped.
+    DropCtFull = 30,
+    /// Half-open flows that completed and moved from `ct_new` to `conntrack`.
+    CtPromoted = 31,
 }
 
-pub const COUNTERS: usize = 30;
+pub const COUNTERS: usize = 32;
 
 /// `ha_flags` bit: L2 mode, not MASTER (ARP requests for VIPs are dropped).
 pub const HA_L2_STANDBY: u32 = 0x01;

@@ -35,6 +35,15 @@ pub struct TestRunner {
     pub(crate) fd: OwnedFd,
 }
 
+/// A `struct __sk_buff` (192 bytes) saying the packet arrived on `ifindex`
+/// (ingress_ifindex at 36, ifindex at 40).
+fn on(ifindex: u32) -> [u8; 192] {
+    let mut ctx = [0u8; 192];
+    ctx[36..40].copy_from_slice(&ifindex.to_ne_bytes());
+    ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+    ctx
+}
+
 impl TestRunner {
     /// Runs the program once on `packet`: the TC verdict and the packet as the program left
     /// it (room for 256 more bytes).
@@ -46,12 +55,14 @@ impl TestRunner {
     /// Runs the program once on a fresh copy of `packet`, as if it had arrived on
     /// `ifindex`: the verdict and the kernel's measure of the run in nanoseconds.
     pub fn run_timed(&self, packet: &[u8], ifindex: u32) -> io::Result<(u32, u32)> {
-        // `struct __sk_buff`: ingress_ifindex at 36, ifindex at 40 (192 bytes in all).
-        let mut ctx = [0u8; 192];
-        ctx[36..40].copy_from_slice(&ifindex.to_ne_bytes());
-        ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
-        let (rc, ns, _) = self.exec(packet, Some(&ctx))?;
+        let (rc, ns, _) = self.exec(packet, Some(&on(ifindex)))?;
         Ok((rc, ns))
+    }
+
+    /// [`TestRunner::run`] as if the packet had arrived on `ifindex`.
+    pub fn run_on(&self, packet: &[u8], ifindex: u32) -> io::Result<(u32, Vec<u8>)> {
+        let (rc, _, out) = self.exec(packet, Some(&on(ifindex)))?;
+        Ok((rc, out))
     }
 
     /// One run: verdict, duration (ns), the packet as the program left it.

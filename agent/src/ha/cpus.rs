@@ -1,13 +1,10 @@
-//! Spreading the agent's bulk conntrack writes over CPUs.
+//! The agent's bulk conntrack writes, in parallel over CPUs.
 //!
-//! The conntrack map is an LRU hash with per-CPU LRU lists (`BPF_F_NO_COMMON_LRU`): every
-//! insert or update takes its element from the *current* CPU's share (max_entries / CPUs) and
-//! evicts from that share when it is full. Flows the datapath creates are spread by the NIC's
-//! RSS, but a userspace thread writing hundreds of thousands of synced (or adopted) flows from
-//! one CPU would fill that CPU's share and evict live entries while the others stay empty.
-//! So a bulk write is split into one contiguous share per CPU, each written by a thread pinned
-//! to that CPU: every CPU's list gets its share, and the shares are written in parallel (a
-//! snapshot's install is bounded by the kernel's map updates, ~0.7 µs an entry).
+//! A snapshot's install is bounded by the kernel's map updates (~0.6 µs an entry), so a bulk
+//! write is split into one contiguous share per CPU, each written by a thread pinned to that
+//! CPU, and the shares are written in parallel. (The conntrack table is a plain hash that
+//! never evicts; were it an LRU with per-CPU lists, the pinning would also give every CPU's
+//! list its share instead of filling one.)
 
 use std::thread;
 

@@ -31,7 +31,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use ferrolb_bpf::SyncTable;
-use ferrolb_bpf::maps::{CTF_LOCAL, CTF_SYNCED, Ct, CtKey};
+use ferrolb_bpf::maps::{CTF_LOCAL, CTF_NEW, CTF_SYNCED, Ct, CtKey};
 use ferrolb_bpf::monotonic_ns;
 use ferrolb_consync::{Change, Consync, Flow, FlowKey, Node, pb};
 use tracing::{info, warn};
@@ -657,7 +657,11 @@ impl Ha {
     pub fn publish_events(&self, events: &[(CtKey, Ct)], removed: &[(CtKey, Ct)]) {
         let Some(c) = self.consync.get() else { return };
         let me = self.cfg.node_id;
-        let mine = |v: &Ct| v.origin == me && v.flags & CTF_LOCAL != 0 && v.flags & CTF_SYNCED == 0;
+        // Half-open flows (ct_new) are never published: peers learn a TCP flow when its
+        // handshake completes, so a SYN flood here does not fill their tables.
+        let mine = |v: &Ct| {
+            v.origin == me && v.flags & CTF_LOCAL != 0 && v.flags & (CTF_SYNCED | CTF_NEW) == 0
+        };
         let now = monotonic_ns();
         let mut out = Vec::new();
         let mut seen = HashSet::new();

@@ -374,3 +374,180 @@ fn half_open_flows_give_their_ports_up_under_pressure() {
         }
     }
 }
+
+/// Small tables: `conntrack` and `ct_new` at their minimum of 1024 entries each.
+fn small_datapath() -> Datapath {
+    Datapath::load(&DatapathConfig {
+        max_services: 64,
+        max_conntrack: 1024,
+        max_halfopen: 1024,
+        ..Default::default()
+    })
+    .expect("load datapath")
+}
+
+/// The entries under the flow's two keys, as (original, reply).
+fn both(dp: &Datapath, nport: u16) -> (Option<Ct>, Option<Ct>) {
+    (
+        dp.ct_get(&CtKey::v4(CLIENT, 40000, VIP, 80, PROTO_TCP))
+            .unwrap(),
+        dp.ct_get(&CtKey::v4(EP1, 8080, VIP, nport, PROTO_TCP))
+            .unwrap(),
+    )
+}
+
+/// A SYN from a spoofed source: a random address in 100.64/10 and a random port.
+fn spoofed_syn(i: u32) -> Vec<u8> {
+    let h = i.wrapping_mul(0x9e37_79b1);
+    let src = Ipv4Addr::from(0x6440_0000 | (h >> 10));
+    tcp(ip(src, VIP, 6), 1024 + (h & 0x7fff) as u16, 80, SYN, b"")
+}
+
+/// A full-NAT connection from OTHER:41000 up to the endpoint's SYN-ACK (both forwarded): the
+/// client's ACK that would complete it, to send.
+fn half_open_from_other(dp: &mut Datapath) -> Vec<u8> {
+    let (rc, out) = run(dp, &tcp_sa(ip(OTHER, VIP, 6), 41000, 80, 7000, 0, SYN, b""));
+    assert_eq!(rc, TC_ACT_OK, "a SYN opens a half-open flow");
+    let np = u16::from_be_bytes([out[34], out[35]]);
+    let (rc, _) = run(
+        dp,
+        &tcp_sa(ip(EP1, VIP, 6), 8080, np, 9000, 7001, SYN | ACK, b""),
+    );
+    assert_eq!(rc, TC_ACT_OK, "the SYN-ACK goes back");
+    tcp_sa(ip(OTHER, VIP, 6), 41000, 80, 7001, 9001, ACK, b"")
+}
+
+/// Half-open flows live in a table of their own: a SYN flood many times that table's size
+/// churns only it; the established flow keeps both entries (in the conntrack table, which
+/// the flood never touches) and its translation, and a new connection completes after it.
+#[test]
+fn a_half_open_flood_does_not_evict_an_established_flow() {
+    if !in_private_netns("a_half_open_flood_does_not_evict_an_established_flow") {
+        return;
+    }
+    let mut dp = small_datapath();
+    install(&mut dp, &svc(1, 80, PROTO_TCP, MODE_FULL, 0));
+    let nport = handshake(&mut dp);
+    let (o, r) = both(&dp, nport);
+    let (o, r) = (o.expect("original entry"), r.expect("reply entry"));
+    assert_eq!(o.flags & CTF_NEW, 0, "an established flow is in conntrack");
+    assert_eq!(r.flags & CTF_NEW, 0);
+    // 5,000 SYNs: 10,000 half-open entries into a 1,024-entry table.
+    for i in 0..5_000 {
+        run(&mut dp, &spoofed_syn(i));
+    }
+    let all = dp.ct_entries();
+    let half = all.iter().filter(|(_, v)| v.flags & CTF_NEW != 0).count();
+    let est = all.iter().filter(|(_, v)| v.flags & CTF_NEW == 0).count();
+    assert!(
+        half > 0 && half <= 1024 + 64,
+        "half-open entries bounded by their table: {half}"
+    );
+    assert_eq!(
+        est, 2,
+        "the conntrack table holds the established flow only"
+    );
+    let (o2, r2) = both(&dp, nport);
+    assert_eq!(o2.map(|v| v.state()), Some(CtState::Established));
+    assert_eq!(r2.map(|v| v.nat_daddr), Some(r.nat_daddr));
+    // Its packets still go out with their translation, both ways.
+    let (rc, out) = run(
+        &mut dp,
+        &tcp_sa(
+            ip(CLIENT, VIP, 6),
+            40000,
+            80,
+            1006,
+            5007,
+            ACK | PSH,
+            b"again",
+        ),
+    );
+    assert_eq!(rc, TC_ACT_OK);
+    assert_eq!(u16::from_be_bytes([out[34], out[35]]), nport);
+    let (rc, out) = run(
+        &mut dp,
+        &tcp_sa(ip(EP1, VIP, 6), 8080, nport, 5007, 1011, ACK | PSH, b"back"),
+    );
+    assert_eq!(rc, TC_ACT_OK);
+    assert_eq!(
+        u16::from_be_bytes([out[36], out[37]]),
+        40000,
+        "to the client's port"
+    );
+    // A new connection completes through the churn and moves to the conntrack table.
+    let before = counter(&dp, Counter::CtPromoted);
+    let ack = half_open_from_other(&mut dp);
+    let (rc, _) = run(&mut dp, &ack);
+    assert_eq!(rc, TC_ACT_OK);
+    assert_eq!(counter(&dp, Counter::CtPromoted), before + 1);
+    let k = CtKey::v4(OTHER, 41000, VIP, 80, PROTO_TCP);
+    let v = dp.ct_get(&k).unwrap().expect("the new flow");
+    assert_eq!(v.state(), CtState::Established);
+    assert_eq!(v.flags & CTF_NEW, 0, "moved out of the half-open table");
+}
+
+/// A full conntrack table refuses new flows, drops and counts them (`DropCtFull`), and
+/// evicts nothing: a new UDP flow is dropped at once; a TCP handshake runs in the half-open
+/// table, and its completing ACK is dropped until there is room, then the flow moves over.
+#[test]
+fn a_full_conntrack_table_refuses_new_flows_and_counts_them() {
+    if !in_private_netns("a_full_conntrack_table_refuses_new_flows_and_counts_them") {
+        return;
+    }
+    let mut dp = small_datapath();
+    install(&mut dp, &svc(1, 80, PROTO_TCP, MODE_FULL, 0));
+    install(&mut dp, &svc(2, 53, PROTO_UDP, MODE_FULL, 0));
+    let nport = handshake(&mut dp);
+    // Fill the rest of the table with other (established UDP) flows' entries.
+    let cap = dp.capacity().conntrack;
+    let filler: Vec<(CtKey, Ct)> = (0..cap)
+        .map(|i| {
+            let k = CtKey::v4(Ipv4Addr::from(0x0a63_0000 + i), 9999, VIP, 53, PROTO_UDP);
+            let v = Ct {
+                state: CtState::Established.as_u8(),
+                flags: CTF_LOCAL,
+                timeout_s: 240,
+                created_ns: monotonic_ns(),
+                last_ns: monotonic_ns(),
+                ..Default::default()
+            };
+            (k, v)
+        })
+        .collect();
+    let mut t = dp.sync_table().unwrap();
+    let written = t.insert_many(&filler);
+    assert_eq!(
+        written as u32,
+        cap - 2,
+        "the table takes what it has room for"
+    );
+    // A new UDP flow: dropped, counted, nothing evicted.
+    let (rc, _) = run(&mut dp, &udp(ip(OTHER, VIP, 17), 5353, 53, b"q", true));
+    assert_eq!(rc, TC_ACT_SHOT);
+    assert_eq!(counter(&dp, Counter::DropCtFull), 1);
+    assert!(
+        dp.ct_get(&CtKey::v4(OTHER, 5353, VIP, 53, PROTO_UDP))
+            .unwrap()
+            .is_none()
+    );
+    let (o, r) = both(&dp, nport);
+    assert!(o.is_some() && r.is_some(), "the established flow is kept");
+    // A TCP handshake: SYN and SYN-ACK in the half-open table, the ACK refused.
+    let ack = half_open_from_other(&mut dp);
+    let (rc, _) = run(&mut dp, &ack);
+    assert_eq!(rc, TC_ACT_SHOT, "no room to complete");
+    assert_eq!(counter(&dp, Counter::DropCtFull), 2);
+    let k = CtKey::v4(OTHER, 41000, VIP, 80, PROTO_TCP);
+    let v = dp.ct_get(&k).unwrap().expect("still half-open");
+    assert_ne!(v.flags & CTF_NEW, 0);
+    // Room again (flows closed elsewhere): the retransmitted ACK completes it.
+    for (k, _) in &filler[..8] {
+        t.delete(k).unwrap();
+    }
+    let (rc, _) = run(&mut dp, &ack);
+    assert_eq!(rc, TC_ACT_OK);
+    let v = dp.ct_get(&k).unwrap().expect("established");
+    assert_eq!((v.flags & CTF_NEW, v.state()), (0, CtState::Established));
+    assert_eq!(counter(&dp, Counter::DropCtFull), 2);
+}
