@@ -88,6 +88,10 @@ char _license[] SEC("license") = "GPL";
 
 /* Patched at load time by the agent. */
 volatile const __u16 NODE_ID = 0;
+/* 1 when bpf_l4_csum_replace takes BPF_F_IPV6 (Linux 6.16 and later), set by the loader from
+ * the kernel's release: older kernels refuse the flag, and probing it per packet cost a failing
+ * helper call on every rewritten IPv6 packet. */
+volatile const __u8 CSUM_IPV6 = 1;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -1407,8 +1411,8 @@ static __always_inline int l4_csum_diff6(struct __sk_buff *skb, __u32 csum_off, 
 	__u64 f = pseudo ? BPF_F_PSEUDO_HDR : 0;
 	if (proto == IPPROTO_UDP)
 		f |= BPF_F_MARK_MANGLED_0;
-	long rc = bpf_l4_csum_replace(skb, csum_off, 0, diff, f | BPF_F_IPV6);
-	if (rc == -22) /* -EINVAL: a kernel without BPF_F_IPV6 */
+	long rc = bpf_l4_csum_replace(skb, csum_off, 0, diff, f | (CSUM_IPV6 ? BPF_F_IPV6 : 0));
+	if (rc == -22 && CSUM_IPV6) /* -EINVAL: the release said yes, the kernel no */
 		rc = bpf_l4_csum_replace(skb, csum_off, 0, diff, f);
 	return rc < 0 ? -1 : 0;
 }
@@ -1501,12 +1505,30 @@ static __always_inline int xlate_addrs4(struct __sk_buff *skb, const struct pkt 
 	return bpf_skb_store_bytes(skb, IP_SRC_OFF, addrs, sizeof(addrs), 0);
 }
 
+/* Both IPv6 addresses (adjacent in the header): one L4 checksum update (TCP, UDP and ICMPv6
+ * cover them through the pseudo header; IPv6 has no header checksum) and one store. */
+static __always_inline int xlate_addrs6(struct __sk_buff *skb, const struct pkt *p,
+					const struct flb_ct *v)
+{
+	if (addr_eq(p->saddr, v->nat_saddr) && addr_eq(p->daddr, v->nat_daddr))
+		return 0;
+	__u32 addrs[8];
+	addr_cp(addrs, v->nat_saddr);
+	addr_cp(addrs + 4, v->nat_daddr);
+	__u64 s = 0;
+	for (int i = 0; i < 4; i++) {
+		s = wsum_change(s, p->saddr[i], addrs[i]);
+		s = wsum_change(s, p->daddr[i], addrs[4 + i]);
+	}
+	if (l4_csum_diff6(skb, p->l4off + l4_csum_off(p->proto), wsum_fold(s), p->proto, 1) < 0)
+		return -1;
+	return bpf_skb_store_bytes(skb, IP6_SRC_OFF, addrs, sizeof(addrs), 0);
+}
+
 static __always_inline int xlate(struct __sk_buff *skb, struct pkt *p, struct flb_ct *v)
 {
 	if (p->family == FLB_FAMILY_V6) {
-		if (set_addr6(skb, p, IP6_SRC_OFF, p->saddr, v->nat_saddr) < 0)
-			return -1;
-		if (set_addr6(skb, p, IP6_DST_OFF, p->daddr, v->nat_daddr) < 0)
+		if (xlate_addrs6(skb, p, v) < 0)
 			return -1;
 		return xlate_ports(skb, p, v);
 	}

@@ -311,9 +311,11 @@ impl Datapath {
         } else {
             cfg.max_halfopen.max(1024)
         };
+        let csum_ipv6 = u8::from(csum_ipv6());
         let mut loader = EbpfLoader::new();
         loader
             .override_global("NODE_ID", &cfg.node_id, true)
+            .override_global("CSUM_IPV6", &csum_ipv6, true)
             .map_max_entries("services", svc)
             .map_max_entries("ranges", svc)
             .map_max_entries("backends", svc * 2)
@@ -1257,6 +1259,24 @@ fn ignore_missing(
 }
 
 /// Monotonic time in nanoseconds, the clock `bpf_ktime_get_ns` uses.
+/// Whether this kernel's `bpf_l4_csum_replace` takes `BPF_F_IPV6` (Linux 6.16 and later),
+/// read once at load from the release (`/proc/sys/kernel/osrelease`, what `uname -r` says);
+/// unknown counts as yes (the datapath then retries without the flag if refused).
+fn csum_ipv6() -> bool {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .ok()
+        .and_then(|r| release_at_least(r.trim(), (6, 16)))
+        .unwrap_or(true)
+}
+
+/// `release` (`6.18.0-1-amd64`, `6.1.0`) against (major, minor); `None` when unreadable.
+fn release_at_least(release: &str, (major, minor): (u32, u32)) -> Option<bool> {
+    let mut it = release.split(|c: char| !c.is_ascii_digit());
+    let a: u32 = it.next()?.parse().ok()?;
+    let b: u32 = it.next()?.parse().ok()?;
+    Some((a, b) >= (major, minor))
+}
+
 pub fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
@@ -1270,6 +1290,21 @@ pub fn monotonic_ns() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kernel_releases_compare_by_major_and_minor() {
+        assert_eq!(release_at_least("6.18.0-1-amd64", (6, 16)), Some(true));
+        assert_eq!(release_at_least("6.16", (6, 16)), Some(true));
+        assert_eq!(
+            release_at_least("6.1.0-27-cloud-amd64", (6, 16)),
+            Some(false)
+        );
+        assert_eq!(release_at_least("5.19.17", (6, 16)), Some(false));
+        assert_eq!(release_at_least("7.0.0", (6, 16)), Some(true));
+        assert_eq!(release_at_least("", (6, 16)), None);
+        assert_eq!(release_at_least("linux", (6, 16)), None);
+        assert_eq!(release_at_least("6", (6, 16)), None);
+    }
 
     #[test]
     fn other_layouts_are_the_sibling_version_directories() {
