@@ -136,6 +136,9 @@ def bench(rounds, out_json):
     global LB1_NETNS
     # The lab's lb1 network namespace, to tell its agent from any other ferrolb on the host.
     LB1_NETNS = lab("lb1", "readlink", "/proc/self/ns/net").strip()
+    # lb1 comes up as a host does (forwarding off: the agent turns it on where it attaches);
+    # the plain-routing and nftables baselines run without the agent, so they turn it on.
+    lab("lb1", "sysctl", "-qw", "net.ipv4.ip_forward=1")
     for be in ("be1", "be2", "be3"):
         lab(be, "nginx", "-c", os.path.join(ROOT, "scripts", "bench", "nginx.conf"))
     lab("be1", "iperf3", "-s", "-D")
