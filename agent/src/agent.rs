@@ -551,9 +551,13 @@ async fn collector_loop(
                 }
                 // Live entries of each table (the half-open ones carry CTF_NEW).
                 let new = |v: &ferrolb_bpf::maps::Ct| v.flags & ferrolb_bpf::maps::CTF_NEW != 0;
-                let halfopen = entries.iter().filter(|(_, v)| new(v)).count()
-                    - removed_entries.iter().filter(|(_, v)| new(v)).count();
-                let live = (entries.len() - removed - halfopen) as u64;
+                // (Saturating: an entry's flag may change between the walk and its removal.)
+                let halfopen = entries
+                    .iter()
+                    .filter(|(_, v)| new(v))
+                    .count()
+                    .saturating_sub(removed_entries.iter().filter(|(_, v)| new(v)).count());
+                let live = entries.len().saturating_sub(removed + halfopen) as u64;
                 let halfopen = halfopen as u64;
                 let _ = app2.engine.call_blocking(move |e| {
                     e.set_census(pass, live, halfopen, removed as u64);
