@@ -948,10 +948,10 @@ async fn subscribe_once(
                 }
             });
             let (flows, refused) = if batch.packed_snapshot.is_empty() {
-                explicit(batch.snapshot.iter().map(Flow::try_from))
+                split_refused(batch.snapshot.iter().map(Flow::try_from))
             } else {
                 let it = flow::decode(&batch.packed_snapshot).map_err(|e| e.to_string())?;
-                explicit(it.map(|r| {
+                split_refused(it.map(|r| {
                     r.and_then(|c| match c.change {
                         Change::Upsert(f) => Ok(f),
                         Change::Delete(_) => Err(FlowError::Field {
@@ -1122,8 +1122,8 @@ struct Snapshot {
     received: u64,
 }
 
-/// The flows that decoded, and how many did not.
-fn explicit(it: impl Iterator<Item = Result<Flow, FlowError>>) -> (Vec<Flow>, u64) {
+/// The flows that decoded (from either encoding), and how many were refused.
+fn split_refused(it: impl Iterator<Item = Result<Flow, FlowError>>) -> (Vec<Flow>, u64) {
     let mut ok = Vec::with_capacity(it.size_hint().0);
     let mut refused = 0;
     for r in it {
