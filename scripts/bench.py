@@ -14,7 +14,10 @@ Every path goes to the one backend be1, so only the LB path differs. Then: 10,00
 endpoints installed through the REST API (time, agent memory), and a TCP echo stream measured
 while rules change (longest gap).
 
-Usage: sudo python3 scripts/bench.py [--rounds N] [--json FILE]
+Each path connects from a client address of its own (see SOURCES); --shared-source uses one for
+all, as this script did before (and shows what that costs the paths that keep the client's address).
+
+Usage: sudo python3 scripts/bench.py [--rounds N] [--json FILE] [--shared-source]
 Needs root and `scripts/deps.sh --bench` (wrk, nginx). Prints a table and the ratios.
 """
 import json
@@ -73,9 +76,39 @@ def wrk(target, close, port=80):
     return float(m.group(1)) if m else 0.0
 
 
-def measure(target, offset=0):
-    return {"gbps": iperf(target, 5201 + offset), "rps": wrk(target, False, 80 + offset),
-            "cps": wrk(target, True, 80 + offset)}
+def netstat(node):
+    """The node's TcpExt counters (/proc/net/netstat in its namespace)."""
+    lines = lab(node, "cat", "/proc/net/netstat").splitlines()
+    for names, values in zip(lines[::2], lines[1::2]):
+        if names.startswith("TcpExt:"):
+            return dict(zip(names.split()[1:], map(int, values.split()[1:])))
+    return {}
+
+
+# Each path's client source address. With one shared address, a path's new connections reuse
+# the 4-tuples the previous path left in TIME_WAIT at be1, with TCP timestamps from another
+# offset (Linux derives it from the source and destination addresses, and the client's
+# destination differs per path: be1, the nft VIP, ferrolb's VIP): about half of those SYNs fail
+# be1's PAWS check (TcpExtPAWSTimewait), be1 answers with an ACK and the client retries the SYN
+# a second later. Only the paths that keep the client's address at be1 (plain and both DNATs)
+# meet them, which made DNAT look slower than routing. --shared-source measures it that way.
+SOURCES = {"plain": "198.51.100.20", "nft": "198.51.100.21", "ferrolb": "198.51.100.22",
+           "ferrolb-onearm": "198.51.100.23", "ferrolb-fullnat": "198.51.100.24"}
+SHARED_SOURCE = "198.51.100.2"
+
+
+def measure(path, target, offset=0):
+    src = SHARED_SOURCE if SHARED else SOURCES[path]
+    lab("client", "ip", "route", "replace", "default", "via", "198.51.100.1", "src", src)
+    before_be, before_cl = netstat("be1"), netstat("client")
+    r = {"gbps": iperf(target, 5201 + offset), "rps": wrk(target, False, 80 + offset),
+         "cps": wrk(target, True, 80 + offset)}
+    after_be, after_cl = netstat("be1"), netstat("client")
+    r["paws_timewait"] = after_be.get("PAWSTimewait", 0) - before_be.get("PAWSTimewait", 0)
+    r["syn_retrans"] = after_cl.get("TCPSynRetrans", 0) - before_cl.get("TCPSynRetrans", 0)
+    print("   source %s: be1 PAWSTimewait +%d, client TCPSynRetrans +%d"
+          % (src, r["paws_timewait"], r["syn_retrans"]), flush=True)
+    return r
 
 
 # ferrolb's NAT modes (loxilb numbering) and the port offset of their rules.
@@ -119,6 +152,8 @@ def main():
         rounds = int(args[args.index("--rounds") + 1])
     if "--json" in args:
         out_json = args[args.index("--json") + 1]
+    global SHARED
+    SHARED = "--shared-source" in args
     if os.geteuid() != 0:
         sys.exit("run as root")
     run(["bash", os.path.join(ROOT, "scripts", "deps.sh"), "--bench"])
@@ -142,6 +177,8 @@ def bench(rounds, out_json):
     for be in ("be1", "be2", "be3"):
         lab(be, "nginx", "-c", os.path.join(ROOT, "scripts", "bench", "nginx.conf"))
     lab("be1", "iperf3", "-s", "-D")
+    for src in SOURCES.values():
+        lab("client", "ip", "addr", "add", src + "/24", "dev", "eth1")
     time.sleep(0.5)
 
     results = {"plain": [], "nft": [], "ferrolb": [], "ferrolb-onearm": [], "ferrolb-fullnat": []}
@@ -150,12 +187,12 @@ def bench(rounds, out_json):
         # Baselines with no ferrolb datapath at all on lb1.
         stop_agent()
         print(" plain routing", flush=True)
-        results["plain"].append(measure(BE1))
+        results["plain"].append(measure("plain", BE1))
         lab("lb1", "nft", "add table ip flbbench")
         lab("lb1", "nft", "add chain ip flbbench pre { type nat hook prerouting priority -100; }")
         lab("lb1", "nft", "add rule ip flbbench pre ip daddr %s dnat to %s" % (NFT_VIP, BE1))
         print(" nftables DNAT", flush=True)
-        results["nft"].append(measure(NFT_VIP))
+        results["nft"].append(measure("nft", NFT_VIP))
         lab("lb1", "nft", "delete table ip flbbench")
         tag = start_agent()
         for name, mode, off in MODES:
@@ -166,7 +203,7 @@ def bench(rounds, out_json):
                     "endpoints": [{"endpointIP": BE1, "targetPort": tport, "weight": 1}]})
         for name, mode, off in MODES:
             print(" " + name, flush=True)
-            results[name].append(measure(VIP, off))
+            results[name].append(measure(name, VIP, off))
         m = lab("lb1", "curl", "-sf", "http://127.0.0.1:11111/metrics")
         exhausted = re.search(r'reason="nat_ports_exhausted"\} (\d+)', m)
         print("  nat_ports_exhausted drops: %s" % (exhausted.group(1) if exhausted else "?"), flush=True)
@@ -184,6 +221,9 @@ def bench(rounds, out_json):
         "cps_vs_nft": best["ferrolb"]["cps"] / best["nft"]["cps"],
         "rps_vs_plain": best["ferrolb"]["rps"] / best["plain"]["rps"],
         "cps_vs_plain": best["ferrolb"]["cps"] / best["plain"]["cps"],
+        "onearm_cps_vs_plain": best["ferrolb-onearm"]["cps"] / best["plain"]["cps"],
+        "fullnat_cps_vs_plain": best["ferrolb-fullnat"]["cps"] / best["plain"]["cps"],
+        "nft_cps_vs_plain": best["nft"]["cps"] / best["plain"]["cps"],
         # Source NAT against DNAT, same run (target: full NAT new connections >= 0.9x DNAT).
         "fullnat_cps_vs_dnat": best["ferrolb-fullnat"]["cps"] / best["ferrolb"]["cps"],
         "onearm_cps_vs_dnat": best["ferrolb-onearm"]["cps"] / best["ferrolb"]["cps"],

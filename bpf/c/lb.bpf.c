@@ -210,11 +210,18 @@ struct {
 	__uint(max_entries, 1);
 } ct_scratch SEC(".maps");
 
-/* Per-CPU parameters of the FIB lookup (fwd), off the stack. Not pinned. */
+/* Per-CPU parameters of the FIB lookup (fwd, xlate_fwd) and the snapshot of a flow's
+ * translation (xlate_fwd), off the stack. Not pinned. */
+struct fib_scratch {
+	struct bpf_fib_lookup f;
+	__u32 ns[4]; /* translated source and destination address */
+	__u32 nd[4];
+};
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__type(key, __u32);
-	__type(value, struct bpf_fib_lookup);
+	__type(value, struct fib_scratch);
 	__uint(max_entries, 1);
 } fib_scratch SEC(".maps");
 
@@ -262,7 +269,8 @@ struct pkt {
 	__u8 nd_solicit; /* an ICMPv6 neighbour solicitation (not balanced; see nd_vip) */
 	__u8 bad;        /* FLB_CNT_DROP_* of a malformed packet (0: well formed) */
 	__u8 l4ok;       /* sport/dport were read (a malformed packet may still have them) */
-	__u8 untracked;  /* the flow's entry is a stack copy (evicted at once): not tracked */
+	__u8 untracked;  /* the flow's entry is a copy (the one just inserted, or one evicted at
+			  * once): not tracked, not counted again */
 	__u32 l3end;     /* end of the IP packet (offset from the frame start) */
 	__u32 seq;       /* TCP, host order */
 	__u32 ack;       /* TCP, host order */
@@ -343,8 +351,17 @@ static __always_inline int parse_l4(struct __sk_buff *skb, struct pkt *p, __u8 l
 {
 	if (l4proto == IPPROTO_TCP) {
 		struct tcphdr tcp;
-		if (p->l4off + sizeof(tcp) > p->l3end ||
-		    bpf_skb_load_bytes(skb, p->l4off, &tcp, sizeof(tcp)) < 0) {
+		if (p->l4off + sizeof(tcp) > p->l3end) {
+			set_bad(p, FLB_CNT_DROP_TCP_HEADER);
+			return 0;
+		}
+		/* Read in place when the header is in the linear part (nearly always). */
+		__u32 off = p->l4off & 0x1ff;
+		void *data = (void *)(long)skb->data;
+		void *end = (void *)(long)skb->data_end;
+		if (off == p->l4off && data + off + sizeof(tcp) <= end)
+			__builtin_memcpy(&tcp, data + off, sizeof(tcp));
+		else if (bpf_skb_load_bytes(skb, p->l4off, &tcp, sizeof(tcp)) < 0) {
 			set_bad(p, FLB_CNT_DROP_TCP_HEADER);
 			return 0;
 		}
@@ -939,13 +956,13 @@ static __always_inline __u32 select_ep(const struct flb_svc *svc, const struct f
 				       const struct pkt *p, __u8 *lc_counted)
 {
 	__u32 i = FLB_LUT_NONE;
-	__u64 now = bpf_ktime_get_ns();
 
 	switch (svc->sel) {
 	case FLB_SEL_HASH:
 		i = pick_lut(be, flow_hash(p));
 		break;
 	case FLB_SEL_PERSIST: {
+		__u64 now = bpf_ktime_get_ns();
 		struct flb_affinity_key ak = {};
 		ak.svc_id = svc->id;
 		addr_cp(ak.addr, p->saddr);
@@ -1181,10 +1198,30 @@ static long nat_probe(__u32 i, void *arg)
 		c->rkey.sport = port;
 	else
 		c->rkey.dport = port;
-	/* Look before inserting (in both tables: a port is taken wherever its flow lives): a
-	 * refused BPF_NOEXIST insert into an LRU map still takes a free node (and may evict
-	 * someone) first. */
-	struct flb_ct *occ = ct_lookup(&c->rkey);
+	/* A port is taken wherever its flow lives: conntrack is looked at first. A refused
+	 * BPF_NOEXIST insert into an LRU map (ct_new) still takes a free node first, which in
+	 * a full table evicts its least recently used entry, so past the first probe ct_new is
+	 * looked at before inserting too. The first probe nearly always finds its port free and
+	 * inserts at once (one hash lookup fewer per new flow); a refusal there costs at most
+	 * one eviction, of the oldest half-open flow, and only when ct_new is full. */
+	struct flb_ct *occ = bpf_map_lookup_elem(&conntrack, &c->rkey);
+	if (!occ && i == 0) {
+		long rc = ct_insert(&c->rkey, c->reply, BPF_NOEXIST);
+		if (rc == 0) {
+			c->port = port;
+			c->found = 1;
+			return 1;
+		}
+		if (rc == -E2BIG_) {
+			c->full = 1; /* conntrack is full: no port helps */
+			return 1;
+		}
+		occ = ct_lookup(&c->rkey);
+		if (!occ)
+			return 0; /* gone since the refusal: the next probe */
+	} else if (!occ) {
+		occ = bpf_map_lookup_elem(&ct_new, &c->rkey);
+	}
 	/* Past the easy probes the pool is under pressure: half-open flows give their ports up
 	 * too, those idle longest first. */
 	__u64 half = 0;
@@ -1220,19 +1257,28 @@ static __always_inline void nat_signal_pressure(const struct flb_ct_key *rkey,
 	emit(FLB_EV_NAT_PRESSURE, rkey, reply);
 }
 
-/* Create both conntrack entries for a new flow whose key `okey` held no live entry when the
- * caller looked. Returns 0 and fills *out with the original-direction entry, or a negative
- * value to drop. */
-static __always_inline int ct_create(const struct pkt *p, const struct flb_svc *svc,
-				     struct flb_ct_key *okey, struct flb_ct *out)
+/* Does the packet that opens a flow need no TCP tracking beyond its entry's creation (a bare
+ * SYN, or UDP or ICMP)? Then ct_create counts it and tracks its sequence in the entry it
+ * inserts, and it is forwarded from that copy. A mid-stream pick-up is tracked on the entry
+ * (it may carry a FIN or RST). */
+static __always_inline int first_packet_untracked(const struct pkt *p)
 {
-	__u64 now = bpf_ktime_get_ns();
+	return p->proto != IPPROTO_TCP || (p->tcp_flags & 0x17) == 0x02;
+}
 
-	/* The entry now under our key: a live one was created by another CPU since our lookup
-	 * (a duplicate SYN): use it, so both packets go to one endpoint. A dead one (expired,
-	 * or closed and this is a new SYN) is removed with its reply entry, which still holds
-	 * a NAT port (a 4-tuple reused after TIME_WAIT). */
-	struct flb_ct *prev = ct_lookup(okey);
+/* Create both conntrack entries for a new flow whose key `okey` held no live entry when the
+ * caller looked. Fills *out with the original-direction entry and returns 1 when this call
+ * inserted it (with this packet counted and, for TCP, its sequence tracked), 0 when it is a
+ * copy of the entry another CPU made meanwhile; a negative value to drop. */
+static __always_inline int ct_create(const struct pkt *p, const struct flb_svc *svc,
+				     struct flb_ct_key *okey, struct flb_ct *out,
+				     struct flb_ct *prev, __u64 now)
+{
+	/* `prev`: the dead entry the caller's lookup found under our key (expired, or closed
+	 * and this is a new SYN). Live again (another CPU's duplicate SYN revived it since):
+	 * use it, so both packets go to one endpoint. Still dead: removed with its reply
+	 * entry, which still holds a NAT port (a 4-tuple reused after TIME_WAIT). An entry
+	 * another CPU creates after the caller's lookup is met at the insert below. */
 	if (prev) {
 		if (ct_live(okey, prev, p, now)) {
 			*out = *prev;
@@ -1349,6 +1395,14 @@ static __always_inline int ct_create(const struct pkt *p, const struct flb_svc *
 		count(c.full ? FLB_CNT_DROP_CT_FULL : FLB_CNT_DROP_NAT_PORTS);
 		return -1;
 	}
+	/* This packet's share, as flow_packet adds it to an entry: the caller forwards the packet
+	 * that opened the flow from `out` without looking the new entry up again. */
+	if (first_packet_untracked(p)) {
+		o->packets = 1;
+		o->bytes = p->len;
+		if (p->proto == IPPROTO_TCP)
+			seq_track(o, p);
+	}
 	for (int t = 0; t < 2; t++) {
 		long rc = ct_insert(okey, o, BPF_NOEXIST);
 		if (rc == 0) {
@@ -1357,7 +1411,7 @@ static __always_inline int ct_create(const struct pkt *p, const struct flb_svc *
 			 * never hold half-open flows, so a flood here does not fill their tables. */
 			if (!(o->flags & FLB_CTF_NEW))
 				emit(FLB_EV_CREATED, okey, o);
-			return 0;
+			return 1;
 		}
 		if (rc == -E2BIG_) {
 			c.full = 1;
@@ -1430,19 +1484,6 @@ static __always_inline int set_addr6(struct __sk_buff *skb, const struct pkt *p,
 	return bpf_skb_store_bytes(skb, off, new, 16, 0);
 }
 
-static __always_inline int set_port(struct __sk_buff *skb, const struct pkt *p, __u32 off,
-				    __u16 old, __u16 new)
-{
-	if (old == new)
-		return 0;
-	__u64 f = sizeof(new);
-	if (p->proto == IPPROTO_UDP)
-		f |= BPF_F_MARK_MANGLED_0;
-	if (bpf_l4_csum_replace(skb, p->l4off + l4_csum_off(p->proto), old, new, f) < 0)
-		return -1;
-	return bpf_skb_store_bytes(skb, off, &new, sizeof(new), 0);
-}
-
 /* One's complement partial sums (the kernel's __wsum) of field changes, so that several
  * changed fields cost one checksum helper call: `~old + new` per 32-bit word, folded. The
  * helpers take such a sum with size 0 and keep skb->csum right (CHECKSUM_COMPLETE) or leave a
@@ -1458,83 +1499,6 @@ static __always_inline __u32 wsum_fold(__u64 s)
 	s = (s & 0xffffffff) + (s >> 32);
 	s = (s & 0xffffffff) + (s >> 32);
 	return (__u32)s;
-}
-
-/* Both ports of a TCP or UDP header (adjacent: one checksum update, one store), or an ICMP
- * echo identifier. */
-static __always_inline int xlate_ports(struct __sk_buff *skb, const struct pkt *p,
-				       const struct flb_ct *v)
-{
-	if (p->proto == IPPROTO_ICMP)
-		return set_port(skb, p, p->l4off + offsetof(struct icmphdr, un.echo.id), p->sport,
-				v->nat_sport);
-	if (p->sport == v->nat_sport && p->dport == v->nat_dport)
-		return 0;
-	/* As the two ports lie in memory: source first. */
-	__u16 ports[2] = {v->nat_sport, v->nat_dport};
-	__u32 oldw = (__u32)p->sport | ((__u32)p->dport << 16);
-	__u32 neww = (__u32)v->nat_sport | ((__u32)v->nat_dport << 16);
-	__u64 f = 0;
-	if (p->proto == IPPROTO_UDP)
-		f |= BPF_F_MARK_MANGLED_0;
-	if (bpf_l4_csum_replace(skb, p->l4off + l4_csum_off(p->proto), 0,
-				wsum_fold(wsum_change(0, oldw, neww)), f) < 0)
-		return -1;
-	return bpf_skb_store_bytes(skb, p->l4off, ports, sizeof(ports), 0);
-}
-
-/* Both IPv4 addresses (adjacent in the header): one L4 and one L3 checksum update and one
- * store, whichever of them changes. */
-static __always_inline int xlate_addrs4(struct __sk_buff *skb, const struct pkt *p,
-					const struct flb_ct *v)
-{
-	__u32 addrs[2] = {v->nat_saddr[0], v->nat_daddr[0]};
-	if (addrs[0] == p->saddr[0] && addrs[1] == p->daddr[0])
-		return 0;
-	__u32 diff = wsum_fold(wsum_change(wsum_change(0, p->saddr[0], addrs[0]), p->daddr[0],
-					   addrs[1]));
-	if (p->proto != IPPROTO_ICMP) {
-		__u64 f = BPF_F_PSEUDO_HDR;
-		if (p->proto == IPPROTO_UDP)
-			f |= BPF_F_MARK_MANGLED_0;
-		if (bpf_l4_csum_replace(skb, p->l4off + l4_csum_off(p->proto), 0, diff, f) < 0)
-			return -1;
-	}
-	if (bpf_l3_csum_replace(skb, IP_CSUM_OFF, 0, diff, 0) < 0)
-		return -1;
-	return bpf_skb_store_bytes(skb, IP_SRC_OFF, addrs, sizeof(addrs), 0);
-}
-
-/* Both IPv6 addresses (adjacent in the header): one L4 checksum update (TCP, UDP and ICMPv6
- * cover them through the pseudo header; IPv6 has no header checksum) and one store. */
-static __always_inline int xlate_addrs6(struct __sk_buff *skb, const struct pkt *p,
-					const struct flb_ct *v)
-{
-	if (addr_eq(p->saddr, v->nat_saddr) && addr_eq(p->daddr, v->nat_daddr))
-		return 0;
-	__u32 addrs[8];
-	addr_cp(addrs, v->nat_saddr);
-	addr_cp(addrs + 4, v->nat_daddr);
-	__u64 s = 0;
-	for (int i = 0; i < 4; i++) {
-		s = wsum_change(s, p->saddr[i], addrs[i]);
-		s = wsum_change(s, p->daddr[i], addrs[4 + i]);
-	}
-	if (l4_csum_diff6(skb, p->l4off + l4_csum_off(p->proto), wsum_fold(s), p->proto, 1) < 0)
-		return -1;
-	return bpf_skb_store_bytes(skb, IP6_SRC_OFF, addrs, sizeof(addrs), 0);
-}
-
-static __always_inline int xlate(struct __sk_buff *skb, struct pkt *p, struct flb_ct *v)
-{
-	if (p->family == FLB_FAMILY_V6) {
-		if (xlate_addrs6(skb, p, v) < 0)
-			return -1;
-		return xlate_ports(skb, p, v);
-	}
-	if (xlate_addrs4(skb, p, v) < 0)
-		return -1;
-	return xlate_ports(skb, p, v);
 }
 
 /* The counter for a FIB answer that is not a forwarding decision (FLB_CNT_FALLBACK_*). */
@@ -1566,12 +1530,13 @@ static __always_inline int fwd(struct __sk_buff *skb, __u8 family, int *served)
 {
 	/* The lookup's parameters live in a per-CPU map, not on the 512-byte stack. */
 	__u32 zero = 0;
-	struct bpf_fib_lookup *f = bpf_map_lookup_elem(&fib_scratch, &zero);
+	struct fib_scratch *fs = bpf_map_lookup_elem(&fib_scratch, &zero);
 	*served = 0;
-	if (!f) {
+	if (!fs) {
 		count(FLB_CNT_FALLBACK_OTHER);
 		return TC_ACT_OK;
 	}
+	struct bpf_fib_lookup *f = &fs->f;
 	__builtin_memset(f, 0, sizeof(*f));
 	/* From the header read below: IPv4 TTL and protocol as one 16-bit word (for the
 	 * incremental checksum), or IPv6 hop limit in the first byte. */
@@ -1649,6 +1614,184 @@ static __always_inline __u16 csum_fold32(__u32 c)
 	c = (c & 0xffff) + (c >> 16);
 	c = (c & 0xffff) + (c >> 16);
 	return (__u16)c;
+}
+
+/* The translation of a flow's packet fused with its forwarding (issue 16). The FIB lookup is
+ * made first, from the translated addresses (the entry's), so that every header field is then
+ * written once and directly: IPv4 addresses, TTL and header checksum (computed here; a correct
+ * header checksum keeps the packet's one's complement sum, so skb->csum needs no change, as
+ * with bpf_l3_csum_replace), the ports, the MAC addresses. Only the L4 checksum goes through a
+ * helper (one call for the addresses, one for the ports): it alone knows whether the packet's
+ * checksum is complete or a partial one an offload finishes. The helpers run before any
+ * direct write (they may move the packet's data). When the FIB has no forwarding answer, the
+ * packet is translated all the same and handed to the stack, counted (as fwd does). */
+#define FLB_FAST_L4OFF_MAX 500
+
+static __always_inline int rewrite(struct __sk_buff *skb, const struct pkt *p, const __u32 *ns,
+				   const __u32 *nd, __u16 nsp, __u16 ndp, int ttl_dec,
+				   const struct bpf_fib_lookup *mac)
+{
+	int v6 = p->family == FLB_FAMILY_V6;
+	__u32 l4off = p->l4off;
+	if (l4off > FLB_FAST_L4OFF_MAX)
+		return -1;
+	__u32 csum_off = l4off + l4_csum_off(p->proto);
+	__u64 mangled = p->proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
+	/* Addresses: one sum of changes for the pseudo header (TCP, UDP, ICMPv6) and the IPv4
+	 * header checksum. */
+	__u64 s = 0;
+	int naddr = v6 ? 4 : 1;
+	int addrs_changed = 0;
+	for (int i = 0; i < 4; i++) {
+		if (i >= naddr)
+			break;
+		s = wsum_change(s, p->saddr[i], ns[i]);
+		s = wsum_change(s, p->daddr[i], nd[i]);
+		addrs_changed |= (p->saddr[i] != ns[i]) | (p->daddr[i] != nd[i]);
+	}
+	__u32 adiff = wsum_fold(s);
+	if (addrs_changed) {
+		if (v6) {
+			if (l4_csum_diff6(skb, csum_off, adiff, p->proto, 1) < 0)
+				return -1;
+		} else if (p->proto != IPPROTO_ICMP) {
+			if (bpf_l4_csum_replace(skb, csum_off, 0, adiff, BPF_F_PSEUDO_HDR | mangled) < 0)
+				return -1;
+		}
+	}
+	/* Ports (both adjacent in TCP and UDP) or the ICMP echo identifier. */
+	int icmp = p->proto == IPPROTO_ICMP;
+	__u16 osp = p->sport, odp = icmp ? 0 : p->dport;
+	if (icmp)
+		ndp = 0;
+	int ports_changed = osp != nsp || odp != ndp;
+	if (ports_changed) {
+		__u32 pdiff = wsum_fold(wsum_change(0, (__u32)osp | ((__u32)odp << 16),
+						    (__u32)nsp | ((__u32)ndp << 16)));
+		if (bpf_l4_csum_replace(skb, csum_off, 0, pdiff, mangled) < 0)
+			return -1;
+	}
+	/* Direct writes from here on (xlate_fwd made the headers linear). */
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	l4off &= 0x1ff;
+	if (data + l4off + 8 > end)
+		return -1;
+	if (v6) {
+		struct ip6hdr_ *ip6 = data + ETH_HLEN_;
+		if ((void *)(ip6 + 1) > end)
+			return -1;
+		if (addrs_changed) {
+			addr_cp(ip6->saddr, ns);
+			addr_cp(ip6->daddr, nd);
+		}
+		if (ttl_dec)
+			ip6->hop_limit -= 1;
+	} else {
+		struct iphdr *ip = data + ETH_HLEN_;
+		if ((void *)(ip + 1) > end)
+			return -1;
+		__u64 h = s;
+		if (ttl_dec) {
+			__u16 old = *(__u16 *)&ip->ttl;
+			ip->ttl -= 1;
+			h += (__u16)~old + (__u32)*(__u16 *)&ip->ttl;
+		}
+		if (addrs_changed || ttl_dec) {
+			ip->saddr = ns[0];
+			ip->daddr = nd[0];
+			__u64 c = (__u64)wsum_fold(h) + (__u32)~(__u32)ip->check;
+			ip->check = (__u16)~csum_fold32(wsum_fold(c));
+		}
+	}
+	if (ports_changed) {
+		__u16 *pp = data + l4off + (icmp ? offsetof(struct icmphdr, un.echo.id) : 0);
+		pp[0] = nsp;
+		if (!icmp)
+			pp[1] = ndp;
+	}
+	if (mac) {
+		struct ethhdr *eth = data;
+		__builtin_memcpy(eth->h_dest, mac->dmac, ETH_ALEN);
+		__builtin_memcpy(eth->h_source, mac->smac, ETH_ALEN);
+	}
+	return 0;
+}
+
+static __always_inline int xlate_fwd(struct __sk_buff *skb, const struct pkt *p,
+				     const struct flb_ct *v, int *served)
+{
+	*served = 0;
+	__u32 zero = 0;
+	struct fib_scratch *fs = bpf_map_lookup_elem(&fib_scratch, &zero);
+	if (!fs)
+		return -1;
+	/* One snapshot of the translation (v may be a map value a peer's sync rewrites), in
+	 * the scratch map: the stack is spent. */
+	__u32 *ns = fs->ns, *nd = fs->nd;
+	addr_cp(ns, v->nat_saddr);
+	addr_cp(nd, v->nat_daddr);
+	__u16 nsp = v->nat_sport, ndp = v->nat_dport;
+	int v6 = p->family == FLB_FAMILY_V6;
+	struct bpf_fib_lookup *f = &fs->f;
+	/* The headers this writes, in the linear part (they nearly always are). */
+	__u32 need = p->l4off + 8;
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	if (data + need > end) {
+		if (need > FLB_FAST_L4OFF_MAX + 8 || bpf_skb_pull_data(skb, need) < 0)
+			return -1;
+		data = (void *)(long)skb->data;
+		end = (void *)(long)skb->data_end;
+	}
+	__builtin_memset(f, 0, sizeof(*f));
+	__u8 ttl;
+	if (v6) {
+		struct ip6hdr_ *ip6 = data + ETH_HLEN_;
+		if ((void *)(ip6 + 1) > end)
+			return -1;
+		ttl = ip6->hop_limit;
+		f->family = AF_INET6;
+		addr_cp(f->ipv6_src, ns);
+		addr_cp(f->ipv6_dst, nd);
+		f->tot_len = bpf_ntohs(ip6->payload_len) + sizeof(*ip6);
+	} else {
+		struct iphdr *ip = data + ETH_HLEN_;
+		if ((void *)(ip + 1) > end)
+			return -1;
+		ttl = ip->ttl;
+		f->family = AF_INET;
+		f->ipv4_src = ns[0];
+		f->ipv4_dst = nd[0];
+		f->tot_len = bpf_ntohs(ip->tot_len);
+	}
+	if (ttl <= 1) {
+		if (rewrite(skb, p, ns, nd, nsp, ndp, 0, 0) < 0)
+			return -1;
+		count(FLB_CNT_FALLBACK_TTL);
+		return TC_ACT_OK; /* let the stack send time-exceeded */
+	}
+	f->l4_protocol = v6 && p->proto == IPPROTO_ICMP ? IPPROTO_ICMPV6 : p->proto;
+	if (p->proto != IPPROTO_ICMP) {
+		f->sport = nsp;
+		f->dport = ndp;
+	}
+	f->ifindex = skb->ingress_ifindex;
+	int rc = bpf_fib_lookup(skb, f, sizeof(*f), 0);
+	if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH) {
+		if (rewrite(skb, p, ns, nd, nsp, ndp, 0, 0) < 0)
+			return -1;
+		count(fib_fallback(rc));
+		return TC_ACT_OK;
+	}
+	int neigh = rc == BPF_FIB_LKUP_RET_NO_NEIGH;
+	if (rewrite(skb, p, ns, nd, nsp, ndp, 1, neigh ? 0 : f) < 0)
+		return -1;
+	count(FLB_CNT_REDIRECTED);
+	*served = 1;
+	if (neigh)
+		return bpf_redirect_neigh(f->ifindex, 0, 0, 0);
+	return bpf_redirect(f->ifindex, 0);
 }
 
 /* RFC 1624 eqn. 3 for a 32-bit field: HC' = ~(~HC + ~m + m'). */
@@ -1911,15 +2054,21 @@ __noinline int flow_packet(struct __sk_buff *skb, struct pkt *p, const struct fl
 {
 	if (!p || !key || !e)
 		return TC_ACT_SHOT;
-	e->last_ns = now;
-	__sync_fetch_and_add(&e->packets, 1);
-	__sync_fetch_and_add(&e->bytes, p->len);
+	/* An untracked entry is a copy that already holds this packet's share. */
+	if (!p->untracked) {
+		e->last_ns = now;
+		__sync_fetch_and_add(&e->packets, 1);
+		__sync_fetch_and_add(&e->bytes, p->len);
+	}
 	/* Data segments of an established flow need no tracking (and no peer lookup). An
 	 * entry that exists only on the stack (evicted at once) is not tracked. */
 	if (p->proto == IPPROTO_TCP && !p->untracked) {
 		int inwin = seq_track(e, p);
-		if ((p->tcp_flags & 0x07) || eff_state(e) < FLB_CT_EST ||
-		    (e->flags & (FLB_CTF_PICKUP | FLB_CTF_NEW)))
+		/* A bare SYN changes no state (seq_track restarts a retried handshake), and most
+		 * SYNs open a flow: no peer lookup for them. */
+		if ((p->tcp_flags & 0x17) != 0x02 &&
+		    ((p->tcp_flags & 0x07) || eff_state(e) < FLB_CT_EST ||
+		     (e->flags & (FLB_CTF_PICKUP | FLB_CTF_NEW))))
 			tcp_track(key, e, p, inwin, now);
 		/* Established (or a pick-up confirmed) in ct_new: it moves to conntrack now, or at
 		 * a later segment if conntrack is full (this one is dropped). */
@@ -1935,12 +2084,12 @@ __noinline int flow_packet(struct __sk_buff *skb, struct pkt *p, const struct fl
 	__u32 svc_id = e->svc_id;
 	__u32 ep_slot = svc_id * FLB_MAX_ENDPOINTS + (e->ep_idx & (FLB_MAX_ENDPOINTS - 1));
 
-	if (xlate(skb, p, e) < 0) {
+	int served;
+	int verdict = xlate_fwd(skb, p, e, &served);
+	if (verdict < 0) {
 		count(FLB_CNT_DROP_MALFORMED);
 		return TC_ACT_SHOT;
 	}
-	int served;
-	int verdict = fwd(skb, p->family, &served);
 	if (served) {
 		stats_add(&svc_stats, svc_id, p->len);
 		stats_add(&ep_stats, ep_slot, p->len);
@@ -1993,9 +2142,11 @@ int flb_ingress(struct __sk_buff *skb)
 	ct_key(&key, p.saddr, p.daddr, p.sport, p.dport, p.proto, p.family);
 	__u64 now = bpf_ktime_get_ns();
 	struct flb_ct *e = ct_lookup(&key);
-	struct flb_ct *ce = 0;
-	if (e && !ct_live(&key, e, &p, now))
+	struct flb_ct *ce = 0, *dead = 0;
+	if (e && !ct_live(&key, e, &p, now)) {
+		dead = e;
 		e = 0;
+	}
 	if (!e) {
 		if (p.proto == IPPROTO_ICMP && !p.echo_req)
 			return TC_ACT_OK;
@@ -2020,9 +2171,22 @@ int flb_ingress(struct __sk_buff *skb)
 		ce = bpf_map_lookup_elem(&ct_scratch, &zero);
 		if (!ce)
 			return TC_ACT_OK;
-		if (ct_create(&p, svc, &key, ce) < 0)
+		int made = ct_create(&p, svc, &key, ce, dead, now);
+		if (made < 0)
 			return TC_ACT_SHOT;
-		e = ct_lookup(&key);
+		/* A flow this packet opened is forwarded from the copy that was inserted. */
+		if (made && first_packet_untracked(&p)) {
+			p.untracked = 1;
+			return flow_packet(skb, &p, &key, ce, now);
+		}
+		/* The table the flags name first (the other one if the flow moved meanwhile). */
+		if (ce->flags & FLB_CTF_NEW) {
+			e = bpf_map_lookup_elem(&ct_new, &key);
+			if (!e)
+				e = bpf_map_lookup_elem(&conntrack, &key);
+		} else {
+			e = ct_lookup(&key);
+		}
 		if (!e)
 			e = ce; /* evicted already: still translate this packet */
 	}

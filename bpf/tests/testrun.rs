@@ -465,14 +465,19 @@ fn onearm_sources_from_the_interface_address() {
     let mut dp = datapath(0);
     install(&mut dp, &svc(3, 53, PROTO_UDP, 1, 0));
     let (_, out) = run(&mut dp, &udp(ip(CLIENT, VIP, 17), 5353, 53, b"query", true));
-    let nport = u16::from_be(orig(&dp, 5353, 53, PROTO_UDP).nat_sport);
+    let o = orig(&dp, 5353, 53, PROTO_UDP);
+    let nport = u16::from_be(o.nat_sport);
     assert_eq!(out, udp(ip(LB_IF, EP1, 17), nport, 8080, b"query", true));
     assert!(checksums_ok(&out));
+    // The packet that opened the flow is counted once, in the entry as inserted.
+    assert_eq!((o.packets, o.bytes), (1, 14 + 20 + 8 + 5));
     let (_, out) = run(
         &mut dp,
         &udp(ip(EP1, LB_IF, 17), 8080, nport, b"answer", true),
     );
     assert_eq!(out, udp(ip(VIP, CLIENT, 17), 53, 5353, b"answer", true));
+    run(&mut dp, &udp(ip(CLIENT, VIP, 17), 5353, 53, b"again", true));
+    assert_eq!(orig(&dp, 5353, 53, PROTO_UDP).packets, 2);
 }
 
 #[test]
