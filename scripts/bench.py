@@ -101,9 +101,17 @@ def measure(path, target, offset=0):
     src = SHARED_SOURCE if SHARED else SOURCES[path]
     lab("client", "ip", "route", "replace", "default", "via", "198.51.100.1", "src", src)
     before_be, before_cl = netstat("be1"), netstat("client")
-    r = {"gbps": iperf(target, 5201 + offset), "rps": wrk(target, False, 80 + offset),
-         "cps": wrk(target, True, 80 + offset)}
+    r = {"gbps": iperf(target, 5201 + offset), "rps": wrk(target, False, 80 + offset)}
+    cpu0 = agent_cpu_s()
+    r["cps"] = wrk(target, True, 80 + offset)
+    cpu1 = agent_cpu_s()
     after_be, after_cl = netstat("be1"), netstat("client")
+    if cpu0 is not None and cpu1 is not None:
+        # The agent's own share of the 2 cores while new connections ran (ring events,
+        # collector): what the datapath's cost per connection does not show.
+        r["agent_cpu_s"] = cpu1 - cpu0
+        print("   agent CPU during the %d s of new connections: %.2f s" % (SECONDS, cpu1 - cpu0),
+              flush=True)
     r["paws_timewait"] = after_be.get("PAWSTimewait", 0) - before_be.get("PAWSTimewait", 0)
     r["syn_retrans"] = after_cl.get("TCPSynRetrans", 0) - before_cl.get("TCPSynRetrans", 0)
     print("   source %s: be1 PAWSTimewait +%d, client TCPSynRetrans +%d"
@@ -115,12 +123,28 @@ def measure(path, target, offset=0):
 MODES = (("ferrolb", 0, 0), ("ferrolb-onearm", 1, 1), ("ferrolb-fullnat", 2, 2))
 
 
+AGENT_PID = None
+
+
+def agent_cpu_s():
+    """CPU seconds (user + system) the running agent has used, or None without one."""
+    if AGENT_PID is None:
+        return None
+    try:
+        fields = open("/proc/%d/stat" % AGENT_PID).read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def agent_pid(tag):
     out = run(["pgrep", "-f", tag], check=False).split()
     return int(out[0]) if out else None
 
 
 def stop_agent():
+    global AGENT_PID
+    AGENT_PID = None
     for pid in run(["pgrep", "-x", "ferrolb"], check=False).split():
         # only ours: the process must be in the lab's lb1 network namespace
         try:
@@ -168,7 +192,7 @@ def main():
 
 
 def bench(rounds, out_json):
-    global LB1_NETNS
+    global LB1_NETNS, AGENT_PID
     # The lab's lb1 network namespace, to tell its agent from any other ferrolb on the host.
     LB1_NETNS = lab("lb1", "readlink", "/proc/self/ns/net").strip()
     # lb1 comes up as a host does (forwarding off: the agent turns it on where it attaches);
@@ -195,6 +219,7 @@ def bench(rounds, out_json):
         results["nft"].append(measure("nft", NFT_VIP))
         lab("lb1", "nft", "delete table ip flbbench")
         tag = start_agent()
+        AGENT_PID = agent_pid(tag)
         for name, mode, off in MODES:
             for port, tport in ((80 + off, 80), (5201 + off, 5201)):
                 api("POST", "/config/loadbalancer", {
