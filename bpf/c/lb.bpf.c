@@ -237,10 +237,8 @@ struct {
 #define IP_OFFSET 0x1fff
 #define ETH_HLEN_ 14
 #define IP_CSUM_OFF (ETH_HLEN_ + offsetof(struct iphdr, check))
-#define IP_SRC_OFF (ETH_HLEN_ + offsetof(struct iphdr, saddr))
 #define IP_DST_OFF (ETH_HLEN_ + offsetof(struct iphdr, daddr))
 #define IP_TTL_OFF (ETH_HLEN_ + offsetof(struct iphdr, ttl))
-#define IP6_SRC_OFF (ETH_HLEN_ + offsetof(struct ip6hdr_, saddr))
 #define IP6_DST_OFF (ETH_HLEN_ + offsetof(struct ip6hdr_, daddr))
 #define IP6_HOP_OFF (ETH_HLEN_ + offsetof(struct ip6hdr_, hop_limit))
 /* Extension headers walked before giving up on finding the L4 header. */
