@@ -276,6 +276,7 @@ fn install_service(dp: &mut Datapath) {
             port_base: 80,
             mode: 2,
             sel: 1,
+            flags: 0,
         },
     )
     .unwrap();

@@ -521,6 +521,8 @@ async fn collector_loop(
     let mut gc = tokio::time::interval(Duration::from_secs(cfg.flags.gc_interval));
     gc.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_pass = std::time::Instant::now();
+    // The previous pass's clock: flows created (or reset) after it are new to this pass.
+    let mut since_ns = monotonic_ns();
     loop {
         tokio::select! {
             _ = gc.tick() => {}
@@ -540,7 +542,7 @@ async fn collector_loop(
             crate::lb::at_low_priority(|| {
                 let now = monotonic_ns();
                 let entries = collector.entries();
-                let pass = census(&entries, now);
+                let pass = census(&entries, now, since_ns);
                 let removed_entries = collector.collect_from(&entries, now);
                 if let Some(ha) = &app2.ha {
                     ha.publish_events(&[], &removed_entries);
@@ -565,12 +567,15 @@ async fn collector_loop(
                         attach_new(e.datapath_mut(), &cfg2, &mut done);
                     }
                 });
-                collector
+                (collector, now)
             })
         })
         .await;
         match res {
-            Ok(c) => collector = c,
+            Ok((c, now)) => {
+                collector = c;
+                since_ns = now;
+            }
             // The supervisor reports it and starts a new collector.
             Err(e) => std::panic::resume_unwind(e.into_panic()),
         }
@@ -718,7 +723,7 @@ fn spawn_server<L>(
 
 pub async fn run(cfg: Config) -> Result<()> {
     let cfg = Arc::new(cfg);
-    let metrics = Arc::new(Metrics::default());
+    let metrics = Arc::new(Metrics::new(cfg.flags.loxilb_metrics));
     let bus = RoleBus::default();
     // Stages: datapath and saved rules; the engine on its thread; BFD; BGP; roles; HA.
     let Loaded {

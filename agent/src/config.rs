@@ -70,6 +70,11 @@ pub struct Flags {
     #[arg(short = 'p', long)]
     pub prometheus: bool,
 
+    /// Also publish loxilb's metric names (active_conntrack_count, processed_bytes, ...) beside
+    /// ferrolb_*, so dashboards made for loxilb (kube-loxilb's Grafana) work unchanged.
+    #[arg(long)]
+    pub loxilb_metrics: bool,
+
     /// Accepted for loxilb compatibility: the datapath needs no egress hook.
     #[arg(long)]
     pub egr_hooks: bool,

@@ -30,6 +30,13 @@ pub struct CtCensus {
     pub entries: u64,
     pub halfopen: u64,
     pub collected_total: u64,
+    /// Flows of this node first seen by the last pass (created since the pass before).
+    pub new_flows: u64,
+    /// Per service id, since the rule was created: flows of this node first seen by a pass,
+    /// and TCP flows seen reset (RST) by a pass. Sampled as loxilb's exporter samples: a flow
+    /// that opens and leaves the table between two passes is not seen.
+    pub requests: BTreeMap<u32, u64>,
+    pub errors: BTreeMap<u32, u64>,
 }
 
 /// A source-NAT port pool: flows translated to one source address toward one endpoint
@@ -56,11 +63,37 @@ pub enum Flush {
         slots: Vec<u8>,
         before_ns: u64,
     },
+    /// The flows of a service from clients outside its (new) allowed sources.
+    Sources {
+        svc: u32,
+        allowed: Vec<ipnet::IpNet>,
+        before_ns: u64,
+    },
+}
+
+/// The client of a flow, from either of its entries: the original entry's source, or the
+/// address a reply is translated back to.
+fn flow_client(k: &ferrolb_bpf::maps::CtKey, v: &ferrolb_bpf::maps::Ct) -> IpAddr {
+    if v.dir == 0 {
+        ferrolb_bpf::maps::words_addr(&k.saddr, k.family)
+    } else {
+        ferrolb_bpf::maps::words_addr(&v.nat_daddr, k.family)
+    }
 }
 
 impl Flush {
-    fn matches(&self, v: &ferrolb_bpf::maps::Ct) -> bool {
+    fn matches(&self, k: &ferrolb_bpf::maps::CtKey, v: &ferrolb_bpf::maps::Ct) -> bool {
         match self {
+            Flush::Sources {
+                svc,
+                allowed,
+                before_ns,
+            } => {
+                v.svc_id == *svc && v.created_ns < *before_ns && {
+                    let c = flow_client(k, v);
+                    !allowed.iter().any(|n| n.contains(&c))
+                }
+            }
             Flush::Services { ids, before_ns } => {
                 ids.contains(&v.svc_id) && v.created_ns < *before_ns
             }
@@ -93,7 +126,7 @@ pub fn spawn_flusher(
                 reqs.extend(rx.try_iter());
                 let t = std::time::Instant::now();
                 let n = at_low_priority(|| {
-                    collector.remove_where(|_, v| reqs.iter().any(|r| r.matches(v)))
+                    collector.remove_where(|k, v| reqs.iter().any(|r| r.matches(k, v)))
                 });
                 info!(
                     requests = reqs.len(),
@@ -218,6 +251,10 @@ pub struct CensusPass {
     /// (protocol, state) -> flows (original-direction entries).
     pub flows: BTreeMap<(String, &'static str), u64>,
     pub nat_pools: BTreeMap<NatPool, u64>,
+    /// Per service id: this node's flows created since the previous pass, and TCP flows
+    /// reset since then (in CLOSE, last packet after the previous pass).
+    pub created: BTreeMap<u32, u64>,
+    pub reset: BTreeMap<u32, u64>,
 }
 
 /// One flow as listed: its original direction, both directions' counters.
@@ -510,7 +547,7 @@ impl Engine {
             },
             None => f,
         };
-        let n = self.dp.ct_remove_where(|_, v| f.matches(v));
+        let n = self.dp.ct_remove_where(|k, v| f.matches(k, v));
         info!(entries = n, "flows of deleted rules and endpoints flushed");
     }
 
@@ -549,6 +586,10 @@ impl Engine {
             }
         }
         let mut change = self.rules.plan(spec, cap)?;
+        rules::check_source_room(&self.rules, &change, self.dp.capacity().sources)?;
+        if let Change::Create(r) = &change {
+            self.forget_census(r.id);
+        }
         if self.onearm_sources.iter().any(|n| n.addr() == vip) {
             return Err(RuleError::Invalid(FieldError::new(
                 "serviceArguments.externalIP",
@@ -644,6 +685,19 @@ impl Engine {
                 return Err(RuleError::NoSpace(msg));
             }
             return Err(RuleError::Internal(msg));
+        }
+        if let Change::Modify { old, new } = &change
+            && !new.service.allowed_sources.is_empty()
+            && old.service.allowed_sources != new.service.allowed_sources
+        {
+            // Flows already open from a source no longer allowed end now, as they would have
+            // been refused had they started after the change.
+            info!(rule = %new.key, "removing flows from sources no longer allowed");
+            self.flush(Flush::Sources {
+                svc: new.id,
+                allowed: new.service.allowed_sources.clone(),
+                before_ns: ferrolb_bpf::monotonic_ns(),
+            });
         }
         if let Change::Modify { old, new } = &change {
             let slots = rules::flushed_slots(old, new);
@@ -769,6 +823,9 @@ impl Engine {
         if failure.is_none() {
             // One pass over conntrack for every removed rule's flows, off this thread.
             let ids: BTreeSet<u32> = removed.iter().map(|r| r.id).collect();
+            for id in &ids {
+                self.forget_census(*id);
+            }
             info!(rules = removed.len(), "rules deleted");
             self.flush(Flush::Services {
                 ids,
@@ -833,18 +890,47 @@ impl Engine {
         self.census.entries = entries;
         self.census.halfopen = halfopen;
         self.census.collected_total += removed;
+        self.census.new_flows = pass.created.values().sum();
+        // Only ids that name a rule now (a deleted rule's flows may outlive it by a pass).
+        let ids: BTreeSet<u32> = self.rules.rules.values().map(|r| r.id).collect();
+        for (id, n) in pass.created.into_iter().filter(|(id, _)| ids.contains(id)) {
+            *self.census.requests.entry(id).or_default() += n;
+        }
+        for (id, n) in pass.reset.into_iter().filter(|(id, _)| ids.contains(id)) {
+            *self.census.errors.entry(id).or_default() += n;
+        }
+    }
+
+    /// Forgets the sampled per-service totals of `id` (its rule is gone, or the id was given
+    /// to a new rule).
+    fn forget_census(&mut self, id: u32) {
+        self.census.requests.remove(&id);
+        self.census.errors.remove(&id);
     }
 }
 
-/// Live flows (original-direction entries not idle past their timeout) by protocol and state.
+/// Live flows (original-direction entries not idle past their timeout) by protocol and state;
+/// per service, this node's flows created after `since_ns` (the previous pass) and TCP flows
+/// reset after it.
 pub fn census(
     entries: &[(ferrolb_bpf::maps::CtKey, ferrolb_bpf::maps::Ct)],
     now_ns: u64,
+    since_ns: u64,
 ) -> CensusPass {
     use ferrolb_bpf::maps::{CTF_SYNCED, MODE_FULLNAT, MODE_ONEARM, PROTO_ICMP, words_addr};
     let mut pass = CensusPass::default();
     for (k, v) in entries {
-        let live = v.flags & CTF_SYNCED != 0 || !v.expired(k.proto, now_ns);
+        let synced = v.flags & CTF_SYNCED != 0;
+        let live = synced || !v.expired(k.proto, now_ns);
+        if v.dir == 0 && !synced {
+            // Clocks of this node only (a synced entry's times are its origin's).
+            if v.created_ns > since_ns {
+                *pass.created.entry(v.svc_id).or_default() += 1;
+            }
+            if v.state() == CtState::Close && v.last_ns > since_ns {
+                *pass.reset.entry(v.svc_id).or_default() += 1;
+            }
+        }
         if !live {
             continue;
         }
@@ -989,31 +1075,114 @@ mod tests {
             created_ns: created,
             ..Default::default()
         };
+        let k0 = CtKey::default();
         let del = Flush::Services {
             ids: [3, 5].into(),
             before_ns: 100,
         };
-        assert!(del.matches(&flow(3, 0, 99)));
+        assert!(del.matches(&k0, &flow(3, 0, 99)));
         assert!(
-            !del.matches(&flow(3, 0, 100)),
+            !del.matches(&k0, &flow(3, 0, 100)),
             "a new rule that took id 3 keeps its flows"
         );
-        assert!(!del.matches(&flow(4, 0, 1)));
+        assert!(!del.matches(&k0, &flow(4, 0, 1)));
         let eps = Flush::Endpoints {
             svc: 7,
             slots: vec![2],
             before_ns: 100,
         };
-        assert!(eps.matches(&flow(7, 2, 50)));
+        assert!(eps.matches(&k0, &flow(7, 2, 50)));
         assert!(
-            !eps.matches(&flow(7, 1, 50)),
+            !eps.matches(&k0, &flow(7, 1, 50)),
             "other endpoints keep their flows"
         );
         assert!(
-            !eps.matches(&flow(7, 2, 150)),
+            !eps.matches(&k0, &flow(7, 2, 150)),
             "a new endpoint in the slot keeps its flows"
         );
-        assert!(!eps.matches(&flow(8, 2, 50)));
+        assert!(!eps.matches(&k0, &flow(8, 2, 50)));
+    }
+
+    #[test]
+    fn a_source_flush_takes_both_entries_of_flows_from_clients_no_longer_allowed() {
+        let allowed: Vec<ipnet::IpNet> = vec!["198.51.100.0/28".parse().unwrap()];
+        let f = Flush::Sources {
+            svc: 4,
+            allowed,
+            before_ns: 100,
+        };
+        let inside = Ipv4Addr::new(198, 51, 100, 2);
+        let outside = Ipv4Addr::new(198, 51, 100, 20);
+        for (client, gone) in [(inside, false), (outside, true)] {
+            // Full NAT: the original entry is keyed by the client; the reply entry (endpoint
+            // -> VIP) translates back to it.
+            let orig_k = CtKey::v4(client, 40000, VIP, 80, 6);
+            let orig_v = Ct {
+                svc_id: 4,
+                created_ns: 50,
+                dir: 0,
+                ..Default::default()
+            };
+            let reply_k = CtKey::v4(EP, 8080, VIP, 33333, 6);
+            let reply_v = Ct {
+                svc_id: 4,
+                created_ns: 50,
+                dir: 1,
+                nat_daddr: ferrolb_bpf::maps::addr_words(client.into()).0,
+                ..Default::default()
+            };
+            assert_eq!(f.matches(&orig_k, &orig_v), gone, "{client} original");
+            assert_eq!(f.matches(&reply_k, &reply_v), gone, "{client} reply");
+            // Another rule's flows, and flows opened after the change, stay.
+            let other = Ct {
+                svc_id: 5,
+                ..orig_v
+            };
+            assert!(!f.matches(&orig_k, &other));
+            let newer = Ct {
+                created_ns: 150,
+                ..orig_v
+            };
+            assert!(!f.matches(&orig_k, &newer));
+        }
+    }
+
+    #[test]
+    fn census_samples_this_nodes_new_and_reset_flows_per_service() {
+        let since = NOW - 5_000_000_000;
+        let flow = |svc: u32, created: u64, last: u64, state: CtState, flags: u8, dir: u8| Ct {
+            svc_id: svc,
+            created_ns: created,
+            last_ns: last,
+            state: state.as_u8(),
+            flags,
+            dir,
+            timeout_s: 240,
+            ..Default::default()
+        };
+        let k = |port: u16| CtKey::v4(Ipv4Addr::new(198, 51, 100, 2), port, VIP, 80, PROTO_TCP);
+        let est = CtState::Established;
+        let entries = vec![
+            // New since the last pass: counted once (its reply entry is not).
+            (k(1), flow(1, NOW - 1, NOW, est, CTF_LOCAL, 0)),
+            (k(2), flow(1, NOW - 1, NOW, est, CTF_LOCAL, 1)),
+            // Older: not new.
+            (k(3), flow(1, since - 1, NOW, est, CTF_LOCAL, 0)),
+            // Reset since the last pass (new too), and one reset before it.
+            (
+                k(4),
+                flow(2, NOW - 2, NOW - 1, CtState::Close, CTF_LOCAL, 0),
+            ),
+            (
+                k(5),
+                flow(2, since - 9, since - 1, CtState::Close, CTF_LOCAL, 0),
+            ),
+            // A peer's flow: its clock is not ours, and it is counted where it was made.
+            (k(6), flow(3, NOW - 1, NOW, CtState::Close, CTF_SYNCED, 0)),
+        ];
+        let pass = census(&entries, NOW, since);
+        assert_eq!(pass.created, BTreeMap::from([(1, 1), (2, 1)]));
+        assert_eq!(pass.reset, BTreeMap::from([(2, 1)]));
     }
 
     #[test]
@@ -1048,7 +1217,7 @@ mod tests {
                 entry(1, MODE_DNAT, 1, CTF_LOCAL),
             ),
         ];
-        let pass = census(&entries, NOW);
+        let pass = census(&entries, NOW, 0);
         assert_eq!(pass.flows.values().sum::<u64>(), 1);
         let pool = |protocol: &str| NatPool {
             protocol: protocol.into(),

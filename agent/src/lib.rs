@@ -12,6 +12,7 @@ pub mod forwarding;
 pub mod ha;
 pub mod health;
 pub mod lb;
+pub mod loxilb_metrics;
 pub mod metrics;
 pub mod model;
 pub mod netlink;

@@ -13,12 +13,22 @@ use crate::lb::Engine;
 
 #[derive(Default)]
 pub struct Metrics {
+    /// `--loxilb-metrics`: also publish loxilb's metric names (see [`crate::loxilb_metrics`]).
+    pub loxilb_names: bool,
     api: Mutex<BTreeMap<(String, String, u16), u64>>,
     events: [AtomicU64; 5],
     restarts: Mutex<BTreeMap<&'static str, u64>>,
 }
 
 impl Metrics {
+    /// `loxilb_names`: also publish loxilb's metric names.
+    pub fn new(loxilb_names: bool) -> Metrics {
+        Metrics {
+            loxilb_names,
+            ..Metrics::default()
+        }
+    }
+
     /// A supervised task failed and was restarted.
     pub fn task_restarted(&self, task: &'static str) {
         if let Ok(mut m) = self.restarts.lock() {
@@ -81,12 +91,20 @@ pub struct DatapathSnapshot {
     pub rules: usize,
     /// (label, vip, port, protocol, packets, bytes)
     pub services: Vec<(String, String, u16, &'static str, u64, u64)>,
+    /// Per service (as `services`): first packets refused for their source; None for rules
+    /// that allow every source.
+    pub source_drops: Vec<Option<u64>>,
     /// (rule label, endpoint ip:port, packets, bytes, active)
     pub endpoints: Vec<(String, String, u64, u64, bool)>,
     pub census: crate::lb::CtCensus,
     pub counters: Vec<u64>,
     pub conntrack_capacity: u32,
     pub halfopen_capacity: u32,
+    /// Distinct endpoints (address, port) of rules that probe them: (up, down).
+    pub probed_endpoints: (u64, u64),
+    /// Per rule label (as `services`): sampled new flows and resets since the rule was made.
+    pub requests: Vec<(String, u64)>,
+    pub errors: Vec<(String, u64)>,
 }
 
 impl DatapathSnapshot {
@@ -116,8 +134,17 @@ impl DatapathSnapshot {
                     .collect(),
             )
         });
+        let drops = dp.source_drops_many(&ids).unwrap_or_else(|err| {
+            tracing::warn!(error = %err, "batched source-drop read failed; reading one by one");
+            ids.iter().map(|id| dp.source_drops(*id)).collect()
+        });
         DatapathSnapshot {
             rules: rules.len(),
+            source_drops: rules
+                .iter()
+                .zip(&drops)
+                .map(|(r, n)| (!r.service.allowed_sources.is_empty()).then_some(*n))
+                .collect(),
             services: rules
                 .iter()
                 .zip(&svc)
@@ -147,6 +174,33 @@ impl DatapathSnapshot {
                     )
                 })
                 .collect(),
+            probed_endpoints: {
+                let mut state: BTreeMap<std::net::SocketAddr, bool> = BTreeMap::new();
+                for r in rules
+                    .iter()
+                    .filter(|r| r.service.probe_kind(r.key.protocol).is_some())
+                {
+                    for ep in &r.endpoints {
+                        let a = std::net::SocketAddr::new(ep.spec.ip, ep.spec.target_port);
+                        *state.entry(a).or_insert(false) |= ep.down;
+                    }
+                }
+                let down = state.values().filter(|d| **d).count() as u64;
+                (state.len() as u64 - down, down)
+            },
+            requests: rules
+                .iter()
+                .map(|r| {
+                    (
+                        r.label(),
+                        e.census.requests.get(&r.id).copied().unwrap_or(0),
+                    )
+                })
+                .collect(),
+            errors: rules
+                .iter()
+                .map(|r| (r.label(), e.census.errors.get(&r.id).copied().unwrap_or(0)))
+                .collect(),
             census: e.census.clone(),
             counters: dp.counters().to_vec(),
             conntrack_capacity: dp.capacity().conntrack,
@@ -164,7 +218,7 @@ pub fn record(m: &Metrics, d: &DatapathSnapshot) {
         &[],
         d.rules as f64,
     );
-    for (label, vip, port, proto, p, b) in &d.services {
+    for (i, (label, vip, port, proto, p, b)) in d.services.iter().enumerate() {
         let l = [
             ("service", label.clone()),
             ("vip", vip.clone()),
@@ -183,6 +237,14 @@ pub fn record(m: &Metrics, d: &DatapathSnapshot) {
             &l,
             *b,
         );
+        if let Some(Some(n)) = d.source_drops.get(i) {
+            counter(
+                "ferrolb_service_source_drops_total",
+                "First packets of new flows dropped because their source is outside the rule's allowed sources (allowedSources); only for rules that list them.",
+                &l,
+                *n,
+            );
+        }
     }
     for (svc, ep, p, b, active) in &d.endpoints {
         let l = [("service", svc.clone()), ("endpoint", ep.clone())];
@@ -278,6 +340,7 @@ pub fn record(m: &Metrics, d: &DatapathSnapshot) {
         ("udp_length", Counter::DropUdpLength),
         ("vlan_tagged", Counter::DropVlan),
         ("conntrack_full", Counter::DropCtFull),
+        ("source_not_allowed", Counter::DropSource),
     ] {
         counter(
             "ferrolb_datapath_drops_total",

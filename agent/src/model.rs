@@ -9,6 +9,8 @@ use std::net::IpAddr;
 pub const MAX_ENDPOINTS: usize = ferrolb_bpf::maps::MAX_ENDPOINTS;
 /// Ceiling of a rule's inactivity timeout (loxilb's too).
 pub const MAX_TIMEOUT_S: u32 = 86_400;
+/// Allowed source prefixes per rule (`allowedSources`).
+pub const MAX_SOURCES: usize = 1024;
 /// The HA instance of a rule whose name does not give one.
 pub const DEFAULT_INSTANCE: &str = "llb-inst0";
 
@@ -314,9 +316,27 @@ pub struct Service {
     pub proxy_protocol_v2: bool,
     pub egress: bool,
     pub snat: bool,
+    /// Sources that may open flows (network addresses, sorted, no duplicates); empty: every
+    /// source. Prefixes of the other family than the rule's VIP are kept (and shown) but
+    /// match nothing.
+    pub allowed_sources: Vec<ipnet::IpNet>,
 }
 
 impl Service {
+    /// The allowed prefixes of `family`'s addresses (the VIP's: the only ones a packet of the
+    /// rule can come from).
+    pub fn sources_of_family(&self, v6: bool) -> impl Iterator<Item = ipnet::IpNet> + '_ {
+        self.allowed_sources
+            .iter()
+            .copied()
+            .filter(move |n| matches!(n, ipnet::IpNet::V6(_)) == v6)
+    }
+
+    /// May a flow from `client` be open under this service?
+    pub fn source_allowed(&self, client: IpAddr) -> bool {
+        self.allowed_sources.is_empty() || self.allowed_sources.iter().any(|n| n.contains(&client))
+    }
+
     /// The probe the endpoints of a rule of protocol `p` get, if any: `monitor` (or a
     /// probe type other than `none`, as loxilb) turns probing on; an empty type is the
     /// protocol's default.
@@ -395,6 +415,7 @@ pub(crate) fn test_service(monitor: bool, kind: &str) -> Service {
         proxy_protocol_v2: false,
         egress: false,
         snat: false,
+        allowed_sources: Vec::new(),
     }
 }
 

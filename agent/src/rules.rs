@@ -17,7 +17,8 @@ use std::net::IpAddr;
 use ferrolb_bpf::Datapath;
 use ferrolb_bpf::lut::{self, LutEndpoint};
 use ferrolb_bpf::maps::{
-    Backends, Ep, MAX_ENDPOINTS, MAX_RANGES, Range, RangeKey, Ranges, Svc, SvcKey, addr_words,
+    Backends, Ep, MAX_ENDPOINTS, MAX_RANGES, Range, RangeKey, Ranges, SRC_ID_BITS, SVCF_SOURCES,
+    SrcKey, Svc, SvcKey, addr_words,
 };
 use tracing::warn;
 
@@ -456,7 +457,69 @@ fn svc_value(r: &Rule) -> Svc {
         port_base: r.key.port,
         mode: r.service.nat.code(),
         sel: r.service.selection.code(),
+        flags: if r.service.allowed_sources.is_empty() {
+            0
+        } else {
+            SVCF_SOURCES
+        },
     }
+}
+
+/// The prefixes of a rule the datapath holds: those of its VIP's family (a packet of the rule
+/// comes from no other).
+fn datapath_sources(r: &Rule) -> BTreeSet<ipnet::IpNet> {
+    r.service
+        .sources_of_family(r.key.external_ip.is_ipv6())
+        .collect()
+}
+
+/// Source-table entries a rule takes.
+pub fn source_entries(r: &Rule) -> usize {
+    datapath_sources(r).len()
+}
+
+/// Is there room in the datapath's source table (`capacity` entries) for `change`?
+pub fn check_source_room(rules: &RuleSet, change: &Change, capacity: u32) -> Result<(), RuleError> {
+    let r = change.rule();
+    let want = source_entries(r);
+    if want == 0 {
+        return Ok(());
+    }
+    let others: usize = rules
+        .rules
+        .values()
+        .filter(|o| o.key != r.key)
+        .map(source_entries)
+        .sum();
+    if others + want > capacity as usize {
+        return Err(RuleError::Full(format!(
+            "allowedSources: no room for {want} more prefixes: the datapath's source table holds \
+             {capacity} across all rules and {others} are in use"
+        )));
+    }
+    Ok(())
+}
+
+fn add_sources<'a>(
+    dp: &mut Datapath,
+    id: u32,
+    nets: impl IntoIterator<Item = &'a ipnet::IpNet>,
+) -> Result<(), ferrolb_bpf::BpfError> {
+    for n in nets {
+        dp.set_source(id, n.addr(), n.prefix_len())?;
+    }
+    Ok(())
+}
+
+fn del_sources<'a>(
+    dp: &mut Datapath,
+    id: u32,
+    nets: impl IntoIterator<Item = &'a ipnet::IpNet>,
+) -> Result<(), ferrolb_bpf::BpfError> {
+    for n in nets {
+        dp.delete_source(id, n.addr(), n.prefix_len())?;
+    }
+    Ok(())
 }
 
 /// The endpoint set and lookup table of a rule.
@@ -600,10 +663,16 @@ pub fn program(
 ) -> Result<(), ferrolb_bpf::BpfError> {
     let key = match change {
         Change::Create(r) => {
+            // Prefixes first, then the service that refers to them.
+            add_sources(dp, r.id, &datapath_sources(r))?;
             install(dp, r, true)?;
             &r.key
         }
         Change::Modify { old, new } => {
+            // Added prefixes before the switch, removed ones after it: a source in both lists
+            // is never refused, one in neither never allowed.
+            let (was, now) = (datapath_sources(old), datapath_sources(new));
+            add_sources(dp, new.id, now.difference(&was))?;
             // A slot that now holds another endpoint starts with clean counters.
             for n in &new.endpoints {
                 let same = old.endpoints.iter().any(|o| {
@@ -617,6 +686,7 @@ pub fn program(
             }
             // `new` lives in the spare slot (plan flipped it): write it, then switch.
             install(dp, new, false)?;
+            del_sources(dp, new.id, was.difference(&now))?;
             // Flows of removed UDP/ICMP endpoints go after the change is saved (the engine
             // asks for it: `flushed_slots`).
             if old.service.selection == Selection::Persist {
@@ -633,9 +703,15 @@ pub fn program(
 pub fn revert(dp: &mut Datapath, rules_before: &RuleSet, change: &Change) {
     let res = match change {
         Change::Create(r) => uninstall(dp, rules_before, r),
-        Change::Modify { old, .. } => install(dp, old, false).and_then(|()| {
-            sync_ranges_for(dp, rules_before, old.key.external_ip, old.key.protocol)
-        }),
+        Change::Modify { old, new } => {
+            let (was, now) = (datapath_sources(old), datapath_sources(new));
+            add_sources(dp, old.id, &was)
+                .and_then(|()| install(dp, old, false))
+                .and_then(|()| del_sources(dp, old.id, now.difference(&was)))
+                .and_then(|()| {
+                    sync_ranges_for(dp, rules_before, old.key.external_ip, old.key.protocol)
+                })
+        }
     };
     if let Err(e) = res {
         warn!(error = %e, "reverting the datapath failed");
@@ -653,10 +729,62 @@ pub fn uninstall(
         dp.delete_service(&svc_key(r))?;
     }
     sync_ranges_for(dp, rules_after, r.key.external_ip, r.key.protocol)?;
+    del_sources(dp, r.id, &datapath_sources(r))?;
     if r.service.selection == Selection::Persist {
         dp.affinity_flush(r.id);
     }
     Ok(())
+}
+
+/// Makes the source table hold exactly the rules' prefixes: missing ones added (before the
+/// services are rewritten), stray ones (a rule deleted while the agent was down, another
+/// family's leftovers) removed after.
+fn restore_sources(
+    dp: &mut Datapath,
+    rules: &RuleSet,
+    pass: SourcePass,
+) -> Result<(), ferrolb_bpf::BpfError> {
+    let want: BTreeSet<(u32, SrcKey)> = rules
+        .rules
+        .values()
+        .flat_map(|r| {
+            datapath_sources(r).into_iter().map(move |n| {
+                (
+                    SRC_ID_BITS + u32::from(n.prefix_len()),
+                    SrcKey {
+                        svc_id_be: r.id.to_be(),
+                        addr: addr_words(n.addr()).0,
+                    },
+                )
+            })
+        })
+        .collect();
+    match pass {
+        SourcePass::Add => {
+            let have: BTreeSet<(u32, SrcKey)> = dp
+                .source_entries()
+                .into_iter()
+                .map(|(_, l, k)| (l, k))
+                .collect();
+            for (len, k) in want.difference(&have) {
+                dp.set_source_raw(*len, *k)?;
+            }
+        }
+        SourcePass::RemoveStray => {
+            for (_, len, k) in dp.source_entries() {
+                if !want.contains(&(len, k)) {
+                    dp.delete_source_raw(len, k)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[derive(Clone, Copy)]
+enum SourcePass {
+    Add,
+    RemoveStray,
 }
 
 /// Makes the datapath match `rules` after a start: every rule is rewritten where it is (same
@@ -679,10 +807,12 @@ pub fn restore(
             dp.delete_service(&k)?;
         }
     }
+    restore_sources(dp, rules, SourcePass::Add)?;
     for r in rules.rules.values() {
         install(dp, r, !adopted)?;
     }
-    sync_ranges(dp, rules)
+    sync_ranges(dp, rules)?;
+    restore_sources(dp, rules, SourcePass::RemoveStray)
 }
 
 #[cfg(test)]
@@ -692,6 +822,41 @@ mod tests {
 
     fn spec(json: &str) -> RuleSpec {
         parse_rule(json.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn the_source_table_is_shared_by_all_rules_and_bounded() {
+        let with = |port: u16, n: usize| {
+            let s: Vec<String> = (0..n)
+                .map(|i| format!(r#"{{"prefix":"10.{}.{}.0/24"}}"#, i / 256, i % 256))
+                .collect();
+            spec(&format!(
+                r#"{{"serviceArguments":{{"externalIP":"20.20.20.1","port":{port}}},
+                    "endpoints":[{{"endpointIP":"10.0.0.1","targetPort":80}}],
+                    "allowedSources":[{}, {{"prefix":"2001:db8::/32"}}]}}"#,
+                s.join(",")
+            ))
+        };
+        let mut rs = RuleSet::default();
+        let c = rs.plan(with(80, 600), 16).unwrap();
+        // Only the VIP's family takes entries: 600, not 601.
+        assert_eq!(source_entries(c.rule()), 600);
+        check_source_room(&rs, &c, 1000).unwrap();
+        rs.apply(&c);
+        let c2 = rs.plan(with(81, 500), 16).unwrap();
+        let e = check_source_room(&rs, &c2, 1000).unwrap_err();
+        assert!(
+            matches!(&e, RuleError::Full(m) if m.starts_with("allowedSources: no room for 500 more prefixes") && m.contains("600 are in use")),
+            "{e}"
+        );
+        // Replacing a rule's list counts the rule once.
+        let c3 = rs.plan(with(80, 900), 16).unwrap();
+        check_source_room(&rs, &c3, 1000).unwrap();
+        assert_eq!(svc_value(c3.rule()).flags, SVCF_SOURCES);
+        let plain = rs
+            .plan(spec(&body(82, &[("10.0.0.1", 80, 1)], "")), 16)
+            .unwrap();
+        assert_eq!(svc_value(plain.rule()).flags, 0);
     }
 
     fn body(port: u16, eps: &[(&str, u16, u16)], extra: &str) -> String {

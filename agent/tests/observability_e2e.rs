@@ -6,12 +6,10 @@
 //! exported and documented.
 #![allow(clippy::unwrap_used)]
 
-use std::io::Write;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use ferrolb_tests::ha::{LBS, VIP};
-use ferrolb_tests::{TestLab, repo_root, rest};
+use ferrolb_tests::{TestLab, promtool_check, repo_root, rest};
 use serde_json::{Value, json};
 
 const FERROLB: &str = env!("CARGO_BIN_EXE_ferrolb");
@@ -20,31 +18,6 @@ const FERROLB: &str = env!("CARGO_BIN_EXE_ferrolb");
 /// quotes, backslashes, a newline and braces all end up in label values.
 const EVIL_NAME: &str = "evil \"svc\" \\ {x=\"y\"}\nnext:llb-inst0";
 const EVIL_INSTANCE: &str = "bfd\"} 1\n# HELP x";
-
-fn promtool_check(text: &str) -> (bool, String) {
-    let mut child = Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
 
 /// An instant query against the test's Prometheus: the `result` list, or `None` while
 /// Prometheus does not answer.

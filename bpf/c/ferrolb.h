@@ -12,7 +12,7 @@
 #ifndef FERROLB_H
 #define FERROLB_H
 
-#define FLB_LAYOUT_VERSION 7
+#define FLB_LAYOUT_VERSION 8
 
 #define FLB_MAX_ENDPOINTS 32
 /* Lookup-table length per endpoint set: a prime, >= 100 x FLB_MAX_ENDPOINTS
@@ -156,7 +156,10 @@
 #define FLB_CNT_DROP_CT_FULL 30
 /* Half-open flows that completed (moved from ct_new to conntrack). */
 #define FLB_CNT_CT_PROMOTED 31
-#define FLB_CNT_MAX 32
+/* A flow's first packet from a source outside its rule's allowed prefixes (allowedSources):
+ * dropped (also counted per rule in src_drops). */
+#define FLB_CNT_DROP_SOURCE 32
+#define FLB_CNT_MAX 33
 
 /* Source-NAT ports (one-arm, full NAT; ICMP: echo identifiers): 1024..65535. */
 #define FLB_NAT_PORT_LO 1024
@@ -201,6 +204,19 @@ struct flb_svc {
 	__u16 port_base; /* host order: first port of the rule */
 	__u8 mode;
 	__u8 sel;
+	__u32 flags; /* FLB_SVCF_* */
+};
+
+/* flb_svc.flags */
+#define FLB_SVCF_SOURCES 0x01 /* only sources in src_ranges under this id open flows */
+
+/* src_ranges key: an allowed source prefix of one rule. prefixlen counts svc_id's 32 bits
+ * plus the prefix's, so a lookup with prefixlen 32 + 128 matches only that rule's prefixes.
+ * A rule forwards one family (the VIP's): IPv4 prefixes use addr[0]. */
+struct flb_src_key {
+	__u32 prefixlen;
+	__u32 svc_id; /* network order (compared as bytes) */
+	__u32 addr[4];
 };
 
 struct flb_range {

@@ -109,6 +109,23 @@ struct {
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 } ranges SEC(".maps");
 
+/* Allowed source prefixes of the rules that restrict their sources (FLB_SVCF_SOURCES). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct flb_src_key);
+	__type(value, __u8);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+} src_ranges SEC(".maps");
+
+/* Per rule: first packets dropped because their source is not allowed. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, 4096);
+} src_drops SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__type(key, __u32);
@@ -1024,6 +1041,26 @@ static __always_inline struct flb_svc *svc_lookup(const struct pkt *p)
 		if (r->r[j].hi != 0 && port >= r->r[j].lo && port <= r->r[j].hi)
 			return &r->r[j].svc;
 	}
+	return 0;
+}
+
+/* May this packet's source open a flow of this rule? Every source may, unless the rule lists
+ * the prefixes allowed (a longest-prefix match in src_ranges under the rule's id). */
+static __always_inline int source_allowed(const struct flb_svc *svc, const struct pkt *p)
+{
+	if (!(svc->flags & FLB_SVCF_SOURCES))
+		return 1;
+	struct flb_src_key k = {};
+	k.prefixlen = 32 + (p->family == FLB_FAMILY_V6 ? 128 : 32);
+	k.svc_id = bpf_htonl(svc->id);
+	addr_cp(k.addr, p->saddr);
+	if (bpf_map_lookup_elem(&src_ranges, &k))
+		return 1;
+	__u32 id = svc->id;
+	__u64 *c = bpf_map_lookup_elem(&src_drops, &id);
+	if (c)
+		*c += 1;
+	count(FLB_CNT_DROP_SOURCE);
 	return 0;
 }
 
@@ -2156,6 +2193,9 @@ int flb_ingress(struct __sk_buff *skb)
 			}
 			return TC_ACT_OK;
 		}
+		/* A rule that lists its allowed sources: no flow from anywhere else. */
+		if (!source_allowed(svc, &p))
+			return TC_ACT_SHOT;
 		/* Only a SYN opens a flow whose source this node chooses: a mid-stream segment
 		 * would get a source port the endpoint never heard of, and a flood of them would
 		 * hold the ports. DNAT keeps the client's source, so it picks flows up (a restart,

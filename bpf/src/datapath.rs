@@ -11,6 +11,7 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
+use aya::maps::lpm_trie::{Key as LpmKey, LpmTrie};
 use aya::maps::{Array, HashMap, MapData, PerCpuArray, PerCpuValues, RingBuf};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::tc::{SchedClassifierLink, TcAttachOptions};
@@ -65,6 +66,8 @@ pub struct Capacity {
     pub conntrack: u32,
     /// `ct_new`, the half-open flows' table.
     pub halfopen: u32,
+    /// `src_ranges`: allowed source prefixes of all rules together.
+    pub sources: u32,
 }
 
 /// The loaded datapath: the program and typed handles on its maps.
@@ -74,6 +77,8 @@ pub struct Datapath {
     services: HashMap<MapData, SvcKey, Svc>,
     ranges: HashMap<MapData, RangeKey, Ranges>,
     backends: Array<MapData, Backends>,
+    src_ranges: LpmTrie<MapData, SrcKey, u8>,
+    src_drops: PerCpuArray<MapData, u64>,
     conntrack: CtTables,
     affinity: HashMap<MapData, AffinityKey, Affinity>,
     rr_state: Array<MapData, u32>,
@@ -216,7 +221,7 @@ fn map_err(name: &str) -> impl Fn(aya::maps::MapError) -> BpfError + '_ {
 fn map_data<'a>(ebpf: &'a Ebpf, name: &'static str) -> Result<&'a MapData> {
     use aya::maps::Map;
     match ebpf.map(name) {
-        Some(Map::HashMap(d) | Map::LruHashMap(d) | Map::Array(d)) => Ok(d),
+        Some(Map::HashMap(d) | Map::LruHashMap(d) | Map::Array(d) | Map::LpmTrie(d)) => Ok(d),
         Some(_) => Err(BpfError::Invalid(format!(
             "map '{name}' has an unexpected type"
         ))),
@@ -234,7 +239,7 @@ fn max_entries(ebpf: &Ebpf, name: &'static str) -> Result<u32> {
         .map(name)
         .ok_or_else(|| BpfError::Invalid(format!("the object has no map '{name}'")))?;
     let data = match m {
-        Map::HashMap(d) | Map::LruHashMap(d) | Map::Array(d) => d,
+        Map::HashMap(d) | Map::LruHashMap(d) | Map::Array(d) | Map::LpmTrie(d) => d,
         _ => {
             return Err(BpfError::Invalid(format!(
                 "map '{name}' has an unexpected type"
@@ -254,9 +259,11 @@ where
     T::try_from(m).map_err(map_err(name))
 }
 
-const MAPS: [&str; 14] = [
+const MAPS: [&str; 16] = [
     "services",
     "ranges",
+    "src_ranges",
+    "src_drops",
     "backends",
     "conntrack",
     "ct_new",
@@ -325,6 +332,7 @@ impl Datapath {
             .map_max_entries("rr_state", svc)
             .map_max_entries("ep_conns", ep)
             .map_max_entries("svc_stats", svc)
+            .map_max_entries("src_drops", svc)
             .map_max_entries("ep_stats", ep);
         for (name, path) in &pins {
             loader.map_pin_path(name, path.as_path());
@@ -340,6 +348,7 @@ impl Datapath {
             services: max_entries(&ebpf, "services")?,
             conntrack: max_entries(&ebpf, "conntrack")?,
             halfopen: max_entries(&ebpf, "ct_new")?,
+            sources: max_entries(&ebpf, "src_ranges")?,
         };
         let collector_ids = (
             map_id(&ebpf, "conntrack")?,
@@ -360,6 +369,8 @@ impl Datapath {
         Ok(Datapath {
             ranges: take(&mut ebpf, "ranges")?,
             backends: take(&mut ebpf, "backends")?,
+            src_ranges: take(&mut ebpf, "src_ranges")?,
+            src_drops: take(&mut ebpf, "src_drops")?,
             affinity: take(&mut ebpf, "affinity")?,
             rr_state: take(&mut ebpf, "rr_state")?,
             ep_conns: take(&mut ebpf, "ep_conns")?,
@@ -548,6 +559,84 @@ impl Datapath {
 
     pub fn range_keys(&self) -> Vec<RangeKey> {
         self.ranges.keys().filter_map(|k| k.ok()).collect()
+    }
+
+    /// Allows `addr/prefix_len` to open flows of service `svc_id` (effective once the
+    /// service carries [`SVCF_SOURCES`]).
+    pub fn set_source(
+        &mut self,
+        svc_id: u32,
+        addr: std::net::IpAddr,
+        prefix_len: u8,
+    ) -> Result<()> {
+        self.src_ranges
+            .insert(&source_key(svc_id, addr, prefix_len), 1u8, 0)
+            .map_err(map_err("src_ranges"))
+    }
+
+    pub fn delete_source(
+        &mut self,
+        svc_id: u32,
+        addr: std::net::IpAddr,
+        prefix_len: u8,
+    ) -> Result<()> {
+        ignore_missing(
+            self.src_ranges
+                .remove(&source_key(svc_id, addr, prefix_len)),
+        )
+        .map_err(map_err("src_ranges"))
+    }
+
+    /// Every allowed-source entry, as (service id, raw key): the address family is the
+    /// service's, which the map does not record.
+    pub fn source_entries(&self) -> Vec<(u32, u32, SrcKey)> {
+        self.src_ranges
+            .keys()
+            .filter_map(|k| k.ok())
+            .map(|k| {
+                let d = k.data();
+                (u32::from_be(d.svc_id_be), k.prefix_len(), d)
+            })
+            .collect()
+    }
+
+    /// Adds an entry in the raw form [`Datapath::source_entries`] lists.
+    pub fn set_source_raw(&mut self, prefix_len: u32, key: SrcKey) -> Result<()> {
+        self.src_ranges
+            .insert(&LpmKey::new(prefix_len, key), 1u8, 0)
+            .map_err(map_err("src_ranges"))
+    }
+
+    /// Removes one entry listed by [`Datapath::source_entries`].
+    pub fn delete_source_raw(&mut self, prefix_len: u32, key: SrcKey) -> Result<()> {
+        ignore_missing(self.src_ranges.remove(&LpmKey::new(prefix_len, key)))
+            .map_err(map_err("src_ranges"))
+    }
+
+    /// [`Datapath::source_drops`] of many services in a few syscalls, in the order asked.
+    pub fn source_drops_many(&self, ids: &[u32]) -> Result<Vec<u64>> {
+        use aya::maps::IterableMap;
+        let mut order: Vec<usize> = (0..ids.len()).collect();
+        order.sort_by_key(|i| ids[*i]);
+        let sorted: Vec<u32> = order.iter().map(|i| ids[*i]).collect();
+        let sums = crate::batch::percpu_array_sums::<1>(self.src_drops.map(), &sorted, nr_cpus()?)
+            .map_err(|e| BpfError::Io {
+                context: "batched read of src_drops".into(),
+                source: e,
+            })?;
+        let mut out = vec![0; ids.len()];
+        for (k, i) in order.into_iter().enumerate() {
+            out[i] = sums[k][0];
+        }
+        Ok(out)
+    }
+
+    /// First packets of service `id` dropped for their source, summed over CPUs.
+    pub fn source_drops(&self, id: u32) -> u64 {
+        self.src_drops
+            .get(&id, 0)
+            .map(|v| v.iter().sum())
+            .unwrap_or(0)
     }
 
     pub fn set_backends(&mut self, slot: u32, be: &Backends) -> Result<()> {
@@ -765,6 +854,13 @@ impl Datapath {
         self.svc_stats
             .set(id, zero_stats()?, 0)
             .map_err(map_err("svc_stats"))?;
+        let zeros = PerCpuValues::try_from(vec![0u64; nr_cpus()?]).map_err(|e| BpfError::Io {
+            context: "per-CPU values".into(),
+            source: e,
+        })?;
+        self.src_drops
+            .set(id, zeros, 0)
+            .map_err(map_err("src_drops"))?;
         for i in 0..MAX_ENDPOINTS as u32 {
             self.ep_stats
                 .set(id * MAX_ENDPOINTS as u32 + i, zero_stats()?, 0)
@@ -1197,11 +1293,26 @@ fn ct_walk(map: &HashMap<MapData, CtKey, Ct>) -> Vec<(CtKey, Ct)> {
 }
 
 /// Zeroed per-CPU counters, one per possible CPU.
-fn zero_stats() -> Result<PerCpuValues<Stats>> {
-    let cpus = aya::util::nr_cpus().map_err(|(c, e)| BpfError::Io {
+fn nr_cpus() -> Result<usize> {
+    aya::util::nr_cpus().map_err(|(c, e)| BpfError::Io {
         context: c.to_string(),
         source: e,
-    })?;
+    })
+}
+
+/// The `src_ranges` key of one allowed prefix of a service.
+fn source_key(svc_id: u32, addr: std::net::IpAddr, prefix_len: u8) -> LpmKey<SrcKey> {
+    LpmKey::new(
+        SRC_ID_BITS + u32::from(prefix_len),
+        SrcKey {
+            svc_id_be: svc_id.to_be(),
+            addr: addr_words(addr).0,
+        },
+    )
+}
+
+fn zero_stats() -> Result<PerCpuValues<Stats>> {
+    let cpus = nr_cpus()?;
     PerCpuValues::try_from(vec![Stats::default(); cpus]).map_err(|e| BpfError::Io {
         context: "per-CPU values".into(),
         source: e,

@@ -7,7 +7,7 @@ use std::mem::{offset_of, size_of};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// The pinned-map layout version (`FLB_LAYOUT_VERSION`); part of the pin path.
-pub const LAYOUT_VERSION: u32 = 7;
+pub const LAYOUT_VERSION: u32 = 8;
 /// Endpoints per service (`FLB_MAX_ENDPOINTS`).
 pub const MAX_ENDPOINTS: usize = 32;
 /// Lookup-table length per endpoint set (`FLB_LUT_SIZE`, a prime).
@@ -169,9 +169,27 @@ pub enum Counter {
     DropCtFull = 30,
     /// Half-open flows that completed and moved from `ct_new` to `conntrack`.
     CtPromoted = 31,
+    /// A flow's first packet from a source its rule does not allow (`allowedSources`):
+    /// dropped (also counted per rule).
+    DropSource = 32,
 }
 
-pub const COUNTERS: usize = 32;
+pub const COUNTERS: usize = 33;
+
+/// `Svc::flags`: only the sources in `src_ranges` under the service's id open flows.
+pub const SVCF_SOURCES: u32 = 0x01;
+
+/// Bits of `SrcKey::prefix_len` taken by the service id before the address.
+pub const SRC_ID_BITS: u32 = 32;
+
+/// `src_ranges` key data (after the LPM trie's prefix length): one allowed source prefix of
+/// one rule. The id is in network order (the trie compares bytes).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SrcKey {
+    pub svc_id_be: u32,
+    pub addr: [u32; 4],
+}
 
 /// `ha_flags` bit: L2 mode, not MASTER (ARP requests for VIPs are dropped).
 pub const HA_L2_STANDBY: u32 = 0x01;
@@ -238,6 +256,8 @@ pub struct Svc {
     pub port_base: u16,
     pub mode: u8,
     pub sel: u8,
+    /// `SVCF_*`.
+    pub flags: u32,
 }
 
 #[repr(C)]
@@ -386,10 +406,11 @@ pub struct Stats {
 // key and value size against the object's BTF map definitions (`take` fails on a mismatch).
 const _: () = {
     assert!(size_of::<SvcKey>() == 20);
-    assert!(size_of::<Svc>() == 16);
-    assert!(size_of::<Range>() == 24);
+    assert!(size_of::<Svc>() == 20);
+    assert!(size_of::<SrcKey>() == 20);
+    assert!(size_of::<Range>() == 28);
     assert!(size_of::<RangeKey>() == 20);
-    assert!(size_of::<Ranges>() == 24 * MAX_RANGES);
+    assert!(size_of::<Ranges>() == 28 * MAX_RANGES);
     assert!(size_of::<Ep>() == 40);
     assert!(offset_of!(Ep, port) == 32);
     assert!(size_of::<Backends>() == 8 + 40 * MAX_ENDPOINTS + LUT_SIZE + 5);
@@ -414,6 +435,7 @@ const _: () = {
 // byte pattern is valid and there are no implicit padding bytes.
 unsafe impl aya::Pod for SvcKey {}
 unsafe impl aya::Pod for Svc {}
+unsafe impl aya::Pod for SrcKey {}
 unsafe impl aya::Pod for RangeKey {}
 unsafe impl aya::Pod for Ranges {}
 unsafe impl aya::Pod for Backends {}

@@ -189,6 +189,8 @@ struct SvcSpec {
     sel: u8,
     timeout_s: u32,
     eps: Vec<(Ipv4Addr, u16, u16)>,
+    /// Allowed source prefixes (empty: every source).
+    sources: Vec<(Ipv4Addr, u8)>,
 }
 
 fn svc(id: u32, port: u16, proto: u8, mode: u8, sel: u8) -> SvcSpec {
@@ -201,6 +203,7 @@ fn svc(id: u32, port: u16, proto: u8, mode: u8, sel: u8) -> SvcSpec {
         sel,
         timeout_s: 240,
         eps: vec![(EP1, 8080, 1)],
+        sources: vec![],
     }
 }
 
@@ -236,6 +239,9 @@ fn install(dp: &mut Datapath, s: &SvcSpec) {
     be.lut[..table.len()].copy_from_slice(&table);
     let slot = s.id * 2;
     dp.set_backends(slot, &be).unwrap();
+    for (a, len) in &s.sources {
+        dp.set_source(s.id, (*a).into(), *len).unwrap();
+    }
     dp.reset_service_state(s.id).unwrap();
     let key = SvcKey {
         addr: addr_words(s.vip.into()).0,
@@ -256,6 +262,11 @@ fn install(dp: &mut Datapath, s: &SvcSpec) {
             port_base: s.port,
             mode: s.mode,
             sel: s.sel,
+            flags: if s.sources.is_empty() {
+                0
+            } else {
+                SVCF_SOURCES
+            },
         },
     )
     .unwrap();
@@ -1073,4 +1084,114 @@ fn fallbacks_to_the_stack_are_counted_by_reason() {
     assert_eq!(c(&dp, Counter::FallbackUnreachable), 1);
     assert_eq!(dp.service_stats(2).packets, 0);
     assert_eq!(c(&dp, Counter::Redirected), 1);
+}
+
+#[test]
+fn only_allowed_sources_open_flows_per_rule() {
+    if !in_private_netns("only_allowed_sources_open_flows_per_rule") {
+        return;
+    }
+    let mut dp = datapath(0);
+    // Rule 1 (DNAT, TCP 80): 198.51.100.0/28 and 192.0.2.7/32 among 200 unrelated prefixes.
+    let mut s1 = svc(1, 80, PROTO_TCP, 0, 0);
+    s1.sources = (0..200u32)
+        .map(|i| (Ipv4Addr::from(0x0a00_0000 | (i << 8)), 24))
+        .collect();
+    s1.sources.push((Ipv4Addr::new(198, 51, 100, 0), 28));
+    s1.sources.push((Ipv4Addr::new(192, 0, 2, 7), 32));
+    install(&mut dp, &s1);
+    // Rule 2 (full NAT, UDP 53) allows only 192.0.2.0/24; rule 3 (TCP 81) everyone.
+    let mut s2 = svc(2, 53, PROTO_UDP, 2, 0);
+    s2.sources = vec![(Ipv4Addr::new(192, 0, 2, 0), 24)];
+    install(&mut dp, &s2);
+    install(&mut dp, &svc(3, 81, PROTO_TCP, 0, 0));
+    // Many rules: 60 more, each allowing a /32 of its own; the prefixes of one rule never
+    // let a source into another.
+    for id in 4..64u32 {
+        let mut s = svc(id, 1000 + id as u16, PROTO_TCP, 0, 0);
+        s.sources = vec![(Ipv4Addr::new(100, 64, 0, id as u8), 32)];
+        install(&mut dp, &s);
+    }
+
+    let syn = |src: Ipv4Addr, port: u16| tcp(ip(src, VIP, 6), 40000, port, SYN, b"");
+    let allowed = [
+        CLIENT,                          // 198.51.100.2 in /28
+        Ipv4Addr::new(198, 51, 100, 15), // last of the /28
+        Ipv4Addr::new(192, 0, 2, 7),
+        Ipv4Addr::new(10, 0, 199, 1), // one of the 200 /24s
+    ];
+    for a in allowed {
+        let (rc, out) = run(&mut dp, &syn(a, 80));
+        assert_eq!(rc, TC_ACT_OK, "{a} is allowed on rule 1");
+        assert_eq!(dest_of(&out), EP1, "{a} is balanced to the endpoint");
+    }
+    let refused = [
+        Ipv4Addr::new(198, 51, 100, 16), // just past the /28
+        Ipv4Addr::new(192, 0, 2, 8),
+        Ipv4Addr::new(10, 0, 200, 1), // past the 200 /24s
+        Ipv4Addr::new(100, 64, 0, 5), // rule 5's source, not rule 1's
+    ];
+    for a in refused {
+        let (rc, _) = run(&mut dp, &syn(a, 80));
+        assert_eq!(rc, TC_ACT_SHOT, "{a} is not allowed on rule 1");
+        assert!(
+            dp.ct_get(&CtKey::v4(a, 40000, VIP, 80, PROTO_TCP))
+                .unwrap()
+                .is_none(),
+            "{a}: no flow"
+        );
+    }
+    // A refused source's mid-stream segment does not get picked up either (DNAT).
+    let (rc, _) = run(
+        &mut dp,
+        &tcp(
+            ip(Ipv4Addr::new(192, 0, 2, 8), VIP, 6),
+            40001,
+            80,
+            ACK,
+            b"x",
+        ),
+    );
+    assert_eq!(rc, TC_ACT_SHOT);
+    assert_eq!(dp.source_drops(1), refused.len() as u64 + 1);
+
+    // Rule 2: 192.0.2.0/24 only, through full NAT.
+    let q = |src: Ipv4Addr| udp(ip(src, VIP, 17), 5353, 53, b"q", true);
+    let (rc, out) = run(&mut dp, &q(Ipv4Addr::new(192, 0, 2, 200)));
+    assert_eq!(rc, TC_ACT_OK);
+    assert_eq!(dest_of(&out), EP1);
+    let (rc, _) = run(&mut dp, &q(CLIENT));
+    assert_eq!(rc, TC_ACT_SHOT, "rule 1's sources are not rule 2's");
+    assert_eq!(dp.source_drops(2), 1);
+
+    // Rule 3 lists nothing: everyone.
+    let (rc, out) = run(&mut dp, &syn(Ipv4Addr::new(203, 0, 113, 99), 81));
+    assert_eq!(rc, TC_ACT_OK);
+    assert_eq!(dest_of(&out), EP1);
+    assert_eq!(dp.source_drops(3), 0);
+
+    // Each of the 60 rules: its own /32 passes, its neighbour's does not.
+    for id in 4..64u32 {
+        let port = 1000 + id as u16;
+        let own = Ipv4Addr::new(100, 64, 0, id as u8);
+        let other = Ipv4Addr::new(100, 64, 0, id as u8 + 1);
+        assert_eq!(run(&mut dp, &syn(own, port)).0, TC_ACT_OK, "rule {id}");
+        assert_eq!(run(&mut dp, &syn(other, port)).0, TC_ACT_SHOT, "rule {id}");
+        assert_eq!(dp.source_drops(id), 1);
+    }
+    assert_eq!(
+        dp.counter(Counter::DropSource),
+        refused.len() as u64 + 1 + 1 + 60
+    );
+
+    // An established flow keeps working: the check is on a flow's first packet only.
+    let (rc, _) = run(&mut dp, &tcp(ip(CLIENT, VIP, 6), 40000, 80, ACK, b"data"));
+    assert_eq!(rc, TC_ACT_OK);
+    // Removing a prefix refuses new flows from it at once (the agent also removes the
+    // flows already open from it).
+    dp.delete_source(1, Ipv4Addr::new(198, 51, 100, 0).into(), 28)
+        .unwrap();
+    let (rc, _) = run(&mut dp, &syn(Ipv4Addr::new(198, 51, 100, 9), 80));
+    assert_eq!(rc, TC_ACT_SHOT);
+    assert_eq!(dp.source_entries().iter().filter(|e| e.0 == 1).count(), 201);
 }

@@ -186,6 +186,7 @@ fn install(dp: &mut Datapath, id: u32, port: u16, proto: u8, mode: u8, eps: &[(I
             port_base: port,
             mode,
             sel: 0,
+            flags: 0,
         },
     )
     .unwrap();
@@ -447,4 +448,73 @@ fn v6_neighbour_solicitations_for_vips_are_answered_unless_standby() {
     assert_eq!(dp.counter(Counter::ArpSuppressed), 1);
     assert_eq!(dp.counter(Counter::NdAnswered), 2);
     assert!(dp.ct_entries().is_empty());
+}
+
+#[test]
+fn v6_only_allowed_sources_open_flows() {
+    if !in_private_netns("v6_only_allowed_sources_open_flows") {
+        return;
+    }
+    let mut dp = datapath();
+    install(&mut dp, 1, 80, PROTO_TCP, 2, &[(EP1, 8080)]);
+    // 2001:db8:100::/56 and a /128, among 100 unrelated /48s; the flag goes on last (as the
+    // agent does), so the rule never refuses a source it is about to allow.
+    for i in 0..100u16 {
+        dp.set_source(1, Ipv6Addr::new(0x2001, 0xdb9, i, 0, 0, 0, 0, 0).into(), 48)
+            .unwrap();
+    }
+    dp.set_source(
+        1,
+        Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0, 0, 0, 0, 0).into(),
+        56,
+    )
+    .unwrap();
+    let single = Ipv6Addr::new(0x2001, 0xdb8, 0x5, 0, 0, 0, 0, 0x77);
+    dp.set_source(1, single.into(), 128).unwrap();
+    let (addr, family) = addr_words(VIP.into());
+    dp.set_service(
+        &SvcKey {
+            addr,
+            port: 80u16.to_be(),
+            proto: PROTO_TCP,
+            family,
+        },
+        &Svc {
+            id: 1,
+            be_slot: 2,
+            timeout_s: 240,
+            port_base: 80,
+            mode: 2,
+            sel: 0,
+            flags: SVCF_SOURCES,
+        },
+    )
+    .unwrap();
+    let syn = |src: Ipv6Addr| tcp(ip(src, VIP, TCP), 40000, 80, SYN, b"");
+    for a in [
+        CLIENT,
+        Ipv6Addr::new(0x2001, 0xdb8, 0x100, 0xff, 1, 2, 3, 4),
+        single,
+        Ipv6Addr::new(0x2001, 0xdb9, 99, 1, 0, 0, 0, 1),
+    ] {
+        let (rc, out) = run(&mut dp, &syn(a));
+        assert_eq!(rc, TC_ACT_OK, "{a} is allowed");
+        assert_eq!(&out[38..54], &EP1.octets(), "{a} goes to the endpoint");
+        assert!(checksum_ok(&out));
+    }
+    for a in [
+        Ipv6Addr::new(0x2001, 0xdb8, 0x101, 0, 0, 0, 0, 2),
+        Ipv6Addr::new(0x2001, 0xdb8, 0x5, 0, 0, 0, 0, 0x78),
+        Ipv6Addr::new(0x2001, 0xdb9, 100, 0, 0, 0, 0, 1),
+    ] {
+        let (rc, _) = run(&mut dp, &syn(a));
+        assert_eq!(rc, TC_ACT_SHOT, "{a} is refused");
+        assert!(
+            dp.ct_get(&key(a, 40000, VIP, 80, PROTO_TCP))
+                .unwrap()
+                .is_none()
+        );
+    }
+    assert_eq!(dp.source_drops(1), 3);
+    assert_eq!(dp.counter(Counter::DropSource), 3);
 }

@@ -13,6 +13,38 @@ use std::time::Duration;
 
 use ferrolb_lab::{Lab, LabError, UpOptions};
 
+/// `promtool check metrics` on an exposition: (passed, what it printed).
+pub fn promtool_check(text: &str) -> (bool, String) {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = match Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => return (false, format!("cannot run promtool: {e}")),
+    };
+    if let Some(mut stdin) = child.stdin.take()
+        && let Err(e) = stdin.write_all(text.as_bytes())
+    {
+        return (false, format!("writing to promtool: {e}"));
+    }
+    match child.wait_with_output() {
+        Ok(out) => (
+            out.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        ),
+        Err(e) => (false, format!("promtool: {e}")),
+    }
+}
+
 /// Checks what a privileged test needs: root and the named programs. Returns false (the test
 /// should return) when something is missing and `CI` is not set; panics when `CI` is set.
 pub fn require(test: &str, programs: &[&str]) -> bool {

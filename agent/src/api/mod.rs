@@ -494,6 +494,9 @@ async fn prometheus(State(app): State<Shared>) -> Result<Response, ApiError> {
         crate::lb::at_low_priority(|| {
             crate::metrics::scrape(|| {
                 crate::metrics::record(&app2.metrics, &dp);
+                if app2.metrics.loxilb_names {
+                    crate::loxilb_metrics::record(&dp);
+                }
                 if let Some((l, c)) = &bfd {
                     crate::bfd::record_metrics(l, c);
                 }

@@ -17,7 +17,7 @@ use crate::model::{
     EndpointSpec, MAX_PROBE_INTERVAL_S, MAX_PROBE_RETRIES, NatMode, Oper, Probe, ProbeKind,
     Protocol, RuleKey, RuleSpec, Selection, Service,
 };
-pub use crate::model::{FieldError, MAX_ENDPOINTS, MAX_TIMEOUT_S};
+pub use crate::model::{FieldError, MAX_ENDPOINTS, MAX_SOURCES, MAX_TIMEOUT_S};
 
 /// Longest rule name, probe request and probe response (bytes).
 pub const MAX_TEXT: usize = 256;
@@ -78,7 +78,11 @@ pub fn lb_entry(r: &Rule, stats: impl Fn(u8) -> (u64, u64), warnings: Vec<String
             snat: s.snat,
         },
         secondary_ips: vec![],
-        allowed_sources: vec![],
+        allowed_sources: s
+            .allowed_sources
+            .iter()
+            .map(|n| serde_json::json!({ "prefix": n.to_string() }))
+            .collect(),
         endpoints: r
             .endpoints
             .iter()
@@ -477,6 +481,7 @@ pub fn parse_rule(body: &[u8]) -> Result<RuleSpec, FieldError> {
         proxy_protocol_v2: sa.boolean("proxyprotocolv2")?,
         egress: sa.boolean("egress")?,
         snat: sa.boolean("snat")?,
+        allowed_sources: Vec::new(),
     };
     if service.proxy_protocol_v2 {
         return Err(FieldError::new(
@@ -490,21 +495,18 @@ pub fn parse_rule(body: &[u8]) -> Result<RuleSpec, FieldError> {
             "egress/SNAT rules are not supported yet",
         ));
     }
-    for list in ["secondaryIPs", "allowedSources"] {
-        if let Some(a) = top.array(list)?
-            && !a.is_empty()
-        {
-            return Err(FieldError::new(
-                list,
-                if list == "allowedSources" {
-                    "source filtering is not enforced by this datapath yet; refusing rather than \
-                     exposing the service to every source"
-                } else {
-                    "secondary IPs (SCTP multihoming) are not supported"
-                },
-            ));
-        }
+    if let Some(a) = top.array("secondaryIPs")?
+        && !a.is_empty()
+    {
+        return Err(FieldError::new(
+            "secondaryIPs",
+            "secondary IPs (SCTP multihoming) are not supported",
+        ));
     }
+    let service = Service {
+        allowed_sources: parse_sources(&top)?,
+        ..service
+    };
 
     let eps = top
         .array("endpoints")?
@@ -572,6 +574,62 @@ pub fn parse_rule(body: &[u8]) -> Result<RuleSpec, FieldError> {
         endpoints,
         oper,
     })
+}
+
+/// `allowedSources`: `[{"prefix": "10.0.0.0/8"}, ...]` (Kubernetes'
+/// `loadBalancerSourceRanges`). Host bits are dropped (`10.1.2.3/8` is `10.0.0.0/8`, as Go's
+/// `net.ParseCIDR` reads it); duplicates are one; the result is sorted.
+fn parse_sources(top: &Obj<'_>) -> Result<Vec<ipnet::IpNet>, FieldError> {
+    let Some(list) = top.array("allowedSources")? else {
+        return Ok(Vec::new());
+    };
+    if list.len() > MAX_SOURCES {
+        return Err(FieldError::new(
+            "allowedSources",
+            format!(
+                "at most {MAX_SOURCES} prefixes per rule, got {}",
+                list.len()
+            ),
+        ));
+    }
+    let mut out = Vec::with_capacity(list.len());
+    for (i, v) in list.iter().enumerate() {
+        let o = Obj::new(v, &format!("allowedSources[{i}]")).map_err(|_| {
+            FieldError::new(
+                format!("allowedSources[{i}]"),
+                format!(
+                    "must be an object like {{\"prefix\": \"10.0.0.0/8\"}}, got {}",
+                    kind(v)
+                ),
+            )
+        })?;
+        let field = o.field("prefix");
+        let text = o
+            .string("prefix")?
+            .ok_or_else(|| FieldError::new(&field, "required (a CIDR such as 10.0.0.0/8)"))?;
+        let net = match text.parse::<ipnet::IpNet>() {
+            Ok(n) => n.trunc(),
+            Err(_) if text.parse::<IpAddr>().is_ok() => {
+                let len = if text.contains(':') { 128 } else { 32 };
+                return Err(FieldError::new(
+                    &field,
+                    format!("'{text}' has no prefix length: write {text}/{len} for one address"),
+                ));
+            }
+            Err(_) => {
+                return Err(FieldError::new(
+                    &field,
+                    format!(
+                        "'{text}' is not a CIDR (address/length, such as 10.0.0.0/8 or 2001:db8::/32)"
+                    ),
+                ));
+            }
+        };
+        out.push(net);
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
 }
 
 /// Probe fields that cannot be probed: a port given to a probe without one, or no port at all
@@ -1053,5 +1111,84 @@ mod tests {
         assert_eq!(v["endpointIP"], "1.1.1.1");
         assert_eq!(v["targetPort"], 80);
         assert_eq!(v["counter"], "1:60");
+    }
+
+    fn with_sources(sources: &str) -> String {
+        format!(
+            r#"{{"serviceArguments":{{"externalIP":"1.2.3.4","port":80}},
+               "endpoints":[{{"endpointIP":"10.0.0.1","targetPort":80}}],
+               "allowedSources":{sources}}}"#
+        )
+    }
+
+    #[test]
+    fn allowed_sources_are_read_as_networks_and_bad_ones_named() {
+        let r = parse_rule(
+            with_sources(
+                r#"[{"prefix":"10.1.2.3/8"},{"prefix":"192.0.2.0/24"},{"Prefix":"10.0.0.0/8"},
+                    {"prefix":"2001:db8::/32"}]"#,
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        let got: Vec<String> = r
+            .service
+            .allowed_sources
+            .iter()
+            .map(|n| n.to_string())
+            .collect();
+        // Host bits dropped, duplicates one, sorted; the other family kept (matches nothing).
+        assert_eq!(got, ["10.0.0.0/8", "192.0.2.0/24", "2001:db8::/32"]);
+        assert!(r.service.source_allowed("10.200.0.1".parse().unwrap()));
+        assert!(!r.service.source_allowed("11.0.0.1".parse().unwrap()));
+        assert_eq!(r.service.sources_of_family(false).count(), 2);
+        // Empty or absent: everyone.
+        for body in [with_sources("[]"), with_sources("null")] {
+            let r = parse_rule(body.as_bytes()).unwrap();
+            assert!(r.service.allowed_sources.is_empty());
+            assert!(r.service.source_allowed("11.0.0.1".parse().unwrap()));
+        }
+        let many: Vec<String> = (0..=MAX_SOURCES)
+            .map(|i| format!(r#"{{"prefix":"10.{}.{}.0/24"}}"#, i / 256, i % 256))
+            .collect();
+        let many = format!("[{}]", many.join(","));
+        for (sources, want) in [
+            (
+                r#"[{"prefix":"10.0.0.0/8"},{"prefix":"10.0.0.0/33"}]"#,
+                "allowedSources[1].prefix: '10.0.0.0/33' is not a CIDR",
+            ),
+            (
+                r#"[{"prefix":"10.0.0.1"}]"#,
+                "allowedSources[0].prefix: '10.0.0.1' has no prefix length: write 10.0.0.1/32",
+            ),
+            (
+                r#"[{"prefix":"2001:db8::1"}]"#,
+                "allowedSources[0].prefix: '2001:db8::1' has no prefix length: write 2001:db8::1/128",
+            ),
+            (
+                r#"[{"prefix":" 10.0.0.0/8"}]"#,
+                "allowedSources[0].prefix: ' 10.0.0.0/8' is not a CIDR",
+            ),
+            (
+                r#"[{"prefix":8}]"#,
+                "allowedSources[0].prefix: must be a string",
+            ),
+            (r#"[{}]"#, "allowedSources[0].prefix: required"),
+            (
+                r#"["10.0.0.0/8"]"#,
+                r#"allowedSources[0]: must be an object like {"prefix": "10.0.0.0/8"}, got a string"#,
+            ),
+            (
+                r#"{"prefix":"10.0.0.0/8"}"#,
+                "allowedSources: must be a list",
+            ),
+            (
+                &many,
+                "allowedSources: at most 1024 prefixes per rule, got 1025",
+            ),
+        ] {
+            let err = parse_rule(with_sources(sources).as_bytes()).unwrap_err();
+            assert!(err.to_string().starts_with(want), "{sources}: {err}");
+        }
     }
 }

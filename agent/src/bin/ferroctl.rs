@@ -117,6 +117,9 @@ struct CreateLb {
     /// Inactivity timeout in seconds (0 = protocol default).
     #[arg(long, default_value_t = 0)]
     inatimeout: u32,
+    /// Sources allowed to connect: CIDRs, comma-separated (default: every source).
+    #[arg(long, value_name = "CIDR,...")]
+    sources: Option<String>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -265,8 +268,15 @@ fn lb_table(v: &Value) -> String {
             Some(m) if m > a["port"].as_u64().unwrap_or(0) => format!("{}-{m}", a["port"]),
             _ => a["port"].to_string(),
         };
+        let sources: Vec<String> = r["allowedSources"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|p| s(&p["prefix"]))
+            .collect();
         let rule = [
             s(&a["externalIP"]),
+            sources.join(","),
             port,
             s(&a["protocol"]),
             s(&a["name"]),
@@ -298,6 +308,7 @@ fn lb_table(v: &Value) -> String {
     let t = table(
         &[
             "VIP",
+            "SOURCE RANGES",
             "PORT",
             "PROTO",
             "NAME",
@@ -710,6 +721,17 @@ fn main() -> Result<()> {
             if rules.is_empty() {
                 bail!("give at least one of --tcp, --udp, --icmp");
             }
+            // Checked by the node, which names a bad entry.
+            let sources: Vec<&str> = a
+                .sources
+                .as_deref()
+                .map(|s| {
+                    s.split(',')
+                        .map(str::trim)
+                        .filter(|p| !p.is_empty())
+                        .collect()
+                })
+                .unwrap_or_default();
             for (proto, port, target) in rules {
                 let body = json!({
                     "serviceArguments": {
@@ -717,6 +739,7 @@ fn main() -> Result<()> {
                         "sel": sel, "mode": mode, "name": a.name,
                         "inactiveTimeOut": a.inatimeout,
                     },
+                    "allowedSources": sources.iter().map(|p| json!({"prefix": p})).collect::<Vec<_>>(),
                     "endpoints": eps.iter().map(|(ip, w)| json!({
                         "endpointIP": ip, "targetPort": target, "weight": w
                     })).collect::<Vec<_>>(),
@@ -815,6 +838,35 @@ mod tests {
         assert!(t.contains("node1:nok!,10.0.0.8:22222:ok"), "{t}");
         assert!(t.contains("node1:nok,node2:unknown"), "{t}");
         assert!(!t.contains("node1:nok!,node2"), "{t}");
+    }
+
+    #[test]
+    fn rule_table_shows_source_ranges() {
+        let v = serde_json::json!({"lbAttr": [
+            {"serviceArguments": {"externalIP": "203.0.113.10", "port": 80, "protocol": "tcp",
+                                  "name": "web", "sel": 0, "mode": 2},
+             "allowedSources": [{"prefix": "10.0.0.0/8"}, {"prefix": "192.0.2.0/24"}],
+             "endpoints": [{"endpointIP": "10.10.10.11", "targetPort": 8080, "weight": 1,
+                            "state": "active", "counter": "0:0"}]},
+            {"serviceArguments": {"externalIP": "203.0.113.11", "port": 53, "protocol": "udp",
+                                  "name": "dns", "sel": 0, "mode": 0},
+             "allowedSources": [], "endpoints": []}
+        ]});
+        let t = lb_table(&v);
+        let lines: Vec<&str> = t.lines().collect();
+        assert!(lines[0].contains("SOURCE RANGES"), "{t}");
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("203.0.113.10") && l.contains("10.0.0.0/8,192.0.2.0/24")),
+            "{t}"
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains("203.0.113.11") && !l.contains('/')),
+            "{t}"
+        );
     }
 
     #[test]

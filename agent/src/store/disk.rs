@@ -54,6 +54,9 @@ pub struct ServiceV2 {
     pub proxy_protocol_v2: bool,
     pub egress: bool,
     pub snat: bool,
+    /// CIDRs (`10.0.0.0/8`); absent in files written before source ranges.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_sources: Vec<String>,
 }
 
 /// The service as format v1 wrote it.
@@ -157,6 +160,7 @@ impl From<&Service> for DiskService {
             proxy_protocol_v2: s.proxy_protocol_v2,
             egress: s.egress,
             snat: s.snat,
+            allowed_sources: s.allowed_sources.iter().map(|n| n.to_string()).collect(),
         })
     }
 }
@@ -188,6 +192,7 @@ impl TryFrom<DiskService> for Service {
                 proxy_protocol_v2: s.proxy_protocol_v2,
                 egress: s.egress,
                 snat: s.snat,
+                allowed_sources: disk_sources(&s.allowed_sources)?,
             },
             DiskService::V1(s) => Service {
                 selection: Selection::from_code(s.sel)
@@ -212,9 +217,32 @@ impl TryFrom<DiskService> for Service {
                 proxy_protocol_v2: s.proxy_protocol_v2,
                 egress: s.egress,
                 snat: s.snat,
+                allowed_sources: Vec::new(),
             },
         })
     }
+}
+
+/// Stored source prefixes, checked as the REST layer checks them (the file is input too).
+fn disk_sources(list: &[String]) -> Result<Vec<ipnet::IpNet>, String> {
+    if list.len() > crate::model::MAX_SOURCES {
+        return Err(format!(
+            "{} allowed sources, at most {}",
+            list.len(),
+            crate::model::MAX_SOURCES
+        ));
+    }
+    let mut out: Vec<ipnet::IpNet> = list
+        .iter()
+        .map(|s| {
+            s.parse::<ipnet::IpNet>()
+                .map(|n| n.trunc())
+                .map_err(|_| format!("allowed source '{s}' is not a CIDR"))
+        })
+        .collect::<Result<_, _>>()?;
+    out.sort();
+    out.dedup();
+    Ok(out)
 }
 
 impl From<&Rule> for DiskRule {

@@ -644,6 +644,53 @@ mod tests {
         let _ = fs::remove_dir_all(&dir);
     }
 
+    /// Allowed sources are saved and come back; a damaged one in the file is an error that
+    /// names it, not a rule open to everyone.
+    #[test]
+    fn allowed_sources_survive_a_restart() {
+        let dir = tmpdir("sources");
+        let mut store = Store::new(&dir);
+        assert!(store.load().unwrap().is_none());
+        let spec = parse_rule(
+            br#"{"serviceArguments":{"externalIP":"20.20.20.1","port":80},
+                "endpoints":[{"endpointIP":"10.0.0.1","targetPort":80,"weight":1}],
+                "allowedSources":[{"prefix":"192.0.2.0/24"},{"prefix":"2001:db8::/32"}]}"#,
+        )
+        .unwrap();
+        let mut rs = RuleSet::default();
+        let c = rs.plan(spec, 16).unwrap();
+        rs.apply(&c);
+        let vips: BTreeSet<IpAddr> = ["20.20.20.1".parse().unwrap()].into();
+        store
+            .record(
+                vec![Op::Put {
+                    rule: Box::new(c.rule().clone()),
+                }],
+                &rs,
+                &vips,
+            )
+            .unwrap();
+        let (from_journal, _) = Store::new(&dir).load().unwrap().unwrap();
+        assert_eq!(from_journal, rs);
+        store.snapshot(&rs, &vips).unwrap();
+        let text = fs::read_to_string(dir.join(STATE_FILE)).unwrap();
+        assert!(
+            text.contains(r#""allowed_sources":["192.0.2.0/24","2001:db8::/32"]"#),
+            "{text}"
+        );
+        let (again, _) = Store::new(&dir).load().unwrap().unwrap();
+        assert_eq!(again, rs);
+        fs::write(
+            dir.join(STATE_FILE),
+            text.replace("192.0.2.0/24", "192.0.2.0/40"),
+        )
+        .unwrap();
+        let _ = fs::remove_file(dir.join(JOURNAL_FILE));
+        let e = format!("{:#}", Store::new(&dir).load().unwrap_err());
+        assert!(e.contains("'192.0.2.0/40' is not a CIDR"), "{e}");
+        let _ = fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn journal_replay_compaction_and_torn_lines() {
         let dir = tmpdir("journal");

@@ -137,6 +137,7 @@ pub fn install(
             port_base: port,
             mode,
             sel: 0,
+            flags: 0,
         },
     )
     .unwrap();
