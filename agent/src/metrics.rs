@@ -267,9 +267,9 @@ pub fn record(m: &Metrics, d: &DatapathSnapshot) {
             *b,
         );
     }
-    for proto in ["tcp", "udp", "icmp"] {
+    for proto in ["tcp", "udp", "icmp", "sctp"] {
         for st in CtState::ALL {
-            if proto != "tcp" && st != CtState::Established {
+            if proto != "tcp" && proto != "sctp" && st != CtState::Established {
                 continue;
             }
             let n = d
@@ -341,6 +341,7 @@ pub fn record(m: &Metrics, d: &DatapathSnapshot) {
         ("vlan_tagged", Counter::DropVlan),
         ("conntrack_full", Counter::DropCtFull),
         ("source_not_allowed", Counter::DropSource),
+        ("sctp_header", Counter::DropSctpHeader),
     ] {
         counter(
             "ferrolb_datapath_drops_total",
@@ -375,6 +376,12 @@ pub fn record(m: &Metrics, d: &DatapathSnapshot) {
         "TCP flows (and DNAT pick-ups) that completed and moved from the half-open table to the conntrack table.",
         &[],
         c(Counter::CtPromoted),
+    );
+    counter(
+        "ferrolb_sctp_tag_ignored_total",
+        "SCTP chunks that would change an association's state (ABORT, SHUTDOWN, INIT ACK, COOKIE ACK) but carried another verification tag: forwarded, the state unchanged.",
+        &[],
+        c(Counter::SctpTagIgnored),
     );
     counter(
         "ferrolb_icmp_errors_translated_total",

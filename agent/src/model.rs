@@ -46,17 +46,25 @@ pub enum Protocol {
     Tcp,
     Udp,
     Icmp,
+    /// Single-homed SCTP (an association is one flow; multihoming is not supported).
+    Sctp,
 }
 
 impl Protocol {
-    pub const ALL: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Icmp];
+    pub const ALL: [Protocol; 4] = [Protocol::Tcp, Protocol::Udp, Protocol::Icmp, Protocol::Sctp];
 
     pub fn name(self) -> &'static str {
         match self {
             Protocol::Tcp => "tcp",
             Protocol::Udp => "udp",
             Protocol::Icmp => "icmp",
+            Protocol::Sctp => "sctp",
         }
+    }
+
+    /// Connection-oriented: tracked through a handshake and a close (TCP, SCTP).
+    pub fn has_handshake(self) -> bool {
+        matches!(self, Protocol::Tcp | Protocol::Sctp)
     }
 
     pub fn from_name(s: &str) -> Option<Protocol> {
@@ -69,6 +77,7 @@ impl Protocol {
             Protocol::Tcp => ferrolb_bpf::maps::PROTO_TCP,
             Protocol::Udp => ferrolb_bpf::maps::PROTO_UDP,
             Protocol::Icmp => ferrolb_bpf::maps::PROTO_ICMP,
+            Protocol::Sctp => ferrolb_bpf::maps::PROTO_SCTP,
         }
     }
 
@@ -79,7 +88,7 @@ impl Protocol {
     /// Inactivity timeout of a rule that sets none (seconds).
     pub fn default_timeout_s(self) -> u32 {
         match self {
-            Protocol::Tcp => 240,
+            Protocol::Tcp | Protocol::Sctp => 240,
             _ => 20,
         }
     }
@@ -230,16 +239,20 @@ pub enum ProbeKind {
     Http,
     /// The same over TLS (the certificate is not checked: endpoints are addressed by IP).
     Https,
+    /// An SCTP INIT (raw socket: no SCTP stack needed here): an INIT ACK is up (the
+    /// association is aborted at once), an ABORT or silence is down.
+    Sctp,
 }
 
 impl ProbeKind {
-    pub const ALL: [ProbeKind; 6] = [
+    pub const ALL: [ProbeKind; 7] = [
         ProbeKind::None,
         ProbeKind::Ping,
         ProbeKind::Tcp,
         ProbeKind::Udp,
         ProbeKind::Http,
         ProbeKind::Https,
+        ProbeKind::Sctp,
     ];
 
     pub fn name(self) -> &'static str {
@@ -250,6 +263,7 @@ impl ProbeKind {
             ProbeKind::Udp => "udp",
             ProbeKind::Http => "http",
             ProbeKind::Https => "https",
+            ProbeKind::Sctp => "sctp",
         }
     }
 
@@ -263,6 +277,7 @@ impl ProbeKind {
             Protocol::Tcp => ProbeKind::Tcp,
             Protocol::Udp => ProbeKind::Udp,
             Protocol::Icmp => ProbeKind::Ping,
+            Protocol::Sctp => ProbeKind::Sctp,
         }
     }
 

@@ -805,3 +805,133 @@ fn ipv6_flows_are_synced_and_survive_a_silent_master_death() {
     .unwrap();
     lab.down().unwrap();
 }
+
+/// SCTP (`protocol: SCTP` in a Service: kube-loxilb sends `"protocol": "sctp"`) through a
+/// full-NAT rule with liveness on, across a silent MASTER death. Both ends are user-space SCTP
+/// over raw sockets (`containerlab/lb-single/sctp.py`: the lab kernels have no SCTP stack).
+/// The default probe of an SCTP rule is an INIT: be1 and be2 answer it, be3 (no SCTP server)
+/// goes inactive. The association is synced to the BACKUP, keeps its backend and its NAT
+/// port through the failover, and shuts down cleanly after it.
+#[test]
+fn an_sctp_association_through_full_nat_survives_a_silent_master_death() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(lab) = lab(
+        "an_sctp_association_through_full_nat_survives_a_silent_master_death",
+        "hasctp",
+        "100ms",
+    ) else {
+        return;
+    };
+    let sctp = ferrolb_tests::repo_root()
+        .join("containerlab/lb-single/sctp.py")
+        .display()
+        .to_string();
+    for be in ["be1", "be2"] {
+        lab.spawn(be, "sctp", &["python3", &sctp, "serve", be, "38412"])
+            .unwrap();
+    }
+    let endpoints: Vec<serde_json::Value> = ["10.10.10.11", "10.10.10.12", "10.10.10.13"]
+        .iter()
+        .map(|ip| json!({"endpointIP": ip, "targetPort": 38412, "weight": 1, "state": "", "counter": ""}))
+        .collect();
+    let body = json!({"serviceArguments": {"externalIP": VIP, "privateIP": "", "port": 38412,
+                                           "protocol": "sctp", "sel": 1, "mode": 2, "BGP": true,
+                                           "Monitor": true, "inactiveTimeOut": 1800, "block": 0,
+                                           "managed": true, "probetype": "", "probeport": 0,
+                                           "probereq": "", "proberesp": "",
+                                           "name": "default_ngap:llb-inst0"},
+                      "secondaryIPs": [], "allowedSources": [], "endpoints": endpoints})
+    .to_string();
+    for node in ["lb1", "lb2"] {
+        let (st, v) = rest(&lab, node, "POST", "/config/loadbalancer", Some(&body));
+        assert_eq!(st, 200, "{node}: {v}");
+    }
+    // The SCTP INIT probes: be3 has no SCTP server.
+    let states = |node: &str| -> Vec<(String, String)> {
+        let (_, all) = rest(&lab, node, "GET", "/config/loadbalancer/all", None);
+        all["lbAttr"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["serviceArguments"]["protocol"] == "sctp")
+            .flat_map(|r| r["endpoints"].as_array().unwrap().clone())
+            .map(|e| {
+                (
+                    e["endpointIP"].as_str().unwrap().to_string(),
+                    e["state"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    for node in ["lb1", "lb2"] {
+        lab.wait_until(
+            "be3 inactive, be1 and be2 active",
+            Duration::from_secs(15),
+            || {
+                let s = states(node);
+                Ok(s.len() == 3
+                    && s.iter()
+                        .all(|(ip, st)| (st == "active") == (ip != "10.10.10.13")))
+            },
+        )
+        .unwrap();
+    }
+
+    // One association, a DATA chunk every 50 ms for 8 s; lb1 dies silently at 2.5 s.
+    let cmd = format!(
+        "python3 {sctp} assoc {VIP} 38412 8 --t0-file /var/log/sctp.t0 > /var/log/sctp.tmp && mv /var/log/sctp.tmp /var/log/sctp.json"
+    );
+    lab.spawn("client", "sctp-assoc", &["sh", "-c", &cmd])
+        .unwrap();
+    let t0 = lab.log_dir("client").join("sctp.t0");
+    lab.wait_until("the association to start", Duration::from_secs(10), || {
+        Ok(t0.exists())
+    })
+    .unwrap();
+    // Synced to the BACKUP once up (the handshake completed).
+    lab.wait_until("the flow synced to lb2", Duration::from_secs(3), || {
+        Ok(lb_ct(&lab, "lb2").iter().any(|c| {
+            c["protocol"] == "sctp" && c["destinationPort"] == 38412 && c["synced"] == true
+        }))
+    })
+    .unwrap();
+    let on_lb1: Vec<_> = lb_ct(&lab, "lb1")
+        .into_iter()
+        .filter(|c| c["protocol"] == "sctp")
+        .collect();
+    assert_eq!(on_lb1.len(), 1, "{on_lb1:?}");
+    assert_eq!(on_lb1[0]["conntrackState"], "est", "{on_lb1:?}");
+    std::thread::sleep(Duration::from_millis(2500));
+    isolate(&lab, "lb1", true);
+    let path = lab.log_dir("client").join("sctp.json");
+    lab.wait_until("the association to end", Duration::from_secs(40), || {
+        Ok(path.exists())
+    })
+    .unwrap();
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    eprintln!("sctp across the failover: {r}");
+    assert_eq!(r["errors"], json!([]), "{r}");
+    assert_eq!(r["sent"], r["echoed"], "{r}");
+    assert!(r["sent"].as_u64().unwrap() > 50, "{r}");
+    assert_eq!(
+        r["backends"].as_array().unwrap().len(),
+        1,
+        "one backend throughout: {r}"
+    );
+    assert_eq!(
+        r["shutdown"], true,
+        "a graceful shutdown after the failover: {r}"
+    );
+    let gap = r["max_gap_ms"].as_u64().unwrap();
+    assert!(gap < 2000, "longest wait for an echo {gap} ms: {r}");
+    assert_eq!(role(&lab, "lb2"), "MASTER");
+    // The survivor carried it with the same translation (the synced entry).
+    let on_lb2: Vec<_> = lb_ct(&lab, "lb2")
+        .into_iter()
+        .filter(|c| c["protocol"] == "sctp" && c["sourcePort"] == r["sport"])
+        .collect();
+    assert_eq!(on_lb2.len(), 1, "{on_lb2:?}");
+    assert_eq!(on_lb2[0]["conntrackAct"], on_lb1[0]["conntrackAct"]);
+    lab.down().unwrap();
+}

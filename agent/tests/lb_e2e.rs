@@ -569,6 +569,27 @@ fn rest_api_is_loxilb_compatible() {
     );
     let j: Value = serde_json::from_str(&ctl(&["--json", "get", "lb"])).unwrap();
     assert_eq!(j["lbAttr"].as_array().unwrap().len(), 1);
+    // An SCTP rule, created, shown and deleted the same way.
+    ctl(&[
+        "create",
+        "lb",
+        VIP,
+        "--sctp=38412:9000",
+        "--endpoints=10.10.10.12:1",
+        "--mode",
+        "fullnat",
+        "--name",
+        "ngap",
+    ]);
+    let table = ctl(&["get", "lb"]);
+    assert!(
+        table
+            .lines()
+            .any(|l| l.contains("38412") && l.contains("sctp") && l.contains("ngap")),
+        "{table}"
+    );
+    ctl(&["delete", "lb", VIP, "--sctp=38412"]);
+    assert!(!ctl(&["get", "lb"]).contains("38412"));
     let res = probe(&lab, &["http", VIP, "8081", "4"]);
     assert!(backends(&res).keys().all(|b| b == "be2" || b == "be3"));
     assert!(ctl(&["get", "ct"]).contains("fullnat-203.0.113.10"));

@@ -36,7 +36,11 @@
 #define FLB_SEL_PERSIST 3
 #define FLB_SEL_LC 4
 
-/* Conntrack TCP states (also used for UDP/ICMP: NONE then EST). */
+/* Conntrack TCP states (also used for UDP/ICMP: NONE then EST). SCTP maps its association
+ * states on them: INIT sent = SYN_SENT, INIT ACK / COOKIE ECHO = SYN_RECV, COOKIE ACK (or
+ * data with the right tag) = EST, SHUTDOWN / SHUTDOWN ACK = FIN_WAIT, SHUTDOWN COMPLETE =
+ * TIME_WAIT, ABORT = CLOSE; timeouts as TCP's. In an SCTP entry seq_next holds the
+ * verification tag this direction's packets carry (FLB_CTF_SEQ once known). */
 #define FLB_CT_NONE 0
 #define FLB_CT_SYN_SENT 1
 #define FLB_CT_SYN_RECV 2
@@ -159,7 +163,16 @@
 /* A flow's first packet from a source outside its rule's allowed prefixes (allowedSources):
  * dropped (also counted per rule in src_drops). */
 #define FLB_CNT_DROP_SOURCE 32
-#define FLB_CNT_MAX 33
+/* An SCTP packet to a VIP or a tracked flow whose common header or first chunk header is
+ * truncated, whose first chunk's length runs past the packet, or an INIT with a non-zero
+ * verification tag or bundled with other chunks (RFC 9260 section 8.5.1: the receiver
+ * discards it): dropped before any flow exists. */
+#define FLB_CNT_DROP_SCTP_HEADER 33
+/* An SCTP chunk that would change an association's state (ABORT, SHUTDOWN*, INIT ACK,
+ * COOKIE ACK) with a verification tag other than the association's: forwarded, the flow's
+ * state unchanged (the endpoint discards it too). */
+#define FLB_CNT_SCTP_TAG_IGNORED 34
+#define FLB_CNT_MAX 35
 
 /* Source-NAT ports (one-arm, full NAT; ICMP: echo identifiers): 1024..65535. */
 #define FLB_NAT_PORT_LO 1024

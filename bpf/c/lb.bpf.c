@@ -62,6 +62,25 @@ struct icmphdr {
 #ifndef IPPROTO_ICMPV6
 #define IPPROTO_ICMPV6 58
 #endif
+#ifndef IPPROTO_SCTP
+#define IPPROTO_SCTP 132
+#endif
+/* SCTP chunk types (RFC 9260 section 3.2). */
+#define SCTP_DATA 0
+#define SCTP_INIT 1
+#define SCTP_INIT_ACK 2
+#define SCTP_SACK 3
+#define SCTP_ABORT 6
+#define SCTP_SHUTDOWN 7
+#define SCTP_SHUTDOWN_ACK 8
+#define SCTP_COOKIE_ECHO 10
+#define SCTP_COOKIE_ACK 11
+#define SCTP_SHUTDOWN_COMPLETE 14
+/* ABORT and SHUTDOWN COMPLETE: the T bit (the tag is the sender's own, reflected). */
+#define SCTP_CHUNK_T 0x01
+/* The common header (ports, verification tag, CRC32c) and the first chunk's header. */
+#define SCTP_HDR 12
+#define SCTP_CRC_OFF 8
 #define NEXTHDR_HOP 0
 #define NEXTHDR_ROUTING 43
 #define NEXTHDR_FRAGMENT 44
@@ -290,6 +309,9 @@ struct pkt {
 	__u32 seq;       /* TCP, host order */
 	__u32 ack;       /* TCP, host order */
 	__u32 plen;      /* TCP payload length */
+	__u8 chunk;      /* SCTP: the first chunk's type (seq: the verification tag; ack: an
+			  * INIT or INIT ACK's initiate tag) */
+	__u8 chunk_flags;
 };
 
 static __always_inline void addr_cp(__u32 *d, const __u32 *s)
@@ -410,6 +432,42 @@ static __always_inline int parse_l4(struct __sk_buff *skb, struct pkt *p, __u8 l
 		if (ulen < sizeof(udp) || p->l4off + ulen > p->l3end) {
 			set_bad(p, FLB_CNT_DROP_UDP_LENGTH);
 			return 0;
+		}
+	} else if (l4proto == IPPROTO_SCTP) {
+		/* Common header, first chunk header, and an INIT's initiate tag. */
+		struct {
+			__u16 sport, dport;
+			__u32 vtag, crc;
+			__u8 type, flags;
+			__u16 len;
+			__u32 itag;
+		} h;
+		if (p->l4off + SCTP_HDR + 4 > p->l3end ||
+		    bpf_skb_load_bytes(skb, p->l4off, &h, SCTP_HDR + 4) < 0) {
+			set_bad(p, FLB_CNT_DROP_SCTP_HEADER);
+			return 0;
+		}
+		p->sport = h.sport;
+		p->dport = h.dport;
+		p->l4ok = 1;
+		p->chunk = h.type;
+		p->chunk_flags = h.flags;
+		p->seq = bpf_ntohl(h.vtag);
+		__u32 clen = bpf_ntohs(h.len);
+		if (clen < 4 || p->l4off + SCTP_HDR + clen > p->l3end) {
+			set_bad(p, FLB_CNT_DROP_SCTP_HEADER);
+			return 0;
+		}
+		if (h.type == SCTP_INIT || h.type == SCTP_INIT_ACK) {
+			/* An INIT is alone in its packet and carries tag 0 (RFC 9260 8.5.1). */
+			if (clen < 8 || p->l4off + SCTP_HDR + 8 > p->l3end ||
+			    bpf_skb_load_bytes(skb, p->l4off + SCTP_HDR + 4, &h.itag, 4) < 0 ||
+			    (h.type == SCTP_INIT &&
+			     (h.vtag != 0 || p->l4off + SCTP_HDR + ((clen + 3) & ~3u) < p->l3end))) {
+				set_bad(p, FLB_CNT_DROP_SCTP_HEADER);
+				return 0;
+			}
+			p->ack = bpf_ntohl(h.itag);
 		}
 	} else if (l4proto == IPPROTO_ICMP || l4proto == IPPROTO_ICMPV6) {
 		struct icmphdr icmp;
@@ -611,7 +669,7 @@ static __always_inline __u8 eff_state(const struct flb_ct *v)
 static __always_inline __u64 ct_timeout_ns(const struct flb_ct *v, __u8 proto)
 {
 	__u32 s = v->timeout_s;
-	if (proto == IPPROTO_TCP) {
+	if (proto == IPPROTO_TCP || proto == IPPROTO_SCTP) {
 		__u8 st = eff_state(v);
 		if (st == FLB_CT_EST && (v->flags & FLB_CTF_PICKUP))
 			return (__u64)FLB_TO_PICKUP_S * 1000000000ULL;
@@ -897,6 +955,90 @@ static __always_inline void tcp_track(const struct flb_ct_key *key, struct flb_c
 	}
 }
 
+/* Does an SCTP packet carry the association's tag for its direction? Its own tag, or for an
+ * ABORT or SHUTDOWN COMPLETE with the T bit the other direction's (RFC 9260 8.5.1). A tag not
+ * known yet (a synced or adopted flow) is learnt from the first packet that carries one. */
+static __always_inline int sctp_tag_ok(struct flb_ct *e, const struct flb_ct *pe,
+				       const struct pkt *p)
+{
+	if ((p->chunk == SCTP_ABORT || p->chunk == SCTP_SHUTDOWN_COMPLETE) &&
+	    (p->chunk_flags & SCTP_CHUNK_T))
+		return pe && (pe->flags & FLB_CTF_SEQ) && p->seq == pe->seq_next;
+	if (!(e->flags & FLB_CTF_SEQ)) {
+		if (p->seq == 0)
+			return 0;
+		e->seq_next = p->seq;
+		e->flags |= FLB_CTF_SEQ;
+		return 1;
+	}
+	return p->seq == e->seq_next;
+}
+
+/* SCTP association tracking, by the packet's first chunk (bundled control chunks after a
+ * DATA chunk are not looked at: the entry then times out as an idle one does). Both entries
+ * carry the state, as for TCP; a chunk with the wrong tag changes nothing. */
+static __always_inline void sctp_track(const struct flb_ct_key *key, struct flb_ct *e,
+				       const struct pkt *p, __u64 now)
+{
+	__u8 st = eff_state(e);
+	__u8 c = p->chunk;
+	/* Data and acknowledgments of an established association: nothing to do (no peer
+	 * lookup on the fast path). */
+	if (st == FLB_CT_EST && (c == SCTP_DATA || c == SCTP_SACK))
+		return;
+	if (c == SCTP_INIT || c == SCTP_COOKIE_ECHO)
+		return; /* a retransmitted INIT, or the cookie: no state of ours changes */
+	struct flb_ct_key pk;
+	ct_peer_key(&pk, key, e);
+	struct flb_ct *pe = ct_lookup(&pk);
+	if (!sctp_tag_ok(e, pe, p)) {
+		count(FLB_CNT_SCTP_TAG_IGNORED);
+		return;
+	}
+	__u8 next = st;
+	int close = 0;
+	if (c == SCTP_INIT_ACK) {
+		/* The endpoint's initiate tag is the one the client's packets carry from now. */
+		if (e->dir == 1 && pe) {
+			pe->seq_next = p->ack;
+			pe->flags |= FLB_CTF_SEQ;
+		}
+		if (st == FLB_CT_SYN_SENT)
+			next = FLB_CT_SYN_RECV;
+	} else if (c == SCTP_ABORT) {
+		next = FLB_CT_CLOSE;
+		close = 1;
+	} else if (c == SCTP_SHUTDOWN_COMPLETE) {
+		next = FLB_CT_TIME_WAIT;
+		close = 1;
+	} else if (c == SCTP_SHUTDOWN || c == SCTP_SHUTDOWN_ACK) {
+		if (st < FLB_CT_FIN_WAIT)
+			next = FLB_CT_FIN_WAIT;
+	} else if (st < FLB_CT_EST) {
+		/* COOKIE ACK, or anything else with the right tag: the association is up. */
+		next = FLB_CT_EST;
+	}
+	if (next != e->state) {
+		e->state = next;
+		if (pe) {
+			pe->state = next;
+			pe->last_ns = now;
+		}
+	}
+	if (next == FLB_CT_EST && st < FLB_CT_EST && !(e->flags & FLB_CTF_NEW))
+		emit(FLB_EV_ESTABLISHED, key, e);
+	if (close) {
+		struct flb_ct *o = e->dir == 0 ? e : pe;
+		if (!o)
+			o = e;
+		__u32 old = __sync_fetch_and_or(&o->fin, FLB_FIN_CLOSED);
+		if (!(old & FLB_FIN_CLOSED)) {
+			lc_dec(o);
+			emit(FLB_EV_CLOSED, key, e);
+		}
+	}
+}
+
 static __always_inline __u32 flow_hash(const struct pkt *p)
 {
 	/* Deterministic (no per-node seed): every node maps a flow to the
@@ -1125,14 +1267,21 @@ __noinline int unknown_tcp_to_vip(struct __sk_buff *skb, const struct pkt *p)
 	return 1;
 }
 
+/* Is this the packet that opens a connection (a TCP SYN, an SCTP INIT)? */
+static __always_inline int opens_flow(const struct pkt *p)
+{
+	if (p->proto == IPPROTO_TCP)
+		return (p->tcp_flags & 0x12) == 0x02;
+	return p->proto == IPPROTO_SCTP && p->chunk == SCTP_INIT;
+}
+
 /* Does the entry found under a packet's key carry that packet's flow? A synced entry lives
  * as long as its origin says; otherwise the flow is alive while either direction is (one-way
  * UDP keeps only one fresh). A new SYN on a closed original entry starts a new flow. */
 static __always_inline int ct_live(const struct flb_ct_key *key, const struct flb_ct *e,
 				   const struct pkt *p, __u64 now)
 {
-	if (p->proto == IPPROTO_TCP && e->dir == 0 && (p->tcp_flags & 0x12) == 0x02 &&
-	    eff_state(e) >= FLB_CT_TIME_WAIT)
+	if (e->dir == 0 && opens_flow(p) && eff_state(e) >= FLB_CT_TIME_WAIT)
 		return 0;
 	if ((e->flags & FLB_CTF_SYNCED) || ct_alive(e, p->proto, now))
 		return 1;
@@ -1370,7 +1519,9 @@ static __always_inline int ct_create(const struct pkt *p, const struct flb_svc *
 		 * on a short timeout until the endpoint's side answers. */
 		o->state = FLB_CT_EST;
 		o->flags |= FLB_CTF_PICKUP | FLB_CTF_NEW;
-	} else if (p->proto == IPPROTO_TCP) {
+	} else if (p->proto == IPPROTO_TCP || p->proto == IPPROTO_SCTP) {
+		/* A SYN, or an SCTP INIT (the only chunk that opens a flow): half-open in
+		 * ct_new until the handshake completes. */
 		o->state = FLB_CT_SYN_SENT;
 		o->flags |= FLB_CTF_NEW;
 	} else
@@ -1382,6 +1533,11 @@ static __always_inline int ct_create(const struct pkt *p, const struct flb_svc *
 	o->nat_sport = p->proto == IPPROTO_ICMP ? p->sport : p->dport;
 	o->nat_dport = p->proto == IPPROTO_ICMP ? 0 : p->sport;
 	o->dir = 1;
+	/* SCTP: the endpoint's packets carry the tag the INIT asked for. */
+	if (p->proto == IPPROTO_SCTP) {
+		o->seq_next = p->ack;
+		o->flags |= FLB_CTF_SEQ;
+	}
 
 	struct nat_search c;
 	__builtin_memset(&c, 0, sizeof(c));
@@ -1424,6 +1580,9 @@ static __always_inline int ct_create(const struct pkt *p, const struct flb_svc *
 	o->nat_sport = nport;
 	o->nat_dport = icmp ? 0 : eport;
 	o->dir = 0;
+	/* The client's tag is learnt from the INIT ACK. */
+	o->seq_next = 0;
+	o->flags &= ~FLB_CTF_SEQ;
 	if (ok != 0) {
 		if (lc)
 			lc_dec(o);
@@ -1662,6 +1821,46 @@ static __always_inline __u16 csum_fold32(__u32 c)
  * packet is translated all the same and handed to the stack, counted (as fwd does). */
 #define FLB_FAST_L4OFF_MAX 500
 
+/* SCTP's CRC32c (Castagnoli, reflected) is linear: changing bytes of a packet of a given
+ * length changes its CRC by the CRC (zero initial value, no final xor) of the changed bits
+ * followed by as many zero bytes as follow them in the packet. So a port change costs the
+ * CRC of 4 bytes and a multiplication by x^(8 n) modulo the polynomial (n: the bytes after
+ * the ports), found by square-and-multiply from the table below: O(log n) however long the
+ * packet, instead of a pass over every byte. (zlib's crc32_combine does the same.) */
+#define CRC32C_POLY 0x82f63b78u
+/* x^(8 * 2^j) mod P, reflected: advancing a CRC state over 2^j zero bytes. */
+static const __u32 crc32c_zeros[16] = {
+	0x00800000, 0x00008000, 0x82f63b78, 0x6ea2d55c, 0x18b8ea18, 0x510ac59a,
+	0xb82be955, 0xb8fdb1e7, 0x88e56f72, 0x74c360a4, 0xe4172b16, 0x0d65762a,
+	0x35d73a62, 0x28461564, 0xbf455269, 0xe2ea32dc,
+};
+
+/* a * b mod P over GF(2), both reflected. A global function: verified once. */
+__noinline __u32 crc32c_mulmod(__u32 a, __u32 b)
+{
+	__u32 r = 0;
+	for (int i = 0; i < 32; i++) {
+		if (a & 0x80000000u)
+			r ^= b;
+		a <<= 1;
+		b = (b & 1) ? (b >> 1) ^ CRC32C_POLY : b >> 1;
+	}
+	return r;
+}
+
+/* The change of an SCTP packet's CRC32c when its first 4 bytes (the ports) change by `d`
+ * (old ^ new, as loaded from the packet) and `after` bytes follow them. */
+__noinline __u32 sctp_crc_delta(__u32 d, __u32 after)
+{
+	for (int i = 0; i < 32; i++)
+		d = (d & 1) ? (d >> 1) ^ CRC32C_POLY : d >> 1;
+	for (int j = 0; j < 16; j++) {
+		if ((after >> j) & 1)
+			d = crc32c_mulmod(crc32c_zeros[j], d);
+	}
+	return d;
+}
+
 static __always_inline int rewrite(struct __sk_buff *skb, const struct pkt *p, const __u32 *ns,
 				   const __u32 *nd, __u16 nsp, __u16 ndp, int ttl_dec,
 				   const struct bpf_fib_lookup *mac)
@@ -1685,7 +1884,9 @@ static __always_inline int rewrite(struct __sk_buff *skb, const struct pkt *p, c
 		addrs_changed |= (p->saddr[i] != ns[i]) | (p->daddr[i] != nd[i]);
 	}
 	__u32 adiff = wsum_fold(s);
-	if (addrs_changed) {
+	int sctp = p->proto == IPPROTO_SCTP;
+	/* SCTP's CRC32c covers no address (no pseudo header). */
+	if (addrs_changed && !sctp) {
 		if (v6) {
 			if (l4_csum_diff6(skb, csum_off, adiff, p->proto, 1) < 0)
 				return -1;
@@ -1700,7 +1901,13 @@ static __always_inline int rewrite(struct __sk_buff *skb, const struct pkt *p, c
 	if (icmp)
 		ndp = 0;
 	int ports_changed = osp != nsp || odp != ndp;
-	if (ports_changed) {
+	__u32 crc_delta = 0;
+	if (ports_changed && sctp) {
+		/* The CRC32c covers the ports: its change, from the ports' change alone. */
+		crc_delta = sctp_crc_delta(((__u32)osp | ((__u32)odp << 16)) ^
+					   ((__u32)nsp | ((__u32)ndp << 16)),
+					   p->l3end - p->l4off - 4);
+	} else if (ports_changed) {
 		__u32 pdiff = wsum_fold(wsum_change(0, (__u32)osp | ((__u32)odp << 16),
 						    (__u32)nsp | ((__u32)ndp << 16)));
 		if (bpf_l4_csum_replace(skb, csum_off, 0, pdiff, mangled) < 0)
@@ -1710,7 +1917,7 @@ static __always_inline int rewrite(struct __sk_buff *skb, const struct pkt *p, c
 	void *data = (void *)(long)skb->data;
 	void *end = (void *)(long)skb->data_end;
 	l4off &= 0x1ff;
-	if (data + l4off + 8 > end)
+	if (data + l4off + SCTP_HDR > end && (sctp || data + l4off + 8 > end))
 		return -1;
 	if (v6) {
 		struct ip6hdr_ *ip6 = data + ETH_HLEN_;
@@ -1744,6 +1951,8 @@ static __always_inline int rewrite(struct __sk_buff *skb, const struct pkt *p, c
 		pp[0] = nsp;
 		if (!icmp)
 			pp[1] = ndp;
+		if (sctp && data + l4off + SCTP_HDR <= end)
+			*(__u32 *)(data + l4off + SCTP_CRC_OFF) ^= crc_delta;
 	}
 	if (mac) {
 		struct ethhdr *eth = data;
@@ -1770,11 +1979,11 @@ static __always_inline int xlate_fwd(struct __sk_buff *skb, const struct pkt *p,
 	int v6 = p->family == FLB_FAMILY_V6;
 	struct bpf_fib_lookup *f = &fs->f;
 	/* The headers this writes, in the linear part (they nearly always are). */
-	__u32 need = p->l4off + 8;
+	__u32 need = p->l4off + (p->proto == IPPROTO_SCTP ? SCTP_HDR : 8);
 	void *data = (void *)(long)skb->data;
 	void *end = (void *)(long)skb->data_end;
 	if (data + need > end) {
-		if (need > FLB_FAST_L4OFF_MAX + 8 || bpf_skb_pull_data(skb, need) < 0)
+		if (need > FLB_FAST_L4OFF_MAX + SCTP_HDR || bpf_skb_pull_data(skb, need) < 0)
 			return -1;
 		data = (void *)(long)skb->data;
 		end = (void *)(long)skb->data_end;
@@ -1850,7 +2059,8 @@ static __always_inline int icmp_err_v4(struct __sk_buff *skb, const struct pkt *
 	struct iphdr in;
 	if (bpf_skb_load_bytes(skb, ioff, &in, sizeof(in)) < 0)
 		return -1;
-	if (in.ihl != 5 || (in.protocol != IPPROTO_TCP && in.protocol != IPPROTO_UDP))
+	if (in.ihl != 5 || (in.protocol != IPPROTO_TCP && in.protocol != IPPROTO_UDP &&
+			    in.protocol != IPPROTO_SCTP))
 		return -1;
 	__u32 poff = ioff + sizeof(in);
 	__u16 ports[2];
@@ -1906,7 +2116,7 @@ static __always_inline int icmp_err_v6(struct __sk_buff *skb, struct pkt *p)
 	struct ip6hdr_ in;
 	if (bpf_skb_load_bytes(skb, ioff, &in, sizeof(in)) < 0)
 		return -1;
-	if (in.nexthdr != IPPROTO_TCP && in.nexthdr != IPPROTO_UDP)
+	if (in.nexthdr != IPPROTO_TCP && in.nexthdr != IPPROTO_UDP && in.nexthdr != IPPROTO_SCTP)
 		return -1;
 	__u32 poff = ioff + sizeof(in);
 	__u16 ports[2];
@@ -2113,6 +2323,13 @@ __noinline int flow_packet(struct __sk_buff *skb, struct pkt *p, const struct fl
 			if (!e)
 				return TC_ACT_SHOT;
 		}
+	} else if (p->proto == IPPROTO_SCTP && !p->untracked) {
+		sctp_track(key, e, p, now);
+		if ((e->flags & FLB_CTF_NEW) && e->state == FLB_CT_EST) {
+			e = ct_promote(key, e);
+			if (!e)
+				return TC_ACT_SHOT;
+		}
 	}
 	/* Read before the rewrite: `e` may be the stack copy or a map value a peer's sync
 	 * rewrites meanwhile; the counters are charged only for what goes on its way. */
@@ -2202,6 +2419,12 @@ int flb_ingress(struct __sk_buff *skb)
 		 * a flow whose sync is in flight), on a short timeout until confirmed. */
 		if (p.proto == IPPROTO_TCP && (p.tcp_flags & 0x12) != 0x02 &&
 		    svc->mode != FLB_MODE_DNAT) {
+			count(FLB_CNT_DROP_NOT_SYN);
+			return TC_ACT_SHOT;
+		}
+		/* SCTP: only an INIT opens a flow, in every mode (no pick-up: an association's
+		 * state lives in its tags, which a mid-stream packet does not tell). */
+		if (p.proto == IPPROTO_SCTP && p.chunk != SCTP_INIT) {
 			count(FLB_CNT_DROP_NOT_SYN);
 			return TC_ACT_SHOT;
 		}

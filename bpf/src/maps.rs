@@ -31,6 +31,7 @@ pub const NAT_PORTS: u32 = 64512;
 pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
+pub const PROTO_SCTP: u8 = 132;
 
 /// Timeouts that do not come from the rule (seconds), as in the header.
 pub const TO_SYN_S: u32 = 60;
@@ -172,9 +173,15 @@ pub enum Counter {
     /// A flow's first packet from a source its rule does not allow (`allowedSources`):
     /// dropped (also counted per rule).
     DropSource = 32,
+    /// A malformed SCTP packet to a VIP or a tracked flow (header or first chunk truncated,
+    /// an INIT with a tag or bundled): dropped before any flow exists.
+    DropSctpHeader = 33,
+    /// An SCTP chunk that would change an association's state with the wrong verification
+    /// tag: forwarded, the state unchanged.
+    SctpTagIgnored = 34,
 }
 
-pub const COUNTERS: usize = 33;
+pub const COUNTERS: usize = 35;
 
 /// `Svc::flags`: only the sources in `src_ranges` under the service's id open flows.
 pub const SVCF_SOURCES: u32 = 0x01;
@@ -522,7 +529,7 @@ impl Ct {
 
     /// The inactivity timeout in force for this entry (the datapath's `ct_timeout_ns`).
     pub fn timeout_s(&self, proto: u8) -> u32 {
-        if proto != PROTO_TCP {
+        if proto != PROTO_TCP && proto != PROTO_SCTP {
             return self.timeout_s;
         }
         match self.state() {

@@ -19,6 +19,7 @@ use crate::pb;
 pub const PROTO_ICMP: u8 = 1;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
+pub const PROTO_SCTP: u8 = 132;
 
 /// Highest TCP state number (`pb::TcpState::Close`).
 const STATE_MAX: u8 = 6;
@@ -101,8 +102,11 @@ fn family(a: &IpAddr) -> u8 {
 
 impl FlowKey {
     fn check(&self) -> Result<(), FlowError> {
-        if !matches!(self.protocol, PROTO_ICMP | PROTO_TCP | PROTO_UDP) {
-            return Err(bad("protocol", "not ICMP, TCP or UDP"));
+        if !matches!(
+            self.protocol,
+            PROTO_ICMP | PROTO_TCP | PROTO_UDP | PROTO_SCTP
+        ) {
+            return Err(bad("protocol", "not ICMP, TCP, UDP or SCTP"));
         }
         if family(&self.client) != family(&self.vip) {
             return Err(bad("vip", "address family differs from the client's"));
@@ -615,7 +619,7 @@ mod tests {
             }
             r[0] = 1 + (r[0] & 1);
             r[1] = if r[1] & 1 == 0 { 4 } else { 6 };
-            r[2] = [PROTO_ICMP, PROTO_TCP, PROTO_UDP, r[2]][usize::from(r[2] & 3)];
+            r[2] = [PROTO_ICMP, PROTO_TCP, PROTO_UDP, PROTO_SCTP, r[2]][usize::from(r[2] % 5)];
             r[3] &= 3;
             r[4] &= 7;
             r[5] &= 3;

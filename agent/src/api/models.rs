@@ -34,13 +34,9 @@ pub fn parse_protocol(s: &str, field: &str) -> Result<Protocol, FieldError> {
     let lower = s.to_ascii_lowercase();
     match Protocol::from_name(&lower) {
         Some(p) => Ok(p),
-        None if lower == "sctp" => Err(FieldError::new(
-            field,
-            "sctp is not supported by this datapath yet (tcp, udp, icmp are)",
-        )),
         None => Err(FieldError::new(
             field,
-            format!("unknown protocol '{lower}' (tcp, udp, icmp)"),
+            format!("unknown protocol '{lower}' (tcp, udp, sctp, icmp)"),
         )),
     }
 }
@@ -500,7 +496,8 @@ pub fn parse_rule(body: &[u8]) -> Result<RuleSpec, FieldError> {
     {
         return Err(FieldError::new(
             "secondaryIPs",
-            "secondary IPs (SCTP multihoming) are not supported",
+            "secondary IPs (SCTP multihoming) are not supported: an SCTP rule serves \
+             single-homed associations (one address per side)",
         ));
     }
     let service = Service {
@@ -932,8 +929,8 @@ mod tests {
                 "serviceArguments.mode: 4 (fullproxy) is not supported",
             ),
             (
-                &base(r#""externalIP":"1.2.3.4","port":80,"protocol":"sctp""#, ep),
-                "serviceArguments.protocol: sctp is not supported",
+                &base(r#""externalIP":"1.2.3.4","port":80,"protocol":"dccp""#, ep),
+                "serviceArguments.protocol: unknown protocol 'dccp' (tcp, udp, sctp, icmp)",
             ),
             (
                 &base(r#""externalIP":"1.2.3.4","port":80,"probetype":"smtp""#, ep),

@@ -99,6 +99,9 @@ struct CreateLb {
     /// UDP ports: PORT[:TARGETPORT], comma-separated.
     #[arg(long)]
     udp: Option<String>,
+    /// SCTP ports: PORT[:TARGETPORT], comma-separated.
+    #[arg(long)]
+    sctp: Option<String>,
     /// Balance ICMP echo.
     #[arg(long)]
     icmp: bool,
@@ -130,6 +133,8 @@ struct DeleteLb {
     tcp: Option<String>,
     #[arg(long)]
     udp: Option<String>,
+    #[arg(long)]
+    sctp: Option<String>,
     #[arg(long)]
     icmp: bool,
     /// Delete by rule name instead.
@@ -708,18 +713,20 @@ fn main() -> Result<()> {
                         .map(|(p, t)| ("tcp".into(), p, t)),
                 );
             }
-            if let Some(u) = &a.udp {
-                rules.extend(
-                    ports(u, "udp")?
-                        .into_iter()
-                        .map(|(p, t)| ("udp".into(), p, t)),
-                );
+            for (proto, spec) in [("udp", &a.udp), ("sctp", &a.sctp)] {
+                if let Some(u) = spec {
+                    rules.extend(
+                        ports(u, proto)?
+                            .into_iter()
+                            .map(|(p, t)| (proto.to_string(), p, t)),
+                    );
+                }
             }
             if a.icmp {
                 rules.push(("icmp".into(), 1, 0));
             }
             if rules.is_empty() {
-                bail!("give at least one of --tcp, --udp, --icmp");
+                bail!("give at least one of --tcp, --udp, --sctp, --icmp");
             }
             // Checked by the node, which names a bad entry.
             let sources: Vec<&str> = a
@@ -765,7 +772,7 @@ fn main() -> Result<()> {
                     .vip
                     .as_deref()
                     .ok_or_else(|| anyhow!("give the VIP, --name or --all"))?;
-                for (flag, proto) in [(&a.tcp, "tcp"), (&a.udp, "udp")] {
+                for (flag, proto) in [(&a.tcp, "tcp"), (&a.udp, "udp"), (&a.sctp, "sctp")] {
                     if let Some(p) = flag {
                         for (port, _) in ports(p, proto)? {
                             paths.push(format!(
@@ -780,7 +787,7 @@ fn main() -> Result<()> {
                     ));
                 }
                 if paths.is_empty() {
-                    bail!("give at least one of --tcp, --udp, --icmp");
+                    bail!("give at least one of --tcp, --udp, --sctp, --icmp");
                 }
             }
             for p in paths {

@@ -8,8 +8,8 @@ use std::net::IpAddr;
 
 use ferrolb_bpf::SyncTable;
 use ferrolb_bpf::maps::{
-    CTF_SYNCED, Ct, CtKey, FAMILY_V4, FAMILY_V6, PROTO_ICMP, PROTO_TCP, PROTO_UDP, addr_words,
-    words_addr,
+    CTF_SYNCED, Ct, CtKey, FAMILY_V4, FAMILY_V6, PROTO_ICMP, PROTO_SCTP, PROTO_TCP, PROTO_UDP,
+    addr_words, words_addr,
 };
 use ferrolb_consync::{Flow, FlowKey, pb};
 
@@ -51,7 +51,7 @@ pub fn key_of(k: &CtKey) -> FlowKey {
 /// The datapath key of a flow's original direction; `None` when the key does not fit the
 /// datapath (consync has checked the protocol and that both addresses share a family).
 pub fn ct_key(k: &FlowKey) -> Option<CtKey> {
-    if !matches!(k.protocol, PROTO_ICMP | PROTO_TCP | PROTO_UDP) {
+    if !matches!(k.protocol, PROTO_ICMP | PROTO_TCP | PROTO_UDP | PROTO_SCTP) {
         return None;
     }
     let (s, fs) = addr_words(k.client);
@@ -224,7 +224,7 @@ mod tests {
 
     #[test]
     fn keys_round_trip() {
-        for (p, v6) in [PROTO_TCP, PROTO_UDP, PROTO_ICMP]
+        for (p, v6) in [PROTO_TCP, PROTO_UDP, PROTO_ICMP, PROTO_SCTP]
             .into_iter()
             .flat_map(|p| [(p, false), (p, true)])
         {
@@ -273,7 +273,7 @@ mod tests {
     /// translations the datapath made (its reply entry is what `ct_create` writes).
     #[test]
     fn entries_rebuild_both_directions() {
-        for (p, v6) in [PROTO_TCP, PROTO_UDP, PROTO_ICMP]
+        for (p, v6) in [PROTO_TCP, PROTO_UDP, PROTO_ICMP, PROTO_SCTP]
             .into_iter()
             .flat_map(|p| [(p, false), (p, true)])
         {

@@ -105,6 +105,7 @@ async fn once(t: &Target, timeout: Duration) -> Result<bool, Failure> {
                 .map(|()| false)
         }
         ProbeKind::Udp => udp(addr, t, timeout).await,
+        ProbeKind::Sctp => sctp_init(addr, t.source).await.map(|()| false),
         ProbeKind::Http => {
             let mut s = connect(addr, t.source).await?;
             http(&mut s, t).await.map(|()| false)
@@ -389,6 +390,121 @@ pub async fn ping(ip: IpAddr, source: Option<IpAddr>) -> Result<(), Failure> {
     }
 }
 
+/// An SCTP packet: common header (CRC32c filled in) and chunks.
+pub fn sctp_packet(sport: u16, dport: u16, vtag: u32, chunks: &[u8]) -> Vec<u8> {
+    let mut p = Vec::with_capacity(12 + chunks.len());
+    p.extend(sport.to_be_bytes());
+    p.extend(dport.to_be_bytes());
+    p.extend(vtag.to_be_bytes());
+    p.extend([0u8; 4]);
+    p.extend_from_slice(chunks);
+    // RFC 9260 appendix A: CRC32c over the packet with a zero checksum field, stored in the
+    // byte order the algorithm produces it (little-endian as a number).
+    let c = crc32c::crc32c(&p);
+    p[8..12].copy_from_slice(&c.to_le_bytes());
+    p
+}
+
+/// What an SCTP probe makes of a packet from the endpoint: `Some(Ok(peer_tag))` an INIT ACK
+/// for our INIT (its initiate tag), `Some(Err)` an ABORT, `None` anything else (another
+/// association's packet, a bad checksum).
+pub fn sctp_answer(
+    p: &[u8],
+    our_port: u16,
+    their_port: u16,
+    tag: u32,
+) -> Option<Result<u32, Failure>> {
+    if p.len() < 16 || p[0..2] != their_port.to_be_bytes() || p[2..4] != our_port.to_be_bytes() {
+        return None;
+    }
+    if p[4..8] != tag.to_be_bytes() {
+        return None;
+    }
+    let mut z = p.to_vec();
+    z[8..12].fill(0);
+    if crc32c::crc32c(&z) != u32::from_le_bytes([p[8], p[9], p[10], p[11]]) {
+        return None;
+    }
+    match p[12] {
+        2 if p.len() >= 20 => Some(Ok(u32::from_be_bytes([p[16], p[17], p[18], p[19]]))),
+        6 => Some(Err(Failure::Refused)),
+        _ => None,
+    }
+}
+
+/// An SCTP INIT to `addr` from a raw socket (this host needs no SCTP stack): an INIT ACK is
+/// up, and the half-made association is aborted at once; an ABORT is down (no listener);
+/// silence is a timeout (the caller's).
+pub async fn sctp_init(addr: SocketAddr, source: Option<IpAddr>) -> Result<(), Failure> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let domain = if addr.is_ipv4() {
+        Domain::IPV4
+    } else {
+        Domain::IPV6
+    };
+    let sock =
+        Socket::new(domain, Type::RAW, Some(Protocol::from(132))).map_err(|e| Failure::of(&e))?;
+    sock.set_nonblocking(true).map_err(|e| Failure::of(&e))?;
+    if let Some(src) = source {
+        sock.bind(&SocketAddr::new(src, 0).into())
+            .map_err(|e| Failure::of(&e))?;
+    }
+    let ident = u32::from(next_ident());
+    // An ephemeral port and a tag of our own (never 0).
+    let our_port = 49152 + (ident as u16 % 16384);
+    let tag = (ident << 16) | 0x5c7b;
+    let mut init = vec![1u8, 0, 0, 20];
+    init.extend(tag.to_be_bytes()); // initiate tag
+    init.extend(65535u32.to_be_bytes()); // a_rwnd
+    init.extend(1u16.to_be_bytes()); // outbound streams
+    init.extend(1u16.to_be_bytes()); // inbound streams
+    init.extend(tag.to_be_bytes()); // initial TSN
+    let pkt = sctp_packet(our_port, addr.port(), 0, &init);
+    // SAFETY: the socket owns its descriptor for its whole life and always returns that one.
+    let fd = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(sock, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| Failure::of(&e.into()))?;
+    let dst: socket2::SockAddr = SocketAddr::new(addr.ip(), 0).into();
+    fd.get_ref()
+        .send_to(&pkt, &dst)
+        .map_err(|e| Failure::of(&e))?;
+    let mut buf = [std::mem::MaybeUninit::<u8>::uninit(); 2048];
+    loop {
+        let mut guard = fd.readable().await.map_err(|e| Failure::of(&e))?;
+        match guard.try_io(|s| s.get_ref().recv_from(&mut buf)) {
+            Ok(Ok((n, from))) => {
+                if from.as_socket().map(|a| a.ip()) != Some(addr.ip()) {
+                    continue;
+                }
+                // SAFETY: recv_from initialised the first n bytes.
+                let data: Vec<u8> = buf[..n]
+                    .iter()
+                    .map(|b| unsafe { b.assume_init() })
+                    .collect();
+                let sctp = if addr.is_ipv4() {
+                    let ihl = usize::from(data.first().copied().unwrap_or(0) & 0x0f) * 4;
+                    data.get(ihl..).unwrap_or(&[])
+                } else {
+                    &data[..]
+                };
+                match sctp_answer(sctp, our_port, addr.port(), tag) {
+                    Some(Ok(peer_tag)) => {
+                        // ABORT (no T bit: the peer's tag) so the endpoint frees its state.
+                        let abort = sctp_packet(our_port, addr.port(), peer_tag, &[6, 0, 0, 4]);
+                        let _ = fd.get_ref().send_to(&abort, &dst);
+                        return Ok(());
+                    }
+                    Some(Err(f)) => return Err(f),
+                    None => continue,
+                }
+            }
+            Ok(Err(e)) => return Err(Failure::of(&e)),
+            Err(_would_block) => continue,
+        }
+    }
+}
+
 fn next_ident() -> u16 {
     use std::sync::atomic::{AtomicU16, Ordering};
     static NEXT: AtomicU16 = AtomicU16::new(0);
@@ -480,6 +596,54 @@ impl rustls::client::danger::ServerCertVerifier for AnyCert {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The CRC32c of RFC 9260 appendix A (RFC 3720 B.4's test vector: 32 zero bytes), the
+    /// packet the probe sends, and which answers it takes.
+    #[test]
+    fn sctp_probe_packets_and_answers() {
+        assert_eq!(crc32c::crc32c(&[0u8; 32]), 0x8a91_36aa);
+        let p = sctp_packet(50000, 38412, 0, &[1, 0, 0, 4]);
+        assert_eq!(&p[..8], &[0xc3, 0x50, 0x96, 0x0c, 0, 0, 0, 0]);
+        let init_ack = |tag: u32, crc_ok: bool| {
+            let mut c = vec![2u8, 0, 0, 20];
+            c.extend(0xabcd_0001u32.to_be_bytes());
+            c.extend([0u8; 12]);
+            let mut p = sctp_packet(38412, 50000, tag, &c);
+            if !crc_ok {
+                p[11] ^= 1;
+            }
+            p
+        };
+        assert_eq!(
+            sctp_answer(&init_ack(7, true), 50000, 38412, 7),
+            Some(Ok(0xabcd_0001))
+        );
+        assert_eq!(
+            sctp_answer(&init_ack(8, true), 50000, 38412, 7),
+            None,
+            "another tag"
+        );
+        assert_eq!(
+            sctp_answer(&init_ack(7, false), 50000, 38412, 7),
+            None,
+            "bad CRC"
+        );
+        assert_eq!(
+            sctp_answer(&init_ack(7, true), 50001, 38412, 7),
+            None,
+            "another port"
+        );
+        let abort = sctp_packet(38412, 50000, 7, &[6, 0, 0, 4]);
+        assert_eq!(
+            sctp_answer(&abort, 50000, 38412, 7),
+            Some(Err(Failure::Refused))
+        );
+        assert_eq!(
+            sctp_answer(&abort[..10], 50000, 38412, 7),
+            None,
+            "truncated"
+        );
+    }
 
     #[test]
     fn icmp_checksum_of_an_echo_request() {
