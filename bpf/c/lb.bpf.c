@@ -2404,7 +2404,12 @@ int flb_ingress(struct __sk_buff *skb)
 			return TC_ACT_OK;
 		struct flb_svc *svc = svc_lookup(&p);
 		if (!svc) {
-			if (unknown_tcp_to_vip(skb, &p)) {
+			/* SCTP to a VIP that matches no flow (the endpoint's side of a flow this node
+			 * has not learnt yet): this node has no SCTP socket, and the stack's answer
+			 * (an ABORT, or ICMP protocol unreachable, which SCTP treats as one) would
+			 * end the association. */
+			if (unknown_tcp_to_vip(skb, &p) ||
+			    (p.proto == IPPROTO_SCTP && is_vip(p.daddr, p.family, IPPROTO_SCTP))) {
 				count(FLB_CNT_DROP_NO_FLOW);
 				return TC_ACT_SHOT;
 			}

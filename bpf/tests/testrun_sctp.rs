@@ -364,58 +364,78 @@ fn sctp_abort_closes_only_with_the_association_tag() {
         return;
     }
     let mut dp = datapath();
-    install(&mut dp, 1, VIP.into(), EP.into(), LB_IF.into(), 2);
-    let a = Assoc {
-        client: CLIENT.into(),
-        vip: VIP.into(),
-        ep: EP.into(),
-        cport: 40000,
-    };
-    let up = |vtag: u32, c: &[u8]| sctp(a.client, a.vip, a.cport, 38412, vtag, c);
-    pass(&mut dp, &up(0, &init(INIT, TAG_C)), "INIT");
-    let nport = u16::from_be(dp.ct_get(&a.key()).unwrap().unwrap().nat_sport);
-    let down = |vtag: u32, c: &[u8]| sctp(EP.into(), VIP.into(), 9000, nport, vtag, c);
-    pass(&mut dp, &down(TAG_C, &init(INIT_ACK, TAG_E)), "INIT ACK");
-    pass(
-        &mut dp,
-        &up(TAG_E, &chunk(COOKIE_ECHO, 0, b"c")),
-        "COOKIE ECHO",
-    );
-    pass(
-        &mut dp,
-        &down(TAG_C, &chunk(COOKIE_ACK, 0, b"")),
-        "COOKIE ACK",
-    );
-    // A forged ABORT (a guessed tag) is forwarded (the endpoint discards it) but changes
-    // nothing here; so does one with the T bit and a wrong tag.
-    pass(
-        &mut dp,
-        &up(0xdead_beef, &chunk(ABORT, 0, b"")),
-        "forged ABORT",
-    );
-    pass(
-        &mut dp,
-        &up(TAG_E, &chunk(ABORT, 1, b"")),
-        "ABORT, T bit, own tag",
-    );
-    assert_eq!(
-        dp.ct_get(&a.key()).unwrap().unwrap().state(),
-        CtState::Established
-    );
-    assert_eq!(dp.counter(Counter::SctpTagIgnored), 2);
-    // The endpoint's ABORT with the T bit carries its own tag (what the client's packets
-    // carry): accepted.
-    pass(&mut dp, &down(TAG_E, &chunk(ABORT, 1, b"")), "ABORT");
-    assert_eq!(
-        dp.ct_get(&a.key()).unwrap().unwrap().state(),
-        CtState::Close
-    );
-    // A new INIT on the closed association's ports starts a new one.
-    pass(&mut dp, &up(0, &init(INIT, TAG_C + 1)), "new INIT");
-    assert_eq!(
-        dp.ct_get(&a.key()).unwrap().unwrap().state(),
-        CtState::SynSent
-    );
+    let mut ignored = 0;
+    for (id, mode, nat_src) in [
+        (1, 0u8, IpAddr::V4(CLIENT)),
+        (2, 1, IpAddr::V4(LB_IF)),
+        (3, 2, IpAddr::V4(VIP)),
+    ] {
+        install(&mut dp, id, VIP.into(), EP.into(), LB_IF.into(), mode);
+        let a = Assoc {
+            client: CLIENT.into(),
+            vip: VIP.into(),
+            ep: EP.into(),
+            cport: 40000 + id as u16,
+        };
+        let up = |vtag: u32, c: &[u8]| sctp(a.client, a.vip, a.cport, 38412, vtag, c);
+        pass(&mut dp, &up(0, &init(INIT, TAG_C)), "INIT");
+        let nport = u16::from_be(dp.ct_get(&a.key()).unwrap().unwrap().nat_sport);
+        let down = |vtag: u32, c: &[u8]| sctp(EP.into(), nat_src, 9000, nport, vtag, c);
+        pass(&mut dp, &down(TAG_C, &init(INIT_ACK, TAG_E)), "INIT ACK");
+        pass(
+            &mut dp,
+            &up(TAG_E, &chunk(COOKIE_ECHO, 0, b"c")),
+            "COOKIE ECHO",
+        );
+        pass(
+            &mut dp,
+            &down(TAG_C, &chunk(COOKIE_ACK, 0, b"")),
+            "COOKIE ACK",
+        );
+        // A forged ABORT (a guessed tag) is forwarded (the endpoint discards it) but changes
+        // nothing here; so does one with the T bit and a wrong tag.
+        pass(
+            &mut dp,
+            &up(0xdead_beef, &chunk(ABORT, 0, b"")),
+            "forged ABORT",
+        );
+        pass(
+            &mut dp,
+            &up(TAG_E, &chunk(ABORT, 1, b"")),
+            "ABORT, T bit, own tag",
+        );
+        ignored += 2;
+        assert_eq!(
+            dp.ct_get(&a.key()).unwrap().unwrap().state(),
+            CtState::Established,
+            "mode {mode}"
+        );
+        assert_eq!(dp.counter(Counter::SctpTagIgnored), ignored);
+        // The endpoint's ABORT with the T bit carries its own tag (what the client's packets
+        // carry): accepted, and translated back with a valid CRC32c.
+        let back = pass(&mut dp, &down(TAG_E, &chunk(ABORT, 1, b"")), "ABORT");
+        assert_eq!(ports(&back), (38412, a.cport));
+        assert_eq!(
+            dp.ct_get(&a.key()).unwrap().unwrap().state(),
+            CtState::Close,
+            "mode {mode}"
+        );
+        // A new INIT on the closed association's ports starts a new one.
+        pass(&mut dp, &up(0, &init(INIT, TAG_C + 1)), "new INIT");
+        assert_eq!(
+            dp.ct_get(&a.key()).unwrap().unwrap().state(),
+            CtState::SynSent
+        );
+        // The service gives the port up for the next mode.
+        let (addr, family) = addr_words(VIP.into());
+        dp.delete_service(&SvcKey {
+            addr,
+            port: 38412u16.to_be(),
+            proto: PROTO_SCTP,
+            family,
+        })
+        .unwrap();
+    }
 }
 
 #[test]
@@ -464,6 +484,16 @@ fn sctp_flows_open_only_with_a_well_formed_init() {
         assert_eq!(rc, TC_ACT_SHOT, "{what}");
         assert_eq!(dp.counter(counter), before + 1, "{what}: counted");
     }
+    // The endpoint's side of a flow this node does not know (a full-NAT reply to the VIP
+    // after a failover, before the sync): dropped, not left to the stack, whose answer
+    // (ABORT, or ICMP protocol unreachable) would end the association.
+    let before = dp.counter(Counter::DropNoFlow);
+    let reply = sctp(EP.into(), VIP.into(), 9000, 33333, TAG_C, &data(b"x"));
+    assert_eq!(dp.test_run(&reply).unwrap().0, TC_ACT_SHOT);
+    assert_eq!(dp.counter(Counter::DropNoFlow), before + 1);
+    // SCTP to another address is not ours: it passes.
+    let other = sctp(EP.into(), LB_IF.into(), 9000, 33333, TAG_C, &data(b"x"));
+    assert_eq!(dp.test_run(&other).unwrap().0, TC_ACT_OK);
     assert!(dp.ct_entries().is_empty(), "no flow from any of them");
 }
 
