@@ -207,15 +207,20 @@ pub fn isolate(lab: &TestLab, node: &str, on: bool) {
 }
 
 /// Drops every frame in and out of each (node, port) with netdev ingress and egress chains
-/// (which also catch AF_PACKET frames such as gratuitous ARP), or lifts that.
+/// (which also catch AF_PACKET frames such as gratuitous ARP), or lifts that. A table per port:
+/// several ports of one node can be cut and lifted independently.
 pub fn cut_ports(lab: &TestLab, ports: &[(&str, &str)], on: bool) {
     for (at, port) in ports.iter().copied() {
+        let table = format!(
+            "flb_fault_{}",
+            port.replace(|c: char| !c.is_ascii_alphanumeric(), "_")
+        );
         let script = if on {
             format!(
-                "table netdev flb_fault {{\n chain in {{ type filter hook ingress device \"{port}\" priority -500; policy drop; }}\n chain out {{ type filter hook egress device \"{port}\" priority -500; policy drop; }}\n}}\n"
+                "table netdev {table} {{\n chain in {{ type filter hook ingress device \"{port}\" priority -500; policy drop; }}\n chain out {{ type filter hook egress device \"{port}\" priority -500; policy drop; }}\n}}\n"
             )
         } else {
-            "delete table netdev flb_fault\n".to_string()
+            format!("delete table netdev {table}\n")
         };
         let out = lab
             .exec_input(at, &["nft", "-f", "-"], Some(script.as_bytes()))
