@@ -473,9 +473,11 @@ fn datapath_sources(r: &Rule) -> BTreeSet<ipnet::IpNet> {
         .collect()
 }
 
-/// Source-table entries a rule takes.
+/// Source-table entries a rule takes (its list has no duplicates).
 pub fn source_entries(r: &Rule) -> usize {
-    datapath_sources(r).len()
+    r.service
+        .sources_of_family(r.key.external_ip.is_ipv6())
+        .count()
 }
 
 /// Is there room in the datapath's source table (`capacity` entries) for `change`?

@@ -7,13 +7,14 @@
 
 use std::time::Duration;
 
-use ferrolb_tests::ha::{assert_all_survived, cut_ports, role, rule, traffic_with_fault};
+use ferrolb_tests::ha::{
+    VIP, assert_all_survived, cut_ports, nexthops, role, rule, traffic_with_fault,
+};
 use ferrolb_tests::{TestLab, rest, wait_api};
 use serde_json::{Value, json};
 
 const FERROLB: &str = env!("CARGO_BIN_EXE_ferrolb");
 const TOPOLOGY: &str = "containerlab/cluster3/cluster3.clab.yml";
-const VIP: &str = "203.0.113.10";
 /// (node, its ToR-side address, the ToR's address, the ToR's port to it, the switch's port).
 const NODES: [(&str, &str, &str, &str, &str); 3] = [
     ("lb1", "192.0.2.2", "192.0.2.1", "eth2", "eth1"),
@@ -63,25 +64,6 @@ fn wait_master(lab: &TestLab, master: &str, live: &[&str]) {
         },
     )
     .unwrap();
-}
-
-/// The ToR's kernel route to the VIP: its next hops.
-fn nexthops(lab: &TestLab) -> Vec<String> {
-    let out = lab
-        .exec_ok("tor", &["ip", "-j", "route", "show", VIP])
-        .unwrap_or_default();
-    let v: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
-    let Some(r) = v.get(0) else { return vec![] };
-    match r["nexthops"].as_array() {
-        Some(nh) => nh
-            .iter()
-            .filter_map(|n| n["gateway"].as_str().map(str::to_string))
-            .collect(),
-        None => r["gateway"]
-            .as_str()
-            .map(|g| vec![g.to_string()])
-            .unwrap_or_default(),
-    }
 }
 
 fn wait_route_via(lab: &TestLab, via: &str) {

@@ -879,6 +879,34 @@ static __always_inline int rst_acceptable(const struct flb_ct *e, const struct f
 	return (p->tcp_flags & 0x10) && pe && (pe->flags & FLB_CTF_SEQ) && p->ack == pe->seq_next;
 }
 
+/* A tracked flow's state moves from `st` to `next` (TCP or SCTP): stored in both entries;
+ * reported when it becomes established (a half-open flow once it has moved to conntrack:
+ * ct_promote); and when `close`, counted closed exactly once (the CLOSED bit is the claim:
+ * both directions may close at once on two CPUs). */
+static __always_inline void ct_set_state(const struct flb_ct_key *key, struct flb_ct *e,
+					 struct flb_ct *pe, __u8 st, __u8 next, int close, __u64 now)
+{
+	if (next != e->state) {
+		e->state = next;
+		if (pe) {
+			pe->state = next;
+			pe->last_ns = now;
+		}
+	}
+	if (next == FLB_CT_EST && st < FLB_CT_EST && !(e->flags & FLB_CTF_NEW))
+		emit(FLB_EV_ESTABLISHED, key, e);
+	if (close) {
+		struct flb_ct *o = e->dir == 0 ? e : pe;
+		if (!o)
+			o = e;
+		__u32 old = __sync_fetch_and_or(&o->fin, FLB_FIN_CLOSED);
+		if (!(old & FLB_FIN_CLOSED)) {
+			lc_dec(o);
+			emit(FLB_EV_CLOSED, key, e);
+		}
+	}
+}
+
 /* TCP tracking for a segment with SYN, FIN or RST, of a flow not yet established, or of a
  * pick-up not yet confirmed. Both entries of a flow carry the state (stored in both on a
  * change). The two directions may be processed at once on two CPUs at close time, so FIN bits
@@ -933,26 +961,7 @@ static __always_inline void tcp_track(const struct flb_ct_key *key, struct flb_c
 		if (pe)
 			pe->flags &= ~FLB_CTF_PICKUP;
 	}
-	if (next != e->state) {
-		e->state = next;
-		if (pe) {
-			pe->state = next;
-			pe->last_ns = now;
-		}
-	}
-	/* A half-open flow is reported once it has moved to conntrack (ct_promote). */
-	if (next == FLB_CT_EST && st < FLB_CT_EST && !(e->flags & FLB_CTF_NEW))
-		emit(FLB_EV_ESTABLISHED, key, e);
-	if (close) {
-		struct flb_ct *o = e->dir == 0 ? e : pe;
-		if (!o)
-			o = e;
-		__u32 old = __sync_fetch_and_or(&o->fin, FLB_FIN_CLOSED);
-		if (!(old & FLB_FIN_CLOSED)) {
-			lc_dec(o);
-			emit(FLB_EV_CLOSED, key, e);
-		}
-	}
+	ct_set_state(key, e, pe, st, next, close, now);
 }
 
 /* Does an SCTP packet carry the association's tag for its direction? Its own tag, or for an
@@ -1018,25 +1027,7 @@ static __always_inline void sctp_track(const struct flb_ct_key *key, struct flb_
 		/* COOKIE ACK, or anything else with the right tag: the association is up. */
 		next = FLB_CT_EST;
 	}
-	if (next != e->state) {
-		e->state = next;
-		if (pe) {
-			pe->state = next;
-			pe->last_ns = now;
-		}
-	}
-	if (next == FLB_CT_EST && st < FLB_CT_EST && !(e->flags & FLB_CTF_NEW))
-		emit(FLB_EV_ESTABLISHED, key, e);
-	if (close) {
-		struct flb_ct *o = e->dir == 0 ? e : pe;
-		if (!o)
-			o = e;
-		__u32 old = __sync_fetch_and_or(&o->fin, FLB_FIN_CLOSED);
-		if (!(old & FLB_FIN_CLOSED)) {
-			lc_dec(o);
-			emit(FLB_EV_CLOSED, key, e);
-		}
-	}
+	ct_set_state(key, e, pe, st, next, close, now);
 }
 
 static __always_inline __u32 flow_hash(const struct pkt *p)
