@@ -1,4 +1,4 @@
-//! HA benchmarks (root; `cargo bench --bench ha [-- sync|lag|failover]`). Not tests: they
+//! HA benchmarks (root; `cargo bench --bench ha [-- sync|lag|cluster|failover]`). Not tests: they
 //! measure, print a JSON summary, and compare against a baseline measured in the same run.
 //!
 //! - `sync`: bulk resync rate. Node A's datapath holds N flows (inserted into its conntrack
@@ -8,6 +8,11 @@
 //!   (UDP: a TCP flow is synced when its handshake completes, through the same path) through
 //!   the program (BPF_PROG_TEST_RUN) at a fixed rate; the agent's event path publishes
 //!   them; the time from the packet to the flow being present in B's map is sampled.
+//! - `cluster`: sync as the cluster grows, 2 to 8 nodes in this process (full mesh over
+//!   loopback, real datapath maps, protobuf and gRPC), each node holding 25,000 flows of its
+//!   own. Bulk resync: the last node joins and receives every peer's snapshot (time until it
+//!   holds all of them). Sync lag: node 0 publishes 1,000 new flows; time until every peer
+//!   holds them (median of 5 rounds). Ratios against the 2-node figures of the same run.
 //! - `failover`: the silent death of the MASTER in the `ha-pair` lab (same traffic shape as the
 //!   keepalived baseline: 4 TCP streams, 4 UDP flows, fault at 3 s), against keepalived
 //!   (VRRPv3, 100 ms adverts) + conntrackd FTFW + nftables NAT (`bench/keepalived-baseline`,
@@ -40,14 +45,7 @@ fn datapath(node: u16, conntrack: u32) -> Datapath {
 
 fn ha(node: u16, peer: SocketAddr, dp: &Datapath) -> Arc<Ha> {
     Arc::new(Ha::new(
-        HaConfig {
-            node_id: node,
-            ka: false,
-            peers: vec![(peer, None)],
-            join_timeout: Duration::from_secs(5),
-            silent_dead: Duration::from_secs(1),
-            l2: false,
-        },
+        HaConfig::sync_only(node, vec![peer]),
         dp.sync_table().unwrap(),
         ferrolb_agent::roles::RoleBus::default(),
     ))
@@ -506,6 +504,162 @@ fn bench_failover(trials: usize) -> Value {
     })
 }
 
+// --- cluster: sync as the cluster grows ----------------------------------------------------
+
+fn ha_n(node: u16, peers: Vec<SocketAddr>, dp: &Datapath) -> Arc<Ha> {
+    Arc::new(Ha::new(
+        HaConfig::sync_only(node, peers),
+        dp.sync_table().unwrap(),
+        ferrolb_agent::roles::RoleBus::default(),
+    ))
+}
+
+/// Flow `i` of node `node` (distinct keys and reply keys across nodes).
+fn node_flow(node: u16, per_node: u32, i: u32) -> (CtKey, Ct) {
+    let (k, v) = flow(u32::from(node) * per_node + i);
+    (k, Ct { origin: node, ..v })
+}
+
+const CLUSTER_PORT: u16 = 23100;
+
+fn cluster_addr(j: usize) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], CLUSTER_PORT + j as u16))
+}
+
+/// One cluster of `n` nodes: (resync seconds of the joining node, median lag seconds).
+fn cluster_round(n: usize, per_node: u32) -> (f64, f64) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let lag_batch = 1000u32;
+    let rounds = 5u32;
+    let total = n as u32 * per_node + rounds * lag_batch;
+    let cap = (total * 2 + 1024).next_power_of_two();
+    let mut dps: Vec<Datapath> = (0..n).map(|j| datapath(j as u16, cap)).collect();
+    for (j, dp) in dps.iter_mut().enumerate() {
+        for i in 0..per_node {
+            let (k, v) = node_flow(j as u16, per_node, i);
+            dp.ct_insert(&k, &v).unwrap();
+        }
+    }
+    let has: Vec<Arc<Ha>> = (0..n)
+        .map(|j| {
+            let peers = (0..n).filter(|p| *p != j).map(cluster_addr).collect();
+            ha_n(j as u16, peers, &dps[j])
+        })
+        .collect();
+    let start = |j: usize| {
+        let ha = has[j].clone();
+        async move {
+            let peers = (0..n).filter(|p| *p != j).map(cluster_addr).collect();
+            let cfg = Config::new(j as u32, cluster_addr(j), peers);
+            let node: Arc<dyn ferrolb_consync::Node> = ha.clone();
+            let cs = Consync::start(cfg, node).await.unwrap();
+            let _ = ha.consync.set(cs.clone());
+            cs
+        }
+    };
+    let wait = |cs: &Arc<Consync>, what: &str| {
+        let t = Instant::now();
+        let cs = cs.clone();
+        let what = what.to_string();
+        async move {
+            while !cs.peers().iter().all(|p| p.synced_once) {
+                assert!(t.elapsed() < Duration::from_secs(300), "{what}: too slow");
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+    };
+    let (resync_s, lags) = rt.block_on(async {
+        // Every node but the last, meshed (the last one's subscriptions wait for it).
+        let mut cs = Vec::new();
+        for j in 0..n - 1 {
+            cs.push(start(j).await);
+        }
+        // The last node joins: it subscribes to every peer and receives their snapshots.
+        let t = Instant::now();
+        let last = start(n - 1).await;
+        wait(&last, "the joining node's snapshots").await;
+        let resync_s = t.elapsed().as_secs_f64();
+        for c in &cs {
+            wait(c, "the mesh").await;
+        }
+        cs.push(last);
+        // Lag: node 0 creates and publishes a batch; every peer must hold all of it.
+        let mut lags = Vec::new();
+        for r in 0..rounds {
+            let batch: Vec<(CtKey, Ct)> = (0..lag_batch)
+                .map(|i| node_flow(0, per_node, n as u32 * per_node + r * lag_batch + i))
+                .map(|(k, v)| (k, Ct { origin: 0, ..v }))
+                .collect();
+            let last_key = batch.last().unwrap().0;
+            for (k, v) in &batch {
+                dps[0].ct_insert(k, v).unwrap();
+            }
+            let t = Instant::now();
+            has[0].publish_events(&batch, &[]);
+            loop {
+                if dps[1..]
+                    .iter()
+                    .all(|d| d.ct_get(&last_key).ok().flatten().is_some())
+                {
+                    break;
+                }
+                assert!(t.elapsed() < Duration::from_secs(60), "lag round too slow");
+                tokio::time::sleep(Duration::from_micros(200)).await;
+            }
+            lags.push(t.elapsed().as_secs_f64());
+        }
+        (resync_s, lags)
+    });
+    // Each node holds every other node's flows, synced (both directions); its own were
+    // inserted as original-direction entries only.
+    let total = (n as u32 * per_node + rounds * lag_batch) as usize;
+    for (j, d) in dps.iter().enumerate() {
+        let own = per_node as usize
+            + if j == 0 {
+                (rounds * lag_batch) as usize
+            } else {
+                0
+            };
+        let synced = d
+            .ct_entries()
+            .iter()
+            .filter(|(_, v)| v.dir == 0 && v.flags & CTF_SYNCED != 0)
+            .count();
+        assert_eq!(synced, total - own, "node {j} holds every peer's flow");
+    }
+    let mut lags = lags;
+    (resync_s, median(&mut lags))
+}
+
+fn bench_cluster(sizes: &[usize], per_node: u32) -> Value {
+    let mut rows = Vec::new();
+    let mut base: Option<(f64, f64)> = None;
+    for &n in sizes {
+        let (resync_s, lag_s) = cluster_round(n, per_node);
+        let joined = (n as u32 - 1) * per_node;
+        let (b_resync, b_lag) = *base.get_or_insert((resync_s, lag_s));
+        rows.push(json!({
+            "nodes": n,
+            "flows_per_node": per_node,
+            "resync_flows": joined,
+            "resync_s": resync_s,
+            "resync_flows_per_s": (f64::from(joined) / resync_s).round(),
+            "resync_ratio_to_2_nodes": resync_s / b_resync,
+            "resync_rate_ratio_to_2_nodes": (f64::from(joined) / resync_s) / (f64::from(per_node) / b_resync),
+            "lag_1000_flows_ms": lag_s * 1000.0,
+            "lag_ratio_to_2_nodes": lag_s / b_lag,
+        }));
+    }
+    json!({
+        "rows": rows,
+        "bottleneck": "one process, 2 cores: every node's gRPC, protobuf and map writes share them, so the figures grow with the total work of the mesh (N x (N-1) streams), not with one node's",
+    })
+}
+
 fn main() {
     let args: Vec<String> = std::env::args()
         .skip(1)
@@ -513,8 +667,9 @@ fn main() {
         .collect();
     let want = |w: &str| args.is_empty() || args.iter().any(|a| a == w);
     let (sync, lag, failover) = (want("sync"), want("lag"), want("failover"));
+    let cluster = want("cluster");
     let mut out = serde_json::Map::new();
-    if sync || lag {
+    if sync || lag || cluster {
         // The in-process parts run in a namespace of their own (loopback only).
         let h = std::thread::spawn(move || {
             private_netns();
@@ -524,6 +679,22 @@ fn main() {
             }
             if lag {
                 m.insert("lag".into(), bench_lag(10_000, 5));
+            }
+            if cluster {
+                m.insert(
+                    "cluster".into(),
+                    bench_cluster(
+                        &std::env::var("FLB_CLUSTER_SIZES")
+                            .ok()
+                            .map(|v| {
+                                v.split(',')
+                                    .filter_map(|x| x.parse().ok())
+                                    .collect::<Vec<usize>>()
+                            })
+                            .unwrap_or_else(|| vec![2, 3, 4, 6, 8]),
+                        25_000,
+                    ),
+                );
             }
             m
         });

@@ -198,6 +198,7 @@ fn ha_config(cfg: &Config) -> HaConfig {
         join_timeout: Duration::from_millis(cfg.flags.ha_join_timeout_ms),
         silent_dead: Duration::from_secs(1),
         l2: !cfg.flags.bgp,
+        node_snat: cfg.node_snat.clone(),
     }
 }
 
@@ -240,6 +241,7 @@ fn load_datapath(cfg: &Config, bus: &RoleBus) -> Result<Loaded> {
         max_conntrack: cfg.flags.max_conntrack,
         max_halfopen: cfg.flags.max_halfopen,
         node_id: cfg.flags.self_id.unwrap_or(0),
+        fullnat_sources: cfg.node_snat.clone(),
         ..Default::default()
     })
     .with_context(|| format!("load the datapath (pinned at {})", dir.display()))?;
@@ -546,6 +548,9 @@ async fn collector_loop(
                 let removed_entries = collector.collect_from(&entries, now);
                 if let Some(ha) = &app2.ha {
                     ha.publish_events(&[], &removed_entries);
+                    // Synced flows this node carries now become its own (a packet within
+                    // two passes claims).
+                    ha.ownership_pass(&entries, Duration::from_secs(2 * cfg2.flags.gc_interval));
                 }
                 let removed = removed_entries.len();
                 if removed > 0 {

@@ -254,6 +254,23 @@ pub fn routes_for(rules: &RuleSet, role_of: impl Fn(&str) -> Role, policy: &Rout
     out
 }
 
+/// Adds the node source addresses (`--node-snat`) as host routes: this node's own plainly
+/// (distance 0), a peer's as its `d`-th backup (the backup attributes, `d - 1` more prepends),
+/// so that the ToR sends a node's replies to it while it lives and then to the next node in
+/// ring order. A VIP route for the same prefix is left as it is. Pure.
+pub fn add_snat_routes(out: &mut Routes, snat: &[(IpAddr, u8)], policy: &RoutePolicy) {
+    for (a, d) in snat {
+        let Ok(net) = IpNet::new(*a, if a.is_ipv6() { 128 } else { 32 }) else {
+            continue;
+        };
+        let mut attrs = policy.attrs(*d > 0);
+        if *d > 1 {
+            attrs.prepend = attrs.prepend.saturating_add(*d - 1);
+        }
+        out.entry(net).or_insert(attrs);
+    }
+}
+
 pub struct Bgp {
     pub speaker: Speaker,
     dir: PathBuf,
@@ -430,7 +447,11 @@ impl Bgp {
         let policy = self.config.lock().await.policy.clone();
         let roles = roles.clone();
         match engine
-            .call(move |e| routes_for(e.rules(), |i| roles.advertised(i), &policy))
+            .call(move |e| {
+                let mut r = routes_for(e.rules(), |i| roles.advertised(i), &policy);
+                add_snat_routes(&mut r, &roles.snat_routes(), &policy);
+                r
+            })
             .await
         {
             Ok(r) => self.speaker.set_routes(r),
@@ -586,6 +607,27 @@ mod tests {
 
     /// kube-loxilb's neighbour body has no BFD field: the neighbour gets a Passive session
     /// at the flags' timers (or `bgp.json`'s); `"bfd": true` an active one; `false` none.
+    #[test]
+    fn node_addresses_are_host_routes_plain_here_and_longer_as_backups() {
+        let pol = RoutePolicy::default();
+        let mut r = Routes::new();
+        let a = |s: &str| s.parse::<IpAddr>().unwrap();
+        add_snat_routes(
+            &mut r,
+            &[
+                (a("203.0.113.201"), 0),
+                (a("203.0.113.200"), 1),
+                (a("2001:db8::202"), 2),
+            ],
+            &pol,
+        );
+        let get = |s: &str| r.get(&s.parse::<IpNet>().unwrap()).cloned().unwrap();
+        assert_eq!(get("203.0.113.201/32").prepend, 0);
+        assert_eq!(get("203.0.113.200/32").prepend, BACKUP_PREPEND);
+        assert_eq!(get("2001:db8::202/128").prepend, BACKUP_PREPEND + 1);
+        assert_eq!(get("203.0.113.200/32").med, Some(BACKUP_MED));
+    }
+
     #[test]
     fn neighbours_get_passive_bfd_unless_told_otherwise() {
         let d = BfdDefaults {

@@ -190,6 +190,16 @@ pub struct Flags {
     #[arg(long, value_name = "IP/PREFIX[,...]")]
     pub onearm_source: Option<String>,
 
+    /// This node's own full-NAT source address, `IP[,IP]` (at most one IPv4 and one IPv6;
+    /// needs --cluster): full-NAT flows created here leave from it instead of the VIP, and
+    /// BGP advertises it as a host route, plainly from this node and with a longer AS path
+    /// from every peer (ring order after this node: the next one first). A flow's replies
+    /// then return to the node that holds it whatever the ToR's ECMP hash or a partition
+    /// does; when the node dies, its route moves to a survivor that holds its synced flows.
+    /// Give every node a different address, outside every VIP and interface address.
+    #[arg(long, value_name = "IP[,IP]")]
+    pub node_snat: Option<String>,
+
     /// BFD interval (transmit and receive, milliseconds) of the sessions BGP neighbours get
     /// by default (passive unless the neighbour body says `"bfd": true`); `bfdInterval` in
     /// `POST /config/bgp/global` overrides it.
@@ -220,6 +230,8 @@ pub struct Config {
     pub keepalives: Vec<Keepalive>,
     /// From `--onearm-source`.
     pub onearm_sources: Vec<ipnet::IpNet>,
+    /// From `--node-snat`: at most one per family.
+    pub node_snat: Vec<IpAddr>,
     pub whitelist: Option<Regex>,
     pub blacklist: Option<Regex>,
     pub log_filter: &'static str,
@@ -234,6 +246,29 @@ pub fn log_filter(level: &str) -> Result<&'static str> {
         "error" | "critical" | "emergency" | "alert" => "error",
         other => bail!("--loglevel: unknown level '{other}' (trace, debug, info, warning, error)"),
     })
+}
+
+/// `--node-snat`: one or two unicast addresses, at most one per family.
+pub fn parse_node_snat(s: &str) -> Result<Vec<IpAddr>> {
+    let mut out: Vec<IpAddr> = Vec::new();
+    for p in s.split(',').map(str::trim) {
+        let a: IpAddr = p
+            .parse()
+            .map_err(|_| anyhow!("--node-snat: '{p}' is not an IP address"))?;
+        if a.is_unspecified() || a.is_multicast() || a.is_loopback() {
+            bail!("--node-snat: '{p}' is not a unicast address another host can reply to");
+        }
+        if let IpAddr::V4(v4) = a
+            && v4.is_broadcast()
+        {
+            bail!("--node-snat: '{p}' is not a unicast address another host can reply to");
+        }
+        if out.iter().any(|o| o.is_ipv4() == a.is_ipv4()) {
+            bail!("--node-snat: at most one IPv4 and one IPv6 address ('{p}' is a second one)");
+        }
+        out.push(a);
+    }
+    Ok(out)
 }
 
 pub fn parse_cluster(s: &str) -> Result<Vec<IpAddr>> {
@@ -384,10 +419,23 @@ impl Config {
             Some(s) => parse_onearm_sources(s)?,
             None => Vec::new(),
         };
+        let node_snat = match &flags.node_snat {
+            Some(s) => parse_node_snat(s)?,
+            None => Vec::new(),
+        };
+        if !node_snat.is_empty() && cluster.is_empty() {
+            bail!(
+                "--node-snat: only meaningful with --cluster (a single node's flows all return to it)"
+            );
+        }
+        if let Some(a) = node_snat.iter().find(|a| cluster.contains(a)) {
+            bail!("--node-snat: {a} is a --cluster peer's address");
+        }
         Ok(Config {
             flags,
             cluster,
             onearm_sources,
+            node_snat,
             whitelist,
             blacklist,
             log_filter,
@@ -444,6 +492,59 @@ mod tests {
             crate::lb::floating_source("10.20.0.1".parse().unwrap(), &v),
             None
         );
+    }
+
+    #[test]
+    fn node_snat_takes_one_address_per_family_and_needs_a_cluster() {
+        let c = cfg(&[
+            "--cluster=10.10.10.3",
+            "--self=0",
+            "--node-snat=203.0.113.201,2001:db8::201",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.node_snat,
+            vec![
+                "203.0.113.201".parse::<IpAddr>().unwrap(),
+                "2001:db8::201".parse().unwrap()
+            ]
+        );
+        for (args, why) in [
+            (
+                &["--node-snat=203.0.113.201"][..],
+                "only meaningful with --cluster",
+            ),
+            (
+                &["--cluster=10.10.10.3", "--node-snat=10.0.0.1,10.0.0.2"][..],
+                "at most one IPv4",
+            ),
+            (
+                &["--cluster=10.10.10.3", "--node-snat=10.10.10.3"][..],
+                "peer's address",
+            ),
+            (
+                &["--cluster=10.10.10.3", "--node-snat=0.0.0.0"][..],
+                "not a unicast",
+            ),
+            (
+                &["--cluster=10.10.10.3", "--node-snat=255.255.255.255"][..],
+                "not a unicast",
+            ),
+            (
+                &["--cluster=10.10.10.3", "--node-snat=ff02::1"][..],
+                "not a unicast",
+            ),
+            (
+                &["--cluster=10.10.10.3", "--node-snat=snat"][..],
+                "not an IP address",
+            ),
+        ] {
+            let e = cfg(args).unwrap_err().to_string();
+            assert!(
+                e.contains("--node-snat") && e.contains(why),
+                "{args:?}: {e}"
+            );
+        }
     }
 
     fn cfg(args: &[&str]) -> Result<Config> {

@@ -169,6 +169,15 @@ impl Roles {
         Ok(())
     }
 
+    /// The node source addresses (`--node-snat`) BGP advertises from this node, with their
+    /// backup distance (0: this node's own).
+    pub fn snat_routes(&self) -> Vec<(std::net::IpAddr, u8)> {
+        self.ha
+            .as_ref()
+            .map(|h| h.snat_routes())
+            .unwrap_or_default()
+    }
+
     /// The role BGP advertises for `instance`.
     pub fn advertised(&self, instance: &str) -> Role {
         match &self.ha {

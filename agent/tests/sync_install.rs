@@ -7,7 +7,6 @@
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
-use std::time::Duration;
 
 use ferrolb_agent::ha::{Ha, HaConfig};
 use ferrolb_bpf::{Datapath, DatapathConfig};
@@ -64,14 +63,7 @@ fn a_snapshot_installs_in_parallel_and_the_sweep_removes_only_stale_flows() {
     })
     .expect("load datapath");
     let ha = Arc::new(Ha::new(
-        HaConfig {
-            node_id: 1,
-            ka: false,
-            peers: vec![("127.0.0.1:1".parse().unwrap(), None)],
-            join_timeout: Duration::from_secs(5),
-            silent_dead: Duration::from_secs(1),
-            l2: false,
-        },
+        HaConfig::sync_only(1, vec!["127.0.0.1:1".parse().unwrap()]),
         dp.sync_table().unwrap(),
         ferrolb_agent::roles::RoleBus::default(),
     ));

@@ -107,6 +107,11 @@ char _license[] SEC("license") = "GPL";
 
 /* Patched at load time by the agent. */
 volatile const __u16 NODE_ID = 0;
+/* The source address of this node's full-NAT flows, per family (words as in flow keys); all
+ * zero: the VIP. A cluster gives each node its own (--node-snat), advertised by that node, so a
+ * flow's replies return to the node that holds it whatever the ToR's hash does. */
+volatile const __u32 FULLNAT_SRC4[4] = {0, 0, 0, 0};
+volatile const __u32 FULLNAT_SRC6[4] = {0, 0, 0, 0};
 /* 1 when bpf_l4_csum_replace takes BPF_F_IPV6 (Linux 6.16 and later), set by the loader from
  * the kernel's release: older kernels refuse the flag, and probing it per packet cost a failing
  * helper call on every rewritten IPv6 packet. */
@@ -1488,9 +1493,12 @@ static __always_inline int ct_create(const struct pkt *p, const struct flb_svc *
 		eport = bpf_htons(ep->port + (bpf_ntohs(p->dport) - svc->port_base));
 
 	const __u32 *snat = p->saddr;
-	if (svc->mode == FLB_MODE_FULLNAT)
+	if (svc->mode == FLB_MODE_FULLNAT) {
+		const volatile __u32 *own = p->family == FLB_FAMILY_V6 ? FULLNAT_SRC6 : FULLNAT_SRC4;
 		snat = p->daddr;
-	else if (svc->mode == FLB_MODE_ONEARM)
+		if (own[0] | own[1] | own[2] | own[3])
+			snat = (const __u32 *)own;
+	} else if (svc->mode == FLB_MODE_ONEARM)
 		snat = ep->snat_addr;
 
 	/* Built in the caller's buffer (the BPF stack is 512 bytes): first as the reply

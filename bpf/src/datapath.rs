@@ -44,6 +44,9 @@ pub struct DatapathConfig {
     pub max_affinity: u32,
     /// Written into every conntrack entry this node creates (`origin`).
     pub node_id: u16,
+    /// This node's own full-NAT source addresses (at most one per family); a family without
+    /// one uses the VIP.
+    pub fullnat_sources: Vec<std::net::IpAddr>,
 }
 
 impl Default for DatapathConfig {
@@ -55,6 +58,7 @@ impl Default for DatapathConfig {
             max_halfopen: 0,
             max_affinity: 65536,
             node_id: 0,
+            fullnat_sources: Vec::new(),
         }
     }
 }
@@ -319,9 +323,21 @@ impl Datapath {
             cfg.max_halfopen.max(1024)
         };
         let csum_ipv6 = u8::from(csum_ipv6());
+        let mut src4 = [0u32; 4];
+        let mut src6 = [0u32; 4];
+        for a in &cfg.fullnat_sources {
+            let (w, family) = crate::maps::addr_words(*a);
+            if family == crate::maps::FAMILY_V6 {
+                src6 = w;
+            } else {
+                src4 = w;
+            }
+        }
         let mut loader = EbpfLoader::new();
         loader
             .override_global("NODE_ID", &cfg.node_id, true)
+            .override_global("FULLNAT_SRC4", &src4, true)
+            .override_global("FULLNAT_SRC6", &src6, true)
             .override_global("CSUM_IPV6", &csum_ipv6, true)
             .map_max_entries("services", svc)
             .map_max_entries("ranges", svc)

@@ -7,7 +7,7 @@
 //! forwarding test gives its namespace interfaces and routes ([`routed`]).
 #![allow(clippy::unwrap_used)]
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 mod attack;
 mod common;
@@ -465,6 +465,50 @@ fn fullnat_sources_from_the_vip_with_a_free_port() {
     assert_eq!(
         out2,
         tcp(ip(VIP, EP1, 6), u16::from_be(o2.nat_sport), 8080, SYN, b"")
+    );
+}
+
+/// With a node source address (`--node-snat`), full NAT leaves from it instead of the VIP:
+/// replies come back to that address, and the reply entry turns them back into the VIP.
+/// DNAT keeps the client's address. Another node with another source makes disjoint flows.
+#[test]
+fn fullnat_sources_from_the_nodes_own_address_when_given() {
+    if !in_private_netns("fullnat_sources_from_the_nodes_own_address_when_given") {
+        return;
+    }
+    let snat = Ipv4Addr::new(203, 0, 113, 201);
+    let mut dp = Datapath::load(&DatapathConfig {
+        max_services: 64,
+        max_conntrack: 4096,
+        node_id: 1,
+        fullnat_sources: vec![IpAddr::V4(snat), "2001:db8::201".parse().unwrap()],
+        ..Default::default()
+    })
+    .expect("load datapath");
+    install(&mut dp, &svc(2, 80, PROTO_TCP, 2, 0));
+    install(&mut dp, &svc(3, 81, PROTO_TCP, 0, 0));
+    let (rc, out) = run(&mut dp, &tcp(ip(CLIENT, VIP, 6), 40000, 80, SYN, b""));
+    assert_eq!(rc, TC_ACT_OK);
+    let o = orig(&dp, 40000, 80, PROTO_TCP);
+    let nport = u16::from_be(o.nat_sport);
+    assert_eq!(out, tcp(ip(snat, EP1, 6), nport, 8080, SYN, b""));
+    assert!(checksums_ok(&out));
+    // The reply to the node's address finds the flow and goes back from the VIP.
+    let (_, out) = run(
+        &mut dp,
+        &tcp(ip(EP1, snat, 6), 8080, nport, SYN | ACK, b"hi"),
+    );
+    assert_eq!(out, tcp(ip(VIP, CLIENT, 6), 80, 40000, SYN | ACK, b"hi"));
+    assert!(checksums_ok(&out));
+    // A reply to the VIP with that port is no flow of this node.
+    let (_, out) = run(&mut dp, &tcp(ip(EP1, VIP, 6), 8080, nport, ACK, b"x"));
+    assert_ne!(dest_of(&out), CLIENT);
+    // DNAT is untouched by the node source.
+    let (_, out) = run(&mut dp, &tcp(ip(CLIENT, VIP, 6), 40001, 81, SYN, b""));
+    assert_eq!(
+        out[26..30],
+        CLIENT.octets(),
+        "DNAT keeps the client's address"
     );
 }
 

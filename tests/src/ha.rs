@@ -151,8 +151,13 @@ pub fn wait_roles(lab: &TestLab, master: &str, limit: Duration) -> Duration {
 }
 
 pub fn nexthops(lab: &TestLab) -> Vec<String> {
+    nexthops_of(lab, VIP)
+}
+
+/// The ToR's next hops to `dest` (sorted as the kernel lists them).
+pub fn nexthops_of(lab: &TestLab, dest: &str) -> Vec<String> {
     let out = lab
-        .exec_ok("tor", &["ip", "-j", "route", "show", VIP])
+        .exec_ok("tor", &["ip", "-j", "route", "show", dest])
         .unwrap_or_default();
     let v: Value = serde_json::from_str(&out).unwrap_or(Value::Null);
     let Some(r) = v.get(0) else { return vec![] };
@@ -295,6 +300,21 @@ pub fn assert_all_survived(t: &Value, what: &str) {
     assert_eq!(s["tcp_survived"], s["tcp_streams"], "{what}: {s}");
     assert_eq!(s["udp_resumed"], s["udp_flows"], "{what}: {s}");
     assert_eq!(s["udp_backend_changed"], 0, "{what}: {s}");
+}
+
+/// Prints a traffic run's summary under `what` and asserts that every one of its `streams`
+/// TCP streams and every UDP flow survived, with the UDP outage below `max_outage_ms` when
+/// given. Returns the outage.
+pub fn assert_run(t: &Value, what: &str, streams: u64, max_outage_ms: Option<u64>) -> u64 {
+    let s = &t["summary"];
+    eprintln!("{what}: {s}");
+    assert_all_survived(t, what);
+    assert_eq!(s["tcp_streams"], streams, "{what}: {s}");
+    let outage = s["udp_outage_ms"].as_u64().unwrap_or(u64::MAX);
+    if let Some(max) = max_outage_ms {
+        assert!(outage < max, "{what}: UDP outage {outage} ms");
+    }
+    outage
 }
 
 pub fn lb_ct(lab: &TestLab, node: &str) -> Vec<Value> {

@@ -119,7 +119,7 @@ pub fn record_metrics(ha: &Ha) {
         ),
         (
             "ferrolb_sync_entries_skipped_total",
-            "Peer flows not installed because this node, as MASTER, owns the flow.",
+            "Peer flows not installed: this node holds a version whose owning direction carried a packet later (the sender's version is stale).",
             &c.skipped_local,
         ),
         (
@@ -133,6 +133,11 @@ pub fn record_metrics(ha: &Ha) {
             &c.adopted,
         ),
         (
+            "ferrolb_sync_orphans_removed_total",
+            "Dead peers' flows that no traffic reached, removed once idle past their timeout.",
+            &c.orphans_removed,
+        ),
+        (
             "ferrolb_sync_changes_published_total",
             "Changes of this node's own flows put on the sync log.",
             &c.published,
@@ -144,6 +149,14 @@ pub fn record_metrics(ha: &Ha) {
         ),
     ] {
         counter(name, help, &[], v.load(Ordering::Relaxed));
+    }
+    for (way, v) in [("taken", &c.handoffs_taken), ("given", &c.handoffs_given)] {
+        counter(
+            "ferrolb_sync_handoffs_total",
+            "Flow ownership changes: peers' flows this node claimed because it carries their owning direction now (taken), own flows a peer claimed (given).",
+            &[("way", way.to_string())],
+            v.load(Ordering::Relaxed),
+        );
     }
     let Some(cs) = ha.consync.get() else {
         return;

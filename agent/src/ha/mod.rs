@@ -17,12 +17,18 @@
 //!   the datapath map, so no packet waits for a commit step.
 //! - **Without `--ka`**, roles come from `POST /config/cistate` (kube-loxilb); becoming MASTER
 //!   there adopts every synced entry.
+//! - **Ownership while every node lives** ([`ownership`], decision 0009): a node that carries a
+//!   synced flow's owning direction claims it through the sync channel; of two versions of a
+//!   flow, the one whose owning direction carried a packet last wins. With `--node-snat`,
+//!   each node's status carries its full-NAT source address and its peers advertise it as a
+//!   backup route.
 
 pub mod control;
 pub mod cpus;
 pub mod election;
 pub mod flows;
 pub mod garp;
+pub mod ownership;
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::net::{IpAddr, SocketAddr};
@@ -85,6 +91,24 @@ pub struct HaConfig {
     /// L2 mode (no BGP): only the MASTER answers ARP for the VIPs, and it sends gratuitous
     /// ARP when it takes over.
     pub l2: bool,
+    /// This node's own full-NAT source addresses (`--node-snat`).
+    pub node_snat: Vec<IpAddr>,
+}
+
+impl HaConfig {
+    /// Sync with `peers` and nothing else: no `--ka` (roles from REST), no BFD, the default
+    /// timeouts, BGP mode, no node source address. Tests and benchmarks start from it.
+    pub fn sync_only(node_id: u16, peers: Vec<SocketAddr>) -> HaConfig {
+        HaConfig {
+            node_id,
+            ka: false,
+            peers: peers.into_iter().map(|p| (p, None)).collect(),
+            join_timeout: Duration::from_secs(5),
+            silent_dead: Duration::from_secs(1),
+            l2: false,
+            node_snat: Vec::new(),
+        }
+    }
 }
 
 /// What this node knows of one peer.
@@ -294,6 +318,12 @@ pub struct HaCounters {
     pub adopted: AtomicU64,
     pub published: AtomicU64,
     pub event_resyncs: AtomicU64,
+    /// Peers' flows this node claimed (it carries their owning direction now).
+    pub handoffs_taken: AtomicU64,
+    /// Own flows given to a peer that carries them now.
+    pub handoffs_given: AtomicU64,
+    /// Dead peers' flows nobody carried, removed once idle past their timeout.
+    pub orphans_removed: AtomicU64,
 }
 
 pub struct Ha {
@@ -415,19 +445,14 @@ impl Ha {
         st.role
     }
 
-    /// Whether this node owns the flows it forwards against a peer's copy: it is MASTER and
-    /// no peer it hears from is a MASTER that wins over it (higher term, or same term and
-    /// lower id), even before the role evaluation has caught up.
-    fn owns_flows(&self) -> bool {
-        if !self.cfg.ka {
-            return self.master_anywhere();
-        }
-        let st = self.st();
-        let me = u32::from(self.cfg.node_id);
-        st.role == Role::Master
-            && !st.peers.values().any(|v| {
-                matches!((v.master_term(), v.node_id), (Some(t), Some(id)) if t > st.term || (t == st.term && id < me))
-            })
+    /// Node ids of the peers that are dead now.
+    fn dead_peers(&self) -> BTreeSet<u16> {
+        self.st()
+            .peers
+            .values()
+            .filter(|v| !v.alive)
+            .filter_map(|v| v.node_id.and_then(|i| u16::try_from(i).ok()))
+            .collect()
     }
 
     fn master_anywhere(&self) -> bool {
@@ -571,13 +596,7 @@ impl Ha {
         if let Some((_, last)) = promote {
             // Every dead peer's: the ones that just died and any that were dead already (a
             // node that came up alone), in one walk of the table.
-            let dead: BTreeSet<u16> = self
-                .st()
-                .peers
-                .values()
-                .filter(|v| !v.alive)
-                .filter_map(|v| v.node_id.and_then(|i| u16::try_from(i).ok()))
-                .collect();
+            let dead = self.dead_peers();
             if !dead.is_empty() {
                 let n = self.adopt(|o| dead.contains(&o));
                 if n > 0 {
@@ -650,6 +669,104 @@ impl Ha {
             c.publish(published);
         }
         n
+    }
+
+    /// The collector's pass over synced flows ([`ownership`]): claims the flows whose owning
+    /// direction this node carried within `window`, publishing them as its own, and removes
+    /// dead peers' flows that no traffic reached for their timeout. `entries`: the pass's
+    /// walk of the table. Returns (claimed, orphans removed).
+    pub fn ownership_pass(&self, entries: &[(CtKey, Ct)], window: Duration) -> (u64, u64) {
+        let me = self.cfg.node_id;
+        let dead = self.dead_peers();
+        let now = monotonic_ns();
+        let window_ns = u64::try_from(window.as_nanos()).unwrap_or(u64::MAX);
+        let plan = ownership::plan(entries, me, |o| dead.contains(&o), now, window_ns);
+        if plan.claims.is_empty() && plan.orphans.is_empty() {
+            return (0, 0);
+        }
+        let mut published = Vec::new();
+        let mut orphans = 0;
+        {
+            let mut t = self.tbl();
+            let mut writes = Vec::with_capacity(plan.claims.len() * 2);
+            for [(k, _), (rk, _)] in &plan.claims {
+                // As they are now: still one peer's synced flow (a message may have come).
+                let (Ok(Some(o)), Ok(Some(r))) = (t.get(k), t.get(rk)) else {
+                    continue;
+                };
+                if o.flags & CTF_SYNCED == 0 || o.origin == me || r.origin != o.origin {
+                    continue;
+                }
+                let own = |v: Ct| Ct {
+                    flags: (v.flags & !CTF_SYNCED) | CTF_LOCAL,
+                    origin: me,
+                    ..v
+                };
+                let last = ownership::owning_last_ns(k, &o, Some(&r));
+                writes.push((*rk, own(r)));
+                writes.push((*k, own(o)));
+                let stamped = Ct {
+                    last_ns: last,
+                    ..own(o)
+                };
+                published.push(Change::Upsert(flows::flow_of(k, &stamped, now)));
+            }
+            cpus::write(
+                &mut t,
+                &writes,
+                false,
+                self.cpu_cursor.fetch_add(1, Ordering::Relaxed),
+            );
+            for (k, rk) in &plan.orphans {
+                if let Ok(Some(cur)) = t.get(k)
+                    && cur.flags & CTF_SYNCED != 0
+                    && dead.contains(&cur.origin)
+                    && cur.expired(k.proto, now)
+                {
+                    if let Some(rk) = rk {
+                        let _ = t.delete(rk);
+                    }
+                    let _ = t.delete(k);
+                    orphans += 1;
+                }
+            }
+        }
+        let n = published.len() as u64;
+        self.counters.handoffs_taken.fetch_add(n, Ordering::Relaxed);
+        self.counters
+            .orphans_removed
+            .fetch_add(orphans, Ordering::Relaxed);
+        if n > 0 {
+            info!(
+                claimed = n,
+                "HA: flows this node carries now taken over from their peers"
+            );
+            if let Some(c) = self.consync.get() {
+                self.counters.published.fetch_add(n, Ordering::Relaxed);
+                c.publish(published);
+            }
+        }
+        (n, orphans)
+    }
+
+    /// The node source addresses BGP advertises from this node with their distance (0: its
+    /// own; n: the n-th backup of a peer's), see [`ownership::snat_routes`].
+    pub fn snat_routes(&self) -> Vec<(IpAddr, u8)> {
+        let peers: Vec<(u32, Vec<IpAddr>)> = self
+            .st()
+            .peers
+            .values()
+            .filter_map(|v| {
+                let s = v.status.as_ref()?;
+                let addrs = s
+                    .node_snat
+                    .iter()
+                    .filter_map(|a| flows::ip_of(Some(a)))
+                    .collect::<Vec<_>>();
+                Some((s.node_id, addrs))
+            })
+            .collect();
+        ownership::snat_routes(u32::from(self.cfg.node_id), &self.cfg.node_snat, &peers)
     }
 
     /// Datapath events and collector removals → changes for the peers. `events` are
@@ -763,9 +880,9 @@ impl Node for Ha {
                 .fetch_add((upserts.len() + deletes.len()) as u64, Ordering::Relaxed);
             return 0;
         }
-        let master = self.owns_flows();
         let now = monotonic_ns();
         let mut n = 0;
+        let mut reassert = Vec::new();
         let mut t = self.tbl();
         // Service and endpoint numbers per (VIP, port, protocol, endpoint) within this batch:
         // a batch is mostly flows of a few services.
@@ -790,14 +907,33 @@ impl Node for Ha {
                 self.counters.malformed.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            // A flow this node forwards as MASTER stays ours (split brain: both know it).
-            if master
-                && let Ok(Some(cur)) = t.get(&pair[0].0)
-                && cur.flags & CTF_LOCAL != 0
-                && cur.origin == self.cfg.node_id
+            // Held here under another origin (ours, or a third node's): the version whose
+            // owning direction carried a packet last wins (ownership.rs).
+            if let Ok(Some(cur)) = t.get(&pair[0].0)
+                && cur.origin != origin
             {
-                self.counters.skipped_local.fetch_add(1, Ordering::Relaxed);
-                continue;
+                let key = pair[0].0;
+                let reply = t.get(&key.peer(&cur)).ok().flatten();
+                let held = ownership::owning_last_ns(&key, &cur, reply.as_ref());
+                let incoming = ownership::owning_last_ns(&key, &pair[0].1, Some(&pair[1].1));
+                let ours = cur.flags & CTF_LOCAL != 0
+                    && cur.flags & CTF_SYNCED == 0
+                    && cur.origin == self.cfg.node_id;
+                if !ownership::incoming_wins(incoming, held) {
+                    self.counters.skipped_local.fetch_add(1, Ordering::Relaxed);
+                    if ours {
+                        // The sender (and whoever took its version) learns ours again.
+                        let v = Ct {
+                            last_ns: held,
+                            ..cur
+                        };
+                        reassert.push(Change::Upsert(flows::flow_of(&key, &v, now)));
+                    }
+                    continue;
+                }
+                if ours {
+                    self.counters.handoffs_given.fetch_add(1, Ordering::Relaxed);
+                }
             }
             // The reply entry first: the original is what starts forwarding.
             writes.push(pair[1]);
@@ -828,6 +964,15 @@ impl Node for Ha {
             }
         }
         self.counters.deleted.fetch_add(d, Ordering::Relaxed);
+        drop(t);
+        if !reassert.is_empty()
+            && let Some(c) = self.consync.get()
+        {
+            self.counters
+                .published
+                .fetch_add(reassert.len() as u64, Ordering::Relaxed);
+            c.publish(reassert);
+        }
         n + d
     }
 
@@ -909,6 +1054,7 @@ impl Node for Ha {
             endpoints_down,
             endpoints_down_total,
             endpoints_probed,
+            node_snat: self.cfg.node_snat.iter().map(|a| flows::addr(*a)).collect(),
         }
     }
 
@@ -944,11 +1090,19 @@ impl Node for Ha {
                     return;
                 }
                 Some(s) => {
-                    v.node_id = Some(s.node_id);
+                    let prev_id = v.node_id.replace(s.node_id);
                     let mut s = s.clone();
                     // What a peer may make us keep: its view is read at most this far.
                     s.endpoints_down.truncate(crate::health::view::MAX_LISTED);
+                    s.node_snat.truncate(2);
+                    let snat_changed = v.status.as_ref().map(|o| &o.node_snat)
+                        != Some(&s.node_snat)
+                        || prev_id != Some(s.node_id);
                     v.status = Some(s);
+                    if snat_changed {
+                        // Its backup routes are advertised from here.
+                        self.roles.changed();
+                    }
                     v.connected = true;
                     v.heard = Some(Instant::now());
                     if !v.fresh_status {
@@ -1032,6 +1186,7 @@ mod tests {
             join_timeout: Duration::from_secs(5),
             silent_dead: Duration::from_secs(1),
             l2: false,
+            node_snat: Vec::new(),
         }
     }
 

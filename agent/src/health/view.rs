@@ -170,6 +170,7 @@ mod tests {
             endpoints_down,
             endpoints_down_total,
             endpoints_probed,
+            node_snat: vec![],
         }
     }
 
