@@ -99,3 +99,128 @@ fn a_snapshot_installs_in_parallel_and_the_sweep_removes_only_stale_flows() {
     assert_eq!(ha.remove_stale(2, &[flows[200].key]), 0);
     assert_eq!(dp.ct_entries().len() as u32, 2 * (n - 100));
 }
+
+/// Ownership on a real datapath (decision 0009): a peer's version of a flow this node owns
+/// replaces it only when its owning direction carried a packet more recently (the flow is then
+/// given: synced, the peer's origin); a third node's older version is refused too; and a
+/// synced copy that carries its owning direction here is claimed back by the collector's pass.
+#[test]
+fn the_most_recent_version_of_a_flow_wins_and_traffic_claims_it_back() {
+    if !ferrolb_tests::private_netns(
+        "the_most_recent_version_of_a_flow_wins_and_traffic_claims_it_back",
+    ) {
+        return;
+    }
+    use ferrolb_agent::ha::flows::entries_of;
+    use ferrolb_bpf::maps::{CTF_LOCAL, CTF_SYNCED};
+    use std::sync::atomic::Ordering::Relaxed;
+    let mut dp = Datapath::load(&DatapathConfig {
+        max_services: 64,
+        max_conntrack: 4096,
+        node_id: 1,
+        ..Default::default()
+    })
+    .expect("load datapath");
+    let peers = vec![
+        "127.0.0.1:1".parse().unwrap(),
+        "127.0.0.1:2".parse().unwrap(),
+    ];
+    let ha = Arc::new(Ha::new(
+        HaConfig::sync_only(1, peers),
+        dp.sync_table().unwrap(),
+        ferrolb_agent::roles::RoleBus::default(),
+    ));
+    // Our own flow, its last packet now.
+    let now = ferrolb_bpf::monotonic_ns();
+    let f = Flow {
+        origin: 1,
+        idle_ms: 0,
+        ..flow(7)
+    };
+    let [(k, o), (rk, r)] = entries_of(&f, now, |_, _, _| (1, 0)).unwrap();
+    let local = |v: ferrolb_bpf::maps::Ct| ferrolb_bpf::maps::Ct {
+        flags: CTF_LOCAL,
+        ..v
+    };
+    dp.ct_insert(&rk, &local(r)).unwrap();
+    dp.ct_insert(&k, &local(o)).unwrap();
+    let held = |dp: &Datapath| dp.ct_get(&k).unwrap().unwrap();
+    // Node 0's version whose last packet was 5 s ago: stale, refused.
+    ha.apply(
+        0,
+        &[Flow {
+            origin: 0,
+            idle_ms: 5_000,
+            ..flow(7)
+        }],
+        &[],
+    );
+    assert_eq!((held(&dp).origin, held(&dp).flags), (1, CTF_LOCAL));
+    assert_eq!(ha.counters.skipped_local.load(Relaxed), 1);
+    // A version stamped later than our last packet: the flow is given to node 0.
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    ha.apply(
+        0,
+        &[Flow {
+            origin: 0,
+            idle_ms: 0,
+            ..flow(7)
+        }],
+        &[],
+    );
+    assert_eq!((held(&dp).origin, held(&dp).flags), (0, CTF_SYNCED));
+    assert_eq!(ha.counters.handoffs_given.load(Relaxed), 1);
+    // A third node's older version does not take it from node 0; a newer one does.
+    ha.apply(
+        2,
+        &[Flow {
+            origin: 2,
+            idle_ms: 5_000,
+            ..flow(7)
+        }],
+        &[],
+    );
+    assert_eq!(held(&dp).origin, 0);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    ha.apply(
+        2,
+        &[Flow {
+            origin: 2,
+            idle_ms: 0,
+            ..flow(7)
+        }],
+        &[],
+    );
+    assert_eq!(held(&dp).origin, 2);
+    // Its owning direction (the client's packets: full NAT from the VIP) arrives here again.
+    let mut v = held(&dp);
+    v.packets = 3;
+    v.last_ns = ferrolb_bpf::monotonic_ns();
+    dp.ct_insert(&k, &v).unwrap();
+    let entries = dp.ct_entries();
+    let (claimed, orphans) = ha.ownership_pass(&entries, std::time::Duration::from_secs(10));
+    assert_eq!((claimed, orphans), (1, 0));
+    let mine = held(&dp);
+    assert_eq!(
+        (mine.origin, mine.flags & (CTF_LOCAL | CTF_SYNCED)),
+        (1, CTF_LOCAL)
+    );
+    let reply = dp.ct_get(&rk).unwrap().unwrap();
+    assert_eq!((reply.origin, reply.flags & CTF_SYNCED), (1, 0));
+    assert_eq!(ha.counters.handoffs_taken.load(Relaxed), 1);
+    // A copy of a live peer that saw nothing here is neither claimed nor an orphan.
+    ha.apply(
+        2,
+        &[Flow {
+            origin: 2,
+            idle_ms: 0,
+            ..flow(8)
+        }],
+        &[],
+    );
+    let entries = dp.ct_entries();
+    assert_eq!(
+        ha.ownership_pass(&entries, std::time::Duration::from_secs(10)),
+        (0, 0)
+    );
+}

@@ -762,6 +762,11 @@ impl Datapath {
                 .map_err(map_err("ranges"))?,
             backends: Array::try_from(aya::maps::Map::Array(open(be, "backends")?))
                 .map_err(map_err("backends"))?,
+            ep_conns: Array::try_from(aya::maps::Map::Array(open(
+                self.collector_ids.2,
+                "ep_conns",
+            )?))
+            .map_err(map_err("ep_conns"))?,
         })
     }
 
@@ -959,21 +964,27 @@ fn collect(
         {
             continue;
         }
-        if v.dir == 0
-            && v.flags & CTF_LC != 0
-            && v.state() < CtState::TimeWait
-            && v.ep_idx < MAX_ENDPOINTS as u16
-        {
-            let idx = v.svc_id * MAX_ENDPOINTS as u32 + u32::from(v.ep_idx);
-            if let Ok(n) = ep_conns.get(&idx, 0) {
-                let _ = ep_conns.set(idx, n.saturating_sub(1), 0);
-            }
-        }
+        lc_release(ep_conns, &v);
         if conntrack.delete_existing(k) {
             removed.push((*k, v));
         }
     }
     removed
+}
+
+/// A flow this node counted for least-connections (its original-direction entry `v`) no
+/// longer counts here: its endpoint's active count goes down by one.
+fn lc_release(ep_conns: &mut Array<MapData, u32>, v: &Ct) {
+    if v.dir == 0
+        && v.flags & CTF_LC != 0
+        && v.state() < CtState::TimeWait
+        && v.ep_idx < MAX_ENDPOINTS as u16
+    {
+        let idx = v.svc_id * MAX_ENDPOINTS as u32 + u32::from(v.ep_idx);
+        if let Ok(n) = ep_conns.get(&idx, 0) {
+            let _ = ep_conns.set(idx, n.saturating_sub(1), 0);
+        }
+    }
 }
 
 /// The conntrack collector's own map handles (see [`Datapath::collector`]).
@@ -1138,9 +1149,16 @@ pub struct SyncTable {
     services: HashMap<MapData, SvcKey, Svc>,
     ranges: HashMap<MapData, RangeKey, Ranges>,
     backends: Array<MapData, Backends>,
+    ep_conns: Array<MapData, u32>,
 }
 
 impl SyncTable {
+    /// This node's flow (original-direction entry `v`) stops counting for least-connections
+    /// here (it was given to a peer).
+    pub fn release_lc(&mut self, v: &Ct) {
+        lc_release(&mut self.ep_conns, v);
+    }
+
     pub fn get(&self, key: &CtKey) -> Result<Option<Ct>> {
         match self.conntrack.get(key, 0) {
             Ok(v) => Ok(Some(v)),

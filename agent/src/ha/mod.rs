@@ -933,6 +933,8 @@ impl Node for Ha {
                 }
                 if ours {
                     self.counters.handoffs_given.fetch_add(1, Ordering::Relaxed);
+                    // It no longer counts toward its endpoint's connections here.
+                    t.release_lc(&cur);
                 }
             }
             // The reply entry first: the original is what starts forwarding.

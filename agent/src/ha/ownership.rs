@@ -121,13 +121,21 @@ pub fn snat_routes(me: u32, own: &[IpAddr], peers: &[(u32, Vec<IpAddr>)]) -> Vec
         let Some(d) = ring_distance(&ids, *id, me) else {
             continue;
         };
-        for a in addrs {
+        for a in addrs.iter().filter(|a| routable(a)) {
             if !out.iter().any(|(o, _)| o == a) {
                 out.push((*a, d));
             }
         }
     }
     out
+}
+
+/// An address a peer may have us advertise as its source: unicast, not loopback.
+fn routable(a: &IpAddr) -> bool {
+    !(a.is_unspecified()
+        || a.is_loopback()
+        || a.is_multicast()
+        || matches!(a, IpAddr::V4(v4) if v4.is_broadcast()))
 }
 
 #[cfg(test)]
@@ -291,6 +299,9 @@ mod tests {
         // A peer reporting our address does not get it advertised as theirs.
         let r = snat_routes(2, &a("203.0.113.202"), &[(0, a("203.0.113.202"))]);
         assert_eq!(r, vec![(ip("203.0.113.202"), 0)]);
+        // Nor addresses no host could reply to.
+        let junk = vec![ip("0.0.0.0"), ip("127.0.0.1"), ip("224.0.0.5"), ip("::")];
+        assert_eq!(snat_routes(2, &[], &[(0, junk)]), vec![]);
         assert_eq!(ring_distance(&[0, 1, 2], 2, 0), Some(1));
         assert_eq!(ring_distance(&[0, 1, 2], 5, 0), None);
     }
