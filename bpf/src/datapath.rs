@@ -746,28 +746,8 @@ impl Datapath {
     /// Separate handles for conntrack sync: conntrack to read and write, and the service
     /// maps to resolve a peer's flow to this node's service and endpoint numbers.
     pub fn sync_table(&self) -> Result<SyncTable> {
-        let open = |id: u32, name: &str| {
-            aya::maps::MapData::from_id(id).map_err(|e| BpfError::Map {
-                map: name.to_string(),
-                source: e,
-            })
-        };
         let [ct, svc, rng, be] = self.sync_ids;
-        Ok(SyncTable {
-            conntrack: HashMap::try_from(aya::maps::Map::HashMap(open(ct, "conntrack")?))
-                .map_err(map_err("conntrack"))?,
-            services: HashMap::try_from(aya::maps::Map::HashMap(open(svc, "services")?))
-                .map_err(map_err("services"))?,
-            ranges: HashMap::try_from(aya::maps::Map::HashMap(open(rng, "ranges")?))
-                .map_err(map_err("ranges"))?,
-            backends: Array::try_from(aya::maps::Map::Array(open(be, "backends")?))
-                .map_err(map_err("backends"))?,
-            ep_conns: Array::try_from(aya::maps::Map::Array(open(
-                self.collector_ids.2,
-                "ep_conns",
-            )?))
-            .map_err(map_err("ep_conns"))?,
-        })
+        SyncTable::open([ct, svc, rng, be, self.collector_ids.2])
     }
 
     /// Drops the conntrack entries `gone` picks, in one pass.
@@ -1145,6 +1125,8 @@ impl CtBatches<'_> {
 
 /// Conntrack sync's own map handles (see [`Datapath::sync_table`]).
 pub struct SyncTable {
+    /// Map ids: conntrack, services, ranges, backends, ep_conns.
+    ids: [u32; 5],
     conntrack: HashMap<MapData, CtKey, Ct>,
     services: HashMap<MapData, SvcKey, Svc>,
     ranges: HashMap<MapData, RangeKey, Ranges>,
@@ -1153,6 +1135,35 @@ pub struct SyncTable {
 }
 
 impl SyncTable {
+    fn open(ids: [u32; 5]) -> Result<SyncTable> {
+        let open = |id: u32, name: &str| {
+            aya::maps::MapData::from_id(id).map_err(|e| BpfError::Map {
+                map: name.to_string(),
+                source: e,
+            })
+        };
+        let [ct, svc, rng, be, lc] = ids;
+        Ok(SyncTable {
+            ids,
+            conntrack: HashMap::try_from(aya::maps::Map::HashMap(open(ct, "conntrack")?))
+                .map_err(map_err("conntrack"))?,
+            services: HashMap::try_from(aya::maps::Map::HashMap(open(svc, "services")?))
+                .map_err(map_err("services"))?,
+            ranges: HashMap::try_from(aya::maps::Map::HashMap(open(rng, "ranges")?))
+                .map_err(map_err("ranges"))?,
+            backends: Array::try_from(aya::maps::Map::Array(open(be, "backends")?))
+                .map_err(map_err("backends"))?,
+            ep_conns: Array::try_from(aya::maps::Map::Array(open(lc, "ep_conns")?))
+                .map_err(map_err("ep_conns"))?,
+        })
+    }
+
+    /// Handles of their own on the same maps: a long walk on them holds no lock that guards
+    /// this one.
+    pub fn reopen(&self) -> Result<SyncTable> {
+        SyncTable::open(self.ids)
+    }
+
     /// This node's flow (original-direction entry `v`) stops counting for least-connections
     /// here (it was given to a peer).
     pub fn release_lc(&mut self, v: &Ct) {

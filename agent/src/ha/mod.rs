@@ -445,6 +445,20 @@ impl Ha {
         st.role
     }
 
+    /// Walks the conntrack table a chunk at a time on handles of its own, so a long walk (a
+    /// snapshot being sent, the stale sweep's read) does not hold the lock that installs and
+    /// claims take; on the shared handles if they cannot be reopened.
+    fn walk(&self, f: impl FnMut(&[(CtKey, Ct)]) -> bool) {
+        let reader = self.tbl().reopen();
+        match reader {
+            Ok(r) => r.walk(4096, f),
+            Err(e) => {
+                warn!(error = %e, "conntrack: no handles of its own for a walk; walking under the lock");
+                self.tbl().walk(4096, f);
+            }
+        }
+    }
+
     /// Node ids of the peers that are dead now.
     fn dead_peers(&self) -> BTreeSet<u16> {
         self.st()
@@ -851,8 +865,7 @@ impl Node for Ha {
     fn own_flows(&self, emit: &mut dyn FnMut(Vec<Flow>) -> bool) {
         let me = self.cfg.node_id;
         let now = monotonic_ns();
-        let t = self.tbl();
-        t.walk(4096, |chunk| {
+        self.walk(|chunk| {
             emit(
                 chunk
                     .iter()
@@ -983,7 +996,7 @@ impl Node for Ha {
         let Ok(origin) = u16::try_from(origin) else {
             return out;
         };
-        self.tbl().walk(4096, |chunk| {
+        self.walk(|chunk| {
             out.extend(
                 chunk
                     .iter()
