@@ -748,6 +748,9 @@ pub async fn run(cfg: Config) -> Result<()> {
         saved_sources,
         !cfg.cluster.is_empty(),
     );
+    for a in &cfg.node_snat {
+        engine.install_node_address(*a);
+    }
     let engine = EngineHandle::spawn(engine).context("start the rule engine's thread")?;
     let bfd = Bfd::start(&cfg).await?.map(Arc::new);
     let bgp = if cfg.flags.bgp {

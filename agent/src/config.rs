@@ -196,7 +196,8 @@ pub struct Flags {
     /// from every peer (ring order after this node: the next one first). A flow's replies
     /// then return to the node that holds it whatever the ToR's ECMP hash or a partition
     /// does; when the node dies, its route moves to a survivor that holds its synced flows.
-    /// Give every node a different address, outside every VIP and interface address.
+    /// The agent puts it on `lo`. Give every node a different address, outside every VIP and
+    /// interface address.
     #[arg(long, value_name = "IP[,IP]")]
     pub node_snat: Option<String>,
 

@@ -423,6 +423,22 @@ impl Engine {
         crate::health::set_floating_sources(self.onearm_sources());
     }
 
+    /// This node's own full-NAT source address (`--node-snat`): on `lo`, so a packet to it that
+    /// matches no flow ends here (a reset or an ICMP error) instead of following the default
+    /// route back to the ToR, which routes it here again until its TTL ends; and marked in the
+    /// datapath like a VIP (unknown mid-stream TCP to it is dropped).
+    pub fn install_node_address(&mut self, a: IpAddr) {
+        if let Err(e) = vip::add(a) {
+            warn!(address = %a, error = %e, "cannot put the node's source address on lo");
+        }
+        for key in source_range_keys(a) {
+            if let Err(e) = self.dp.set_ranges(&key, &Default::default()) {
+                warn!(address = %a, error = %e, "cannot mark the node's source address in the datapath");
+            }
+        }
+        info!(address = %a, "full-NAT flows of this node leave from its own address");
+    }
+
     /// `POST /config/onearmsource`: a floating one-arm source for endpoints added from now on
     /// (endpoints already installed keep theirs until their rule is posted again).
     pub fn add_onearm_source(&mut self, n: ipnet::IpNet) -> Result<(), RuleError> {

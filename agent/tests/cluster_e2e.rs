@@ -147,6 +147,25 @@ fn three_node_active_backup_survives_two_deaths_in_turn() {
     };
     wait_master(&lab, "lb1", &["lb1", "lb2", "lb3"]);
     wait_route_via(&lab, "192.0.2.2");
+    // A packet to a node's own address that matches no flow ends at that node: it does not
+    // bounce between the node and the ToR until its TTL ends.
+    let tx = || -> u64 {
+        let out = lab
+            .exec_ok("tor", &["ip", "-j", "-s", "link", "show", "eth2"])
+            .unwrap();
+        let v: Value = serde_json::from_str(&out).unwrap();
+        v[0]["stats64"]["tx"]["packets"].as_u64().unwrap()
+    };
+    let before = tx();
+    let send = "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\nfor i in range(20): s.sendto(b'x',('203.0.113.201',7))";
+    lab.exec_ok("client", &["python3", "-c", send]).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let sent = tx() - before;
+    eprintln!("20 datagrams to lb1's own address without a flow: {sent} packets toward lb1");
+    assert!(
+        sent < 60,
+        "{sent} packets toward lb1 for 20 datagrams: they loop"
+    );
     let args = run("30", "10", "7", &["--fault-at", "3"]);
     for (dead, next, live, via) in [
         ("lb1", "lb2", &["lb2", "lb3"][..], "192.0.2.6"),
