@@ -509,25 +509,30 @@ fn a_cut_between_the_nodes_loses_no_stream_and_no_new_connection() {
     lab.down().unwrap();
 }
 
-/// The MASTER silent for 200 ms (every frame dropped at its neighbours, the ToR's port and the
-/// switch's; BFD 100 ms x 3 needs 300 ms): no role change anywhere, no stream lost.
+/// The MASTER silent for 160-200 ms (every frame dropped at its neighbours, the ToR's port and
+/// the switch's; BFD 100 ms x 3 needs 300 ms without a packet, and the next packet after a
+/// silence comes up to 90 ms later): no role change anywhere, no stream lost.
 #[test]
-fn a_master_silent_for_200ms_changes_no_role() {
+fn a_master_silent_below_detection_time_changes_no_role() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
-    let test = "a_master_silent_for_200ms_changes_no_role";
+    let test = "a_master_silent_below_detection_time_changes_no_role";
     let Some(lab) = up_settled(test, "c3blip") else {
         return;
     };
     let before = transitions(&lab);
     let args = run("30", "10", "7", &["--fault-at", "3"]);
     let t = traffic_with_fault(&lab, VIP, "blip", &args, Duration::from_secs(3), || {
-        // One command per neighbour, run at once: cut, 200 ms, lift.
+        // One command per neighbour, run at once: cut, 150 ms, lift (removing the table adds
+        // 10-30 ms; the UDP probe's longest gap, the silence plus up to one 10 ms interval,
+        // shows how long it was). A peer's next BFD packet can come 90 ms after the silence,
+        // so a silence S is survived while S + 90 ms < 300 ms: a 200 ms cut is at the edge
+        // (measured: lb1's packets 300.7 ms apart at lb2 in 1 of 4 runs, a role change).
         std::thread::scope(|sc| {
             for (at, port) in [("tor", "eth2"), ("sw", "eth1")] {
                 let lab = &lab;
                 sc.spawn(move || {
                     let script = format!(
-                        "printf 'table netdev flb_fault_blip {{\\n chain in {{ type filter hook ingress device \"{port}\" priority -500; policy drop; }}\\n chain out {{ type filter hook egress device \"{port}\" priority -500; policy drop; }}\\n}}\\n' | nft -f - && sleep 0.2 && nft delete table netdev flb_fault_blip"
+                        "printf 'table netdev flb_fault_blip {{\\n chain in {{ type filter hook ingress device \"{port}\" priority -500; policy drop; }}\\n chain out {{ type filter hook egress device \"{port}\" priority -500; policy drop; }}\\n}}\\n' | nft -f - && sleep 0.15 && nft delete table netdev flb_fault_blip"
                     );
                     let out = lab.exec(at, &["sh", "-c", &script]).unwrap();
                     assert!(out.success(), "{at}: {out:?}");
@@ -535,7 +540,11 @@ fn a_master_silent_for_200ms_changes_no_role() {
             }
         });
     });
-    assert_run(&t, "MASTER silent 200 ms", 30, None);
+    let outage = assert_run(&t, "MASTER silent", 30, None);
+    assert!(
+        (150..300).contains(&outage),
+        "the silence was not 150-200 ms: UDP outage {outage} ms"
+    );
     assert_eq!(masters(&lab), ["lb1"]);
     assert_eq!(transitions(&lab), before, "a role changed");
     assert_eq!(nexthops(&lab), ["192.0.2.2"]);
