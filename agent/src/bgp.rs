@@ -239,7 +239,7 @@ pub fn routes_for(rules: &RuleSet, role_of: impl Fn(&str) -> Role, policy: &Rout
         }
         let backup = role_of(r.service.instance()) == Role::Backup;
         let attrs = policy.attrs(backup);
-        let Ok(net) = IpNet::new(vip, if vip.is_ipv6() { 128 } else { 32 }) else {
+        let Ok(net) = IpNet::new(vip, crate::netlink::host_len(vip)) else {
             continue;
         };
         // Two rules on one VIP in different roles: the plainer advertisement wins.
@@ -260,7 +260,7 @@ pub fn routes_for(rules: &RuleSet, role_of: impl Fn(&str) -> Role, policy: &Rout
 /// ring order. A VIP route for the same prefix is left as it is. Pure.
 pub fn add_snat_routes(out: &mut Routes, snat: &[(IpAddr, u8)], policy: &RoutePolicy) {
     for (a, d) in snat {
-        let Ok(net) = IpNet::new(*a, if a.is_ipv6() { 128 } else { 32 }) else {
+        let Ok(net) = IpNet::new(*a, crate::netlink::host_len(*a)) else {
             continue;
         };
         let mut attrs = policy.attrs(*d > 0);

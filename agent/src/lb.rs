@@ -409,18 +409,24 @@ impl Engine {
 
     fn install_source(&mut self, n: ipnet::IpNet) {
         let a = n.addr();
-        if let Err(e) = vip::add(a) {
-            warn!(address = %a, error = %e, "cannot put the one-arm source on lo");
-        }
-        for key in source_range_keys(a) {
-            if let Err(e) = self.dp.set_ranges(&key, &Default::default()) {
-                warn!(address = %a, error = %e, "cannot mark the one-arm source in the datapath");
-            }
-        }
+        self.own_address(a, "one-arm source");
         info!(source = %a, prefix = %n.trunc(), "one-arm source floats with the MASTER role");
         self.onearm_sources.retain(|o| o.addr() != a);
         self.onearm_sources.push(n);
         crate::health::set_floating_sources(self.onearm_sources());
+    }
+
+    /// A source address this node translates to, that is no VIP (`what` names it in logs):
+    /// on `lo`, and marked in the datapath like a VIP.
+    fn own_address(&mut self, a: IpAddr, what: &str) {
+        if let Err(e) = vip::add(a) {
+            warn!(address = %a, error = %e, "cannot put the {what} on lo");
+        }
+        for key in source_range_keys(a) {
+            if let Err(e) = self.dp.set_ranges(&key, &Default::default()) {
+                warn!(address = %a, error = %e, "cannot mark the {what} in the datapath");
+            }
+        }
     }
 
     /// This node's own full-NAT source address (`--node-snat`): on `lo`, so a packet to it that
@@ -428,14 +434,7 @@ impl Engine {
     /// route back to the ToR, which routes it here again until its TTL ends; and marked in the
     /// datapath like a VIP (unknown mid-stream TCP to it is dropped).
     pub fn install_node_address(&mut self, a: IpAddr) {
-        if let Err(e) = vip::add(a) {
-            warn!(address = %a, error = %e, "cannot put the node's source address on lo");
-        }
-        for key in source_range_keys(a) {
-            if let Err(e) = self.dp.set_ranges(&key, &Default::default()) {
-                warn!(address = %a, error = %e, "cannot mark the node's source address in the datapath");
-            }
-        }
+        self.own_address(a, "node source address");
         info!(address = %a, "full-NAT flows of this node leave from its own address");
     }
 
