@@ -17,7 +17,11 @@ while rules change (longest gap).
 Each path connects from a client address of its own (see SOURCES); --shared-source uses one for
 all, as this script did before (and shows what that costs the paths that keep the client's address).
 
-Usage: sudo python3 scripts/bench.py [--rounds N] [--json FILE] [--shared-source]
+New connections/s against plain routing are measured once more in pairs of short trials (plain,
+then ferrolb's modes, in the opposite order every other pair; --pairs N, default 8): the ratio's
+median over the pairs is what the ratios report, since one trial varies by +-5 % from the next.
+
+Usage: sudo python3 scripts/bench.py [--rounds N] [--pairs N] [--json FILE] [--shared-source]
 Needs root and `scripts/deps.sh --bench` (wrk, nginx). Prints a table and the ratios.
 """
 import json
@@ -168,6 +172,67 @@ def start_agent(*extra):
     sys.exit("agent did not come up")
 
 
+def cps_trial(path, target, port, seconds):
+    """New connections/s of one short trial (wrk with "Connection: close")."""
+    src = SHARED_SOURCE if SHARED else SOURCES[path]
+    lab("client", "ip", "route", "replace", "default", "via", "198.51.100.1", "src", src)
+    global SECONDS
+    saved, SECONDS = SECONDS, seconds
+    try:
+        return wrk(target, True, port)
+    finally:
+        SECONDS = saved
+
+
+def paired_cps(pairs, seconds):
+    """New connections/s against plain routing, in pairs of short trials taken one right after
+    the other: plain (no ferrolb datapath on lb1), then each ferrolb mode (the agent started
+    for them), in the opposite order on every other pair so that a drift in the machine's
+    speed does not favour either side. One trial varies by +-5 % from the next on these shared
+    cores, more than the difference measured; the ratio of each pair, and the median over the
+    pairs, is what this measures. Returns {path: [cps per pair]}."""
+    global AGENT_PID
+    out = {"plain": [], "ferrolb": [], "ferrolb-onearm": [], "ferrolb-fullnat": []}
+
+    def plain():
+        out["plain"].append(cps_trial("plain", BE1, 80, seconds))
+
+    def ferrolb():
+        global AGENT_PID
+        tag = start_agent()
+        AGENT_PID = agent_pid(tag)
+        for name, mode, off in MODES:
+            api("POST", "/config/loadbalancer", {
+                "serviceArguments": {"externalIP": VIP, "port": 80 + off, "protocol": "tcp",
+                                     "sel": 0, "mode": mode},
+                "endpoints": [{"endpointIP": BE1, "targetPort": 80, "weight": 1}]})
+        for name, mode, off in MODES:
+            out[name].append(cps_trial(name, VIP, 80 + off, seconds))
+        stop_agent()
+
+    stop_agent()
+    for i in range(pairs):
+        if i % 2 == 0:
+            plain()
+            ferrolb()
+        else:
+            ferrolb()
+            plain()
+        print("  pair %d/%d: plain %.0f, DNAT %.0f (%.3f), one-arm %.0f (%.3f), full NAT %.0f (%.3f)"
+              % (i + 1, pairs, out["plain"][-1],
+                 out["ferrolb"][-1], out["ferrolb"][-1] / out["plain"][-1],
+                 out["ferrolb-onearm"][-1], out["ferrolb-onearm"][-1] / out["plain"][-1],
+                 out["ferrolb-fullnat"][-1], out["ferrolb-fullnat"][-1] / out["plain"][-1]),
+              flush=True)
+    return out
+
+
+def median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
 def main():
     rounds = 1
     out_json = None
@@ -176,6 +241,9 @@ def main():
         rounds = int(args[args.index("--rounds") + 1])
     if "--json" in args:
         out_json = args[args.index("--json") + 1]
+    global PAIRS
+    if "--pairs" in args:
+        PAIRS = int(args[args.index("--pairs") + 1])
     global SHARED
     SHARED = "--shared-source" in args
     if os.geteuid() != 0:
@@ -233,6 +301,13 @@ def bench(rounds, out_json):
         exhausted = re.search(r'reason="nat_ports_exhausted"\} (\d+)', m)
         print("  nat_ports_exhausted drops: %s" % (exhausted.group(1) if exhausted else "?"), flush=True)
 
+    paired = {}
+    if PAIRS > 0:
+        print("new connections/s in %d pairs of %d s trials (plain, then ferrolb's modes; "
+              "reversed every other pair)" % (PAIRS, PAIR_SECONDS), flush=True)
+        paired = paired_cps(PAIRS, PAIR_SECONDS)
+        AGENT_PID = agent_pid(start_agent())  # for the rule churn below
+
     best = {k: {m: max(x[m] for x in v) for m in ("gbps", "rps", "cps")} for k, v in results.items()}
     print()
     print("%-28s %12s %12s %12s" % ("path (best of %d)" % rounds, "TCP Gbit/s", "requests/s", "new conn/s"))
@@ -255,9 +330,22 @@ def bench(rounds, out_json):
         "fullnat_rps_vs_dnat": best["ferrolb-fullnat"]["rps"] / best["ferrolb"]["rps"],
         "fullnat_throughput_vs_dnat": best["ferrolb-fullnat"]["gbps"] / best["ferrolb"]["gbps"],
     }
+    # New connections/s against plain routing from the paired trials: the median of the
+    # pairs' ratios (these replace the best-of-rounds ratios, which one round's noise moves).
+    for k, name in (("cps_vs_plain", "ferrolb"), ("onearm_cps_vs_plain", "ferrolb-onearm"),
+                    ("fullnat_cps_vs_plain", "ferrolb-fullnat")):
+        if paired:
+            r = [f / p for f, p in zip(paired[name], paired["plain"])]
+            ratios[k] = median(r)
+            ratios[k + "_pairs_min"] = min(r)
+            ratios[k + "_pairs_max"] = max(r)
+            ratios[k + "_pairs_above_1"] = sum(1 for x in r if x >= 1.0) / len(r)
     print()
     for k, v in ratios.items():
-        print("ratio %-22s %.2f" % (k, v))
+        print("ratio %-30s %.3f" % (k, v))
+    if paired:
+        print("(cps_vs_plain and the modes' ratios: median of %d paired trials; plain's median "
+              "%.0f/s)" % (PAIRS, median(paired["plain"])))
 
     # Rule churn while a stream runs: the longest gap between echoes.
     api("POST", "/config/loadbalancer", {
@@ -303,13 +391,16 @@ def bench(rounds, out_json):
     stop_agent()
     if out_json:
         with open(out_json, "w") as f:
-            json.dump({"results": results, "best": best, "ratios": ratios,
+            json.dump({"results": results, "best": best, "ratios": ratios, "paired_cps": paired,
                        "churn": {"changes": churn, "max_gap_ms": gap, "errors": errors},
                        "scale": {"rules": load["rules"], "seconds": load["seconds"],
                                  "rss_mb": rss_mb, "peak_rss_mb": hwm_mb, "list_seconds": list_s}}, f, indent=1)
 
 
 LB1_NETNS = None
+# Paired new-connection trials (--pairs N, 0 skips them) and each trial's length.
+PAIRS = 8
+PAIR_SECONDS = 3
 
 if __name__ == "__main__":
     main()

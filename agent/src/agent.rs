@@ -103,6 +103,35 @@ fn attach_new(dp: &mut Datapath, cfg: &Config, done: &mut BTreeMap<String, u32>)
             Err(e) => warn!(iface, error = %e, "cannot attach datapath"),
         }
     }
+    mark_peer_redirects(dp, cfg, done);
+}
+
+/// Marks, for the datapath, the attached interfaces it may forward through with
+/// `bpf_redirect_peer`: veths whose other end is in another namespace (none with
+/// `--no-peer-redirect`). Each pass re-reads them, with their MACs: a veth whose other end
+/// came back into this namespace is unmarked (the kernel would drop what the datapath sent
+/// to its peer meanwhile), and the datapath ignores a mark whose MAC is not the interface's.
+fn mark_peer_redirects(dp: &mut Datapath, cfg: &Config, done: &BTreeMap<String, u32>) {
+    let remote = if cfg.flags.no_peer_redirect {
+        Vec::new()
+    } else {
+        match crate::netlink::veths_with_remote_peer() {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(error = %e, "cannot list veth interfaces; forwarding with plain redirects");
+                Vec::new()
+            }
+        }
+    };
+    for (iface, index) in done {
+        let Some(mac) = ferrolb_bpf::datapath::mac_of(iface) else {
+            continue;
+        };
+        let peer = remote.contains(index);
+        if let Err(e) = dp.set_if_entry(*index, mac, peer) {
+            warn!(iface, error = %e, "cannot record the interface for the datapath");
+        }
+    }
 }
 
 /// What happens when a supervised task fails.
@@ -242,6 +271,8 @@ fn load_datapath(cfg: &Config, bus: &RoleBus) -> Result<Loaded> {
         max_halfopen: cfg.flags.max_halfopen,
         node_id: cfg.flags.self_id.unwrap_or(0),
         fullnat_sources: cfg.node_snat.clone(),
+        // Sync is the only reader of flow events; a standalone node does not make them.
+        flow_events: !cfg.cluster.is_empty(),
         ..Default::default()
     })
     .with_context(|| format!("load the datapath (pinned at {})", dir.display()))?;

@@ -182,6 +182,14 @@ pub struct Flags {
     #[arg(long)]
     pub no_forwarding_sysctl: bool,
 
+    /// Forward through veth interfaces with a plain redirect. By default, a packet the
+    /// datapath forwards out of a veth whose other end is in another network namespace is
+    /// handed straight to that end (`bpf_redirect_peer`): it skips this side's transmit path
+    /// (so this side's TX counters, egress qdisc and `tcpdump` do not see it; the other end's
+    /// RX counters and captures do) and a trip through the per-CPU backlog.
+    #[arg(long)]
+    pub no_peer_redirect: bool,
+
     /// One-arm source addresses that float with the MASTER role, `IP/PREFIX[,...]`: one-arm
     /// rules translate traffic to endpoints inside PREFIX from IP (not from this node's own
     /// interface address), so their flows survive a failover. IP goes on `lo` of every node;

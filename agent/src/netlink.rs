@@ -15,6 +15,7 @@ use netlink_packet_core::{
 use netlink_packet_route::address::{
     AddressAttribute, AddressHeaderFlags, AddressMessage, AddressScope,
 };
+use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
@@ -155,6 +156,34 @@ pub fn addresses() -> io::Result<Vec<(u32, IpAddr)>> {
     Ok(out)
 }
 
+/// The indexes of this namespace's veth interfaces whose other end is in another network
+/// namespace (the kernel reports that end's namespace as `IFLA_LINK_NETNSID` only then): what
+/// the datapath may hand straight to the other end's ingress (`bpf_redirect_peer`). One dump.
+pub fn veths_with_remote_peer() -> io::Result<Vec<u32>> {
+    let replies = request(
+        RouteNetlinkMessage::GetLink(LinkMessage::default()),
+        NLM_F_DUMP,
+    )?;
+    let mut out = Vec::new();
+    for r in replies {
+        let RouteNetlinkMessage::NewLink(m) = r else {
+            continue;
+        };
+        let veth = m.attributes.iter().any(|a| {
+            matches!(a, LinkAttribute::LinkInfo(info)
+                if info.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth))))
+        });
+        let remote = m
+            .attributes
+            .iter()
+            .any(|a| matches!(a, LinkAttribute::LinkNetNsId(_)));
+        if veth && remote {
+            out.push(m.header.index);
+        }
+    }
+    Ok(out)
+}
+
 /// The source address the kernel would use toward `dst` (`ip route get <dst>`'s `src`).
 pub fn source_toward(dst: IpAddr) -> io::Result<IpAddr> {
     let mut m = RouteMessage::default();
@@ -227,5 +256,58 @@ mod tests {
             e.raw_os_error() == Some(libc::ENETUNREACH) || e.kind() == io::ErrorKind::NotFound,
             "{e}"
         );
+    }
+
+    /// In a private network namespace: a veth pair with both ends here is not reported; once
+    /// one end moves to another namespace (a child process's own, gone with it), the end left
+    /// here is, and nothing else is (`lo`).
+    #[test]
+    fn veths_whose_other_end_is_elsewhere_are_found() {
+        if !ferrolb_tests::private_netns("veths_whose_other_end_is_elsewhere_are_found") {
+            return;
+        }
+        let ip = |args: &[&str]| {
+            let ok = std::process::Command::new("ip")
+                .args(args)
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "ip {}", args.join(" "));
+        };
+        ip(&[
+            "link", "add", "flbva", "type", "veth", "peer", "name", "flbvb",
+        ]);
+        let a = if_index("flbva").unwrap();
+        let b = if_index("flbvb").unwrap();
+        assert_eq!(veths_with_remote_peer().unwrap(), Vec::<u32>::new());
+        // The other namespace: a child's (killed on every way out, which deletes the pair).
+        struct Child(std::process::Child);
+        impl Drop for Child {
+            fn drop(&mut self) {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+        let child = Child(
+            std::process::Command::new("unshare")
+                .args(["--net", "sleep", "30"])
+                .spawn()
+                .expect("unshare --net sleep"),
+        );
+        let pid = child.0.id().to_string();
+        // unshare(1) execs sleep once its namespace exists: wait for it to differ from ours.
+        let ours = std::fs::read_link("/proc/thread-self/ns/net").unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::fs::read_link(format!("/proc/{pid}/ns/net"))
+            .ok()
+            .as_ref()
+            == Some(&ours)
+        {
+            assert!(std::time::Instant::now() < deadline, "child namespace");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        ip(&["link", "set", "flbvb", "netns", &pid]);
+        assert_eq!(veths_with_remote_peer().unwrap(), vec![a]);
+        assert!(if_name(b).is_none_or(|n| n != "flbvb"));
+        drop(child);
     }
 }

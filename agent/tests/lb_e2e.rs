@@ -94,7 +94,26 @@ fn balancing_algorithms_and_nat_modes() {
     };
     // Round robin, DNAT: exact spread; backends see the client.
     assert_eq!(post(&lab, &rule(80, "tcp", 0, 0, &all3(8080))).0, 200);
+    let stat = |node: &str, path: &str| -> u64 {
+        lab.exec_ok(node, &["cat", path])
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let lb_tx = "/sys/class/net/eth2/statistics/tx_packets";
+    let sw_rx = "/sys/class/net/eth1/statistics/rx_packets";
+    let (tx0, rx0) = (stat("lb1", lb_tx), stat("sw", sw_rx));
     let res = probe(&lab, &["http", VIP, "80", "30"]);
+    // lb1's eth2 is a veth whose other end (sw's eth1) is in another namespace: the datapath
+    // hands what it forwards straight to that end (bpf_redirect_peer). sw receives every
+    // packet toward the backends (at least 4 per connection); lb1's transmit path sees only
+    // what lb1 itself sends (neighbour resolution).
+    let (tx, rx) = (stat("lb1", lb_tx) - tx0, stat("sw", sw_rx) - rx0);
+    assert!(
+        rx >= 120 && tx < 20,
+        "30 connections: sw's eth1 received {rx} packets, lb1's eth2 transmitted {tx}"
+    );
     assert_eq!(
         backends(&res),
         BTreeMap::from([("be1".into(), 10), ("be2".into(), 10), ("be3".into(), 10)])

@@ -325,8 +325,14 @@ struct flb_affinity {
 /* if_macs value: the MAC address of an attached interface (for neighbour advertisements). */
 struct flb_mac {
 	__u8 addr[6];
-	__u8 pad[2];
+	__u8 flags; /* FLB_IFF_* */
+	__u8 pad;
 };
+
+/* The interface is a veth whose other end is in another network namespace: a packet leaving
+ * through it goes straight to that end's ingress (bpf_redirect_peer), without the transmit
+ * path and the per-CPU backlog in between. Set by the agent (--no-peer-redirect: never). */
+#define FLB_IFF_PEER 0x01
 
 struct flb_stats {
 	__u64 packets;

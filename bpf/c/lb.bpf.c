@@ -116,6 +116,10 @@ volatile const __u32 FULLNAT_SRC6[4] = {0, 0, 0, 0};
  * the kernel's release: older kernels refuse the flag, and probing it per packet cost a failing
  * helper call on every rewritten IPv6 packet. */
 volatile const __u8 CSUM_IPV6 = 1;
+/* 1 when something reads the flow events (a node that syncs its flows to peers): without a
+ * reader, a connection's events (created, established, closed, removed) are work for nobody;
+ * the datapath's counters count the same things. NAT-pressure signals are always sent. */
+volatile const __u8 FLOW_EVENTS = 1;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -226,7 +230,7 @@ struct {
 } events SEC(".maps");
 
 /* ifindex -> MAC address of each interface the agent attached to (IPv6 neighbour
- * advertisements for VIPs carry it). */
+ * advertisements for VIPs carry it) and how packets leave through it (FLB_IFF_*). */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__type(key, __u32);
@@ -730,6 +734,8 @@ static __always_inline int ct_points_to(const struct flb_ct *v, const struct flb
 
 static __always_inline void emit(__u32 type, const struct flb_ct_key *k, const struct flb_ct *v)
 {
+	if (!FLOW_EVENTS && type != FLB_EV_NAT_PRESSURE)
+		return;
 	struct flb_ct_event *ev = bpf_ringbuf_reserve(&events, sizeof(*ev), 0);
 	if (!ev) {
 		count(FLB_CNT_EVENTS_LOST);
@@ -1714,6 +1720,22 @@ static __always_inline __u32 fib_fallback(int rc)
 	}
 }
 
+/* Out through the FIB's interface. A veth whose other end is in another namespace (marked by
+ * the agent) hands the packet straight to that end's ingress, as the veth would after its
+ * transmit path and a trip through the backlog. The mark counts only while the interface
+ * still has the MAC it was marked with (the FIB's source MAC): an index reused by another
+ * device after a deletion, before the agent's next pass, gets a plain redirect. */
+static __always_inline long redirect_out(const struct bpf_fib_lookup *f)
+{
+	__u32 ifindex = f->ifindex;
+	struct flb_mac *m = bpf_map_lookup_elem(&if_macs, &ifindex);
+	if (m && (m->flags & FLB_IFF_PEER) &&
+	    ((m->addr[0] ^ f->smac[0]) | (m->addr[1] ^ f->smac[1]) | (m->addr[2] ^ f->smac[2]) |
+	     (m->addr[3] ^ f->smac[3]) | (m->addr[4] ^ f->smac[4]) | (m->addr[5] ^ f->smac[5])) == 0)
+		return bpf_redirect_peer(ifindex, 0);
+	return bpf_redirect(ifindex, 0);
+}
+
 /* Forward a rewritten packet ourselves: the stack would drop a forwarded
  * packet whose source is one of our own addresses (the VIP in full-NAT, the
  * interface address in one-arm). Falls back to the stack when the FIB has
@@ -1799,7 +1821,7 @@ static __always_inline int fwd(struct __sk_buff *skb, __u8 family, int *served)
 	}
 	count(FLB_CNT_REDIRECTED);
 	*served = 1;
-	return bpf_redirect(f->ifindex, 0);
+	return redirect_out(f);
 }
 
 static __always_inline __u16 csum_fold32(__u32 c)
@@ -2034,7 +2056,7 @@ static __always_inline int xlate_fwd(struct __sk_buff *skb, const struct pkt *p,
 	*served = 1;
 	if (neigh)
 		return bpf_redirect_neigh(f->ifindex, 0, 0, 0);
-	return bpf_redirect(f->ifindex, 0);
+	return redirect_out(f);
 }
 
 /* RFC 1624 eqn. 3 for a 32-bit field: HC' = ~(~HC + ~m + m'). */

@@ -47,6 +47,9 @@ pub struct DatapathConfig {
     /// This node's own full-NAT source addresses (at most one per family); a family without
     /// one uses the VIP.
     pub fullnat_sources: Vec<std::net::IpAddr>,
+    /// Flow events (created, established, closed, removed) go to the ring buffer: only a node
+    /// that syncs its flows reads them. NAT-pressure signals are sent either way.
+    pub flow_events: bool,
 }
 
 impl Default for DatapathConfig {
@@ -59,6 +62,7 @@ impl Default for DatapathConfig {
             max_affinity: 65536,
             node_id: 0,
             fullnat_sources: Vec::new(),
+            flow_events: true,
         }
     }
 }
@@ -323,6 +327,7 @@ impl Datapath {
             cfg.max_halfopen.max(1024)
         };
         let csum_ipv6 = u8::from(csum_ipv6());
+        let flow_events = u8::from(cfg.flow_events);
         let mut src4 = [0u32; 4];
         let mut src6 = [0u32; 4];
         for a in &cfg.fullnat_sources {
@@ -339,6 +344,7 @@ impl Datapath {
             .override_global("FULLNAT_SRC4", &src4, true)
             .override_global("FULLNAT_SRC6", &src6, true)
             .override_global("CSUM_IPV6", &csum_ipv6, true)
+            .override_global("FLOW_EVENTS", &flow_events, true)
             .map_max_entries("services", svc)
             .map_max_entries("ranges", svc)
             .map_max_entries("backends", svc * 2)
@@ -891,8 +897,20 @@ impl Datapath {
 
     /// Records an interface's MAC address for the datapath's neighbour advertisements.
     pub fn set_if_mac(&mut self, ifindex: u32, mac: [u8; 6]) -> Result<()> {
+        self.set_if_entry(ifindex, mac, false)
+    }
+
+    /// Records an interface's MAC address and whether packets leaving through it go straight
+    /// to the ingress of its other end (`bpf_redirect_peer`): only for a veth whose other end
+    /// is in another network namespace, which the caller checks; the kernel drops what is
+    /// redirected to the peer of anything else. The datapath honours the mark only while the
+    /// interface's MAC is still `mac`.
+    pub fn set_if_entry(&mut self, ifindex: u32, mac: [u8; 6], peer_redirect: bool) -> Result<()> {
         let mut v = [0u8; 8];
         v[..6].copy_from_slice(&mac);
+        if peer_redirect {
+            v[6] = crate::maps::IFF_PEER;
+        }
         self.if_macs
             .insert(ifindex, v, 0)
             .map_err(map_err("if_macs"))

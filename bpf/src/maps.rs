@@ -201,6 +201,10 @@ pub struct SrcKey {
 /// `ha_flags` bit: L2 mode, not MASTER (ARP requests for VIPs are dropped).
 pub const HA_L2_STANDBY: u32 = 0x01;
 
+/// `if_macs` flag (`FLB_IFF_PEER`): a veth whose other end is in another network namespace;
+/// the datapath forwards through it with `bpf_redirect_peer`.
+pub const IFF_PEER: u8 = 0x01;
+
 /// Conntrack event kinds (`FLB_EV_*`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum EventKind {

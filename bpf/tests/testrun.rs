@@ -434,6 +434,54 @@ fn dnat_rewrites_both_directions_and_tracks_tcp_states() {
     assert_eq!(kinds, vec![Established, Closed, Removed, Closed]);
 }
 
+/// A node that syncs nothing (flow_events off, as the agent loads it without --cluster) puts
+/// no flow event in the ring: created, established, closed cost nothing for nobody; the
+/// datapath's counters still count the flows.
+#[test]
+fn without_a_reader_no_flow_events_are_made() {
+    if !in_private_netns("without_a_reader_no_flow_events_are_made") {
+        return;
+    }
+    let mut dp = Datapath::load(&DatapathConfig {
+        max_services: 64,
+        max_conntrack: 4096,
+        flow_events: false,
+        ..Default::default()
+    })
+    .expect("load datapath");
+    install(&mut dp, &svc(1, 80, PROTO_TCP, 0, 0));
+    install(&mut dp, &svc(2, 53, PROTO_UDP, 0, 0));
+    run(&mut dp, &udp(ip(CLIENT, VIP, 17), 40001, 53, b"q", true));
+    run(&mut dp, &tcp(ip(CLIENT, VIP, 6), 40000, 80, SYN, b""));
+    run(
+        &mut dp,
+        &tcp_sa(ip(EP1, CLIENT, 6), 8080, 40000, 5000, 1001, SYN | ACK, b""),
+    );
+    run(
+        &mut dp,
+        &tcp_sa(ip(CLIENT, VIP, 6), 40000, 80, 1001, 5001, ACK, b""),
+    );
+    assert_eq!(
+        orig(&dp, 40000, 80, PROTO_TCP).state(),
+        CtState::Established
+    );
+    run(
+        &mut dp,
+        &tcp_sa(ip(CLIENT, VIP, 6), 40000, 80, 1001, 5001, RST | ACK, b""),
+    );
+    assert_eq!(orig(&dp, 40000, 80, PROTO_TCP).state(), CtState::Close);
+    let c = dp.counters();
+    assert_eq!(
+        c[Counter::CtCreated as usize],
+        2,
+        "the UDP and the TCP flow"
+    );
+    assert_eq!(c[Counter::CtPromoted as usize], 1);
+    assert_eq!(c[Counter::EventsLost as usize], 0);
+    let mut ev = dp.take_events().unwrap();
+    assert!(ev.try_next().is_none(), "no event in the ring");
+}
+
 #[test]
 fn fullnat_sources_from_the_vip_with_a_free_port() {
     if !in_private_netns("fullnat_sources_from_the_vip_with_a_free_port") {
