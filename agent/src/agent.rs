@@ -123,14 +123,13 @@ fn mark_peer_redirects(dp: &mut Datapath, cfg: &Config, done: &BTreeMap<String, 
             }
         }
     };
-    for (iface, index) in done {
-        let Some(mac) = ferrolb_bpf::datapath::mac_of(iface) else {
-            continue;
-        };
-        let peer = remote.contains(index);
-        if let Err(e) = dp.set_if_entry(*index, mac, peer) {
-            warn!(iface, error = %e, "cannot record the interface for the datapath");
-        }
+    let marked: Vec<(u32, [u8; 6])> = done
+        .iter()
+        .filter(|(_, index)| remote.contains(index))
+        .filter_map(|(iface, index)| Some((*index, ferrolb_bpf::datapath::mac_of(iface)?)))
+        .collect();
+    if let Err(e) = dp.set_peer_redirects(&marked) {
+        warn!(error = %e, "cannot mark the interfaces for peer redirects");
     }
 }
 

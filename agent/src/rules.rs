@@ -161,6 +161,23 @@ impl RuleSet {
         self.rules.get(key)
     }
 
+    /// The rules of one VIP: a range of the table (keys order by external IP first), so a
+    /// check per change does not walk every rule (10,000 rules created in a row).
+    fn of_vip(&self, ip: IpAddr) -> impl Iterator<Item = &Rule> {
+        let first = RuleKey {
+            external_ip: ip,
+            port: 0,
+            port_max: 0,
+            protocol: Protocol::Tcp,
+            block: 0,
+            host: String::new(),
+        };
+        self.rules
+            .range(first..)
+            .take_while(move |(k, _)| k.external_ip == ip)
+            .map(|(_, r)| r)
+    }
+
     /// Plans a create/replace/attach/detach without applying it.
     pub fn plan(&self, spec: RuleSpec, capacity: u32) -> Result<Change, RuleError> {
         if spec.oper != Oper::Detach {
@@ -301,9 +318,8 @@ impl RuleSet {
             let owner = if e.ip == vip {
                 Some(spec.key.to_string())
             } else {
-                self.rules
-                    .values()
-                    .find(|r| r.key.external_ip == e.ip)
+                self.of_vip(e.ip)
+                    .next()
                     .map(|r| format!("{} ({})", r.key, r.label()))
             };
             if let Some(owner) = owner {
@@ -312,6 +328,11 @@ impl RuleSet {
                     format!("{} is the VIP of lb-rule {owner}", e.ip),
                 )));
             }
+        }
+        // A VIP that other rules have already was checked when it came: every endpoint added
+        // since was checked against it (above). Only a new VIP needs the walk.
+        if self.of_vip(vip).any(|r| r.key != spec.key) {
+            return Ok(());
         }
         if let Some(r) = self
             .rules
@@ -329,8 +350,8 @@ impl RuleSet {
     fn check_conflicts(&self, r: &Rule) -> Result<(), RuleError> {
         let (lo, hi) = r.port_span();
         let mut ranges_here = usize::from(r.is_range());
-        for other in self.rules.values() {
-            if other.key.external_ip != r.key.external_ip || other.key.protocol != r.key.protocol {
+        for other in self.of_vip(r.key.external_ip) {
+            if other.key.protocol != r.key.protocol {
                 continue;
             }
             let (olo, ohi) = other.port_span();
@@ -604,11 +625,7 @@ pub fn install(dp: &mut Datapath, r: &Rule, fresh: bool) -> Result<(), ferrolb_b
 
 fn ranges_for(rules: &RuleSet, ip: IpAddr, proto: Protocol) -> Option<Ranges> {
     let mut out: Option<Ranges> = None;
-    for r in rules
-        .rules
-        .values()
-        .filter(|r| r.key.external_ip == ip && r.key.protocol == proto)
-    {
+    for r in rules.of_vip(ip).filter(|r| r.key.protocol == proto) {
         let e = out.get_or_insert_with(Ranges::default);
         if r.is_range()
             && let Some(slot) = e.r.iter_mut().find(|x| x.hi == 0)
@@ -977,6 +994,46 @@ mod tests {
             .plan(spec(&body(81, &[("10.0.0.1", 80, 1)], r#","oper":1"#)), 16)
             .unwrap_err();
         assert!(matches!(missing, RuleError::NotFound(_)));
+    }
+
+    /// The checks look at one VIP's range of the table: neighbours (lower and higher
+    /// addresses, both families, other blocks and hosts) neither hide nor add a conflict.
+    #[test]
+    fn a_vips_rules_are_found_among_its_neighbours() {
+        let mut rs = RuleSet::default();
+        let mk = |vip: &str, port: u16, extra: &str| {
+            spec(&format!(
+                r#"{{"serviceArguments":{{"externalIP":"{vip}","port":{port}{extra}}},"endpoints":[]}}"#
+            ))
+        };
+        for (vip, port, extra) in [
+            ("20.20.20.0", 80, ""),
+            ("20.20.20.1", 70, r#","portMax":90,"block":3"#),
+            ("20.20.20.1", 100, r#","protocol":"udp""#),
+            ("20.20.20.2", 80, ""),
+            ("2001:db8::1", 80, ""),
+        ] {
+            let c = rs.plan(mk(vip, port, extra), 16).unwrap();
+            rs.apply(&c);
+        }
+        let ip: IpAddr = "20.20.20.1".parse().unwrap();
+        assert_eq!(rs.of_vip(ip).count(), 2);
+        let e = rs.plan(mk("20.20.20.1", 85, ""), 16).unwrap_err();
+        assert!(matches!(e, RuleError::Conflict(_)), "{e}");
+        assert!(rs.plan(mk("20.20.20.1", 100, ""), 16).is_ok());
+        let e = rs.plan(mk("20.20.20.1", 100, r#","protocol":"udp","block":1"#), 16);
+        assert!(matches!(e, Err(RuleError::Conflict(_))), "{e:?}");
+        // A new VIP that is another rule's endpoint, and one that is not.
+        let c = rs
+            .plan(spec(&body(200, &[("10.9.9.9", 80, 1)], "")), 16)
+            .unwrap();
+        rs.apply(&c);
+        let e = rs.plan(mk("10.9.9.9", 80, ""), 16).unwrap_err().to_string();
+        assert!(
+            e.contains("is an endpoint of lb-rule 20.20.20.1:200"),
+            "{e}"
+        );
+        assert!(rs.plan(mk("10.9.9.8", 80, ""), 16).is_ok());
     }
 
     #[test]

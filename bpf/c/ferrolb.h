@@ -325,13 +325,22 @@ struct flb_affinity {
 /* if_macs value: the MAC address of an attached interface (for neighbour advertisements). */
 struct flb_mac {
 	__u8 addr[6];
+	__u8 pad[2];
+};
+
+/* if_out slot (an array indexed by ifindex modulo FLB_IF_OUT_SLOTS, so the lookup is a few
+ * inlined instructions on every forwarded packet): an interface the datapath forwards out of
+ * with bpf_redirect_peer, a veth whose other end is in another network namespace, with its
+ * MAC. Written by the agent (--no-peer-redirect: never); ifindex 0 is an empty slot. */
+struct flb_if_out {
+	__u32 ifindex;
+	__u8 mac[6];
 	__u8 flags; /* FLB_IFF_* */
 	__u8 pad;
 };
 
-/* The interface is a veth whose other end is in another network namespace: a packet leaving
- * through it goes straight to that end's ingress (bpf_redirect_peer), without the transmit
- * path and the per-CPU backlog in between. Set by the agent (--no-peer-redirect: never). */
+#define FLB_IF_OUT_SLOTS 256
+/* Out of this interface with bpf_redirect_peer. */
 #define FLB_IFF_PEER 0x01
 
 struct flb_stats {

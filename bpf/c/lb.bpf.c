@@ -230,13 +230,22 @@ struct {
 } events SEC(".maps");
 
 /* ifindex -> MAC address of each interface the agent attached to (IPv6 neighbour
- * advertisements for VIPs carry it) and how packets leave through it (FLB_IFF_*). */
+ * advertisements for VIPs carry it). */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__type(key, __u32);
 	__type(value, struct flb_mac);
 	__uint(max_entries, 256);
 } if_macs SEC(".maps");
+
+/* Interfaces forwarded out of with bpf_redirect_peer (struct flb_if_out). Not pinned: the
+ * agent fills it after loading. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct flb_if_out);
+	__uint(max_entries, FLB_IF_OUT_SLOTS);
+} if_out SEC(".maps");
 
 /* HA state the agent sets (FLB_HA_* bits at index 0). */
 struct {
@@ -1728,10 +1737,11 @@ static __always_inline __u32 fib_fallback(int rc)
 static __always_inline long redirect_out(const struct bpf_fib_lookup *f)
 {
 	__u32 ifindex = f->ifindex;
-	struct flb_mac *m = bpf_map_lookup_elem(&if_macs, &ifindex);
-	if (m && (m->flags & FLB_IFF_PEER) &&
-	    ((m->addr[0] ^ f->smac[0]) | (m->addr[1] ^ f->smac[1]) | (m->addr[2] ^ f->smac[2]) |
-	     (m->addr[3] ^ f->smac[3]) | (m->addr[4] ^ f->smac[4]) | (m->addr[5] ^ f->smac[5])) == 0)
+	__u32 slot = ifindex & (FLB_IF_OUT_SLOTS - 1);
+	struct flb_if_out *o = bpf_map_lookup_elem(&if_out, &slot);
+	if (o && o->ifindex == ifindex && (o->flags & FLB_IFF_PEER) &&
+	    ((o->mac[0] ^ f->smac[0]) | (o->mac[1] ^ f->smac[1]) | (o->mac[2] ^ f->smac[2]) |
+	     (o->mac[3] ^ f->smac[3]) | (o->mac[4] ^ f->smac[4]) | (o->mac[5] ^ f->smac[5])) == 0)
 		return bpf_redirect_peer(ifindex, 0);
 	return bpf_redirect(ifindex, 0);
 }

@@ -97,6 +97,9 @@ pub struct Datapath {
     ha_flags: Array<MapData, u32>,
     /// ifindex -> MAC (`struct flb_mac`: 6 bytes and 2 of padding).
     if_macs: HashMap<MapData, u32, [u8; 8]>,
+    /// `struct flb_if_out` slots (not pinned), and what this process last wrote to them.
+    if_out: Array<MapData, [u8; 12]>,
+    if_out_slots: Vec<[u8; 12]>,
     events: Option<RingBuf<MapData>>,
     capacity: Capacity,
     collector_ids: (u32, u32, u32),
@@ -401,6 +404,8 @@ impl Datapath {
             counters: take(&mut ebpf, "counters")?,
             ha_flags: take(&mut ebpf, "ha_flags")?,
             if_macs: take(&mut ebpf, "if_macs")?,
+            if_out: take(&mut ebpf, "if_out")?,
+            if_out_slots: vec![[0u8; 12]; crate::maps::IF_OUT_SLOTS as usize],
             events: Some(take(&mut ebpf, "events")?),
             services,
             conntrack,
@@ -897,23 +902,57 @@ impl Datapath {
 
     /// Records an interface's MAC address for the datapath's neighbour advertisements.
     pub fn set_if_mac(&mut self, ifindex: u32, mac: [u8; 6]) -> Result<()> {
-        self.set_if_entry(ifindex, mac, false)
-    }
-
-    /// Records an interface's MAC address and whether packets leaving through it go straight
-    /// to the ingress of its other end (`bpf_redirect_peer`): only for a veth whose other end
-    /// is in another network namespace, which the caller checks; the kernel drops what is
-    /// redirected to the peer of anything else. The datapath honours the mark only while the
-    /// interface's MAC is still `mac`.
-    pub fn set_if_entry(&mut self, ifindex: u32, mac: [u8; 6], peer_redirect: bool) -> Result<()> {
         let mut v = [0u8; 8];
         v[..6].copy_from_slice(&mac);
-        if peer_redirect {
-            v[6] = crate::maps::IFF_PEER;
-        }
         self.if_macs
             .insert(ifindex, v, 0)
             .map_err(map_err("if_macs"))
+    }
+
+    /// The interfaces packets are forwarded out of with `bpf_redirect_peer` (index, MAC),
+    /// replacing the previous set: only veths whose other end is in another network
+    /// namespace, which the caller checks (the kernel drops what is redirected to the peer of
+    /// anything else). The datapath honours a mark only while the interface's MAC is still
+    /// the one given. Interfaces share a slot when their indexes are equal modulo
+    /// [`IF_OUT_SLOTS`](crate::maps::IF_OUT_SLOTS): the lowest index gets it, the others a
+    /// plain redirect. Only changed slots are written.
+    pub fn set_peer_redirects(&mut self, marked: &[(u32, [u8; 6])]) -> Result<()> {
+        let n = crate::maps::IF_OUT_SLOTS as usize;
+        let mut want = vec![[0u8; 12]; n];
+        let mut sorted = marked.to_vec();
+        sorted.sort();
+        for (index, mac) in sorted {
+            let slot = &mut want[index as usize % n];
+            if index != 0 && *slot == [0u8; 12] {
+                slot[..4].copy_from_slice(&index.to_ne_bytes());
+                slot[4..10].copy_from_slice(&mac);
+                slot[10] = crate::maps::IFF_PEER;
+            }
+        }
+        for (i, v) in want.into_iter().enumerate() {
+            if self.if_out_slots[i] != v {
+                self.if_out.set(i as u32, v, 0).map_err(map_err("if_out"))?;
+                self.if_out_slots[i] = v;
+            }
+        }
+        Ok(())
+    }
+
+    /// The interfaces marked for `bpf_redirect_peer` (index, MAC), as the datapath holds them.
+    pub fn peer_redirects(&self) -> Vec<(u32, [u8; 6])> {
+        let mut out = Vec::new();
+        for i in 0..crate::maps::IF_OUT_SLOTS {
+            if let Ok(v) = self.if_out.get(&i, 0) {
+                let index = u32::from_ne_bytes([v[0], v[1], v[2], v[3]]);
+                if index != 0 && v[10] & crate::maps::IFF_PEER != 0 {
+                    let mut mac = [0u8; 6];
+                    mac.copy_from_slice(&v[4..10]);
+                    out.push((index, mac));
+                }
+            }
+        }
+        out.sort();
+        out
     }
 
     /// Sets the HA flags the datapath reads (`HA_*` bits).

@@ -201,9 +201,12 @@ pub struct SrcKey {
 /// `ha_flags` bit: L2 mode, not MASTER (ARP requests for VIPs are dropped).
 pub const HA_L2_STANDBY: u32 = 0x01;
 
-/// `if_macs` flag (`FLB_IFF_PEER`): a veth whose other end is in another network namespace;
+/// `if_out` flag (`FLB_IFF_PEER`): a veth whose other end is in another network namespace;
 /// the datapath forwards through it with `bpf_redirect_peer`.
 pub const IFF_PEER: u8 = 0x01;
+
+/// Slots of `if_out` (`FLB_IF_OUT_SLOTS`): an interface's slot is its index modulo this.
+pub const IF_OUT_SLOTS: u32 = 256;
 
 /// Conntrack event kinds (`FLB_EV_*`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

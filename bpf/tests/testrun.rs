@@ -482,6 +482,24 @@ fn without_a_reader_no_flow_events_are_made() {
     assert!(ev.try_next().is_none(), "no event in the ring");
 }
 
+/// The interfaces marked for bpf_redirect_peer: one slot per index modulo 256 (the lowest
+/// index of a shared slot gets it), replaced as a whole, cleared when unmarked.
+#[test]
+fn peer_redirect_marks_share_slots_and_are_replaced() {
+    if !in_private_netns("peer_redirect_marks_share_slots_and_are_replaced") {
+        return;
+    }
+    let mut dp = datapath(0);
+    let (a, b, c) = ([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2], [2, 0, 0, 0, 0, 3]);
+    assert_eq!(IF_OUT_SLOTS, 256);
+    dp.set_peer_redirects(&[(259, a), (3, b), (7, c)]).unwrap();
+    assert_eq!(dp.peer_redirects(), vec![(3, b), (7, c)]);
+    dp.set_peer_redirects(&[(259, a), (7, c)]).unwrap();
+    assert_eq!(dp.peer_redirects(), vec![(7, c), (259, a)]);
+    dp.set_peer_redirects(&[]).unwrap();
+    assert_eq!(dp.peer_redirects(), vec![]);
+}
+
 #[test]
 fn fullnat_sources_from_the_vip_with_a_free_port() {
     if !in_private_netns("fullnat_sources_from_the_vip_with_a_free_port") {

@@ -17,6 +17,9 @@ use crate::lb::EngineHandle;
 
 /// Probes in flight at once, whatever the number of targets.
 pub const MAX_IN_FLIGHT: usize = 512;
+
+/// After a rules change, how long the planner waits for more before it plans again.
+const REPLAN_PAUSE: Duration = Duration::from_millis(50);
 /// Most targets probed (a rule has at most 32 endpoints; this bounds what rules can ask).
 pub const MAX_TARGETS: usize = 65_536;
 
@@ -526,7 +529,16 @@ impl Health {
             // Reap finished (aborted) tasks so the set does not grow.
             while set.try_join_next().is_some() {}
             tokio::select! {
-                r = rules.changed() => if r.is_err() { return },
+                r = rules.changed() => {
+                    if r.is_err() {
+                        return;
+                    }
+                    // A burst of rule changes (10,000 created in a row) is planned once per
+                    // pause, not once per change: each plan walks every rule on the engine's
+                    // thread, where the REST calls wait their turn (it took a fifth of a
+                    // 10,000-rule load).
+                    tokio::time::sleep(REPLAN_PAUSE).await;
+                }
                 _ = self.replan.notified() => {}
             }
         }
