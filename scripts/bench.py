@@ -66,8 +66,8 @@ def iperf(target, port=5201):
     return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9
 
 
-def wrk(target, close, port=80):
-    argv = ["wrk", "-t2", "-c32", "-d%ds" % SECONDS, "--timeout", "2s"]
+def wrk(target, close, port=80, seconds=None):
+    argv = ["wrk", "-t2", "-c32", "-d%ds" % (seconds or SECONDS), "--timeout", "2s"]
     if close:
         argv += ["-H", "Connection: close"]
     out = lab("client", *(argv + ["http://%s:%d/" % (target, port)]), timeout=60)
@@ -176,12 +176,7 @@ def cps_trial(path, target, port, seconds):
     """New connections/s of one short trial (wrk with "Connection: close")."""
     src = SHARED_SOURCE if SHARED else SOURCES[path]
     lab("client", "ip", "route", "replace", "default", "via", "198.51.100.1", "src", src)
-    global SECONDS
-    saved, SECONDS = SECONDS, seconds
-    try:
-        return wrk(target, True, port)
-    finally:
-        SECONDS = saved
+    return wrk(target, True, port, seconds)
 
 
 def paired_cps(pairs, seconds):

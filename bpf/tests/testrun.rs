@@ -449,25 +449,14 @@ fn without_a_reader_no_flow_events_are_made() {
         ..Default::default()
     })
     .expect("load datapath");
-    install(&mut dp, &svc(1, 80, PROTO_TCP, 0, 0));
+    install(&mut dp, &svc(1, 80, PROTO_TCP, 2, 0));
     install(&mut dp, &svc(2, 53, PROTO_UDP, 0, 0));
     run(&mut dp, &udp(ip(CLIENT, VIP, 17), 40001, 53, b"q", true));
-    run(&mut dp, &tcp(ip(CLIENT, VIP, 6), 40000, 80, SYN, b""));
+    // Opened and established (asserted there), then closed by its client.
+    attack::handshake(&mut dp);
     run(
         &mut dp,
-        &tcp_sa(ip(EP1, CLIENT, 6), 8080, 40000, 5000, 1001, SYN | ACK, b""),
-    );
-    run(
-        &mut dp,
-        &tcp_sa(ip(CLIENT, VIP, 6), 40000, 80, 1001, 5001, ACK, b""),
-    );
-    assert_eq!(
-        orig(&dp, 40000, 80, PROTO_TCP).state(),
-        CtState::Established
-    );
-    run(
-        &mut dp,
-        &tcp_sa(ip(CLIENT, VIP, 6), 40000, 80, 1001, 5001, RST | ACK, b""),
+        &tcp_sa(ip(CLIENT, VIP, 6), 40000, 80, 1006, 5007, RST | ACK, b""),
     );
     assert_eq!(orig(&dp, 40000, 80, PROTO_TCP).state(), CtState::Close);
     let c = dp.counters();

@@ -199,7 +199,7 @@ fn only_a_syn_opens_a_source_nat_flow_and_dnat_pickups_are_short() {
 
 /// A full-NAT connection with real sequence numbers: client ISN 1000, endpoint ISN 5000.
 /// Returns the translated source port.
-fn handshake(dp: &mut Datapath) -> u16 {
+pub(crate) fn handshake(dp: &mut Datapath) -> u16 {
     let (rc, out) = run(
         dp,
         &tcp_sa(ip(CLIENT, VIP, 6), 40000, 80, 1000, 0, SYN, b""),
