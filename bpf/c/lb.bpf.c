@@ -712,6 +712,19 @@ static __always_inline __u64 ct_timeout_ns(const struct flb_ct *v, __u8 proto)
 	return (__u64)s * 1000000000ULL;
 }
 
+/* The datapath's clock, read once per packet: CLOCK_MONOTONIC at the last tick
+ * (bpf_ktime_get_coarse_ns reads a stored time; bpf_ktime_get_ns reads the clock source, and
+ * on this project's VMs that read was ~0.7 % of all CPU in the new-connection benchmark, ~50 ns
+ * a packet). Every time kept per packet (last_ns, affinity, the NAT signal's pacing) serves a
+ * timeout of seconds, so a tick's lag (1-10 ms) does not matter, and the agent's clock may be
+ * that far ahead (a last_ns in the future counts as fresh: fresh_since). A flow's created_ns is
+ * read from the clock source (ct_plan, once per flow): the agent compares it with its own
+ * clock to tell flows created before a rule change from those after. */
+static __always_inline __u64 flb_now(void)
+{
+	return bpf_ktime_get_coarse_ns();
+}
+
 /* Was something last used at `last` still within its timeout at `now`? (ct_alive: an entry.)
  *
  * The difference is signed, and this is the fix for flows whose translation changed
@@ -826,6 +839,20 @@ static __always_inline struct flb_ct *ct_lookup(const struct flb_ct_key *k)
 	return e;
 }
 
+/* The entry under k of the flow `e` belongs to (its other direction): looked for first in the
+ * table `e` lives in, since both entries of a flow share a table (the other table too, for a
+ * flow moved meanwhile). A half-open flow's peer costs one lookup instead of two. */
+static __always_inline struct flb_ct *ct_lookup_near(const struct flb_ct_key *k,
+						     const struct flb_ct *e)
+{
+	if (!(e->flags & FLB_CTF_NEW))
+		return ct_lookup(k);
+	struct flb_ct *pe = bpf_map_lookup_elem(&ct_new, k);
+	if (!pe)
+		pe = bpf_map_lookup_elem(&conntrack, k);
+	return pe;
+}
+
 /* Insert v under k into the table its FLB_CTF_NEW flag names. */
 static __always_inline long ct_insert(const struct flb_ct_key *k, const struct flb_ct *v,
 				      __u64 flags)
@@ -844,15 +871,19 @@ static __always_inline void ct_delete(const struct flb_ct_key *k)
 #define E2BIG_ 7
 
 /* A half-open flow completed (its handshake, or a pick-up confirmed by the endpoint's
- * side): both entries move from ct_new to conntrack, reply first. Returns the entry now under
- * `key`, or 0 when conntrack is full: the flow stays half-open (it will expire there) and
- * the caller drops the packet; counted. Another CPU moving the same flow at once is fine
- * (its copy is the one kept). */
-static __always_inline struct flb_ct *ct_promote(const struct flb_ct_key *key, struct flb_ct *e)
+ * side): both entries move from ct_new to conntrack, reply first. `seen`: the other
+ * direction's entry as tcp_track found it (0: look it up); used when it is still in ct_new.
+ * Returns the entry now under `key`, or 0 when conntrack is full: the flow stays half-open (it
+ * will expire there) and the caller drops the packet; counted. Another CPU moving the same
+ * flow at once is fine (its copy is the one kept). */
+static __always_inline struct flb_ct *ct_promote(const struct flb_ct_key *key, struct flb_ct *e,
+						 struct flb_ct *seen)
 {
 	struct flb_ct_key pk;
 	ct_peer_key(&pk, key, e);
-	struct flb_ct *pe = bpf_map_lookup_elem(&ct_new, &pk);
+	/* Entries in conntrack never carry FLB_CTF_NEW: a flagged one is the ct_new copy. */
+	struct flb_ct *pe = seen && (seen->flags & FLB_CTF_NEW) ? seen
+							     : bpf_map_lookup_elem(&ct_new, &pk);
 	if (pe && !ct_points_to(pe, key))
 		pe = 0;
 	e->flags &= ~FLB_CTF_NEW;
@@ -932,9 +963,10 @@ static __always_inline void ct_set_state(const struct flb_ct_key *key, struct fl
  * change). The two directions may be processed at once on two CPUs at close time, so FIN bits
  * are set with atomic or in both entries: whichever packet sees both bits closes the flow, and
  * a CLOSED bit makes the close counted (event, least-connections) exactly once. `inwin`: the
- * segment is in the tracked window (seq_track); an RST or FIN outside it changes nothing. */
-static __always_inline void tcp_track(const struct flb_ct_key *key, struct flb_ct *e,
-				      const struct pkt *p, int inwin, __u64 now)
+ * segment is in the tracked window (seq_track); an RST or FIN outside it changes nothing.
+ * Returns the other direction's entry (0 if none), for ct_promote. */
+static __always_inline struct flb_ct *tcp_track(const struct flb_ct_key *key, struct flb_ct *e,
+						 const struct pkt *p, int inwin, __u64 now)
 {
 	__u8 flags = p->tcp_flags;
 	__u8 st = eff_state(e);
@@ -942,19 +974,19 @@ static __always_inline void tcp_track(const struct flb_ct_key *key, struct flb_c
 	int close = 0;
 	struct flb_ct_key pk;
 	ct_peer_key(&pk, key, e);
-	struct flb_ct *pe = ct_lookup(&pk);
+	struct flb_ct *pe = ct_lookup_near(&pk, e);
 
 	if (flags & 0x04) { /* RST */
 		if (!rst_acceptable(e, pe, p)) {
 			count(FLB_CNT_TCP_STATE_IGNORED);
-			return;
+			return pe;
 		}
 		next = FLB_CT_CLOSE;
 		close = 1;
 	} else if (!inwin) {
 		if (flags & 0x01)
 			count(FLB_CNT_TCP_STATE_IGNORED);
-		return;
+		return pe;
 	} else if (flags & 0x01) { /* FIN */
 		__u32 bit = e->dir ? FLB_FIN_REPLY : FLB_FIN_ORIG;
 		__u32 seen = __sync_fetch_and_or(&e->fin, bit) | bit;
@@ -982,6 +1014,7 @@ static __always_inline void tcp_track(const struct flb_ct_key *key, struct flb_c
 			pe->flags &= ~FLB_CTF_PICKUP;
 	}
 	ct_set_state(key, e, pe, st, next, close, now);
+	return pe;
 }
 
 /* Does an SCTP packet carry the association's tag for its direction? Its own tag, or for an
@@ -1130,7 +1163,7 @@ static __always_inline __u32 select_ep(const struct flb_svc *svc, const struct f
 		i = pick_lut(be, flow_hash(p));
 		break;
 	case FLB_SEL_PERSIST: {
-		__u64 now = bpf_ktime_get_ns();
+		__u64 now = flb_now();
 		struct flb_affinity_key ak = {};
 		ak.svc_id = svc->id;
 		addr_cp(ak.addr, p->saddr);
@@ -1318,16 +1351,19 @@ static __always_inline void ct_retire(const struct flb_ct_key *k, struct flb_ct 
 /* Remove a dead flow whose entry `v` sits at `k`; `pk` is the key of its other direction and
  * `pe` the entry there, if any. The other direction goes first, only if it belongs to the
  * same flow (points back at k and was created with it), then k itself. The caller has
- * claimed v (no other CPU retires it at the same time). */
-static __always_inline void ct_remove_flow(const struct flb_ct_key *k, struct flb_ct *v,
-					   const struct flb_ct_key *pk, struct flb_ct *pe)
+ * claimed v (no other CPU retires it at the same time). Global (checked once, on its own). */
+__noinline int ct_remove_flow(const struct flb_ct_key *k, struct flb_ct *v,
+			      const struct flb_ct_key *pk, struct flb_ct *pe)
 {
+	if (!k || !v || !pk)
+		return 0;
 	if (pe && ct_points_to(pe, k) && pe->created_ns == v->created_ns) {
 		ct_retire(pk, pe);
 		ct_delete(pk);
 	}
 	ct_retire(k, v);
 	ct_delete(k);
+	return 1;
 }
 
 /* May a new flow take the key k that `occ` holds? A local entry past its timeout whose
@@ -1461,34 +1497,16 @@ static __always_inline int first_packet_untracked(const struct pkt *p)
 	return p->proto != IPPROTO_TCP || (p->tcp_flags & 0x17) == 0x02;
 }
 
-/* Create both conntrack entries for a new flow whose key `okey` held no live entry when the
- * caller looked. Fills *out with the original-direction entry and returns 1 when this call
- * inserted it (with this packet counted and, for TCP, its sequence tracked), 0 when it is a
- * copy of the entry another CPU made meanwhile; a negative value to drop. */
-static __always_inline int ct_create(const struct pkt *p, const struct flb_svc *svc,
-				     struct flb_ct_key *okey, struct flb_ct *out,
-				     struct flb_ct *prev, __u64 now)
+/* The new flow's endpoint (counted for least-connections when its rule balances that way: the
+ * entry's FLB_CTF_LC), its reply entry built in `o`, and its reply key in `rkey`: from the
+ * endpoint to the new source, with the client's own port as that source's port (DNAT keeps
+ * it; source NAT tries it first). Returns -1 when the rule has no endpoint to give (counted).
+ * Global: checked once on its own, not on every path of ct_create that follows. */
+__noinline int ct_plan(const struct pkt *p, const struct flb_svc *svc, struct flb_ct *o,
+		       struct flb_ct_key *rkey)
 {
-	/* `prev`: the dead entry the caller's lookup found under our key (expired, or closed
-	 * and this is a new SYN). Live again (another CPU's duplicate SYN revived it since):
-	 * use it, so both packets go to one endpoint. Still dead: removed with its reply
-	 * entry, which still holds a NAT port (a 4-tuple reused after TIME_WAIT). An entry
-	 * another CPU creates after the caller's lookup is met at the insert below. */
-	if (prev) {
-		if (ct_live(okey, prev, p, now)) {
-			*out = *prev;
-			return 0;
-		}
-		/* Synced entries too: a new SYN on a closed flow starts a new one wherever the
-		 * old one was created. */
-		__u64 last = prev->last_ns;
-		if (__sync_val_compare_and_swap(&prev->last_ns, last, now) == last) {
-			struct flb_ct_key pk;
-			ct_peer_key(&pk, okey, prev);
-			ct_remove_flow(okey, prev, &pk, ct_lookup(&pk));
-		}
-	}
-
+	if (!p || !svc || !o || !rkey)
+		return -1;
 	__u32 slot = svc->be_slot;
 	struct flb_backends *be = bpf_map_lookup_elem(&backends, &slot);
 	if (!be) {
@@ -1516,9 +1534,6 @@ static __always_inline int ct_create(const struct pkt *p, const struct flb_svc *
 	} else if (svc->mode == FLB_MODE_ONEARM)
 		snat = ep->snat_addr;
 
-	/* Built in the caller's buffer (the BPF stack is 512 bytes): first as the reply
-	 * entry, then turned into the original-direction entry. */
-	struct flb_ct *o = out;
 	__builtin_memset(o, 0, sizeof(*o));
 	o->svc_id = svc->id;
 	o->timeout_s = svc->timeout_s;
@@ -1526,8 +1541,8 @@ static __always_inline int ct_create(const struct pkt *p, const struct flb_svc *
 	o->origin = NODE_ID;
 	o->flags = FLB_CTF_LOCAL | (lc ? FLB_CTF_LC : 0);
 	o->mode = svc->mode;
-	o->created_ns = now;
-	o->last_ns = now;
+	o->created_ns = bpf_ktime_get_ns(); /* the clock source: see flb_now */
+	/* last_ns: set by ct_create */
 	if (p->proto == IPPROTO_TCP && (p->tcp_flags & 0x12) != 0x02) {
 		/* Picked up mid-stream (DNAT only: the caller refuses it in the other modes),
 		 * on a short timeout until the endpoint's side answers. */
@@ -1552,15 +1567,127 @@ static __always_inline int ct_create(const struct pkt *p, const struct flb_svc *
 		o->seq_next = p->ack;
 		o->flags |= FLB_CTF_SEQ;
 	}
+	int icmp = p->proto == IPPROTO_ICMP;
+	ct_key(rkey, ep->addr, snat, icmp ? p->sport : eport, icmp ? 0 : p->sport, p->proto,
+	       p->family);
+	return 0;
+}
 
+/* May a new flow reuse the two entries of the dead flow `prev` (claimed by the caller; `pe`
+ * the entry under its reply key)? Both in conntrack and made by this node for the same rule,
+ * and the packet one that needs no tracking beyond the entry's creation. Whether the new
+ * flow's translation is the same is decided once it is chosen (ct_create). */
+static __always_inline int ct_reusable(const struct flb_ct_key *okey, const struct flb_ct *prev,
+				       const struct flb_ct *pe, const struct pkt *p,
+				       const struct flb_svc *svc)
+{
+	return pe && first_packet_untracked(p) &&
+	       !((prev->flags | pe->flags) & (FLB_CTF_NEW | FLB_CTF_SYNCED)) &&
+	       ct_points_to(pe, okey) && pe->created_ns == prev->created_ns &&
+	       prev->svc_id == svc->id && prev->mode == svc->mode;
+}
+
+/* A new flow takes over the two conntrack entries of the dead flow `prev` (under `okey`; `pe`
+ * its reply entry) whose translation it has both ways (ct_create checked it): `o`, the new
+ * flow's reply entry, is written over `pe`, then turned into the original-direction entry
+ * (the translation `prev` holds) and written over `prev`; `o` keeps that copy, from which the
+ * caller forwards the packet. The dead flow is retired first (its least-connections count,
+ * its removal for the peers). Both entries stay in conntrack: a half-open TCP flow here
+ * carries no FLB_CTF_NEW and completes in place (reported then, by ct_set_state). Returns 1
+ * when done. Global: its own frame, checked by the verifier once. */
+__noinline int ct_reopen(const struct pkt *p, const struct flb_ct_key *okey, struct flb_ct *prev,
+			 struct flb_ct *pe, struct flb_ct *o)
+{
+	if (!p || !okey || !prev || !pe || !o)
+		return 0;
+	ct_retire(okey, prev);
+	o->flags &= ~FLB_CTF_NEW;
+	*pe = *o;
+	addr_cp(o->nat_saddr, prev->nat_saddr);
+	addr_cp(o->nat_daddr, prev->nat_daddr);
+	o->nat_sport = prev->nat_sport;
+	o->nat_dport = prev->nat_dport;
+	o->dir = 0;
+	o->seq_next = 0;
+	o->flags &= ~FLB_CTF_SEQ;
+	/* This packet's share (ct_create's callers forward it from `o`). */
+	o->packets = 1;
+	o->bytes = p->len;
+	if (p->proto == IPPROTO_TCP)
+		seq_track(o, p);
+	*prev = *o;
+	/* (No counter of its own: one more would change the pinned layout of `counters`. A
+	 * reopened flow is one not counted in ferrolb_conntrack_handshakes_completed_total.) */
+	count(FLB_CNT_CT_CREATED);
+	/* A half-open flow is reported when it completes; UDP and ICMP at once. */
+	if (o->state >= FLB_CT_EST)
+		emit(FLB_EV_CREATED, okey, o);
+	return 1;
+}
+
+/* Create both conntrack entries for a new flow whose key `okey` held no live entry when the
+ * caller looked. Fills *out with the original-direction entry and returns 1 when this call
+ * inserted it (with this packet counted and, for TCP, its sequence tracked), 0 when it is a
+ * copy of the entry another CPU made meanwhile; a negative value to drop.
+ *
+ * A global function, like `flow_packet`: the verifier checks it once, on its own, instead of
+ * once for every path of flb_ingress that reaches it. */
+__noinline int ct_create(const struct pkt *p, const struct flb_svc *svc, struct flb_ct_key *okey,
+			 struct flb_ct *out, struct flb_ct *prev)
+{
+	if (!p || !svc || !okey || !out)
+		return -1;
+	__u64 now = flb_now(); /* (at most five arguments) */
+	/* Built in the caller's buffer (the BPF stack is 512 bytes): first as the reply entry,
+	 * then turned into the original-direction entry. */
+	struct flb_ct *o = out;
 	struct nat_search c;
 	__builtin_memset(&c, 0, sizeof(c));
+	if (ct_plan(p, svc, o, &c.rkey) < 0)
+		return -1;
+	o->last_ns = now;
 	int icmp = p->proto == IPPROTO_ICMP;
-	ct_key(&c.rkey, ep->addr, snat, icmp ? p->sport : eport, icmp ? 0 : p->sport, p->proto,
-	       p->family);
+
+	/* `prev`: the dead entry the caller's lookup found under our key (expired, or closed
+	 * and this is a new SYN). Live again (another CPU's duplicate SYN revived it since):
+	 * use it, so both packets go to one endpoint. Still dead: claimed, then either reused
+	 * or removed with its reply entry, which still holds a NAT port. An entry another CPU
+	 * creates after the caller's lookup is met at the insert below.
+	 *
+	 * Reused: a client reconnecting from the same address and port (a 4-tuple reused after
+	 * TIME_WAIT) to the same endpoint through the same source gets the same translation
+	 * both ways, so the dead flow's two entries are rewritten where they are (ct_reopen):
+	 * no delete and no insert (four hash-table updates fewer on this packet), and the
+	 * handshake then completes in conntrack, with no move out of ct_new. This takes no
+	 * room from anyone (the slots are the dead flow's), and a stranger cannot open flows
+	 * this way (it needs the 4-tuple of a flow that lived here). c.rkey is the reply key
+	 * with the client's own port as the new source: DNAT keeps it, and source NAT tries it
+	 * first unless it is below the NAT range. */
+	if (prev) {
+		if (ct_live(okey, prev, p, now)) {
+			lc_dec(o); /* the endpoint ct_plan counted is not used */
+			*out = *prev;
+			return 0;
+		}
+		/* Synced entries too: a new SYN on a closed flow starts a new one wherever the
+		 * old one was created. */
+		__u64 last = prev->last_ns;
+		if (__sync_val_compare_and_swap(&prev->last_ns, last, now) == last) {
+			struct flb_ct_key pk;
+			ct_peer_key(&pk, okey, prev);
+			struct flb_ct *pe = ct_lookup(&pk);
+			if (ct_reusable(okey, prev, pe, p, svc) &&
+			    (icmp || addr_eq(c.rkey.daddr, p->saddr) ||
+			     bpf_ntohs(p->sport) >= FLB_NAT_PORT_LO) &&
+			    ct_points_to(prev, &c.rkey) && ct_reopen(p, okey, prev, pe, o))
+				return 1;
+			ct_remove_flow(okey, prev, &pk, pe);
+		}
+	}
+
 	int ok = -1;
 	__u16 nport = p->sport;
-	if (addr_eq(snat, p->saddr)) {
+	if (addr_eq(c.rkey.daddr, p->saddr)) {
 		/* Client address kept: the reply key cannot collide with
 		 * another client's flow. */
 		ok = ct_insert(&c.rkey, o, BPF_ANY);
@@ -1588,18 +1715,18 @@ static __always_inline int ct_create(const struct pkt *p, const struct flb_svc *
 		}
 	}
 
-	/* The original-direction entry: to the endpoint, from the chosen source. */
-	addr_cp(o->nat_saddr, snat);
-	addr_cp(o->nat_daddr, ep->addr);
+	/* The original-direction entry: to the endpoint, from the chosen source (the reply key's
+	 * addresses; its source port is the endpoint's, which the NAT search leaves). */
+	addr_cp(o->nat_saddr, c.rkey.daddr);
+	addr_cp(o->nat_daddr, c.rkey.saddr);
 	o->nat_sport = nport;
-	o->nat_dport = icmp ? 0 : eport;
+	o->nat_dport = icmp ? 0 : c.rkey.sport;
 	o->dir = 0;
 	/* The client's tag is learnt from the INIT ACK. */
 	o->seq_next = 0;
 	o->flags &= ~FLB_CTF_SEQ;
 	if (ok != 0) {
-		if (lc)
-			lc_dec(o);
+		lc_dec(o);
 		count(c.full ? FLB_CNT_DROP_CT_FULL : FLB_CNT_DROP_NAT_PORTS);
 		return -1;
 	}
@@ -1631,15 +1758,13 @@ static __always_inline int ct_create(const struct pkt *p, const struct flb_svc *
 		if (cur) {
 			if (!ct_points_to(cur, &c.rkey))
 				ct_delete(&c.rkey);
-			if (lc)
-				lc_dec(o);
+			lc_dec(o);
 			*out = *cur;
 			return 0;
 		}
 	}
 	ct_delete(&c.rkey);
-	if (lc)
-		lc_dec(o);
+	lc_dec(o);
 	count(c.full ? FLB_CNT_DROP_CT_FULL : FLB_CNT_DROP_NAT_PORTS);
 	return -1;
 }
@@ -2340,24 +2465,25 @@ __noinline int flow_packet(struct __sk_buff *skb, struct pkt *p, const struct fl
 	 * entry that exists only on the stack (evicted at once) is not tracked. */
 	if (p->proto == IPPROTO_TCP && !p->untracked) {
 		int inwin = seq_track(e, p);
+		struct flb_ct *pe = 0;
 		/* A bare SYN changes no state (seq_track restarts a retried handshake), and most
 		 * SYNs open a flow: no peer lookup for them. */
 		if ((p->tcp_flags & 0x17) != 0x02 &&
 		    ((p->tcp_flags & 0x07) || eff_state(e) < FLB_CT_EST ||
 		     (e->flags & (FLB_CTF_PICKUP | FLB_CTF_NEW))))
-			tcp_track(key, e, p, inwin, now);
+			pe = tcp_track(key, e, p, inwin, now);
 		/* Established (or a pick-up confirmed) in ct_new: it moves to conntrack now, or at
 		 * a later segment if conntrack is full (this one is dropped). */
 		if ((e->flags & (FLB_CTF_NEW | FLB_CTF_PICKUP)) == FLB_CTF_NEW &&
 		    e->state == FLB_CT_EST) {
-			e = ct_promote(key, e);
+			e = ct_promote(key, e, pe);
 			if (!e)
 				return TC_ACT_SHOT;
 		}
 	} else if (p->proto == IPPROTO_SCTP && !p->untracked) {
 		sctp_track(key, e, p, now);
 		if ((e->flags & FLB_CTF_NEW) && e->state == FLB_CT_EST) {
-			e = ct_promote(key, e);
+			e = ct_promote(key, e, 0);
 			if (!e)
 				return TC_ACT_SHOT;
 		}
@@ -2423,7 +2549,7 @@ int flb_ingress(struct __sk_buff *skb)
 	/* Only echo requests start ICMP flows; replies match existing ones. */
 	struct flb_ct_key key;
 	ct_key(&key, p.saddr, p.daddr, p.sport, p.dport, p.proto, p.family);
-	__u64 now = bpf_ktime_get_ns();
+	__u64 now = flb_now();
 	struct flb_ct *e = ct_lookup(&key);
 	struct flb_ct *ce = 0, *dead = 0;
 	if (e && !ct_live(&key, e, &p, now)) {
@@ -2468,7 +2594,7 @@ int flb_ingress(struct __sk_buff *skb)
 		ce = bpf_map_lookup_elem(&ct_scratch, &zero);
 		if (!ce)
 			return TC_ACT_OK;
-		int made = ct_create(&p, svc, &key, ce, dead, now);
+		int made = ct_create(&p, svc, &key, ce, dead);
 		if (made < 0)
 			return TC_ACT_SHOT;
 		/* A flow this packet opened is forwarded from the copy that was inserted. */

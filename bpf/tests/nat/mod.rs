@@ -442,3 +442,112 @@ fn a_four_tuple_reused_after_time_wait_leaves_no_orphan() {
         }
     }
 }
+
+/// A client reconnecting from the same address and port to the same endpoint through the same
+/// source (DNAT, or source NAT keeping the client's port) gets the closed flow's two entries
+/// rewritten in place: no delete, no insert, no trip through ct_new; the new flow is whole
+/// (its own creation time, counters, state, least-connections count) and reported to the peers
+/// as the old one's removal, then its own establishment. A reconnect that lands on another
+/// endpoint does not reuse the entries.
+#[test]
+fn a_reconnect_with_the_same_translation_reuses_the_closed_flows_entries() {
+    if !in_private_netns("a_reconnect_with_the_same_translation_reuses_the_closed_flows_entries") {
+        return;
+    }
+    const LC: u8 = 4; // least connections: every flow counted while it is open
+    for mode in [0, MODE_FULL, MODE_ONE_ARM] {
+        let mut dp = datapath(0);
+        install(&mut dp, &svc(9, 80, PROTO_TCP, mode, LC));
+        let src = match mode {
+            0 => CLIENT,
+            MODE_FULL => VIP,
+            _ => LB_IF,
+        };
+        let mut created = 0;
+        for round in 0..4u64 {
+            let (_, out) = run(&mut dp, &tcp(ip(CLIENT, VIP, 6), 40000, 80, SYN, b""));
+            assert_eq!(dst_of(&out), (EP1, 8080), "mode {mode} round {round}");
+            assert_eq!(src_of(&out), (src, 40000), "mode {mode} round {round}");
+            let o = orig(&dp, 40000, 80, PROTO_TCP);
+            assert_eq!(o.state(), CtState::SynSent);
+            assert!(
+                o.created_ns > created,
+                "a new flow, with its own creation time"
+            );
+            created = o.created_ns;
+            assert_eq!(
+                (o.packets, o.fin),
+                (1, 0),
+                "the closed flow's counters are gone"
+            );
+            // Reused: both entries are still in conntrack; new: in ct_new.
+            let in_new = dp
+                .ct_entries()
+                .iter()
+                .filter(|(_, v)| v.flags & CTF_NEW != 0)
+                .count();
+            assert_eq!(
+                in_new,
+                if round == 0 { 2 } else { 0 },
+                "mode {mode} round {round}"
+            );
+            assert_eq!(
+                dp.ep_conns(9, 0),
+                1,
+                "mode {mode} round {round}: one open flow"
+            );
+            run(&mut dp, &tcp(ip(EP1, src, 6), 8080, 40000, SYN | ACK, b""));
+            run(&mut dp, &tcp(ip(CLIENT, VIP, 6), 40000, 80, ACK, b""));
+            assert_eq!(
+                orig(&dp, 40000, 80, PROTO_TCP).state(),
+                CtState::Established
+            );
+            // Only the first flow moved out of ct_new.
+            assert_eq!(dp.counter(Counter::CtPromoted), 1);
+            run(&mut dp, &tcp(ip(CLIENT, VIP, 6), 40000, 80, FIN | ACK, b""));
+            run(&mut dp, &tcp(ip(EP1, src, 6), 8080, 40000, FIN | ACK, b""));
+            run(&mut dp, &tcp(ip(CLIENT, VIP, 6), 40000, 80, ACK, b""));
+            assert_eq!(orig(&dp, 40000, 80, PROTO_TCP).state(), CtState::TimeWait);
+            assert_eq!(
+                dp.ct_entries().len(),
+                2,
+                "mode {mode} round {round}: one flow"
+            );
+            assert_eq!(dp.ep_conns(9, 0), 0, "mode {mode} round {round}: closed");
+        }
+        assert_eq!(dp.counter(Counter::CtCreated), 4);
+        let kinds: Vec<EventKind> = events(&mut dp).iter().filter_map(|e| e.kind()).collect();
+        let removed = kinds.iter().filter(|k| **k == EventKind::Removed).count();
+        let established = kinds
+            .iter()
+            .filter(|k| **k == EventKind::Established)
+            .count();
+        assert_eq!((removed, established), (3, 4), "mode {mode}: {kinds:?}");
+    }
+
+    // Two endpoints in turn: each reconnect lands on the other one, a new translation.
+    let mut dp = datapath(0);
+    let mut s = svc(9, 80, PROTO_TCP, 0, 0);
+    s.eps = vec![(EP1, 8080, 1), (EP2, 8080, 1)];
+    install(&mut dp, &s);
+    let mut eps = Vec::new();
+    for _ in 0..4 {
+        let (_, out) = run(&mut dp, &tcp(ip(CLIENT, VIP, 6), 40000, 80, SYN, b""));
+        let ep = dest_of(&out);
+        eps.push(ep);
+        run(
+            &mut dp,
+            &tcp(ip(ep, CLIENT, 6), 8080, 40000, SYN | ACK, b""),
+        );
+        run(&mut dp, &tcp(ip(CLIENT, VIP, 6), 40000, 80, ACK, b""));
+        run(&mut dp, &tcp(ip(CLIENT, VIP, 6), 40000, 80, FIN | ACK, b""));
+        run(
+            &mut dp,
+            &tcp(ip(ep, CLIENT, 6), 8080, 40000, FIN | ACK, b""),
+        );
+        assert_eq!(dp.ct_entries().len(), 2, "one flow's entries");
+    }
+    assert!(eps.windows(2).all(|w| w[0] != w[1]), "round robin: {eps:?}");
+    // Each flow went through ct_new.
+    assert_eq!(dp.counter(Counter::CtPromoted), 4);
+}
