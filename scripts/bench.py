@@ -21,7 +21,10 @@ New connections/s against plain routing are measured once more in pairs of short
 then ferrolb's modes, in the opposite order every other pair; --pairs N, default 8): the ratio's
 median over the pairs is what the ratios report, since one trial varies by +-5 % from the next.
 
-Usage: sudo python3 scripts/bench.py [--rounds N] [--pairs N] [--json FILE] [--shared-source]
+Each paired trial follows --warmup S (default 1) seconds of the same load, not counted.
+
+Usage: sudo python3 scripts/bench.py [--rounds N] [--pairs N] [--warmup S] [--json FILE]
+       [--shared-source]
 Needs root and `scripts/deps.sh --bench` (wrk, nginx). Prints a table and the ratios.
 """
 import json
@@ -173,9 +176,15 @@ def start_agent(*extra):
 
 
 def cps_trial(path, target, port, seconds):
-    """New connections/s of one short trial (wrk with "Connection: close")."""
+    """New connections/s of one short trial (wrk with "Connection: close"), after WARMUP
+    seconds of the same load that are not counted (plain and ferrolb alike): the trial
+    measures the steady state, not the first second, in which a freshly started agent's
+    tables hold none of the client's 4-tuples yet (wrk cycles through its ~28,000 ports in
+    about a second; after that most new connections reuse a 4-tuple) and caches are cold."""
     src = SHARED_SOURCE if SHARED else SOURCES[path]
     lab("client", "ip", "route", "replace", "default", "via", "198.51.100.1", "src", src)
+    if WARMUP > 0:
+        wrk(target, True, port, WARMUP)
     return wrk(target, True, port, seconds)
 
 
@@ -236,9 +245,11 @@ def main():
         rounds = int(args[args.index("--rounds") + 1])
     if "--json" in args:
         out_json = args[args.index("--json") + 1]
-    global PAIRS
+    global PAIRS, WARMUP
     if "--pairs" in args:
         PAIRS = int(args[args.index("--pairs") + 1])
+    if "--warmup" in args:
+        WARMUP = int(args[args.index("--warmup") + 1])
     global SHARED
     SHARED = "--shared-source" in args
     if os.geteuid() != 0:
@@ -298,8 +309,9 @@ def bench(rounds, out_json):
 
     paired = {}
     if PAIRS > 0:
-        print("new connections/s in %d pairs of %d s trials (plain, then ferrolb's modes; "
-              "reversed every other pair)" % (PAIRS, PAIR_SECONDS), flush=True)
+        print("new connections/s in %d pairs of %d s trials, each after %d s of uncounted load "
+              "(plain, then ferrolb's modes; reversed every other pair)"
+              % (PAIRS, PAIR_SECONDS, WARMUP), flush=True)
         paired = paired_cps(PAIRS, PAIR_SECONDS)
         AGENT_PID = agent_pid(start_agent())  # for the rule churn below
 
@@ -387,6 +399,7 @@ def bench(rounds, out_json):
     if out_json:
         with open(out_json, "w") as f:
             json.dump({"results": results, "best": best, "ratios": ratios, "paired_cps": paired,
+                       "paired_trial_s": PAIR_SECONDS, "paired_warmup_s": WARMUP,
                        "churn": {"changes": churn, "max_gap_ms": gap, "errors": errors},
                        "scale": {"rules": load["rules"], "seconds": load["seconds"],
                                  "rss_mb": rss_mb, "peak_rss_mb": hwm_mb, "list_seconds": list_s}}, f, indent=1)
@@ -396,6 +409,8 @@ LB1_NETNS = None
 # Paired new-connection trials (--pairs N, 0 skips them) and each trial's length.
 PAIRS = 8
 PAIR_SECONDS = 3
+# Uncounted seconds of load before each paired trial (--warmup S; 0: none).
+WARMUP = 1
 
 if __name__ == "__main__":
     main()
