@@ -1573,6 +1573,30 @@ __noinline int ct_plan(const struct pkt *p, const struct flb_svc *svc, struct fl
 	return 0;
 }
 
+/* Turns `o`, a new flow's reply entry, into its original-direction entry, translated to
+ * (nsa, nsp) -> (nda, ndp). The client's SCTP tag is learnt from the INIT ACK. When the opening
+ * packet needs no tracking beyond the entry's creation, the entry carries that packet's share,
+ * as flow_packet adds it: the caller forwards the packet from `o` without looking the new entry
+ * up again. */
+static __always_inline void ct_make_original(struct flb_ct *o, const struct pkt *p,
+					     const __u32 *nsa, const __u32 *nda, __u16 nsp,
+					     __u16 ndp)
+{
+	addr_cp(o->nat_saddr, nsa);
+	addr_cp(o->nat_daddr, nda);
+	o->nat_sport = nsp;
+	o->nat_dport = ndp;
+	o->dir = 0;
+	o->seq_next = 0;
+	o->flags &= ~FLB_CTF_SEQ;
+	if (first_packet_untracked(p)) {
+		o->packets = 1;
+		o->bytes = p->len;
+		if (p->proto == IPPROTO_TCP)
+			seq_track(o, p);
+	}
+}
+
 /* May a new flow reuse the two entries of the dead flow `prev` (claimed by the caller; `pe`
  * the entry under its reply key)? Both in conntrack and made by this node for the same rule,
  * and the packet one that needs no tracking beyond the entry's creation. Whether the new
@@ -1603,18 +1627,7 @@ __noinline int ct_reopen(const struct pkt *p, const struct flb_ct_key *okey, str
 	ct_retire(okey, prev);
 	o->flags &= ~FLB_CTF_NEW;
 	*pe = *o;
-	addr_cp(o->nat_saddr, prev->nat_saddr);
-	addr_cp(o->nat_daddr, prev->nat_daddr);
-	o->nat_sport = prev->nat_sport;
-	o->nat_dport = prev->nat_dport;
-	o->dir = 0;
-	o->seq_next = 0;
-	o->flags &= ~FLB_CTF_SEQ;
-	/* This packet's share (ct_create's callers forward it from `o`). */
-	o->packets = 1;
-	o->bytes = p->len;
-	if (p->proto == IPPROTO_TCP)
-		seq_track(o, p);
+	ct_make_original(o, p, prev->nat_saddr, prev->nat_daddr, prev->nat_sport, prev->nat_dport);
 	*prev = *o;
 	/* (No counter of its own: one more would change the pinned layout of `counters`. A
 	 * reopened flow is one not counted in ferrolb_conntrack_handshakes_completed_total.) */
@@ -1717,26 +1730,11 @@ __noinline int ct_create(const struct pkt *p, const struct flb_svc *svc, struct 
 
 	/* The original-direction entry: to the endpoint, from the chosen source (the reply key's
 	 * addresses; its source port is the endpoint's, which the NAT search leaves). */
-	addr_cp(o->nat_saddr, c.rkey.daddr);
-	addr_cp(o->nat_daddr, c.rkey.saddr);
-	o->nat_sport = nport;
-	o->nat_dport = icmp ? 0 : c.rkey.sport;
-	o->dir = 0;
-	/* The client's tag is learnt from the INIT ACK. */
-	o->seq_next = 0;
-	o->flags &= ~FLB_CTF_SEQ;
+	ct_make_original(o, p, c.rkey.daddr, c.rkey.saddr, nport, icmp ? 0 : c.rkey.sport);
 	if (ok != 0) {
 		lc_dec(o);
 		count(c.full ? FLB_CNT_DROP_CT_FULL : FLB_CNT_DROP_NAT_PORTS);
 		return -1;
-	}
-	/* This packet's share, as flow_packet adds it to an entry: the caller forwards the packet
-	 * that opened the flow from `out` without looking the new entry up again. */
-	if (first_packet_untracked(p)) {
-		o->packets = 1;
-		o->bytes = p->len;
-		if (p->proto == IPPROTO_TCP)
-			seq_track(o, p);
 	}
 	for (int t = 0; t < 2; t++) {
 		long rc = ct_insert(okey, o, BPF_NOEXIST);
