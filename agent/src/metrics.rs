@@ -403,7 +403,7 @@ pub fn record(m: &Metrics, d: &DatapathSnapshot) {
     );
     counter(
         "ferrolb_tcp_state_changes_ignored_total",
-        "RSTs and FINs outside the tracked sequence window: forwarded, but the flow's state was left as it was.",
+        "RSTs and FINs outside the tracked sequence window (forwarded, the flow's state left as it was), and packets (SYNs, mostly) dropped because another CPU was replacing the dead flow they matched at that moment for a packet of the same 4-tuple.",
         &[],
         c(Counter::TcpStateIgnored),
     );

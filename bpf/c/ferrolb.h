@@ -95,6 +95,11 @@
 #define FLB_FIN_REPLY 0x02
 #define FLB_FIN_BOTH (FLB_FIN_ORIG | FLB_FIN_REPLY)
 #define FLB_FIN_CLOSED 0x04 /* the close was counted (event, least-connections) */
+/* A CPU is removing or rewriting this entry (a new flow replaces its dead flow, or takes its
+ * NAT port): set with atomic or, and only the CPU that set it deletes the entry, writes over
+ * it (the new flow's entries carry the bit until both are whole, then it is cleared) or clears
+ * it. The datapath's alone: the agent never reads or writes it (it keeps FLB_FIN_BOTH). */
+#define FLB_FIN_CLAIMED 0x08
 
 /* Indexes of the per-CPU `counters` array. */
 #define FLB_CNT_DROP_FRAGMENT 0
@@ -149,7 +154,9 @@
  * service: it never creates a flow (the endpoint could not know a new source port). */
 #define FLB_CNT_DROP_NOT_SYN 26
 /* An RST (or FIN) whose sequence number is outside the tracked window: forwarded, but the
- * flow's state is left as it was. */
+ * flow's state is left as it was. Also a packet (a SYN, mostly) that would have replaced a
+ * dead flow which another CPU was replacing or removing at that moment for a packet of the
+ * same 4-tuple: dropped (FLB_FIN_CLAIMED). */
 #define FLB_CNT_TCP_STATE_IGNORED 27
 /* Segments outside the tracked window (not used to track the flow; forwarded). */
 #define FLB_CNT_TCP_OUT_OF_WINDOW 28

@@ -1348,16 +1348,46 @@ static __always_inline void ct_retire(const struct flb_ct_key *k, struct flb_ct 
 	emit(FLB_EV_REMOVED, k, v);
 }
 
+/* Claim an entry this CPU is about to remove or rewrite (FLB_FIN_CLAIMED). Returns 1 when
+ * this CPU holds it now, 0 when another one does (it is removing or rewriting the entry at
+ * this moment; leave the entry to it). A holder always deletes the entry, writes over it, or
+ * releases it (ct_unclaim): a claim never outlives the packet that took it. */
+static __always_inline int ct_claim(struct flb_ct *v)
+{
+	return !(__sync_fetch_and_or(&v->fin, FLB_FIN_CLAIMED) & FLB_FIN_CLAIMED);
+}
+
+static __always_inline void ct_unclaim(struct flb_ct *v)
+{
+	__sync_fetch_and_and(&v->fin, ~FLB_FIN_CLAIMED);
+}
+
+/* The other direction of the flow whose entry `v` (at k) this CPU holds: *pe, the entry found
+ * under that direction's key, is kept and claimed when it belongs to the same flow (points
+ * back at k and was created with it), else set to 0. Returns 0 when another CPU holds it: that
+ * CPU is removing or rewriting the flow; the caller releases `v` and leaves the flow to it, so
+ * that no flow is ever removed or rewritten by halves from two sides. */
+static __always_inline int ct_claim_peer(const struct flb_ct_key *k, const struct flb_ct *v,
+					 struct flb_ct **pe)
+{
+	struct flb_ct *e = *pe;
+	if (e && !(ct_points_to(e, k) && e->created_ns == v->created_ns)) {
+		*pe = 0;
+		return 1;
+	}
+	return !e || ct_claim(e);
+}
+
 /* Remove a dead flow whose entry `v` sits at `k`; `pk` is the key of its other direction and
- * `pe` the entry there, if any. The other direction goes first, only if it belongs to the
- * same flow (points back at k and was created with it), then k itself. The caller has
- * claimed v (no other CPU retires it at the same time). Global (checked once, on its own). */
+ * `pe` the entry of the same flow there, or 0 if none. The caller holds both (ct_claim,
+ * ct_claim_peer): no other CPU retires or rewrites them at the same time. The other direction
+ * goes first, then k itself. Global (checked once, on its own). */
 __noinline int ct_remove_flow(const struct flb_ct_key *k, struct flb_ct *v,
 			      const struct flb_ct_key *pk, struct flb_ct *pe)
 {
 	if (!k || !v || !pk)
 		return 0;
-	if (pe && ct_points_to(pe, k) && pe->created_ns == v->created_ns) {
+	if (pe) {
 		ct_retire(pk, pe);
 		ct_delete(pk);
 	}
@@ -1369,8 +1399,8 @@ __noinline int ct_remove_flow(const struct flb_ct_key *k, struct flb_ct *v,
 /* May a new flow take the key k that `occ` holds? A local entry past its timeout whose
  * flow's other direction is gone or past its timeout too; or, when `halfopen_idle_ns` is not
  * 0 (a pool under pressure), a local half-open flow (SYN_SENT, SYN_RECV, or a pick-up not yet
- * confirmed) whose two entries have been idle that long. Claimed with a compare-and-swap on
- * last_ns, so of several CPUs wanting the same port one takes it over. */
+ * confirmed) whose two entries have been idle that long. Both entries claimed, so of several
+ * CPUs wanting the same port, or the flow, one acts on it. */
 static __always_inline int ct_take_over(const struct flb_ct_key *k, struct flb_ct *occ, __u64 now,
 					__u64 halfopen_idle_ns)
 {
@@ -1396,8 +1426,21 @@ static __always_inline int ct_take_over(const struct flb_ct_key *k, struct flb_c
 	    ((pe->flags & FLB_CTF_SYNCED) ||
 	     (half ? fresh_since(now, pe->last_ns, idle) : ct_alive(pe, k->proto, now))))
 		return 0;
-	if (__sync_val_compare_and_swap(&occ->last_ns, last, now) != last)
+	/* Claimed, both entries (another CPU taking the same port over, or reopening or removing
+	 * the flow from its other side, holds one of them: leave it to that CPU); and not taken if
+	 * a packet of the flow made it fresh since it was read (the swap). */
+	if (!ct_claim(occ))
 		return 0;
+	if (!ct_claim_peer(k, occ, &pe)) {
+		ct_unclaim(occ);
+		return 0;
+	}
+	if (__sync_val_compare_and_swap(&occ->last_ns, last, now) != last) {
+		ct_unclaim(occ);
+		if (pe)
+			ct_unclaim(pe);
+		return 0;
+	}
 	ct_remove_flow(k, occ, &pk, pe);
 	count(half ? FLB_CNT_HALFOPEN_TAKEOVER : FLB_CNT_NAT_TAKEOVER);
 	return 1;
@@ -1598,21 +1641,21 @@ static __always_inline void ct_make_original(struct flb_ct *o, const struct pkt 
 }
 
 /* May a new flow reuse the two entries of the dead flow `prev` (claimed by the caller; `pe`
- * the entry under its reply key)? Both in conntrack and made by this node for the same rule,
- * and the packet one that needs no tracking beyond the entry's creation. Whether the new
- * flow's translation is the same is decided once it is chosen (ct_create). */
-static __always_inline int ct_reusable(const struct flb_ct_key *okey, const struct flb_ct *prev,
-				       const struct flb_ct *pe, const struct pkt *p,
-				       const struct flb_svc *svc)
+ * the entry of the same flow under its reply key, claimed too, or 0)? Both in conntrack and
+ * made by this node for the same rule, and the packet one that needs no tracking beyond the
+ * entry's creation. Whether the new flow's translation is the same is decided once it is
+ * chosen (ct_create). */
+static __always_inline int ct_reusable(const struct flb_ct *prev, const struct flb_ct *pe,
+				       const struct pkt *p, const struct flb_svc *svc)
 {
 	return pe && first_packet_untracked(p) &&
 	       !((prev->flags | pe->flags) & (FLB_CTF_NEW | FLB_CTF_SYNCED)) &&
-	       ct_points_to(pe, okey) && pe->created_ns == prev->created_ns &&
 	       prev->svc_id == svc->id && prev->mode == svc->mode;
 }
 
 /* A new flow takes over the two conntrack entries of the dead flow `prev` (under `okey`; `pe`
- * its reply entry) whose translation it has both ways (ct_create checked it): `o`, the new
+ * its reply entry; the caller holds the claim on both) whose translation it has both ways
+ * (ct_create checked it): `o`, the new
  * flow's reply entry, is written over `pe`, then turned into the original-direction entry
  * (the translation `prev` holds) and written over `prev`; `o` keeps that copy, from which the
  * caller forwards the packet. The dead flow is retired first (its least-connections count,
@@ -1626,9 +1669,15 @@ __noinline int ct_reopen(const struct pkt *p, const struct flb_ct_key *okey, str
 		return 0;
 	ct_retire(okey, prev);
 	o->flags &= ~FLB_CTF_NEW;
+	/* Written with the claim held (a CPU that reads an entry half-written sees the claim and
+	 * leaves it), released once both are whole. */
+	o->fin = FLB_FIN_CLAIMED;
 	*pe = *o;
 	ct_make_original(o, p, prev->nat_saddr, prev->nat_daddr, prev->nat_sport, prev->nat_dport);
 	*prev = *o;
+	o->fin = 0;
+	ct_unclaim(pe);
+	ct_unclaim(prev);
 	/* (No counter of its own: one more would change the pinned layout of `counters`. A
 	 * reopened flow is one not counted in ferrolb_conntrack_handshakes_completed_total.) */
 	count(FLB_CNT_CT_CREATED);
@@ -1636,6 +1685,16 @@ __noinline int ct_reopen(const struct pkt *p, const struct flb_ct_key *okey, str
 	if (o->state >= FLB_CT_EST)
 		emit(FLB_EV_CREATED, okey, o);
 	return 1;
+}
+
+/* A packet that would replace a dead flow another CPU is replacing or removing at this moment
+ * (for a packet of the same 4-tuple: a duplicate SYN, a retransmission, a spoofer's copy):
+ * dropped, counted as a segment that changed no state; the other CPU's packet goes on. */
+static __always_inline int ct_busy(struct flb_ct *o)
+{
+	lc_dec(o); /* the endpoint ct_plan counted is not used */
+	count(FLB_CNT_TCP_STATE_IGNORED);
+	return -1;
 }
 
 /* Create both conntrack entries for a new flow whose key `okey` held no live entry when the
@@ -1677,25 +1736,37 @@ __noinline int ct_create(const struct pkt *p, const struct flb_svc *svc, struct 
 	 * with the client's own port as the new source: DNAT keeps it, and source NAT tries it
 	 * first unless it is below the NAT range. */
 	if (prev) {
+		/* Claimed before anything else is read from it (a compare-and-swap of last_ns would
+		 * not do: a closed flow's SYN is no less dead for a fresh last_ns, so a second CPU
+		 * would claim it again). Acting on a dead flow from two CPUs would retire it twice
+		 * or delete the entries the other CPU is writing. */
+		if (!ct_claim(prev))
+			return ct_busy(o);
+		/* Read under the claim: a CPU that rewrote both entries for a duplicate of this
+		 * packet released its claim only once they were whole. Live again: use it, so that
+		 * both packets go to one endpoint. Synced entries are replaced too: a new SYN on a
+		 * closed flow starts a new one wherever the old one was created. */
 		if (ct_live(okey, prev, p, now)) {
+			ct_unclaim(prev);
 			lc_dec(o); /* the endpoint ct_plan counted is not used */
 			*out = *prev;
 			return 0;
 		}
-		/* Synced entries too: a new SYN on a closed flow starts a new one wherever the
-		 * old one was created. */
-		__u64 last = prev->last_ns;
-		if (__sync_val_compare_and_swap(&prev->last_ns, last, now) == last) {
-			struct flb_ct_key pk;
-			ct_peer_key(&pk, okey, prev);
-			struct flb_ct *pe = ct_lookup(&pk);
-			if (ct_reusable(okey, prev, pe, p, svc) &&
-			    (icmp || addr_eq(c.rkey.daddr, p->saddr) ||
-			     bpf_ntohs(p->sport) >= FLB_NAT_PORT_LO) &&
-			    ct_points_to(prev, &c.rkey) && ct_reopen(p, okey, prev, pe, o))
-				return 1;
-			ct_remove_flow(okey, prev, &pk, pe);
+		/* The reply entry too. Another CPU holding it is taking the dead flow's NAT port
+		 * over for another client, and removes the flow itself: the same. */
+		struct flb_ct_key pk;
+		ct_peer_key(&pk, okey, prev);
+		struct flb_ct *pe = ct_lookup(&pk);
+		if (!ct_claim_peer(okey, prev, &pe)) {
+			ct_unclaim(prev);
+			return ct_busy(o);
 		}
+		if (ct_reusable(prev, pe, p, svc) &&
+		    (icmp || addr_eq(c.rkey.daddr, p->saddr) ||
+		     bpf_ntohs(p->sport) >= FLB_NAT_PORT_LO) &&
+		    ct_points_to(prev, &c.rkey) && ct_reopen(p, okey, prev, pe, o))
+			return 1;
+		ct_remove_flow(okey, prev, &pk, pe);
 	}
 
 	int ok = -1;

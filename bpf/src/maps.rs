@@ -57,6 +57,11 @@ pub const CTF_NEW: u8 = 0x40;
 /// The flags that describe this node's own tracking of an entry (not carried by sync).
 pub const CTF_TRACKING: u8 = CTF_PICKUP | CTF_SEQ | CTF_ACK | CTF_NEW;
 
+/// `fin` bit (`FLB_FIN_CLAIMED`): a CPU is removing or rewriting the entry at this moment (a
+/// new flow replacing its dead flow, or taking its NAT port). The datapath's alone; seen here
+/// only by tests, and never carried by sync (which keeps the two FIN bits).
+pub const FIN_CLAIMED: u32 = 0x08;
+
 /// Conntrack state, shared by both entries of a flow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum CtState {
@@ -159,7 +164,9 @@ pub enum Counter {
     DropVlan = 25,
     /// A TCP segment that is not a SYN, matches no flow, to a one-arm or full-NAT service.
     DropNotSyn = 26,
-    /// An RST or FIN outside the tracked window: forwarded, the flow's state unchanged.
+    /// An RST or FIN outside the tracked window: forwarded, the flow's state unchanged. Also a
+    /// packet (a SYN, mostly) that would have replaced a dead flow another CPU was replacing
+    /// or removing at that moment for a packet of the same 4-tuple: dropped.
     TcpStateIgnored = 27,
     /// Segments outside the tracked window (forwarded, not used for tracking).
     TcpOutOfWindow = 28,

@@ -551,3 +551,242 @@ fn a_reconnect_with_the_same_translation_reuses_the_closed_flows_entries() {
     // Each flow went through ct_new.
     assert_eq!(dp.counter(Counter::CtPromoted), 4);
 }
+
+/// Opens and closes one flow from CLIENT:40000 to VIP:80 (the endpoint EP1:8080, seen from
+/// `src`), leaving it in TIME_WAIT.
+fn open_and_close(dp: &mut Datapath, src: Ipv4Addr) {
+    run(dp, &tcp(ip(CLIENT, VIP, 6), 40000, 80, SYN, b""));
+    run(dp, &tcp(ip(EP1, src, 6), 8080, 40000, SYN | ACK, b""));
+    run(dp, &tcp(ip(CLIENT, VIP, 6), 40000, 80, ACK, b""));
+    run(dp, &tcp(ip(CLIENT, VIP, 6), 40000, 80, FIN | ACK, b""));
+    run(dp, &tcp(ip(EP1, src, 6), 8080, 40000, FIN | ACK, b""));
+    run(dp, &tcp(ip(CLIENT, VIP, 6), 40000, 80, ACK, b""));
+}
+
+fn set_claim(dp: &mut Datapath, key: &CtKey, on: bool) {
+    let mut v = dp.ct_get(key).unwrap().expect("entry to claim");
+    if on {
+        v.fin |= FIN_CLAIMED;
+    } else {
+        v.fin &= !FIN_CLAIMED;
+    }
+    dp.ct_insert(key, &v).unwrap();
+}
+
+/// The CPU that replaces or removes a dead flow holds a claim on both its entries
+/// (FIN_CLAIMED), so that two CPUs never act on one dead flow at once (retire it twice,
+/// delete the entries the other is writing). A SYN that meets a closed flow another CPU holds,
+/// under either of its keys, is dropped (counted) and changes nothing: no new flow, no
+/// removal, no least-connections count, the entries as they were, none left claimed by it.
+/// Once the other CPU is done, the same SYN opens the new flow.
+#[test]
+fn a_syn_meeting_a_dead_flow_another_cpu_holds_is_dropped_and_changes_nothing() {
+    if !in_private_netns(
+        "a_syn_meeting_a_dead_flow_another_cpu_holds_is_dropped_and_changes_nothing",
+    ) {
+        return;
+    }
+    const LC: u8 = 4;
+    for mode in [0, MODE_FULL, MODE_ONE_ARM] {
+        for held_side in ["original", "reply"] {
+            let what = format!("mode {mode}, {held_side} entry held");
+            let mut dp = datapath(0);
+            install(&mut dp, &svc(9, 80, PROTO_TCP, mode, LC));
+            let src = match mode {
+                0 => CLIENT,
+                MODE_FULL => VIP,
+                _ => LB_IF,
+            };
+            open_and_close(&mut dp, src);
+            let okey = CtKey::v4(CLIENT, 40000, VIP, 80, PROTO_TCP);
+            let o = dp.ct_get(&okey).unwrap().unwrap();
+            assert_eq!(o.state(), CtState::TimeWait, "{what}");
+            let rkey = okey.peer(&o);
+            let held = if held_side == "original" { okey } else { rkey };
+            set_claim(&mut dp, &held, true);
+            let before = (dp.ct_get(&okey).unwrap(), dp.ct_get(&rkey).unwrap());
+            let mut ev = dp.take_events().unwrap();
+            while ev.try_next().is_some() {}
+            let ignored = dp.counter(Counter::TcpStateIgnored);
+
+            let (rc, _) = run(&mut dp, &tcp(ip(CLIENT, VIP, 6), 40000, 80, SYN, b""));
+            assert_eq!(rc, TC_ACT_SHOT, "{what}: dropped");
+            assert_eq!(dp.counter(Counter::TcpStateIgnored), ignored + 1, "{what}");
+            assert_eq!(dp.counter(Counter::CtCreated), 1, "{what}: no new flow");
+            assert_eq!(dp.ep_conns(9, 0), 0, "{what}: no count taken");
+            assert_eq!(
+                (dp.ct_get(&okey).unwrap(), dp.ct_get(&rkey).unwrap()),
+                before,
+                "{what}: both entries as they were (the claim it took released)"
+            );
+            assert_eq!(dp.ct_entries().len(), 2, "{what}");
+            assert!(ev.try_next().is_none(), "{what}: nothing reported");
+
+            // The other CPU done (here: its claim gone): the SYN opens the new flow, in place.
+            set_claim(&mut dp, &held, false);
+            let (rc, out) = run(&mut dp, &tcp(ip(CLIENT, VIP, 6), 40000, 80, SYN, b""));
+            assert_eq!(rc, TC_ACT_OK, "{what}");
+            assert_eq!(dst_of(&out), (EP1, 8080), "{what}");
+            assert_eq!(src_of(&out), (src, 40000), "{what}");
+            let n = dp.ct_get(&okey).unwrap().unwrap();
+            assert_eq!(n.state(), CtState::SynSent, "{what}");
+            assert!(n.created_ns > o.created_ns, "{what}: a new flow");
+            let r = dp.ct_get(&rkey).unwrap().unwrap();
+            assert_eq!((n.fin, r.fin), (0, 0), "{what}: no claim left");
+            assert_eq!(dp.ep_conns(9, 0), 1, "{what}");
+            assert_eq!(dp.counter(Counter::CtCreated), 2, "{what}");
+        }
+    }
+}
+
+/// A source-NAT port search never takes over a dead flow another CPU holds (its own client
+/// reconnecting, or another search): not through its reply entry (the port), and not by
+/// halves when only the other direction is held. The search tries another port and leaves
+/// the flow as it was; once the other CPU is done, the port is taken over as before.
+#[test]
+fn a_port_take_over_leaves_a_flow_another_cpu_holds() {
+    if !in_private_netns("a_port_take_over_leaves_a_flow_another_cpu_holds") {
+        return;
+    }
+    for held_side in ["original", "reply"] {
+        let mut dp = datapath(0);
+        let mut s = svc(9, 53, PROTO_UDP, MODE_FULL, 0);
+        s.timeout_s = 1;
+        install(&mut dp, &s);
+        run(&mut dp, &udp(ip(CLIENT, VIP, 17), 5353, 53, b"a", true));
+        let ka = CtKey::v4(CLIENT, 5353, VIP, 53, PROTO_UDP);
+        let a = dp.ct_get(&ka).unwrap().unwrap();
+        let kr = ka.peer(&a);
+        assert_eq!(u16::from_be(a.nat_sport), 5353);
+        let age = |dp: &mut Datapath| {
+            for key in [ka, kr] {
+                let mut v = dp.ct_get(&key).unwrap().unwrap();
+                v.last_ns = v.last_ns.saturating_sub(2_000_000_000);
+                dp.ct_insert(&key, &v).unwrap();
+            }
+        };
+        age(&mut dp);
+        let held = if held_side == "original" { ka } else { kr };
+        set_claim(&mut dp, &held, true);
+        let before = (dp.ct_get(&ka).unwrap(), dp.ct_get(&kr).unwrap());
+
+        let client3 = Ipv4Addr::new(198, 51, 100, 4);
+        let (rc, out) = run(&mut dp, &udp(ip(client3, VIP, 17), 5353, 53, b"c", true));
+        assert_eq!(rc, TC_ACT_OK, "{held_side}");
+        assert_eq!(src_of(&out).0, VIP);
+        assert_ne!(
+            src_of(&out).1,
+            5353,
+            "{held_side}: the held flow's port not taken"
+        );
+        assert_eq!(dp.counter(Counter::NatTakeover), 0, "{held_side}");
+        assert_eq!(
+            (dp.ct_get(&ka).unwrap(), dp.ct_get(&kr).unwrap()),
+            before,
+            "{held_side}: the held flow as it was"
+        );
+        assert_eq!(dp.ct_entries().len(), 4, "{held_side}");
+
+        set_claim(&mut dp, &held, false);
+        let client4 = Ipv4Addr::new(198, 51, 100, 5);
+        let (rc, out) = run(&mut dp, &udp(ip(client4, VIP, 17), 5353, 53, b"d", true));
+        assert_eq!(rc, TC_ACT_OK, "{held_side}");
+        assert_eq!(src_of(&out), (VIP, 5353), "{held_side}: taken over now");
+        assert_eq!(dp.counter(Counter::NatTakeover), 1, "{held_side}");
+        assert!(dp.ct_get(&ka).unwrap().is_none(), "{held_side}");
+        assert_eq!(dp.ct_entries().len(), 4, "{held_side}: two live flows");
+    }
+}
+
+/// The same reconnecting SYN handled by both CPUs at once, round after round (each round
+/// started on a barrier, the flow closed again between rounds): every round replaces the
+/// closed flow exactly once — one flow created, least-connections back to 0 after each close,
+/// never a stray entry or a claim left behind — and each of the two SYNs either goes to the
+/// flow's endpoint from the kept port or is dropped as the other CPU's duplicate.
+#[test]
+fn reconnecting_syns_on_two_cpus_replace_the_closed_flow_once() {
+    if !in_private_netns("reconnecting_syns_on_two_cpus_replace_the_closed_flow_once") {
+        return;
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    const ROUNDS: u32 = 3000;
+    const LC: u8 = 4;
+    for mode in [0, MODE_FULL] {
+        let mut dp = datapath(0);
+        install(&mut dp, &svc(9, 80, PROTO_TCP, mode, LC));
+        let src = if mode == 0 { CLIENT } else { VIP };
+        open_and_close(&mut dp, src);
+        let syn = Arc::new(Barrier::new(2));
+        let closed = Arc::new(Barrier::new(2));
+        let handles: Vec<_> = (0..2)
+            .map(|side| {
+                let r = dp.test_runner().unwrap();
+                let (syn, closed) = (syn.clone(), closed.clone());
+                std::thread::spawn(move || {
+                    pin_to(side % cpus);
+                    let mut outs = Vec::new();
+                    for _ in 0..ROUNDS {
+                        syn.wait();
+                        let (rc, out) = r
+                            .run(&tcp(ip(CLIENT, VIP, 6), 40000, 80, SYN, b""))
+                            .unwrap();
+                        outs.push((rc, src_of(&out), dst_of(&out)));
+                        syn.wait();
+                        if side == 0 {
+                            for p in [
+                                tcp(ip(EP1, src, 6), 8080, 40000, SYN | ACK, b""),
+                                tcp(ip(CLIENT, VIP, 6), 40000, 80, ACK, b""),
+                                tcp(ip(CLIENT, VIP, 6), 40000, 80, FIN | ACK, b""),
+                                tcp(ip(EP1, src, 6), 8080, 40000, FIN | ACK, b""),
+                                tcp(ip(CLIENT, VIP, 6), 40000, 80, ACK, b""),
+                            ] {
+                                r.run(&p).unwrap();
+                            }
+                        }
+                        closed.wait();
+                    }
+                    outs
+                })
+            })
+            .collect();
+        let outs: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        let mut dropped = 0u64;
+        for (i, (a, b)) in outs[0].iter().zip(&outs[1]).enumerate() {
+            for x in [a, b] {
+                if x.0 == TC_ACT_SHOT {
+                    dropped += 1;
+                } else {
+                    assert_eq!(x.0, TC_ACT_OK, "mode {mode} round {i}");
+                    assert_eq!(
+                        (x.1, x.2),
+                        ((src, 40000), (EP1, 8080)),
+                        "mode {mode} round {i}"
+                    );
+                }
+            }
+            assert!(
+                a.0 == TC_ACT_OK || b.0 == TC_ACT_OK,
+                "mode {mode} round {i}: one SYN went on"
+            );
+        }
+        assert_eq!(
+            dp.counter(Counter::CtCreated),
+            u64::from(ROUNDS) + 1,
+            "mode {mode}: one new flow per round ({dropped} duplicates dropped)"
+        );
+        assert_eq!(dp.counter(Counter::TcpStateIgnored), dropped, "mode {mode}");
+        assert_eq!(dp.ep_conns(9, 0), 0, "mode {mode}: every flow closed");
+        let entries = dp.ct_entries();
+        assert_eq!(entries.len(), 2, "mode {mode}: one flow's entries");
+        assert!(
+            entries.iter().all(|(_, v)| v.fin & FIN_CLAIMED == 0),
+            "mode {mode}: no claim left"
+        );
+        assert_eq!(
+            orig(&dp, 40000, 80, PROTO_TCP).state(),
+            CtState::TimeWait,
+            "mode {mode}"
+        );
+        println!("mode {mode}: {ROUNDS} rounds, {dropped} duplicate SYNs dropped");
+    }
+}
