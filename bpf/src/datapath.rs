@@ -992,12 +992,14 @@ fn collect(
         let Ok(Some(v)) = conntrack.get(k) else {
             continue;
         };
-        if !idle(k, &v) {
+        // A CPU of the datapath holding either entry (FIN_CLAIMED) is replacing or removing
+        // this dead flow at this moment: deleting here could delete the new flow it writes.
+        if !idle(k, &v) || v.fin & FIN_CLAIMED != 0 {
             continue;
         }
         let peer = k.peer(&v);
         if let Ok(Some(pv)) = conntrack.get(&peer)
-            && !pv.expired(k.proto, now_ns)
+            && (!pv.expired(k.proto, now_ns) || pv.fin & FIN_CLAIMED != 0)
         {
             continue;
         }

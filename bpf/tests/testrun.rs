@@ -811,6 +811,34 @@ fn the_collector_works_on_its_own_handles() {
     assert!(dp.ct_get(&k).unwrap().is_none());
     assert!(dp.ct_get(&k2).unwrap().is_some(), "the live flow stays");
     assert_eq!(dp.ct_entries().len(), 2);
+
+    // An idle flow a CPU of the datapath holds (FIN_CLAIMED, on either entry: it is replacing
+    // the flow at this moment) is left to that CPU; once released, collected.
+    let k3 = CtKey::v4(CLIENT, 7002, VIP, 53, PROTO_UDP);
+    run(&mut dp, &udp(ip(CLIENT, VIP, 17), 7002, 53, b"c", true));
+    let v3 = dp.ct_get(&k3).unwrap().unwrap();
+    let r3 = k3.peer(&v3);
+    for held in [k3, r3] {
+        for key in [k3, r3] {
+            let mut e = dp.ct_get(&key).unwrap().unwrap();
+            e.last_ns = monotonic_ns() - 3_000_000_000;
+            e.fin = if key == held { FIN_CLAIMED } else { 0 };
+            dp.ct_insert(&key, &e).unwrap();
+        }
+        let snapshot = c.entries();
+        assert_eq!(
+            c.collect_from(&snapshot, monotonic_ns()).len(),
+            0,
+            "{held:?}"
+        );
+        assert_eq!(dp.ct_entries().len(), 4, "{held:?}");
+    }
+    let mut e = dp.ct_get(&r3).unwrap().unwrap();
+    e.fin = 0;
+    dp.ct_insert(&r3, &e).unwrap();
+    let snapshot = c.entries();
+    assert_eq!(c.collect_from(&snapshot, monotonic_ns()).len(), 2);
+    assert_eq!(dp.ct_entries().len(), 2);
 }
 
 fn spread(dp: &mut Datapath, n: u16, proto: u8, port: u16) -> Vec<Ipv4Addr> {
@@ -1183,6 +1211,104 @@ fn fallbacks_to_the_stack_are_counted_by_reason() {
     assert_eq!(c(&dp, Counter::FallbackUnreachable), 1);
     assert_eq!(dp.service_stats(2).packets, 0);
     assert_eq!(c(&dp, Counter::Redirected), 1);
+}
+
+/// The FIB's forwarding answers are cached per CPU for at most 50 ms, per question (ingress
+/// interface, addresses, protocol, ports): a flow's next packets are forwarded from the cached
+/// answer, byte for byte as from the lookup; a changed neighbour reaches them within that
+/// time; a packet longer than any the answer was given for asks the FIB again, so a smaller
+/// MTU on the way is honoured at once.
+#[test]
+fn fib_answers_are_cached_briefly_per_question() {
+    if !in_private_netns("fib_answers_are_cached_briefly_per_question") {
+        return;
+    }
+    const TC_ACT_REDIRECT: u32 = 7;
+    let ifx = routed(true);
+    let (m1, m2) = ([2u8, 0, 0, 0, 0, 0x11], [2u8, 0, 0, 0, 0, 0x22]);
+    let mac = |m: &[u8; 6]| {
+        m.iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<Vec<_>>()
+            .join(":")
+    };
+    ip_cmd(&[
+        "neigh",
+        "replace",
+        "10.10.10.11",
+        "lladdr",
+        &mac(&m1),
+        "dev",
+        "flb-out",
+        "nud",
+        "permanent",
+    ]);
+    let mut dp = datapath(0);
+    install(&mut dp, &svc(1, 80, PROTO_TCP, 0, 0));
+    let c = |dp: &Datapath, k: Counter| dp.counters()[k as usize];
+
+    let (rc, _) = dp
+        .test_run_on(&tcp(ip(CLIENT, VIP, 6), 40000, 80, SYN, b""), ifx)
+        .unwrap();
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    let data = tcp_seq(ip(CLIENT, VIP, 6), 40000, 80, 1, PSH | ACK, &[7u8; 100]);
+    // Asked (longer than the SYN the answer was given for), then answered from the cache.
+    let (rc, asked) = dp.test_run_on(&data, ifx).unwrap();
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    assert_eq!(&asked[..6], &m1, "to the neighbour's MAC");
+    let t = std::time::Instant::now();
+    let (rc, cached) = dp.test_run_on(&data, ifx).unwrap();
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    assert_eq!(
+        cached, asked,
+        "the cached answer forwards byte for byte alike"
+    );
+
+    // The neighbour changes: the cache answers for at most 50 ms more.
+    ip_cmd(&[
+        "neigh",
+        "replace",
+        "10.10.10.11",
+        "lladdr",
+        &mac(&m2),
+        "dev",
+        "flb-out",
+        "nud",
+        "permanent",
+    ]);
+    let (_, soon) = dp.test_run_on(&data, ifx).unwrap();
+    let elapsed = t.elapsed();
+    if elapsed < std::time::Duration::from_millis(40) {
+        assert_eq!(&soon[..6], &m1, "answered from the cache {elapsed:?} after");
+    } else {
+        println!("the neighbour change took {elapsed:?}: the cache may have expired");
+    }
+    std::thread::sleep(std::time::Duration::from_millis(60));
+    let (rc, later) = dp.test_run_on(&data, ifx).unwrap();
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    assert_eq!(
+        &later[..6],
+        &m2,
+        "a changed neighbour reaches the flow within 50 ms"
+    );
+    assert_eq!(c(&dp, Counter::FallbackFragNeeded), 0);
+
+    // A smaller MTU on the way: a packet longer than any the cached answer was given for asks
+    // again and is left to the stack (which sends the ICMP error); shorter ones still go.
+    ip_cmd(&["link", "set", "flb-out", "mtu", "600"]);
+    let big = tcp_seq(ip(CLIENT, VIP, 6), 40000, 80, 101, PSH | ACK, &[7u8; 1000]);
+    let (rc, _) = dp.test_run_on(&big, ifx).unwrap();
+    assert_eq!(rc, TC_ACT_OK, "not forwarded past the MTU");
+    assert_eq!(c(&dp, Counter::FallbackFragNeeded), 1);
+    let (rc, short) = dp.test_run_on(&data, ifx).unwrap();
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    assert_eq!(&short[..6], &m2);
+    // Another question (another client port): its own answer.
+    let (rc, other) = dp
+        .test_run_on(&tcp(ip(CLIENT, VIP, 6), 40001, 80, SYN, b""), ifx)
+        .unwrap();
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    assert_eq!(&other[..6], &m2);
 }
 
 #[test]
