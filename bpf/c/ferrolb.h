@@ -98,7 +98,8 @@
 /* A CPU is removing or rewriting this entry (a new flow replaces its dead flow, or takes its
  * NAT port): set with atomic or, and only the CPU that set it deletes the entry, writes over
  * it (the new flow's entries carry the bit until both are whole, then it is cleared) or clears
- * it. The datapath's alone: the agent never reads or writes it (it keeps FLB_FIN_BOTH). */
+ * it. The datapath's alone: the agent strips it from what it writes (it syncs FLB_FIN_BOTH
+ * only), and its collector leaves a flow with either entry held. */
 #define FLB_FIN_CLAIMED 0x08
 
 /* Indexes of the per-CPU `counters` array. */

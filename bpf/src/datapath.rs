@@ -914,7 +914,7 @@ impl Datapath {
     /// namespace, which the caller checks (the kernel drops what is redirected to the peer of
     /// anything else). The datapath honours a mark only while the interface's MAC is still
     /// the one given. Interfaces share a slot when their indexes are equal modulo
-    /// [`IF_OUT_SLOTS`](crate::maps::IF_OUT_SLOTS): the lowest index gets it, the others a
+    /// [`IF_OUT_SLOTS`]: the lowest index gets it, the others a
     /// plain redirect. Only changed slots are written.
     pub fn set_peer_redirects(&mut self, marked: &[(u32, [u8; 6])]) -> Result<()> {
         let n = crate::maps::IF_OUT_SLOTS as usize;
@@ -969,6 +969,30 @@ impl Datapath {
     pub fn take_events(&mut self) -> Option<EventStream> {
         self.events.take().map(|rb| EventStream { rb })
     }
+}
+
+/// `entries` without the datapath's claim bit (FIN_CLAIMED): an entry the agent read while a
+/// CPU held it (for a few hundred nanoseconds) and writes back (adopted, claimed from a peer)
+/// must not carry a claim nobody will release, or the datapath would drop its key's new flows
+/// and the collector never remove it. Copies only when one does.
+fn unclaimed(entries: &[(CtKey, Ct)]) -> std::borrow::Cow<'_, [(CtKey, Ct)]> {
+    if entries.iter().all(|(_, v)| v.fin & FIN_CLAIMED == 0) {
+        return std::borrow::Cow::Borrowed(entries);
+    }
+    std::borrow::Cow::Owned(
+        entries
+            .iter()
+            .map(|(k, v)| {
+                (
+                    *k,
+                    Ct {
+                        fin: v.fin & !FIN_CLAIMED,
+                        ..*v
+                    },
+                )
+            })
+            .collect(),
+    )
 }
 
 /// Removes idle flows (both entries idle past their timeout) from `entries`, keeping the
@@ -1281,13 +1305,14 @@ impl SyncTable {
     /// were written before it in the `Ok` of a retry by [`SyncTable::insert_many`].
     pub fn update_batch(&self, entries: &[(CtKey, Ct)]) -> std::io::Result<usize> {
         use aya::maps::IterableMap;
-        crate::batch::update_all(self.conntrack.map(), entries)
+        crate::batch::update_all(self.conntrack.map(), &unclaimed(entries))
     }
 
     /// Inserts or replaces many entries with batched updates (one syscall per few thousand;
     /// one by one when the kernel refuses batches). Returns how many were written.
     pub fn insert_many(&mut self, entries: &[(CtKey, Ct)]) -> usize {
         use aya::maps::IterableMap;
+        let entries = &*unclaimed(entries);
         match crate::batch::update_all(self.conntrack.map(), entries) {
             Ok(n) => n,
             Err(_) => entries

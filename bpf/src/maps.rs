@@ -58,8 +58,9 @@ pub const CTF_NEW: u8 = 0x40;
 pub const CTF_TRACKING: u8 = CTF_PICKUP | CTF_SEQ | CTF_ACK | CTF_NEW;
 
 /// `fin` bit (`FLB_FIN_CLAIMED`): a CPU is removing or rewriting the entry at this moment (a
-/// new flow replacing its dead flow, or taking its NAT port). The datapath's alone; seen here
-/// only by tests, and never carried by sync (which keeps the two FIN bits).
+/// new flow replacing its dead flow, or taking its NAT port). The datapath's alone: the
+/// agent's writes strip it ([`crate::SyncTable::insert_many`], [`crate::SyncTable::update_batch`]), its
+/// collector leaves a flow with either entry held, and sync carries only the two FIN bits.
 pub const FIN_CLAIMED: u32 = 0x08;
 
 /// Conntrack state, shared by both entries of a flow.

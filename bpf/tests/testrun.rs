@@ -839,6 +839,19 @@ fn the_collector_works_on_its_own_handles() {
     let snapshot = c.entries();
     assert_eq!(c.collect_from(&snapshot, monotonic_ns()).len(), 2);
     assert_eq!(dp.ct_entries().len(), 2);
+
+    // The agent's writes (adopting flows, claiming them from a peer: entries it read, maybe
+    // while a CPU held one) never store a claim that nobody would release.
+    let t = dp.sync_table().unwrap();
+    let held = Ct {
+        fin: FIN_CLAIMED | 1,
+        ..v3
+    };
+    assert_eq!(t.update_batch(&[(k3, held)]).unwrap(), 1);
+    assert_eq!(dp.ct_get(&k3).unwrap().unwrap().fin, 1);
+    let mut t = dp.sync_table().unwrap();
+    assert_eq!(t.insert_many(&[(r3, held)]), 1);
+    assert_eq!(dp.ct_get(&r3).unwrap().unwrap().fin, 1);
 }
 
 fn spread(dp: &mut Datapath, n: u16, proto: u8, port: u16) -> Vec<Ipv4Addr> {
