@@ -1686,10 +1686,9 @@ static __always_inline int ct_reusable(const struct flb_ct *prev, const struct f
 
 /* A new flow takes over the two conntrack entries of the dead flow `prev` (under `okey`; `pe`
  * its reply entry; the caller holds the claim on both) whose translation it has both ways
- * (ct_create checked it): `o`, the new
- * flow's reply entry, is written over `pe`, then turned into the original-direction entry
- * (the translation `prev` holds) and written over `prev`; `o` keeps that copy, from which the
- * caller forwards the packet. The dead flow is retired first (its least-connections count,
+ * (ct_create checked it): `o`, the new flow's reply entry, is written over `pe`, then turned
+ * into the original-direction entry (the translation `prev` holds) and written over `prev`;
+ * `o` keeps that copy, from which the caller forwards the packet. The dead flow is retired first (its least-connections count,
  * its removal for the peers). Both entries stay in conntrack: a half-open TCP flow here
  * carries no FLB_CTF_NEW and completes in place (reported then, by ct_set_state). Returns 1
  * when done. Global: its own frame, checked by the verifier once. */
