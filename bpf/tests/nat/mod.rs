@@ -348,13 +348,9 @@ fn a_full_pool_drops_counts_and_tells_the_agent() {
     );
 }
 
-/// An expired flow still holding the port a new flow wants is taken over: the old flow's
-/// entries go (the peers are told), the new flow gets the port.
-#[test]
-fn an_expired_occupant_is_taken_over() {
-    if !in_private_netns("an_expired_occupant_is_taken_over") {
-        return;
-    }
+/// A full-NAT UDP rule (port 53, 1 s timeout) and one flow from CLIENT:5353 that kept its
+/// port: the datapath, the flow's key and its original-direction entry.
+fn udp_flow_keeping_port_5353() -> (Datapath, CtKey, Ct) {
     let mut dp = datapath(0);
     let mut s = svc(9, 53, PROTO_UDP, MODE_FULL, 0);
     s.timeout_s = 1;
@@ -363,11 +359,24 @@ fn an_expired_occupant_is_taken_over() {
     let ka = CtKey::v4(CLIENT, 5353, VIP, 53, PROTO_UDP);
     let a = dp.ct_get(&ka).unwrap().unwrap();
     assert_eq!(u16::from_be(a.nat_sport), 5353);
-    let age = |dp: &mut Datapath, key: &CtKey| {
-        let mut v = dp.ct_get(key).unwrap().unwrap();
-        v.last_ns = v.last_ns.saturating_sub(2_000_000_000);
-        dp.ct_insert(key, &v).unwrap();
-    };
+    (dp, ka, a)
+}
+
+/// Makes the entry under `key` 2 s older (past the 1 s timeout of the rule above).
+fn age(dp: &mut Datapath, key: &CtKey) {
+    let mut v = dp.ct_get(key).unwrap().unwrap();
+    v.last_ns = v.last_ns.saturating_sub(2_000_000_000);
+    dp.ct_insert(key, &v).unwrap();
+}
+
+/// An expired flow still holding the port a new flow wants is taken over: the old flow's
+/// entries go (the peers are told), the new flow gets the port.
+#[test]
+fn an_expired_occupant_is_taken_over() {
+    if !in_private_netns("an_expired_occupant_is_taken_over") {
+        return;
+    }
+    let (mut dp, ka, a) = udp_flow_keeping_port_5353();
     // Only the reply direction quiet (one-way UDP): the flow lives, its port stays taken.
     age(&mut dp, &ka.peer(&a));
     let (_, out) = run(&mut dp, &udp(ip(CLIENT2, VIP, 17), 5353, 53, b"b", true));
@@ -649,23 +658,10 @@ fn a_port_take_over_leaves_a_flow_another_cpu_holds() {
         return;
     }
     for held_side in ["original", "reply"] {
-        let mut dp = datapath(0);
-        let mut s = svc(9, 53, PROTO_UDP, MODE_FULL, 0);
-        s.timeout_s = 1;
-        install(&mut dp, &s);
-        run(&mut dp, &udp(ip(CLIENT, VIP, 17), 5353, 53, b"a", true));
-        let ka = CtKey::v4(CLIENT, 5353, VIP, 53, PROTO_UDP);
-        let a = dp.ct_get(&ka).unwrap().unwrap();
+        let (mut dp, ka, a) = udp_flow_keeping_port_5353();
         let kr = ka.peer(&a);
-        assert_eq!(u16::from_be(a.nat_sport), 5353);
-        let age = |dp: &mut Datapath| {
-            for key in [ka, kr] {
-                let mut v = dp.ct_get(&key).unwrap().unwrap();
-                v.last_ns = v.last_ns.saturating_sub(2_000_000_000);
-                dp.ct_insert(&key, &v).unwrap();
-            }
-        };
-        age(&mut dp);
+        age(&mut dp, &ka);
+        age(&mut dp, &kr);
         let held = if held_side == "original" { ka } else { kr };
         set_claim(&mut dp, &held, true);
         let before = (dp.ct_get(&ka).unwrap(), dp.ct_get(&kr).unwrap());
