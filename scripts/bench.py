@@ -22,6 +22,8 @@ then ferrolb's modes, in the opposite order every other pair; --pairs N, default
 median over the pairs is what the ratios report, since one trial varies by +-5 % from the next.
 
 Each paired trial follows --warmup S (default 1) seconds of the same load, not counted.
+The machine's speed drifts by more than a few percent between such trials; scripts/bench_cps_ab.py
+measures new connections/s through ferrolb and plain routing at the same moment instead.
 
 Usage: sudo python3 scripts/bench.py [--rounds N] [--pairs N] [--warmup S] [--json FILE]
        [--shared-source]

@@ -196,6 +196,8 @@ fn drain_under_probe(lab: &TestLab, vip: &str, name: &str) -> (Vec<Value>, u64, 
         .map(|f| f["max_gap_ms"].as_u64().unwrap())
         .max()
         .unwrap();
+    let late: u64 = flows.iter().map(|f| f["late"].as_u64().unwrap()).sum();
+    eprintln!("{name}: {lost} datagrams lost, {late} answered only after sending stopped");
     (flows, lost, worst)
 }
 

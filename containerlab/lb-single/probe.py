@@ -6,7 +6,8 @@
                                               given source ports, one datagram each)
   probe.py udpflow VIP PORT SECONDS [--flows N] [--interval MS]
                                               N UDP flows, one datagram every MS per flow;
-                                              per flow: sent, answered, longest gap, peers seen
+                                              per flow: sent, answered, longest gap, peers seen,
+                                              unanswered sequence numbers (1 s to settle)
   probe.py stream VIP PORT SECONDS [--count K] K TCP echo streams, one line every 20 ms each;
                                               reports lines sent/echoed, errors and the longest
                                               gap without an echo, per stream
@@ -113,7 +114,11 @@ def stream(vip, port, seconds, count):
 
 def udpflow(vip, port, seconds, flows, interval_ms):
     """`flows` UDP flows (one socket each), one datagram every `interval_ms` per flow; per flow:
-    sent, answered, the longest gap between answers, and which address the backend saw."""
+    sent, answered (distinct datagrams the backend echoed), the longest gap between answers,
+    which address the backend saw, the sequence numbers never answered ("missing", the first
+    20), and how many answers came only after sending stopped ("late"). Once sending stops,
+    answers still in flight get up to 1 s: a datagram of the last round whose answer takes
+    longer than one interval is late, not lost."""
     socks = []
     for _ in range(flows):
         fam, anyaddr = family(vip)
@@ -122,6 +127,35 @@ def udpflow(vip, port, seconds, flows, interval_ms):
         s.setblocking(False)
         socks.append(s)
     res = [{"sent": 0, "answered": 0, "max_gap_ms": 0, "peers": {}, "last": None} for _ in socks]
+    pending = [set() for _ in socks]
+
+    def receive():
+        for i, s in enumerate(socks):
+            while True:
+                try:
+                    data = s.recv(65535)
+                except BlockingIOError:
+                    break
+                r = res[i]
+                try:
+                    reply = json.loads(data)
+                    seq = int(reply["data"])
+                except Exception:  # noqa: BLE001 - not an answer to us: ignored
+                    continue
+                if seq not in pending[i]:
+                    continue  # a duplicate, or not ours
+                pending[i].discard(seq)
+                r["answered"] += 1
+                try:
+                    peer = reply["peer"].rsplit(":", 1)[0].strip("[]")
+                    r["peers"][peer] = r["peers"].get(peer, 0) + 1
+                except Exception:  # noqa: BLE001
+                    pass
+                now = time.monotonic()
+                if r["last"] is not None:
+                    r["max_gap_ms"] = max(r["max_gap_ms"], int((now - r["last"]) * 1000))
+                r["last"] = now
+
     start = time.monotonic()
     end = start + seconds
     seq = 0
@@ -131,34 +165,24 @@ def udpflow(vip, port, seconds, flows, interval_ms):
             try:
                 s.sendto(b"%d" % seq, (vip, port))
                 res[i]["sent"] += 1
+                pending[i].add(seq)
             except OSError:
                 pass
         seq += 1
         deadline = t + interval_ms / 1000.0
-        while True:
-            now = time.monotonic()
-            if now >= deadline:
-                break
-            for i, s in enumerate(socks):
-                while True:
-                    try:
-                        data = s.recv(65535)
-                    except BlockingIOError:
-                        break
-                    r = res[i]
-                    r["answered"] += 1
-                    try:
-                        peer = json.loads(data)["peer"].rsplit(":", 1)[0].strip("[]")
-                        r["peers"][peer] = r["peers"].get(peer, 0) + 1
-                    except Exception:  # noqa: BLE001
-                        pass
-                    now = time.monotonic()
-                    if r["last"] is not None:
-                        r["max_gap_ms"] = max(r["max_gap_ms"], int((now - r["last"]) * 1000))
-                    r["last"] = now
+        while time.monotonic() < deadline:
+            receive()
             time.sleep(0.001)
-    for r in res:
+    before = [r["answered"] for r in res]
+    settle = time.monotonic() + 1.0
+    while any(pending) and time.monotonic() < settle:
+        receive()
+        time.sleep(0.001)
+    for i, r in enumerate(res):
         del r["last"]
+        r["missing"] = sorted(pending[i])[:20]
+        r["last_seq"] = seq - 1
+        r["late"] = r["answered"] - before[i]  # answered only after sending stopped
     return res
 
 

@@ -1,0 +1,275 @@
+#!/usr/bin/env python3
+"""New connections/s through ferrolb against plain routing, measured at the same time (a
+benchmark, not a test).
+
+scripts/bench.py measures plain routing and ferrolb one after the other on one router; the
+machine's speed drifts by more than the difference between consecutive short trials (+-13 %
+per pair on these 2 shared cores), so its paired ratio cannot resolve a few percent. Here two
+identical routers stand side by side (scripts/bench/cps-ab.clab.yml): one runs ferrolb (a DNAT,
+one-arm or full-NAT rule to the backend), the other routes plainly, and one wrk per path opens
+connections ("Connection: close") through both AT ONCE, each to an nginx of its own on the same
+backend. Whatever slows the machine slows both paths in the same seconds; the path that costs
+less per connection completes more of them with the same share of the cores. The routers swap
+roles every pair (ferrolb on lba, then on lbb), so that neither router, subnet nor nginx favours
+a side.
+
+Per trial: WARMUP seconds of the same load (not counted), then SECONDS counted; the ratio is
+ferrolb's connections over plain routing's in the same seconds. Printed: every trial, and per
+mode the median ratio, its range, and a 95 % interval of the median (bootstrap over trials).
+
+--aa is the control: no ferrolb at all, both routers route (to two addresses of the backend);
+it should read 1.0. --agent-args "..." passes more flags to the agent (e.g. --max-conntrack N).
+
+Usage: sudo python3 scripts/bench_cps_ab.py [--pairs N] [--seconds S] [--warmup S]
+       [--modes dnat,onearm,fullnat] [--aa] [--agent-args "..."] [--json FILE]
+Needs root and `scripts/deps.sh --bench` (wrk, nginx), and a release build (cargo build --release).
+"""
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TARGET = os.environ.get("CARGO_TARGET_DIR", "/var/tmp/ferrolb-target")
+FERROLAB = os.path.join(TARGET, "release", "ferrolab")
+FERROLB = os.path.join(TARGET, "release", "ferrolb")
+TOPO = os.path.join(ROOT, "scripts", "bench", "cps-ab.clab.yml")
+NAME = "ferrolb-cps-ab"
+BE1 = "10.10.10.11"
+# --aa: no ferrolb at all; the "ferrolb" side routes plainly too, to this second address of
+# be1 (the method's own asymmetry, which should read 1.0).
+BE1_AA = "10.10.10.21"
+AA = False
+# --agent-args "...": more flags for the agent (e.g. "--max-conntrack 65536").
+AGENT_ARGS = ""
+# Per router: its client-side gateway, its VIP, the nginx port behind it, and the client's
+# source address for each role (distinct per role: a 4-tuple left in TIME_WAIT at be1 by one
+# role is never reused by the other with another timestamp offset; see bench.py's SOURCES).
+ROUTERS = {
+    "lba": {"gw": "198.51.100.1", "vip": "203.0.113.10", "port": 80,
+            "src": {"ferrolb": "198.51.100.2", "plain": "198.51.100.3"}},
+    "lbb": {"gw": "198.51.101.1", "vip": "203.0.113.11", "port": 81,
+            "src": {"ferrolb": "198.51.101.2", "plain": "198.51.101.3"}},
+}
+MODES = {"dnat": 0, "onearm": 1, "fullnat": 2}
+
+
+def run(argv, check=True, timeout=120):
+    p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        sys.exit("failed: %s\n%s%s" % (" ".join(argv), p.stdout, p.stderr))
+    return p.stdout
+
+
+def lab_argv(node, *argv):
+    return [FERROLAB, "exec", "--name", NAME, TOPO, node, "--"] + list(argv)
+
+
+def lab(node, *argv, check=True, timeout=120):
+    return run(lab_argv(node, *argv), check, timeout)
+
+
+def api(node, method, path, body):
+    return lab(node, "curl", "-sf", "-X", method, "http://127.0.0.1:11111/netlox/v1" + path,
+               "-H", "Content-Type: application/json", "--data-binary", json.dumps(body))
+
+
+def netns(node):
+    return lab(node, "readlink", "/proc/self/ns/net").strip()
+
+
+def start_agent(node):
+    tag = "ferrolb-cps-ab-%d" % time.monotonic_ns()
+    lab(node, "sh", "-c", "%s --config-path /etc/%s --loglevel warning %s > /var/log/%s.log 2>&1 &"
+        % (FERROLB, tag, AGENT_ARGS, tag))
+    for _ in range(100):
+        if lab(node, "curl", "-sf", "http://127.0.0.1:11111/netlox/v1", check=False):
+            return
+        time.sleep(0.1)
+    sys.exit("agent did not come up on %s" % node)
+
+
+def agent_pid(ns):
+    """The agent running in network namespace `ns`, or None."""
+    for pid in run(["pgrep", "-x", "ferrolb"], check=False).split():
+        try:
+            if os.readlink("/proc/%s/ns/net" % pid) == ns:
+                return int(pid)
+        except OSError:
+            pass
+    return None
+
+
+def cpu_s(pid):
+    """CPU seconds (user + system) process `pid` has used."""
+    try:
+        fields = open("/proc/%d/stat" % pid).read().rsplit(")", 1)[1].split()
+    except (OSError, TypeError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def stop_agent(node, ns):
+    for pid in run(["pgrep", "-x", "ferrolb"], check=False).split():
+        try:  # only the agent in this lab node's network namespace
+            if os.readlink("/proc/%s/ns/net" % pid) == ns:
+                os.kill(int(pid), 15)
+        except OSError:
+            pass
+    time.sleep(0.5)
+    lab(node, FERROLB, "--remove-datapath")
+    # The agent turned forwarding on where it attached; a plain router needs it on too.
+    lab(node, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+
+
+def wrk_argv(target, port, seconds):
+    return lab_argv("client", "wrk", "-t1", "-c32", "-d%ds" % seconds, "--timeout", "2s",
+                    "-H", "Connection: close", "http://%s:%d/" % (target, port))
+
+
+def wrk_rate(out):
+    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if re.search(r"Socket errors|Non-2xx", out):
+        print("   wrk: " + " ".join(l.strip() for l in out.splitlines()
+                                     if "errors" in l or "Non-2xx" in l), flush=True)
+    return float(m.group(1)) if m else 0.0
+
+
+def both(targets, seconds):
+    """One wrk per (target, port) at the same time; their connections/s, in order."""
+    procs = [subprocess.Popen(wrk_argv(t, p, seconds), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for t, p in targets]
+    return [wrk_rate(p.communicate(timeout=seconds + 60)[0]) for p in procs]
+
+
+def trial(lb, plain, seconds, warmup, pid):
+    """Connections/s through ferrolb (on `lb`) and through the plain router in the same
+    seconds, and the CPU seconds the agent (`pid`) used meanwhile. A/A (--aa): `lb` routes
+    plainly too, to a second address of the backend."""
+    a, b = ROUTERS[lb], ROUTERS[plain]
+    targets = [(BE1_AA if AA else a["vip"], a["port"]), (BE1, b["port"])]
+    if warmup > 0:
+        both(targets, warmup)
+    c0 = cpu_s(pid)
+    f, p = both(targets, seconds)
+    return f, p, cpu_s(pid) - c0
+
+
+def median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
+def interval(xs, n=2000):
+    """A 95 % bootstrap interval of the median of xs."""
+    rng = random.Random(1)
+    meds = sorted(median([rng.choice(xs) for _ in xs]) for _ in range(n))
+    return meds[int(0.025 * n)], meds[int(0.975 * n) - 1]
+
+
+def main():
+    args = sys.argv[1:]
+
+    def opt(name, default):
+        return args[args.index(name) + 1] if name in args else default
+
+    global AA
+    AA = "--aa" in args
+    global AGENT_ARGS
+    AGENT_ARGS = opt("--agent-args", "")
+    pairs = int(opt("--pairs", "6"))
+    seconds = int(opt("--seconds", "3"))
+    warmup = int(opt("--warmup", "1"))
+    modes = opt("--modes", "dnat,onearm,fullnat").split(",")
+    out_json = opt("--json", None)
+    for m in modes:
+        if m not in MODES:
+            sys.exit("--modes: unknown mode %r (dnat, onearm, fullnat)" % m)
+    if os.geteuid() != 0:
+        sys.exit("run as root")
+    for f in (FERROLAB, FERROLB):
+        if not os.access(f, os.X_OK):
+            sys.exit("%s missing: cargo build --release (CARGO_TARGET_DIR=%s)" % (f, TARGET))
+    run(["bash", os.path.join(ROOT, "scripts", "deps.sh"), "--bench"])
+    tmp = tempfile.mkdtemp(prefix="ferrolb-cps-ab-")
+    run([FERROLAB, "up", "--name", NAME, "--lab-dir", os.path.join(tmp, "lab"), "--strict", TOPO])
+    try:
+        bench(tmp, pairs, seconds, warmup, modes, out_json)
+    finally:
+        run([FERROLAB, "down", "--name", NAME, "--cleanup", TOPO], check=False)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def bench(tmp, pairs, seconds, warmup, modes, out_json):
+    conf = os.path.join(ROOT, "scripts", "bench", "nginx.conf")
+    for r in ROUTERS.values():
+        # One nginx per router's path: nginx.conf listens on :80; the second copy on :81.
+        text = open(conf).read().replace("listen 80 ", "listen %d " % r["port"]).replace(
+            "/var/log/nginx", "/var/log/nginx%d" % r["port"])
+        path = os.path.join(tmp, "nginx%d.conf" % r["port"])
+        with open(path, "w") as f:
+            f.write(text)
+        lab("be1", "nginx", "-c", path)
+    lab("be1", "ip", "addr", "add", BE1_AA + "/24", "dev", "eth1")
+    ns = {n: netns(n) for n in ROUTERS}
+    for n in ROUTERS:
+        stop_agent(n, ns[n])
+    print("new connections/s, ferrolb and plain routing at the same time: %d pairs x %s, "
+          "%d s trials after %d s of uncounted load" % (pairs, ",".join(modes), seconds, warmup),
+          flush=True)
+    ratios = {m: [] for m in modes}
+    rates = {m: [] for m in modes}
+    for i in range(2 * pairs):
+        lb, plain = ("lba", "lbb") if i % 2 == 0 else ("lbb", "lba")
+        a, b = ROUTERS[lb], ROUTERS[plain]
+        # Client routes: the VIP through ferrolb's router, the backend through the plain one,
+        # each from the role's own source address.
+        lab("client", "ip", "route", "replace", (BE1_AA if AA else a["vip"]) + "/32", "via",
+            a["gw"], "src", a["src"]["ferrolb"])
+        lab("client", "ip", "route", "replace", BE1 + "/32", "via", b["gw"], "src",
+            b["src"]["plain"])
+        pid = None
+        if not AA:
+            start_agent(lb)
+            pid = agent_pid(ns[lb])
+        for m in modes:
+            if not AA:
+                api(lb, "POST", "/config/loadbalancer", {
+                    "serviceArguments": {"externalIP": a["vip"], "port": a["port"],
+                                         "protocol": "tcp", "sel": 0, "mode": MODES[m]},
+                    "endpoints": [{"endpointIP": BE1, "targetPort": a["port"], "weight": 1}]})
+            f, p, agent = trial(lb, plain, seconds, warmup, pid)
+            ratio = f / p if p else 0.0
+            ratios[m].append(ratio)
+            rates[m].append({"ferrolb_on": lb, "ferrolb": f, "plain": p, "agent_cpu_s": agent})
+            print("  %-7s %s on %s: %7.0f/s, plain via %s: %7.0f/s, ratio %.3f, agent CPU %.2f s"
+                  % (m, "plain (A/A)" if AA else "ferrolb", lb, f, plain, p, ratio, agent),
+                  flush=True)
+        if not AA:
+            stop_agent(lb, ns[lb])
+    print()
+    summary = {}
+    for m in modes:
+        lo, hi = interval(ratios[m])
+        summary[m] = {"median": median(ratios[m]), "min": min(ratios[m]), "max": max(ratios[m]),
+                      "ci95_median": [lo, hi], "trials": len(ratios[m])}
+        print("%-7s ferrolb / plain (same seconds): median %.3f, 95 %% interval of the median "
+              "[%.3f, %.3f], range %.3f-%.3f over %d trials"
+              % (m, summary[m]["median"], lo, hi, summary[m]["min"], summary[m]["max"],
+                 len(ratios[m])))
+    print("bottleneck: the 2 cores, shared by both wrk clients, both nginx servers and both "
+          "paths' forwarding at the same moment")
+    if out_json:
+        with open(out_json, "w") as f:
+            json.dump({"summary": summary, "trials": rates, "seconds": seconds,
+                       "warmup": warmup}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
