@@ -114,6 +114,13 @@ def cpu_s(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def fib_invalidations(node):
+    """The agent's count of FIB cache invalidations (route, neighbour or link changes)."""
+    m = lab(node, "curl", "-sf", "http://127.0.0.1:11111/metrics", check=False)
+    v = re.search(r"^ferrolb_fib_cache_invalidations_total (\d+)", m, re.M)
+    return int(v.group(1)) if v else 0
+
+
 def stop_agent(node, ns):
     for pid in run(["pgrep", "-x", "ferrolb"], check=False).split():
         try:  # only the agent in this lab node's network namespace
@@ -244,12 +251,16 @@ def bench(tmp, pairs, seconds, warmup, modes, out_json):
                     "serviceArguments": {"externalIP": a["vip"], "port": a["port"],
                                          "protocol": "tcp", "sel": 0, "mode": MODES[m]},
                     "endpoints": [{"endpointIP": BE1, "targetPort": a["port"], "weight": 1}]})
+            inv0 = fib_invalidations(lb) if not AA else 0
             f, p, agent = trial(lb, plain, seconds, warmup, pid)
+            inv = fib_invalidations(lb) - inv0 if not AA else 0
             ratio = f / p if p else 0.0
             ratios[m].append(ratio)
-            rates[m].append({"ferrolb_on": lb, "ferrolb": f, "plain": p, "agent_cpu_s": agent})
-            print("  %-7s %s on %s: %7.0f/s, plain via %s: %7.0f/s, ratio %.3f, agent CPU %.2f s"
-                  % (m, "plain (A/A)" if AA else "ferrolb", lb, f, plain, p, ratio, agent),
+            rates[m].append({"ferrolb_on": lb, "ferrolb": f, "plain": p, "agent_cpu_s": agent,
+                             "fib_invalidations": inv})
+            print("  %-7s %s on %s: %7.0f/s, plain via %s: %7.0f/s, ratio %.3f, agent CPU %.2f s,"
+                  " FIB cache invalidations %d"
+                  % (m, "plain (A/A)" if AA else "ferrolb", lb, f, plain, p, ratio, agent, inv),
                   flush=True)
         if not AA:
             stop_agent(lb, ns[lb])

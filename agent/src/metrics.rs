@@ -490,6 +490,12 @@ pub fn record(m: &Metrics, d: &DatapathSnapshot) {
             n,
         );
     }
+    counter(
+        "ferrolb_fib_cache_invalidations_total",
+        "Times the datapath's cached FIB answers were invalidated because the kernel reported route, neighbour or link changes.",
+        &[],
+        crate::agent::FIB_INVALIDATIONS.load(std::sync::atomic::Ordering::Relaxed),
+    );
     gauge(
         "ferrolb_build_info",
         "Build information.",

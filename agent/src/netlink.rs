@@ -2,7 +2,9 @@
 //! synchronous `netlink-sys` socket: VIP addresses on `lo`, the address list, and the
 //! source address the kernel picks toward a destination (what `ip route get` prints as
 //! `src`). Synchronous on purpose: the callers are the engine's own thread and the blocking
-//! pool, never the async workers; every receive is bounded by a 2 s timeout.
+//! pool, never the async workers; every receive is bounded by a 2 s timeout. And the
+//! notifications of link, neighbour and route changes ([`FibChanges`]), read by a thread of
+//! their own (`ferrolb-fib`), which invalidates the datapath's cached FIB answers.
 
 use std::io;
 use std::net::IpAddr;
@@ -227,6 +229,60 @@ pub fn if_name(index: u32) -> Option<String> {
     Some(String::from_utf8_lossy(&buf[..end]).into_owned())
 }
 
+/// rtnetlink multicast groups (as the legacy bind mask, bit `group - 1`) whose notifications can
+/// change an answer of the FIB: links, neighbours, IPv4 and IPv6 routes.
+const FIB_GROUPS: u32 = (1 << (libc::RTNLGRP_LINK - 1))
+    | (1 << (libc::RTNLGRP_NEIGH - 1))
+    | (1 << (libc::RTNLGRP_IPV4_ROUTE - 1))
+    | (1 << (libc::RTNLGRP_IPV6_ROUTE - 1));
+
+/// Notifications read in one batch before `changed` runs, so that a storm of them (a full
+/// routing table arriving) still invalidates at a steady pace.
+const FIB_BATCH: usize = 1024;
+
+/// Changes the FIB answers of this network namespace (the caller's) since the last call:
+/// [`FibChanges::wait`] blocks until the kernel reports a link, neighbour or route change.
+pub struct FibChanges {
+    socket: Socket,
+    rx: Vec<u8>,
+}
+
+impl FibChanges {
+    /// Subscribes, in the calling thread's network namespace.
+    pub fn subscribe() -> io::Result<FibChanges> {
+        let mut socket = Socket::new(NETLINK_ROUTE)?;
+        socket.bind(&SocketAddr::new(0, FIB_GROUPS))?;
+        Ok(FibChanges {
+            socket,
+            rx: vec![0u8; 1 << 16],
+        })
+    }
+
+    /// Waits for the next change and reads every notification already queued with it (at most
+    /// [`FIB_BATCH`]); returns how many were read. The notifications are not parsed: any of
+    /// them may change an answer. A queue that overflowed (notifications lost: `ENOBUFS`)
+    /// counts as a change too.
+    pub fn wait(&mut self) -> io::Result<usize> {
+        loop {
+            match self.socket.recv(&mut &mut self.rx[..], 0) {
+                Ok(_) => break,
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        let mut n = 1;
+        while n < FIB_BATCH {
+            match self.socket.recv(&mut &mut self.rx[..], libc::MSG_DONTWAIT) {
+                Ok(_) => n += 1,
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => n += 1,
+                Err(_) => break,
+            }
+        }
+        Ok(n)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -256,6 +312,78 @@ mod tests {
             e.raw_os_error() == Some(libc::ENETUNREACH) || e.kind() == io::ErrorKind::NotFound,
             "{e}"
         );
+    }
+
+    /// In a private network namespace: nothing is reported until something changes; a new
+    /// link, a neighbour and a route are each reported (the first with all the notifications
+    /// it made, in one batch).
+    #[test]
+    fn link_neighbour_and_route_changes_are_heard() {
+        if !ferrolb_tests::private_netns("link_neighbour_and_route_changes_are_heard") {
+            return;
+        }
+        let mut changes = FibChanges::subscribe().unwrap();
+        let timeout = |changes: &FibChanges, d: Duration| {
+            socket2::SockRef::from(&changes.socket)
+                .set_read_timeout(Some(d))
+                .unwrap();
+        };
+        let quiet = |changes: &mut FibChanges| {
+            // Until 300 ms pass without a notification.
+            timeout(changes, Duration::from_millis(300));
+            let mut extra = 0;
+            while let Ok(n) = changes.wait() {
+                extra += n;
+                assert!(extra < 10_000, "notifications without end");
+            }
+            extra
+        };
+        let ip = |args: &[&str]| {
+            let ok = std::process::Command::new("ip")
+                .args(args)
+                .status()
+                .is_ok_and(|s| s.success());
+            assert!(ok, "ip {}", args.join(" "));
+        };
+        assert_eq!(quiet(&mut changes), 0, "nothing changed yet");
+        for (what, args) in [
+            (
+                "a link",
+                &[
+                    "link", "add", "flbfa", "type", "veth", "peer", "name", "flbfb",
+                ][..],
+            ),
+            (
+                "a neighbour",
+                &[
+                    "neigh",
+                    "add",
+                    "192.0.2.9",
+                    "lladdr",
+                    "02:00:00:00:00:09",
+                    "dev",
+                    "flbfa",
+                    "nud",
+                    "permanent",
+                ][..],
+            ),
+            (
+                "a route",
+                &["route", "add", "198.51.100.0/24", "dev", "flbfa"][..],
+            ),
+        ] {
+            if what == "a route" {
+                ip(&["link", "set", "flbfa", "up"]);
+                quiet(&mut changes);
+            }
+            ip(args);
+            timeout(&changes, Duration::from_secs(5));
+            let n = changes
+                .wait()
+                .unwrap_or_else(|e| panic!("{what}: not heard within 5 s: {e}"));
+            assert!(n >= 1, "{what}");
+            quiet(&mut changes);
+        }
     }
 
     /// In a private network namespace: a veth pair with both ends here is not reported; once

@@ -205,6 +205,43 @@ fn balancing_algorithms_and_nat_modes() {
     assert!(m.contains("ferrolb_endpoint_packets_total{service=\"test_tcp80:llb-inst0\",endpoint=\"10.10.10.11:8080\"}"));
     assert!(m.contains("ferrolb_rules_installed 7"));
     assert!(!m.contains("198.51.100"), "no client addresses in metrics");
+
+    // A neighbour change on lb1 reaches the agent over rtnetlink, which invalidates the
+    // datapath's cached FIB answers (the datapath's side: the FIB cache test in bpf/tests).
+    let invalidations = |lab: &TestLab| -> u64 {
+        let m = lab
+            .exec_ok("lb1", &["curl", "-sf", "http://127.0.0.1:11111/metrics"])
+            .unwrap();
+        m.lines()
+            .find_map(|l| l.strip_prefix("ferrolb_fib_cache_invalidations_total "))
+            .unwrap_or_else(|| panic!("no ferrolb_fib_cache_invalidations_total in {m}"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let before = invalidations(&lab);
+    lab.exec_ok(
+        "lb1",
+        &[
+            "ip",
+            "neigh",
+            "replace",
+            "10.10.10.99",
+            "lladdr",
+            "02:00:00:00:00:99",
+            "dev",
+            "eth2",
+            "nud",
+            "permanent",
+        ],
+    )
+    .unwrap();
+    lab.wait_until(
+        "the agent to invalidate the cached FIB answers",
+        Duration::from_secs(5),
+        || Ok(invalidations(&lab) > before),
+    )
+    .unwrap();
 }
 
 const VIP6: &str = "2001:db8:aaaa::10";

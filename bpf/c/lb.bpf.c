@@ -301,6 +301,7 @@ struct flb_fib_slot {
 	__u8 proto;
 	__u8 smac[6];
 	__u8 dmac[6];
+	__u32 gen; /* fib_gen when the question was asked */
 };
 
 struct {
@@ -309,6 +310,17 @@ struct {
 	__type(value, struct flb_fib_slot);
 	__uint(max_entries, 1 << FLB_FIB_BITS);
 } fib_cache SEC(".maps");
+
+/* The FIB's generation (index 0): the agent bumps it when the kernel reports a route,
+ * neighbour or link change (rtnetlink), and a cached answer of another generation is not
+ * used, so a change reaches flowing packets as soon as the agent hears of it; FLB_FIB_TTL_NS
+ * bounds what it does not hear (the agent down, a lost notification). Not pinned. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(max_entries, 1);
+} fib_gen SEC(".maps");
 
 /* When the datapath last told the agent of source-NAT port pressure (index 0, ns). */
 struct {
@@ -1981,13 +1993,15 @@ static __always_inline __u32 fib_slot_of(const struct bpf_fib_lookup *f)
 	return h >> (32 - FLB_FIB_BITS);
 }
 
-/* Does slot `c` hold the answer to question `f` (asked with `len` bytes at `now`)? */
+/* Does slot `c` hold the answer to question `f` (asked with `len` bytes at `now`, in FIB
+ * generation `gen`)? */
 static __always_inline int fib_cached(const struct flb_fib_slot *c,
-				      const struct bpf_fib_lookup *f, __u16 len, __u64 now)
+				      const struct bpf_fib_lookup *f, __u16 len, __u64 now,
+				      __u32 gen)
 {
 	return c->family == f->family && c->iif == f->ifindex && c->proto == f->l4_protocol &&
 	       c->sport == f->sport && c->dport == f->dport && len <= c->max_len &&
-	       (__s64)(c->expires_ns - now) > 0 &&
+	       c->gen == gen && (__s64)(c->expires_ns - now) > 0 &&
 	       ((c->src[0] ^ f->ipv6_src[0]) | (c->src[1] ^ f->ipv6_src[1]) |
 		(c->src[2] ^ f->ipv6_src[2]) | (c->src[3] ^ f->ipv6_src[3]) |
 		(c->dst[0] ^ f->ipv6_dst[0]) | (c->dst[1] ^ f->ipv6_dst[1]) |
@@ -2003,8 +2017,13 @@ static __always_inline int fib_lookup_cached(struct __sk_buff *skb, struct bpf_f
 	__u32 slot = fib_slot_of(f);
 	__u16 len = f->tot_len;
 	__u32 iif = f->ifindex;
+	/* Read before the lookup: an answer given before a change the agent reports is stored
+	 * with the generation that change ends. */
+	__u32 zero = 0;
+	__u32 *g = bpf_map_lookup_elem(&fib_gen, &zero);
+	__u32 gen = g ? *(volatile __u32 *)g : 0;
 	struct flb_fib_slot *c = bpf_map_lookup_elem(&fib_cache, &slot);
-	if (c && fib_cached(c, f, len, now)) {
+	if (c && fib_cached(c, f, len, now, gen)) {
 		f->ifindex = c->oif;
 		__builtin_memcpy(f->smac, c->smac, ETH_ALEN);
 		__builtin_memcpy(f->dmac, c->dmac, ETH_ALEN);
@@ -2018,6 +2037,7 @@ static __always_inline int fib_lookup_cached(struct __sk_buff *skb, struct bpf_f
 	c->iif = iif;
 	c->oif = f->ifindex;
 	c->expires_ns = now + FLB_FIB_TTL_NS;
+	c->gen = gen;
 	c->sport = f->sport;
 	c->dport = f->dport;
 	c->max_len = len;

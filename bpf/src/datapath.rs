@@ -104,7 +104,33 @@ pub struct Datapath {
     capacity: Capacity,
     collector_ids: (u32, u32, u32),
     sync_ids: [u32; 4],
+    /// `fib_gen` (not pinned), for [`Datapath::fib_invalidator`].
+    fib_gen_id: u32,
     attached: Vec<String>,
+}
+
+/// A handle on the datapath's FIB generation (`fib_gen`): [`FibInvalidator::bump`] makes every
+/// cached FIB answer stale at once (the agent calls it when the kernel reports a route,
+/// neighbour or link change). Its own map handle, so it works without whoever owns the
+/// [`Datapath`].
+pub struct FibInvalidator {
+    map: Array<MapData, u32>,
+    generation: u32,
+}
+
+impl FibInvalidator {
+    /// The next generation: cached answers of earlier ones are not used.
+    pub fn bump(&mut self) -> Result<()> {
+        self.generation = self.generation.wrapping_add(1);
+        self.map
+            .set(0, self.generation, 0)
+            .map_err(map_err("fib_gen"))
+    }
+
+    /// The generation the datapath reads now.
+    pub fn current(&self) -> Result<u32> {
+        self.map.get(&0, 0).map_err(map_err("fib_gen"))
+    }
 }
 
 /// The default pin directory for the current network namespace:
@@ -386,6 +412,7 @@ impl Datapath {
             map_id(&ebpf, "ranges")?,
             map_id(&ebpf, "backends")?,
         ];
+        let fib_gen_id = map_id(&ebpf, "fib_gen")?;
         let services: HashMap<MapData, SvcKey, Svc> = take(&mut ebpf, "services")?;
         let conntrack = CtTables {
             main: take(&mut ebpf, "conntrack")?,
@@ -412,6 +439,7 @@ impl Datapath {
             capacity,
             collector_ids,
             sync_ids,
+            fib_gen_id,
             pin_dir: cfg.pin_dir.clone(),
             ebpf,
             attached: Vec::new(),
@@ -752,6 +780,19 @@ impl Datapath {
             conntrack: CtTables::open(self.collector_ids.0, self.collector_ids.1)?,
             ep_conns: Array::try_from(lc).map_err(map_err("ep_conns"))?,
         })
+    }
+
+    /// A separate handle on the FIB generation, for whoever watches the kernel's routes,
+    /// neighbours and links.
+    pub fn fib_invalidator(&self) -> Result<FibInvalidator> {
+        let data = aya::maps::MapData::from_id(self.fib_gen_id).map_err(|e| BpfError::Map {
+            map: "fib_gen".to_string(),
+            source: e,
+        })?;
+        let map: Array<MapData, u32> =
+            Array::try_from(aya::maps::Map::Array(data)).map_err(map_err("fib_gen"))?;
+        let generation = map.get(&0, 0).map_err(map_err("fib_gen"))?;
+        Ok(FibInvalidator { map, generation })
     }
 
     /// Separate handles for conntrack sync: conntrack to read and write, and the service

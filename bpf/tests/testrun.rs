@@ -1236,6 +1236,9 @@ fn fib_answers_are_cached_briefly_per_question() {
     if !in_private_netns("fib_answers_are_cached_briefly_per_question") {
         return;
     }
+    // The cache is per CPU: a thread moved to the other CPU between two runs would meet that
+    // CPU's slot, not the answer it just cached.
+    pin_to(0);
     const TC_ACT_REDIRECT: u32 = 7;
     let ifx = routed(true);
     let (m1, m2) = ([2u8, 0, 0, 0, 0, 0x11], [2u8, 0, 0, 0, 0, 0x22]);
@@ -1305,6 +1308,41 @@ fn fib_answers_are_cached_briefly_per_question() {
         "a changed neighbour reaches the flow within 50 ms"
     );
     assert_eq!(c(&dp, Counter::FallbackFragNeeded), 0);
+
+    // What the agent does when the kernel reports the change (a new FIB generation): the
+    // next packet asks again, at once; until then the cache answers.
+    let mut inv = dp.fib_invalidator().unwrap();
+    let start = inv.current().unwrap();
+    for (from, to) in [(&m2, &m1), (&m1, &m2)] {
+        // A new generation: asked again, the answer cached from now (t).
+        inv.bump().unwrap();
+        let t = std::time::Instant::now();
+        let (_, asked) = dp.test_run_on(&data, ifx).unwrap();
+        assert_eq!(&asked[..6], from);
+        ip_cmd(&[
+            "neigh",
+            "replace",
+            "10.10.10.11",
+            "lladdr",
+            &mac(to),
+            "dev",
+            "flb-out",
+            "nud",
+            "permanent",
+        ]);
+        let (_, before) = dp.test_run_on(&data, ifx).unwrap();
+        let elapsed = t.elapsed();
+        if elapsed < std::time::Duration::from_millis(40) {
+            assert_eq!(&before[..6], from, "not invalidated yet: the cache answers");
+        } else {
+            println!("the neighbour change took {elapsed:?}: the cache may have expired");
+        }
+        inv.bump().unwrap();
+        let (rc, after) = dp.test_run_on(&data, ifx).unwrap();
+        assert_eq!(rc, TC_ACT_REDIRECT);
+        assert_eq!(&after[..6], to, "a new generation: asked again at once");
+    }
+    assert_eq!(inv.current().unwrap(), start.wrapping_add(4));
 
     // A smaller MTU on the way: a packet longer than any the cached answer was given for asks
     // again and is left to the stack (which sends the ICMP error); shorter ones still go.
