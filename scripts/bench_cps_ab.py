@@ -19,9 +19,13 @@ mode the median ratio, its range, and a 95 % interval of the median (bootstrap o
 
 --aa is the control: no ferrolb at all, both routers route (to two addresses of the backend);
 it should read 1.0. --agent-args "..." passes more flags to the agent (e.g. --max-conntrack N).
+--fresh-tuples sends every connection from a 4-tuple the VIP has not seen lately (the client
+source-NATs them over 112 addresses per path; see fresh_setup), as clients of a real VIP
+mostly do; without it wrk's ports come back every second or so.
 
 Usage: sudo python3 scripts/bench_cps_ab.py [--pairs N] [--seconds S] [--warmup S]
-       [--modes dnat,onearm,fullnat] [--aa] [--agent-args "..."] [--json FILE]
+       [--modes dnat,onearm,fullnat] [--aa] [--fresh-tuples] [--agent-args "..."]
+       [--json FILE]
 Needs root and `scripts/deps.sh --bench` (wrk, nginx), and a release build (cargo build --release).
 """
 import json
@@ -47,6 +51,11 @@ BE1_AA = "10.10.10.21"
 AA = False
 # --agent-args "...": more flags for the agent (e.g. "--max-conntrack 65536").
 AGENT_ARGS = ""
+# --fresh-tuples: every connection from another 4-tuple (see fresh_tuples()).
+FRESH = False
+# Per router, the last octets of the client addresses each role's connections are sent from
+# with --fresh-tuples (inside the router's client subnet, so be1 answers through it).
+FRESH_HOSTS = {"ferrolb": range(16, 128), "plain": range(128, 240)}
 # Per router: its client-side gateway, its VIP, the nginx port behind it, and the client's
 # source address for each role (distinct per role: a 4-tuple left in TIME_WAIT at be1 by one
 # role is never reused by the other with another timestamp offset; see bench.py's SOURCES).
@@ -114,11 +123,22 @@ def cpu_s(pid):
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def fib_invalidations(node):
-    """The agent's count of FIB cache invalidations (route, neighbour or link changes)."""
+COUNTERS = ("ferrolb_fib_cache_invalidations_total", "ferrolb_conntrack_created_total",
+            "ferrolb_conntrack_handshakes_completed_total")  # + SYNs dropped: NAT ports exhausted
+
+
+def counters(node):
+    """The agent's counters of FIB cache invalidations, flows created, handshakes completed in
+    the half-open table (a flow whose 4-tuple was not a closed flow's), and new flows dropped
+    because their source-NAT pool had no free port."""
     m = lab(node, "curl", "-sf", "http://127.0.0.1:11111/metrics", check=False)
-    v = re.search(r"^ferrolb_fib_cache_invalidations_total (\d+)", m, re.M)
-    return int(v.group(1)) if v else 0
+    out = []
+    for name in COUNTERS:
+        v = re.search(r"^%s (\d+)" % name, m, re.M)
+        out.append(int(v.group(1)) if v else 0)
+    v = re.search(r'^ferrolb_datapath_drops_total\{reason="nat_ports_exhausted"\} (\d+)', m, re.M)
+    out.append(int(v.group(1)) if v else 0)
+    return out
 
 
 def stop_agent(node, ns):
@@ -152,6 +172,45 @@ def both(targets, seconds):
     procs = [subprocess.Popen(wrk_argv(t, p, seconds), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for t, p in targets]
     return [wrk_rate(p.communicate(timeout=seconds + 60)[0]) for p in procs]
+
+
+def subnet(router):
+    return ROUTERS[router]["gw"].rsplit(".", 1)[0]
+
+
+def fresh_setup():
+    """--fresh-tuples: wrk connects from one address, and the client's ~28,000 ports come
+    back every second or so, which ferrolb meets as a closed flow's 4-tuple reused (its
+    cheapest new connection: the dead flow's entries are rewritten in place). Clients of a
+    real VIP mostly come from 4-tuples it has not seen. Here the client's own nftables
+    source-NATs each connection to the next of 112 addresses per path (numgen), so a 4-tuple
+    returns only after ~2 minutes, once the closed flow has been collected. Both paths pay the
+    client's NAT alike. The client owns the addresses (it answers ARP for them), and its
+    conntrack forgets a closed connection after 1 s (the default 120 s would fill its table)."""
+    cmds = ["for i in $(seq %d %d); do ip addr add %s.$i/32 dev %s; done"
+            % (FRESH_HOSTS["ferrolb"].start, FRESH_HOSTS["plain"].stop - 1, subnet(r), dev)
+            for r, dev in (("lba", "eth1"), ("lbb", "eth2"))]
+    lab("client", "sh", "-c", " && ".join(cmds), timeout=300)
+    lab("client", "nft", "add table ip flbab")
+    lab("client", "sysctl", "-qw", "net.netfilter.nf_conntrack_tcp_timeout_time_wait=1")
+
+
+def fresh_rules(lb, plain):
+    """This pair's source NAT on the client: each path from its role's addresses."""
+    def rule(target, port, router, role):
+        hosts = FRESH_HOSTS[role]
+        m = ", ".join("%d : %s.%d" % (i, subnet(router), h) for i, h in enumerate(hosts))
+        return ("ip daddr %s tcp dport %d snat to numgen inc mod %d map { %s }"
+                % (target, port, len(hosts), m))
+    a, b = ROUTERS[lb], ROUTERS[plain]
+    script = ("flush table ip flbab\n"
+              "table ip flbab {\n chain post {\n  type nat hook postrouting priority srcnat;\n"
+              "  %s\n  %s\n }\n}\n"
+              % (rule(a["vip"], a["port"], lb, "ferrolb"), rule(BE1, b["port"], plain, "plain")))
+    p = subprocess.run(lab_argv("client", "nft", "-f", "-"), input=script, capture_output=True,
+                       text=True, timeout=60)
+    if p.returncode != 0:
+        sys.exit("nft on the client: %s%s" % (p.stdout, p.stderr))
 
 
 def trial(lb, plain, seconds, warmup, pid):
@@ -188,8 +247,9 @@ def main():
 
     global AA
     AA = "--aa" in args
-    global AGENT_ARGS
+    global AGENT_ARGS, FRESH
     AGENT_ARGS = opt("--agent-args", "")
+    FRESH = "--fresh-tuples" in args
     pairs = int(opt("--pairs", "6"))
     seconds = int(opt("--seconds", "3"))
     warmup = int(opt("--warmup", "1"))
@@ -224,6 +284,8 @@ def bench(tmp, pairs, seconds, warmup, modes, out_json):
             f.write(text)
         lab("be1", "nginx", "-c", path)
     lab("be1", "ip", "addr", "add", BE1_AA + "/24", "dev", "eth1")
+    if FRESH:
+        fresh_setup()
     ns = {n: netns(n) for n in ROUTERS}
     for n in ROUTERS:
         stop_agent(n, ns[n])
@@ -241,6 +303,8 @@ def bench(tmp, pairs, seconds, warmup, modes, out_json):
             a["gw"], "src", a["src"]["ferrolb"])
         lab("client", "ip", "route", "replace", BE1 + "/32", "via", b["gw"], "src",
             b["src"]["plain"])
+        if FRESH:
+            fresh_rules(lb, plain)
         pid = None
         if not AA:
             start_agent(lb)
@@ -251,16 +315,21 @@ def bench(tmp, pairs, seconds, warmup, modes, out_json):
                     "serviceArguments": {"externalIP": a["vip"], "port": a["port"],
                                          "protocol": "tcp", "sel": 0, "mode": MODES[m]},
                     "endpoints": [{"endpointIP": BE1, "targetPort": a["port"], "weight": 1}]})
-            inv0 = fib_invalidations(lb) if not AA else 0
+            c0 = counters(lb) if not AA else [0, 0, 0, 0]
             f, p, agent = trial(lb, plain, seconds, warmup, pid)
-            inv = fib_invalidations(lb) - inv0 if not AA else 0
+            inv, created, fresh, exhausted = ([x - y for x, y in zip(counters(lb), c0)]
+                                              if not AA else [0, 0, 0, 0])
             ratio = f / p if p else 0.0
             ratios[m].append(ratio)
             rates[m].append({"ferrolb_on": lb, "ferrolb": f, "plain": p, "agent_cpu_s": agent,
-                             "fib_invalidations": inv})
+                             "fib_invalidations": inv, "flows_created": created,
+                             "handshakes_in_halfopen_table": fresh,
+                             "nat_ports_exhausted": exhausted})
             print("  %-7s %s on %s: %7.0f/s, plain via %s: %7.0f/s, ratio %.3f, agent CPU %.2f s,"
-                  " FIB cache invalidations %d"
-                  % (m, "plain (A/A)" if AA else "ferrolb", lb, f, plain, p, ratio, agent, inv),
+                  " FIB cache invalidations %d, flows %d (%.0f %% new 4-tuples), SYNs dropped"
+                  " for want of a NAT port %d"
+                  % (m, "plain (A/A)" if AA else "ferrolb", lb, f, plain, p, ratio, agent, inv,
+                     created, 100.0 * fresh / created if created else 0.0, exhausted),
                   flush=True)
         if not AA:
             stop_agent(lb, ns[lb])
