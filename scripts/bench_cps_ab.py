@@ -51,7 +51,7 @@ BE1_AA = "10.10.10.21"
 AA = False
 # --agent-args "...": more flags for the agent (e.g. "--max-conntrack 65536").
 AGENT_ARGS = ""
-# --fresh-tuples: every connection from another 4-tuple (see fresh_tuples()).
+# --fresh-tuples: every connection from another 4-tuple (see fresh_setup()).
 FRESH = False
 # Per router, the last octets of the client addresses each role's connections are sent from
 # with --fresh-tuples (inside the router's client subnet, so be1 answers through it).

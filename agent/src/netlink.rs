@@ -236,12 +236,13 @@ const FIB_GROUPS: u32 = (1 << (libc::RTNLGRP_LINK - 1))
     | (1 << (libc::RTNLGRP_IPV4_ROUTE - 1))
     | (1 << (libc::RTNLGRP_IPV6_ROUTE - 1));
 
-/// Notifications read in one batch before `changed` runs, so that a storm of them (a full
-/// routing table arriving) still invalidates at a steady pace.
+/// Notifications [`FibChanges::wait`] reads at most before it returns, so that a storm of them
+/// (a full routing table arriving) still ends in an invalidation now and then.
 const FIB_BATCH: usize = 1024;
 
-/// Changes the FIB answers of this network namespace (the caller's) since the last call:
-/// [`FibChanges::wait`] blocks until the kernel reports a link, neighbour or route change.
+/// The kernel's notifications of what can change the FIB's answers in a network namespace
+/// (the subscriber's): [`FibChanges::wait`] blocks until it reports a link, neighbour or
+/// route change.
 pub struct FibChanges {
     socket: Socket,
     rx: Vec<u8>,
@@ -286,6 +287,15 @@ impl FibChanges {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Runs `ip` with `args` in this thread's network namespace; it must succeed.
+    fn ip(args: &[&str]) {
+        let ok = std::process::Command::new("ip")
+            .args(args)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "ip {}", args.join(" "));
+    }
 
     /// In a private network namespace: add, list, add again (already there), route source,
     /// remove, remove again (already gone).
@@ -338,13 +348,6 @@ mod tests {
             }
             extra
         };
-        let ip = |args: &[&str]| {
-            let ok = std::process::Command::new("ip")
-                .args(args)
-                .status()
-                .is_ok_and(|s| s.success());
-            assert!(ok, "ip {}", args.join(" "));
-        };
         assert_eq!(quiet(&mut changes), 0, "nothing changed yet");
         for (what, args) in [
             (
@@ -394,13 +397,6 @@ mod tests {
         if !ferrolb_tests::private_netns("veths_whose_other_end_is_elsewhere_are_found") {
             return;
         }
-        let ip = |args: &[&str]| {
-            let ok = std::process::Command::new("ip")
-                .args(args)
-                .status()
-                .is_ok_and(|s| s.success());
-            assert!(ok, "ip {}", args.join(" "));
-        };
         ip(&[
             "link", "add", "flbva", "type", "veth", "peer", "name", "flbvb",
         ]);
