@@ -195,8 +195,8 @@
 /* Bits of ha_flags[0], set by the agent. */
 #define FLB_HA_L2_STANDBY 0x01 /* L2 mode, not MASTER: do not answer ARP / NS for VIPs */
 
-/* The event ring buffer wakes its reader only past this much unread data; the agent also
- * drains it on a timer (EVENT_POLL_MS in the agent). */
+/* The event ring buffer wakes its reader only when its unread data crosses a multiple of
+ * this (the ring is 1 MiB); the agent also drains it on a timer (EVENT_POLL_MS in the agent). */
 #define FLB_EVENTS_WAKEUP_BYTES (256 * 1024)
 
 /* Conntrack event types. */
@@ -317,6 +317,9 @@ struct flb_ct_event {
 	struct flb_ct_key key;
 	struct flb_ct val;
 };
+
+/* The ring space one event takes: the record and the ring's 8-byte header, in 8-byte units. */
+#define FLB_EV_RECORD_BYTES ((sizeof(struct flb_ct_event) + 8 + 7) / 8 * 8)
 
 struct flb_affinity_key {
 	__u32 svc_id;

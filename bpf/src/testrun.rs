@@ -59,6 +59,11 @@ impl TestRunner {
         Ok((rc, ns))
     }
 
+    /// [`TestRunner::run_timed`] and the packet as the program left it.
+    pub fn run_timed_out(&self, packet: &[u8], ifindex: u32) -> io::Result<(u32, u32, Vec<u8>)> {
+        self.exec(packet, Some(&on(ifindex)))
+    }
+
     /// [`TestRunner::run`] as if the packet had arrived on `ifindex`.
     pub fn run_on(&self, packet: &[u8], ifindex: u32) -> io::Result<(u32, Vec<u8>)> {
         let (rc, _, out) = self.exec(packet, Some(&on(ifindex)))?;

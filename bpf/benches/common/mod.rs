@@ -170,8 +170,8 @@ pub fn pin_to(cpu: usize) {
 
 /// A network namespace of the process's own (removed with it) with a veth pair: the client
 /// side `flb-in` (returned: its ifindex) and the endpoints' side `flb-out`, a route and a
-/// permanent neighbour entry toward the endpoint, so the FIB lookup succeeds as in
-/// production.
+/// permanent neighbour entry toward the endpoint (and toward a router in front of clients in
+/// 203.0.113.0/24 and 2001:db8:113::/64), so the FIB lookup succeeds as in production.
 pub fn netns() -> u32 {
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare netns");
     ip(&[
@@ -205,6 +205,25 @@ pub fn netns() -> u32 {
             "nud",
             "permanent",
         ]);
+    }
+    // Clients in 203.0.113.0/24 and 2001:db8:113::/64 sit behind a router on the client
+    // side, so replies to them are forwarded too (the FIB knows the router's MAC).
+    for (router, clients) in [
+        ("198.51.100.254", "203.0.113.0/24"),
+        ("2001:db8:100::fe", "2001:db8:113::/64"),
+    ] {
+        ip(&[
+            "neigh",
+            "replace",
+            router,
+            "lladdr",
+            "02:00:00:00:00:fe",
+            "dev",
+            "flb-in",
+            "nud",
+            "permanent",
+        ]);
+        ip(&["route", "add", clients, "via", router, "dev", "flb-in"]);
     }
     std::fs::write("/proc/sys/net/ipv4/conf/flb-in/forwarding", "1").unwrap();
     std::fs::write("/proc/sys/net/ipv6/conf/flb-in/forwarding", "1").unwrap();
