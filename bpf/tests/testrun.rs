@@ -490,25 +490,29 @@ fn the_event_reader_is_woken_at_backlog_marks_not_per_event() {
     .expect("load datapath");
     install(&mut dp, &svc(2, 53, PROTO_UDP, 0, 0));
     let mut ev = dp.take_events().unwrap();
-    // SAFETY: plain syscalls on an fd this test owns and on the ring's fd, which `ev` keeps
-    // open for the test's whole life; `e` outlives each call that reads it.
-    let ep = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // SAFETY: a plain syscall; the fd it returns is owned below and closed on drop.
+    let raw = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
     assert!(
-        ep >= 0,
+        raw >= 0,
         "epoll_create1: {}",
         std::io::Error::last_os_error()
     );
+    // SAFETY: a new fd nobody else owns.
+    let ep = unsafe { OwnedFd::from_raw_fd(raw) };
     let mut e = libc::epoll_event {
         events: (libc::EPOLLIN | libc::EPOLLET) as u32,
         u64: 0,
     };
-    use std::os::fd::AsRawFd;
-    let rc = unsafe { libc::epoll_ctl(ep, libc::EPOLL_CTL_ADD, ev.as_raw_fd(), &mut e) };
+    // SAFETY: both fds are open (`ev` keeps the ring's for the test's whole life) and `e`
+    // outlives the call.
+    let rc =
+        unsafe { libc::epoll_ctl(ep.as_raw_fd(), libc::EPOLL_CTL_ADD, ev.as_raw_fd(), &mut e) };
     assert_eq!(rc, 0, "epoll_ctl: {}", std::io::Error::last_os_error());
     let woken = |timeout_ms: i32| -> bool {
         let mut out = [libc::epoll_event { events: 0, u64: 0 }];
-        // SAFETY: as above; `out` has room for the one event asked for.
-        let n = unsafe { libc::epoll_wait(ep, out.as_mut_ptr(), 1, timeout_ms) };
+        // SAFETY: an open epoll fd; `out` has room for the one event asked for.
+        let n = unsafe { libc::epoll_wait(ep.as_raw_fd(), out.as_mut_ptr(), 1, timeout_ms) };
         assert!(n >= 0, "epoll_wait: {}", std::io::Error::last_os_error());
         n == 1
     };
@@ -556,8 +560,6 @@ fn the_event_reader_is_woken_at_backlog_marks_not_per_event() {
         first(&marks)
     );
     assert!((1725..=1727).contains(&marks[0]), "{marks:?}");
-    // SAFETY: the epoll fd this test created, closed once.
-    unsafe { libc::close(ep) };
 }
 
 /// The interfaces marked for bpf_redirect_peer: one slot per index modulo 256 (the lowest
