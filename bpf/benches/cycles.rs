@@ -107,7 +107,7 @@ fn main() {
         let floor_pkt = tcp(client, ep, 40000, 8080, 0x18, &data);
         for (_, mode, port) in MODES {
             // Open the flow with a full handshake, then time its established data segments.
-            handshake(&run, ifx, (client, vip, ep), port);
+            open_flow(&run, ifx, (client, vip, ep), (40000, port), true);
             let est = tcp(client, vip, 40000, port, 0x18, &data);
             let (ns, base) = measure(&run, &floor, ifx, rounds, |_| est.clone(), &floor_pkt);
             rows.push((format!("established {fam} {mode}"), ns, base));
@@ -132,24 +132,13 @@ fn main() {
                 EP6.into(),
             )
         };
-        let cport = 1024 + (k % 60_000) as u16;
-        let syn = tcp_seq(client, vip, (cport, port), (999, 0), 0x02, &[]);
-        let (rc, syn_ns, out) = run.run_timed_out(&syn, ifx).unwrap();
-        assert_eq!(
-            rc, TC_ACT_REDIRECT,
-            "SYN of flow {k} to {vip}:{port} not forwarded"
-        );
-        if !answered {
-            return [Some(syn_ns), None, None];
-        }
-        let (nsrc, nport) = source_of(&out);
-        let synack = tcp_seq(ep, nsrc, (8080, nport), (5000, 1000), 0x12, &[]);
-        let (rc, synack_ns) = run.run_timed(&synack, ifx).unwrap();
-        assert_eq!(rc, TC_ACT_REDIRECT, "SYN-ACK of flow {k} not forwarded");
-        let ack = tcp_seq(client, vip, (cport, port), (1000, 5001), 0x10, &[]);
-        let (rc, ack_ns) = run.run_timed(&ack, ifx).unwrap();
-        assert_eq!(rc, TC_ACT_REDIRECT, "ACK of flow {k} not forwarded");
-        [Some(syn_ns), Some(synack_ns), Some(ack_ns)]
+        open_flow(
+            &run,
+            ifx,
+            (client, vip, ep),
+            (1024 + (k % 60_000) as u16, port),
+            answered,
+        )
     };
     // New connections, each case from 4-tuples of its own. Both tables are first run through
     // as many flows as the answered cases make (answered, so that they reach `conntrack`, then

@@ -242,42 +242,34 @@ pub fn source_of(p: &[u8]) -> (IpAddr, u16) {
     }
 }
 
-/// Opens a TCP flow from `client`:40000 to `vip`:`port` with a full handshake through the
-/// datapath (SYN, the endpoint's SYN-ACK to the translated source, ACK), so that what follows
-/// is an established flow. Returns the translated (source address, port).
-pub fn handshake(
+/// Opens a TCP flow from `client`:`cport` to `vip`:`port` through the datapath: its SYN and,
+/// when `answered`, the endpoint's SYN-ACK to the translated source and the client's ACK, so
+/// that what follows is an established flow. The kernel's time for each packet sent.
+pub fn open_flow(
     run: &ferrolb_bpf::TestRunner,
     ifx: u32,
     (client, vip, ep): (IpAddr, IpAddr, IpAddr),
-    port: u16,
-) -> (IpAddr, u16) {
-    let (rc, out) = run
-        .run_on(
-            &tcp_seq(client, vip, (40000, port), (999, 0), 0x02, &[]),
-            ifx,
-        )
-        .unwrap();
+    (cport, port): (u16, u16),
+    answered: bool,
+) -> [Option<u32>; 3] {
+    let syn = tcp_seq(client, vip, (cport, port), (999, 0), 0x02, &[]);
+    let (rc, syn_ns, out) = run.run_timed_out(&syn, ifx).unwrap();
     assert_eq!(
         rc, TC_ACT_REDIRECT,
         "the SYN to {vip}:{port} was not forwarded"
     );
+    if !answered {
+        return [Some(syn_ns), None, None];
+    }
     let (nsrc, nport) = source_of(&out);
-    let (rc, _) = run
-        .run_on(
-            &tcp_seq(ep, nsrc, (8080, nport), (5000, 1000), 0x12, &[]),
-            ifx,
-        )
-        .unwrap();
+    let synack = tcp_seq(ep, nsrc, (8080, nport), (5000, 1000), 0x12, &[]);
+    let (rc, synack_ns) = run.run_timed(&synack, ifx).unwrap();
     assert_eq!(
         rc, TC_ACT_REDIRECT,
         "the SYN-ACK from {ep} was not forwarded"
     );
-    let (rc, _) = run
-        .run_on(
-            &tcp_seq(client, vip, (40000, port), (1000, 5001), 0x10, &[]),
-            ifx,
-        )
-        .unwrap();
+    let ack = tcp_seq(client, vip, (cport, port), (1000, 5001), 0x10, &[]);
+    let (rc, ack_ns) = run.run_timed(&ack, ifx).unwrap();
     assert_eq!(rc, TC_ACT_REDIRECT, "the handshake's ACK was not forwarded");
-    (nsrc, nport)
+    [Some(syn_ns), Some(synack_ns), Some(ack_ns)]
 }
