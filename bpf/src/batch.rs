@@ -1,4 +1,5 @@
-//! Batched map operations (`BPF_MAP_LOOKUP_BATCH`, `BPF_MAP_UPDATE_BATCH`), which aya 0.14
+//! Batched map operations (`BPF_MAP_LOOKUP_BATCH`, `BPF_MAP_UPDATE_BATCH`), and
+//! `BPF_MAP_LOOKUP_AND_DELETE_ELEM` on a hash map, which aya 0.14
 //! does not offer. Walking a hash map with aya's iterator costs two syscalls per entry
 //! (next key, lookup); a batch costs one syscall per few thousand entries, which is what lets
 //! a node snapshot or install hundreds of thousands of flows per second.
@@ -10,6 +11,7 @@ use aya::maps::MapData;
 
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
 
 /// The `batch` member of `union bpf_attr` (include/uapi/linux/bpf.h).
 #[repr(C)]
@@ -212,4 +214,34 @@ pub fn update_all<K: Copy, V: Copy>(map: &MapData, entries: &[(K, V)]) -> io::Re
         }
     }
     Ok(done)
+}
+
+/// The element member of `union bpf_attr`.
+#[repr(C)]
+#[derive(Default)]
+struct ElemAttr {
+    map_fd: u32,
+    _pad: u32,
+    key: u64,
+    value: u64,
+    flags: u64,
+}
+
+/// Removes `key` from a hash map and returns the value it had, in one step
+/// (`BPF_MAP_LOOKUP_AND_DELETE_ELEM`, hash maps since Linux 5.14): nobody can change the entry
+/// between the read and the delete. `Ok(None)`: no such key. An error other than that means
+/// the kernel refused (the caller reads and deletes in two steps). Plain-old-data types only.
+pub fn take<K: Copy, V: Copy + Default>(map: &MapData, key: &K) -> io::Result<Option<V>> {
+    let mut val = V::default();
+    let mut attr = ElemAttr {
+        map_fd: fd(map),
+        key: key as *const K as u64,
+        value: &mut val as *mut V as u64,
+        ..Default::default()
+    };
+    match sys_bpf(BPF_MAP_LOOKUP_AND_DELETE_ELEM, &mut attr) {
+        Ok(()) => Ok(Some(val)),
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+        Err(e) => Err(e),
+    }
 }

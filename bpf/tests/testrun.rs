@@ -945,6 +945,89 @@ fn the_collector_works_on_its_own_handles() {
     assert_eq!(dp.ct_get(&r3).unwrap().unwrap().fin, 1);
 }
 
+/// The collector takes a flow whose two entries were both idle when it listed the table
+/// (read and removed in one step) and puts back what turns out alive since the listing.
+#[test]
+fn the_collector_puts_back_what_came_alive_since_its_listing() {
+    if !in_private_netns("the_collector_puts_back_what_came_alive_since_its_listing") {
+        return;
+    }
+    let mut dp = datapath(0);
+    let mut s = svc(16, 53, PROTO_UDP, 0, 0);
+    s.timeout_s = 1;
+    install(&mut dp, &s);
+    let mut c = dp.collector().unwrap();
+    let age = |dp: &mut Datapath, key: &CtKey| {
+        let mut e = dp.ct_get(key).unwrap().unwrap();
+        e.last_ns = monotonic_ns() - 3_000_000_000;
+        dp.ct_insert(key, &e).unwrap();
+    };
+    // Listed idle, and still so: both entries go, as the listing had them.
+    let k = CtKey::v4(CLIENT, 7100, VIP, 53, PROTO_UDP);
+    run(&mut dp, &udp(ip(CLIENT, VIP, 17), 7100, 53, b"a", true));
+    let r = k.peer(&dp.ct_get(&k).unwrap().unwrap());
+    age(&mut dp, &k);
+    age(&mut dp, &r);
+    let snapshot = c.entries();
+    let mut gone = c.collect_from(&snapshot, monotonic_ns());
+    gone.sort_by_key(|(key, _)| *key == r);
+    assert_eq!(gone.iter().map(|g| g.0).collect::<Vec<_>>(), vec![k, r]);
+    assert!(dp.ct_entries().is_empty());
+
+    // Listed idle, but the reply entry's key belongs to another flow by the time the collector
+    // gets there (a NAT port taken over): that entry is put back as it is, and the listed
+    // flow's original entry, an orphan now, goes.
+    run(&mut dp, &udp(ip(CLIENT, VIP, 17), 7100, 53, b"b", true));
+    let r = k.peer(&dp.ct_get(&k).unwrap().unwrap());
+    age(&mut dp, &k);
+    age(&mut dp, &r);
+    let snapshot = c.entries();
+    let mut other = dp.ct_get(&r).unwrap().unwrap();
+    other.nat_dport = 7199u16.to_be(); // points at another client port
+    other.last_ns = monotonic_ns();
+    dp.ct_insert(&r, &other).unwrap();
+    let gone = c.collect_from(&snapshot, monotonic_ns());
+    assert_eq!(gone.iter().map(|g| g.0).collect::<Vec<_>>(), vec![k]);
+    assert_eq!(
+        dp.ct_entries(),
+        vec![(r, other)],
+        "the other flow's entry, untouched"
+    );
+    dp.ct_delete(&r).unwrap();
+
+    // Listed idle, but its reply direction has been written since (fresh): a one-way flow
+    // stays whole, both entries as they were.
+    run(&mut dp, &udp(ip(CLIENT, VIP, 17), 7100, 53, b"c", true));
+    let r = k.peer(&dp.ct_get(&k).unwrap().unwrap());
+    age(&mut dp, &k);
+    age(&mut dp, &r);
+    let snapshot = c.entries();
+    let mut fresh = dp.ct_get(&r).unwrap().unwrap();
+    fresh.last_ns = monotonic_ns();
+    dp.ct_insert(&r, &fresh).unwrap();
+    let mut before = dp.ct_entries();
+    assert_eq!(c.collect_from(&snapshot, monotonic_ns()).len(), 0);
+    let mut after = dp.ct_entries();
+    before.sort_by_key(|(key, _)| *key == r);
+    after.sort_by_key(|(key, _)| *key == r);
+    assert_eq!(after, before);
+
+    // A least-connection rule's idle flow, taken whole, no longer counts for its endpoint.
+    let mut lc = svc(17, 54, PROTO_UDP, 0, 4);
+    lc.timeout_s = 1;
+    install(&mut dp, &lc);
+    let k = CtKey::v4(CLIENT, 7200, VIP, 54, PROTO_UDP);
+    run(&mut dp, &udp(ip(CLIENT, VIP, 17), 7200, 54, b"d", true));
+    assert_eq!(dp.ep_conns(17, 0), 1);
+    let r = k.peer(&dp.ct_get(&k).unwrap().unwrap());
+    age(&mut dp, &k);
+    age(&mut dp, &r);
+    let snapshot = c.entries();
+    let gone = c.collect_from(&snapshot, monotonic_ns());
+    assert!(gone.iter().any(|g| g.0 == k) && gone.iter().any(|g| g.0 == r));
+    assert_eq!(dp.ep_conns(17, 0), 0);
+}
+
 fn spread(dp: &mut Datapath, n: u16, proto: u8, port: u16) -> Vec<Ipv4Addr> {
     (0..n)
         .map(|i| {
