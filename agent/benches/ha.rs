@@ -196,9 +196,10 @@ fn bench_sync(n: u32) -> Value {
 
 // --- packets for the lag benchmark --------------------------------------------------------
 
-/// A new flow's first packet: a UDP datagram (a TCP flow is synced when its handshake
-/// completes, through the same event path; a lone SYN is not synced at all).
-fn first_packet(src: Ipv4Addr, sport: u16) -> Vec<u8> {
+/// A UDP datagram (src:sport -> dst:dport, 4 bytes of payload). A flow is synced when it is
+/// confirmed: its endpoint answered and its client sent again (a TCP flow, when its handshake
+/// completes, through the same event path; a lone query, or a lone SYN, is not synced at all).
+fn datagram(src: Ipv4Addr, sport: u16, dst: Ipv4Addr, dport: u16) -> Vec<u8> {
     let mut p = vec![0u8; 14 + 20 + 8 + 4];
     p[12] = 0x08;
     let ip = &mut p[14..34];
@@ -207,16 +208,16 @@ fn first_packet(src: Ipv4Addr, sport: u16) -> Vec<u8> {
     ip[8] = 64;
     ip[9] = 17;
     ip[12..16].copy_from_slice(&src.octets());
-    ip[16..20].copy_from_slice(&VIP.octets());
+    ip[16..20].copy_from_slice(&dst.octets());
     let c = csum(ip, 0);
     ip[10..12].copy_from_slice(&c.to_be_bytes());
     let udp = &mut p[34..46];
     udp[0..2].copy_from_slice(&sport.to_be_bytes());
-    udp[2..4].copy_from_slice(&80u16.to_be_bytes());
+    udp[2..4].copy_from_slice(&dport.to_be_bytes());
     udp[4..6].copy_from_slice(&12u16.to_be_bytes());
     udp[8..12].copy_from_slice(b"ping");
     let mut pseudo = 0u32;
-    for w in [src.octets(), VIP.octets()] {
+    for w in [src.octets(), dst.octets()] {
         pseudo += u32::from(u16::from_be_bytes([w[0], w[1]]))
             + u32::from(u16::from_be_bytes([w[2], w[3]]));
     }
@@ -224,6 +225,23 @@ fn first_packet(src: Ipv4Addr, sport: u16) -> Vec<u8> {
     let c = csum(udp, pseudo);
     udp[6..8].copy_from_slice(&c.to_be_bytes());
     p
+}
+
+/// Opens and confirms a full-NAT UDP flow through `dp`: the client's datagram, the endpoint's
+/// answer to the translated source, the client's next datagram (the one that confirms it and
+/// reports it). False when the datapath dropped the first (no free NAT port).
+fn confirmed_flow(dp: &mut Datapath, client: Ipv4Addr, sport: u16) -> bool {
+    let q = datagram(client, sport, VIP, 80);
+    let (rc, out) = dp.test_run(&q).unwrap();
+    if rc == 2 || out.len() < 38 {
+        return false;
+    }
+    let ep = Ipv4Addr::new(out[30], out[31], out[32], out[33]);
+    let nport = u16::from_be_bytes([out[34], out[35]]);
+    let eport = u16::from_be_bytes([out[36], out[37]]);
+    dp.test_run(&datagram(ep, eport, VIP, nport)).unwrap();
+    dp.test_run(&q).unwrap();
+    true
 }
 
 fn install_service(dp: &mut Datapath) {
@@ -315,7 +333,7 @@ fn bench_lag(rate: u32, seconds: u32) -> Value {
         }
         (ca, cb)
     });
-    // Samples: flow key -> when its first packet ran.
+    // Samples: flow key -> when the packet that confirmed it ran.
     let pending: Arc<Mutex<BTreeMap<CtKey, Instant>>> = Arc::default();
     let lags: Arc<Mutex<Vec<f64>>> = Arc::default();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -370,8 +388,7 @@ fn bench_lag(rate: u32, seconds: u32) -> Value {
         }
         let client = Ipv4Addr::from(0x0a80_0000 + (i >> 14));
         let sport = 1024 + (i & 0x3fff) as u16;
-        let (rc, _) = a.test_run(&first_packet(client, sport)).unwrap();
-        if rc == 2 {
+        if !confirmed_flow(&mut a, client, sport) {
             continue; // dropped (no free NAT port): no flow to sample
         }
         created += 1;

@@ -307,13 +307,13 @@ pub fn record(m: &Metrics, d: &DatapathSnapshot) {
     );
     gauge(
         "ferrolb_conntrack_halfopen_entries",
-        "Half-open table entries (two per flow): TCP flows before their handshake completes, DNAT pick-ups before the endpoint confirms them.",
+        "Half-open table entries (two per flow): flows not yet confirmed (TCP and SCTP before their handshake completes, DNAT pick-ups before the endpoint confirms them, UDP and ICMP echo flows before the endpoint has answered and the client sent again).",
         &[],
         d.census.halfopen as f64,
     );
     gauge(
         "ferrolb_conntrack_halfopen_capacity",
-        "Half-open table size (an LRU: when full, the oldest half-open flows go).",
+        "Half-open table size (an LRU: when full, the least recently used unconfirmed flows go).",
         &[],
         f64::from(d.halfopen_capacity),
     );
@@ -373,7 +373,7 @@ pub fn record(m: &Metrics, d: &DatapathSnapshot) {
     );
     counter(
         "ferrolb_conntrack_handshakes_completed_total",
-        "TCP flows (and DNAT pick-ups) that completed and moved from the half-open table to the conntrack table.",
+        "Flows confirmed and moved from the half-open table to the conntrack table: TCP and SCTP handshakes completed, DNAT pick-ups confirmed, UDP and ICMP echo flows answered and continued.",
         &[],
         c(Counter::CtPromoted),
     );

@@ -5,8 +5,9 @@
 //! numbers do not close an idle connection; a flood of 200,000 spoofed SYNs at a full-NAT VIP
 //! (more than its two endpoints' 129,024 source ports) leaves running streams intact and new
 //! connections succeeding; 150,000 segments without flags and 30,000 stray ACKs make no flow
-//! and refuse no one. A test binary of its own: the floods must not disturb the timing of
-//! other tests.
+//! and refuse no one; 100,000 spoofed datagrams at a UDP VIP (answered by its endpoints, never
+//! continued) stay out of the conntrack table and refuse no one. A test binary of its own: the
+//! floods must not disturb the timing of other tests.
 #![allow(clippy::unwrap_used)]
 
 use std::time::Duration;
@@ -26,6 +27,8 @@ const FLOOD_PORT: u16 = 80;
 const ONE_PORT: u16 = 81;
 /// Full NAT, two endpoints' HTTP: the connection-rate stage.
 const HTTP_PORT: u16 = 82;
+/// Full NAT, UDP, two endpoints' echo: the datagram flood.
+const UDP_PORT: u16 = 9001;
 
 fn hostile() -> String {
     ferrolb_tests::repo_root()
@@ -290,5 +293,70 @@ fn floods_and_forgeries_leave_the_vip_serving() {
         "{flagless} of {null}"
     );
     assert!(stray >= 0.99 * n(&ack, "sent") as f64, "{stray} of {ack}");
+
+    // 6. 100,000 spoofed datagrams in ~6 s at a full-NAT UDP VIP whose endpoints echo every
+    //    one (the answers go to the spoofed sources; nobody continues a flow): they churn the
+    //    half-open table and never reach the conntrack table, whose fill stays what the
+    //    legitimate flows make; connections opened meanwhile all succeed.
+    let body = serde_json::json!({
+        "serviceArguments": {"externalIP": VIP, "port": UDP_PORT, "protocol": "udp",
+                             "sel": 0, "mode": 2, "name": "udp9001:llb-inst0"},
+        "endpoints": BE[..2].iter()
+            .map(|ip| serde_json::json!({"endpointIP": ip, "targetPort": 9001, "weight": 1}))
+            .collect::<Vec<_>>(),
+    });
+    let (st, v) = ferrolb_tests::rest(
+        &lab,
+        "lb1",
+        "POST",
+        "/config/loadbalancer",
+        Some(&body.to_string()),
+    );
+    assert_eq!(st, 200, "UDP rule: {v}");
+    let entries0 = m(&lab, "ferrolb_conntrack_entries");
+    let full0 = drops(&lab, "conntrack_full");
+    let (udp, probe) = std::thread::scope(|s| {
+        let probe = s.spawn(|| {
+            run(
+                &lab,
+                &["probe", VIP, &vip_port(FLOOD_PORT), "100", "7", "1000"],
+            )
+        });
+        let udp = run(
+            &lab,
+            &[
+                "flood",
+                "udp",
+                VIP,
+                &vip_port(UDP_PORT),
+                "100000",
+                "17000",
+                "8",
+            ],
+        );
+        (udp, probe.join().unwrap())
+    });
+    // The collector's next pass counts them (every 5 s).
+    lab.wait_until(
+        "a collector pass after the datagram flood",
+        Duration::from_secs(12),
+        || Ok(m(&lab, "ferrolb_conntrack_halfopen_entries") >= 50_000.0),
+    )
+    .unwrap();
+    let entries = m(&lab, "ferrolb_conntrack_entries");
+    let halfopen = m(&lab, "ferrolb_conntrack_halfopen_entries");
+    println!(
+        "datagram flood: {udp}; conntrack entries {entries0} -> {entries}, half-open entries {halfopen}; connections: {probe}"
+    );
+    assert!(
+        n(&udp, "sent") >= 95_000,
+        "the datagram flood fell short: {udp}"
+    );
+    assert_eq!(n(&probe, "fail"), 0, "{probe}");
+    assert!(
+        entries <= entries0 + 1_000.0,
+        "the datagram flood reached the conntrack table: {entries0} -> {entries}"
+    );
+    assert_eq!(drops(&lab, "conntrack_full"), full0);
     lab.down().unwrap();
 }

@@ -28,7 +28,8 @@ fn lab(test: &str, label: &str, ka: &str) -> Option<ferrolb_tests::TestLab> {
 
 /// Cold start of both nodes together: exactly one MASTER (the lowest --self), the ToR's best
 /// path on it with the BACKUP's prepended path ready; the BACKUP mirrors the MASTER's
-/// conntrack within 100 ms of a new connection, for TCP, UDP and ICMP alike; both directions of
+/// conntrack within 100 ms of a new connection, for TCP, UDP and ICMP alike (a UDP or ICMP
+/// flow once confirmed: answered, and continued by its client); both directions of
 /// the VIP's traffic cross the MASTER. Then the sync channel is cut while BFD stays up:
 /// alarmed and counted, no failover, and the flows opened meanwhile arrive when it heals.
 #[test]
@@ -52,6 +53,8 @@ fn roles_mirror_and_sync_cut() {
     assert_eq!(h1["peers"][0]["bfd"], "BFDUp", "{h1}");
 
     // Mirror latency: a UDP flow, a TCP connection, a ping; how long until lb2 holds each.
+    // The UDP flow and the ping send twice (a flow is synced once answered and continued: a
+    // lone query is not).
     let mut worst = Duration::ZERO;
     let probe = probe_path();
     for (what, port, sport, argv) in [
@@ -60,7 +63,7 @@ fn roles_mirror_and_sync_cut() {
             9001u16,
             41001u16,
             vec![
-                "python3", &probe, "udp", VIP, "9001", "1", "--sport", "41001",
+                "python3", &probe, "udp", VIP, "9001", "2", "--sport", "41001", "--sport", "41001",
             ],
         ),
         ("tcp", 9000, 41002, vec!["python3", "-c", TCP_ONE]),
@@ -81,6 +84,7 @@ fn roles_mirror_and_sync_cut() {
                 },
             )
             .unwrap();
+        eprintln!("mirror {what}: {took:?}");
         worst = worst.max(took);
         let _ = t0;
     }
@@ -101,7 +105,7 @@ fn roles_mirror_and_sync_cut() {
     lab.spawn(
         "client",
         "mirror-icmp",
-        &["ping", "-c", "1", "-W", "2", VIP],
+        &["ping", "-c", "2", "-i", "0.01", "-W", "2", VIP],
     )
     .unwrap();
     let took = lab
@@ -111,6 +115,7 @@ fn roles_mirror_and_sync_cut() {
                 .any(|e| e["protocol"] == "icmp" && e["synced"] == true))
         })
         .unwrap();
+    eprintln!("mirror icmp: {took:?}");
     worst = worst.max(took);
     // Each measurement includes starting the client and one REST round trip per poll, so the
     // flows were on lb2 sooner than this.
@@ -159,8 +164,8 @@ fn roles_mirror_and_sync_cut() {
     lab.exec_ok(
         "client",
         &[
-            "python3", &probe, "udp", VIP, "9001", "3", "--sport", "42001", "--sport", "42002",
-            "--sport", "42003",
+            "python3", &probe, "udp", VIP, "9001", "6", "--sport", "42001", "--sport", "42001",
+            "--sport", "42002", "--sport", "42002", "--sport", "42003", "--sport", "42003",
         ],
     )
     .unwrap();

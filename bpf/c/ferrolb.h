@@ -87,8 +87,11 @@
 #define FLB_CTF_PICKUP 0x08 /* DNAT TCP picked up mid-stream, no reply yet: FLB_TO_PICKUP_S */
 #define FLB_CTF_SEQ 0x10    /* seq_next holds this direction's tracked next sequence number */
 #define FLB_CTF_ACK 0x20    /* ack_seen holds this direction's highest acknowledgment */
-#define FLB_CTF_NEW 0x40    /* lives in ct_new: a TCP flow not yet established, or a pick-up
-                             * not yet confirmed (moved to conntrack when it is) */
+#define FLB_CTF_NEW 0x40    /* lives in ct_new: a TCP or SCTP flow not yet established, a
+                             * pick-up not yet confirmed, or a UDP or ICMP echo flow not yet
+                             * confirmed (moved to conntrack when it is) */
+#define FLB_CTF_REPLIED 0x80 /* an unconfirmed UDP or ICMP echo flow the endpoint has answered:
+                              * the client's next packet confirms it */
 
 /* flb_ct.fin */
 #define FLB_FIN_ORIG 0x01
@@ -163,10 +166,12 @@
 #define FLB_CNT_TCP_OUT_OF_WINDOW 28
 /* Half-open flows whose source-NAT port a new flow took (pool under pressure). */
 #define FLB_CNT_HALFOPEN_TAKEOVER 29
-/* A new flow refused because the conntrack table is full (an established TCP flow that
- * could not move out of ct_new, or a new UDP or ICMP flow): dropped. */
+/* A TCP or SCTP flow that could not move out of ct_new because the conntrack table is full:
+ * the packet that completed it dropped (a retransmission completes it once there is room).
+ * (A UDP or ICMP flow that cannot move stays unconfirmed in ct_new, and is forwarded.) */
 #define FLB_CNT_DROP_CT_FULL 30
-/* Half-open flows that completed (moved from ct_new to conntrack). */
+/* Flows that moved from ct_new to conntrack: TCP and SCTP handshakes completed, DNAT pick-ups
+ * confirmed, UDP and ICMP echo flows confirmed. */
 #define FLB_CNT_CT_PROMOTED 31
 /* A flow's first packet from a source outside its rule's allowed prefixes (allowedSources):
  * dropped (also counted per rule in src_drops). */

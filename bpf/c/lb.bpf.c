@@ -162,11 +162,13 @@ struct {
 } backends SEC(".maps");
 
 /* Flows live in two tables (docs/decisions/0007-conntrack-tables.md). `conntrack` holds
- * established TCP flows and every UDP and ICMP flow: a plain hash that never evicts, so no
- * flood can push a live flow out; when it is full a new flow is refused (dropped, counted).
- * `ct_new` holds TCP flows until their handshake completes (and DNAT pick-ups until the
- * endpoint's side confirms them): an LRU of its own, so a SYN flood evicts only half-open
- * flows. Both entries of a flow are in the same table; a key is in one of them. */
+ * confirmed flows: a plain hash that never evicts, so no flood can push a live flow out; when
+ * it is full a flow cannot be confirmed (a TCP handshake's last segment is dropped, counted).
+ * `ct_new` holds flows until they are confirmed: TCP and SCTP until their handshake completes,
+ * DNAT pick-ups until the endpoint's side answers, UDP and ICMP echo flows until the endpoint
+ * has answered and the client sent again. It is an LRU of its own, so a flood (of SYNs, or of
+ * spoofed datagrams nobody continues) evicts only unconfirmed flows. Both entries of a flow
+ * are in the same table; a key is in one of them. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__type(key, struct flb_ct_key);
@@ -920,12 +922,13 @@ static __always_inline void ct_delete(const struct flb_ct_key *k)
 
 #define E2BIG_ 7
 
-/* A half-open flow completed (its handshake, or a pick-up confirmed by the endpoint's
- * side): both entries move from ct_new to conntrack, reply first. `seen`: the other
- * direction's entry as tcp_track found it (0: look it up); used when it is still in ct_new.
- * Returns the entry now under `key`, or 0 when conntrack is full: the flow stays half-open (it
- * will expire there) and the caller drops the packet; counted. Another CPU moving the same
- * flow at once is fine (its copy is the one kept). */
+/* A flow in ct_new is confirmed (its handshake completed, a pick-up confirmed by the
+ * endpoint's side, a UDP or ICMP echo flow answered and continued): both entries move from
+ * ct_new to conntrack, reply first. `seen`: the other direction's entry as tcp_track found it
+ * (0: look it up); used when it is still in ct_new. Returns the entry now under `key`, or 0
+ * when conntrack is full: the flow stays in ct_new (it will expire there unless a later packet
+ * moves it) and `e` stays valid; the caller decides about the packet. Another CPU moving the
+ * same flow at once is fine (its copy is the one kept). */
 static __always_inline struct flb_ct *ct_promote(const struct flb_ct_key *key, struct flb_ct *e,
 						 struct flb_ct *seen)
 {
@@ -936,9 +939,11 @@ static __always_inline struct flb_ct *ct_promote(const struct flb_ct_key *key, s
 							     : bpf_map_lookup_elem(&ct_new, &pk);
 	if (pe && !ct_points_to(pe, key))
 		pe = 0;
-	e->flags &= ~FLB_CTF_NEW;
+	/* Moved, an entry is confirmed: neither flag of the half-open table goes along. */
+	__u8 ef = e->flags, pf = pe ? pe->flags : 0;
+	e->flags &= ~(FLB_CTF_NEW | FLB_CTF_REPLIED);
 	if (pe)
-		pe->flags &= ~FLB_CTF_NEW;
+		pe->flags &= ~(FLB_CTF_NEW | FLB_CTF_REPLIED);
 	long rc = 0;
 	if (pe)
 		rc = bpf_map_update_elem(&conntrack, &pk, pe, BPF_NOEXIST);
@@ -957,10 +962,9 @@ static __always_inline struct flb_ct *ct_promote(const struct flb_ct_key *key, s
 		if (pe && rc == 0)
 			bpf_map_delete_elem(&conntrack, &pk);
 	}
-	e->flags |= FLB_CTF_NEW;
+	e->flags = ef;
 	if (pe)
-		pe->flags |= FLB_CTF_NEW;
-	count(FLB_CNT_DROP_CT_FULL);
+		pe->flags = pf;
 	return 0;
 }
 
@@ -1448,8 +1452,8 @@ __noinline int ct_remove_flow(const struct flb_ct_key *k, struct flb_ct *v,
 
 /* May a new flow take the key k that `occ` holds? A local entry past its timeout whose
  * flow's other direction is gone or past its timeout too; or, when `halfopen_idle_ns` is not
- * 0 (a pool under pressure), a local half-open flow (SYN_SENT, SYN_RECV, or a pick-up not yet
- * confirmed) whose two entries have been idle that long. Both entries claimed, so of several
+ * 0 (a pool under pressure), a local half-open flow (SYN_SENT, SYN_RECV, a pick-up not yet
+ * confirmed, an unconfirmed UDP or ICMP echo flow) whose two entries have been idle that long. Both entries claimed, so of several
  * CPUs wanting the same port, or the flow, one acts on it. */
 static __always_inline int ct_take_over(const struct flb_ct_key *k, struct flb_ct *occ, __u64 now,
 					__u64 halfopen_idle_ns)
@@ -1466,6 +1470,11 @@ static __always_inline int ct_take_over(const struct flb_ct_key *k, struct flb_c
 			idle = halfopen_idle_ns;
 			half = 1;
 		}
+	} else if (halfopen_idle_ns && (k->proto == IPPROTO_UDP || k->proto == IPPROTO_ICMP) &&
+		   (occ->flags & FLB_CTF_NEW)) {
+		/* An unconfirmed datagram flow: a lone query long answered, or a spoofed one. */
+		idle = halfopen_idle_ns;
+		half = 1;
 	}
 	if (fresh_since(now, last, idle))
 		return 0;
@@ -1646,8 +1655,12 @@ __noinline int ct_plan(const struct pkt *p, const struct flb_svc *svc, struct fl
 		 * ct_new until the handshake completes. */
 		o->state = FLB_CT_SYN_SENT;
 		o->flags |= FLB_CTF_NEW;
-	} else
+	} else {
+		/* UDP, ICMP echo: unconfirmed in ct_new until answered and continued
+		 * (dgram_track). */
 		o->state = FLB_CT_EST;
+		o->flags |= FLB_CTF_NEW;
+	}
 
 	/* The reply entry: back to the VIP and the client. */
 	addr_cp(o->nat_saddr, p->daddr);
@@ -1860,8 +1873,9 @@ __noinline int ct_create(const struct pkt *p, const struct flb_svc *svc, struct 
 		long rc = ct_insert(okey, o, BPF_NOEXIST);
 		if (rc == 0) {
 			count(FLB_CNT_CT_CREATED);
-			/* A half-open TCP flow is reported when it completes (ct_promote): peers
-			 * never hold half-open flows, so a flood here does not fill their tables. */
+			/* A flow in ct_new is reported when it is confirmed (ct_promote): peers
+			 * never hold unconfirmed flows, so a flood here does not fill their
+			 * tables. */
 			if (!(o->flags & FLB_CTF_NEW))
 				emit(FLB_EV_CREATED, okey, o);
 			return 1;
@@ -2627,6 +2641,34 @@ __noinline int icmp_err6(struct __sk_buff *skb, struct pkt *p)
 	return icmp_err_v6(skb, p);
 }
 
+/* An unconfirmed UDP or ICMP echo flow (in ct_new): the endpoint's first answer marks both
+ * entries answered (FLB_CTF_REPLIED: one lookup of the other entry, once per flow); the
+ * client's next packet after it confirms the flow, which moves to conntrack (and is reported to
+ * the peers then). Netfilter's "assured", for the same reason: a datagram from a spoofed
+ * source is never continued, so a flood of them only churns ct_new and never fills conntrack,
+ * which the flows that matter (established TCP, UDP streams) need. A flow only ever one way
+ * (no answer), or a lone query and its answer, stays in ct_new until it expires. When
+ * conntrack is full the flow stays unconfirmed and its packets are forwarded all the same.
+ * Returns the entry to go on with (the moved one, or `e`). */
+static __always_inline struct flb_ct *dgram_track(const struct flb_ct_key *key, struct flb_ct *e)
+{
+	if (e->dir != 0) {
+		if (e->flags & FLB_CTF_REPLIED)
+			return e;
+		e->flags |= FLB_CTF_REPLIED;
+		struct flb_ct_key pk;
+		ct_peer_key(&pk, key, e);
+		struct flb_ct *pe = bpf_map_lookup_elem(&ct_new, &pk);
+		if (pe && ct_points_to(pe, key))
+			pe->flags |= FLB_CTF_REPLIED;
+		return e;
+	}
+	if (!(e->flags & FLB_CTF_REPLIED))
+		return e;
+	struct flb_ct *m = ct_promote(key, e, 0);
+	return m ? m : e;
+}
+
 /* Everything after a packet found its flow (or made it): counters, TCP tracking (and the
  * move of a completed half-open flow from ct_new to conntrack), translation, forwarding,
  * statistics.
@@ -2661,16 +2703,22 @@ __noinline int flow_packet(struct __sk_buff *skb, struct pkt *p, const struct fl
 		if ((e->flags & (FLB_CTF_NEW | FLB_CTF_PICKUP)) == FLB_CTF_NEW &&
 		    e->state == FLB_CT_EST) {
 			e = ct_promote(key, e, pe);
-			if (!e)
+			if (!e) {
+				count(FLB_CNT_DROP_CT_FULL);
 				return TC_ACT_SHOT;
+			}
 		}
 	} else if (p->proto == IPPROTO_SCTP && !p->untracked) {
 		sctp_track(key, e, p, now);
 		if ((e->flags & FLB_CTF_NEW) && e->state == FLB_CT_EST) {
 			e = ct_promote(key, e, 0);
-			if (!e)
+			if (!e) {
+				count(FLB_CNT_DROP_CT_FULL);
 				return TC_ACT_SHOT;
+			}
 		}
+	} else if ((e->flags & FLB_CTF_NEW) && !p->untracked) {
+		e = dgram_track(key, e);
 	}
 	/* Read before the rewrite: `e` may be the stack copy or a map value a peer's sync
 	 * rewrites meanwhile; the counters are charged only for what goes on its way. */

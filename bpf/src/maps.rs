@@ -51,11 +51,15 @@ pub const CTF_PICKUP: u8 = 0x08;
 pub const CTF_SEQ: u8 = 0x10;
 /// `ack_seen` is tracked for this direction.
 pub const CTF_ACK: u8 = 0x20;
-/// In `ct_new`: a TCP flow whose handshake has not completed, or a pick-up not yet
-/// confirmed (moved to `conntrack` when it is; never synced).
+/// In `ct_new`: a flow not yet confirmed (moved to `conntrack` when it is; never synced): a
+/// TCP or SCTP flow whose handshake has not completed, a pick-up not yet confirmed, a UDP or
+/// ICMP echo flow not yet answered and continued.
 pub const CTF_NEW: u8 = 0x40;
+/// An unconfirmed UDP or ICMP echo flow its endpoint has answered: the client's next packet
+/// confirms it.
+pub const CTF_REPLIED: u8 = 0x80;
 /// The flags that describe this node's own tracking of an entry (not carried by sync).
-pub const CTF_TRACKING: u8 = CTF_PICKUP | CTF_SEQ | CTF_ACK | CTF_NEW;
+pub const CTF_TRACKING: u8 = CTF_PICKUP | CTF_SEQ | CTF_ACK | CTF_NEW | CTF_REPLIED;
 
 /// `fin` bit (`FLB_FIN_CLAIMED`): a CPU is removing or rewriting the entry at this moment (a
 /// new flow replacing its dead flow, or taking its NAT port). The datapath's alone: the

@@ -15,7 +15,7 @@ mod nat;
 
 use common::*;
 use ferrolb_bpf::maps::*;
-use ferrolb_bpf::{Datapath, DatapathConfig, lut, monotonic_ns};
+use ferrolb_bpf::{Datapath, DatapathConfig, EventStream, lut, monotonic_ns};
 
 const CLIENT: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 2);
 const VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
@@ -516,13 +516,17 @@ fn the_event_reader_is_woken_at_backlog_marks_not_per_event() {
         assert!(n >= 0, "epoll_wait: {}", std::io::Error::last_os_error());
         n == 1
     };
-    // Each datagram from a new port opens a UDP flow: one "created" event.
+    // Each UDP flow from a new port, answered by its endpoint and continued by its client, is
+    // confirmed: one event (its move to the conntrack table).
     let mut flows = 0u16;
     let mut send = |dp: &mut Datapath, n: usize| -> Vec<usize> {
         let mut at = Vec::new();
         for i in 1..=n {
             flows += 1;
-            run(dp, &udp(ip(CLIENT, VIP, 17), 1024 + flows, 53, b"q", true));
+            let port = 1024 + flows;
+            run(dp, &udp(ip(CLIENT, VIP, 17), port, 53, b"q", true));
+            run(dp, &udp(ip(EP1, CLIENT, 17), 8080, port, b"a", true));
+            run(dp, &udp(ip(CLIENT, VIP, 17), port, 53, b"q", true));
             if woken(0) {
                 at.push(i);
             }
@@ -707,6 +711,91 @@ fn icmp_echo_is_balanced_with_identifier_translation() {
     assert!(checksums_ok(&out));
     let (_, out) = run(&mut dp, &echo(ip(EP1, VIP, 1), 0, nid, 1));
     assert_eq!(out, echo(ip(VIP, CLIENT, 1), 0, 77, 1));
+}
+
+/// A UDP or ICMP echo flow is unconfirmed (in the half-open table, not reported to peers)
+/// until its endpoint has answered and its client sent again (netfilter's "assured"); then it
+/// moves to the conntrack table, reported once (`established`). A lone query and its answer,
+/// or a flow only ever one way, stay unconfirmed; every packet is forwarded all along.
+#[test]
+fn a_datagram_flow_is_confirmed_when_answered_and_continued() {
+    if !in_private_netns("a_datagram_flow_is_confirmed_when_answered_and_continued") {
+        return;
+    }
+    let mut dp = datapath(0);
+    install(&mut dp, &svc(4, 53, PROTO_UDP, 0, 0));
+    install(&mut dp, &svc(5, 0, PROTO_ICMP, 2, 0));
+    let mut ev = dp.take_events().unwrap();
+    let both = |dp: &Datapath, k: &CtKey| {
+        let o = dp.ct_get(k).unwrap().expect("original entry");
+        let r = dp.ct_get(&k.peer(&o)).unwrap().expect("reply entry");
+        (o, r)
+    };
+    let flags = |dp: &Datapath, k: &CtKey| {
+        let (o, r) = both(dp, k);
+        (
+            o.flags & (CTF_NEW | CTF_REPLIED),
+            r.flags & (CTF_NEW | CTF_REPLIED),
+        )
+    };
+    let kinds = |ev: &mut EventStream| -> Vec<Option<EventKind>> {
+        std::iter::from_fn(|| ev.try_next())
+            .map(|e| e.kind())
+            .collect()
+    };
+
+    // UDP (DNAT): query, answer, next query.
+    let k = CtKey::v4(CLIENT, 5353, VIP, 53, PROTO_UDP);
+    let (rc, out) = run(&mut dp, &udp(ip(CLIENT, VIP, 17), 5353, 53, b"q1", true));
+    assert_eq!(rc, TC_ACT_OK);
+    assert_eq!(out, udp(ip(CLIENT, EP1, 17), 5353, 8080, b"q1", true));
+    assert_eq!(flags(&dp, &k), (CTF_NEW, CTF_NEW), "unconfirmed");
+    let (_, out) = run(&mut dp, &udp(ip(EP1, CLIENT, 17), 8080, 5353, b"a1", true));
+    assert_eq!(out, udp(ip(VIP, CLIENT, 17), 53, 5353, b"a1", true));
+    assert_eq!(
+        flags(&dp, &k),
+        (CTF_NEW | CTF_REPLIED, CTF_NEW | CTF_REPLIED),
+        "answered, both entries marked"
+    );
+    assert_eq!(kinds(&mut ev), vec![], "nothing reported while unconfirmed");
+    let (_, out) = run(&mut dp, &udp(ip(CLIENT, VIP, 17), 5353, 53, b"q2", true));
+    assert_eq!(out, udp(ip(CLIENT, EP1, 17), 5353, 8080, b"q2", true));
+    assert_eq!(flags(&dp, &k), (0, 0), "confirmed: moved to conntrack");
+    assert_eq!(kinds(&mut ev), vec![Some(EventKind::Established)]);
+    let (o, r) = both(&dp, &k);
+    assert_eq!((o.packets, r.packets), (2, 1), "counted across the move");
+    let (_, out) = run(&mut dp, &udp(ip(EP1, CLIENT, 17), 8080, 5353, b"a2", true));
+    assert_eq!(out, udp(ip(VIP, CLIENT, 17), 53, 5353, b"a2", true));
+    assert_eq!(dp.counters()[Counter::CtPromoted as usize], 1);
+
+    // A lone query and its answer; a flow only ever one way: both stay unconfirmed.
+    let lone = CtKey::v4(CLIENT, 5354, VIP, 53, PROTO_UDP);
+    run(&mut dp, &udp(ip(CLIENT, VIP, 17), 5354, 53, b"q", true));
+    run(&mut dp, &udp(ip(EP1, CLIENT, 17), 8080, 5354, b"a", true));
+    let oneway = CtKey::v4(CLIENT, 5355, VIP, 53, PROTO_UDP);
+    for _ in 0..3 {
+        let (_, out) = run(&mut dp, &udp(ip(CLIENT, VIP, 17), 5355, 53, b"log", true));
+        assert_eq!(out, udp(ip(CLIENT, EP1, 17), 5355, 8080, b"log", true));
+    }
+    assert_eq!(
+        flags(&dp, &lone),
+        (CTF_NEW | CTF_REPLIED, CTF_NEW | CTF_REPLIED)
+    );
+    assert_eq!(flags(&dp, &oneway), (CTF_NEW, CTF_NEW));
+    assert_eq!(both(&dp, &oneway).0.packets, 3);
+
+    // ICMP echo (full NAT, identifier translated): request, reply, next request.
+    let ik = CtKey::v4(CLIENT, 77, VIP, 0, PROTO_ICMP);
+    run(&mut dp, &echo(ip(CLIENT, VIP, 1), 8, 77, 1));
+    let nid = u16::from_be(dp.ct_get(&ik).unwrap().unwrap().nat_sport);
+    assert_eq!(flags(&dp, &ik), (CTF_NEW, CTF_NEW));
+    let (_, out) = run(&mut dp, &echo(ip(EP1, VIP, 1), 0, nid, 1));
+    assert_eq!(out, echo(ip(VIP, CLIENT, 1), 0, 77, 1));
+    run(&mut dp, &echo(ip(CLIENT, VIP, 1), 8, 77, 2));
+    assert_eq!(flags(&dp, &ik), (0, 0));
+    assert_eq!(kinds(&mut ev), vec![Some(EventKind::Established)]);
+    let (_, out) = run(&mut dp, &echo(ip(EP1, VIP, 1), 0, nid, 2));
+    assert_eq!(out, echo(ip(VIP, CLIENT, 1), 0, 77, 2));
 }
 
 #[test]

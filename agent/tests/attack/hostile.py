@@ -2,8 +2,9 @@
 """Hostile and legitimate traffic for attack_e2e.rs, run inside the lab's client namespace
 (stdlib only). Every mode is bounded in count and time and prints one JSON line.
 
-  flood KIND DST PORT COUNT RATE MAXSECS   spoofed TCP segments (KIND: syn, null, ack) from
-                                          random sources in 100.64.0.0/10 at about RATE/s
+  flood KIND DST PORT COUNT RATE MAXSECS   spoofed TCP segments (KIND: syn, null, ack) or UDP
+                                          datagrams (KIND: udp) from random sources in
+                                          100.64.0.0/10 at about RATE/s
   probe DST PORT EVERY_MS SECS TIMEOUT_MS  a new connection every EVERY_MS: connect, one echo
                                           line, close; counts those done within TIMEOUT_MS
   streams DST PORT N SECS                 N connections kept open, a line each every 200 ms
@@ -54,8 +55,13 @@ def raw_socket():
     return s
 
 
+def udp_datagram(sport, dport, payload):
+    # Checksum 0: none (allowed over IPv4).
+    return struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
+
+
 def flood(kind, dst, port, count, rate, maxsecs):
-    flags = {"syn": 0x02, "null": 0x00, "ack": 0x10}[kind]
+    flags = {"syn": 0x02, "null": 0x00, "ack": 0x10, "udp": 0}[kind]
     s = raw_socket()
     rnd = random.Random(os.getpid())
     sent = failed = 0
@@ -65,10 +71,14 @@ def flood(kind, dst, port, count, rate, maxsecs):
         for _ in range(min(burst, count - sent - failed)):
             a = rnd.getrandbits(22)
             src = "100.%d.%d.%d" % (64 + (a >> 16), (a >> 8) & 0xFF, a & 0xFF)
-            seg = tcp_segment(src, dst, rnd.randint(1024, 65535), port, rnd.getrandbits(32),
-                              rnd.getrandbits(32) if flags & 0x10 else 0, flags)
+            if kind == "udp":
+                proto, seg = 17, udp_datagram(rnd.randint(1024, 65535), port, b"flood\n")
+            else:
+                proto = 6
+                seg = tcp_segment(src, dst, rnd.randint(1024, 65535), port, rnd.getrandbits(32),
+                                  rnd.getrandbits(32) if flags & 0x10 else 0, flags)
             try:
-                s.sendto(ip_header(src, dst, 6, len(seg)) + seg, (dst, 0))
+                s.sendto(ip_header(src, dst, proto, len(seg)) + seg, (dst, 0))
                 sent += 1
             except OSError:
                 failed += 1

@@ -489,9 +489,167 @@ fn a_half_open_flood_does_not_evict_an_established_flow() {
     assert_eq!(v.flags & CTF_NEW, 0, "moved out of the half-open table");
 }
 
-/// A full conntrack table refuses new flows, drops and counts them (`DropCtFull`), and
-/// evicts nothing: a new UDP flow is dropped at once; a TCP handshake runs in the half-open
-/// table, and its completing ACK is dropped until there is room, then the flow moves over.
+/// A datagram from a spoofed source random every time: from 100.64/10, to the VIP's port 53.
+fn spoofed_datagram(i: u32) -> Vec<u8> {
+    let h = i.wrapping_mul(0x9e37_79b1);
+    let src = Ipv4Addr::from(0x6440_0000 | (h >> 10));
+    udp(
+        ip(src, VIP, 17),
+        1024 + (h & 0x7fff) as u16,
+        53,
+        b"junk",
+        true,
+    )
+}
+
+/// Unconfirmed UDP flows live in the half-open table: a flood of spoofed datagrams many times
+/// that table's size (nobody continues them) churns only it. The conntrack table keeps the
+/// confirmed flows only, an established TCP connection and a UDP stream keep their
+/// translations, and new TCP and UDP flows are confirmed after the flood.
+#[test]
+fn a_spoofed_datagram_flood_churns_only_the_unconfirmed_table() {
+    if !in_private_netns("a_spoofed_datagram_flood_churns_only_the_unconfirmed_table") {
+        return;
+    }
+    let mut dp = small_datapath();
+    install(&mut dp, &svc(1, 80, PROTO_TCP, MODE_FULL, 0));
+    install(&mut dp, &svc(2, 53, PROTO_UDP, MODE_FULL, 0));
+    let nport = handshake(&mut dp);
+    // A UDP stream from OTHER:5353: asked, answered, asked again: confirmed.
+    let q = udp(ip(OTHER, VIP, 17), 5353, 53, b"q", true);
+    let (_, out) = run(&mut dp, &q);
+    let uport = u16::from_be_bytes([out[34], out[35]]);
+    let answer = udp(ip(EP1, VIP, 17), 8080, uport, b"a", true);
+    run(&mut dp, &answer);
+    run(&mut dp, &q);
+    let uk = CtKey::v4(OTHER, 5353, VIP, 53, PROTO_UDP);
+    assert_eq!(dp.ct_get(&uk).unwrap().unwrap().flags & CTF_NEW, 0);
+    // 5,000 spoofed datagrams: 10,000 unconfirmed entries into a 1,024-entry table.
+    for i in 0..5_000 {
+        let (rc, _) = run(&mut dp, &spoofed_datagram(i));
+        assert_eq!(rc, TC_ACT_OK, "forwarded, unconfirmed");
+    }
+    let all = dp.ct_entries();
+    let unconfirmed = all.iter().filter(|(_, v)| v.flags & CTF_NEW != 0).count();
+    let confirmed: Vec<CtKey> = all
+        .iter()
+        .filter(|(_, v)| v.flags & CTF_NEW == 0)
+        .map(|e| e.0)
+        .collect();
+    assert!(
+        unconfirmed > 0 && unconfirmed <= 1024 + 64,
+        "unconfirmed entries bounded by their table: {unconfirmed}"
+    );
+    assert_eq!(
+        confirmed.len(),
+        4,
+        "the conntrack table holds the TCP connection and the UDP stream: {confirmed:?}"
+    );
+    assert_eq!(counter(&dp, Counter::DropCtFull), 0);
+    // Both keep their translations, both ways.
+    let (rc, out) = run(
+        &mut dp,
+        &tcp_sa(
+            ip(CLIENT, VIP, 6),
+            40000,
+            80,
+            1006,
+            5007,
+            ACK | PSH,
+            b"again",
+        ),
+    );
+    assert_eq!(rc, TC_ACT_OK);
+    assert_eq!(u16::from_be_bytes([out[34], out[35]]), nport);
+    let (_, out) = run(&mut dp, &q);
+    assert_eq!(u16::from_be_bytes([out[34], out[35]]), uport);
+    let (_, out) = run(&mut dp, &answer);
+    assert_eq!(u16::from_be_bytes([out[36], out[37]]), 5353);
+    // New flows are confirmed after it: a TCP connection, a UDP flow.
+    let before = counter(&dp, Counter::CtPromoted);
+    let ack = half_open_from_other(&mut dp);
+    let (rc, _) = run(&mut dp, &ack);
+    assert_eq!(rc, TC_ACT_OK);
+    let q2 = udp(ip(OTHER, VIP, 17), 5354, 53, b"q", true);
+    let (_, out) = run(&mut dp, &q2);
+    let p2 = u16::from_be_bytes([out[34], out[35]]);
+    run(&mut dp, &udp(ip(EP1, VIP, 17), 8080, p2, b"a", true));
+    run(&mut dp, &q2);
+    assert_eq!(counter(&dp, Counter::CtPromoted), before + 2);
+    for k in [
+        CtKey::v4(OTHER, 41000, VIP, 80, PROTO_TCP),
+        CtKey::v4(OTHER, 5354, VIP, 53, PROTO_UDP),
+    ] {
+        let v = dp.ct_get(&k).unwrap().expect("the new flow");
+        assert_eq!(v.flags & CTF_NEW, 0, "confirmed: {k:?}");
+    }
+}
+
+/// In a source-NAT pool under pressure, an unconfirmed UDP flow idle for seconds gives its
+/// port up to a new flow (as a half-open TCP flow does); a confirmed one never does before
+/// its timeout, nor an unconfirmed one just used.
+#[test]
+fn unconfirmed_datagram_flows_give_their_ports_up_under_pressure() {
+    if !in_private_netns("unconfirmed_datagram_flows_give_their_ports_up_under_pressure") {
+        return;
+    }
+    pin_to(0);
+    for (unconfirmed, idle, gets_port) in [
+        (true, 4_000_000_000u64, true),
+        (true, 200_000_000, false),
+        (false, 4_000_000_000, false),
+    ] {
+        let mut dp = Datapath::load(&DatapathConfig {
+            max_services: 64,
+            max_conntrack: 1 << 17,
+            max_halfopen: 1 << 17,
+            ..Default::default()
+        })
+        .expect("load datapath");
+        install(&mut dp, &svc(2, 53, PROTO_UDP, MODE_FULL, 0));
+        let then = monotonic_ns() - idle;
+        for p in 1024..=u16::MAX {
+            let k = CtKey::v4(EP1, 8080, VIP, p, PROTO_UDP);
+            let v = Ct {
+                nat_saddr: addr_words(VIP.into()).0,
+                nat_daddr: addr_words(Ipv4Addr::new(192, 0, 2, 1).into()).0,
+                nat_sport: 53u16.to_be(),
+                nat_dport: p.to_be(),
+                svc_id: 9,
+                timeout_s: 240,
+                dir: 1,
+                state: CtState::Established.as_u8(),
+                flags: CTF_LOCAL | if unconfirmed { CTF_NEW } else { 0 },
+                mode: MODE_FULL,
+                created_ns: then,
+                last_ns: then,
+                ..Default::default()
+            };
+            dp.ct_insert(&k, &v).unwrap();
+        }
+        let (rc, out) = run(&mut dp, &udp(ip(CLIENT, VIP, 17), 40000, 53, b"q", true));
+        let what = format!("unconfirmed {unconfirmed}, idle {} ms", idle / 1_000_000);
+        if gets_port {
+            assert_eq!(rc, TC_ACT_OK, "{what}");
+            assert_eq!(counter(&dp, Counter::HalfOpenTakeover), 1, "{what}");
+            let np = u16::from_be_bytes([out[34], out[35]]);
+            let r = dp
+                .ct_get(&CtKey::v4(EP1, 8080, VIP, np, PROTO_UDP))
+                .unwrap()
+                .unwrap();
+            assert_eq!(r.nat_daddr, addr_words(CLIENT.into()).0, "{what}");
+        } else {
+            assert_eq!(rc, TC_ACT_SHOT, "{what}");
+            assert_eq!(counter(&dp, Counter::HalfOpenTakeover), 0, "{what}");
+            assert_eq!(counter(&dp, Counter::DropNatPorts), 1, "{what}");
+        }
+    }
+}
+
+/// A full conntrack table evicts nothing and confirms no new flow: a new UDP flow runs
+/// unconfirmed in the half-open table (forwarded, both ways) and stays there, still forwarded,
+/// when answered and continued; a TCP handshake runs in the half-open table, and its
+/// completing ACK is dropped and counted (`DropCtFull`) until there is room. Then both move.
 #[test]
 fn a_full_conntrack_table_refuses_new_flows_and_counts_them() {
     if !in_private_netns("a_full_conntrack_table_refuses_new_flows_and_counts_them") {
@@ -524,22 +682,28 @@ fn a_full_conntrack_table_refuses_new_flows_and_counts_them() {
         cap - 2,
         "the table takes what it has room for"
     );
-    // A new UDP flow: dropped, counted, nothing evicted.
-    let (rc, _) = run(&mut dp, &udp(ip(OTHER, VIP, 17), 5353, 53, b"q", true));
-    assert_eq!(rc, TC_ACT_SHOT);
-    assert_eq!(counter(&dp, Counter::DropCtFull), 1);
-    assert!(
-        dp.ct_get(&CtKey::v4(OTHER, 5353, VIP, 53, PROTO_UDP))
-            .unwrap()
-            .is_none()
-    );
+    // A new UDP flow: unconfirmed, forwarded both ways; confirmed by the client's next
+    // datagram, but no room to move: it stays where it is, forwarded, nothing dropped.
+    let uk = CtKey::v4(OTHER, 5353, VIP, 53, PROTO_UDP);
+    let q = udp(ip(OTHER, VIP, 17), 5353, 53, b"q", true);
+    let (rc, out) = run(&mut dp, &q);
+    assert_eq!(rc, TC_ACT_OK);
+    let unport = u16::from_be_bytes([out[34], out[35]]);
+    let (rc, out) = run(&mut dp, &udp(ip(EP1, VIP, 17), 8080, unport, b"a", true));
+    assert_eq!(rc, TC_ACT_OK);
+    assert_eq!(u16::from_be_bytes([out[36], out[37]]), 5353, "answered");
+    let (rc, _) = run(&mut dp, &q);
+    assert_eq!(rc, TC_ACT_OK, "forwarded unconfirmed");
+    let v = dp.ct_get(&uk).unwrap().expect("the UDP flow");
+    assert_eq!(v.flags & (CTF_NEW | CTF_REPLIED), CTF_NEW | CTF_REPLIED);
+    assert_eq!(counter(&dp, Counter::DropCtFull), 0);
     let (o, r) = both(&dp, nport);
     assert!(o.is_some() && r.is_some(), "the established flow is kept");
     // A TCP handshake: SYN and SYN-ACK in the half-open table, the ACK refused.
     let ack = half_open_from_other(&mut dp);
     let (rc, _) = run(&mut dp, &ack);
     assert_eq!(rc, TC_ACT_SHOT, "no room to complete");
-    assert_eq!(counter(&dp, Counter::DropCtFull), 2);
+    assert_eq!(counter(&dp, Counter::DropCtFull), 1);
     let k = CtKey::v4(OTHER, 41000, VIP, 80, PROTO_TCP);
     let v = dp.ct_get(&k).unwrap().expect("still half-open");
     assert_ne!(v.flags & CTF_NEW, 0);
@@ -551,5 +715,9 @@ fn a_full_conntrack_table_refuses_new_flows_and_counts_them() {
     assert_eq!(rc, TC_ACT_OK);
     let v = dp.ct_get(&k).unwrap().expect("established");
     assert_eq!((v.flags & CTF_NEW, v.state()), (0, CtState::Established));
-    assert_eq!(counter(&dp, Counter::DropCtFull), 2);
+    let (rc, _) = run(&mut dp, &q);
+    assert_eq!(rc, TC_ACT_OK);
+    let v = dp.ct_get(&uk).unwrap().expect("the UDP flow");
+    assert_eq!(v.flags & (CTF_NEW | CTF_REPLIED), 0, "confirmed, moved");
+    assert_eq!(counter(&dp, Counter::DropCtFull), 1);
 }
