@@ -939,8 +939,10 @@ static __always_inline struct flb_ct *ct_promote(const struct flb_ct_key *key, s
 							     : bpf_map_lookup_elem(&ct_new, &pk);
 	if (pe && !ct_points_to(pe, key))
 		pe = 0;
-	/* Moved, an entry is confirmed: neither flag of the half-open table goes along. */
-	__u8 ef = e->flags, pf = pe ? pe->flags : 0;
+	/* Moved, an entry is confirmed: neither flag of the half-open table goes along (both are
+	 * given back if it cannot move). */
+	const __u8 half = FLB_CTF_NEW | FLB_CTF_REPLIED;
+	__u8 ef = e->flags & half, pf = pe ? pe->flags & half : 0;
 	e->flags &= ~(FLB_CTF_NEW | FLB_CTF_REPLIED);
 	if (pe)
 		pe->flags &= ~(FLB_CTF_NEW | FLB_CTF_REPLIED);
@@ -962,9 +964,9 @@ static __always_inline struct flb_ct *ct_promote(const struct flb_ct_key *key, s
 		if (pe && rc == 0)
 			bpf_map_delete_elem(&conntrack, &pk);
 	}
-	e->flags = ef;
+	e->flags |= ef;
 	if (pe)
-		pe->flags = pf;
+		pe->flags |= pf;
 	return 0;
 }
 
@@ -1453,8 +1455,9 @@ __noinline int ct_remove_flow(const struct flb_ct_key *k, struct flb_ct *v,
 /* May a new flow take the key k that `occ` holds? A local entry past its timeout whose
  * flow's other direction is gone or past its timeout too; or, when `halfopen_idle_ns` is not
  * 0 (a pool under pressure), a local half-open flow (SYN_SENT, SYN_RECV, a pick-up not yet
- * confirmed, an unconfirmed UDP or ICMP echo flow) whose two entries have been idle that long. Both entries claimed, so of several
- * CPUs wanting the same port, or the flow, one acts on it. */
+ * confirmed, an unconfirmed UDP or ICMP echo flow) whose two entries have been idle that long.
+ * Both entries claimed, so of several CPUs wanting the same port, or the flow, one acts on
+ * it. */
 static __always_inline int ct_take_over(const struct flb_ct_key *k, struct flb_ct *occ, __u64 now,
 					__u64 halfopen_idle_ns)
 {

@@ -1156,14 +1156,14 @@ fn take_flow(
     }
     let p_new = pv.flags & CTF_NEW != 0;
     match conntrack.take(&peer, p_new) {
+        // Another flow's entry under that key (it took the NAT port since the listing): not
+        // judged here but on its own; `k`, whose peer key it was, is an orphan and goes.
+        Ok(Some(pt)) if peer.peer(&pt) != *k => conntrack.put_back(&peer, &pt, p_new),
+        // The flow's other entry lives (a one-way flow), or a CPU holds it: both stay.
         Ok(Some(pt)) if !dead(&peer, &pt) => {
             conntrack.put_back(&peer, &pt, p_new);
-            // `k` stays while its flow's other entry lives (a one-way flow); an entry whose
-            // peer key another flow took is an orphan and goes.
-            if peer.peer(&pt) == *k {
-                conntrack.put_back(k, &taken, new);
-                return;
-            }
+            conntrack.put_back(k, &taken, new);
+            return;
         }
         Ok(Some(pt)) => {
             lc_release(ep_conns, &pt);
