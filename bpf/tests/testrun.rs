@@ -1046,30 +1046,21 @@ fn the_collector_puts_back_what_came_alive_since_its_listing() {
     s.timeout_s = 1;
     install(&mut dp, &s);
     let mut c = dp.collector().unwrap();
-    let age = |dp: &mut Datapath, key: &CtKey| {
-        let mut e = dp.ct_get(key).unwrap().unwrap();
-        e.last_ns = monotonic_ns() - 3_000_000_000;
-        dp.ct_insert(key, &e).unwrap();
-    };
-    // Listed idle, and still so: both entries go, as the listing had them.
+    // Listed idle, and still so: both entries go, as the listing had them, from either table.
+    for confirmed in [true, false] {
+        let (k, r) = idle_udp_flow(&mut dp, 7100, 53, confirmed);
+        let snapshot = c.entries();
+        let mut gone = c.collect_from(&snapshot, monotonic_ns());
+        gone.sort_by_key(|(key, _)| *key == r);
+        assert_eq!(gone.iter().map(|g| g.0).collect::<Vec<_>>(), vec![k, r]);
+        assert!(dp.ct_entries().is_empty());
+    }
     let k = CtKey::v4(CLIENT, 7100, VIP, 53, PROTO_UDP);
-    run(&mut dp, &udp(ip(CLIENT, VIP, 17), 7100, 53, b"a", true));
-    let r = k.peer(&dp.ct_get(&k).unwrap().unwrap());
-    age(&mut dp, &k);
-    age(&mut dp, &r);
-    let snapshot = c.entries();
-    let mut gone = c.collect_from(&snapshot, monotonic_ns());
-    gone.sort_by_key(|(key, _)| *key == r);
-    assert_eq!(gone.iter().map(|g| g.0).collect::<Vec<_>>(), vec![k, r]);
-    assert!(dp.ct_entries().is_empty());
 
     // Listed idle, but the reply entry's key belongs to another flow by the time the collector
     // gets there (a NAT port taken over): that entry is put back as it is, and the listed
     // flow's original entry, an orphan now, goes.
-    run(&mut dp, &udp(ip(CLIENT, VIP, 17), 7100, 53, b"b", true));
-    let r = k.peer(&dp.ct_get(&k).unwrap().unwrap());
-    age(&mut dp, &k);
-    age(&mut dp, &r);
+    let (_, r) = idle_udp_flow(&mut dp, 7100, 53, true);
     let snapshot = c.entries();
     let mut other = dp.ct_get(&r).unwrap().unwrap();
     other.nat_dport = 7199u16.to_be(); // points at another client port
@@ -1086,10 +1077,7 @@ fn the_collector_puts_back_what_came_alive_since_its_listing() {
 
     // Listed idle, but its reply direction has been written since (fresh): a one-way flow
     // stays whole, both entries as they were.
-    run(&mut dp, &udp(ip(CLIENT, VIP, 17), 7100, 53, b"c", true));
-    let r = k.peer(&dp.ct_get(&k).unwrap().unwrap());
-    age(&mut dp, &k);
-    age(&mut dp, &r);
+    let (_, r) = idle_udp_flow(&mut dp, 7100, 53, true);
     let snapshot = c.entries();
     let mut fresh = dp.ct_get(&r).unwrap().unwrap();
     fresh.last_ns = monotonic_ns();
@@ -1105,16 +1093,34 @@ fn the_collector_puts_back_what_came_alive_since_its_listing() {
     let mut lc = svc(17, 54, PROTO_UDP, 0, 4);
     lc.timeout_s = 1;
     install(&mut dp, &lc);
-    let k = CtKey::v4(CLIENT, 7200, VIP, 54, PROTO_UDP);
-    run(&mut dp, &udp(ip(CLIENT, VIP, 17), 7200, 54, b"d", true));
+    let (k, r) = idle_udp_flow(&mut dp, 7200, 54, true);
     assert_eq!(dp.ep_conns(17, 0), 1);
-    let r = k.peer(&dp.ct_get(&k).unwrap().unwrap());
-    age(&mut dp, &k);
-    age(&mut dp, &r);
     let snapshot = c.entries();
     let gone = c.collect_from(&snapshot, monotonic_ns());
     assert!(gone.iter().any(|g| g.0 == k) && gone.iter().any(|g| g.0 == r));
     assert_eq!(dp.ep_conns(17, 0), 0);
+}
+
+/// A new UDP flow from CLIENT:`sport` to the VIP's `dport` (DNAT to EP1:8080), both its
+/// entries made idle for 3 s: (its key, its reply key). `confirmed`: answered and asked again
+/// first, so that it lives in the conntrack table (else unconfirmed, in the half-open table).
+fn idle_udp_flow(dp: &mut Datapath, sport: u16, dport: u16, confirmed: bool) -> (CtKey, CtKey) {
+    let q = udp(ip(CLIENT, VIP, 17), sport, dport, b"q", true);
+    run(dp, &q);
+    if confirmed {
+        run(dp, &udp(ip(EP1, CLIENT, 17), 8080, sport, b"a", true));
+        run(dp, &q);
+    }
+    let k = CtKey::v4(CLIENT, sport, VIP, dport, PROTO_UDP);
+    let v = dp.ct_get(&k).unwrap().unwrap();
+    assert_eq!(v.flags & CTF_NEW == 0, confirmed);
+    let r = k.peer(&v);
+    for key in [k, r] {
+        let mut e = dp.ct_get(&key).unwrap().unwrap();
+        e.last_ns = monotonic_ns() - 3_000_000_000;
+        dp.ct_insert(&key, &e).unwrap();
+    }
+    (k, r)
 }
 
 fn spread(dp: &mut Datapath, n: u16, proto: u8, port: u16) -> Vec<Ipv4Addr> {
