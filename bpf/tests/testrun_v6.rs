@@ -263,6 +263,16 @@ fn v6_dnat_rewrites_both_directions_exactly() {
     let (_, out) = run(&mut dp, &udp(ip(EP2, CLIENT, UDP), 5300, 5353, b"answer"));
     assert_eq!(out, udp(ip(VIP, CLIENT, UDP), 53, 5353, b"answer"));
     assert!(checksum_ok(&out));
+    // Answered, then asked again: confirmed (moved to the conntrack table), translated as
+    // before.
+    let k = key(CLIENT, 5353, VIP, 53, PROTO_UDP);
+    let flags = |dp: &Datapath| dp.ct_get(&k).unwrap().unwrap().flags & (CTF_NEW | CTF_REPLIED);
+    assert_eq!(flags(&dp), CTF_NEW | CTF_REPLIED);
+    let (_, out) = run(&mut dp, &udp(ip(CLIENT, VIP, UDP), 5353, 53, b"again"));
+    assert_eq!(out, udp(ip(CLIENT, EP2, UDP), 5353, 5300, b"again"));
+    assert_eq!(flags(&dp), 0);
+    let (_, out) = run(&mut dp, &udp(ip(EP2, CLIENT, UDP), 5300, 5353, b"answer"));
+    assert_eq!(out, udp(ip(VIP, CLIENT, UDP), 53, 5353, b"answer"));
 }
 
 #[test]
@@ -306,6 +316,12 @@ fn v6_icmp_echo_is_balanced_and_neighbour_discovery_passes() {
     assert!(checksum_ok(&out), "ICMPv6 covers the pseudo header");
     let (_, out) = run(&mut dp, &echo(ip(EP1, VIP, ICMP6), 129, id, 1));
     assert_eq!(out, echo(ip(VIP, CLIENT, ICMP6), 129, 77, 1));
+    // The next request confirms the flow; its reply comes back the same way.
+    let (_, out) = run(&mut dp, &echo(ip(CLIENT, VIP, ICMP6), 128, 77, 2));
+    assert_eq!(out, echo(ip(VIP, EP1, ICMP6), 128, id, 2));
+    assert_eq!(orig(&dp, 77, 0, PROTO_ICMP).flags & CTF_NEW, 0);
+    let (_, out) = run(&mut dp, &echo(ip(EP1, VIP, ICMP6), 129, id, 2));
+    assert_eq!(out, echo(ip(VIP, CLIENT, ICMP6), 129, 77, 2));
     // A reply without a flow, and neighbour solicitation for the VIP: untouched (the
     // datapath answers solicitations only on interfaces whose MAC the agent recorded).
     let stray = echo(ip(EP2, VIP, ICMP6), 129, 5, 1);
