@@ -9,7 +9,9 @@
 //! through DNAT, one-arm and full NAT, IPv4 and IPv6; a new connection in each of those, from
 //! a new source port each time: its SYN when nobody answers (a SYN flood's path:
 //! the half-open table fills), and a connection that opens (its SYN, the endpoint's SYN-ACK
-//! and the client's ACK, each timed; their mean per packet). Between rounds the benchmark
+//! and the client's ACK, each timed; their mean per packet); a new UDP flow in each (its first
+//! datagram, the endpoint's answer, and the client's next datagram, which confirms the flow
+//! and moves it to the conntrack table, each timed). Between rounds the benchmark
 //! drains the event ring, as the agent does every few milliseconds. Baseline, same run,
 //! interleaved round by round:
 //! the floor program `flb_floor` (header read, `bpf_fib_lookup`, MAC rewrite, `bpf_redirect`)
@@ -24,10 +26,13 @@ mod common;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use common::*;
+use ferrolb_bpf::maps::PROTO_UDP;
 use ferrolb_bpf::{Datapath, DatapathConfig, TestRunner};
 use serde_json::json;
 
 const PER_ROUND: usize = 2000;
+/// The UDP rules listen on the TCP rules' ports plus this.
+const UDP_PORTS: u16 = 10;
 
 /// `rounds` x PER_ROUND timed runs of `packet`, alternating with the floor on `floor_packet`.
 fn measure(
@@ -91,6 +96,14 @@ fn main() {
     for (_, _, vip, ep, lb) in fams {
         for (mode, _, port) in MODES {
             install(&mut dp, id, vip, port, mode, ep, lb);
+            install_for(
+                &mut dp,
+                PROTO_UDP,
+                id + 6,
+                (vip, port + UDP_PORTS, mode),
+                ep,
+                lb,
+            );
             id += 1;
         }
     }
@@ -195,6 +208,60 @@ fn main() {
                     ));
                 }
             }
+        }
+    }
+    // (c) A new UDP flow: the client's first datagram, the endpoint's answer to the translated
+    //     source, the client's next datagram (it confirms the flow: the move to `conntrack`).
+    for (f, (fam, client0, vip, ep, _)) in fams.into_iter().enumerate() {
+        let floor_pkt = udp(client0, ep, 40000, 8080, b"query");
+        for (_, mode, port) in MODES {
+            let port = port + UDP_PORTS;
+            let k0 = block << 20;
+            block += 1;
+            let mut ns: [Vec<u32>; 3] = Default::default();
+            let mut base = Vec::new();
+            for r in 0..rounds {
+                for i in 0..PER_ROUND {
+                    let k = k0 + (r * PER_ROUND + i) as u32;
+                    let host = 10 + (k / 60_000 % 200) as u16;
+                    let client: IpAddr = if f == 0 {
+                        Ipv4Addr::new(203, 0, 113, host as u8).into()
+                    } else {
+                        Ipv6Addr::new(0x2001, 0xdb8, 0x113, 0, 0, 0, 0, host).into()
+                    };
+                    let cport = 1024 + (k % 60_000) as u16;
+                    let q = udp(client, vip, cport, port, b"query");
+                    let (rc, t0, out) = run.run_timed_out(&q, ifx).unwrap();
+                    assert_eq!(rc, TC_ACT_REDIRECT, "the first datagram was not forwarded");
+                    let (nsrc, nport) = source_of(&out);
+                    let a = udp(ep, nsrc, 8080, nport, b"answer");
+                    let (rc, t1) = run.run_timed(&a, ifx).unwrap();
+                    assert_eq!(rc, TC_ACT_REDIRECT, "the answer was not forwarded");
+                    let (rc, t2) = run.run_timed(&q, ifx).unwrap();
+                    assert_eq!(rc, TC_ACT_REDIRECT, "the next datagram was not forwarded");
+                    for (v, t) in ns.iter_mut().zip([t0, t1, t2]) {
+                        v.push(t);
+                    }
+                }
+                for _ in 0..PER_ROUND {
+                    let (rc, ns) = floor.run_timed(&floor_pkt, ifx).unwrap();
+                    assert_eq!(rc, TC_ACT_REDIRECT, "the floor did not forward");
+                    base.push(ns);
+                }
+                drain();
+            }
+            let base = median(&mut base);
+            let [mut first, mut answer, mut next] = ns;
+            let (first, answer, next) =
+                (median(&mut first), median(&mut answer), median(&mut next));
+            rows.push((format!("new UDP flow {fam} {mode}, first"), first, base));
+            rows.push(("  its answer".into(), answer, base));
+            rows.push(("  the next datagram (confirms)".into(), next, base));
+            rows.push((
+                "  all three, per packet".into(),
+                (first + answer + next) / 3.0,
+                base,
+            ));
         }
     }
     println!("{:<34} {:>8} {:>8} {:>7}", "case", "ns", "floor", "ratio");

@@ -25,6 +25,11 @@ pub fn ip(args: &[&str]) {
 }
 
 pub fn pseudo(src: IpAddr, dst: IpAddr, len: usize) -> u32 {
+    pseudo_for(src, dst, 6, len)
+}
+
+/// The pseudo header's sum for protocol `proto`.
+pub fn pseudo_for(src: IpAddr, dst: IpAddr, proto: u8, len: usize) -> u32 {
     let words = |a: IpAddr| -> Vec<u8> {
         match a {
             IpAddr::V4(v) => v.octets().to_vec(),
@@ -37,7 +42,7 @@ pub fn pseudo(src: IpAddr, dst: IpAddr, len: usize) -> u32 {
             s += u32::from(u16::from_be_bytes([w[0], w[1]]));
         }
     }
-    s + 6 + len as u32
+    s + u32::from(proto) + len as u32
 }
 
 /// Ethernet + IPv4/IPv6 + TCP with correct checksums (sequence 1000, acknowledgment 5001).
@@ -65,13 +70,30 @@ pub fn tcp_seq(
     t.extend_from_slice(data);
     let c = csum(&t, pseudo(src, dst, t.len()));
     t[16..18].copy_from_slice(&c.to_be_bytes());
+    frame(src, dst, 6, t)
+}
+
+/// Ethernet + IPv4/IPv6 + UDP with correct checksums.
+pub fn udp(src: IpAddr, dst: IpAddr, sport: u16, dport: u16, data: &[u8]) -> Vec<u8> {
+    let mut u = vec![0u8; 8];
+    u[0..2].copy_from_slice(&sport.to_be_bytes());
+    u[2..4].copy_from_slice(&dport.to_be_bytes());
+    u[4..6].copy_from_slice(&((8 + data.len()) as u16).to_be_bytes());
+    u.extend_from_slice(data);
+    let c = csum(&u, pseudo_for(src, dst, 17, u.len()));
+    u[6..8].copy_from_slice(&c.to_be_bytes());
+    frame(src, dst, 17, u)
+}
+
+/// Ethernet and IP headers (IPv4 with its checksum) around the L4 bytes `t` of `proto`.
+fn frame(src: IpAddr, dst: IpAddr, proto: u8, t: Vec<u8>) -> Vec<u8> {
     let mut b = vec![0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2];
     match (src, dst) {
         (IpAddr::V4(s), IpAddr::V4(d)) => {
             b.extend([0x08, 0x00]);
             let mut h = vec![0x45, 0];
             h.extend(((20 + t.len()) as u16).to_be_bytes());
-            h.extend([0x12, 0x34, 0, 0, 64, 6, 0, 0]);
+            h.extend([0x12, 0x34, 0, 0, 64, proto, 0, 0]);
             h.extend(s.octets());
             h.extend(d.octets());
             let c = csum(&h, 0);
@@ -81,7 +103,7 @@ pub fn tcp_seq(
         (IpAddr::V6(s), IpAddr::V6(d)) => {
             b.extend([0x86, 0xdd, 0x60, 0, 0, 0]);
             b.extend((t.len() as u16).to_be_bytes());
-            b.extend([6, 64]);
+            b.extend([proto, 64]);
             b.extend(s.octets());
             b.extend(d.octets());
         }
@@ -97,6 +119,18 @@ pub fn install(
     vip: IpAddr,
     port: u16,
     mode: u8,
+    ep: IpAddr,
+    lb: IpAddr,
+) {
+    install_for(dp, PROTO_TCP, id, (vip, port, mode), ep, lb);
+}
+
+/// [`install`] for protocol `proto`.
+pub fn install_for(
+    dp: &mut Datapath,
+    proto: u8,
+    id: u32,
+    (vip, port, mode): (IpAddr, u16, u8),
     ep: IpAddr,
     lb: IpAddr,
 ) {
@@ -127,7 +161,7 @@ pub fn install(
         &SvcKey {
             addr: vaddr,
             port: port.to_be(),
-            proto: PROTO_TCP,
+            proto,
             family,
         },
         &Svc {
@@ -144,7 +178,7 @@ pub fn install(
     dp.set_ranges(
         &RangeKey {
             addr: vaddr,
-            proto: PROTO_TCP,
+            proto,
             family,
             pad: 0,
         },
