@@ -64,6 +64,47 @@ fn measure(
     (median(&mut ours), median(&mut base))
 }
 
+/// Flow `k`'s client: port 1024 + k % 60,000 of an address behind the client-side router
+/// (family 0: IPv4, else IPv6) that changes every 60,000 flows.
+fn client_of(fam: usize, k: u32) -> (IpAddr, u16) {
+    let host = 10 + (k / 60_000 % 200) as u16;
+    let addr: IpAddr = if fam == 0 {
+        Ipv4Addr::new(203, 0, 113, host as u8).into()
+    } else {
+        Ipv6Addr::new(0x2001, 0xdb8, 0x113, 0, 0, 0, 0, host).into()
+    };
+    (addr, 1024 + (k % 60_000) as u16)
+}
+
+/// `rounds` rounds of PER_ROUND new flows (`flow(k)` opens flow `k`, from `k0` on, and returns
+/// the kernel's time for each of its packets), each round followed by PER_ROUND runs of the
+/// floor on `floor_pkt` and a drain of the event ring. Returns the times per packet position
+/// and the floor's median.
+fn timed_flows(
+    rounds: usize,
+    k0: u32,
+    (floor, floor_pkt, ifx): (&TestRunner, &[u8], u32),
+    drain: &mut dyn FnMut(),
+    flow: &mut dyn FnMut(u32) -> [Option<u32>; 3],
+) -> ([Vec<u32>; 3], f64) {
+    let mut ns: [Vec<u32>; 3] = Default::default();
+    let mut base = Vec::new();
+    for r in 0..rounds {
+        for i in 0..PER_ROUND {
+            for (v, t) in ns.iter_mut().zip(flow(k0 + (r * PER_ROUND + i) as u32)) {
+                v.extend(t);
+            }
+        }
+        for _ in 0..PER_ROUND {
+            let (rc, ns) = floor.run_timed(floor_pkt, ifx).unwrap();
+            assert_eq!(rc, TC_ACT_REDIRECT, "the floor did not forward");
+            base.push(ns);
+        }
+        drain();
+    }
+    (ns, median(&mut base))
+}
+
 fn main() {
     let rounds: usize = std::env::args()
         .skip(1)
@@ -126,32 +167,17 @@ fn main() {
             rows.push((format!("established {fam} {mode}"), ns, base));
         }
     }
-    // Opens flow `k` of family `fam` to the VIP's `port`: its SYN and, when `answered`, the
-    // endpoint's SYN-ACK to the translated source and the client's ACK. Flow `k` comes from
-    // port 1024 + k % 60,000 of a client address (behind the client-side router) that changes
-    // every 60,000 flows. The kernel's time for each packet.
+    // Opens flow `k` of family `fam` to the VIP's `port` (from `client_of(fam, k)`): its SYN
+    // and, when `answered`, the endpoint's SYN-ACK to the translated source and the client's
+    // ACK. The kernel's time for each packet.
     let open = |fam: usize, k: u32, port: u16, answered: bool| -> [Option<u32>; 3] {
-        let host = 10 + (k / 60_000 % 200) as u16;
-        let (client, vip, ep): (IpAddr, IpAddr, IpAddr) = if fam == 0 {
-            (
-                Ipv4Addr::new(203, 0, 113, host as u8).into(),
-                VIP4.into(),
-                EP4.into(),
-            )
+        let (vip, ep): (IpAddr, IpAddr) = if fam == 0 {
+            (VIP4.into(), EP4.into())
         } else {
-            (
-                Ipv6Addr::new(0x2001, 0xdb8, 0x113, 0, 0, 0, 0, host).into(),
-                VIP6.into(),
-                EP6.into(),
-            )
+            (VIP6.into(), EP6.into())
         };
-        open_flow(
-            &run,
-            ifx,
-            (client, vip, ep),
-            (1024 + (k % 60_000) as u16, port),
-            answered,
-        )
+        let (client, cport) = client_of(fam, k);
+        open_flow(&run, ifx, (client, vip, ep), (cport, port), answered)
     };
     // New connections, each case from 4-tuples of its own. Both tables are first run through
     // as many flows as the answered cases make (answered, so that they reach `conntrack`, then
@@ -177,23 +203,13 @@ fn main() {
             for (_, mode, port) in MODES {
                 let k0 = block << 20;
                 block += 1;
-                let mut ns: [Vec<u32>; 3] = Default::default();
-                let mut base = Vec::new();
-                for r in 0..rounds {
-                    for i in 0..PER_ROUND {
-                        let times = open(f, k0 + (r * PER_ROUND + i) as u32, port, answered);
-                        for (v, t) in ns.iter_mut().zip(times) {
-                            v.extend(t);
-                        }
-                    }
-                    for _ in 0..PER_ROUND {
-                        let (rc, ns) = floor.run_timed(&floor_pkt, ifx).unwrap();
-                        assert_eq!(rc, TC_ACT_REDIRECT, "the floor did not forward");
-                        base.push(ns);
-                    }
-                    drain();
-                }
-                let base = median(&mut base);
+                let (ns, base) = timed_flows(
+                    rounds,
+                    k0,
+                    (&floor, &floor_pkt, ifx),
+                    &mut drain,
+                    &mut |k| open(f, k, port, answered),
+                );
                 let [mut syn, mut synack, mut ack] = ns;
                 let syn = median(&mut syn);
                 rows.push((format!("new connection {fam} {mode}, {case}"), syn, base));
@@ -218,18 +234,13 @@ fn main() {
             let port = port + UDP_PORTS;
             let k0 = block << 20;
             block += 1;
-            let mut ns: [Vec<u32>; 3] = Default::default();
-            let mut base = Vec::new();
-            for r in 0..rounds {
-                for i in 0..PER_ROUND {
-                    let k = k0 + (r * PER_ROUND + i) as u32;
-                    let host = 10 + (k / 60_000 % 200) as u16;
-                    let client: IpAddr = if f == 0 {
-                        Ipv4Addr::new(203, 0, 113, host as u8).into()
-                    } else {
-                        Ipv6Addr::new(0x2001, 0xdb8, 0x113, 0, 0, 0, 0, host).into()
-                    };
-                    let cport = 1024 + (k % 60_000) as u16;
+            let (ns, base) = timed_flows(
+                rounds,
+                k0,
+                (&floor, &floor_pkt, ifx),
+                &mut drain,
+                &mut |k| {
+                    let (client, cport) = client_of(f, k);
                     let q = udp(client, vip, cport, port, b"query");
                     let (rc, t0, out) = run.run_timed_out(&q, ifx).unwrap();
                     assert_eq!(rc, TC_ACT_REDIRECT, "the first datagram was not forwarded");
@@ -239,18 +250,9 @@ fn main() {
                     assert_eq!(rc, TC_ACT_REDIRECT, "the answer was not forwarded");
                     let (rc, t2) = run.run_timed(&q, ifx).unwrap();
                     assert_eq!(rc, TC_ACT_REDIRECT, "the next datagram was not forwarded");
-                    for (v, t) in ns.iter_mut().zip([t0, t1, t2]) {
-                        v.push(t);
-                    }
-                }
-                for _ in 0..PER_ROUND {
-                    let (rc, ns) = floor.run_timed(&floor_pkt, ifx).unwrap();
-                    assert_eq!(rc, TC_ACT_REDIRECT, "the floor did not forward");
-                    base.push(ns);
-                }
-                drain();
-            }
-            let base = median(&mut base);
+                    [Some(t0), Some(t1), Some(t2)]
+                },
+            );
             let [mut first, mut answer, mut next] = ns;
             let (first, answer, next) =
                 (median(&mut first), median(&mut answer), median(&mut next));
