@@ -50,7 +50,7 @@ fn run(lab: &TestLab, args: &[&str]) -> Value {
 
 /// A full-NAT rule.
 fn add_rule(lab: &TestLab, port: u16, eps: &[&str], target: u16) {
-    ferrolb_tests::add_tcp_rule(lab, "lb1", VIP, port, 2, eps, target);
+    ferrolb_tests::add_rule(lab, "lb1", (VIP, port, "tcp"), 2, eps, target);
 }
 
 fn m(lab: &TestLab, name: &str) -> f64 {
@@ -298,21 +298,7 @@ fn floods_and_forgeries_leave_the_vip_serving() {
     //    one (the answers go to the spoofed sources; nobody continues a flow): they churn the
     //    half-open table and never reach the conntrack table, whose fill stays what the
     //    legitimate flows make; connections opened meanwhile all succeed.
-    let body = serde_json::json!({
-        "serviceArguments": {"externalIP": VIP, "port": UDP_PORT, "protocol": "udp",
-                             "sel": 0, "mode": 2, "name": "udp9001:llb-inst0"},
-        "endpoints": BE[..2].iter()
-            .map(|ip| serde_json::json!({"endpointIP": ip, "targetPort": 9001, "weight": 1}))
-            .collect::<Vec<_>>(),
-    });
-    let (st, v) = ferrolb_tests::rest(
-        &lab,
-        "lb1",
-        "POST",
-        "/config/loadbalancer",
-        Some(&body.to_string()),
-    );
-    assert_eq!(st, 200, "UDP rule: {v}");
+    ferrolb_tests::add_rule(&lab, "lb1", (VIP, UDP_PORT, "udp"), 2, &BE[..2], 9001);
     let entries0 = m(&lab, "ferrolb_conntrack_entries");
     let full0 = drops(&lab, "conntrack_full");
     let (udp, probe) = std::thread::scope(|s| {

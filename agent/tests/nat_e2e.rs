@@ -36,7 +36,7 @@ fn lab(test: &str, label: &str, programs: &[&str]) -> Option<TestLab> {
 }
 
 fn add_rule(lab: &TestLab, port: u16, mode: u8, eps: &[&str], target: u16) {
-    ferrolb_tests::add_tcp_rule(lab, "lb1", VIP, port, mode, eps, target);
+    ferrolb_tests::add_rule(lab, "lb1", (VIP, port, "tcp"), mode, eps, target);
 }
 
 /// (client port -> translation) of the lab client's flows to VIP:port.

@@ -324,21 +324,20 @@ pub fn rest(
     )
 }
 
-/// A TCP rule on `node` through kube-loxilb's body (named `tcp<port>:llb-inst0`): VIP:port in
-/// NAT `mode` (0 DNAT, 1 one-arm, 2 full NAT) to `eps` on `target`, round robin. Panics unless
-/// the agent answers 200 (it runs inside tests).
-pub fn add_tcp_rule(
+/// A rule on `node` through kube-loxilb's body (named `<protocol><port>:llb-inst0`): VIP:port
+/// of `protocol` ("tcp", "udp") in NAT `mode` (0 DNAT, 1 one-arm, 2 full NAT) to `eps` on
+/// `target`, round robin. Panics unless the agent answers 200 (it runs inside tests).
+pub fn add_rule(
     lab: &Lab,
     node: &str,
-    vip: &str,
-    port: u16,
+    (vip, port, protocol): (&str, u16, &str),
     mode: u8,
     eps: &[&str],
     target: u16,
 ) {
     let body = serde_json::json!({
-        "serviceArguments": {"externalIP": vip, "port": port, "protocol": "tcp",
-                             "sel": 0, "mode": mode, "name": format!("tcp{port}:llb-inst0")},
+        "serviceArguments": {"externalIP": vip, "port": port, "protocol": protocol,
+                             "sel": 0, "mode": mode, "name": format!("{protocol}{port}:llb-inst0")},
         "endpoints": eps.iter()
             .map(|ip| serde_json::json!({"endpointIP": ip, "targetPort": target, "weight": 1}))
             .collect::<Vec<_>>(),

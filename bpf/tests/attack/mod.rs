@@ -3,7 +3,7 @@
 //! or FIN outside the tracked window changes nothing; half-open flows give their source-NAT
 //! ports up under pressure, established ones never do.
 
-use super::nat::{big_datapath, occupy_as};
+use super::nat::{big_datapath, occupy_as, pool_entry};
 use super::*;
 
 const MODE_FULL: u8 = 2;
@@ -602,23 +602,10 @@ fn unconfirmed_datagram_flows_give_their_ports_up_under_pressure() {
         .expect("load datapath");
         install(&mut dp, &svc(2, 53, PROTO_UDP, MODE_FULL, 0));
         let then = monotonic_ns() - idle;
+        let flags = CTF_LOCAL | if unconfirmed { CTF_NEW } else { 0 };
         for p in 1024..=u16::MAX {
-            let k = CtKey::v4(EP1, 8080, VIP, p, PROTO_UDP);
-            let v = Ct {
-                nat_saddr: addr_words(VIP.into()).0,
-                nat_daddr: addr_words(Ipv4Addr::new(192, 0, 2, 1).into()).0,
-                nat_sport: 53u16.to_be(),
-                nat_dport: p.to_be(),
-                svc_id: 9,
-                timeout_s: 240,
-                dir: 1,
-                state: CtState::Established.as_u8(),
-                flags: CTF_LOCAL | if unconfirmed { CTF_NEW } else { 0 },
-                mode: MODE_FULL,
-                created_ns: then,
-                last_ns: then,
-                ..Default::default()
-            };
+            let (k, v) = pool_entry((PROTO_UDP, 53), p, CtState::Established, flags, then);
+            // Into the table the flags name (the half-open one when unconfirmed).
             dp.ct_insert(&k, &v).unwrap();
         }
         let (rc, out) = run(&mut dp, &udp(ip(CLIENT, VIP, 17), 40000, 53, b"q", true));

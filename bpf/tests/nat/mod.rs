@@ -43,6 +43,34 @@ fn occupy(dp: &Datapath, ports: impl Iterator<Item = u16>) -> usize {
     occupy_as(dp, ports, CtState::Established, 0)
 }
 
+/// The reply entry of another client's full-NAT flow to the VIP's `vport` (`proto`) that holds
+/// `port` of the pool VIP -> EP1:8080, in `state` with `flags`, last seen at `at_ns`.
+pub(super) fn pool_entry(
+    (proto, vport): (u8, u16),
+    port: u16,
+    state: CtState,
+    flags: u8,
+    at_ns: u64,
+) -> (CtKey, Ct) {
+    let k = CtKey::v4(EP1, 8080, VIP, port, proto);
+    let v = Ct {
+        nat_saddr: addr_words(VIP.into()).0,
+        nat_daddr: addr_words(Ipv4Addr::new(192, 0, 2, 1).into()).0,
+        nat_sport: vport.to_be(),
+        nat_dport: port.to_be(),
+        svc_id: 9,
+        timeout_s: 240,
+        dir: 1,
+        state: state.as_u8(),
+        flags,
+        mode: MODE_FULL,
+        created_ns: at_ns,
+        last_ns: at_ns,
+        ..Default::default()
+    };
+    (k, v)
+}
+
 /// Reply entries holding `ports` of the pool VIP -> EP1:8080 (TCP) in `state`, idle for
 /// `idle_ns`, as other clients' full-NAT flows would.
 pub(super) fn occupy_as(
@@ -53,25 +81,7 @@ pub(super) fn occupy_as(
 ) -> usize {
     let now = monotonic_ns() - idle_ns;
     let entries: Vec<(CtKey, Ct)> = ports
-        .map(|p| {
-            let k = CtKey::v4(EP1, 8080, VIP, p, PROTO_TCP);
-            let v = Ct {
-                nat_saddr: addr_words(VIP.into()).0,
-                nat_daddr: addr_words(Ipv4Addr::new(192, 0, 2, 1).into()).0,
-                nat_sport: 80u16.to_be(),
-                nat_dport: p.to_be(),
-                svc_id: 9,
-                timeout_s: 240,
-                dir: 1,
-                state: state.as_u8(),
-                flags: CTF_LOCAL,
-                mode: MODE_FULL,
-                created_ns: now,
-                last_ns: now,
-                ..Default::default()
-            };
-            (k, v)
-        })
+        .map(|p| pool_entry((PROTO_TCP, 80), p, state, CTF_LOCAL, now))
         .collect();
     let mut t = dp.sync_table().unwrap();
     let n = t.insert_many(&entries);
