@@ -22,7 +22,7 @@ use crate::bfd::Bfd;
 use crate::bgp::Bgp;
 use crate::config::Config;
 use crate::ha::{Ha, HaConfig};
-use crate::lb::{Engine, EngineHandle, census};
+use crate::lb::{CensusPass, Engine, EngineHandle};
 use crate::metrics::Metrics;
 use crate::roles::{RoleBus, Roles};
 use crate::store::Store;
@@ -618,28 +618,39 @@ async fn collector_loop(
         let res = tokio::task::spawn_blocking(move || {
             crate::lb::at_low_priority(|| {
                 let now = monotonic_ns();
-                let entries = collector.entries();
-                let pass = census(&entries, now, since_ns);
-                let removed_entries = collector.collect_from(&entries, now);
-                if let Some(ha) = &app2.ha {
-                    ha.publish_events(&[], &removed_entries);
-                    // Synced flows this node carries now become its own (a packet within
-                    // two passes claims).
-                    ha.ownership_pass(&entries, Duration::from_secs(2 * cfg2.flags.gc_interval));
-                }
-                let removed = removed_entries.len();
+                let window = Duration::from_secs(2 * cfg2.flags.gc_interval);
+                let new = |v: &ferrolb_bpf::maps::Ct| v.flags & ferrolb_bpf::maps::CTF_NEW != 0;
+                let mut pass = CensusPass::default();
+                // Entries listed in the half-open table, and removed from it.
+                let (mut listed_new, mut removed_new) = (0usize, 0usize);
+                // A chunk of the table at a time: memory bounded by the chunk, not the table.
+                let stats = collector.pass(
+                    now,
+                    ferrolb_bpf::COLLECT_CHUNK,
+                    |chunk| {
+                        pass.add(chunk, now, since_ns);
+                        listed_new += chunk.iter().filter(|(_, v)| new(v)).count();
+                        if let Some(ha) = &app2.ha {
+                            // Synced flows this node carries now become its own (a packet
+                            // within two passes claims).
+                            ha.ownership_pass(chunk, window);
+                        }
+                    },
+                    |gone| {
+                        removed_new += gone.iter().filter(|(_, v)| new(v)).count();
+                        if let Some(ha) = &app2.ha {
+                            ha.publish_events(&[], gone);
+                        }
+                    },
+                );
+                let removed = stats.removed;
                 if removed > 0 {
-                    debug!(removed, "conntrack collector pass");
+                    debug!(removed, spilled = stats.spilled, "conntrack collector pass");
                 }
                 // Live entries of each table (the half-open ones carry CTF_NEW).
-                let new = |v: &ferrolb_bpf::maps::Ct| v.flags & ferrolb_bpf::maps::CTF_NEW != 0;
                 // (Saturating: an entry's flag may change between the walk and its removal.)
-                let halfopen = entries
-                    .iter()
-                    .filter(|(_, v)| new(v))
-                    .count()
-                    .saturating_sub(removed_entries.iter().filter(|(_, v)| new(v)).count());
-                let live = entries.len().saturating_sub(removed + halfopen) as u64;
+                let halfopen = listed_new.saturating_sub(removed_new);
+                let live = stats.listed.saturating_sub(removed + halfopen) as u64;
                 let halfopen = halfopen as u64;
                 let _ = app2.engine.call_blocking(move |e| {
                     e.set_census(pass, live, halfopen, removed as u64);

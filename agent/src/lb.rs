@@ -932,8 +932,30 @@ pub fn census(
     now_ns: u64,
     since_ns: u64,
 ) -> CensusPass {
-    use ferrolb_bpf::maps::{CTF_SYNCED, MODE_FULLNAT, MODE_ONEARM, PROTO_ICMP, words_addr};
     let mut pass = CensusPass::default();
+    pass.add(entries, now_ns, since_ns);
+    pass
+}
+
+impl CensusPass {
+    /// Counts `entries`, a chunk of the collector's walk, into this pass (see [`census`]).
+    pub fn add(
+        &mut self,
+        entries: &[(ferrolb_bpf::maps::CtKey, ferrolb_bpf::maps::Ct)],
+        now_ns: u64,
+        since_ns: u64,
+    ) {
+        census_into(self, entries, now_ns, since_ns)
+    }
+}
+
+fn census_into(
+    pass: &mut CensusPass,
+    entries: &[(ferrolb_bpf::maps::CtKey, ferrolb_bpf::maps::Ct)],
+    now_ns: u64,
+    since_ns: u64,
+) {
+    use ferrolb_bpf::maps::{CTF_SYNCED, MODE_FULLNAT, MODE_ONEARM, PROTO_ICMP, words_addr};
     for (k, v) in entries {
         let synced = v.flags & CTF_SYNCED != 0;
         let live = synced || !v.expired(k.proto, now_ns);
@@ -969,7 +991,6 @@ pub fn census(
             *pass.nat_pools.entry(pool).or_default() += 1;
         }
     }
-    pass
 }
 
 /// "tcp", "udp", "icmp", or the protocol number.

@@ -779,6 +779,8 @@ impl Datapath {
         let lc = aya::maps::Map::Array(open(self.collector_ids.2, "ep_conns")?);
         Ok(Collector {
             conntrack: CtTables::open(self.collector_ids.0, self.collector_ids.1)?,
+            walk: CtTables::open(self.collector_ids.0, self.collector_ids.1)?,
+            pending_max: SWEEP_PENDING_MAX,
             ep_conns: Array::try_from(lc).map_err(map_err("ep_conns"))?,
         })
     }
@@ -1038,61 +1040,155 @@ fn unclaimed(entries: &[(CtKey, Ct)]) -> std::borrow::Cow<'_, [(CtKey, Ct)]> {
 }
 
 /// Removes idle flows (both entries idle past their timeout) from `entries`, keeping the
-/// least-connection counts right, and returns the removed entries. Entries synced from a peer
-/// never idle here (their origin removes them). Map operations lock one bucket at a time.
-///
-/// `entries` is a snapshot (walking a large table takes a while): a new flow may have taken a
-/// key since, so every entry is decided as it is now, not as it was. A flow whose two entries
-/// were both idle in the snapshot (a closed connection: nearly all of them) is taken whole,
-/// each entry removed and read in one step ([`CtTables::take`]) and put back if it turns out
-/// to be alive; the others are read, then removed. On a node that opens and closes tens of
-/// thousands of connections a second this pass is what forgets them, and each touch of an
-/// entry is a cache miss in a table of a million (`cargo bench -p ferrolb-bpf --bench
-/// collect`): two touches per flow instead of six.
+/// least-connection counts right, and returns the removed entries: a [`Sweep`] fed `entries`
+/// a chunk at a time, as the collector's walk feeds it.
 fn collect(
     conntrack: &mut CtTables,
     ep_conns: &mut Array<MapData, u32>,
     entries: &[(CtKey, Ct)],
     now_ns: u64,
 ) -> Vec<(CtKey, Ct)> {
-    let idle = |k: &CtKey, v: &Ct| v.flags & CTF_SYNCED == 0 && v.expired(k.proto, now_ns);
-    // The listing's idle reply entries (their index in `entries`), until met with their flow's
-    // original entry.
-    let mut replies: std::collections::HashMap<CtKey, usize> = entries
-        .iter()
-        .enumerate()
-        .filter(|(_, (k, v))| v.dir != 0 && idle(k, v))
-        .map(|(i, (k, _))| (*k, i))
-        .collect();
+    let mut sweep = Sweep::new(now_ns, SWEEP_PENDING_MAX);
     let mut removed = Vec::new();
-    for (k, v) in entries.iter().filter(|(k, v)| v.dir == 0 && idle(k, v)) {
-        let peer = k.peer(v);
-        let whole = replies
-            .get(&peer)
-            .copied()
-            .filter(|j| conntrack.take_works && peer.peer(&entries[*j].1) == *k);
-        match whole {
-            Some(j) => {
-                replies.remove(&peer);
-                take_flow(
-                    conntrack,
-                    ep_conns,
-                    (k, v),
-                    &entries[j].1,
-                    now_ns,
-                    &mut removed,
-                );
-            }
-            None => collect_entry(conntrack, ep_conns, k, v, now_ns, &mut removed),
+    for chunk in entries.chunks(COLLECT_CHUNK) {
+        sweep.feed(conntrack, ep_conns, chunk, &mut removed);
+    }
+    let _ = sweep.finish(conntrack, ep_conns, &mut removed);
+    removed
+}
+
+/// Entries per syscall of the collector's walk.
+pub const COLLECT_CHUNK: usize = 4096;
+
+/// Idle entries a [`Sweep`] holds while it waits for their flow's other entry: ~210 bytes
+/// each, ~14 MB at most, whatever the size of the table.
+const SWEEP_PENDING_MAX: usize = 65_536;
+
+/// One pass of the collector over a walk of the tables, fed a chunk at a time: removes idle
+/// flows (both entries idle past their timeout), keeping the least-connection counts right.
+/// Entries synced from a peer never idle here (their origin removes them). Map operations
+/// lock one bucket at a time.
+///
+/// The walk takes a while: a new flow may have taken a key since it was listed, so every
+/// entry is decided as it is now, not as listed. A flow whose two entries were both listed
+/// idle (a closed connection: nearly all of them) is taken whole, each entry removed and read
+/// in one step ([`CtTables::take`]) and put back if it turns out to be alive; the others are
+/// read, then removed ([`collect_entry`]). On a node that opens and closes tens of thousands
+/// of connections a second this pass is what forgets them, and each touch of an entry is a
+/// cache miss in a table of a million (`cargo bench -p ferrolb-bpf --bench collect`): two
+/// touches per flow instead of six.
+///
+/// Memory is bounded by the chunk and by `pending_max`, not by the table: the two entries of
+/// a flow are listed in any order, chunks apart, so an idle entry waits here for the other
+/// one; while `pending_max` entries wait, an idle entry that finds its flow's other one not
+/// waiting is decided at once, on its own (read, peer read, removed: more syscalls, no
+/// memory), and the waiting ones keep pairing with theirs as they come.
+struct Sweep {
+    now_ns: u64,
+    pending_max: usize,
+    /// Idle original-direction entries listed, by the key of their reply entry.
+    origs: std::collections::HashMap<CtKey, (CtKey, Ct)>,
+    /// Idle reply entries listed, by their key.
+    replies: std::collections::HashMap<CtKey, Ct>,
+    /// Entries decided on their own because too many waited (for the benchmark's figures).
+    spilled: usize,
+    /// The most entries that waited at once.
+    peak: usize,
+}
+
+impl Sweep {
+    fn new(now_ns: u64, pending_max: usize) -> Sweep {
+        Sweep {
+            now_ns,
+            pending_max: pending_max.max(1),
+            origs: Default::default(),
+            replies: Default::default(),
+            spilled: 0,
+            peak: 0,
         }
     }
-    // Reply entries whose original entry was not idle, or not there (an orphan).
-    let mut rest: Vec<usize> = replies.into_values().collect();
-    rest.sort_unstable();
-    for (k, v) in rest.into_iter().map(|j| &entries[j]) {
-        collect_entry(conntrack, ep_conns, k, v, now_ns, &mut removed);
+
+    fn idle(now_ns: u64, k: &CtKey, v: &Ct) -> bool {
+        v.flags & CTF_SYNCED == 0 && v.expired(k.proto, now_ns)
     }
-    removed
+
+    /// The next chunk of the walk; removed entries are appended to `removed`.
+    fn feed(
+        &mut self,
+        conntrack: &mut CtTables,
+        ep_conns: &mut Array<MapData, u32>,
+        chunk: &[(CtKey, Ct)],
+        removed: &mut Vec<(CtKey, Ct)>,
+    ) {
+        let now = self.now_ns;
+        for (k, v) in chunk.iter().filter(|(k, v)| Sweep::idle(now, k, v)) {
+            let full = self.origs.len() + self.replies.len() >= self.pending_max;
+            if v.dir == 0 {
+                let peer = k.peer(v);
+                let met = self
+                    .replies
+                    .get(&peer)
+                    .copied()
+                    .filter(|pv| conntrack.take_works && peer.peer(pv) == *k);
+                if let Some(pv) = met {
+                    self.replies.remove(&peer);
+                    take_flow(conntrack, ep_conns, (k, v), &pv, now, removed);
+                } else if full {
+                    self.spilled += 1;
+                    collect_entry(conntrack, ep_conns, k, v, now, removed);
+                } else if let Some((ok, ov)) = self.origs.insert(peer, (*k, *v)) {
+                    // Two listed flows name one reply key (one of them an orphan): the
+                    // earlier is decided on its own.
+                    collect_entry(conntrack, ep_conns, &ok, &ov, now, removed);
+                }
+            } else {
+                let met = self
+                    .origs
+                    .get(k)
+                    .copied()
+                    .filter(|(ok, _)| conntrack.take_works && k.peer(v) == *ok);
+                if let Some((ok, ov)) = met {
+                    self.origs.remove(k);
+                    take_flow(conntrack, ep_conns, (&ok, &ov), v, now, removed);
+                } else if full {
+                    self.spilled += 1;
+                    collect_entry(conntrack, ep_conns, k, v, now, removed);
+                } else {
+                    self.replies.insert(*k, *v);
+                }
+            }
+        }
+        self.peak = self.peak.max(self.origs.len() + self.replies.len());
+    }
+
+    /// The end of the walk: entries whose flow's other entry was not listed idle (alive, or
+    /// not there: an orphan) are decided one by one.
+    fn finish(
+        mut self,
+        conntrack: &mut CtTables,
+        ep_conns: &mut Array<MapData, u32>,
+        removed: &mut Vec<(CtKey, Ct)>,
+    ) -> (usize, usize) {
+        self.decide_waiting(conntrack, ep_conns, removed);
+        (self.spilled, self.peak)
+    }
+
+    /// Original-direction entries first, then reply entries (whose flow may have gone with
+    /// them), each in key order.
+    fn decide_waiting(
+        &mut self,
+        conntrack: &mut CtTables,
+        ep_conns: &mut Array<MapData, u32>,
+        removed: &mut Vec<(CtKey, Ct)>,
+    ) {
+        let mut origs: Vec<(CtKey, Ct)> = self.origs.drain().map(|(_, e)| e).collect();
+        origs.sort_unstable_by_key(|e| e.0);
+        let mut replies: Vec<(CtKey, Ct)> = self.replies.drain().collect();
+        replies.sort_unstable_by_key(|e| e.0);
+        for (k, v) in origs.iter().chain(replies.iter()) {
+            collect_entry(conntrack, ep_conns, k, v, self.now_ns, removed);
+        }
+    }
 }
 
 /// Removes the idle entry `k` (as listed: `v`) unless it is alive now, or held by a CPU of the
@@ -1197,7 +1293,24 @@ fn lc_release(ep_conns: &mut Array<MapData, u32>, v: &Ct) {
 /// The conntrack collector's own map handles (see [`Datapath::collector`]).
 pub struct Collector {
     conntrack: CtTables,
+    /// Handles of their own for the walk (it reads while the pass removes).
+    walk: CtTables,
     ep_conns: Array<MapData, u32>,
+    pending_max: usize,
+}
+
+/// What a [`Collector::pass`] did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PassStats {
+    /// Entries listed (both tables).
+    pub listed: usize,
+    /// Entries removed.
+    pub removed: usize,
+    /// Idle entries decided on their own because too many waited for their flows' other
+    /// entry (the memory bound, [`Collector::set_pending_max`]).
+    pub spilled: usize,
+    /// The most idle entries that waited at once for their flow's other entry.
+    pub peak_waiting: usize,
 }
 
 impl Collector {
@@ -1206,9 +1319,64 @@ impl Collector {
         self.conntrack.entries()
     }
 
+    /// At most `n` idle entries of a [`Collector::pass`] wait for their flow's other entry
+    /// (~210 bytes each; 65,536 by default); past that they are decided one by one.
+    pub fn set_pending_max(&mut self, n: usize) {
+        self.pending_max = n.max(1);
+    }
+
     /// Removes idle flows among `entries`; returns the entries that went.
     pub fn collect_from(&mut self, entries: &[(CtKey, Ct)], now_ns: u64) -> Vec<(CtKey, Ct)> {
         collect(&mut self.conntrack, &mut self.ep_conns, entries, now_ns)
+    }
+
+    /// One collector pass over both tables, `chunk` entries per syscall, in memory bounded
+    /// by the chunk (not by the table; see [`Sweep`]): each chunk as listed is handed to
+    /// `listed` (census, ownership), then its idle flows are removed; the entries removed are
+    /// handed to `removed` as they go, a chunk's worth at a time.
+    pub fn pass(
+        &mut self,
+        now_ns: u64,
+        chunk: usize,
+        mut listed: impl FnMut(&[(CtKey, Ct)]),
+        mut removed: impl FnMut(&[(CtKey, Ct)]),
+    ) -> PassStats {
+        let mut stats = PassStats::default();
+        let mut sweep = Sweep::new(now_ns, self.pending_max);
+        let mut gone = Vec::new();
+        let mut each = |c: &[(CtKey, Ct)], stats: &mut PassStats, sweep: &mut Sweep| {
+            stats.listed += c.len();
+            listed(c);
+            sweep.feed(&mut self.conntrack, &mut self.ep_conns, c, &mut gone);
+            if !gone.is_empty() {
+                stats.removed += gone.len();
+                removed(&gone);
+                gone.clear();
+            }
+        };
+        let mut b = self.walk.batches(chunk);
+        loop {
+            match b.next_chunk() {
+                Ok(Some(c)) => each(&c, &mut stats, &mut sweep),
+                Ok(None) => break,
+                Err(e) => {
+                    // Kernels without batched lookups: the whole table at once, as before.
+                    debug!(error = %e, "batched conntrack lookups refused; iterating");
+                    let all = self.walk.entries();
+                    for c in all.chunks(chunk.max(1)) {
+                        each(c, &mut stats, &mut sweep);
+                    }
+                    break;
+                }
+            }
+        }
+        (stats.spilled, stats.peak_waiting) =
+            sweep.finish(&mut self.conntrack, &mut self.ep_conns, &mut gone);
+        if !gone.is_empty() {
+            stats.removed += gone.len();
+            removed(&gone);
+        }
+        stats
     }
 
     /// Removes the entries `gone` picks, reading the tables a chunk at a time (memory: the

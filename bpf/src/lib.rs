@@ -26,8 +26,8 @@ pub mod maps;
 pub mod testrun;
 
 pub use datapath::{
-    Capacity, Collector, CtReader, Datapath, DatapathConfig, EventStream, FibInvalidator,
-    SyncTable, default_pin_dir, ensure_bpffs, monotonic_ns, other_layouts, purge,
+    COLLECT_CHUNK, Capacity, Collector, CtReader, Datapath, DatapathConfig, EventStream,
+    FibInvalidator, SyncTable, default_pin_dir, ensure_bpffs, monotonic_ns, other_layouts, purge,
 };
 pub use testrun::TestRunner;
 

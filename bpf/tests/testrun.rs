@@ -1101,6 +1101,105 @@ fn the_collector_puts_back_what_came_alive_since_its_listing() {
     assert_eq!(dp.ep_conns(17, 0), 0);
 }
 
+/// The collector's pass walks the tables a chunk at a time: a flow's two entries listed
+/// chunks apart are still removed together (and live flows kept), in either table, and the
+/// idle entries waiting for their flow's other entry stay within the bound set, however
+/// many idle flows the table holds (past it they are decided one by one, with the same
+/// result).
+#[test]
+fn the_collector_walks_the_table_a_chunk_at_a_time_in_bounded_memory() {
+    if !in_private_netns("the_collector_walks_the_table_a_chunk_at_a_time_in_bounded_memory") {
+        return;
+    }
+    let mut dp = Datapath::load(&DatapathConfig {
+        max_services: 64,
+        max_conntrack: 16384,
+        ..Default::default()
+    })
+    .expect("load datapath");
+    let now = monotonic_ns();
+    let old = now.saturating_sub(60_000_000_000).max(1);
+    // Flow i: a DNAT flow from its own client port, in ct_new (unconfirmed) when `new`.
+    let flow = |i: u16, last_ns: u64, new: bool| -> [(CtKey, Ct); 2] {
+        let k = CtKey::v4(CLIENT, 10000 + i, VIP, 80, PROTO_TCP);
+        let base = Ct {
+            svc_id: 1,
+            timeout_s: 10,
+            state: CtState::TimeWait.as_u8(),
+            flags: CTF_LOCAL | if new { CTF_NEW } else { 0 },
+            created_ns: last_ns,
+            last_ns,
+            ..Default::default()
+        };
+        let o = Ct {
+            nat_saddr: addr_words(CLIENT.into()).0,
+            nat_daddr: addr_words(EP1.into()).0,
+            nat_sport: (10000 + i).to_be(),
+            nat_dport: 8080u16.to_be(),
+            dir: 0,
+            ..base
+        };
+        let r = Ct {
+            nat_saddr: addr_words(VIP.into()).0,
+            nat_daddr: addr_words(CLIENT.into()).0,
+            nat_sport: 80u16.to_be(),
+            nat_dport: (10000 + i).to_be(),
+            dir: 1,
+            ..base
+        };
+        [(k, o), (k.peer(&o), r)]
+    };
+    // 2,000 idle flows (300 of them unconfirmed, in ct_new) and 500 live ones.
+    let fill = |dp: &mut Datapath| {
+        for i in 0..2500u16 {
+            let live = i % 5 == 0;
+            for (k, v) in flow(i, if live { now } else { old }, i % 7 == 1 && i < 2100) {
+                dp.ct_insert(&k, &v).unwrap();
+            }
+        }
+    };
+    let live: std::collections::BTreeSet<CtKey> = (0..2500u16)
+        .filter(|i| i % 5 == 0)
+        .flat_map(|i| flow(i, now, false).map(|e| e.0))
+        .collect();
+    fill(&mut dp);
+    let mut c = dp.collector().unwrap();
+    for pending_max in [65_536, 40] {
+        c.set_pending_max(pending_max);
+        let (mut chunks, mut biggest, mut removed) = (0, 0, Vec::new());
+        let stats = c.pass(
+            monotonic_ns(),
+            64,
+            |chunk| {
+                chunks += 1;
+                biggest = biggest.max(chunk.len());
+            },
+            |gone| removed.extend_from_slice(gone),
+        );
+        assert_eq!(stats.listed, 5000, "{stats:?}");
+        assert_eq!(stats.removed, 4000, "{stats:?}");
+        assert_eq!(removed.len(), 4000);
+        assert!(removed.iter().all(|(k, _)| !live.contains(k)));
+        let left: std::collections::BTreeSet<CtKey> =
+            dp.ct_entries().into_iter().map(|e| e.0).collect();
+        assert_eq!(left, live, "every live entry kept, every idle one gone");
+        // The walk came in chunks of the size asked (a bucket is never split, so one may run
+        // over by a few entries).
+        assert!(
+            chunks >= 5000 / 80 && biggest <= 80,
+            "{chunks} chunks, {biggest} at most"
+        );
+        if pending_max == 40 {
+            assert!(stats.spilled > 0, "{stats:?}");
+            assert!(stats.peak_waiting <= 40, "{stats:?}");
+        } else {
+            assert_eq!(stats.spilled, 0, "{stats:?}");
+            assert!(stats.peak_waiting > 40, "{stats:?}");
+        }
+        fill(&mut dp);
+    }
+}
+
 /// A new UDP flow from CLIENT:`sport` to the VIP's `dport` (DNAT to EP1:8080), both its
 /// entries made idle for 3 s: (its key, its reply key). `confirmed`: answered and asked again
 /// first, so that it lives in the conntrack table (else unconfirmed, in the half-open table).

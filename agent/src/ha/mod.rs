@@ -687,41 +687,48 @@ impl Ha {
 
     /// The collector's pass over synced flows ([`ownership`]): claims the flows whose owning
     /// direction this node carried within `window`, publishing them as its own, and removes
-    /// dead peers' flows that no traffic reached for their timeout. `entries`: the pass's
-    /// walk of the table. Returns (claimed, orphans removed).
+    /// dead peers' flows that no traffic reached for their timeout. `entries`: a chunk of the
+    /// pass's walk of the table (each candidate flow is read again, both entries, and decided
+    /// as it is now). Returns (claimed, orphans removed).
     pub fn ownership_pass(&self, entries: &[(CtKey, Ct)], window: Duration) -> (u64, u64) {
         let me = self.cfg.node_id;
+        if !entries
+            .iter()
+            .any(|(_, v)| v.flags & CTF_SYNCED != 0 && v.origin != me)
+        {
+            return (0, 0);
+        }
         let dead = self.dead_peers();
         let now = monotonic_ns();
         let window_ns = u64::try_from(window.as_nanos()).unwrap_or(u64::MAX);
-        let plan = ownership::plan(entries, me, |o| dead.contains(&o), now, window_ns);
-        if plan.claims.is_empty() && plan.orphans.is_empty() {
-            return (0, 0);
-        }
         let mut published = Vec::new();
         let mut orphans = 0;
         {
             let mut t = self.tbl();
+            let plan = ownership::plan(
+                entries,
+                |k| t.get(k).ok().flatten(),
+                me,
+                |o| dead.contains(&o),
+                now,
+                window_ns,
+            );
+            if plan.claims.is_empty() && plan.orphans.is_empty() {
+                return (0, 0);
+            }
             let mut writes = Vec::with_capacity(plan.claims.len() * 2);
-            for [(k, _), (rk, _)] in &plan.claims {
-                // As they are now: still one peer's synced flow (a message may have come).
-                let (Ok(Some(o)), Ok(Some(r))) = (t.get(k), t.get(rk)) else {
-                    continue;
-                };
-                if o.flags & CTF_SYNCED == 0 || o.origin == me || r.origin != o.origin {
-                    continue;
-                }
+            for [(k, o), (rk, r)] in &plan.claims {
                 let own = |v: Ct| Ct {
                     flags: (v.flags & !CTF_SYNCED) | CTF_LOCAL,
                     origin: me,
                     ..v
                 };
-                let last = ownership::owning_last_ns(k, &o, Some(&r));
-                writes.push((*rk, own(r)));
-                writes.push((*k, own(o)));
+                let last = ownership::owning_last_ns(k, o, Some(r));
+                writes.push((*rk, own(*r)));
+                writes.push((*k, own(*o)));
                 let stamped = Ct {
                     last_ns: last,
-                    ..own(o)
+                    ..own(*o)
                 };
                 published.push(Change::Upsert(flows::flow_of(k, &stamped, now)));
             }
@@ -732,17 +739,11 @@ impl Ha {
                 self.cpu_cursor.fetch_add(1, Ordering::Relaxed),
             );
             for (k, rk) in &plan.orphans {
-                if let Ok(Some(cur)) = t.get(k)
-                    && cur.flags & CTF_SYNCED != 0
-                    && dead.contains(&cur.origin)
-                    && cur.expired(k.proto, now)
-                {
-                    if let Some(rk) = rk {
-                        let _ = t.delete(rk);
-                    }
-                    let _ = t.delete(k);
-                    orphans += 1;
+                if let Some(rk) = rk {
+                    let _ = t.delete(rk);
                 }
+                let _ = t.delete(k);
+                orphans += 1;
             }
         }
         let n = published.len() as u64;

@@ -16,7 +16,6 @@
 //! - A synced copy whose origin is a dead peer and that nobody claimed is removed once idle
 //!   here past its timeout (a dead node's flows that no traffic reaches).
 
-use std::collections::HashMap;
 use std::net::IpAddr;
 
 use ferrolb_bpf::maps::{CTF_NEW, CTF_SYNCED, Ct, CtKey, MODE_DNAT};
@@ -56,44 +55,76 @@ pub struct Plan {
     pub orphans: Vec<(CtKey, Option<CtKey>)>,
 }
 
-/// From a walk of the table at `now_ns`: the synced flows (origin not `me`) whose owning
-/// direction carried packets here within `window_ns`, and the orphans of dead origins.
+/// From a chunk of a walk of the table at `now_ns`: the synced flows (origin not `me`) whose
+/// owning direction carried packets here within `window_ns`, and the orphans of dead origins.
+///
+/// A flow's two entries may be listed chunks apart, so the chunk only names candidates: an
+/// entry of its owning direction that carried packets recently, or an original-direction
+/// entry of a dead origin idle past its timeout. Each candidate flow is decided on both of
+/// its entries as `lookup` reads them now (the table, under the caller's lock), which is also
+/// what a claim writes back.
 pub fn plan(
-    entries: &[(CtKey, Ct)],
+    chunk: &[(CtKey, Ct)],
+    lookup: impl Fn(&CtKey) -> Option<Ct>,
     me: u16,
     dead: impl Fn(u16) -> bool,
     now_ns: u64,
     window_ns: u64,
 ) -> Plan {
     let synced = |v: &Ct| v.flags & CTF_SYNCED != 0 && v.flags & CTF_NEW == 0 && v.origin != me;
-    let replies: HashMap<CtKey, &Ct> = entries
-        .iter()
-        .filter(|(_, v)| v.dir == 1 && synced(v))
-        .map(|(k, v)| (*k, v))
-        .collect();
+    let recent = |v: &Ct| v.packets > 0 && now_ns.saturating_sub(v.last_ns) <= window_ns;
+    let mut seen = std::collections::HashSet::new();
     let mut out = Plan::default();
-    for (k, v) in entries.iter().filter(|(_, v)| v.dir == 0 && synced(v)) {
-        let rk = k.peer(v);
-        let reply = replies.get(&rk).copied().filter(|r| r.origin == v.origin);
-        let owner = match (owning_dir(k, v), reply) {
-            (1, Some(r)) => r,
-            (1, None) => continue,
-            _ => v,
+    for (k, v) in chunk.iter().filter(|(_, v)| synced(v)) {
+        // The flow's original-direction key.
+        let ok = if v.dir == 0 { *k } else { k.peer(v) };
+        let owning = if v.dir == 0 {
+            owning_dir(k, v) == 0
+        } else {
+            owning_dir_of_reply(k, v) == 1
         };
-        if owner.packets > 0 && now_ns.saturating_sub(owner.last_ns) <= window_ns {
+        let claimable = owning && recent(v);
+        let orphan = v.dir == 0 && dead(v.origin) && v.expired(k.proto, now_ns);
+        if !(claimable || orphan) || !seen.insert(ok) {
+            continue;
+        }
+        let Some(o) = lookup(&ok).filter(|o| o.dir == 0 && synced(o)) else {
+            continue;
+        };
+        let rk = ok.peer(&o);
+        let reply = lookup(&rk).filter(|r| r.dir == 1 && r.origin == o.origin);
+        let owner = match (owning_dir(&ok, &o), &reply) {
+            (1, Some(r)) => Some(r),
+            (1, None) => None,
+            _ => Some(&o),
+        };
+        if let Some(owner) = owner
+            && recent(owner)
+        {
             if let Some(r) = reply {
-                out.claims.push([(*k, *v), (rk, *r)]);
+                out.claims.push([(ok, o), (rk, r)]);
             }
             continue;
         }
-        if dead(v.origin)
-            && v.expired(k.proto, now_ns)
-            && reply.is_none_or(|r| r.expired(k.proto, now_ns))
+        if owner.is_some()
+            && dead(o.origin)
+            && o.expired(ok.proto, now_ns)
+            && reply.is_none_or(|r| r.expired(ok.proto, now_ns))
         {
-            out.orphans.push((*k, reply.map(|_| rk)));
+            out.orphans.push((ok, reply.map(|_| rk)));
         }
     }
     out
+}
+
+/// [`owning_dir`] read off a flow's reply entry (key `rk`, entry `r`): its key's destination
+/// is the flow's source address toward the endpoint, its `nat_saddr` the VIP.
+pub fn owning_dir_of_reply(rk: &CtKey, r: &Ct) -> u8 {
+    if r.mode != MODE_DNAT && r.nat_saddr != rk.daddr {
+        1
+    } else {
+        0
+    }
 }
 
 /// Ring distance from `owner` to `me` among the node ids `ids` (sorted, distinct, both
@@ -141,9 +172,28 @@ fn routable(a: &IpAddr) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ferrolb_bpf::maps::{CTF_LOCAL, MODE_FULLNAT, PROTO_TCP, addr_words};
+    use ferrolb_bpf::maps::{CTF_LOCAL, MODE_FULLNAT, MODE_ONEARM, PROTO_TCP, addr_words};
 
     const S: u64 = 1_000_000_000;
+
+    /// [`plan`] over `entries` as one chunk, reading the table they make up.
+    fn plan_of(
+        entries: &[(CtKey, Ct)],
+        me: u16,
+        dead: impl Fn(u16) -> bool,
+        now_ns: u64,
+        window_ns: u64,
+    ) -> Plan {
+        let table: std::collections::HashMap<CtKey, Ct> = entries.iter().copied().collect();
+        plan(
+            entries,
+            |k| table.get(k).copied(),
+            me,
+            dead,
+            now_ns,
+            window_ns,
+        )
+    }
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap_or(IpAddr::from([0, 0, 0, 0]))
@@ -203,36 +253,43 @@ mod tests {
         let [o, mut r] = flow(1, "203.0.113.201", MODE_FULLNAT);
         r.1.packets = 3;
         r.1.last_ns = 101 * S;
-        let p = plan(&[o, r], 2, |_| false, now, 5 * S);
+        let p = plan_of(&[o, r], 2, |_| false, now, 5 * S);
         assert_eq!(p.claims, vec![[o, r]]);
         // Client packets alone do not claim such a flow (its replies go elsewhere).
         let [mut o, r] = flow(1, "203.0.113.201", MODE_FULLNAT);
         o.1.packets = 9;
         o.1.last_ns = 101 * S;
-        assert!(plan(&[o, r], 2, |_| false, now, 5 * S).claims.is_empty());
+        assert!(plan_of(&[o, r], 2, |_| false, now, 5 * S).claims.is_empty());
         // VIP source: the client's packets claim.
         let [mut o, r] = flow(1, "203.0.113.10", MODE_FULLNAT);
         o.1.packets = 1;
         o.1.last_ns = 101 * S;
-        assert_eq!(plan(&[r, o], 2, |_| false, now, 5 * S).claims, vec![[o, r]]);
+        assert_eq!(
+            plan_of(&[r, o], 2, |_| false, now, 5 * S).claims,
+            vec![[o, r]]
+        );
         // Packets long ago (outside the window) do not claim; nor do our own flows, local
         // entries or half-open ones.
         assert!(
-            plan(&[r, o], 2, |_| false, 200 * S, 5 * S)
+            plan_of(&[r, o], 2, |_| false, 200 * S, 5 * S)
                 .claims
                 .is_empty()
         );
-        assert!(plan(&[r, o], 1, |_| false, now, 5 * S).claims.is_empty());
+        assert!(plan_of(&[r, o], 1, |_| false, now, 5 * S).claims.is_empty());
         let mut local = o;
         local.1.flags = CTF_LOCAL;
         assert!(
-            plan(&[r, local], 2, |_| false, now, 5 * S)
+            plan_of(&[r, local], 2, |_| false, now, 5 * S)
                 .claims
                 .is_empty()
         );
         let mut new = o;
         new.1.flags |= CTF_NEW;
-        assert!(plan(&[r, new], 2, |_| false, now, 5 * S).claims.is_empty());
+        assert!(
+            plan_of(&[r, new], 2, |_| false, now, 5 * S)
+                .claims
+                .is_empty()
+        );
         // A reply entry of another origin is not this flow's.
         let mut other = r;
         other.1.origin = 3;
@@ -242,7 +299,65 @@ mod tests {
             last_ns: 101 * S,
             ..other.1
         };
-        assert!(plan(&[o2, r2], 2, |_| false, now, 5 * S).claims.is_empty());
+        assert!(
+            plan_of(&[o2, r2], 2, |_| false, now, 5 * S)
+                .claims
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn the_reply_entry_names_the_same_owning_direction() {
+        for (src, mode) in [
+            ("203.0.113.201", MODE_FULLNAT),
+            ("203.0.113.10", MODE_FULLNAT),
+            ("10.10.10.1", MODE_ONEARM),
+            ("198.51.100.2", MODE_DNAT),
+        ] {
+            let [(k, v), (rk, r)] = flow(1, src, mode);
+            assert_eq!(
+                owning_dir_of_reply(&rk, &r),
+                owning_dir(&k, &v),
+                "{src} {mode}"
+            );
+        }
+    }
+
+    /// A flow's two entries are listed chunks apart: the chunk holding the entry of its
+    /// owning direction finds the claim, reading the other entry from the table; a chunk
+    /// without it finds none (and the flow is claimed once, not twice).
+    #[test]
+    fn a_claim_is_found_whichever_chunk_holds_the_owning_entry() {
+        let now = 102 * S;
+        let [o, mut r] = flow(1, "203.0.113.201", MODE_FULLNAT);
+        r.1.packets = 3;
+        r.1.last_ns = 101 * S;
+        let table: std::collections::HashMap<CtKey, Ct> = [o, r].into_iter().collect();
+        let chunk =
+            |c: &[(CtKey, Ct)]| plan(c, |k| table.get(k).copied(), 2, |_| false, now, 5 * S);
+        assert!(chunk(&[o]).claims.is_empty());
+        assert_eq!(chunk(&[r]).claims, vec![[o, r]]);
+        assert_eq!(chunk(&[r, o]).claims, vec![[o, r]]);
+        // As the table is now: a reply entry gone since the listing, no claim.
+        let gone = plan(
+            &[r],
+            |k| (*k == o.0).then_some(o.1),
+            2,
+            |_| false,
+            now,
+            5 * S,
+        );
+        assert!(gone.claims.is_empty());
+        // An orphan found from its original entry's chunk, its reply read from the table.
+        let [o, r] = flow(1, "203.0.113.10", MODE_FULLNAT);
+        let table: std::collections::HashMap<CtKey, Ct> = [o, r].into_iter().collect();
+        let p = plan(&[o], |k| table.get(k).copied(), 2, |_| true, 200 * S, S);
+        assert_eq!(p.orphans, vec![(o.0, Some(r.0))]);
+        assert!(
+            plan(&[r], |k| table.get(k).copied(), 2, |_| true, 200 * S, S)
+                .orphans
+                .is_empty()
+        );
     }
 
     #[test]
@@ -250,19 +365,25 @@ mod tests {
         let [o, r] = flow(1, "203.0.113.10", MODE_FULLNAT);
         // Timeout 10 s, last packet at 100 s.
         assert!(
-            plan(&[o, r], 2, |_| true, 105 * S, S).orphans.is_empty(),
+            plan_of(&[o, r], 2, |_| true, 105 * S, S).orphans.is_empty(),
             "not idle yet"
         );
         assert!(
-            plan(&[o, r], 2, |_| false, 200 * S, S).orphans.is_empty(),
+            plan_of(&[o, r], 2, |_| false, 200 * S, S)
+                .orphans
+                .is_empty(),
             "origin alive"
         );
-        let p = plan(&[o, r], 2, |id| id == 1, 200 * S, S);
+        let p = plan_of(&[o, r], 2, |id| id == 1, 200 * S, S);
         assert_eq!(p.orphans, vec![(o.0, Some(r.0))]);
         // A reply entry still in use keeps the flow.
         let mut busy = r;
         busy.1.last_ns = 199 * S;
-        assert!(plan(&[o, busy], 2, |_| true, 200 * S, S).orphans.is_empty());
+        assert!(
+            plan_of(&[o, busy], 2, |_| true, 200 * S, S)
+                .orphans
+                .is_empty()
+        );
     }
 
     #[test]
