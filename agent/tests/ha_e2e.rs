@@ -32,6 +32,8 @@ fn lab(test: &str, label: &str, ka: &str) -> Option<ferrolb_tests::TestLab> {
 /// flow once confirmed: answered, and continued by its client); both directions of
 /// the VIP's traffic cross the MASTER. Then the sync channel is cut while BFD stays up:
 /// alarmed and counted, no failover, and the flows opened meanwhile arrive when it heals.
+/// Between the two, a flood of spoofed datagrams at the MASTER's UDP VIP: none of its flows
+/// reaches the BACKUP.
 #[test]
 fn roles_mirror_and_sync_cut() {
     let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
@@ -148,6 +150,64 @@ fn roles_mirror_and_sync_cut() {
     )
     .unwrap();
     assert_eq!(tcp2["origin"], 0);
+
+    // A flood of spoofed datagrams at the MASTER's UDP VIP (its endpoints answer each one, to
+    // sources that never continue): the flows stay unconfirmed on lb1 and none of them reaches
+    // the BACKUP, whose table would otherwise fill at the flood's rate (a UDP flow used to be
+    // synced from its first packet).
+    let hostile = ferrolb_tests::repo_root()
+        .join("agent/tests/attack/hostile.py")
+        .display()
+        .to_string();
+    let count2 = |lab: &ferrolb_tests::TestLab| {
+        metric(lab, "lb2", "ferrolb_conntrack_entries").unwrap()
+            + metric(lab, "lb2", "ferrolb_conntrack_halfopen_entries").unwrap()
+    };
+    let (entries2, received2, published1) = (
+        count2(&lab),
+        metric(&lab, "lb2", "ferrolb_sync_entries_received_total").unwrap(),
+        metric(&lab, "lb1", "ferrolb_sync_changes_published_total").unwrap(),
+    );
+    let out = lab
+        .exec_ok(
+            "client",
+            &[
+                "python3", &hostile, "flood", "udp", VIP, "9001", "30000", "15000", "5",
+            ],
+        )
+        .unwrap();
+    let flood: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert!(flood["sent"].as_u64().unwrap() >= 28_000, "{flood}");
+    // lb1's next collector pass (every 5 s) counts the unconfirmed flows.
+    lab.wait_until(
+        "lb1 counts the flood's unconfirmed flows",
+        Duration::from_secs(12),
+        || Ok(metric(&lab, "lb1", "ferrolb_conntrack_halfopen_entries").unwrap() >= 20_000.0),
+    )
+    .unwrap();
+    let (after2, recv_after, pub_after) = (
+        count2(&lab),
+        metric(&lab, "lb2", "ferrolb_sync_entries_received_total").unwrap(),
+        metric(&lab, "lb1", "ferrolb_sync_changes_published_total").unwrap(),
+    );
+    eprintln!(
+        "datagram flood at the MASTER: {flood}; lb1 half-open entries {}, lb2 entries {entries2} -> {after2}, changes lb1 published +{}, lb2 received +{}",
+        metric(&lab, "lb1", "ferrolb_conntrack_halfopen_entries").unwrap(),
+        pub_after - published1,
+        recv_after - received2
+    );
+    assert!(
+        after2 <= entries2 + 4.0,
+        "the flood reached the BACKUP: {entries2} -> {after2}"
+    );
+    assert!(
+        pub_after - published1 <= 20.0,
+        "lb1 published the flood's flows"
+    );
+    assert!(
+        recv_after - received2 <= 20.0,
+        "lb2 received the flood's flows"
+    );
 
     // Sync channel cut (TCP 22222 dropped on lb1) while BFD stays up.
     let cut = "table inet flb_sync_cut {\n chain in { type filter hook input priority -500; tcp dport 22222 drop; tcp sport 22222 drop; }\n chain out { type filter hook output priority -500; tcp dport 22222 drop; tcp sport 22222 drop; }\n}\n";

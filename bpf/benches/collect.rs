@@ -83,18 +83,9 @@ fn flow(i: u32, last_ns: u64) -> [(CtKey, Ct); 2] {
         nat_daddr: addr_words(ep.into()).0,
         nat_sport: sport.to_be(),
         nat_dport: 8080u16.to_be(),
-        dir: 0,
         ..base
     };
-    let r = Ct {
-        nat_saddr: addr_words(VIP.into()).0,
-        nat_daddr: addr_words(client.into()).0,
-        nat_sport: 80u16.to_be(),
-        nat_dport: sport.to_be(),
-        dir: 1,
-        ..base
-    };
-    [(k, o), (k.peer(&o), r)]
+    [(k, o), Ct::reply_of(&k, &o)]
 }
 
 /// The old collector: per idle entry of the listing, read it again (conntrack, then ct_new),

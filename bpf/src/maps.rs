@@ -528,6 +528,26 @@ impl CtKey {
 }
 
 impl Ct {
+    /// The reply entry of the flow whose original-direction entry is `orig` under `key`, with
+    /// its key: the translation back to the VIP and the client (as the datapath's `ct_plan`
+    /// writes it), every other field as `orig` has it.
+    pub fn reply_of(key: &CtKey, orig: &Ct) -> (CtKey, Ct) {
+        let (nat_sport, nat_dport) = if key.proto == PROTO_ICMP {
+            (key.sport, 0)
+        } else {
+            (key.dport, key.sport)
+        };
+        let reply = Ct {
+            nat_saddr: key.daddr,
+            nat_daddr: key.saddr,
+            nat_sport,
+            nat_dport,
+            dir: 1,
+            ..*orig
+        };
+        (key.peer(orig), reply)
+    }
+
     /// The state in force (both FINs seen is TIME_WAIT, as in the datapath's `eff_state`).
     pub fn state(&self) -> CtState {
         let s = CtState::from_u8(self.state);
@@ -627,6 +647,29 @@ mod tests {
         assert_eq!(p.src_port(), 8080);
         assert_eq!(p.dst().to_string(), "203.0.113.10");
         assert_eq!(p.dst_port(), 5000);
+        // Its reply entry translates back to the VIP and the client, and points at `k`.
+        let (rk, r) = Ct::reply_of(&k, &v);
+        assert_eq!(rk, p);
+        assert_eq!(
+            (r.dir, r.nat_src(k.family).to_string()),
+            (1, "203.0.113.10".into())
+        );
+        assert_eq!(u16::from_be(r.nat_sport), 80);
+        assert_eq!(rk.peer(&r), k);
+        // ICMP echo: the identifier both ways.
+        let ki = CtKey {
+            proto: PROTO_ICMP,
+            dport: 0,
+            ..k
+        };
+        let vi = Ct {
+            nat_sport: k.sport,
+            nat_dport: 0,
+            ..v
+        };
+        let (rki, ri) = Ct::reply_of(&ki, &vi);
+        assert_eq!((rki.sport, rki.dport), (k.sport, 0));
+        assert_eq!(rki.peer(&ri), ki);
     }
 
     #[test]

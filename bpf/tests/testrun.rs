@@ -1136,18 +1136,9 @@ fn the_collector_walks_the_table_a_chunk_at_a_time_in_bounded_memory() {
             nat_daddr: addr_words(EP1.into()).0,
             nat_sport: (10000 + i).to_be(),
             nat_dport: 8080u16.to_be(),
-            dir: 0,
             ..base
         };
-        let r = Ct {
-            nat_saddr: addr_words(VIP.into()).0,
-            nat_daddr: addr_words(CLIENT.into()).0,
-            nat_sport: 80u16.to_be(),
-            nat_dport: (10000 + i).to_be(),
-            dir: 1,
-            ..base
-        };
-        [(k, o), (k.peer(&o), r)]
+        [(k, o), Ct::reply_of(&k, &o)]
     };
     // 2,000 idle flows (300 of them unconfirmed, in ct_new) and 500 live ones.
     let fill = |dp: &mut Datapath| {

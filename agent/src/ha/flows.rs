@@ -160,20 +160,7 @@ pub fn entries_of(
         packets: 0,
         bytes: 0,
     };
-    let (nat_sport, nat_dport) = if key.proto == PROTO_ICMP {
-        (key.sport, 0)
-    } else {
-        (key.dport, key.sport)
-    };
-    let reply = Ct {
-        nat_saddr: key.daddr,
-        nat_daddr: key.saddr,
-        nat_sport,
-        nat_dport,
-        dir: 1,
-        ..orig
-    };
-    Some([(key, orig), (key.peer(&orig), reply)])
+    Some([(key, orig), Ct::reply_of(&key, &orig)])
 }
 
 #[cfg(test)]

@@ -216,16 +216,7 @@ mod tests {
             last_ns: 100 * S,
             ..Default::default()
         };
-        let rk = k.peer(&v);
-        let r = Ct {
-            nat_saddr: k.daddr,
-            nat_daddr: k.saddr,
-            nat_sport: k.dport,
-            nat_dport: k.sport,
-            dir: 1,
-            ..v
-        };
-        [(k, v), (rk, r)]
+        [(k, v), Ct::reply_of(&k, &v)]
     }
 
     #[test]
