@@ -27,6 +27,8 @@ static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb
 const PROGRAM: &str = "flb_ingress";
 /// The benchmark's floor program (see `floor_runner`).
 const FLOOR: &str = "flb_floor";
+/// The benchmark's zero (see `nop_runner`).
+const NOP: &str = "flb_nop";
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
 /// Load-time parameters. Sizes apply when the maps are created; adopted pinned maps keep
@@ -579,10 +581,20 @@ impl Datapath {
     /// A runner for the benchmark's floor program (`flb_floor`: FIB lookup, MAC rewrite,
     /// redirect; never attached), loaded on first use.
     pub fn floor_runner(&mut self) -> Result<crate::TestRunner> {
-        let prog = program(&mut self.ebpf, FLOOR)?;
+        self.bench_runner(FLOOR)
+    }
+
+    /// A runner for the benchmark's zero (`flb_nop`: returns at once; never attached): the
+    /// cost of a `BPF_PROG_TEST_RUN` call itself on this machine.
+    pub fn nop_runner(&mut self) -> Result<crate::TestRunner> {
+        self.bench_runner(NOP)
+    }
+
+    fn bench_runner(&mut self, name: &str) -> Result<crate::TestRunner> {
+        let prog = program(&mut self.ebpf, name)?;
         if prog.fd().is_err() {
             prog.load().map_err(|e| BpfError::Program {
-                context: format!("load {FLOOR} (verifier)"),
+                context: format!("load {name} (verifier)"),
                 source: e,
             })?;
         }
