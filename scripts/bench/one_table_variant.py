@@ -24,6 +24,7 @@ evicted; a real build would have the collector correct it from its census): a so
     FLB_OBJECT=/tmp/one-table/lb.o cargo bench -p ferrolb-bpf --bench cycles
 """
 
+import argparse
 import pathlib
 import shutil
 import sys
@@ -151,19 +152,22 @@ PROMOTE_RING = """{
 """
 
 
+def fail(what: str) -> int:
+    print(f"one_table_variant: the source changed; not found: {what}", file=sys.stderr)
+    return 1
+
+
 def main() -> int:
-    args = sys.argv[1:]
-    ring, gate = 0, 0
-    if args[:1] == ["--gate"]:
-        gate = 1
-        args = args[1:]
-    if len(args) == 3 and args[0] == "--ring":
-        ring = int(args[1])
-        args = args[2:]
-    if len(args) != 1 or (gate and ring <= 0):
-        print(__doc__, file=sys.stderr)
-        return 2
-    out = pathlib.Path(args[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--ring", type=int, default=0, metavar="SLOTS",
+                    help="bound unconfirmed flows with a ring of SLOTS slots")
+    ap.add_argument("--gate", action="store_true",
+                    help="with --ring: look at a slot's previous flow only at the bound")
+    ap.add_argument("outdir")
+    a = ap.parse_args()
+    if a.gate and a.ring <= 0:
+        ap.error("--gate needs --ring SLOTS")
+    out = pathlib.Path(a.outdir)
     out.mkdir(parents=True, exist_ok=True)
     for f in SRC.iterdir():
         if f.suffix in (".c", ".h"):
@@ -177,32 +181,28 @@ def main() -> int:
         (DELETE, "\tbpf_map_delete_elem(&conntrack, k);"),
     ]:
         if old not in s:
-            print(f"one_table_variant: the source changed; not found:\n{old}", file=sys.stderr)
-            return 1
+            return fail(old)
         s = s.replace(old, new)
-    head = "static __always_inline struct flb_ct *ct_promote("
-    i = s.find(head)
+    i = s.find("static __always_inline struct flb_ct *ct_promote(")
     if i < 0:
-        print("one_table_variant: ct_promote not found", file=sys.stderr)
-        return 1
+        return fail("ct_promote")
     j = s.index("{", i)
     k = s.index("\n}\n", j) + 3
-    s = s[:j] + (PROMOTE_RING if ring else PROMOTE) + s[k:]
-    if ring:
-        for anchor, text in [
-            ("} ct_new SEC(\".maps\");\n", "#define FLB_HO_SLOTS %d\n#define FLB_HO_GATE %d\n%s" % (ring, gate, RING_MAPS)),
-            ("/* May a new flow take the key k that `occ` holds?", RING_TRACK),
-        ]:
-            if anchor not in s:
-                print(f"one_table_variant: the source changed; not found: {anchor}", file=sys.stderr)
-                return 1
-            i = s.index(anchor)
-            s = s[: i + len(anchor)] + text + s[i + len(anchor):] if anchor.startswith("}") else s[:i] + text + s[i:]
-        made = "\t\t\tcount(FLB_CNT_CT_CREATED);\n\t\t\t/* A flow in ct_new is reported"
-        if made not in s:
-            print("one_table_variant: ct_create's insertion not found", file=sys.stderr)
-            return 1
-        s = s.replace(made, "\t\t\tcount(FLB_CNT_CT_CREATED);\n\t\t\tif (o->flags & FLB_CTF_NEW)\n\t\t\t\tho_track(okey, o->created_ns);\n\t\t\t/* A flow in ct_new is reported", 1)
+    s = s[:j] + (PROMOTE_RING if a.ring else PROMOTE) + s[k:]
+    if a.ring:
+        maps_after = '} ct_new SEC(".maps");\n'
+        track_before = "/* May a new flow take the key k that `occ` holds?"
+        made = "\t\t\tcount(FLB_CNT_CT_CREATED);\n"
+        if maps_after not in s or track_before not in s or made not in s:
+            return fail("the ct_new map, ct_take_over's comment or ct_create's count")
+        defs = "#define FLB_HO_SLOTS %d\n#define FLB_HO_GATE %d\n" % (a.ring, int(a.gate))
+        s = s.replace(maps_after, maps_after + defs + RING_MAPS, 1)
+        s = s.replace(track_before, RING_TRACK + track_before, 1)
+        # The flow's original entry is in: it takes its slot (ct_create; ct_reopen's flows are
+        # confirmed from the start).
+        i = s.index(made, s.index("int ct_create("))
+        s = (s[: i + len(made)] + "\t\t\tif (o->flags & FLB_CTF_NEW)\n\t\t\t\tho_track(okey, o->created_ns);\n"
+             + s[i + len(made):])
     p.write_text(s)
     print(f"one_table_variant: {p}")
     return 0
