@@ -127,16 +127,9 @@ __noinline int ho_track(const struct flb_ct_key *k, __u64 created)
 """
 
 
-PROMOTE_RING = """{
-	struct flb_ct_key pk;
-	ct_peer_key(&pk, key, e);
-	struct flb_ct *pe = seen ? seen : bpf_map_lookup_elem(&conntrack, &pk);
-	if (pe && !ct_points_to(pe, key))
-		pe = 0;
-	e->flags &= ~(FLB_CTF_NEW | FLB_CTF_REPLIED);
-	if (pe)
-		pe->flags &= ~(FLB_CTF_NEW | FLB_CTF_REPLIED);
-	/* An evictor that claimed the flow before this CPU cleared the flag removes it. */
+# With the ring: an evictor that claimed the flow before this CPU cleared the flag removes it;
+# the gate's count goes down.
+PROMOTE_RING = PROMOTE.replace("""	count(FLB_CNT_CT_PROMOTED);""", """	/* An evictor that claimed the flow before this CPU cleared the flag removes it. */
 	if (__sync_fetch_and_or(&e->fin, 0) & FLB_FIN_CLAIMED)
 		return 0;
 	if (FLB_HO_GATE) {
@@ -145,11 +138,7 @@ PROMOTE_RING = """{
 		if (cnt)
 			__sync_fetch_and_add(cnt, -1);
 	}
-	count(FLB_CNT_CT_PROMOTED);
-	emit(FLB_EV_ESTABLISHED, key, e);
-	return e;
-}
-"""
+	count(FLB_CNT_CT_PROMOTED);""")
 
 
 def fail(what: str) -> int:

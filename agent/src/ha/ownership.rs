@@ -219,6 +219,15 @@ mod tests {
         [(k, v), Ct::reply_of(&k, &v)]
     }
 
+    /// A synced full-NAT flow of node 1 from a node address whose replies (its owning
+    /// direction) reached this node at 101 s.
+    fn replied_at_101s() -> [(CtKey, Ct); 2] {
+        let [o, mut r] = flow(1, "203.0.113.201", MODE_FULLNAT);
+        r.1.packets = 3;
+        r.1.last_ns = 101 * S;
+        [o, r]
+    }
+
     #[test]
     fn the_owning_direction_is_the_one_that_reaches_a_single_node() {
         let [(k, v), _] = flow(1, "203.0.113.201", MODE_FULLNAT);
@@ -241,9 +250,7 @@ mod tests {
     fn a_copy_that_carried_owning_traffic_recently_is_claimed() {
         let now = 102 * S;
         // Node-address source: the reply entry decides.
-        let [o, mut r] = flow(1, "203.0.113.201", MODE_FULLNAT);
-        r.1.packets = 3;
-        r.1.last_ns = 101 * S;
+        let [o, r] = replied_at_101s();
         let p = plan_of(&[o, r], 2, |_| false, now, 5 * S);
         assert_eq!(p.claims, vec![[o, r]]);
         // Client packets alone do not claim such a flow (its replies go elsewhere).
@@ -320,9 +327,7 @@ mod tests {
     #[test]
     fn a_claim_is_found_whichever_chunk_holds_the_owning_entry() {
         let now = 102 * S;
-        let [o, mut r] = flow(1, "203.0.113.201", MODE_FULLNAT);
-        r.1.packets = 3;
-        r.1.last_ns = 101 * S;
+        let [o, r] = replied_at_101s();
         let table: std::collections::HashMap<CtKey, Ct> = [o, r].into_iter().collect();
         let chunk =
             |c: &[(CtKey, Ct)]| plan(c, |k| table.get(k).copied(), 2, |_| false, now, 5 * S);
