@@ -268,6 +268,7 @@ fn load_datapath(cfg: &Config, bus: &RoleBus) -> Result<Loaded> {
         max_services: cfg.flags.max_services,
         max_conntrack: cfg.flags.max_conntrack,
         max_halfopen: cfg.flags.max_halfopen,
+        halfopen_inplace: cfg.flags.halfopen_inplace,
         node_id: cfg.flags.self_id.unwrap_or(0),
         fullnat_sources: cfg.node_snat.clone(),
         // Sync is the only reader of flow events; a standalone node does not make them.
@@ -281,6 +282,7 @@ fn load_datapath(cfg: &Config, bus: &RoleBus) -> Result<Loaded> {
         services = dp.capacity().services,
         conntrack = dp.capacity().conntrack,
         halfopen = dp.capacity().halfopen,
+        halfopen_inplace = dp.halfopen_inplace().0,
         "datapath loaded"
     );
     let events = dp.take_events();
@@ -645,8 +647,14 @@ async fn collector_loop(
                 );
                 let removed = stats.removed;
                 if removed > 0 {
-                    debug!(removed, spilled = stats.spilled, "conntrack collector pass");
+                    debug!(
+                        removed,
+                        spilled = stats.spilled,
+                        refunded = stats.refunded,
+                        "conntrack collector pass"
+                    );
                 }
+                pass.halfopen_inplace = stats.halfopen_inplace as u64;
                 // Live entries of each table (the half-open ones carry CTF_NEW).
                 // (Saturating: an entry's flag may change between the walk and its removal.)
                 let halfopen = listed_new.saturating_sub(removed_new);

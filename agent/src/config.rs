@@ -166,6 +166,14 @@ pub struct Flags {
     #[arg(long, default_value_t = 0, value_name = "N")]
     pub max_halfopen: u32,
 
+    /// Half-open TCP flows made in the conntrack table itself, at first creation: their
+    /// handshake completes in place, with no move between the tables at its end (the conntrack
+    /// table has room of its own for them: two entries each beyond --max-conntrack). Past it,
+    /// half-open flows go to the half-open table. Default: an eighth of the half-open table;
+    /// 0: none.
+    #[arg(long, value_name = "N")]
+    pub halfopen_inplace: Option<u32>,
+
     /// Seconds between conntrack collector passes.
     #[arg(long, default_value_t = 5, value_name = "SECONDS")]
     pub gc_interval: u64,
@@ -420,6 +428,9 @@ impl Config {
         }
         if flags.max_halfopen != 0 && flags.max_halfopen < 1024 {
             bail!("--max-halfopen: must be 0 (a quarter of --max-conntrack) or at least 1024");
+        }
+        if flags.halfopen_inplace.is_some_and(|n| n > 1 << 20) {
+            bail!("--halfopen-inplace: must be at most 1048576");
         }
         if flags.gc_interval == 0 {
             bail!("--gc-interval: must be at least 1 second");

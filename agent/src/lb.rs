@@ -29,6 +29,8 @@ pub struct CtCensus {
     /// Entries of the conntrack table, and of the half-open table.
     pub entries: u64,
     pub halfopen: u64,
+    /// Half-open TCP flows in the conntrack table itself (the in-place budget's).
+    pub halfopen_inplace: u64,
     pub collected_total: u64,
     /// Flows of this node first seen by the last pass (created since the pass before).
     pub new_flows: u64,
@@ -255,6 +257,8 @@ pub struct CensusPass {
     /// reset since then (in CLOSE, last packet after the previous pass).
     pub created: BTreeMap<u32, u64>,
     pub reset: BTreeMap<u32, u64>,
+    /// Half-open TCP flows listed in the conntrack table itself (the in-place budget's).
+    pub halfopen_inplace: u64,
 }
 
 /// One flow as listed: its original direction, both directions' counters.
@@ -904,6 +908,7 @@ impl Engine {
         self.census.nat_pools = pass.nat_pools;
         self.census.entries = entries;
         self.census.halfopen = halfopen;
+        self.census.halfopen_inplace = pass.halfopen_inplace;
         self.census.collected_total += removed;
         self.census.new_flows = pass.created.values().sum();
         // Only ids that name a rule now (a deleted rule's flows may outlive it by a pass).

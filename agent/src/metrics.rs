@@ -100,6 +100,8 @@ pub struct DatapathSnapshot {
     pub counters: Vec<u64>,
     pub conntrack_capacity: u32,
     pub halfopen_capacity: u32,
+    /// The in-place budget: half-open TCP flows the conntrack table itself may hold.
+    pub halfopen_inplace_capacity: u32,
     /// Distinct endpoints (address, port) of rules that probe them: (up, down).
     pub probed_endpoints: (u64, u64),
     /// Per rule label (as `services`): sampled new flows and resets since the rule was made.
@@ -205,6 +207,7 @@ impl DatapathSnapshot {
             counters: dp.counters().to_vec(),
             conntrack_capacity: dp.capacity().conntrack,
             halfopen_capacity: dp.capacity().halfopen,
+            halfopen_inplace_capacity: dp.halfopen_inplace().0,
         }
     }
 }
@@ -316,6 +319,18 @@ pub fn record(m: &Metrics, d: &DatapathSnapshot) {
         "Half-open table size (an LRU: when full, the least recently used unconfirmed flows go).",
         &[],
         f64::from(d.halfopen_capacity),
+    );
+    gauge(
+        "ferrolb_conntrack_halfopen_inplace_flows",
+        "Half-open TCP flows made in the conntrack table itself (their handshake completes in place); counted in its entries.",
+        &[],
+        d.census.halfopen_inplace as f64,
+    );
+    gauge(
+        "ferrolb_conntrack_halfopen_inplace_capacity",
+        "How many half-open TCP flows the conntrack table itself may hold (--halfopen-inplace); past it, they go to the half-open table.",
+        &[],
+        f64::from(d.halfopen_inplace_capacity),
     );
     counter(
         "ferrolb_conntrack_collected_total",

@@ -7,9 +7,10 @@
 //! route and a permanent neighbour entry toward the endpoint, so the FIB lookup succeeds and the
 //! packet is redirected, as in production. Cases: an established TCP segment (64 bytes of data)
 //! through DNAT, one-arm and full NAT, IPv4 and IPv6; a new connection in each of those, from
-//! a new source port each time: its SYN when nobody answers (a SYN flood's path:
-//! the half-open table fills), and a connection that opens (its SYN, the endpoint's SYN-ACK
-//! and the client's ACK, each timed; their mean per packet); a new UDP flow in each (its first
+//! a new source port each time: a connection that opens (its SYN, the endpoint's SYN-ACK
+//! and the client's ACK, each timed; their mean per packet: the flow is made half-open in
+//! `conntrack` itself and completes there), and a SYN nobody answers (a SYN flood's path: the
+//! in-place budget is filled first, untimed, so these go to the half-open table and fill it); a new UDP flow in each (its first
 //! datagram, the endpoint's answer, and the client's next datagram, which confirms the flow
 //! and moves it to the conntrack table, each timed). Between rounds the benchmark
 //! drains the event ring, as the agent does every few milliseconds. Baseline, same run,
@@ -19,7 +20,8 @@
 //! floor's median. Both pay the test-run overhead (skb set-up, copies, the clock reads), which
 //! makes the ratios conservative and machine-dependent: the benchmark also times an empty
 //! program (`flb_nop`) and prints a "net" ratio with that cost taken off both sides. `FLB_OBJECT=path` runs a datapath object built elsewhere (a variant of the
-//! C source) instead of the one built in.
+//! C source) instead of the one built in; `FLB_INPLACE=N` sets the in-place budget (0: every
+//! half-open flow in the half-open table, `ct_new`, moving at its handshake's end).
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -123,6 +125,9 @@ fn main() {
     let cfg = DatapathConfig {
         max_services: 64,
         max_conntrack: 1 << 20,
+        halfopen_inplace: std::env::var("FLB_INPLACE")
+            .ok()
+            .and_then(|v| v.parse().ok()),
         ..Default::default()
     };
     let mut dp = match std::env::var("FLB_OBJECT") {
@@ -205,12 +210,26 @@ fn main() {
     let removed = dp.ct_remove_where(|k, _| k.dport == 82u16.to_be() || k.sport == 8080u16.to_be());
     assert!(removed >= 12 * total, "warm-up flows removed: {removed}");
     drain();
-    // (a) A SYN never answered (a SYN flood's path): the half-open table fills with flows
-    //     nobody completes (up to 120,000 entries of its 262,144 at 10 rounds).
-    // (b) A connection that opens: SYN, the endpoint's SYN-ACK, the client's ACK, each timed.
-    //     The ACK moves the flow to `conntrack`; its half-open entries go back to the free list.
+    // (a) A connection that opens: SYN, the endpoint's SYN-ACK, the client's ACK, each timed.
+    //     The flow is made half-open in `conntrack` and its ACK establishes it there (with
+    //     FLB_INPLACE=0: made in `ct_new`, and the ACK moves it to `conntrack`).
+    // (b) A SYN never answered (a SYN flood's path): the in-place budget is filled first
+    //     (untimed), then the half-open table fills with flows nobody completes (up to 120,000
+    //     entries of its 262,144 at 10 rounds).
     let mut block = 8u32;
-    for (case, answered) in [("unanswered", false), ("answered", true)] {
+    for (case, answered) in [("answered", true), ("unanswered", false)] {
+        if !answered {
+            let (limit, _) = dp.halfopen_inplace();
+            for k in 0..limit {
+                open(0, (7 << 20) + k, 80, false); // DNAT: it takes no NAT port
+            }
+            drain();
+            assert_eq!(
+                dp.halfopen_inplace().1,
+                i64::from(limit),
+                "the budget is full"
+            );
+        }
         for (f, (fam, client, _, ep, _)) in fams.into_iter().enumerate() {
             let floor_pkt = tcp(client, ep, 40000, 8080, 0x02, &[]);
             for (_, mode, port) in MODES {

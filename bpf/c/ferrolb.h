@@ -104,6 +104,19 @@
  * it. The datapath's alone: the agent strips it from what it writes (it syncs FLB_FIN_BOTH
  * only), and its collector leaves a flow with either entry held. */
 #define FLB_FIN_CLAIMED 0x08
+/* On the original-direction entry of a TCP flow made half-open in conntrack itself (not in
+ * ct_new, while the in-place budget has room: HALFOPEN_INPLACE): counted in `ct_budget` until
+ * the flow is established or removed, whichever comes first (cleared with atomic and: one
+ * CPU settles it). The agent strips it from what it syncs and installs. */
+#define FLB_FIN_HALFOPEN 0x10
+
+/* `ct_budget`: half-open TCP flows made in conntrack itself. Index 0 is the datapath's
+ * (`made` and `settled`, atomic adds), index 1 the agent's (`settled` only: flows its collector
+ * found gone, see Collector::pass). In conntrack now: made - both settled. */
+struct flb_budget {
+	__u64 made;
+	__u64 settled;
+};
 
 /* Indexes of the per-CPU `counters` array. */
 #define FLB_CNT_DROP_FRAGMENT 0

@@ -120,6 +120,14 @@ volatile const __u8 CSUM_IPV6 = 1;
  * reader, a connection's events (created, established, closed, removed) are work for nobody;
  * the datapath's counters count the same things. NAT-pressure signals are always sent. */
 volatile const __u8 FLOW_EVENTS = 1;
+/* How many half-open TCP flows may be made in conntrack itself (0: none, every one goes
+ * through ct_new). While fewer than this are, a SYN's flow is made in conntrack, not in
+ * ct_new, and its handshake completes in place: no move of both entries between the tables
+ * at its end (two inserts and two deletes, the larger part of what a connection cost). Past
+ * it (a SYN flood, or a slow trickle of spoofed SYNs keeping it full) flows are made in ct_new
+ * as before, whose LRU churns them. conntrack is sized for it (two entries a flow beyond
+ * --max-conntrack), so established flows keep their room. See decision 0007. */
+volatile const __u32 HALFOPEN_INPLACE = 0;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -323,6 +331,15 @@ struct {
 	__type(value, __u32);
 	__uint(max_entries, 1);
 } fib_gen SEC(".maps");
+
+/* Half-open flows made in conntrack itself (struct flb_budget; HALFOPEN_INPLACE). Pinned
+ * with conntrack. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct flb_budget);
+	__uint(max_entries, 2);
+} ct_budget SEC(".maps");
 
 /* When the datapath last told the agent of source-NAT port pressure (index 0, ns). */
 struct {
@@ -826,6 +843,44 @@ static __always_inline void emit(__u32 type, const struct flb_ct_key *k, const s
 	bpf_ringbuf_submit(ev, wake ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
 }
 
+/* Is there room in the in-place budget for one more half-open flow in conntrack? Racing
+ * CPUs may each take the last place: the budget is exceeded by at most one flow a CPU. */
+static __always_inline int inplace_room(void)
+{
+	if (!HALFOPEN_INPLACE)
+		return 0;
+	__u32 dp = 0, ag = 1;
+	struct flb_budget *d = bpf_map_lookup_elem(&ct_budget, &dp);
+	struct flb_budget *a = bpf_map_lookup_elem(&ct_budget, &ag);
+	if (!d || !a)
+		return 0;
+	return (__s64)(d->made - d->settled - a->settled) < (__s64)HALFOPEN_INPLACE;
+}
+
+static __always_inline void inplace_add(__u32 field)
+{
+	__u32 dp = 0;
+	struct flb_budget *d = bpf_map_lookup_elem(&ct_budget, &dp);
+	if (!d)
+		return;
+	if (field)
+		__sync_fetch_and_add(&d->settled, 1);
+	else
+		__sync_fetch_and_add(&d->made, 1);
+}
+
+/* The half-open flow whose original-direction entry is `o` leaves the in-place budget
+ * (established, or removed): once, whichever CPU clears the bit. Returns 1 for that CPU. */
+static __always_inline int inplace_settle(struct flb_ct *o)
+{
+	if (!o || !(o->fin & FLB_FIN_HALFOPEN))
+		return 0;
+	if (!(__sync_fetch_and_and(&o->fin, ~FLB_FIN_HALFOPEN) & FLB_FIN_HALFOPEN))
+		return 0;
+	inplace_add(1);
+	return 1;
+}
+
 static __always_inline void lc_dec(const struct flb_ct *v)
 {
 	if (!(v->flags & FLB_CTF_LC))
@@ -1000,8 +1055,12 @@ static __always_inline void ct_set_state(const struct flb_ct_key *key, struct fl
 			pe->last_ns = now;
 		}
 	}
-	if (next == FLB_CT_EST && st < FLB_CT_EST && !(e->flags & FLB_CTF_NEW))
+	if (next == FLB_CT_EST && st < FLB_CT_EST && !(e->flags & FLB_CTF_NEW)) {
+		/* A flow made half-open in conntrack completes in place, and leaves the budget. */
+		if (inplace_settle(e->dir == 0 ? e : pe))
+			count(FLB_CNT_CT_PROMOTED);
 		emit(FLB_EV_ESTABLISHED, key, e);
+	}
 	if (close) {
 		struct flb_ct *o = e->dir == 0 ? e : pe;
 		if (!o)
@@ -1398,6 +1457,7 @@ static __always_inline void ct_retire(const struct flb_ct_key *k, struct flb_ct 
 {
 	if (v->dir != 0)
 		return;
+	inplace_settle(v);
 	__u32 old = __sync_fetch_and_or(&v->fin, FLB_FIN_CLOSED);
 	if (!(old & FLB_FIN_CLOSED))
 		lc_dec(v);
@@ -1508,6 +1568,17 @@ static __always_inline int ct_take_over(const struct flb_ct_key *k, struct flb_c
 	return 1;
 }
 
+/* A flow about to be made half-open in conntrack (no FLB_CTF_NEW, SYN_SENT) found conntrack
+ * full: it is made in ct_new instead, as without the in-place budget (a full conntrack then
+ * refuses the handshake's end, not its start). Returns 1 when `o` was such a flow. */
+static __always_inline int inplace_spill(struct flb_ct *o)
+{
+	if ((o->flags & FLB_CTF_NEW) || o->state != FLB_CT_SYN_SENT)
+		return 0;
+	o->flags |= FLB_CTF_NEW;
+	return 1;
+}
+
 /* bpf_loop state for the source-NAT port search. */
 struct nat_search {
 	struct flb_ct_key rkey; /* the reply key; its translated port is filled per probe */
@@ -1549,6 +1620,8 @@ static long nat_probe(__u32 i, void *arg)
 			return 1;
 		}
 		if (rc == -E2BIG_) {
+			if (inplace_spill(c->reply))
+				return 0; /* conntrack is full: the flow goes to ct_new */
 			c->full = 1; /* conntrack is full: no port helps */
 			return 1;
 		}
@@ -1567,6 +1640,8 @@ static long nat_probe(__u32 i, void *arg)
 		return 0;
 	long rc = ct_insert(&c->rkey, c->reply, BPF_NOEXIST);
 	if (rc == -E2BIG_) {
+		if (inplace_spill(c->reply))
+			return 0; /* conntrack is full: the flow goes to ct_new */
 		c->full = 1; /* conntrack is full: no port helps */
 		return 1;
 	}
@@ -1655,9 +1730,11 @@ __noinline int ct_plan(const struct pkt *p, const struct flb_svc *svc, struct fl
 		o->flags |= FLB_CTF_PICKUP | FLB_CTF_NEW;
 	} else if (p->proto == IPPROTO_TCP || p->proto == IPPROTO_SCTP) {
 		/* A SYN, or an SCTP INIT (the only chunk that opens a flow): half-open in
-		 * ct_new until the handshake completes. */
+		 * ct_new until the handshake completes; a SYN in conntrack itself while the
+		 * in-place budget has room (ct_create counts it there). */
 		o->state = FLB_CT_SYN_SENT;
-		o->flags |= FLB_CTF_NEW;
+		if (p->proto != IPPROTO_TCP || !inplace_room())
+			o->flags |= FLB_CTF_NEW;
 	} else {
 		/* UDP, ICMP echo: unconfirmed in ct_new until answered and continued
 		 * (dgram_track). */
@@ -1840,6 +1917,8 @@ __noinline int ct_create(const struct pkt *p, const struct flb_svc *svc, struct 
 		/* Client address kept: the reply key cannot collide with
 		 * another client's flow. */
 		ok = ct_insert(&c.rkey, o, BPF_ANY);
+		if (ok == -E2BIG_ && inplace_spill(o))
+			ok = ct_insert(&c.rkey, o, BPF_ANY);
 		if (ok == -E2BIG_)
 			c.full = 1;
 	} else {
@@ -1872,14 +1951,22 @@ __noinline int ct_create(const struct pkt *p, const struct flb_svc *svc, struct 
 		count(c.full ? FLB_CNT_DROP_CT_FULL : FLB_CNT_DROP_NAT_PORTS);
 		return -1;
 	}
+	/* Half-open in conntrack itself: counted in the in-place budget until it is established
+	 * or removed. */
+	int inplace = p->proto == IPPROTO_TCP && o->state == FLB_CT_SYN_SENT &&
+		      !(o->flags & FLB_CTF_NEW);
+	if (inplace)
+		o->fin |= FLB_FIN_HALFOPEN;
 	for (int t = 0; t < 2; t++) {
 		long rc = ct_insert(okey, o, BPF_NOEXIST);
 		if (rc == 0) {
 			count(FLB_CNT_CT_CREATED);
-			/* A flow in ct_new is reported when it is confirmed (ct_promote): peers
-			 * never hold unconfirmed flows, so a flood here does not fill their
-			 * tables. */
-			if (!(o->flags & FLB_CTF_NEW))
+			if (inplace)
+				inplace_add(0);
+			/* A half-open flow is reported when it is established (ct_promote,
+			 * ct_set_state): peers never hold unconfirmed flows, so a flood here does
+			 * not fill their tables. */
+			if (!(o->flags & FLB_CTF_NEW) && o->state >= FLB_CT_EST)
 				emit(FLB_EV_CREATED, okey, o);
 			return 1;
 		}

@@ -52,6 +52,10 @@ pub struct DatapathConfig {
     /// Flow events (created, established, closed, removed) go to the ring buffer: only a node
     /// that syncs its flows reads them. NAT-pressure signals are sent either way.
     pub flow_events: bool,
+    /// How many TCP flows may be half-open in `conntrack` itself at once (`HALFOPEN_INPLACE`
+    /// in `c/lb.bpf.c`; `conntrack` is sized two entries a flow larger for it); past that, and
+    /// with `Some(0)`, half-open flows go through `ct_new`. `None`: an eighth of `ct_new`.
+    pub halfopen_inplace: Option<u32>,
 }
 
 impl Default for DatapathConfig {
@@ -65,6 +69,7 @@ impl Default for DatapathConfig {
             node_id: 0,
             fullnat_sources: Vec::new(),
             flow_events: true,
+            halfopen_inplace: None,
         }
     }
 }
@@ -90,6 +95,7 @@ pub struct Datapath {
     src_ranges: LpmTrie<MapData, SrcKey, u8>,
     src_drops: PerCpuArray<MapData, u64>,
     conntrack: CtTables,
+    ct_budget: Array<MapData, Budget>,
     affinity: HashMap<MapData, AffinityKey, Affinity>,
     rr_state: Array<MapData, u32>,
     ep_conns: Array<MapData, u32>,
@@ -104,7 +110,9 @@ pub struct Datapath {
     if_out_slots: Vec<[u8; 12]>,
     events: Option<RingBuf<MapData>>,
     capacity: Capacity,
-    collector_ids: (u32, u32, u32),
+    collector_ids: (u32, u32, u32, u32),
+    /// `HALFOPEN_INPLACE` as loaded.
+    inplace: u32,
     sync_ids: [u32; 4],
     /// `fib_gen` (not pinned), for [`Datapath::fib_invalidator`].
     fib_gen_id: u32,
@@ -298,7 +306,7 @@ where
     T::try_from(m).map_err(map_err(name))
 }
 
-const MAPS: [&str; 16] = [
+const MAPS: [&str; 17] = [
     "services",
     "ranges",
     "src_ranges",
@@ -306,6 +314,7 @@ const MAPS: [&str; 16] = [
     "backends",
     "conntrack",
     "ct_new",
+    "ct_budget",
     "affinity",
     "rr_state",
     "ep_conns",
@@ -357,6 +366,29 @@ impl Datapath {
         } else {
             cfg.max_halfopen.max(1024)
         };
+        // At most an eighth of the half-open table made in conntrack itself; conntrack has
+        // room for their two entries each beyond --max-conntrack. A pinned conntrack adopted
+        // from an earlier version keeps its size: only the room it has beyond
+        // --max-conntrack is used (none: every half-open flow goes through ct_new).
+        let mut inplace = cfg
+            .halfopen_inplace
+            .unwrap_or((halfopen / 8).max(128))
+            .min(1 << 20);
+        if let Some((_, pin)) = pins.iter().find(|(m, _)| *m == "conntrack")
+            && let Ok(m) = MapData::from_pin(pin)
+            && let Ok(info) = m.info()
+        {
+            let room = info.max_entries().saturating_sub(cfg.max_conntrack) / 2;
+            if room < inplace {
+                warn!(
+                    inplace,
+                    room,
+                    "the pinned conntrack table has less room beyond --max-conntrack than \
+                     in-place half-open flows need; using what it has (fresh pins give it all)"
+                );
+                inplace = room;
+            }
+        }
         let csum_ipv6 = u8::from(csum_ipv6());
         let flow_events = u8::from(cfg.flow_events);
         let mut src4 = [0u32; 4];
@@ -376,10 +408,11 @@ impl Datapath {
             .override_global("FULLNAT_SRC6", &src6, true)
             .override_global("CSUM_IPV6", &csum_ipv6, true)
             .override_global("FLOW_EVENTS", &flow_events, true)
+            .override_global("HALFOPEN_INPLACE", &inplace, true)
             .map_max_entries("services", svc)
             .map_max_entries("ranges", svc)
             .map_max_entries("backends", svc * 2)
-            .map_max_entries("conntrack", cfg.max_conntrack)
+            .map_max_entries("conntrack", cfg.max_conntrack.saturating_add(2 * inplace))
             .map_max_entries("ct_new", halfopen)
             .map_max_entries("affinity", cfg.max_affinity.max(1024))
             .map_max_entries("rr_state", svc)
@@ -407,6 +440,7 @@ impl Datapath {
             map_id(&ebpf, "conntrack")?,
             map_id(&ebpf, "ct_new")?,
             map_id(&ebpf, "ep_conns")?,
+            map_id(&ebpf, "ct_budget")?,
         );
         let sync_ids = [
             map_id(&ebpf, "conntrack")?,
@@ -429,6 +463,7 @@ impl Datapath {
             affinity: take(&mut ebpf, "affinity")?,
             rr_state: take(&mut ebpf, "rr_state")?,
             ep_conns: take(&mut ebpf, "ep_conns")?,
+            ct_budget: take(&mut ebpf, "ct_budget")?,
             svc_stats: take(&mut ebpf, "svc_stats")?,
             ep_stats: take(&mut ebpf, "ep_stats")?,
             counters: take(&mut ebpf, "counters")?,
@@ -441,12 +476,22 @@ impl Datapath {
             conntrack,
             capacity,
             collector_ids,
+            inplace,
             sync_ids,
             fib_gen_id,
             pin_dir: cfg.pin_dir.clone(),
             ebpf,
             attached: Vec::new(),
         })
+    }
+
+    /// The in-place budget (`HALFOPEN_INPLACE`: how many half-open TCP flows may be made in
+    /// `conntrack` itself; 0: none) and how many it counts now.
+    pub fn halfopen_inplace(&self) -> (u32, i64) {
+        (
+            self.inplace,
+            read_budget(&self.ct_budget).map_or(0, budget_count),
+        )
     }
 
     pub fn capacity(&self) -> Capacity {
@@ -789,11 +834,13 @@ impl Datapath {
             })
         };
         let lc = aya::maps::Map::Array(open(self.collector_ids.2, "ep_conns")?);
+        let budget = aya::maps::Map::Array(open(self.collector_ids.3, "ct_budget")?);
         Ok(Collector {
             conntrack: CtTables::open(self.collector_ids.0, self.collector_ids.1)?,
             walk: CtTables::open(self.collector_ids.0, self.collector_ids.1)?,
             pending_max: SWEEP_PENDING_MAX,
             ep_conns: Array::try_from(lc).map_err(map_err("ep_conns"))?,
+            budget: Array::try_from(budget).map_err(map_err("ct_budget"))?,
         })
     }
 
@@ -1027,12 +1074,14 @@ impl Datapath {
     }
 }
 
-/// `entries` without the datapath's claim bit (FIN_CLAIMED): an entry the agent read while a
-/// CPU held it (for a few hundred nanoseconds) and writes back (adopted, claimed from a peer)
-/// must not carry a claim nobody will release, or the datapath would drop its key's new flows
-/// and the collector never remove it. Copies only when one does.
+/// `entries` without the datapath's own `fin` bits ([`FIN_DATAPATH`]): an entry the agent read
+/// while a CPU held it (for a few hundred nanoseconds) and writes back (adopted, claimed from a
+/// peer) must not carry a claim nobody will release, or the datapath would drop its key's new
+/// flows and the collector never remove it; nor a half-open mark the datapath never counted
+/// (settling it would free a place in the in-place budget that was never taken). Copies only
+/// when one does.
 fn unclaimed(entries: &[(CtKey, Ct)]) -> std::borrow::Cow<'_, [(CtKey, Ct)]> {
-    if entries.iter().all(|(_, v)| v.fin & FIN_CLAIMED == 0) {
+    if entries.iter().all(|(_, v)| v.fin & FIN_DATAPATH == 0) {
         return std::borrow::Cow::Borrowed(entries);
     }
     std::borrow::Cow::Owned(
@@ -1042,7 +1091,7 @@ fn unclaimed(entries: &[(CtKey, Ct)]) -> std::borrow::Cow<'_, [(CtKey, Ct)]> {
                 (
                     *k,
                     Ct {
-                        fin: v.fin & !FIN_CLAIMED,
+                        fin: v.fin & !FIN_DATAPATH,
                         ..*v
                     },
                 )
@@ -1309,6 +1358,35 @@ pub struct Collector {
     walk: CtTables,
     ep_conns: Array<MapData, u32>,
     pending_max: usize,
+    budget: Array<MapData, Budget>,
+}
+
+/// The original-direction entry of a half-open flow the in-place budget counts.
+fn is_inplace_halfopen(v: &Ct) -> bool {
+    v.dir == 0 && v.flags & CTF_NEW == 0 && v.fin & FIN_HALFOPEN != 0
+}
+
+/// The in-place budget's two halves (`ct_budget`): the datapath's, and the agent's refunds.
+fn read_budget(m: &Array<MapData, Budget>) -> Option<(Budget, Budget)> {
+    Some((m.get(&0, 0).ok()?, m.get(&1, 0).ok()?))
+}
+
+/// Half-open flows in conntrack itself by the budget's count.
+fn budget_count((d, a): (Budget, Budget)) -> i64 {
+    d.made.wrapping_sub(d.settled).wrapping_sub(a.settled) as i64
+}
+
+/// How many of the flows the in-place budget counts are provably gone without the datapath
+/// knowing (removed by the collector, a rule's flush, a peer's claim): `after`, read at the
+/// end of a pass, counts `count(after)` flows; every one of them that is really there was
+/// either made during the pass (`made` grew by that much since `before`) or was there during
+/// the whole walk, listed with its mark and not removed by the pass (`seen`). Whatever is
+/// beyond that went. Never more than what went (a flow listed and settled since only makes
+/// `seen` larger), so the budget is never given more room than it has.
+pub fn budget_refund(before: (Budget, Budget), after: (Budget, Budget), seen: u64) -> u64 {
+    let made = after.0.made.wrapping_sub(before.0.made);
+    let gone = budget_count(after) - seen as i64 - made as i64;
+    gone.max(0) as u64
 }
 
 /// What a [`Collector::pass`] did.
@@ -1323,6 +1401,12 @@ pub struct PassStats {
     pub spilled: usize,
     /// The most idle entries that waited at once for their flow's other entry.
     pub peak_waiting: usize,
+    /// Half-open flows of the in-place budget listed in `conntrack` itself and not removed
+    /// by the pass.
+    pub halfopen_inplace: usize,
+    /// Places given back to the in-place budget for flows that went without the datapath
+    /// knowing ([`budget_refund`]).
+    pub refunded: u64,
 }
 
 impl Collector {
@@ -1356,12 +1440,18 @@ impl Collector {
         let mut stats = PassStats::default();
         let mut sweep = Sweep::new(now_ns, self.pending_max);
         let mut gone = Vec::new();
+        let before = read_budget(&self.budget);
+        // Half-open flows of the in-place budget listed, and removed by this pass.
+        let marked = |c: &[(CtKey, Ct)]| c.iter().filter(|(_, v)| is_inplace_halfopen(v)).count();
+        let (mut listed_marked, mut removed_marked) = (0, 0);
         let mut each = |c: &[(CtKey, Ct)], stats: &mut PassStats, sweep: &mut Sweep| {
             stats.listed += c.len();
+            listed_marked += marked(c);
             listed(c);
             sweep.feed(&mut self.conntrack, &mut self.ep_conns, c, &mut gone);
             if !gone.is_empty() {
                 stats.removed += gone.len();
+                removed_marked += marked(&gone);
                 removed(&gone);
                 gone.clear();
             }
@@ -1386,9 +1476,29 @@ impl Collector {
             sweep.finish(&mut self.conntrack, &mut self.ep_conns, &mut gone);
         if !gone.is_empty() {
             stats.removed += gone.len();
+            removed_marked += marked(&gone);
             removed(&gone);
         }
+        // Listed and not removed by this pass: there all along (unless the datapath removed or
+        // established them since, which only makes the refund smaller).
+        stats.halfopen_inplace = listed_marked.saturating_sub(removed_marked);
+        if let (Some(before), Some(after)) = (before, read_budget(&self.budget)) {
+            stats.refunded = budget_refund(before, after, stats.halfopen_inplace as u64);
+            if stats.refunded > 0 {
+                let mut mine = after.1;
+                mine.settled = mine.settled.wrapping_add(stats.refunded);
+                if let Err(e) = self.budget.set(1, mine, 0) {
+                    warn!(error = %e, "ct_budget: cannot give back the in-place budget");
+                    stats.refunded = 0;
+                }
+            }
+        }
         stats
+    }
+
+    /// The in-place budget's count of half-open flows in `conntrack` itself.
+    pub fn halfopen_inplace(&self) -> Option<i64> {
+        read_budget(&self.budget).map(budget_count)
     }
 
     /// Removes the entries `gone` picks, reading the tables a chunk at a time (memory: the
@@ -1919,6 +2029,47 @@ pub fn monotonic_ns() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn budget(made: u64, settled: u64, refunded: u64) -> (Budget, Budget) {
+        (
+            Budget { made, settled },
+            Budget {
+                made: 0,
+                settled: refunded,
+            },
+        )
+    }
+
+    /// Flows that went without the datapath knowing are given back; flows made during the
+    /// pass, or listed there, are not.
+    #[test]
+    fn the_budget_gets_back_only_what_provably_went() {
+        // 10 counted, 10 listed still there: nothing went.
+        assert_eq!(budget_refund(budget(10, 0, 0), budget(10, 0, 0), 10), 0);
+        // 10 counted, 4 listed still there, none made meanwhile: 6 went (removed by the
+        // collector, a flush).
+        assert_eq!(budget_refund(budget(10, 0, 0), budget(10, 0, 0), 4), 6);
+        // Made during the pass (the walk may not have listed them): never refunded.
+        assert_eq!(budget_refund(budget(10, 0, 0), budget(15, 0, 0), 10), 0);
+        assert_eq!(budget_refund(budget(10, 0, 0), budget(15, 0, 0), 4), 6);
+        // Listed, then established during the pass: the datapath settled them, and `seen`
+        // counting them makes the refund smaller, never larger.
+        assert_eq!(budget_refund(budget(10, 0, 0), budget(10, 3, 0), 10), 0);
+        // Earlier refunds count: nothing is given back twice.
+        assert_eq!(budget_refund(budget(10, 0, 6), budget(10, 0, 6), 4), 0);
+        // Counters past the wrap of u64 still subtract right.
+        let big = u64::MAX - 2;
+        assert_eq!(
+            budget_refund(
+                budget(big, big - 10, 0),
+                budget(big.wrapping_add(5), big - 10, 0),
+                4
+            ),
+            6
+        );
+        // A count below what was listed (a flow the agent wrote with the mark) gives nothing.
+        assert_eq!(budget_refund(budget(2, 2, 0), budget(2, 2, 0), 5), 0);
+    }
 
     #[test]
     fn kernel_releases_compare_by_major_and_minor() {

@@ -66,6 +66,25 @@ pub const CTF_TRACKING: u8 = CTF_PICKUP | CTF_SEQ | CTF_ACK | CTF_NEW | CTF_REPL
 /// agent's writes strip it ([`crate::SyncTable::insert_many`], [`crate::SyncTable::update_batch`]), its
 /// collector leaves a flow with either entry held, and sync carries only the two FIN bits.
 pub const FIN_CLAIMED: u32 = 0x08;
+/// `fin` bit (`FLB_FIN_HALFOPEN`), on the original-direction entry of a TCP flow made
+/// half-open in `conntrack` itself: counted in the datapath's in-place budget until it is
+/// established or removed. The datapath's alone, like [`FIN_CLAIMED`]: the agent's writes
+/// strip it (a flow it wrote is not one the datapath counted).
+pub const FIN_HALFOPEN: u32 = 0x10;
+/// The `fin` bits only the datapath may set.
+pub const FIN_DATAPATH: u32 = FIN_CLAIMED | FIN_HALFOPEN;
+
+/// `ct_budget`: half-open TCP flows made in `conntrack` itself (`struct flb_budget`). Index 0
+/// is the datapath's, index 1 the agent's (`settled` only).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Budget {
+    pub made: u64,
+    pub settled: u64,
+}
+
+// SAFETY: plain old data, `repr(C)`, no padding (two u64).
+unsafe impl aya::Pod for Budget {}
 
 /// Conntrack state, shared by both entries of a flow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

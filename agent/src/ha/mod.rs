@@ -37,7 +37,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use ferrolb_bpf::SyncTable;
-use ferrolb_bpf::maps::{CTF_LOCAL, CTF_NEW, CTF_SYNCED, Ct, CtKey};
+use ferrolb_bpf::maps::{
+    CTF_LOCAL, CTF_NEW, CTF_SYNCED, Ct, CtKey, CtState, FIN_HALFOPEN, PROTO_SCTP, PROTO_TCP,
+};
 use ferrolb_bpf::monotonic_ns;
 use ferrolb_consync::{Change, Consync, Flow, FlowKey, Node, pb};
 use tracing::{info, warn};
@@ -789,10 +791,10 @@ impl Ha {
     pub fn publish_events(&self, events: &[(CtKey, Ct)], removed: &[(CtKey, Ct)]) {
         let Some(c) = self.consync.get() else { return };
         let me = self.cfg.node_id;
-        // Half-open flows (ct_new) are never published: peers learn a TCP flow when its
-        // handshake completes, so a SYN flood here does not fill their tables.
-        let mine = |v: &Ct| {
-            v.origin == me && v.flags & CTF_LOCAL != 0 && v.flags & (CTF_SYNCED | CTF_NEW) == 0
+        // Half-open flows are never published: peers learn a TCP flow when its handshake
+        // completes, so a SYN flood here does not fill their tables.
+        let mine = |k: &CtKey, v: &Ct| {
+            v.origin == me && v.flags & (CTF_LOCAL | CTF_SYNCED) == CTF_LOCAL && !half_open(k, v)
         };
         let now = monotonic_ns();
         let mut out = Vec::new();
@@ -800,7 +802,7 @@ impl Ha {
         {
             let t = self.tbl();
             for (k, v) in events {
-                if !mine(v) {
+                if !mine(k, v) {
                     continue;
                 }
                 let ok = if v.dir == 0 { *k } else { k.peer(v) };
@@ -809,7 +811,7 @@ impl Ha {
                 }
                 // The entry as it is now (the event may be older than a later change).
                 let cur = match t.get(&ok) {
-                    Ok(Some(cur)) if mine(&cur) && cur.dir == 0 => cur,
+                    Ok(Some(cur)) if mine(&ok, &cur) && cur.dir == 0 => cur,
                     _ if v.dir == 0 => *v,
                     _ => continue,
                 };
@@ -817,7 +819,7 @@ impl Ha {
             }
         }
         for (k, v) in removed {
-            if v.dir == 0 && mine(v) {
+            if v.dir == 0 && mine(k, v) {
                 out.push(Change::Delete(flows::key_of(k)));
             }
         }
@@ -862,6 +864,17 @@ impl Ha {
     }
 }
 
+/// A flow peers never hear of: not confirmed yet (in the half-open table; a TCP or SCTP flow
+/// before its handshake completed, also where it is made in the conntrack table itself), or
+/// one closed before that (its original entry still marked half-open). Such a flow was never
+/// published, so neither is its removal.
+fn half_open(k: &CtKey, v: &Ct) -> bool {
+    v.flags & CTF_NEW != 0
+        || v.fin & FIN_HALFOPEN != 0
+        || ((k.proto == PROTO_TCP || k.proto == PROTO_SCTP)
+            && matches!(v.state(), CtState::SynSent | CtState::SynRecv))
+}
+
 impl Node for Ha {
     fn own_flows(&self, emit: &mut dyn FnMut(Vec<Flow>) -> bool) {
         let me = self.cfg.node_id;
@@ -875,6 +888,7 @@ impl Node for Ha {
                             && v.origin == me
                             && v.flags & CTF_LOCAL != 0
                             && v.flags & CTF_SYNCED == 0
+                            && !half_open(k, v)
                             && !v.expired(k.proto, now)
                     })
                     .map(|(k, v)| flows::flow_of(k, v, now))
@@ -1169,6 +1183,46 @@ impl Node for Ha {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Peers hear of a flow once it is confirmed, wherever it was half-open (the half-open
+    /// table, or the conntrack table itself), and never of one closed before that.
+    #[test]
+    fn half_open_flows_are_never_published_wherever_they_live() {
+        let k = CtKey::v4(
+            std::net::Ipv4Addr::new(198, 51, 100, 2),
+            40000,
+            std::net::Ipv4Addr::new(203, 0, 113, 10),
+            80,
+            PROTO_TCP,
+        );
+        let flow = |state: CtState, flags: u8, fin: u32| Ct {
+            state: state.as_u8(),
+            flags: CTF_LOCAL | flags,
+            fin,
+            ..Default::default()
+        };
+        assert!(half_open(&k, &flow(CtState::SynSent, CTF_NEW, 0)));
+        assert!(half_open(&k, &flow(CtState::SynSent, 0, FIN_HALFOPEN)));
+        assert!(
+            half_open(&k, &flow(CtState::SynRecv, 0, 0)),
+            "a reopened flow"
+        );
+        assert!(
+            half_open(&k, &flow(CtState::Close, 0, FIN_HALFOPEN | 0x04)),
+            "reset before it was established"
+        );
+        assert!(!half_open(&k, &flow(CtState::Established, 0, 0)));
+        assert!(
+            !half_open(&k, &flow(CtState::Close, 0, 0x04)),
+            "closed after it was"
+        );
+        let udp = CtKey {
+            proto: ferrolb_bpf::maps::PROTO_UDP,
+            ..k
+        };
+        assert!(!half_open(&udp, &flow(CtState::Established, 0, 0)));
+        assert!(half_open(&udp, &flow(CtState::Established, CTF_NEW, 0)));
+    }
 
     #[test]
     fn a_handover_is_taken_only_at_the_callers_own_master_term() {

@@ -462,8 +462,10 @@ fn a_new_connection_completes(dp: &mut Datapath) {
 }
 
 /// Half-open flows live in a table of their own: a SYN flood many times that table's size
-/// churns only it; the established flow keeps both entries (in the conntrack table, which
-/// the flood never touches) and its translation, and a new connection completes after it.
+/// churns only it, past the few it may make in conntrack itself (the in-place budget, an eighth
+/// of the half-open table, for which conntrack has room of its own); the established flow keeps
+/// both entries and its translation, and a new connection completes after it (through the
+/// half-open table: the budget is full).
 #[test]
 fn a_half_open_flood_does_not_evict_an_established_flow() {
     if !in_private_netns("a_half_open_flood_does_not_evict_an_established_flow") {
@@ -482,14 +484,30 @@ fn a_half_open_flood_does_not_evict_an_established_flow() {
     }
     let all = dp.ct_entries();
     let half = all.iter().filter(|(_, v)| v.flags & CTF_NEW != 0).count();
-    let est = all.iter().filter(|(_, v)| v.flags & CTF_NEW == 0).count();
+    let est = all
+        .iter()
+        .filter(|(_, v)| v.flags & CTF_NEW == 0 && v.state() == CtState::Established)
+        .count();
+    let inplace = all
+        .iter()
+        .filter(|(_, v)| v.flags & CTF_NEW == 0 && v.state() == CtState::SynSent)
+        .count();
     assert!(
         half > 0 && half <= 1024 + 64,
         "half-open entries bounded by their table: {half}"
     );
+    assert_eq!(est, 2, "the established flow, whole");
+    let (limit, counted) = dp.halfopen_inplace();
+    assert_eq!(limit, 128, "an eighth of the half-open table");
     assert_eq!(
-        est, 2,
-        "the conntrack table holds the established flow only"
+        (inplace, counted),
+        (2 * limit as usize, i64::from(limit)),
+        "the flood filled the in-place budget and no more"
+    );
+    assert_eq!(
+        dp.capacity().conntrack,
+        1024 + 2 * limit,
+        "conntrack has room of its own for them"
     );
     let (o2, r2) = both(&dp, nport);
     assert_eq!(o2.map(|v| v.state()), Some(CtState::Established));
@@ -498,6 +516,141 @@ fn a_half_open_flood_does_not_evict_an_established_flow() {
     still_translates(&mut dp, nport);
     // A new connection completes through the churn and moves to the conntrack table.
     a_new_connection_completes(&mut dp);
+}
+
+/// Half-open TCP flows made in conntrack itself (the in-place budget): a handshake completes
+/// there (no entry in the half-open table, counted as a completed handshake) and gives its
+/// place back; a flow closed by an RST before it was established keeps its place until it is
+/// removed; a flood fills the budget and no more; the collector gives back the places of the
+/// flows it removes, after which new flows are made in conntrack again. Without the budget
+/// (0) every half-open flow goes through the half-open table, as before.
+#[test]
+fn the_inplace_budget_bounds_halfopen_flows_in_conntrack_and_is_given_back() {
+    if !in_private_netns("the_inplace_budget_bounds_halfopen_flows_in_conntrack_and_is_given_back")
+    {
+        return;
+    }
+    let mut dp = small_datapath();
+    install(&mut dp, &svc(1, 80, PROTO_TCP, MODE_FULL, 0));
+    let in_new = |dp: &Datapath| {
+        dp.ct_entries()
+            .iter()
+            .filter(|(_, v)| v.flags & CTF_NEW != 0)
+            .count()
+    };
+    // A handshake: made in conntrack, counted until its ACK; then established in place.
+    let (rc, out) = run(
+        &mut dp,
+        &tcp_sa(ip(CLIENT, VIP, 6), 40000, 80, 1000, 0, SYN, b""),
+    );
+    assert_eq!(rc, TC_ACT_OK);
+    let nport = u16::from_be_bytes([out[34], out[35]]);
+    assert_eq!(dp.halfopen_inplace(), (128, 1));
+    let o = orig(&dp, 40000, 80, PROTO_TCP);
+    assert_eq!((o.flags & CTF_NEW, o.fin), (0, FIN_HALFOPEN));
+    assert_eq!(in_new(&dp), 0, "nothing in the half-open table");
+    run(
+        &mut dp,
+        &tcp_sa(ip(EP1, VIP, 6), 8080, nport, 5000, 1001, SYN | ACK, b""),
+    );
+    assert_eq!(
+        dp.halfopen_inplace().1,
+        1,
+        "a SYN-ACK does not establish it"
+    );
+    let promoted = counter(&dp, Counter::CtPromoted);
+    run(
+        &mut dp,
+        &tcp_sa(ip(CLIENT, VIP, 6), 40000, 80, 1001, 5001, ACK, b""),
+    );
+    let o = orig(&dp, 40000, 80, PROTO_TCP);
+    assert_eq!((o.state(), o.fin), (CtState::Established, 0));
+    assert_eq!(
+        dp.halfopen_inplace().1,
+        0,
+        "established: its place is given back"
+    );
+    assert_eq!(counter(&dp, Counter::CtPromoted), promoted + 1);
+    still_translates(&mut dp, nport);
+
+    // Closed by an RST before it was established: still there, still counted.
+    run(
+        &mut dp,
+        &tcp_sa(ip(OTHER, VIP, 6), 41000, 80, 7000, 0, SYN, b""),
+    );
+    run(
+        &mut dp,
+        &tcp_sa(ip(OTHER, VIP, 6), 41000, 80, 7001, 0, RST, b""),
+    );
+    let v = dp
+        .ct_get(&CtKey::v4(OTHER, 41000, VIP, 80, PROTO_TCP))
+        .unwrap()
+        .expect("the closed flow");
+    assert_eq!(v.state(), CtState::Close);
+    assert_eq!(dp.halfopen_inplace().1, 1, "its entries still take room");
+
+    // A flood: the budget fills (the closed flow is in it) and no more; the rest goes to the
+    // half-open table.
+    for i in 0..1_000 {
+        run(&mut dp, &spoofed_syn(i));
+    }
+    assert_eq!(dp.halfopen_inplace().1, 128);
+    let inplace = dp
+        .ct_entries()
+        .iter()
+        .filter(|(_, v)| v.flags & CTF_NEW == 0 && v.state() < CtState::Established)
+        .count();
+    assert_eq!(
+        inplace,
+        2 * 127,
+        "127 flood flows' two entries each (and the closed one)"
+    );
+    assert!(in_new(&dp) > 500, "the rest in the half-open table");
+
+    // The collector, past the half-open flows' timeout: it removes them (the established flow
+    // stays), and gives their places back, whichever table they were in.
+    let later = monotonic_ns() + 61_000_000_000;
+    let mut c = dp.collector().unwrap();
+    let stats = c.pass(later, 4096, |_| {}, |_| {});
+    assert_eq!(
+        (stats.halfopen_inplace, stats.refunded),
+        (0, 128),
+        "{stats:?}"
+    );
+    assert_eq!(dp.halfopen_inplace().1, 0);
+    assert_eq!(c.halfopen_inplace(), Some(0));
+    assert_eq!(
+        orig(&dp, 40000, 80, PROTO_TCP).state(),
+        CtState::Established
+    );
+    // A second pass gives nothing more back.
+    assert_eq!(c.pass(later, 4096, |_| {}, |_| {}).refunded, 0);
+    // New flows are made in conntrack again.
+    run(&mut dp, &spoofed_syn(5_000));
+    assert_eq!(dp.halfopen_inplace().1, 1);
+    assert_eq!(in_new(&dp), 0);
+
+    // Without the budget: the half-open table, as before; conntrack no larger.
+    let mut dp = Datapath::load(&DatapathConfig {
+        max_services: 64,
+        max_conntrack: 1024,
+        max_halfopen: 1024,
+        halfopen_inplace: Some(0),
+        ..Default::default()
+    })
+    .expect("load datapath");
+    install(&mut dp, &svc(1, 80, PROTO_TCP, MODE_FULL, 0));
+    assert_eq!(dp.capacity().conntrack, 1024);
+    run(&mut dp, &spoofed_syn(1));
+    assert_eq!(dp.halfopen_inplace(), (0, 0));
+    assert_eq!(in_new(&dp), 2);
+    let nport = handshake(&mut dp);
+    still_translates(&mut dp, nport);
+    assert_eq!(
+        counter(&dp, Counter::CtPromoted),
+        1,
+        "moved out of the half-open table"
+    );
 }
 
 /// A datagram from a spoofed source random every time: from 100.64/10, to the VIP's port 53.

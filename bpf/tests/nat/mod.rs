@@ -464,7 +464,9 @@ fn a_four_tuple_reused_after_time_wait_leaves_no_orphan() {
 
 /// A client reconnecting from the same address and port to the same endpoint through the same
 /// source (DNAT, or source NAT keeping the client's port) gets the closed flow's two entries
-/// rewritten in place: no delete, no insert, no trip through ct_new; the new flow is whole
+/// rewritten in place: no delete, no insert, and no place taken in the in-place budget of
+/// half-open flows (the first flow is made in conntrack and counted there until it is
+/// established; a reused flow takes no room, so it is not counted); the new flow is whole
 /// (its own creation time, counters, state, least-connections count) and reported to the peers
 /// as the old one's removal, then its own establishment. A reconnect that lands on another
 /// endpoint does not reuse the entries.
@@ -496,20 +498,21 @@ fn a_reconnect_with_the_same_translation_reuses_the_closed_flows_entries() {
             created = o.created_ns;
             assert_eq!(
                 (o.packets, o.fin),
-                (1, 0),
-                "the closed flow's counters are gone"
+                (1, if round == 0 { FIN_HALFOPEN } else { 0 }),
+                "the closed flow's counters are gone; only the first flow is counted half-open"
             );
-            // Reused: both entries are still in conntrack; new: in ct_new.
+            assert_eq!(
+                dp.halfopen_inplace().1,
+                i64::from(round == 0),
+                "mode {mode} round {round}"
+            );
+            // Both entries in conntrack, whether reused or new (the in-place budget).
             let in_new = dp
                 .ct_entries()
                 .iter()
                 .filter(|(_, v)| v.flags & CTF_NEW != 0)
                 .count();
-            assert_eq!(
-                in_new,
-                if round == 0 { 2 } else { 0 },
-                "mode {mode} round {round}"
-            );
+            assert_eq!(in_new, 0, "mode {mode} round {round}");
             assert_eq!(
                 dp.ep_conns(9, 0),
                 1,
@@ -521,8 +524,9 @@ fn a_reconnect_with_the_same_translation_reuses_the_closed_flows_entries() {
                 orig(&dp, 40000, 80, PROTO_TCP).state(),
                 CtState::Established
             );
-            // Only the first flow moved out of ct_new.
+            // Only the first flow completed a counted handshake; none is counted any more.
             assert_eq!(dp.counter(Counter::CtPromoted), 1);
+            assert_eq!(dp.halfopen_inplace().1, 0);
             run(&mut dp, &tcp(ip(CLIENT, VIP, 6), 40000, 80, FIN | ACK, b""));
             run(&mut dp, &tcp(ip(EP1, src, 6), 8080, 40000, FIN | ACK, b""));
             run(&mut dp, &tcp(ip(CLIENT, VIP, 6), 40000, 80, ACK, b""));
@@ -567,8 +571,9 @@ fn a_reconnect_with_the_same_translation_reuses_the_closed_flows_entries() {
         assert_eq!(dp.ct_entries().len(), 2, "one flow's entries");
     }
     assert!(eps.windows(2).all(|w| w[0] != w[1]), "round robin: {eps:?}");
-    // Each flow went through ct_new.
+    // Each flow was a new one, made half-open in conntrack and established there.
     assert_eq!(dp.counter(Counter::CtPromoted), 4);
+    assert_eq!(dp.halfopen_inplace().1, 0);
 }
 
 /// Opens and closes one flow from CLIENT:40000 to VIP:80 (the endpoint EP1:8080, seen from
