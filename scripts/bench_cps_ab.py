@@ -23,9 +23,19 @@ it should read 1.0. --agent-args "..." passes more flags to the agent (e.g. --ma
 source-NATs them over 112 addresses per path; see fresh_setup), as clients of a real VIP
 mostly do; without it wrk's ports come back every second or so.
 
+--router-cpu also measures what each router itself spends per connection, in the same
+seconds: every veth of the lab receives in a NAPI thread of its own (GRO on, threaded NAPI),
+so a router's whole forwarding work (ferrolb's program, or the kernel's routing, and the
+transmit to the next hop's queue) runs in its two interfaces' threads, whose CPU time is read
+from /proc/<pid>/schedstat. ferrolb forwards with a plain redirect here (--no-peer-redirect:
+a redirect to the peer would run the next hop's receive in the router's thread too). The ratio
+of the two costs is what each router could forward at saturation: new connections/s of the LB
+node itself, which the end-to-end ratio dilutes with the client's and the server's cost (all
+but a few percent of a connection here).
+
 Usage: sudo python3 scripts/bench_cps_ab.py [--pairs N] [--seconds S] [--warmup S]
-       [--modes dnat,onearm,fullnat] [--aa] [--fresh-tuples] [--agent-args "..."]
-       [--json FILE]
+       [--modes dnat,onearm,fullnat] [--aa] [--fresh-tuples] [--router-cpu]
+       [--agent-args "..."] [--json FILE]
 Needs root and `scripts/deps.sh --bench` (wrk, nginx), and a release build (cargo build --release).
 """
 import json
@@ -66,6 +76,10 @@ ROUTERS = {
             "src": {"ferrolb": "198.51.101.2", "plain": "198.51.101.3"}},
 }
 MODES = {"dnat": 0, "onearm": 1, "fullnat": 2}
+# --router-cpu: every node's veths (each receives in a NAPI thread of its own).
+NODE_IFS = {"client": ("eth1", "eth2"), "lba": ("eth1", "eth2"), "lbb": ("eth1", "eth2"),
+            "sw": ("eth1", "eth2", "eth3"), "be1": ("eth1",)}
+ROUTER_CPU = False
 
 
 def run(argv, check=True, timeout=120):
@@ -206,14 +220,56 @@ def fresh_rules(lb, plain):
     script = ("flush table ip flbab\n"
               "table ip flbab {\n chain post {\n  type nat hook postrouting priority srcnat;\n"
               "  %s\n  %s\n }\n}\n"
-              % (rule(a["vip"], a["port"], lb, "ferrolb"), rule(BE1, b["port"], plain, "plain")))
+              % (rule(BE1_AA if AA else a["vip"], a["port"], lb, "ferrolb"),
+                 rule(BE1, b["port"], plain, "plain")))
     p = subprocess.run(lab_argv("client", "nft", "-f", "-"), input=script, capture_output=True,
                        text=True, timeout=60)
     if p.returncode != 0:
         sys.exit("nft on the client: %s%s" % (p.stdout, p.stderr))
 
 
-def trial(lb, plain, seconds, warmup, pid):
+def napi_threads():
+    """pid -> name of every NAPI kernel thread."""
+    out = {}
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                comm = open("/proc/%s/comm" % pid).read().strip()
+            except OSError:
+                continue
+            if comm.startswith("napi/"):
+                out[int(pid)] = comm
+    return out
+
+
+def threaded_napi():
+    """--router-cpu: GRO and threaded NAPI on every veth of the lab, one at a time, so that
+    the thread each one gets is known. Returns router -> the pids of its interfaces' threads."""
+    threads = {}
+    for node, devs in NODE_IFS.items():
+        for dev in devs:
+            before = set(napi_threads())
+            lab(node, "ethtool", "-K", dev, "gro", "on")
+            lab(node, "sh", "-c", "echo 1 > /sys/class/net/%s/threaded" % dev)
+            new = sorted(set(napi_threads()) - before)
+            if len(new) != 1:
+                sys.exit("%s %s: expected one new NAPI thread, found %s" % (node, dev, new))
+            threads.setdefault(node, []).extend(new)
+    return {r: threads[r] for r in ROUTERS}
+
+
+def sched_ns(pids):
+    """Nanoseconds on a CPU of threads `pids` (their schedstat), summed."""
+    total = 0
+    for pid in pids:
+        try:
+            total += int(open("/proc/%d/schedstat" % pid).read().split()[0])
+        except (OSError, ValueError, IndexError):
+            sys.exit("NAPI thread %d gone" % pid)
+    return total
+
+
+def trial(lb, plain, seconds, warmup, pid, threads=None):
     """Connections/s through ferrolb (on `lb`) and through the plain router in the same
     seconds, and the CPU seconds the agent (`pid`) used meanwhile. A/A (--aa): `lb` routes
     plainly too, to a second address of the backend."""
@@ -222,8 +278,11 @@ def trial(lb, plain, seconds, warmup, pid):
     if warmup > 0:
         both(targets, warmup)
     c0 = cpu_s(pid)
+    r0 = {r: sched_ns(t) for r, t in (threads or {}).items()}
     f, p = both(targets, seconds)
-    return f, p, cpu_s(pid) - c0
+    r1 = {r: sched_ns(t) for r, t in (threads or {}).items()}
+    router = {r: (r1[r] - r0[r]) / 1e9 for r in r0}
+    return f, p, cpu_s(pid) - c0, router
 
 
 def median(xs):
@@ -247,9 +306,12 @@ def main():
 
     global AA
     AA = "--aa" in args
-    global AGENT_ARGS, FRESH
+    global AGENT_ARGS, FRESH, ROUTER_CPU
     AGENT_ARGS = opt("--agent-args", "")
     FRESH = "--fresh-tuples" in args
+    ROUTER_CPU = "--router-cpu" in args
+    if ROUTER_CPU:
+        AGENT_ARGS += " --no-peer-redirect"
     pairs = int(opt("--pairs", "6"))
     seconds = int(opt("--seconds", "3"))
     warmup = int(opt("--warmup", "1"))
@@ -286,6 +348,10 @@ def bench(tmp, pairs, seconds, warmup, modes, out_json):
     lab("be1", "ip", "addr", "add", BE1_AA + "/24", "dev", "eth1")
     if FRESH:
         fresh_setup()
+    threads = threaded_napi() if ROUTER_CPU else None
+    if threads:
+        print("NAPI threads of the routers' interfaces: %s" % ", ".join(
+            "%s %s" % (r, " ".join(map(str, t))) for r, t in threads.items()), flush=True)
     ns = {n: netns(n) for n in ROUTERS}
     for n in ROUTERS:
         stop_agent(n, ns[n])
@@ -293,6 +359,7 @@ def bench(tmp, pairs, seconds, warmup, modes, out_json):
           "%d s trials after %d s of uncounted load" % (pairs, ",".join(modes), seconds, warmup),
           flush=True)
     ratios = {m: [] for m in modes}
+    capacity = {m: [] for m in modes}
     rates = {m: [] for m in modes}
     for i in range(2 * pairs):
         lb, plain = ("lba", "lbb") if i % 2 == 0 else ("lbb", "lba")
@@ -316,7 +383,7 @@ def bench(tmp, pairs, seconds, warmup, modes, out_json):
                                          "protocol": "tcp", "sel": 0, "mode": MODES[m]},
                     "endpoints": [{"endpointIP": BE1, "targetPort": a["port"], "weight": 1}]})
             c0 = counters(lb) if not AA else [0, 0, 0, 0]
-            f, p, agent = trial(lb, plain, seconds, warmup, pid)
+            f, p, agent, router = trial(lb, plain, seconds, warmup, pid, threads)
             inv, created, fresh, exhausted = ([x - y for x, y in zip(counters(lb), c0)]
                                               if not AA else [0, 0, 0, 0])
             ratio = f / p if p else 0.0
@@ -325,6 +392,20 @@ def bench(tmp, pairs, seconds, warmup, modes, out_json):
                              "fib_invalidations": inv, "flows_created": created,
                              "handshakes_in_halfopen_table": fresh,
                              "nat_ports_exhausted": exhausted})
+            if threads and f and p:
+                # Router CPU per connection (us), each path's own: the forwarding alone, and
+                # with the agent's CPU added to ferrolb's.
+                us_f = 1e6 * router[lb] / (f * seconds)
+                us_p = 1e6 * router[plain] / (p * seconds)
+                us_fa = 1e6 * (router[lb] + agent) / (f * seconds)
+                capacity[m].append(us_p / us_f)
+                rates[m][-1].update({"router_cpu_s": router[lb], "plain_router_cpu_s":
+                                     router[plain], "router_us_per_conn": us_f,
+                                     "plain_router_us_per_conn": us_p,
+                                     "router_us_per_conn_with_agent": us_fa})
+                print("  %-7s   router CPU per connection: ferrolb %.2f us (%.2f us with the"
+                      " agent), plain %.2f us: ferrolb's router could forward %.3fx plain's new"
+                      " connections/s" % (m, us_f, us_fa, us_p, us_p / us_f), flush=True)
             print("  %-7s %s on %s: %7.0f/s, plain via %s: %7.0f/s, ratio %.3f, agent CPU %.2f s,"
                   " FIB cache invalidations %d, flows %d (%.0f %% new 4-tuples), SYNs dropped"
                   " for want of a NAT port %d"
@@ -343,6 +424,14 @@ def bench(tmp, pairs, seconds, warmup, modes, out_json):
               "[%.3f, %.3f], range %.3f-%.3f over %d trials"
               % (m, summary[m]["median"], lo, hi, summary[m]["min"], summary[m]["max"],
                  len(ratios[m])))
+        if capacity[m]:
+            clo, chi = interval(capacity[m])
+            summary[m]["router_capacity"] = {"median": median(capacity[m]),
+                                             "ci95_median": [clo, chi],
+                                             "min": min(capacity[m]), "max": max(capacity[m])}
+            print("%-7s router CPU per connection, plain / ferrolb (what each router could"
+                  " forward): median %.3f, 95 %% interval [%.3f, %.3f], range %.3f-%.3f"
+                  % (m, median(capacity[m]), clo, chi, min(capacity[m]), max(capacity[m])))
     print("bottleneck: the 2 cores, shared by both wrk clients, both nginx servers and both "
           "paths' forwarding at the same moment")
     if out_json:
