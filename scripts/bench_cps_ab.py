@@ -279,10 +279,12 @@ def trial(lb, plain, seconds, warmup, pid, threads=None):
         both(targets, warmup)
     c0 = cpu_s(pid)
     r0 = {r: sched_ns(t) for r, t in (threads or {}).items()}
+    t0 = time.clock_gettime(time.CLOCK_MONOTONIC)
     f, p = both(targets, seconds)
+    t1 = time.clock_gettime(time.CLOCK_MONOTONIC)
     r1 = {r: sched_ns(t) for r, t in (threads or {}).items()}
     router = {r: (r1[r] - r0[r]) / 1e9 for r in r0}
-    return f, p, cpu_s(pid) - c0, router
+    return f, p, cpu_s(pid) - c0, router, (t0, t1)
 
 
 def median(xs):
@@ -383,7 +385,7 @@ def bench(tmp, pairs, seconds, warmup, modes, out_json):
                                          "protocol": "tcp", "sel": 0, "mode": MODES[m]},
                     "endpoints": [{"endpointIP": BE1, "targetPort": a["port"], "weight": 1}]})
             c0 = counters(lb) if not AA else [0, 0, 0, 0]
-            f, p, agent, router = trial(lb, plain, seconds, warmup, pid, threads)
+            f, p, agent, router, window = trial(lb, plain, seconds, warmup, pid, threads)
             inv, created, fresh, exhausted = ([x - y for x, y in zip(counters(lb), c0)]
                                               if not AA else [0, 0, 0, 0])
             ratio = f / p if p else 0.0
@@ -391,7 +393,10 @@ def bench(tmp, pairs, seconds, warmup, modes, out_json):
             rates[m].append({"ferrolb_on": lb, "ferrolb": f, "plain": p, "agent_cpu_s": agent,
                              "fib_invalidations": inv, "flows_created": created,
                              "handshakes_in_halfopen_table": fresh,
-                             "nat_ports_exhausted": exhausted})
+                             "nat_ports_exhausted": exhausted,
+                             # CLOCK_MONOTONIC seconds: for `perf record -k mono` and
+                             # `perf report --time` over a trial's counted seconds.
+                             "window_monotonic_s": window})
             if threads and f and p:
                 # Router CPU per connection (us), each path's own: the forwarding alone, and
                 # with the agent's CPU added to ferrolb's.
