@@ -857,16 +857,24 @@ static __always_inline int inplace_room(void)
 	return (__s64)(d->made - d->settled - a->settled) < (__s64)HALFOPEN_INPLACE;
 }
 
-static __always_inline void inplace_add(__u32 field)
+/* One more flow made (settled 0) or settled (1) in the datapath's half of the budget. */
+static __always_inline void inplace_add(int settled)
 {
 	__u32 dp = 0;
 	struct flb_budget *d = bpf_map_lookup_elem(&ct_budget, &dp);
 	if (!d)
 		return;
-	if (field)
+	if (settled)
 		__sync_fetch_and_add(&d->settled, 1);
 	else
 		__sync_fetch_and_add(&d->made, 1);
+}
+
+/* Is `o` a new flow being made half-open in conntrack itself (ct_plan found room)? SCTP and
+ * every flow made in ct_new carry FLB_CTF_NEW. */
+static __always_inline int inplace_flow(const struct flb_ct *o)
+{
+	return !(o->flags & FLB_CTF_NEW) && o->state == FLB_CT_SYN_SENT;
 }
 
 /* The half-open flow whose original-direction entry is `o` leaves the in-place budget
@@ -1573,7 +1581,7 @@ static __always_inline int ct_take_over(const struct flb_ct_key *k, struct flb_c
  * refuses the handshake's end, not its start). Returns 1 when `o` was such a flow. */
 static __always_inline int inplace_spill(struct flb_ct *o)
 {
-	if ((o->flags & FLB_CTF_NEW) || o->state != FLB_CT_SYN_SENT)
+	if (!inplace_flow(o))
 		return 0;
 	o->flags |= FLB_CTF_NEW;
 	return 1;
@@ -1953,8 +1961,7 @@ __noinline int ct_create(const struct pkt *p, const struct flb_svc *svc, struct 
 	}
 	/* Half-open in conntrack itself: counted in the in-place budget until it is established
 	 * or removed. */
-	int inplace = p->proto == IPPROTO_TCP && o->state == FLB_CT_SYN_SENT &&
-		      !(o->flags & FLB_CTF_NEW);
+	int inplace = inplace_flow(o);
 	if (inplace)
 		o->fin |= FLB_FIN_HALFOPEN;
 	for (int t = 0; t < 2; t++) {
