@@ -23,6 +23,10 @@ it should read 1.0. --agent-args "..." passes more flags to the agent (e.g. --ma
 source-NATs them over 112 addresses per path; see fresh_setup), as clients of a real VIP
 mostly do; without it wrk's ports come back every second or so.
 
+--l4-hash sets both routers' net.ipv4.fib_multipath_hash_policy to 1 (layer 4), under which
+ferrolb's FIB cache keys its questions with their ports again (decision 0010): the A/B of keying
+by addresses, which the default policy (0) allows.
+
 --router-cpu also measures what each router itself spends per connection, in the same
 seconds: every veth of the lab receives in a NAPI thread of its own (GRO on, threaded NAPI),
 so a router's whole forwarding work (ferrolb's program, or the kernel's routing, and the
@@ -34,7 +38,7 @@ node itself, which the end-to-end ratio dilutes with the client's and the server
 but a few percent of a connection here).
 
 Usage: sudo python3 scripts/bench_cps_ab.py [--pairs N] [--seconds S] [--warmup S]
-       [--modes dnat,onearm,fullnat] [--aa] [--fresh-tuples] [--router-cpu]
+       [--modes dnat,onearm,fullnat] [--aa] [--fresh-tuples] [--router-cpu] [--l4-hash]
        [--agent-args "..."] [--json FILE]
 Needs root and `scripts/deps.sh --bench` (wrk, nginx), and a release build (cargo build --release).
 """
@@ -76,6 +80,8 @@ ROUTERS = {
             "src": {"ferrolb": "198.51.101.2", "plain": "198.51.101.3"}},
 }
 MODES = {"dnat": 0, "onearm": 1, "fullnat": 2}
+# --l4-hash: the routers hash multipath by layer 4 (the FIB cache keys ports again).
+L4_HASH = False
 # --router-cpu: every node's veths (each receives in a NAPI thread of its own).
 NODE_IFS = {"client": ("eth1", "eth2"), "lba": ("eth1", "eth2"), "lbb": ("eth1", "eth2"),
             "sw": ("eth1", "eth2", "eth3"), "be1": ("eth1",)}
@@ -312,6 +318,8 @@ def main():
     AGENT_ARGS = opt("--agent-args", "")
     FRESH = "--fresh-tuples" in args
     ROUTER_CPU = "--router-cpu" in args
+    global L4_HASH
+    L4_HASH = "--l4-hash" in args
     if ROUTER_CPU:
         AGENT_ARGS += " --no-peer-redirect"
     pairs = int(opt("--pairs", "6"))
@@ -350,6 +358,9 @@ def bench(tmp, pairs, seconds, warmup, modes, out_json):
     lab("be1", "ip", "addr", "add", BE1_AA + "/24", "dev", "eth1")
     if FRESH:
         fresh_setup()
+    if L4_HASH:
+        for r in ROUTERS:
+            lab(r, "sysctl", "-qw", "net.ipv4.fib_multipath_hash_policy=1")
     threads = threaded_napi() if ROUTER_CPU else None
     if threads:
         print("NAPI threads of the routers' interfaces: %s" % ", ".join(
@@ -442,7 +453,7 @@ def bench(tmp, pairs, seconds, warmup, modes, out_json):
     if out_json:
         with open(out_json, "w") as f:
             json.dump({"summary": summary, "trials": rates, "seconds": seconds,
-                       "warmup": warmup}, f, indent=1)
+                       "warmup": warmup, "l4_hash": L4_HASH}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -307,8 +307,8 @@ fn load_datapath(cfg: &Config, bus: &RoleBus) -> Result<Loaded> {
     .context("start the conntrack flusher's thread")?;
     match dp.fib_invalidator() {
         Ok(inv) => {
-            if let Err(e) = spawn_fib_watcher(inv) {
-                warn!(error = %e, "cannot watch route, neighbour and link changes; cached FIB answers expire after 50 ms only");
+            if let Err(e) = crate::fib::spawn_watcher(inv) {
+                warn!(error = %e, "cannot watch route, rule, neighbour and link changes; cached FIB answers expire after 50 ms only");
             }
         }
         Err(e) => {
@@ -325,41 +325,6 @@ fn load_datapath(cfg: &Config, bus: &RoleBus) -> Result<Loaded> {
         collector,
         conntrack,
     })
-}
-
-/// Times the datapath's cached FIB answers were invalidated (a batch of route, neighbour or
-/// link notifications each), for `/metrics`.
-pub static FIB_INVALIDATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-/// Invalidates the datapath's cached FIB answers whenever the kernel reports a route,
-/// neighbour or link change in this network namespace, on a thread of its own
-/// (`ferrolb-fib`, blocked in a receive between changes). Subscribed here, in the caller's
-/// namespace. Should it stop, cached answers still expire after 50 ms (the datapath's bound).
-fn spawn_fib_watcher(mut inv: ferrolb_bpf::FibInvalidator) -> std::io::Result<()> {
-    let mut changes = crate::netlink::FibChanges::subscribe()?;
-    std::thread::Builder::new()
-        .name("ferrolb-fib".into())
-        .spawn(move || {
-            let mut failing = false;
-            loop {
-                if let Err(e) = changes.wait() {
-                    warn!(error = %e, "route, neighbour and link changes are no longer watched; cached FIB answers expire after 50 ms only");
-                    return;
-                }
-                match inv.bump() {
-                    Ok(()) => {
-                        failing = false;
-                        FIB_INVALIDATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    }
-                    Err(e) if !failing => {
-                        failing = true;
-                        warn!(error = %e, "cannot invalidate the cached FIB answers");
-                    }
-                    Err(_) => {}
-                }
-            }
-        })?;
-    Ok(())
 }
 
 /// Nice value of the sync runtime's threads: ahead of the REST workers and of bulk work

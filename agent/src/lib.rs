@@ -8,6 +8,7 @@ pub mod bfd;
 pub mod bgp;
 pub mod client;
 pub mod config;
+pub mod fib;
 pub mod forwarding;
 pub mod ha;
 pub mod health;

@@ -507,10 +507,22 @@ pub fn record(m: &Metrics, d: &DatapathSnapshot) {
     }
     counter(
         "ferrolb_fib_cache_invalidations_total",
-        "Times the datapath's cached FIB answers were invalidated because the kernel reported route, neighbour or link changes.",
+        "Times the datapath's cached FIB answers were invalidated because the kernel reported route, rule, neighbour or link changes.",
         &[],
-        crate::agent::FIB_INVALIDATIONS.load(std::sync::atomic::Ordering::Relaxed),
+        crate::fib::INVALIDATIONS.load(std::sync::atomic::Ordering::Relaxed),
     );
+    let free = crate::fib::PORTS_FREE.load(std::sync::atomic::Ordering::Relaxed);
+    for (family, bit) in [
+        ("ipv4", ferrolb_bpf::maps::FIB_PORTS_FREE_V4),
+        ("ipv6", ferrolb_bpf::maps::FIB_PORTS_FREE_V6),
+    ] {
+        gauge(
+            "ferrolb_fib_cache_by_addresses",
+            "1 when the datapath's FIB cache keys a family's questions by addresses only (no policy rule selects on ports and multipath hashes addresses only), so new connections between known addresses are answered from it.",
+            &[("family", s(family))],
+            if free & bit != 0 { 1.0 } else { 0.0 },
+        );
+    }
     gauge(
         "ferrolb_build_info",
         "Build information.",

@@ -19,6 +19,7 @@ use netlink_packet_route::address::{
 };
 use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
+use netlink_packet_route::rule::RuleMessage;
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 
@@ -212,6 +213,21 @@ pub fn source_toward(dst: IpAddr) -> io::Result<IpAddr> {
         })
 }
 
+/// Every policy rule of this network namespace, of every family (`ip rule` and `ip -6 rule`).
+pub fn rules() -> io::Result<Vec<RuleMessage>> {
+    let replies = request(
+        RouteNetlinkMessage::GetRule(RuleMessage::default()),
+        NLM_F_DUMP,
+    )?;
+    Ok(replies
+        .into_iter()
+        .filter_map(|r| match r {
+            RouteNetlinkMessage::NewRule(m) => Some(m),
+            _ => None,
+        })
+        .collect())
+}
+
 /// The index of interface `name`.
 pub fn if_index(name: &str) -> io::Result<u32> {
     nix::net::if_::if_nametoindex(name).map_err(io::Error::from)
@@ -230,29 +246,33 @@ pub fn if_name(index: u32) -> Option<String> {
 }
 
 /// rtnetlink multicast groups (as the legacy bind mask, bit `group - 1`) whose notifications can
-/// change an answer of the FIB: links, neighbours, IPv4 and IPv6 routes.
+/// change an answer of the FIB: links, neighbours, IPv4 and IPv6 routes and policy rules.
 const FIB_GROUPS: u32 = (1 << (libc::RTNLGRP_LINK - 1))
     | (1 << (libc::RTNLGRP_NEIGH - 1))
     | (1 << (libc::RTNLGRP_IPV4_ROUTE - 1))
-    | (1 << (libc::RTNLGRP_IPV6_ROUTE - 1));
+    | (1 << (libc::RTNLGRP_IPV6_ROUTE - 1))
+    | (1 << (libc::RTNLGRP_IPV4_RULE - 1))
+    | (1 << (libc::RTNLGRP_IPV6_RULE - 1));
 
 /// Notifications [`FibChanges::wait`] reads at most before it returns, so that a storm of them
 /// (a full routing table arriving) still ends in an invalidation now and then.
 const FIB_BATCH: usize = 1024;
 
 /// The kernel's notifications of what can change the FIB's answers in a network namespace
-/// (the subscriber's): [`FibChanges::wait`] blocks until it reports a link, neighbour or
-/// route change.
+/// (the subscriber's): [`FibChanges::wait`] blocks until it reports a link, neighbour, route
+/// or rule change, or its timeout passes.
 pub struct FibChanges {
     socket: Socket,
     rx: Vec<u8>,
 }
 
 impl FibChanges {
-    /// Subscribes, in the calling thread's network namespace.
-    pub fn subscribe() -> io::Result<FibChanges> {
+    /// Subscribes, in the calling thread's network namespace; [`FibChanges::wait`] returns
+    /// after `timeout` without a change.
+    pub fn subscribe(timeout: Duration) -> io::Result<FibChanges> {
         let mut socket = Socket::new(NETLINK_ROUTE)?;
         socket.bind(&SocketAddr::new(0, FIB_GROUPS))?;
+        socket2::SockRef::from(&socket).set_read_timeout(Some(timeout))?;
         Ok(FibChanges {
             socket,
             rx: vec![0u8; 1 << 16],
@@ -260,15 +280,23 @@ impl FibChanges {
     }
 
     /// Waits for the next change and reads every notification already queued with it (at most
-    /// [`FIB_BATCH`]); returns how many were read. The notifications are not parsed: any of
-    /// them may change an answer. A queue that overflowed (notifications lost: `ENOBUFS`)
-    /// counts as a change too.
+    /// [`FIB_BATCH`]); returns how many were read (0: the timeout passed without one). The
+    /// notifications are not parsed: any of them may change an answer. A queue that
+    /// overflowed (notifications lost: `ENOBUFS`) counts as a change too.
     pub fn wait(&mut self) -> io::Result<usize> {
         loop {
             match self.socket.recv(&mut &mut self.rx[..], 0) {
                 Ok(_) => break,
                 Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Ok(0);
+                }
                 Err(e) => return Err(e),
             }
         }
@@ -324,15 +352,16 @@ mod tests {
         );
     }
 
-    /// In a private network namespace: nothing is reported until something changes; a new
-    /// link, a neighbour and a route are each reported (the first with all the notifications
-    /// it made, in one batch).
+    /// In a private network namespace: nothing is reported until something changes (a wait
+    /// returns 0 at its timeout); a new link, a neighbour, a route and a policy rule are each
+    /// reported (the first with all the notifications it made, in one batch). The rule on a
+    /// port is listed as one of its family's rules that may select on ports.
     #[test]
-    fn link_neighbour_and_route_changes_are_heard() {
-        if !ferrolb_tests::private_netns("link_neighbour_and_route_changes_are_heard") {
+    fn link_neighbour_route_and_rule_changes_are_heard() {
+        if !ferrolb_tests::private_netns("link_neighbour_route_and_rule_changes_are_heard") {
             return;
         }
-        let mut changes = FibChanges::subscribe().unwrap();
+        let mut changes = FibChanges::subscribe(Duration::from_millis(300)).unwrap();
         let timeout = |changes: &FibChanges, d: Duration| {
             socket2::SockRef::from(&changes.socket)
                 .set_read_timeout(Some(d))
@@ -342,12 +371,20 @@ mod tests {
             // Until 300 ms pass without a notification.
             timeout(changes, Duration::from_millis(300));
             let mut extra = 0;
-            while let Ok(n) = changes.wait() {
+            loop {
+                let n = changes.wait().unwrap();
+                if n == 0 {
+                    break;
+                }
                 extra += n;
                 assert!(extra < 10_000, "notifications without end");
             }
             extra
         };
+        // The namespace's own rules (local, main, default) select on nothing of the kind.
+        let before = rules().unwrap();
+        assert!(before.len() >= 3, "{before:?}");
+        assert_eq!(crate::fib::port_rules(&before), (false, false));
         assert_eq!(quiet(&mut changes), 0, "nothing changed yet");
         for (what, args) in [
             (
@@ -374,6 +411,10 @@ mod tests {
                 "a route",
                 &["route", "add", "198.51.100.0/24", "dev", "flbfa"][..],
             ),
+            (
+                "a rule",
+                &["rule", "add", "dport", "8080", "table", "100"][..],
+            ),
         ] {
             if what == "a route" {
                 ip(&["link", "set", "flbfa", "up"]);
@@ -381,12 +422,13 @@ mod tests {
             }
             ip(args);
             timeout(&changes, Duration::from_secs(5));
-            let n = changes
-                .wait()
-                .unwrap_or_else(|e| panic!("{what}: not heard within 5 s: {e}"));
-            assert!(n >= 1, "{what}");
+            let n = changes.wait().unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert!(n >= 1, "{what}: not heard within 5 s");
             quiet(&mut changes);
         }
+        assert_eq!(crate::fib::port_rules(&rules().unwrap()), (true, false));
+        ip(&["-6", "rule", "add", "ipproto", "tcp", "table", "100"]);
+        assert_eq!(crate::fib::port_rules(&rules().unwrap()), (true, true));
     }
 
     /// In a private network namespace: a veth pair with both ends here is not reported; once

@@ -242,6 +242,50 @@ fn balancing_algorithms_and_nat_modes() {
         || Ok(invalidations(&lab) > before),
     )
     .unwrap();
+
+    // The FIB cache keys questions by addresses while nothing in lb1's FIB can pick a route
+    // by ports (decision 0010): not once a policy rule selects on a port (heard over
+    // rtnetlink) or multipath hashes layer 4 (a sysctl, read again every second), and again
+    // once they are gone.
+    // (IPv4, IPv6) as the metrics say; None while they cannot be read or lack the gauge.
+    let by_addresses = |lab: &TestLab| -> Option<(bool, bool)> {
+        let m = lab
+            .exec_ok("lb1", &["curl", "-sf", "http://127.0.0.1:11111/metrics"])
+            .ok()?;
+        let of = |family: &str| {
+            let name = format!("ferrolb_fib_cache_by_addresses{{family=\"{family}\"}} ");
+            m.lines()
+                .find_map(|l| l.strip_prefix(name.as_str()))
+                .map(|v| v.trim() == "1")
+        };
+        Some((of("ipv4")?, of("ipv6")?))
+    };
+    let expect = |lab: &TestLab, want: (bool, bool), after: &str| {
+        lab.wait_until(
+            &format!("questions keyed by addresses (IPv4, IPv6) = {want:?} {after}"),
+            Duration::from_secs(5),
+            || Ok(by_addresses(lab) == Some(want)),
+        )
+        .unwrap_or_else(|e| panic!("{e}; the metrics say {:?}", by_addresses(lab)));
+    };
+    expect(&lab, (true, true), "at start");
+    for (add, del, after) in [
+        (
+            &["ip", "rule", "add", "dport", "9999", "table", "100"][..],
+            &["ip", "rule", "del", "dport", "9999", "table", "100"][..],
+            "with an IPv4 rule on a port",
+        ),
+        (
+            &["sysctl", "-qw", "net.ipv4.fib_multipath_hash_policy=1"][..],
+            &["sysctl", "-qw", "net.ipv4.fib_multipath_hash_policy=0"][..],
+            "with IPv4 multipath hashing layer 4",
+        ),
+    ] {
+        lab.exec_ok("lb1", add).unwrap();
+        expect(&lab, (false, true), after);
+        lab.exec_ok("lb1", del).unwrap();
+        expect(&lab, (true, true), "once that is undone");
+    }
 }
 
 const VIP6: &str = "2001:db8:aaaa::10";

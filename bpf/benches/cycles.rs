@@ -21,7 +21,10 @@
 //! makes the ratios conservative and machine-dependent: the benchmark also times an empty
 //! program (`flb_nop`) and prints a "net" ratio with that cost taken off both sides. `FLB_OBJECT=path` runs a datapath object built elsewhere (a variant of the
 //! C source) instead of the one built in; `FLB_INPLACE=N` sets the in-place budget (0: every
-//! half-open flow in the half-open table, `ct_new`, moving at its handshake's end).
+//! half-open flow in the half-open table, `ct_new`, moving at its handshake's end);
+//! `FLB_PORTS_FREE=0` keys the FIB cache's questions with their ports (by default by
+//! addresses, as the agent sets it where no rule or multipath hash uses ports: a new
+//! connection's packets are then answered from the answer cached for an earlier one).
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -29,8 +32,8 @@ mod common;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use common::*;
-use ferrolb_bpf::maps::PROTO_UDP;
-use ferrolb_bpf::{Datapath, DatapathConfig, TestRunner};
+use ferrolb_bpf::maps::{FIB_PORTS_FREE_V4, FIB_PORTS_FREE_V6, PROTO_UDP};
+use ferrolb_bpf::{Datapath, DatapathConfig, TestRunner, monotonic_ns};
 use serde_json::json;
 
 const PER_ROUND: usize = 2000;
@@ -135,6 +138,19 @@ fn main() {
         Err(_) => Datapath::load(&cfg),
     }
     .expect("load datapath");
+    // The FIB cache keys questions by addresses, as the agent sets it on a node whose FIB
+    // cannot pick a route by ports (no such policy rule, multipath hashing addresses: the
+    // kernel's defaults); FLB_PORTS_FREE=0 keys them with their ports too.
+    let ports_free = match std::env::var("FLB_PORTS_FREE").as_deref() {
+        Ok("0") => 0,
+        _ => FIB_PORTS_FREE_V4 | FIB_PORTS_FREE_V6,
+    };
+    if let Err(e) = dp
+        .fib_invalidator()
+        .and_then(|mut inv| inv.set_ports_free(ports_free, monotonic_ns() + 3_600_000_000_000))
+    {
+        println!("FIB cache keyed with ports (an object without the flag?): {e}");
+    }
     let fams: [(&str, IpAddr, IpAddr, IpAddr, IpAddr); 2] = [
         ("ipv4", CLIENT4.into(), VIP4.into(), EP4.into(), LB4.into()),
         ("ipv6", CLIENT6.into(), VIP6.into(), EP6.into(), LB6.into()),
@@ -337,7 +353,7 @@ fn main() {
         .collect();
     println!(
         "{}",
-        json!({"rounds": rounds, "per_round": PER_ROUND, "cases": summary,
+        json!({"rounds": rounds, "per_round": PER_ROUND, "fib_ports_free": ports_free, "cases": summary,
                "note": "median of the kernel's BPF_PROG_TEST_RUN duration, one call per packet, CPU 0; the floor on the packet as forwarded, interleaved; net: both less an empty program's time"})
     );
 }

@@ -292,8 +292,9 @@ struct {
 /* The FIB's forwarding answers for translated packets, cached per CPU for FLB_FIB_TTL_NS: a
  * bpf_fib_lookup was ~18 % of the datapath's time in the lab (issue 16), and a flow's packets
  * ask it the same question over and over. Direct-mapped by a hash of everything the lookup is
- * given (ingress interface, family, addresses, protocol, ports), compared in full on a hit:
- * a hit is the answer the lookup gave for the same question at most FLB_FIB_TTL_NS ago. Only
+ * given (ingress interface, family, addresses, protocol, ports; the ports left out where the
+ * agent proved they cannot change an answer: fib_gen), compared in full on a hit: a hit is
+ * the answer the lookup gave for the same question at most FLB_FIB_TTL_NS ago. Only
  * forwarding answers with a known next-hop MAC are kept; a packet longer than any the answer
  * was given for asks again (the route's MTU). Not pinned (a cache: a restart starts empty). */
 #define FLB_FIB_BITS 10
@@ -321,14 +322,32 @@ struct {
 	__uint(max_entries, 1 << FLB_FIB_BITS);
 } fib_cache SEC(".maps");
 
-/* The FIB's generation (index 0): the agent bumps it when the kernel reports a route,
+/* The FIB's generation (index 0): the agent bumps it when the kernel reports a route, rule,
  * neighbour or link change (rtnetlink), and a cached answer of another generation is not
  * used, so a change reaches flowing packets as soon as the agent hears of it; FLB_FIB_TTL_NS
- * bounds what it does not hear (the agent down, a lost notification). Not pinned. */
+ * bounds what it does not hear (the agent down, a lost notification). Not pinned.
+ *
+ * `flags` (FLB_FIB_PORTS_FREE_*, set by the agent, 0 at load): for that family no answer of
+ * the FIB depends on the ports (no policy rule selects on ports or protocol, and multipath
+ * hashes addresses only: fib_multipath_hash_policy 0), so the cache keys its questions
+ * without them and a new connection between two addresses already seen is answered from it.
+ * Only until `ports_free_until_ns` (CLOCK_MONOTONIC), a lease the agent renews every second
+ * while it watches the rules: an agent that stopped cannot vouch for rules added since, and
+ * the ports come back into the key within the lease. The lookup itself is still given the
+ * ports. A slot keyed without ports holds 0 ports, so once the flag is cleared no question
+ * with ports matches it. */
+#define FLB_FIB_PORTS_FREE_V4 1
+#define FLB_FIB_PORTS_FREE_V6 2
+struct flb_fib_gen {
+	__u32 gen;
+	__u32 flags;
+	__u64 ports_free_until_ns;
+};
+
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__type(key, __u32);
-	__type(value, __u32);
+	__type(value, struct flb_fib_gen);
 	__uint(max_entries, 1);
 } fib_gen SEC(".maps");
 
@@ -2101,24 +2120,26 @@ static __always_inline long redirect_out(const struct bpf_fib_lookup *f)
 }
 
 /* The fib_cache slot of a lookup's question (f as filled for bpf_fib_lookup; an IPv4
- * question's other address words are 0). */
-static __always_inline __u32 fib_slot_of(const struct bpf_fib_lookup *f)
+ * question's other address words are 0), with the ports it is keyed by (0 when they do not
+ * matter to the FIB). */
+static __always_inline __u32 fib_slot_of(const struct bpf_fib_lookup *f, __u16 sport,
+					 __u16 dport)
 {
 	__u32 h = f->ifindex * 0x9e3779b1u;
 	for (int i = 0; i < 4; i++)
 		h = (h ^ f->ipv6_src[i]) * 0x85ebca6bu ^ f->ipv6_dst[i] * 0xc2b2ae35u;
-	h = (h ^ ((__u32)f->sport << 16 | f->dport) ^ (__u32)f->l4_protocol << 8) * 0x9e3779b1u;
+	h = (h ^ ((__u32)sport << 16 | dport) ^ (__u32)f->l4_protocol << 8) * 0x9e3779b1u;
 	return h >> (32 - FLB_FIB_BITS);
 }
 
-/* Does slot `c` hold the answer to question `f` (asked with `len` bytes at `now`, in FIB
- * generation `gen`)? */
+/* Does slot `c` hold the answer to question `f` (keyed by ports sport, dport; asked with `len`
+ * bytes at `now`, in FIB generation `gen`)? */
 static __always_inline int fib_cached(const struct flb_fib_slot *c,
-				      const struct bpf_fib_lookup *f, __u16 len, __u64 now,
-				      __u32 gen)
+				      const struct bpf_fib_lookup *f, __u16 sport, __u16 dport,
+				      __u16 len, __u64 now, __u32 gen)
 {
 	return c->family == f->family && c->iif == f->ifindex && c->proto == f->l4_protocol &&
-	       c->sport == f->sport && c->dport == f->dport && len <= c->max_len &&
+	       c->sport == sport && c->dport == dport && len <= c->max_len &&
 	       c->gen == gen && (__s64)(c->expires_ns - now) > 0 &&
 	       ((c->src[0] ^ f->ipv6_src[0]) | (c->src[1] ^ f->ipv6_src[1]) |
 		(c->src[2] ^ f->ipv6_src[2]) | (c->src[3] ^ f->ipv6_src[3]) |
@@ -2132,16 +2153,24 @@ static __always_inline int fib_cached(const struct flb_fib_slot *c,
 static __always_inline int fib_lookup_cached(struct __sk_buff *skb, struct bpf_fib_lookup *f,
 					     __u64 now)
 {
-	__u32 slot = fib_slot_of(f);
 	__u16 len = f->tot_len;
 	__u32 iif = f->ifindex;
 	/* Read before the lookup: an answer given before a change the agent reports is stored
 	 * with the generation that change ends. */
 	__u32 zero = 0;
-	__u32 *g = bpf_map_lookup_elem(&fib_gen, &zero);
-	__u32 gen = g ? *(volatile __u32 *)g : 0;
+	struct flb_fib_gen *g = bpf_map_lookup_elem(&fib_gen, &zero);
+	__u32 gen = 0, ports_free = 0;
+	if (g) {
+		gen = *(volatile __u32 *)&g->gen;
+		if ((__s64)(*(volatile __u64 *)&g->ports_free_until_ns - now) > 0)
+			ports_free = *(volatile __u32 *)&g->flags &
+				     (f->family == AF_INET6 ? FLB_FIB_PORTS_FREE_V6
+							    : FLB_FIB_PORTS_FREE_V4);
+	}
+	__u16 sport = ports_free ? 0 : f->sport, dport = ports_free ? 0 : f->dport;
+	__u32 slot = fib_slot_of(f, sport, dport);
 	struct flb_fib_slot *c = bpf_map_lookup_elem(&fib_cache, &slot);
-	if (c && fib_cached(c, f, len, now, gen)) {
+	if (c && fib_cached(c, f, sport, dport, len, now, gen)) {
 		f->ifindex = c->oif;
 		__builtin_memcpy(f->smac, c->smac, ETH_ALEN);
 		__builtin_memcpy(f->dmac, c->dmac, ETH_ALEN);
@@ -2156,8 +2185,8 @@ static __always_inline int fib_lookup_cached(struct __sk_buff *skb, struct bpf_f
 	c->oif = f->ifindex;
 	c->expires_ns = now + FLB_FIB_TTL_NS;
 	c->gen = gen;
-	c->sport = f->sport;
-	c->dport = f->dport;
+	c->sport = sport;
+	c->dport = dport;
 	c->max_len = len;
 	c->family = f->family;
 	c->proto = f->l4_protocol;

@@ -120,26 +120,50 @@ pub struct Datapath {
 }
 
 /// A handle on the datapath's FIB generation (`fib_gen`): [`FibInvalidator::bump`] makes every
-/// cached FIB answer stale at once (the agent calls it when the kernel reports a route,
-/// neighbour or link change). Its own map handle, so it works without whoever owns the
-/// [`Datapath`].
+/// cached FIB answer stale at once (the agent calls it when the kernel reports a route, rule,
+/// neighbour or link change), [`FibInvalidator::set_ports_free`] says for which families the
+/// cache may key its questions without ports. Its own map handle, so it works without whoever
+/// owns the [`Datapath`].
 pub struct FibInvalidator {
-    map: Array<MapData, u32>,
-    generation: u32,
+    map: Array<MapData, FibGen>,
+    value: FibGen,
 }
 
 impl FibInvalidator {
     /// The next generation: cached answers of earlier ones are not used.
     pub fn bump(&mut self) -> Result<()> {
-        self.generation = self.generation.wrapping_add(1);
-        self.map
-            .set(0, self.generation, 0)
-            .map_err(map_err("fib_gen"))
+        self.value.generation = self.value.generation.wrapping_add(1);
+        self.map.set(0, self.value, 0).map_err(map_err("fib_gen"))
+    }
+
+    /// For which families (`FIB_PORTS_FREE_*` bits) no answer of the FIB depends on the ports,
+    /// until `until_ns` (CLOCK_MONOTONIC, [`crate::monotonic_ns`]; renewed with
+    /// [`FibInvalidator::renew`]), with a new generation in the same write (answers cached
+    /// before are not used). The caller proves it: no policy rule selects on ports or
+    /// protocol, and multipath hashes addresses only.
+    pub fn set_ports_free(&mut self, flags: u32, until_ns: u64) -> Result<()> {
+        self.value.flags = flags & (FIB_PORTS_FREE_V4 | FIB_PORTS_FREE_V6);
+        self.value.ports_free_until_ns = until_ns;
+        self.bump()
+    }
+
+    /// The same families stay keyed without ports until `until_ns` (no new generation).
+    pub fn renew(&mut self, until_ns: u64) -> Result<()> {
+        self.value.ports_free_until_ns = until_ns;
+        self.map.set(0, self.value, 0).map_err(map_err("fib_gen"))
+    }
+
+    /// The families whose questions are keyed without ports now.
+    pub fn ports_free(&self) -> u32 {
+        self.value.flags
     }
 
     /// The generation the datapath reads now.
     pub fn current(&self) -> Result<u32> {
-        self.map.get(&0, 0).map_err(map_err("fib_gen"))
+        self.map
+            .get(&0, 0)
+            .map(|v| v.generation)
+            .map_err(map_err("fib_gen"))
     }
 }
 
@@ -851,10 +875,10 @@ impl Datapath {
             map: "fib_gen".to_string(),
             source: e,
         })?;
-        let map: Array<MapData, u32> =
+        let map: Array<MapData, FibGen> =
             Array::try_from(aya::maps::Map::Array(data)).map_err(map_err("fib_gen"))?;
-        let generation = map.get(&0, 0).map_err(map_err("fib_gen"))?;
-        Ok(FibInvalidator { map, generation })
+        let value = map.get(&0, 0).map_err(map_err("fib_gen"))?;
+        Ok(FibInvalidator { map, value })
     }
 
     /// Separate handles for conntrack sync: conntrack to read and write, and the service

@@ -86,6 +86,25 @@ pub struct Budget {
 // SAFETY: plain old data, `repr(C)`, no padding (two u64).
 unsafe impl aya::Pod for Budget {}
 
+/// `fib_gen`'s one value (`struct flb_fib_gen`): the FIB generation cached answers must carry,
+/// for which families the FIB's answers do not depend on the ports ([`FIB_PORTS_FREE_V4`],
+/// [`FIB_PORTS_FREE_V6`]), and until when (CLOCK_MONOTONIC ns) that holds.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FibGen {
+    pub generation: u32,
+    pub flags: u32,
+    pub ports_free_until_ns: u64,
+}
+
+// SAFETY: plain old data, `repr(C)`, no padding (two u32, then a u64 at offset 8).
+unsafe impl aya::Pod for FibGen {}
+
+/// `FibGen::flags`: IPv4 questions are cached without their ports.
+pub const FIB_PORTS_FREE_V4: u32 = 1;
+/// `FibGen::flags`: IPv6 questions are cached without their ports.
+pub const FIB_PORTS_FREE_V6: u32 = 2;
+
 /// Conntrack state, shared by both entries of a flow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum CtState {

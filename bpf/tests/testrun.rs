@@ -1721,6 +1721,92 @@ fn fib_answers_are_cached_briefly_per_question() {
     assert_eq!(&other[..6], &m2);
 }
 
+/// Where the agent has proven that no answer of the FIB depends on the ports (no policy rule
+/// on ports, multipath hashing addresses only), a family's questions are cached by addresses:
+/// a new connection between the same two addresses is answered from the first one's lookup.
+/// Per family, while the agent's lease runs, and undone with the flag (the next connection asks
+/// again, and from then on each port pair is a question of its own).
+#[test]
+fn fib_answers_are_keyed_by_addresses_where_ports_cannot_matter() {
+    if !in_private_netns("fib_answers_are_keyed_by_addresses_where_ports_cannot_matter") {
+        return;
+    }
+    pin_to(0); // the cache is per CPU
+    const TC_ACT_REDIRECT: u32 = 7;
+    let ifx = routed(true);
+    let neigh = |m: u8| {
+        let mac = format!("02:00:00:00:00:{m:02x}");
+        ip_cmd(&[
+            "neigh",
+            "replace",
+            "10.10.10.11",
+            "lladdr",
+            &mac,
+            "dev",
+            "flb-out",
+            "nud",
+            "permanent",
+        ]);
+        [2u8, 0, 0, 0, 0, m]
+    };
+    let m1 = neigh(0x11);
+    let mut dp = datapath(0);
+    install(&mut dp, &svc(1, 80, PROTO_TCP, 0, 0));
+    let mut inv = dp.fib_invalidator().unwrap();
+    let mut port = 40000u16;
+    let mut syn = |dp: &mut Datapath| {
+        port += 1;
+        let (rc, out) = dp
+            .test_run_on(&tcp(ip(CLIENT, VIP, 6), port, 80, SYN, b""), ifx)
+            .unwrap();
+        assert_eq!(rc, TC_ACT_REDIRECT, "SYN from port {port}");
+        [out[0], out[1], out[2], out[3], out[4], out[5]]
+    };
+    // (flags, the agent's lease still running, whether a new connection meets the answer
+    // cached for the last one.)
+    for (flags, leased, by_addresses) in [
+        (FIB_PORTS_FREE_V4, true, true),
+        (FIB_PORTS_FREE_V6, true, false),
+        (FIB_PORTS_FREE_V4 | FIB_PORTS_FREE_V6, true, true),
+        // The agent stopped renewing (it no longer hears of new rules): ports again.
+        (FIB_PORTS_FREE_V4, false, false),
+        (0, true, false),
+    ] {
+        // A slow `ip` (the cache answers for 50 ms) is tried again, up to 5 times.
+        let (asked, now, next) = (0..5)
+            .find_map(|_| {
+                // A new generation: the first connection asks.
+                let until = if leased {
+                    monotonic_ns() + 10_000_000_000
+                } else {
+                    monotonic_ns() - 1_000_000_000 // (the datapath reads a coarse clock)
+                };
+                inv.set_ports_free(flags, until).unwrap();
+                let asked = syn(&mut dp);
+                let t = std::time::Instant::now();
+                let now = neigh(if asked == m1 { 0x22 } else { 0x11 });
+                // The neighbour changed without a new generation: only a new question sees it.
+                let next = syn(&mut dp);
+                let elapsed = t.elapsed();
+                if elapsed >= std::time::Duration::from_millis(40) {
+                    println!("the neighbour change took {elapsed:?}: tried again");
+                    return None;
+                }
+                Some((asked, now, next))
+            })
+            .expect("a neighbour change within 40 ms in 5 tries");
+        assert_eq!(inv.ports_free(), flags);
+        if by_addresses {
+            assert_eq!(
+                next, asked,
+                "flags {flags}: another port, the same question"
+            );
+        } else {
+            assert_eq!(next, now, "flags {flags}: another port, another question");
+        }
+    }
+}
+
 #[test]
 fn only_allowed_sources_open_flows_per_rule() {
     if !in_private_netns("only_allowed_sources_open_flows_per_rule") {
