@@ -573,6 +573,30 @@ mod tests {
         Config::from_flags(Flags::try_parse_from(v)?)
     }
 
+    /// The tables' sizes: each bound named in its error; the in-place budget's default (None:
+    /// the datapath takes an eighth of the half-open table) and its edges.
+    #[test]
+    fn table_sizes_are_bounded_and_named() {
+        let d = cfg(&[]).unwrap();
+        assert_eq!(d.flags.halfopen_inplace, None);
+        for ok in ["0", "128", "1048576"] {
+            let c = cfg(&["--halfopen-inplace", ok]).unwrap();
+            assert_eq!(c.flags.halfopen_inplace, Some(ok.parse().unwrap()));
+        }
+        for (args, flag) in [
+            (&["--halfopen-inplace", "1048577"][..], "--halfopen-inplace"),
+            (&["--halfopen-inplace=-1"][..], "--halfopen-inplace"),
+            (&["--max-conntrack", "1023"][..], "--max-conntrack"),
+            (&["--max-halfopen", "1023"][..], "--max-halfopen"),
+            (&["--max-services", "0"][..], "--max-services"),
+            (&["--max-services", "1048577"][..], "--max-services"),
+        ] {
+            let e = cfg(args).unwrap_err().to_string();
+            assert!(e.contains(flag), "{args:?}: {e}");
+        }
+        assert!(cfg(&["--max-halfopen", "0"]).is_ok(), "0: the default size");
+    }
+
     #[test]
     fn loxilb_style_flags_parse_both_ways() {
         let c = cfg(&[
