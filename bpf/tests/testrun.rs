@@ -1779,7 +1779,7 @@ fn fib_answers_are_keyed_by_addresses_where_ports_cannot_matter() {
                 let until = if leased {
                     monotonic_ns() + 10_000_000_000
                 } else {
-                    monotonic_ns() - 1_000_000_000 // (the datapath reads a coarse clock)
+                    monotonic_ns().saturating_sub(1_000_000_000) // (the datapath reads a coarse clock)
                 };
                 inv.set_ports_free(flags, until).unwrap();
                 let asked = syn(&mut dp);
@@ -1802,7 +1802,10 @@ fn fib_answers_are_keyed_by_addresses_where_ports_cannot_matter() {
                 "flags {flags}: another port, the same question"
             );
         } else {
-            assert_eq!(next, now, "flags {flags}: another port, another question");
+            assert_eq!(
+                next, now,
+                "flags {flags}, leased {leased}: another port, another question"
+            );
         }
     }
 }
