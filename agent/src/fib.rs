@@ -177,20 +177,18 @@ impl Watcher {
             })
         };
         let until = ferrolb_bpf::monotonic_ns().saturating_add(LEASE.as_nanos() as u64);
-        let r = if flags != inv.ports_free() {
+        if flags != inv.ports_free() {
             info!(
                 ipv4 = flags & FIB_PORTS_FREE_V4 != 0,
                 ipv6 = flags & FIB_PORTS_FREE_V6 != 0,
                 "FIB cache keys questions by addresses where no rule or multipath hash uses ports"
             );
+        }
+        // One write: a new generation when anything changed, else the lease alone.
+        let r = if changed || flags != inv.ports_free() {
             inv.set_ports_free(flags, until)
         } else {
-            let r = inv.renew(until);
-            if changed {
-                r.and_then(|()| inv.bump())
-            } else {
-                r
-            }
+            inv.renew(until)
         };
         match r {
             Ok(()) => {

@@ -133,6 +133,10 @@ impl FibInvalidator {
     /// The next generation: cached answers of earlier ones are not used.
     pub fn bump(&mut self) -> Result<()> {
         self.value.generation = self.value.generation.wrapping_add(1);
+        self.write()
+    }
+
+    fn write(&mut self) -> Result<()> {
         self.map.set(0, self.value, 0).map_err(map_err("fib_gen"))
     }
 
@@ -150,7 +154,7 @@ impl FibInvalidator {
     /// The same families stay keyed without ports until `until_ns` (no new generation).
     pub fn renew(&mut self, until_ns: u64) -> Result<()> {
         self.value.ports_free_until_ns = until_ns;
-        self.map.set(0, self.value, 0).map_err(map_err("fib_gen"))
+        self.write()
     }
 
     /// The families whose questions are keyed without ports now.
