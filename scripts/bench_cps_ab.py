@@ -23,6 +23,12 @@ it should read 1.0. --agent-args "..." passes more flags to the agent (e.g. --ma
 source-NATs them over 112 addresses per path; see fresh_setup), as clients of a real VIP
 mostly do; without it wrk's ports come back every second or so.
 
+--aa --baseline-program floor|nop attaches, on the router playing ferrolb's part, the
+benchmark's floor program (FIB lookup, MAC rewrite, redirect: forwarding with no state) or its
+zero (returns at once: the kernel routes behind a TC hook) instead of nothing: with
+--router-cpu, a decomposition of ferrolb's cost per connection at the router (the TC hook, a
+stateless redirect, the flows' state).
+
 --l4-hash sets both routers' net.ipv4.fib_multipath_hash_policy to 1 (layer 4), under which
 ferrolb's FIB cache keys its questions with their ports again (decision 0010): the A/B of keying
 by addresses, which the default policy (0) allows.
@@ -39,7 +45,7 @@ but a few percent of a connection here).
 
 Usage: sudo python3 scripts/bench_cps_ab.py [--pairs N] [--seconds S] [--warmup S]
        [--modes dnat,onearm,fullnat] [--aa] [--fresh-tuples] [--router-cpu] [--l4-hash]
-       [--agent-args "..."] [--json FILE]
+       [--agent-args "..."] [--baseline-program floor|nop] [--json FILE]
 Needs root and `scripts/deps.sh --bench` (wrk, nginx), and a release build (cargo build --release).
 """
 import json
@@ -56,6 +62,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGET = os.environ.get("CARGO_TARGET_DIR", "/var/tmp/ferrolb-target")
 FERROLAB = os.path.join(TARGET, "release", "ferrolab")
 FERROLB = os.path.join(TARGET, "release", "ferrolb")
+# --baseline-program: cargo build --release -p ferrolb-bpf --example bench_attach
+BENCH_ATTACH = os.path.join(TARGET, "release", "examples", "bench_attach")
+BASELINE = None
 TOPO = os.path.join(ROOT, "scripts", "bench", "cps-ab.clab.yml")
 NAME = "ferrolb-cps-ab"
 BE1 = "10.10.10.11"
@@ -172,6 +181,27 @@ def stop_agent(node, ns):
     lab(node, FERROLB, "--remove-datapath")
     # The agent turned forwarding on where it attached; a plain router needs it on too.
     lab(node, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+
+
+def attach_baseline(node):
+    """--baseline-program: the benchmark program on `node`'s interfaces until detach_baseline."""
+    log = "/var/log/ferrolb-bench-attach.log"
+    lab(node, "sh", "-c", "%s %s eth1 eth2 > %s 2>&1 &" % (BENCH_ATTACH, BASELINE, log))
+    for _ in range(100):
+        if "attached" in lab(node, "cat", log, check=False):
+            return
+        time.sleep(0.1)
+    sys.exit("bench_attach did not attach on %s: %s" % (node, lab(node, "cat", log, check=False)))
+
+
+def detach_baseline(node, ns):
+    for pid in run(["pgrep", "-x", "bench_attach"], check=False).split():
+        try:
+            if os.readlink("/proc/%s/ns/net" % pid) == ns:
+                os.kill(int(pid), 15)
+        except OSError:
+            pass
+    time.sleep(0.3)
 
 
 def wrk_argv(target, port, seconds):
@@ -318,8 +348,15 @@ def main():
     AGENT_ARGS = opt("--agent-args", "")
     FRESH = "--fresh-tuples" in args
     ROUTER_CPU = "--router-cpu" in args
-    global L4_HASH
+    global L4_HASH, BASELINE
     L4_HASH = "--l4-hash" in args
+    BASELINE = opt("--baseline-program", None)
+    if BASELINE is not None:
+        if BASELINE not in ("floor", "nop") or not AA:
+            sys.exit("--baseline-program: floor or nop, with --aa")
+        if not os.access(BENCH_ATTACH, os.X_OK):
+            sys.exit("%s missing: cargo build --release -p ferrolb-bpf --example bench_attach"
+                     % BENCH_ATTACH)
     if ROUTER_CPU:
         AGENT_ARGS += " --no-peer-redirect"
     pairs = int(opt("--pairs", "6"))
@@ -389,6 +426,8 @@ def bench(tmp, pairs, seconds, warmup, modes, out_json):
         if not AA:
             start_agent(lb)
             pid = agent_pid(ns[lb])
+        elif BASELINE:
+            attach_baseline(lb)
         for m in modes:
             if not AA:
                 api(lb, "POST", "/config/loadbalancer", {
@@ -430,6 +469,8 @@ def bench(tmp, pairs, seconds, warmup, modes, out_json):
                   flush=True)
         if not AA:
             stop_agent(lb, ns[lb])
+        elif BASELINE:
+            detach_baseline(lb, ns[lb])
     print()
     summary = {}
     for m in modes:

@@ -2998,7 +2998,7 @@ int flb_floor(struct __sk_buff *skb)
 		addr_cp(fib.ipv6_dst, ip6.daddr);
 		fib.l4_protocol = ip6.nexthdr;
 		fib.tot_len = bpf_ntohs(ip6.payload_len) + sizeof(ip6);
-	} else {
+	} else if (eth->h_proto == bpf_htons(ETH_P_IP)) {
 		struct iphdr ip;
 		if (bpf_skb_load_bytes(skb, ETH_HLEN_, &ip, sizeof(ip)) < 0)
 			return TC_ACT_OK;
@@ -3007,6 +3007,8 @@ int flb_floor(struct __sk_buff *skb)
 		fib.ipv4_dst = ip.daddr;
 		fib.l4_protocol = ip.protocol;
 		fib.tot_len = bpf_ntohs(ip.tot_len);
+	} else {
+		return TC_ACT_OK; /* ARP and the rest: the stack's */
 	}
 	fib.ifindex = skb->ingress_ifindex;
 	if (bpf_fib_lookup(skb, &fib, sizeof(fib), 0) != BPF_FIB_LKUP_RET_SUCCESS)

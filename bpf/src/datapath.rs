@@ -663,6 +663,40 @@ impl Datapath {
         self.bench_runner(NOP)
     }
 
+    /// Attaches one of the benchmark's programs at TC ingress of `iface` instead of the
+    /// datapath (`floor`: FIB lookup, MAC rewrite, redirect; `nop`: returns at once, so the
+    /// kernel routes): the lab benchmark's decomposition of ferrolb's cost per connection
+    /// (`scripts/bench_cps_ab.py --aa --baseline-program`). Never called by the agent. The
+    /// link lasts as long as this `Datapath`.
+    pub fn attach_bench_program(&mut self, iface: &str, name: &str) -> Result<()> {
+        let name = match name {
+            "floor" => FLOOR,
+            "nop" => NOP,
+            other => {
+                return Err(BpfError::Invalid(format!(
+                    "bench program {other:?}: must be floor or nop"
+                )));
+            }
+        };
+        let prog = program(&mut self.ebpf, name)?;
+        if prog.fd().is_err() {
+            prog.load().map_err(|e| BpfError::Program {
+                context: format!("load {name} (verifier)"),
+                source: e,
+            })?;
+        }
+        prog.attach_with_options(
+            iface,
+            TcAttachType::Ingress,
+            TcAttachOptions::TcxOrder(LinkOrder::default()),
+        )
+        .map_err(|e| BpfError::Program {
+            context: format!("attach {name} to {iface} ingress"),
+            source: e,
+        })?;
+        Ok(())
+    }
+
     fn bench_runner(&mut self, name: &str) -> Result<crate::TestRunner> {
         let prog = program(&mut self.ebpf, name)?;
         if prog.fd().is_err() {
