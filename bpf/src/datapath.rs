@@ -334,6 +334,18 @@ where
     T::try_from(m).map_err(map_err(name))
 }
 
+/// One of the benchmark's programs, loaded (through the verifier) on first use.
+fn bench_program<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut SchedClassifier> {
+    let prog = program(ebpf, name)?;
+    if prog.fd().is_err() {
+        prog.load().map_err(|e| BpfError::Program {
+            context: format!("load {name} (verifier)"),
+            source: e,
+        })?;
+    }
+    Ok(prog)
+}
+
 const MAPS: [&str; 17] = [
     "services",
     "ranges",
@@ -678,13 +690,7 @@ impl Datapath {
                 )));
             }
         };
-        let prog = program(&mut self.ebpf, name)?;
-        if prog.fd().is_err() {
-            prog.load().map_err(|e| BpfError::Program {
-                context: format!("load {name} (verifier)"),
-                source: e,
-            })?;
-        }
+        let prog = bench_program(&mut self.ebpf, name)?;
         prog.attach_with_options(
             iface,
             TcAttachType::Ingress,
@@ -698,14 +704,7 @@ impl Datapath {
     }
 
     fn bench_runner(&mut self, name: &str) -> Result<crate::TestRunner> {
-        let prog = program(&mut self.ebpf, name)?;
-        if prog.fd().is_err() {
-            prog.load().map_err(|e| BpfError::Program {
-                context: format!("load {name} (verifier)"),
-                source: e,
-            })?;
-        }
-        runner(prog)
+        runner(bench_program(&mut self.ebpf, name)?)
     }
 
     // --- services -------------------------------------------------------------------------
