@@ -29,6 +29,10 @@ zero (returns at once: the kernel routes behind a TC hook) instead of nothing: w
 --router-cpu, a decomposition of ferrolb's cost per connection at the router (the TC hook, a
 stateless redirect, the flows' state).
 
+--pin-napi CPU (with --router-cpu) pins both routers' NAPI threads to that CPU, so that every
+packet of a flow, both directions, meets its state on one CPU (as symmetric RSS would give a
+real NIC's queues); without it the scheduler moves them between the CPUs.
+
 --l4-hash sets both routers' net.ipv4.fib_multipath_hash_policy to 1 (layer 4), under which
 ferrolb's FIB cache keys its questions with their ports again (decision 0010): the A/B of keying
 by addresses, which the default policy (0) allows.
@@ -45,7 +49,7 @@ but a few percent of a connection here).
 
 Usage: sudo python3 scripts/bench_cps_ab.py [--pairs N] [--seconds S] [--warmup S]
        [--modes dnat,onearm,fullnat] [--aa] [--fresh-tuples] [--router-cpu] [--l4-hash]
-       [--agent-args "..."] [--baseline-program floor|nop] [--json FILE]
+       [--agent-args "..."] [--baseline-program floor|nop] [--pin-napi CPU] [--json FILE]
 Needs root and `scripts/deps.sh --bench` (wrk, nginx), and a release build (cargo build --release).
 """
 import json
@@ -65,6 +69,7 @@ FERROLB = os.path.join(TARGET, "release", "ferrolb")
 # --baseline-program: cargo build --release -p ferrolb-bpf --example bench_attach
 BENCH_ATTACH = os.path.join(TARGET, "release", "examples", "bench_attach")
 BASELINE = None
+PIN_NAPI = None
 TOPO = os.path.join(ROOT, "scripts", "bench", "cps-ab.clab.yml")
 NAME = "ferrolb-cps-ab"
 BE1 = "10.10.10.11"
@@ -348,8 +353,13 @@ def main():
     AGENT_ARGS = opt("--agent-args", "")
     FRESH = "--fresh-tuples" in args
     ROUTER_CPU = "--router-cpu" in args
-    global L4_HASH, BASELINE
+    global L4_HASH, BASELINE, PIN_NAPI
     L4_HASH = "--l4-hash" in args
+    pin = opt("--pin-napi", None)
+    if pin is not None:
+        if not ROUTER_CPU or not pin.isdigit() or int(pin) >= os.cpu_count():
+            sys.exit("--pin-napi: a CPU number below %d, with --router-cpu" % os.cpu_count())
+        PIN_NAPI = int(pin)
     BASELINE = opt("--baseline-program", None)
     if BASELINE is not None:
         if BASELINE not in ("floor", "nop") or not AA:
@@ -402,6 +412,11 @@ def bench(tmp, pairs, seconds, warmup, modes, out_json):
     if threads:
         print("NAPI threads of the routers' interfaces: %s" % ", ".join(
             "%s %s" % (r, " ".join(map(str, t))) for r, t in threads.items()), flush=True)
+        if PIN_NAPI is not None:
+            for pids in threads.values():
+                for pid in pids:
+                    os.sched_setaffinity(pid, {PIN_NAPI})
+            print("the routers' NAPI threads pinned to CPU %d" % PIN_NAPI, flush=True)
     ns = {n: netns(n) for n in ROUTERS}
     for n in ROUTERS:
         stop_agent(n, ns[n])
@@ -494,7 +509,9 @@ def bench(tmp, pairs, seconds, warmup, modes, out_json):
     if out_json:
         with open(out_json, "w") as f:
             json.dump({"summary": summary, "trials": rates, "seconds": seconds,
-                       "warmup": warmup, "l4_hash": L4_HASH}, f, indent=1)
+                       "warmup": warmup, "l4_hash": L4_HASH, "aa": AA,
+                       "baseline_program": BASELINE, "pin_napi": PIN_NAPI,
+                       "agent_args": AGENT_ARGS}, f, indent=1)
 
 
 if __name__ == "__main__":
