@@ -191,7 +191,9 @@ def stop_agent(node, ns):
 def attach_baseline(node):
     """--baseline-program: the benchmark program on `node`'s interfaces until detach_baseline."""
     log = "/var/log/ferrolb-bench-attach.log"
-    lab(node, "sh", "-c", "%s %s eth1 eth2 > %s 2>&1 &" % (BENCH_ATTACH, BASELINE, log))
+    # The last pair's log goes first, so that its "attached" cannot be read for this one.
+    lab(node, "sh", "-c", "rm -f %s; %s %s eth1 eth2 > %s 2>&1 &"
+        % (log, BENCH_ATTACH, BASELINE, log))
     for _ in range(100):
         if "attached" in lab(node, "cat", log, check=False):
             return
