@@ -1,5 +1,6 @@
 //! Keeps the datapath's cached FIB answers true to the kernel's FIB (decision 0010): a new
-//! generation whenever the kernel reports a link, neighbour, route or rule change, and the
+//! generation whenever the kernel reports a link, route or rule change, or a neighbour's
+//! change that reaches an answer (its validity or MAC: [`crate::netlink::NeighMemory`]), and the
 //! families whose answers cannot depend on the ports, so that the cache keys their questions
 //! by addresses only and a new connection between two addresses already seen is answered
 //! from it.
@@ -31,8 +32,8 @@ pub const RECHECK: Duration = Duration::from_secs(1);
 /// new rules, cannot leave ports out of the key for longer than this.
 pub const LEASE: Duration = Duration::from_secs(3);
 
-/// Times the datapath's cached FIB answers were invalidated (a batch of route, rule,
-/// neighbour or link notifications each), for `/metrics`.
+/// Times the datapath's cached FIB answers were invalidated (a batch of route, rule, link or
+/// neighbour notifications that may change an answer each), for `/metrics`.
 pub static INVALIDATIONS: AtomicU64 = AtomicU64::new(0);
 
 /// The `FIB_PORTS_FREE_*` bits the datapath keys its questions by now, for `/metrics`.

@@ -18,6 +18,7 @@ use netlink_packet_route::address::{
     AddressAttribute, AddressHeaderFlags, AddressMessage, AddressScope,
 };
 use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
+use netlink_packet_route::neighbour::{NeighbourAddress, NeighbourAttribute};
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
 use netlink_packet_route::rule::RuleMessage;
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
@@ -258,12 +259,112 @@ const FIB_GROUPS: u32 = (1 << (libc::RTNLGRP_LINK - 1))
 /// (a full routing table arriving) still ends in an invalidation now and then.
 const FIB_BATCH: usize = 1024;
 
+/// Neighbours [`NeighMemory`] remembers at most; one it has no room for counts as a change at
+/// every notification (what an unparsed notification did).
+const NEIGH_MEMORY: usize = 16_384;
+
+/// `NUD_VALID`: the neighbour states in which `bpf_fib_lookup` answers with the entry's MAC.
+const NUD_VALID: u16 = 0x02 | 0x04 | 0x08 | 0x10 | 0x40 | 0x80;
+
+/// What of a neighbour can reach an answer of the FIB: whether `bpf_fib_lookup` would use it
+/// (a `NUD_VALID` state) and, if so, its link-layer address. A neighbour going from
+/// REACHABLE to STALE, DELAY or PROBE and back (every neighbour, every few tens of seconds)
+/// changes neither.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NeighView {
+    pub valid: bool,
+    /// Empty unless `valid`.
+    pub lladdr: Vec<u8>,
+}
+
+/// The neighbours the FIB watcher heard of, by interface and address, with what it last heard
+/// ([`NeighView`]): a notification that changes nothing of it is not a change. Bounded
+/// ([`NEIGH_MEMORY`]); forgotten on a lost notification (the queue overflowed).
+#[derive(Debug, Default)]
+pub struct NeighMemory {
+    seen: std::collections::HashMap<(u32, IpAddr), NeighView>,
+}
+
+impl NeighMemory {
+    /// A neighbour's notification: `Some(view)` for a new or changed entry, `None` for a deleted
+    /// one. True when it may change an answer: the first word of a neighbour, a deletion, or a
+    /// new validity or address.
+    pub fn changed(&mut self, ifindex: u32, dst: IpAddr, view: Option<NeighView>) -> bool {
+        let key = (ifindex, dst);
+        let Some(view) = view else {
+            self.seen.remove(&key);
+            return true;
+        };
+        match self.seen.get_mut(&key) {
+            Some(old) if *old == view => false,
+            Some(old) => {
+                *old = view;
+                true
+            }
+            None => {
+                if self.seen.len() < NEIGH_MEMORY {
+                    self.seen.insert(key, view);
+                }
+                true
+            }
+        }
+    }
+
+    /// Forgets every neighbour (notifications were lost).
+    pub fn clear(&mut self) {
+        self.seen.clear();
+    }
+
+    /// Whether `m`, one notification, may change an answer of the FIB: any link, route or
+    /// rule notification; a neighbour's unless [`NeighMemory::changed`] says otherwise.
+    /// Neighbours of other families (a bridge's forwarding entries) never reach a FIB answer.
+    /// Whatever cannot be read counts as a change.
+    pub fn relevant(&mut self, m: &RouteNetlinkMessage) -> bool {
+        let (n, deleted) = match m {
+            RouteNetlinkMessage::NewNeighbour(n) => (n, false),
+            RouteNetlinkMessage::DelNeighbour(n) => (n, true),
+            _ => return true,
+        };
+        if !matches!(n.header.family, AddressFamily::Inet | AddressFamily::Inet6) {
+            return false;
+        }
+        let mut dst = None;
+        let mut lladdr = Vec::new();
+        for a in &n.attributes {
+            match a {
+                NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => {
+                    dst = Some(IpAddr::V4(*v4))
+                }
+                NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => {
+                    dst = Some(IpAddr::V6(*v6))
+                }
+                NeighbourAttribute::LinkLayerAddress(l) => lladdr.clone_from(l),
+                _ => {}
+            }
+        }
+        let Some(dst) = dst else {
+            return true;
+        };
+        let view = (!deleted).then(|| {
+            let valid = u16::from(n.header.state) & NUD_VALID != 0;
+            NeighView {
+                valid,
+                lladdr: if valid { lladdr } else { Vec::new() },
+            }
+        });
+        self.changed(n.header.ifindex, dst, view)
+    }
+}
+
 /// The kernel's notifications of what can change the FIB's answers in a network namespace
 /// (the subscriber's): [`FibChanges::wait`] blocks until it reports a link, neighbour, route
 /// or rule change, or its timeout passes.
 pub struct FibChanges {
     socket: Socket,
     rx: Vec<u8>,
+    neigh: NeighMemory,
+    /// Notifications read, changes or not (for tests).
+    heard: u64,
 }
 
 impl FibChanges {
@@ -276,18 +377,28 @@ impl FibChanges {
         Ok(FibChanges {
             socket,
             rx: vec![0u8; 1 << 16],
+            neigh: NeighMemory::default(),
+            heard: 0,
         })
     }
 
-    /// Waits for the next change and reads every notification already queued with it (at most
-    /// [`FIB_BATCH`]); returns how many were read (0: the timeout passed without one). The
-    /// notifications are not parsed: any of them may change an answer. A queue that
-    /// overflowed (notifications lost: `ENOBUFS`) counts as a change too.
+    /// Waits for the next notification and reads every one already queued with it (at most
+    /// [`FIB_BATCH`] datagrams); returns how many of them may change an answer
+    /// ([`NeighMemory::relevant`]; 0: none did, or the timeout passed without one). A queue
+    /// that overflowed (notifications lost: `ENOBUFS`) counts as a change, and the neighbours
+    /// are learnt again.
     pub fn wait(&mut self) -> io::Result<usize> {
+        let mut changes = 0;
         loop {
-            match self.socket.recv(&mut &mut self.rx[..], 0) {
-                Ok(_) => break,
-                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => break,
+            match self.socket.recv_from(&mut &mut self.rx[..], 0) {
+                Ok((len, from)) => {
+                    changes += self.read(len, from.port_number());
+                    break;
+                }
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => {
+                    changes += self.lost();
+                    break;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e)
                     if matches!(
@@ -300,15 +411,54 @@ impl FibChanges {
                 Err(e) => return Err(e),
             }
         }
-        let mut n = 1;
-        while n < FIB_BATCH {
-            match self.socket.recv(&mut &mut self.rx[..], libc::MSG_DONTWAIT) {
-                Ok(_) => n += 1,
-                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => n += 1,
+        for _ in 1..FIB_BATCH {
+            match self
+                .socket
+                .recv_from(&mut &mut self.rx[..], libc::MSG_DONTWAIT)
+            {
+                Ok((len, from)) => changes += self.read(len, from.port_number()),
+                Err(e) if e.raw_os_error() == Some(libc::ENOBUFS) => changes += self.lost(),
                 Err(_) => break,
             }
         }
-        Ok(n)
+        Ok(changes)
+    }
+
+    /// The notifications in the datagram of `len` bytes in `rx`, sent by netlink port `from`:
+    /// how many may change an answer. Only the kernel's (port 0) are read; another sender's
+    /// datagram is one change, unread. One that cannot be parsed counts as one, and ends the
+    /// datagram.
+    fn read(&mut self, len: usize, from: u32) -> usize {
+        if from != 0 {
+            self.heard += 1;
+            return 1;
+        }
+        let buf = &self.rx[..len.min(self.rx.len())];
+        let mut changes = 0;
+        let mut off = 0;
+        while off < buf.len() {
+            self.heard += 1;
+            let Ok(m) = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf[off..]) else {
+                return changes + 1;
+            };
+            let step = (m.header.length as usize + 3) & !3;
+            match &m.payload {
+                NetlinkPayload::InnerMessage(i) if !self.neigh.relevant(i) => {}
+                _ => changes += 1,
+            }
+            if step == 0 {
+                break;
+            }
+            off += step;
+        }
+        changes
+    }
+
+    /// Notifications were lost: a change, and the neighbours are learnt anew.
+    fn lost(&mut self) -> usize {
+        self.heard += 1;
+        self.neigh.clear();
+        1
     }
 }
 
@@ -368,18 +518,18 @@ mod tests {
                 .unwrap();
         };
         let quiet = |changes: &mut FibChanges| {
-            // Until 300 ms pass without a notification.
+            // Until 300 ms pass without a notification; the changes among them.
             timeout(changes, Duration::from_millis(300));
             let mut extra = 0;
-            loop {
+            for _ in 0..10_000 {
+                let heard = changes.heard;
                 let n = changes.wait().unwrap();
-                if n == 0 {
-                    break;
+                if n == 0 && changes.heard == heard {
+                    return extra;
                 }
                 extra += n;
-                assert!(extra < 10_000, "notifications without end");
             }
-            extra
+            panic!("notifications without end");
         };
         // The namespace's own rules (local, main, default) select on nothing of the kind.
         let before = rules().unwrap();
@@ -429,6 +579,138 @@ mod tests {
         assert_eq!(crate::fib::port_rules(&rules().unwrap()), (true, false));
         ip(&["-6", "rule", "add", "ipproto", "tcp", "table", "100"]);
         assert_eq!(crate::fib::port_rules(&rules().unwrap()), (true, true));
+        quiet(&mut changes);
+
+        // The neighbour's state changes, its MAC does not: heard, not a change. Then its MAC
+        // changes, then it goes: each a change.
+        let neigh = |nud: &str, mac: &str| {
+            ip(&[
+                "neigh",
+                "replace",
+                "192.0.2.9",
+                "lladdr",
+                mac,
+                "dev",
+                "flbfa",
+                "nud",
+                nud,
+            ])
+        };
+        for nud in ["reachable", "stale", "reachable"] {
+            let heard = changes.heard;
+            neigh(nud, "02:00:00:00:00:09");
+            assert_eq!(quiet(&mut changes), 0, "{nud}, same MAC: no change");
+            assert!(changes.heard > heard, "{nud}: a notification was heard");
+        }
+        neigh("reachable", "02:00:00:00:00:0a");
+        assert!(quiet(&mut changes) >= 1, "a new MAC");
+        ip(&["neigh", "del", "192.0.2.9", "dev", "flbfa"]);
+        assert!(quiet(&mut changes) >= 1, "a neighbour gone");
+    }
+
+    fn view(valid: bool, mac: u8) -> Option<NeighView> {
+        Some(NeighView {
+            valid,
+            lladdr: if valid {
+                vec![2, 0, 0, 0, 0, mac]
+            } else {
+                vec![]
+            },
+        })
+    }
+
+    /// Only what reaches a FIB answer is a change: the first word of a neighbour, its validity,
+    /// its MAC, its removal; not a repeat. Each interface has its own neighbours. Full, the
+    /// memory takes no more and every unknown neighbour's word is a change.
+    #[test]
+    fn a_neighbour_is_a_change_only_when_its_validity_or_mac_changes() {
+        let mut m = NeighMemory::default();
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        assert!(m.changed(2, a, view(true, 1)), "first word");
+        assert!(!m.changed(2, a, view(true, 1)), "the same again");
+        assert!(m.changed(3, a, view(true, 1)), "another interface's");
+        assert!(m.changed(2, a, view(true, 2)), "a new MAC");
+        assert!(!m.changed(2, a, view(true, 2)));
+        assert!(m.changed(2, a, view(false, 0)), "no longer valid");
+        assert!(!m.changed(2, a, view(false, 0)));
+        assert!(m.changed(2, a, view(true, 2)), "valid again");
+        assert!(m.changed(2, a, None), "gone");
+        assert!(m.changed(2, a, view(true, 2)), "back: a first word again");
+        m.clear();
+        assert!(
+            m.changed(2, a, view(true, 2)),
+            "forgotten: a first word again"
+        );
+
+        let mut full = NeighMemory::default();
+        for i in 0..NEIGH_MEMORY as u32 {
+            full.changed(1, IpAddr::from(i.to_be_bytes()), view(true, 1));
+        }
+        let beyond: IpAddr = "203.0.113.1".parse().unwrap();
+        assert!(full.changed(1, beyond, view(true, 1)));
+        assert!(
+            full.changed(1, beyond, view(true, 1)),
+            "no room: every time"
+        );
+        assert_eq!(full.seen.len(), NEIGH_MEMORY);
+    }
+
+    /// Notifications as the kernel sends them: a neighbour's states that keep its MAC
+    /// (REACHABLE, STALE, DELAY, PROBE) are one view; FAILED is another; a bridge's forwarding
+    /// entry and a neighbour without an address are not remembered (the first never a change,
+    /// the second always); links, routes and rules are always changes.
+    #[test]
+    fn neighbour_notifications_are_read_by_state_and_address() {
+        use netlink_packet_route::neighbour::{NeighbourMessage, NeighbourState};
+        let msg = |family, state, mac: Option<u8>, dst: bool| {
+            let mut n = NeighbourMessage::default();
+            n.header.family = family;
+            n.header.ifindex = 7;
+            n.header.state = state;
+            if dst {
+                n.attributes
+                    .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(
+                        "192.0.2.7".parse().unwrap(),
+                    )));
+            }
+            if let Some(b) = mac {
+                n.attributes
+                    .push(NeighbourAttribute::LinkLayerAddress(vec![2, 0, 0, 0, 0, b]));
+            }
+            RouteNetlinkMessage::NewNeighbour(n)
+        };
+        let inet = AddressFamily::Inet;
+        let mut m = NeighMemory::default();
+        assert!(m.relevant(&msg(inet, NeighbourState::Reachable, Some(1), true)));
+        for st in [
+            NeighbourState::Stale,
+            NeighbourState::Delay,
+            NeighbourState::Probe,
+            NeighbourState::Reachable,
+        ] {
+            assert!(!m.relevant(&msg(inet, st, Some(1), true)), "{st:?}");
+        }
+        assert!(m.relevant(&msg(inet, NeighbourState::Failed, None, true)));
+        assert!(!m.relevant(&msg(inet, NeighbourState::Incomplete, None, true)));
+        assert!(m.relevant(&msg(inet, NeighbourState::Reachable, Some(1), true)));
+        assert!(m.relevant(&msg(inet, NeighbourState::Reachable, Some(2), true)));
+        let RouteNetlinkMessage::NewNeighbour(n) =
+            msg(inet, NeighbourState::Reachable, Some(2), true)
+        else {
+            unreachable!()
+        };
+        assert!(m.relevant(&RouteNetlinkMessage::DelNeighbour(n)));
+        assert!(!m.relevant(&msg(
+            AddressFamily::Bridge,
+            NeighbourState::Reachable,
+            Some(3),
+            false
+        )));
+        assert!(m.relevant(&msg(inet, NeighbourState::Reachable, Some(1), false)));
+        assert!(m.relevant(&msg(inet, NeighbourState::Reachable, Some(1), false)));
+        assert!(m.relevant(&RouteNetlinkMessage::NewRoute(RouteMessage::default())));
+        assert!(m.relevant(&RouteNetlinkMessage::NewLink(LinkMessage::default())));
+        assert!(m.relevant(&RouteNetlinkMessage::NewRule(RuleMessage::default())));
     }
 
     /// In a private network namespace: a veth pair with both ends here is not reported; once
