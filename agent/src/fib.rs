@@ -9,7 +9,7 @@
 //! of the family selects on ports or the L4 protocol (nor carries an attribute this agent does
 //! not know), and the family's multipath hash covers addresses only
 //! (`fib_multipath_hash_policy` 0; 1 and 3 can hash ports, 2 hashes inner headers). The rules
-//! are read again after every batch of notifications (rule changes are among them); the
+//! are read again after every batch of notifications with a change (rule changes are); the
 //! sysctls, which send no notification, every [`RECHECK`]. The datapath holds the agent to
 //! its word for [`LEASE`] only, renewed at every wake: a stopped agent hears of no new rule.
 
