@@ -175,14 +175,20 @@ def counters(node):
     return out
 
 
-def stop_agent(node, ns):
-    for pid in run(["pgrep", "-x", "ferrolb"], check=False).split():
-        try:  # only the agent in this lab node's network namespace
+def kill_in_ns(name, ns, grace):
+    """SIGTERM to the processes called `name` in network namespace `ns` (this lab node's
+    only), then `grace` seconds for them to go."""
+    for pid in run(["pgrep", "-x", name], check=False).split():
+        try:
             if os.readlink("/proc/%s/ns/net" % pid) == ns:
                 os.kill(int(pid), 15)
         except OSError:
             pass
-    time.sleep(0.5)
+    time.sleep(grace)
+
+
+def stop_agent(node, ns):
+    kill_in_ns("ferrolb", ns, 0.5)
     lab(node, FERROLB, "--remove-datapath")
     # The agent turned forwarding on where it attached; a plain router needs it on too.
     lab(node, "sysctl", "-qw", "net.ipv4.ip_forward=1")
@@ -201,14 +207,8 @@ def attach_baseline(node):
     sys.exit("bench_attach did not attach on %s: %s" % (node, lab(node, "cat", log, check=False)))
 
 
-def detach_baseline(node, ns):
-    for pid in run(["pgrep", "-x", "bench_attach"], check=False).split():
-        try:
-            if os.readlink("/proc/%s/ns/net" % pid) == ns:
-                os.kill(int(pid), 15)
-        except OSError:
-            pass
-    time.sleep(0.3)
+def detach_baseline(ns):
+    kill_in_ns("bench_attach", ns, 0.3)
 
 
 def wrk_argv(target, port, seconds):
@@ -487,7 +487,7 @@ def bench(tmp, pairs, seconds, warmup, modes, out_json):
         if not AA:
             stop_agent(lb, ns[lb])
         elif BASELINE:
-            detach_baseline(lb, ns[lb])
+            detach_baseline(ns[lb])
     print()
     summary = {}
     for m in modes:
