@@ -862,6 +862,21 @@ static __always_inline void emit(__u32 type, const struct flb_ct_key *k, const s
 	bpf_ringbuf_submit(ev, wake ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
 }
 
+/* A flow's event, carried by its original-direction entry when the packet's own entry is the
+ * reply's and the original is at hand (`pe` under `pkey`): the agent publishes the original
+ * entry to the peers, and would otherwise read it from the table, a system call per event. */
+static __always_inline void emit_flow(__u32 type, const struct flb_ct_key *key,
+				      const struct flb_ct *e, const struct flb_ct_key *pkey,
+				      const struct flb_ct *pe)
+{
+	if (!FLOW_EVENTS)
+		return;
+	if (e->dir != 0 && pe && pe->dir == 0 && ct_points_to(pe, key))
+		emit(type, pkey, pe);
+	else
+		emit(type, key, e);
+}
+
 /* Is there room in the in-place budget for one more half-open flow in conntrack? Racing
  * CPUs may each take the last place: the budget is exceeded by at most one flow a CPU. */
 static __always_inline int inplace_room(void)
@@ -1039,8 +1054,12 @@ static __always_inline struct flb_ct *ct_promote(const struct flb_ct_key *key, s
 			bpf_map_delete_elem(&ct_new, key);
 			count(FLB_CNT_CT_PROMOTED);
 			struct flb_ct *m = bpf_map_lookup_elem(&conntrack, key);
-			if (m && ro == 0)
-				emit(FLB_EV_ESTABLISHED, key, m);
+			if (m && ro == 0) {
+				struct flb_ct *po = FLOW_EVENTS && m->dir != 0
+							    ? bpf_map_lookup_elem(&conntrack, &pk)
+							    : 0;
+				emit_flow(FLB_EV_ESTABLISHED, key, m, &pk, po);
+			}
 			return m;
 		}
 		if (pe && rc == 0)
@@ -1071,9 +1090,11 @@ static __always_inline int rst_acceptable(const struct flb_ct *e, const struct f
 /* A tracked flow's state moves from `st` to `next` (TCP or SCTP): stored in both entries;
  * reported when it becomes established (a half-open flow once it has moved to conntrack:
  * ct_promote); and when `close`, counted closed exactly once (the CLOSED bit is the claim:
- * both directions may close at once on two CPUs). */
+ * both directions may close at once on two CPUs). `pe` is the entry under `pkey` (the other
+ * direction's key), when there is one; events carry the original direction's entry. */
 static __always_inline void ct_set_state(const struct flb_ct_key *key, struct flb_ct *e,
-					 struct flb_ct *pe, __u8 st, __u8 next, int close, __u64 now)
+					 const struct flb_ct_key *pkey, struct flb_ct *pe, __u8 st,
+					 __u8 next, int close, __u64 now)
 {
 	if (next != e->state) {
 		e->state = next;
@@ -1086,7 +1107,7 @@ static __always_inline void ct_set_state(const struct flb_ct_key *key, struct fl
 		/* A flow made half-open in conntrack completes in place, and leaves the budget. */
 		if (inplace_settle(e->dir == 0 ? e : pe))
 			count(FLB_CNT_CT_PROMOTED);
-		emit(FLB_EV_ESTABLISHED, key, e);
+		emit_flow(FLB_EV_ESTABLISHED, key, e, pkey, pe);
 	}
 	if (close) {
 		struct flb_ct *o = e->dir == 0 ? e : pe;
@@ -1095,7 +1116,7 @@ static __always_inline void ct_set_state(const struct flb_ct_key *key, struct fl
 		__u32 old = __sync_fetch_and_or(&o->fin, FLB_FIN_CLOSED);
 		if (!(old & FLB_FIN_CLOSED)) {
 			lc_dec(o);
-			emit(FLB_EV_CLOSED, key, e);
+			emit_flow(FLB_EV_CLOSED, key, e, pkey, pe);
 		}
 	}
 }
@@ -1155,7 +1176,7 @@ static __always_inline struct flb_ct *tcp_track(const struct flb_ct_key *key, st
 		if (pe)
 			pe->flags &= ~FLB_CTF_PICKUP;
 	}
-	ct_set_state(key, e, pe, st, next, close, now);
+	ct_set_state(key, e, &pk, pe, st, next, close, now);
 	return pe;
 }
 
@@ -1222,7 +1243,7 @@ static __always_inline void sctp_track(const struct flb_ct_key *key, struct flb_
 		/* COOKIE ACK, or anything else with the right tag: the association is up. */
 		next = FLB_CT_EST;
 	}
-	ct_set_state(key, e, pe, st, next, close, now);
+	ct_set_state(key, e, &pk, pe, st, next, close, now);
 }
 
 static __always_inline __u32 flow_hash(const struct pkt *p)

@@ -426,12 +426,23 @@ fn dnat_rewrites_both_directions_and_tracks_tcp_states() {
     // Events: established (a TCP flow is reported when its handshake completes and it moves
     // out of the half-open table, never before), closed; the reused 4-tuple removes the
     // closed flow (peers drop it too); the new flow, refused at once, closes half-open.
+    // Each carries the flow's original-direction entry, whichever side's packet made it
+    // (the endpoint's FIN closed the first connection, its RST the second): that is the
+    // entry peers are sent, so the agent need not read it from the table.
     let mut ev = dp.take_events().unwrap();
-    let kinds: Vec<_> = std::iter::from_fn(|| ev.try_next())
-        .map(|e| e.kind().unwrap())
+    let events: Vec<_> = std::iter::from_fn(|| ev.try_next())
+        .map(|e| (e.kind().unwrap(), e.key, e.val.dir))
         .collect();
     use ferrolb_bpf::maps::EventKind::*;
-    assert_eq!(kinds, vec![Established, Closed, Removed, Closed]);
+    assert_eq!(
+        events,
+        vec![
+            (Established, okey, 0),
+            (Closed, okey, 0),
+            (Removed, okey, 0),
+            (Closed, okey, 0)
+        ]
+    );
 }
 
 /// A node that syncs nothing (flow_events off, as the agent loads it without --cluster) puts

@@ -787,39 +787,33 @@ impl Ha {
     }
 
     /// Datapath events and collector removals → changes for the peers. `events` are
-    /// (key, entry) pairs of either direction; `removed` are entries the collector deleted.
+    /// (key, entry) pairs of either direction, in ring order; `removed` are entries the
+    /// collector deleted. Each flow is published once per call, as its newest event tells it
+    /// ([`latest_flows`]); only a flow whose newest event came from its reply direction is
+    /// read from the table (one system call each, where a connection's events used to cost
+    /// one each).
     pub fn publish_events(&self, events: &[(CtKey, Ct)], removed: &[(CtKey, Ct)]) {
         let Some(c) = self.consync.get() else { return };
         let me = self.cfg.node_id;
-        // Half-open flows are never published: peers learn a TCP flow when its handshake
-        // completes, so a SYN flood here does not fill their tables.
-        let mine = |k: &CtKey, v: &Ct| {
-            v.origin == me && v.flags & (CTF_LOCAL | CTF_SYNCED) == CTF_LOCAL && !half_open(k, v)
-        };
         let now = monotonic_ns();
-        let mut out = Vec::new();
-        let mut seen = HashSet::new();
-        {
-            let t = self.tbl();
-            for (k, v) in events {
-                if !mine(k, v) {
-                    continue;
+        let mut out = Vec::with_capacity(events.len() + removed.len());
+        let mut table = None;
+        for (ok, pick) in latest_flows(events, me) {
+            let cur = match pick {
+                Latest::Entry(v) => v,
+                Latest::ReadOriginal => {
+                    let t = table.get_or_insert_with(|| self.tbl());
+                    match t.get(&ok) {
+                        Ok(Some(cur)) if publishable(&ok, &cur, me) && cur.dir == 0 => cur,
+                        _ => continue,
+                    }
                 }
-                let ok = if v.dir == 0 { *k } else { k.peer(v) };
-                if !seen.insert(ok) {
-                    continue;
-                }
-                // The entry as it is now (the event may be older than a later change).
-                let cur = match t.get(&ok) {
-                    Ok(Some(cur)) if mine(&ok, &cur) && cur.dir == 0 => cur,
-                    _ if v.dir == 0 => *v,
-                    _ => continue,
-                };
-                out.push(Change::Upsert(flows::flow_of(&ok, &cur, now)));
-            }
+            };
+            out.push(Change::Upsert(flows::flow_of(&ok, &cur, now)));
         }
+        drop(table);
         for (k, v) in removed {
-            if v.dir == 0 && mine(k, v) {
+            if v.dir == 0 && publishable(k, v, me) {
                 out.push(Change::Delete(flows::key_of(k)));
             }
         }
@@ -868,6 +862,46 @@ impl Ha {
 /// before its handshake completed, also where it is made in the conntrack table itself), or
 /// one closed before that (its original entry still marked half-open). Such a flow was never
 /// published, so neither is its removal.
+/// A flow's entry this node publishes: its own (created here, not a peer's synced copy),
+/// confirmed. Half-open flows are never published: peers learn a TCP flow when its handshake
+/// completes, so a SYN flood here does not fill their tables.
+fn publishable(k: &CtKey, v: &Ct, me: u16) -> bool {
+    v.origin == me && v.flags & (CTF_LOCAL | CTF_SYNCED) == CTF_LOCAL && !half_open(k, v)
+}
+
+/// What to publish of one flow: the entry its newest event carried, or (that event came from
+/// the reply direction) its original-direction entry, read from the table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Latest {
+    Entry(Ct),
+    ReadOriginal,
+}
+
+/// The flows a batch of datapath events (in ring order) changed, each once, by its original
+/// key, in the order of their newest events. A flow's state changes only with an event
+/// (established, closed), so its newest event in the batch tells its state: no table read
+/// for it, unless that event came from the reply direction, whose entry is not the one peers
+/// are sent. Events of entries this node does not publish are skipped.
+fn latest_flows(events: &[(CtKey, Ct)], me: u16) -> Vec<(CtKey, Latest)> {
+    let mut seen = HashSet::with_capacity(events.len());
+    let mut out = Vec::with_capacity(events.len());
+    for (k, v) in events.iter().rev() {
+        if !publishable(k, v, me) {
+            continue;
+        }
+        let (ok, pick) = if v.dir == 0 {
+            (*k, Latest::Entry(*v))
+        } else {
+            (k.peer(v), Latest::ReadOriginal)
+        };
+        if seen.insert(ok) {
+            out.push((ok, pick));
+        }
+    }
+    out.reverse();
+    out
+}
+
 fn half_open(k: &CtKey, v: &Ct) -> bool {
     v.flags & CTF_NEW != 0
         || v.fin & FIN_HALFOPEN != 0
@@ -1222,6 +1256,87 @@ mod tests {
         };
         assert!(!half_open(&udp, &flow(CtState::Established, 0, 0)));
         assert!(half_open(&udp, &flow(CtState::Established, CTF_NEW, 0)));
+    }
+
+    /// A connection's events in one drain: each flow published once, as its newest event
+    /// tells it; the table is read only for a flow whose newest event came from its reply
+    /// direction; what this node does not publish (half-open, synced, a peer's) is skipped.
+    #[test]
+    fn a_batch_publishes_each_flow_once_from_its_newest_event() {
+        use std::net::Ipv4Addr;
+        let me = 3;
+        let k = CtKey::v4(
+            Ipv4Addr::new(198, 51, 100, 2),
+            40000,
+            Ipv4Addr::new(203, 0, 113, 10),
+            80,
+            PROTO_TCP,
+        );
+        // DNAT to 10.10.10.11:8080: the reply key is (endpoint -> client).
+        let ep = ferrolb_bpf::maps::addr_words(IpAddr::V4(Ipv4Addr::new(10, 10, 10, 11))).0;
+        let orig = |state: CtState, fin: u32| Ct {
+            nat_saddr: k.saddr,
+            nat_daddr: ep,
+            nat_sport: k.sport,
+            nat_dport: 8080u16.to_be(),
+            origin: me,
+            dir: 0,
+            state: state.as_u8(),
+            flags: CTF_LOCAL,
+            fin,
+            ..Default::default()
+        };
+        let rk = k.peer(&orig(CtState::Established, 0));
+        let reply = |state: CtState, fin: u32| Ct {
+            nat_saddr: k.daddr,
+            nat_daddr: k.saddr,
+            nat_sport: k.dport,
+            nat_dport: k.sport,
+            dir: 1,
+            ..orig(state, fin)
+        };
+        assert_eq!(rk.peer(&reply(CtState::Established, 0)), k);
+
+        // Established, then closed by the client's FIN: the closed entry, no table read.
+        let closed = orig(CtState::TimeWait, 3);
+        let out = latest_flows(&[(k, orig(CtState::Established, 0)), (k, closed)], me);
+        assert_eq!(out, vec![(k, Latest::Entry(closed))]);
+
+        // Closed by the endpoint's FIN (the reply direction): read the original entry.
+        let out = latest_flows(
+            &[
+                (k, orig(CtState::Established, 0)),
+                (rk, reply(CtState::TimeWait, 3)),
+            ],
+            me,
+        );
+        assert_eq!(out, vec![(k, Latest::ReadOriginal)]);
+
+        // Not published: half-open, a peer's synced copy, another node's flow.
+        let mut synced = orig(CtState::Established, 0);
+        synced.flags = CTF_SYNCED;
+        let mut theirs = orig(CtState::Established, 0);
+        theirs.origin = me + 1;
+        let half = orig(CtState::SynSent, 0);
+        assert!(latest_flows(&[(k, synced), (k, theirs), (k, half)], me).is_empty());
+
+        // Two flows: in the order of their newest events.
+        let k2 = CtKey {
+            sport: 40001u16.to_be(),
+            ..k
+        };
+        let e2 = Ct {
+            nat_sport: k2.sport,
+            ..orig(CtState::Established, 0)
+        };
+        let out = latest_flows(
+            &[(k, orig(CtState::Established, 0)), (k2, e2), (k, closed)],
+            me,
+        );
+        assert_eq!(
+            out,
+            vec![(k2, Latest::Entry(e2)), (k, Latest::Entry(closed))]
+        );
     }
 
     #[test]
