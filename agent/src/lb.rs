@@ -23,7 +23,7 @@ use crate::vip;
 #[derive(Debug, Clone, Default)]
 pub struct CtCensus {
     /// (protocol, state) -> flows (original-direction entries).
-    pub flows: BTreeMap<(String, &'static str), u64>,
+    pub flows: BTreeMap<(ProtoName, &'static str), u64>,
     /// Source-NAT ports held per pool (live reply entries of one-arm and full-NAT flows).
     pub nat_pools: BTreeMap<NatPool, u64>,
     /// Entries of the conntrack table, and of the half-open table.
@@ -45,7 +45,7 @@ pub struct CtCensus {
 /// address and port share its 64,512 ports (ICMP: echo identifiers, port 0).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct NatPool {
-    pub protocol: String,
+    pub protocol: ProtoName,
     /// The translated source: the VIP (full NAT) or the node's address (one-arm).
     pub source: IpAddr,
     pub endpoint: IpAddr,
@@ -251,7 +251,7 @@ impl EngineHandle {
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct CensusPass {
     /// (protocol, state) -> flows (original-direction entries).
-    pub flows: BTreeMap<(String, &'static str), u64>,
+    pub flows: BTreeMap<(ProtoName, &'static str), u64>,
     pub nat_pools: BTreeMap<NatPool, u64>,
     /// Per service id: this node's flows created since the previous pass, and TCP flows
     /// reset since then (in CLOSE, last packet after the previous pass).
@@ -1015,7 +1015,7 @@ pub fn flow_view(
     FlowView {
         client: SocketAddr::new(k.src(), k.src_port()),
         vip: SocketAddr::new(k.dst(), k.dst_port()),
-        protocol: proto_name(k.proto),
+        protocol: proto_name(k.proto).into_owned(),
         state,
         nat: NatMode::from_code(v.mode).unwrap_or(NatMode::Dnat),
         nat_source: SocketAddr::new(v.nat_src(k.family), u16::from_be(v.nat_sport)),
@@ -1028,10 +1028,15 @@ pub fn flow_view(
     }
 }
 
-fn proto_name(n: u8) -> String {
-    crate::model::Protocol::from_number(n)
-        .map(|p| p.name().to_string())
-        .unwrap_or_else(|| n.to_string())
+/// A protocol's name as the census and the metrics label it: borrowed for the protocols a
+/// rule can have, so that counting a pass's flows allocates nothing per flow.
+pub type ProtoName = std::borrow::Cow<'static, str>;
+
+fn proto_name(n: u8) -> ProtoName {
+    match crate::model::Protocol::from_number(n) {
+        Some(p) => ProtoName::Borrowed(p.name()),
+        None => ProtoName::Owned(n.to_string()),
+    }
 }
 
 /// loxilb-style conntrack state names.
@@ -1260,7 +1265,7 @@ mod tests {
         ];
         let pass = census(&entries, NOW, 0);
         assert_eq!(pass.flows.values().sum::<u64>(), 1);
-        let pool = |protocol: &str| NatPool {
+        let pool = |protocol: &'static str| NatPool {
             protocol: protocol.into(),
             source: VIP.into(),
             endpoint: EP.into(),

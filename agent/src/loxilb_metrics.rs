@@ -45,7 +45,7 @@ pub fn record(d: &DatapathSnapshot) {
     let mut by_proto: BTreeMap<&str, u64> = BTreeMap::new();
     for ((proto, state), n) in &d.census.flows {
         if *state != "closed" {
-            *by_proto.entry(proto.as_str()).or_default() += n;
+            *by_proto.entry(proto.as_ref()).or_default() += n;
         }
     }
     gauge(

@@ -278,7 +278,7 @@ pub fn record(m: &Metrics, d: &DatapathSnapshot) {
             let n = d
                 .census
                 .flows
-                .get(&(proto.to_string(), st.name()))
+                .get(&(proto.into(), st.name()))
                 .copied()
                 .unwrap_or(0);
             gauge(
@@ -436,7 +436,7 @@ pub fn record(m: &Metrics, d: &DatapathSnapshot) {
     );
     for (pool, n) in &d.census.nat_pools {
         let l = [
-            ("protocol", pool.protocol.clone()),
+            ("protocol", pool.protocol.to_string()),
             ("source", pool.source.to_string()),
             ("endpoint", pool.endpoint.to_string()),
             ("endpoint_port", pool.port.to_string()),
