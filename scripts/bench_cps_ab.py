@@ -33,6 +33,11 @@ stateless redirect, the flows' state).
 packet of a flow, both directions, meets its state on one CPU (as symmetric RSS would give a
 real NIC's queues); without it the scheduler moves them between the CPUs.
 
+--sync-peer runs ferrolb as one node of an HA cluster whose other node is a second agent on
+be1 (the backend; no rules there, so its datapath passes everything, on both paths alike):
+every connection's events are published and sent, and the peer installs them. Printed per
+trial: the peer agent's CPU per connection and the flows it installed.
+
 --l4-hash sets both routers' net.ipv4.fib_multipath_hash_policy to 1 (layer 4), under which
 ferrolb's FIB cache keys its questions with their ports again (decision 0010): the A/B of keying
 by addresses, which the default policy (0) allows.
@@ -49,7 +54,8 @@ but a few percent of a connection here).
 
 Usage: sudo python3 scripts/bench_cps_ab.py [--pairs N] [--seconds S] [--warmup S]
        [--modes dnat,onearm,fullnat] [--aa] [--fresh-tuples] [--router-cpu] [--l4-hash]
-       [--agent-args "..."] [--baseline-program floor|nop] [--pin-napi CPU] [--json FILE]
+       [--agent-args "..."] [--baseline-program floor|nop] [--pin-napi CPU] [--sync-peer]
+       [--json FILE]
 Needs root and `scripts/deps.sh --bench` (wrk, nginx), and a release build (cargo build --release).
 """
 import json
@@ -89,9 +95,11 @@ FRESH_HOSTS = {"ferrolb": range(16, 128), "plain": range(128, 240)}
 # role is never reused by the other with another timestamp offset; see bench.py's SOURCES).
 ROUTERS = {
     "lba": {"gw": "198.51.100.1", "vip": "203.0.113.10", "port": 80,
-            "src": {"ferrolb": "198.51.100.2", "plain": "198.51.100.3"}},
+            "src": {"ferrolb": "198.51.100.2", "plain": "198.51.100.3"}, "gw_be": "10.10.10.2",
+            "node": 0},
     "lbb": {"gw": "198.51.101.1", "vip": "203.0.113.11", "port": 81,
-            "src": {"ferrolb": "198.51.101.2", "plain": "198.51.101.3"}},
+            "src": {"ferrolb": "198.51.101.2", "plain": "198.51.101.3"}, "gw_be": "10.10.10.3",
+            "node": 1},
 }
 MODES = {"dnat": 0, "onearm": 1, "fullnat": 2}
 # --l4-hash: the routers hash multipath by layer 4 (the FIB cache keys ports again).
@@ -100,6 +108,9 @@ L4_HASH = False
 NODE_IFS = {"client": ("eth1", "eth2"), "lba": ("eth1", "eth2"), "lbb": ("eth1", "eth2"),
             "sw": ("eth1", "eth2", "eth3"), "be1": ("eth1",)}
 ROUTER_CPU = False
+# --sync-peer: a node of ferrolb's cluster on be1 (node id 2; the routers' agents are nodes 0
+# and 1 and list it as their peer).
+SYNC_PEER = False
 
 
 def run(argv, check=True, timeout=120):
@@ -126,10 +137,10 @@ def netns(node):
     return lab(node, "readlink", "/proc/self/ns/net").strip()
 
 
-def start_agent(node):
+def start_agent(node, args=None):
     tag = "ferrolb-cps-ab-%d" % time.monotonic_ns()
     lab(node, "sh", "-c", "%s --config-path /etc/%s --loglevel warning %s > /var/log/%s.log 2>&1 &"
-        % (FERROLB, tag, AGENT_ARGS, tag))
+        % (FERROLB, tag, AGENT_ARGS if args is None else args, tag))
     for _ in range(100):
         if lab(node, "curl", "-sf", "http://127.0.0.1:11111/netlox/v1", check=False):
             return
@@ -173,6 +184,13 @@ def counters(node):
     v = re.search(r'^ferrolb_datapath_drops_total\{reason="nat_ports_exhausted"\} (\d+)', m, re.M)
     out.append(int(v.group(1)) if v else 0)
     return out
+
+
+def installed(node):
+    """Peer flows the agent on `node` has installed (ferrolb_sync_entries_installed_total)."""
+    m = lab(node, "curl", "-sf", "http://127.0.0.1:11111/metrics", check=False)
+    v = re.search(r"^ferrolb_sync_entries_installed_total (\d+)", m, re.M)
+    return int(v.group(1)) if v else 0
 
 
 def kill_in_ns(name, ns, grace):
@@ -312,22 +330,22 @@ def sched_ns(pids):
     return total
 
 
-def trial(lb, plain, seconds, warmup, pid, threads=None):
+def trial(lb, plain, seconds, warmup, pid, threads=None, peer=None):
     """Connections/s through ferrolb (on `lb`) and through the plain router in the same
-    seconds, and the CPU seconds the agent (`pid`) used meanwhile. A/A (--aa): `lb` routes
-    plainly too, to a second address of the backend."""
+    seconds, and the CPU seconds the agent (`pid`) and its sync peer (`peer`) used meanwhile.
+    A/A (--aa): `lb` routes plainly too, to a second address of the backend."""
     a, b = ROUTERS[lb], ROUTERS[plain]
     targets = [(BE1_AA if AA else a["vip"], a["port"]), (BE1, b["port"])]
     if warmup > 0:
         both(targets, warmup)
-    c0 = cpu_s(pid)
+    c0, q0 = cpu_s(pid), cpu_s(peer)
     r0 = {r: sched_ns(t) for r, t in (threads or {}).items()}
     t0 = time.clock_gettime(time.CLOCK_MONOTONIC)
     f, p = both(targets, seconds)
     t1 = time.clock_gettime(time.CLOCK_MONOTONIC)
     r1 = {r: sched_ns(t) for r, t in (threads or {}).items()}
     router = {r: (r1[r] - r0[r]) / 1e9 for r in r0}
-    return f, p, cpu_s(pid) - c0, router, (t0, t1)
+    return f, p, cpu_s(pid) - c0, cpu_s(peer) - q0, router, (t0, t1)
 
 
 def median(xs):
@@ -369,6 +387,11 @@ def main():
         if not os.access(BENCH_ATTACH, os.X_OK):
             sys.exit("%s missing: cargo build --release -p ferrolb-bpf --example bench_attach"
                      % BENCH_ATTACH)
+    global SYNC_PEER
+    SYNC_PEER = "--sync-peer" in args
+    if SYNC_PEER:
+        if AA:
+            sys.exit("--sync-peer: not with --aa (no agent on the routers)")
     if ROUTER_CPU:
         AGENT_ARGS += " --no-peer-redirect"
     pairs = int(opt("--pairs", "6"))
@@ -422,6 +445,13 @@ def bench(tmp, pairs, seconds, warmup, modes, out_json):
     ns = {n: netns(n) for n in ROUTERS}
     for n in ROUTERS:
         stop_agent(n, ns[n])
+    peer = None
+    if SYNC_PEER:
+        start_agent("be1", "--cluster %s --self 2" % ",".join(
+            r["gw_be"] for r in ROUTERS.values()))
+        peer = agent_pid(netns("be1"))
+        print("sync peer: an agent on be1 (pid %s), node 2 of ferrolb's cluster" % peer,
+              flush=True)
     print("new connections/s, ferrolb and plain routing at the same time: %d pairs x %s, "
           "%d s trials after %d s of uncounted load" % (pairs, ",".join(modes), seconds, warmup),
           flush=True)
@@ -441,7 +471,10 @@ def bench(tmp, pairs, seconds, warmup, modes, out_json):
             fresh_rules(lb, plain)
         pid = None
         if not AA:
-            start_agent(lb)
+            # With --sync-peer each router is a node of its own (0 lba, 1 lbb; be1 is 2), so
+            # that one router's flows are never another's snapshot's stale flows on the peer.
+            start_agent(lb, AGENT_ARGS + (" --cluster %s --self %d" % (BE1, a["node"])
+                                          if SYNC_PEER else ""))
             pid = agent_pid(ns[lb])
         elif BASELINE:
             attach_baseline(lb)
@@ -452,7 +485,10 @@ def bench(tmp, pairs, seconds, warmup, modes, out_json):
                                          "protocol": "tcp", "sel": 0, "mode": MODES[m]},
                     "endpoints": [{"endpointIP": BE1, "targetPort": a["port"], "weight": 1}]})
             c0 = counters(lb) if not AA else [0, 0, 0, 0]
-            f, p, agent, router, window = trial(lb, plain, seconds, warmup, pid, threads)
+            i0 = installed("be1") if peer else 0
+            f, p, agent, peer_cpu, router, window = trial(lb, plain, seconds, warmup, pid,
+                                                          threads, peer)
+            synced = installed("be1") - i0 if peer else 0
             inv, created, fresh, exhausted = ([x - y for x, y in zip(counters(lb), c0)]
                                               if not AA else [0, 0, 0, 0])
             ratio = f / p if p else 0.0
@@ -464,6 +500,12 @@ def bench(tmp, pairs, seconds, warmup, modes, out_json):
                              # CLOCK_MONOTONIC seconds: for `perf record -k mono` and
                              # `perf report --time` over a trial's counted seconds.
                              "window_monotonic_s": window})
+            if peer and f:
+                rates[m][-1].update({"peer_agent_cpu_s": peer_cpu, "peer_installed": synced,
+                                     "peer_us_per_conn": 1e6 * peer_cpu / (f * seconds)})
+                print("  %-7s   sync peer: %.2f us of CPU per connection (counted seconds), %d"
+                      " flows installed (the whole trial)"
+                      % (m, 1e6 * peer_cpu / (f * seconds), synced), flush=True)
             if threads and f and p:
                 # Router CPU per connection (us), each path's own: the forwarding alone, and
                 # with the agent's CPU added to ferrolb's.
@@ -488,6 +530,9 @@ def bench(tmp, pairs, seconds, warmup, modes, out_json):
             stop_agent(lb, ns[lb])
         elif BASELINE:
             detach_baseline(ns[lb])
+    if peer:
+        kill_in_ns("ferrolb", netns("be1"), 0.5)
+        lab("be1", FERROLB, "--remove-datapath")
     print()
     summary = {}
     for m in modes:
@@ -513,7 +558,7 @@ def bench(tmp, pairs, seconds, warmup, modes, out_json):
             json.dump({"summary": summary, "trials": rates, "seconds": seconds,
                        "warmup": warmup, "l4_hash": L4_HASH, "aa": AA,
                        "baseline_program": BASELINE, "pin_napi": PIN_NAPI,
-                       "agent_args": AGENT_ARGS}, f, indent=1)
+                       "agent_args": AGENT_ARGS, "sync_peer": SYNC_PEER}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-//! Batched map operations (`BPF_MAP_LOOKUP_BATCH`, `BPF_MAP_UPDATE_BATCH`), and
+//! Batched map operations (`BPF_MAP_LOOKUP_BATCH`, `BPF_MAP_UPDATE_BATCH`,
+//! `BPF_MAP_DELETE_BATCH`), and
 //! `BPF_MAP_LOOKUP_AND_DELETE_ELEM` on a hash map, which aya 0.14
 //! does not offer. Walking a hash map with aya's iterator costs two syscalls per entry
 //! (next key, lookup); a batch costs one syscall per few thousand entries, which is what lets
@@ -11,6 +12,7 @@ use aya::maps::MapData;
 
 const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
 
 /// The `batch` member of `union bpf_attr` (include/uapi/linux/bpf.h).
@@ -214,6 +216,34 @@ pub fn update_all<K: Copy, V: Copy>(map: &MapData, entries: &[(K, V)]) -> io::Re
         }
     }
     Ok(done)
+}
+
+/// Removes `keys` in one syscall for all of them; returns how many were removed. A key that is
+/// not in the map is skipped (the kernel stops a batch at the first missing key: the batch
+/// goes on after it). Any other error is returned, with the keys before it removed.
+pub fn delete_all<K: Copy>(map: &MapData, keys: &[K]) -> io::Result<usize> {
+    let mut done = 0;
+    let mut removed = 0;
+    while done < keys.len() {
+        let mut attr = BatchAttr {
+            keys: keys[done..].as_ptr() as u64,
+            count: (keys.len() - done) as u32,
+            map_fd: fd(map),
+            ..Default::default()
+        };
+        let r = sys_bpf(BPF_MAP_DELETE_BATCH, &mut attr);
+        // On an error, `count` is the index of the key that failed.
+        let n = (attr.count as usize).min(keys.len() - done);
+        done += n;
+        removed += n;
+        match r {
+            Ok(()) if n == 0 => break,
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => done += 1,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(removed)
 }
 
 /// The element member of `union bpf_attr`.

@@ -1831,6 +1831,19 @@ impl SyncTable {
         ignore_missing(self.conntrack.remove(key)).map_err(map_err("conntrack"))
     }
 
+    /// Removes many entries with one batched delete (one by one when the kernel refuses
+    /// batches); keys not in the table are skipped. Returns how many were removed.
+    pub fn delete_many(&mut self, keys: &[CtKey]) -> usize {
+        use aya::maps::IterableMap;
+        match crate::batch::delete_all(self.conntrack.map(), keys) {
+            Ok(n) => n,
+            Err(_) => keys
+                .iter()
+                .filter(|k| self.conntrack.remove(k).is_ok())
+                .count(),
+        }
+    }
+
     /// Every conntrack entry.
     pub fn entries(&self) -> Vec<(CtKey, Ct)> {
         ct_walk(&self.conntrack)

@@ -1043,6 +1043,25 @@ fn the_collector_works_on_its_own_handles() {
     let mut t = dp.sync_table().unwrap();
     assert_eq!(t.insert_many(&[(r3, held)]), 1);
     assert_eq!(dp.ct_get(&r3).unwrap().unwrap().fin, 1);
+
+    // Batched deletes (a peer's deletes and stale flows): a key not in the table is skipped,
+    // not the end of the batch.
+    let keys: Vec<CtKey> = (0..5u16)
+        .map(|i| CtKey::v4(CLIENT, 50000 + i, VIP, 80, PROTO_TCP))
+        .collect();
+    let entries: Vec<(CtKey, Ct)> = keys.iter().map(|k| (*k, v3)).collect();
+    assert_eq!(t.insert_many(&entries), 5);
+    let missing = CtKey::v4(CLIENT, 49999, VIP, 80, PROTO_TCP);
+    assert_eq!(
+        t.delete_many(&[keys[0], missing, keys[1], keys[2], missing, keys[4]]),
+        4
+    );
+    for (i, k) in keys.iter().enumerate() {
+        assert_eq!(dp.ct_get(k).unwrap().is_some(), i == 3, "key {i}");
+    }
+    assert_eq!(t.delete_many(&[]), 0);
+    assert_eq!(t.delete_many(&[keys[3]]), 1);
+    assert!(dp.ct_get(&keys[3]).unwrap().is_none());
 }
 
 /// The collector takes a flow whose two entries were both idle when it listed the table

@@ -1013,20 +1013,25 @@ impl Node for Ha {
         n /= 2;
         self.counters.installed.fetch_add(n, Ordering::Relaxed);
         let mut d = 0;
+        // Both entries of every flow that goes, removed in one batched delete.
+        let mut gone = Vec::with_capacity(deletes.len() * 2);
+        let mut asked = HashSet::with_capacity(deletes.len());
         for k in deletes {
             let Some(key) = flows::ct_key(k) else {
                 self.counters.malformed.fetch_add(1, Ordering::Relaxed);
                 continue;
             };
-            if let Ok(Some(cur)) = t.get(&key)
+            if asked.insert(key)
+                && let Ok(Some(cur)) = t.get(&key)
                 && cur.flags & CTF_SYNCED != 0
                 && cur.origin == origin
             {
-                let _ = t.delete(&key.peer(&cur));
-                let _ = t.delete(&key);
+                gone.push(key.peer(&cur));
+                gone.push(key);
                 d += 1;
             }
         }
+        t.delete_many(&gone);
         self.counters.deleted.fetch_add(d, Ordering::Relaxed);
         drop(t);
         if !reassert.is_empty()
@@ -1063,21 +1068,25 @@ impl Node for Ha {
         };
         let mut t = self.tbl();
         let mut n = 0;
+        let mut gone = Vec::with_capacity(keys.len().min(1 << 16) * 2);
+        let mut asked = HashSet::with_capacity(keys.len().min(1 << 16));
         for k in keys {
             let Some(key) = flows::ct_key(k) else {
                 continue;
             };
             // Still the peer's synced flow (not adopted or replaced meanwhile).
-            if let Ok(Some(cur)) = t.get(&key)
+            if asked.insert(key)
+                && let Ok(Some(cur)) = t.get(&key)
                 && cur.dir == 0
                 && cur.flags & CTF_SYNCED != 0
                 && cur.origin == origin
             {
-                let _ = t.delete(&key.peer(&cur));
-                let _ = t.delete(&key);
+                gone.push(key.peer(&cur));
+                gone.push(key);
                 n += 1;
             }
         }
+        t.delete_many(&gone);
         self.counters.stale_removed.fetch_add(n, Ordering::Relaxed);
         n
     }
