@@ -858,10 +858,6 @@ impl Ha {
     }
 }
 
-/// A flow peers never hear of: not confirmed yet (in the half-open table; a TCP or SCTP flow
-/// before its handshake completed, also where it is made in the conntrack table itself), or
-/// one closed before that (its original entry still marked half-open). Such a flow was never
-/// published, so neither is its removal.
 /// A flow's entry this node publishes: its own (created here, not a peer's synced copy),
 /// confirmed. Half-open flows are never published: peers learn a TCP flow when its handshake
 /// completes, so a SYN flood here does not fill their tables.
@@ -902,6 +898,10 @@ fn latest_flows(events: &[(CtKey, Ct)], me: u16) -> Vec<(CtKey, Latest)> {
     out
 }
 
+/// A flow peers never hear of: not confirmed yet (in the half-open table; a TCP or SCTP flow
+/// before its handshake completed, also where it is made in the conntrack table itself), or
+/// one closed before that (its original entry still marked half-open). Such a flow was never
+/// published, so neither is its removal.
 fn half_open(k: &CtKey, v: &Ct) -> bool {
     v.flags & CTF_NEW != 0
         || v.fin & FIN_HALFOPEN != 0
