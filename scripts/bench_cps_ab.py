@@ -33,10 +33,10 @@ stateless redirect, the flows' state).
 packet of a flow, both directions, meets its state on one CPU (as symmetric RSS would give a
 real NIC's queues); without it the scheduler moves them between the CPUs.
 
---sync-peer runs ferrolb as one node of an HA cluster whose other node is a second agent on
-be1 (the backend; no rules there, so its datapath passes everything, on both paths alike):
-every connection's events are published and sent, and the peer installs them. Printed per
-trial: the peer agent's CPU per connection and the flows it installed.
+--sync-peer makes each router's agent a node of an HA cluster (lba node 0, lbb node 1) with a
+second agent on be1 (node 2; the backend, with no rules, so its datapath passes everything, on
+both paths alike): every connection's changes are published, sent, and installed on be1.
+Printed per trial: be1's agent's CPU per connection and the flows it installed.
 
 --l4-hash sets both routers' net.ipv4.fib_multipath_hash_policy to 1 (layer 4), under which
 ferrolb's FIB cache keys its questions with their ports again (decision 0010): the A/B of keying

@@ -218,7 +218,8 @@ pub fn update_all<K: Copy, V: Copy>(map: &MapData, entries: &[(K, V)]) -> io::Re
     Ok(done)
 }
 
-/// Removes `keys` in one syscall for all of them; returns how many were removed. A key that is
+/// Removes `keys` in one syscall (one more per key that is missing); returns how many were
+/// removed. A key that is
 /// not in the map is skipped (the kernel stops a batch at the first missing key: the batch
 /// goes on after it). Any other error is returned, with the keys before it removed.
 pub fn delete_all<K: Copy>(map: &MapData, keys: &[K]) -> io::Result<usize> {
