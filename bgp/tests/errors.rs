@@ -149,12 +149,19 @@ fn each_message_error_gets_its_own_notification() {
             let got = run.await.unwrap();
             assert_eq!(got, want, "{what}");
         }
-        // Every answer was counted by code.
-        let out: u64 = sp
-            .neighbors()
-            .iter()
-            .flat_map(|n| n.notifications_out.values().copied())
-            .sum();
+        // Every answer was counted by code. A peer may read its NOTIFICATION before the
+        // speaker's task counts it: the count gets a moment (bounded) to catch up.
+        let counted = || -> u64 {
+            sp.neighbors()
+                .iter()
+                .flat_map(|n| n.notifications_out.values().copied())
+                .sum()
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while counted() < 10 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let out = counted();
         assert!(out >= 10, "NOTIFICATIONs counted: {out}");
     });
 }
