@@ -98,6 +98,34 @@ fn a_snapshot_installs_in_parallel_and_the_sweep_removes_only_stale_flows() {
     assert_eq!(ha.remove_stale(0, &stale), 0);
     assert_eq!(ha.remove_stale(2, &[flows[200].key]), 0);
     assert_eq!(dp.ct_entries().len() as u32, 2 * (n - 100));
+
+    // The origin's own deletes (live sync) go the same way: both entries of each flow named
+    // by its original key, a flow named twice removed once; a key naming no flow (an
+    // unknown protocol) is counted malformed; a flow named by its reply key, by another
+    // origin, or already gone is left alone.
+    use std::sync::atomic::Ordering::Relaxed;
+    let f = &flows[300];
+    let reply_key = FlowKey {
+        protocol: 6,
+        client: f.endpoint,
+        client_port: f.endpoint_port,
+        vip: f.nat_source,
+        vip_port: f.nat_source_port,
+    };
+    let bogus = FlowKey {
+        protocol: 47,
+        ..f.key
+    };
+    let before = ha.counters.malformed.load(Relaxed);
+    let deletes = [f.key, f.key, flows[301].key, reply_key, bogus, flows[0].key];
+    assert_eq!(ha.apply(2, &[], &[flows[302].key]), 0, "another origin's");
+    assert_eq!(ha.apply(0, &[], &deletes), 2);
+    assert_eq!(ha.counters.malformed.load(Relaxed), before + 1);
+    assert_eq!(ha.counters.deleted.load(Relaxed), 2);
+    assert_eq!(dp.ct_entries().len() as u32, 2 * (n - 102));
+    let left = ha.flows_of(0);
+    assert!(!left.contains(&f.key) && !left.contains(&flows[301].key));
+    assert!(left.contains(&flows[302].key));
 }
 
 /// Ownership on a real datapath (decision 0009): a peer's version of a flow this node owns

@@ -898,6 +898,35 @@ fn latest_flows(events: &[(CtKey, Ct)], me: u16) -> Vec<(CtKey, Latest)> {
     out
 }
 
+/// Removes the flows under `keys` (original-direction keys, as peers name flows) that are
+/// still `origin`'s synced flows here (not adopted or replaced meanwhile): both entries of
+/// each, each flow once, in one batched delete. Returns the flows removed and the keys that
+/// name no flow at all (malformed).
+fn remove_synced(t: &mut SyncTable, origin: u16, keys: &[FlowKey]) -> (u64, u64) {
+    let (mut n, mut malformed) = (0, 0);
+    let cap = keys.len().min(1 << 16);
+    let mut gone = Vec::with_capacity(cap * 2);
+    let mut asked = HashSet::with_capacity(cap);
+    for k in keys {
+        let Some(key) = flows::ct_key(k) else {
+            malformed += 1;
+            continue;
+        };
+        if asked.insert(key)
+            && let Ok(Some(cur)) = t.get(&key)
+            && cur.dir == 0
+            && cur.flags & CTF_SYNCED != 0
+            && cur.origin == origin
+        {
+            gone.push(key.peer(&cur));
+            gone.push(key);
+            n += 1;
+        }
+    }
+    t.delete_many(&gone);
+    (n, malformed)
+}
+
 /// A flow peers never hear of: not confirmed yet (in the half-open table; a TCP or SCTP flow
 /// before its handshake completed, also where it is made in the conntrack table itself), or
 /// one closed before that (its original entry still marked half-open). Such a flow was never
@@ -1012,26 +1041,8 @@ impl Node for Ha {
         ) as u64;
         n /= 2;
         self.counters.installed.fetch_add(n, Ordering::Relaxed);
-        let mut d = 0;
-        // Both entries of every flow that goes, removed in one batched delete.
-        let mut gone = Vec::with_capacity(deletes.len() * 2);
-        let mut asked = HashSet::with_capacity(deletes.len());
-        for k in deletes {
-            let Some(key) = flows::ct_key(k) else {
-                self.counters.malformed.fetch_add(1, Ordering::Relaxed);
-                continue;
-            };
-            if asked.insert(key)
-                && let Ok(Some(cur)) = t.get(&key)
-                && cur.flags & CTF_SYNCED != 0
-                && cur.origin == origin
-            {
-                gone.push(key.peer(&cur));
-                gone.push(key);
-                d += 1;
-            }
-        }
-        t.delete_many(&gone);
+        let (d, malformed) = remove_synced(&mut t, origin, deletes);
+        self.counters.malformed.fetch_add(malformed, Ordering::Relaxed);
         self.counters.deleted.fetch_add(d, Ordering::Relaxed);
         drop(t);
         if !reassert.is_empty()
@@ -1066,27 +1077,8 @@ impl Node for Ha {
         let Ok(origin) = u16::try_from(origin) else {
             return 0;
         };
-        let mut t = self.tbl();
-        let mut n = 0;
-        let mut gone = Vec::with_capacity(keys.len().min(1 << 16) * 2);
-        let mut asked = HashSet::with_capacity(keys.len().min(1 << 16));
-        for k in keys {
-            let Some(key) = flows::ct_key(k) else {
-                continue;
-            };
-            // Still the peer's synced flow (not adopted or replaced meanwhile).
-            if asked.insert(key)
-                && let Ok(Some(cur)) = t.get(&key)
-                && cur.dir == 0
-                && cur.flags & CTF_SYNCED != 0
-                && cur.origin == origin
-            {
-                gone.push(key.peer(&cur));
-                gone.push(key);
-                n += 1;
-            }
-        }
-        t.delete_many(&gone);
+        // Keys a snapshot's sweep found here itself, so none is malformed.
+        let (n, _) = remove_synced(&mut self.tbl(), origin, keys);
         self.counters.stale_removed.fetch_add(n, Ordering::Relaxed);
         n
     }
