@@ -674,4 +674,107 @@ mod tests {
             Err(e) => panic!("a malformed MED must not fail the message: {e}"),
         }
     }
+
+    /// What a neighbour (or anyone who reaches the BGP port) sends is decoded by
+    /// `netgauze-bgp-pkt` behind our framing: no bytes may panic it, whatever the message type,
+    /// the 2- or 4-byte AS mode, a cut anywhere (the length field then says so), or bytes
+    /// changed anywhere in a message of every kind we and FRR send. A decoded message is read
+    /// as the speaker reads it (`peer_open`, `update_counts`) and re-encodes without a panic.
+    /// Deterministic, for CI; `bgp/fuzz` has the cargo-fuzz target.
+    #[test]
+    fn never_panics_on_any_prefix_or_mutation() {
+        let attrs = RouteAttrs {
+            med: Some(200),
+            prepend: 2,
+            communities: vec![GRACEFUL_SHUTDOWN, 7],
+            large_communities: vec![(65100, 1, 2)],
+            local_pref: Some(100),
+        };
+        let v4: Vec<Ipv4Net> = vec![
+            "203.0.113.10/32".parse().unwrap(),
+            "198.51.100.0/24".parse().unwrap(),
+        ];
+        let v6: Vec<Ipv6Net> = vec!["2001:db8:aaaa::10/128".parse().unwrap()];
+        let nh = Ipv4Addr::new(192, 0, 2, 2);
+        let cease = BgpMessage::Notification(BgpNotificationMessage::OpenMessageError(
+            OpenMessageError::BadPeerAs {
+                value: Box::new([0xfd, 0xe8]),
+            },
+        ));
+        let seeds: Vec<Vec<u8>> = [
+            open(4_200_000_001, 9, Ipv4Addr::new(10, 0, 0, 1)),
+            announce(&v4, &attrs, 65100, true, nh),
+            announce(&v4, &attrs, 65100, false, nh),
+            announce6(&v6, &attrs, 65100, true, "2001:db8::2".parse().unwrap()),
+            withdraw(&v4),
+            withdraw6(&v6),
+            BgpMessage::KeepAlive,
+            cease,
+        ]
+        .iter()
+        .map(|m| encode(m).unwrap())
+        .collect();
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let read = |b: &[u8]| {
+            let Ok(Some(len)) = frame_len(b) else { return };
+            let Some(frame) = b.get(..len) else { return };
+            for asn4 in [true, false] {
+                if let Ok(d) = decode(frame, asn4) {
+                    match &d.message {
+                        BgpMessage::Open(o) => {
+                            let _ = peer_open(o);
+                        }
+                        BgpMessage::Update(u) => {
+                            let _ = update_counts(u);
+                        }
+                        _ => {}
+                    }
+                    let _ = encode(&d.message);
+                }
+            }
+        };
+        for base in &seeds {
+            // Every prefix, its length field saying so.
+            for l in HEADER_LEN..=base.len() {
+                let mut b = base[..l].to_vec();
+                b[16..18].copy_from_slice(&(l as u16).to_be_bytes());
+                read(&b);
+            }
+            for _ in 0..10_000 {
+                let mut b = base.clone();
+                // One to four bytes of the body changed.
+                for _ in 0..1 + next() % 4 {
+                    if b.len() > HEADER_LEN {
+                        let r = next();
+                        let i = HEADER_LEN + r as usize % (b.len() - HEADER_LEN);
+                        b[i] = (r >> 32) as u8;
+                    }
+                }
+                // Now and then another message type, or a random body of any length.
+                if next() % 16 == 0 {
+                    b[18] = 1 + (next() % 5) as u8;
+                }
+                if next() % 16 == 0 {
+                    let l = HEADER_LEN + next() as usize % 200;
+                    b = vec![0xff; 16];
+                    b.extend_from_slice(&(l as u16).to_be_bytes());
+                    b.push(1 + (next() % 5) as u8);
+                    b.resize_with(l, || next() as u8);
+                }
+                // A cut in one of eight.
+                if next() % 8 == 0 {
+                    let l = HEADER_LEN + next() as usize % (b.len() - HEADER_LEN + 1);
+                    b.truncate(l);
+                    b[16..18].copy_from_slice(&(l as u16).to_be_bytes());
+                }
+                read(&b);
+            }
+        }
+    }
 }
