@@ -916,13 +916,22 @@ pub async fn run(cfg: Config) -> Result<()> {
         let _ = rx.wait_for(|s| *s).await;
     };
     let mut servers = tokio::task::JoinSet::new();
+    // One set of connection limits for both listeners.
+    let gate = crate::listen::ConnGate::new(
+        crate::listen::ConnLimits {
+            max: cfg.flags.api_max_connections,
+            per_source: cfg.flags.api_max_connections_per_source,
+            idle: std::time::Duration::from_secs(cfg.flags.api_idle_timeout),
+        },
+        app.metrics.api_conns.clone(),
+    );
     if cfg.flags.tls {
         let (Some(cert), Some(key)) = (&cfg.flags.tls_certificate, &cfg.flags.tls_key) else {
             anyhow::bail!("--tls needs --tls-certificate and --tls-key");
         };
         let tls = crate::tls::server_config(cert, key)?;
         let addr = std::net::SocketAddr::new(cfg.flags.tls_host, cfg.flags.tls_port);
-        let listener = crate::tls::TlsListener::bind(addr, tls).await?;
+        let listener = crate::tls::TlsListener::bind(addr, tls, gate.clone()).await?;
         info!(%addr, "REST API listening over HTTPS");
         spawn_server(
             &mut servers,
@@ -937,6 +946,7 @@ pub async fn run(cfg: Config) -> Result<()> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("listen on {addr} (--host/--port)"))?;
+        let listener = crate::listen::GatedTcp::new(listener, gate.clone());
         info!(%addr, "REST API listening (base /netlox/v1)");
         spawn_server(
             &mut servers,

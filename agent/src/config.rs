@@ -66,6 +66,17 @@ pub struct Flags {
     #[arg(long, value_name = "FILE")]
     pub tls_key: Option<PathBuf>,
 
+    /// Most REST API connections open at once, HTTP and HTTPS together (more are closed at
+    /// accept and counted).
+    #[arg(long, default_value_t = 512, value_name = "N")]
+    pub api_max_connections: usize,
+    /// Most REST API connections open at once from one source address.
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    pub api_max_connections_per_source: usize,
+    /// A REST API connection that carries nothing either way for this long is closed.
+    #[arg(long, default_value_t = 120, value_name = "SECONDS")]
+    pub api_idle_timeout: u64,
+
     /// Accepted for loxilb compatibility: metrics are always served at /metrics.
     #[arg(short = 'p', long)]
     pub prometheus: bool,
@@ -420,6 +431,15 @@ impl Config {
                 );
             }
         }
+        if flags.api_max_connections == 0 || flags.api_max_connections > 1 << 20 {
+            bail!("--api-max-connections: must be 1..=1048576");
+        }
+        if flags.api_max_connections_per_source == 0 {
+            bail!("--api-max-connections-per-source: must be at least 1");
+        }
+        if flags.api_idle_timeout == 0 || flags.api_idle_timeout > 86_400 {
+            bail!("--api-idle-timeout: must be 1..=86400 seconds");
+        }
         if flags.max_services == 0 || flags.max_services > 1 << 20 {
             bail!("--max-services: must be 1..=1048576");
         }
@@ -679,6 +699,31 @@ mod tests {
             100_000
         );
         assert!(parse_ka("10.0.0.2:10.0.0.1:5").is_err());
+    }
+
+    #[test]
+    fn api_connection_limits() {
+        let f = cfg(&[]).unwrap().flags;
+        assert_eq!(
+            (
+                f.api_max_connections,
+                f.api_max_connections_per_source,
+                f.api_idle_timeout
+            ),
+            (512, 64, 120)
+        );
+        for (bad, flag) in [
+            ("--api-max-connections=0", "--api-max-connections"),
+            (
+                "--api-max-connections-per-source=0",
+                "--api-max-connections-per-source",
+            ),
+            ("--api-idle-timeout=0", "--api-idle-timeout"),
+            ("--api-idle-timeout=86401", "--api-idle-timeout"),
+        ] {
+            let e = cfg(&[bad]).unwrap_err().to_string();
+            assert!(e.starts_with(flag), "{bad}: {e}");
+        }
     }
 
     #[test]

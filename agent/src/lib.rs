@@ -13,6 +13,7 @@ pub mod forwarding;
 pub mod ha;
 pub mod health;
 pub mod lb;
+pub mod listen;
 pub mod loxilb_metrics;
 pub mod metrics;
 pub mod model;

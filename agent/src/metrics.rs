@@ -18,6 +18,8 @@ pub struct Metrics {
     api: Mutex<BTreeMap<(String, String, u16), u64>>,
     events: [AtomicU64; 5],
     restarts: Mutex<BTreeMap<&'static str, u64>>,
+    /// The REST API's connections (`listen.rs`).
+    pub api_conns: std::sync::Arc<crate::listen::ConnStats>,
 }
 
 impl Metrics {
@@ -496,6 +498,30 @@ pub fn record(m: &Metrics, d: &DatapathSnapshot) {
                 *n,
             );
         }
+    }
+    {
+        use crate::listen::Refusal;
+        let a = &m.api_conns;
+        gauge(
+            "ferrolb_api_connections",
+            "REST API connections open (HTTP and HTTPS, TLS handshakes included).",
+            &[],
+            a.open.load(Ordering::Relaxed) as f64,
+        );
+        for r in [Refusal::Total, Refusal::PerSource] {
+            counter(
+                "ferrolb_api_connections_refused_total",
+                "REST API connections closed at accept, by the limit they met (--api-max-connections, --api-max-connections-per-source).",
+                &[("reason", s(r.label()))],
+                a.refused(r),
+            );
+        }
+        counter(
+            "ferrolb_api_connections_idle_closed_total",
+            "REST API connections closed after carrying nothing for --api-idle-timeout.",
+            &[],
+            a.idle_closed.load(Ordering::Relaxed),
+        );
     }
     for (task, n) in m.task_restarts() {
         counter(

@@ -2,7 +2,9 @@
 //! rustls with the ring provider, serving the same router as the plain listener.
 //!
 //! TCP connections are accepted by one task and each handshake runs in its own task with a
-//! time limit, so a client that connects and says nothing cannot hold up anyone else.
+//! time limit, so a client that connects and says nothing cannot hold up anyone else. Every
+//! connection, its handshake included, takes its place under the API's connection limits
+//! first (`listen.rs`).
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -17,6 +19,8 @@ use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tracing::debug;
+
+use crate::listen::{ConnGate, Guarded};
 
 /// A TLS handshake must finish within this.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -45,12 +49,16 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<rustls::ServerConfig> {
 
 /// A listener yielding established TLS streams.
 pub struct TlsListener {
-    rx: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    rx: mpsc::Receiver<(Guarded<TlsStream<TcpStream>>, SocketAddr)>,
     local: SocketAddr,
 }
 
 impl TlsListener {
-    pub async fn bind(addr: SocketAddr, config: rustls::ServerConfig) -> Result<TlsListener> {
+    pub async fn bind(
+        addr: SocketAddr,
+        config: rustls::ServerConfig,
+        gate: Arc<ConnGate>,
+    ) -> Result<TlsListener> {
         let tcp = TcpListener::bind(addr)
             .await
             .with_context(|| format!("listen on {addr} (--tls-host/--tls-port)"))?;
@@ -67,12 +75,16 @@ impl TlsListener {
                         continue;
                     }
                 };
+                // Refused: dropped here, so the client sees its connection closed at once.
+                let Some(admission) = gate.admit(peer.ip()) else {
+                    continue;
+                };
                 let acceptor = acceptor.clone();
                 let tx = tx.clone();
                 tokio::spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(sock)).await {
                         Ok(Ok(s)) => {
-                            let _ = tx.send((s, peer)).await;
+                            let _ = tx.send((Guarded::new(s, admission), peer)).await;
                         }
                         Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => debug!(%peer, "TLS handshake timed out"),
@@ -85,7 +97,7 @@ impl TlsListener {
 }
 
 impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
+    type Io = Guarded<TlsStream<TcpStream>>;
     type Addr = SocketAddr;
 
     async fn accept(&mut self) -> (Self::Io, Self::Addr) {

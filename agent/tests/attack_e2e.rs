@@ -6,7 +6,8 @@
 //! (more than its two endpoints' 129,024 source ports) leaves running streams intact and new
 //! connections succeeding; 150,000 segments without flags and 30,000 stray ACKs make no flow
 //! and refuse no one; 100,000 spoofed datagrams at a UDP VIP (answered by its endpoints, never
-//! continued) stay out of the conntrack table and refuse no one. A test binary of its own: the
+//! continued) stay out of the conntrack table and refuse no one; 1,000 idle connections to
+//! the REST API from one address hold no more than its 64 places. A test binary of its own: the
 //! floods must not disturb the timing of other tests.
 #![allow(clippy::unwrap_used)]
 
@@ -358,6 +359,65 @@ fn floods_and_forgeries_leave_the_vip_serving() {
         n(&after, "fail"),
         0,
         "right after the datagram flood: {after}"
+    );
+
+    // 7. 1,000 idle connections to the REST API from one address (a stranger who reaches
+    //    the port): all but its 64 are closed at accept and counted, the agent holds no more
+    //    descriptors than those 64 take, and the API answers another address meanwhile.
+    let agent = lab
+        .processes("lb1")
+        .unwrap()
+        .into_iter()
+        .find(|p| p.comm == "ferrolb")
+        .expect("lb1's agent");
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", agent.pid))
+            .unwrap()
+            .count()
+    };
+    let fds0 = fds();
+    let refused0 = m(
+        &lab,
+        "ferrolb_api_connections_refused_total{reason=\"max_per_source\"}",
+    );
+    let (held, fds_held, other) = std::thread::scope(|s| {
+        let held = s.spawn(|| run(&lab, &["hold", "198.51.100.1", "11111", "1000", "4"]));
+        std::thread::sleep(Duration::from_secs(2));
+        let fds_held = fds();
+        let other = lab.exec(
+            "client2",
+            &[
+                "curl",
+                "-sf",
+                "-m",
+                "2",
+                "http://192.0.2.1:11111/netlox/v1/config/loadbalancer/all",
+            ],
+        );
+        (held.join().unwrap(), fds_held, other.unwrap())
+    });
+    let refused = m(
+        &lab,
+        "ferrolb_api_connections_refused_total{reason=\"max_per_source\"}",
+    ) - refused0;
+    println!(
+        "1,000 idle API connections from one address: {held}; refused {refused}; agent descriptors {fds0} -> {fds_held}"
+    );
+    assert_eq!(
+        n(&held, "opened") + n(&held, "connect_failed"),
+        1000,
+        "{held}"
+    );
+    assert!(n(&held, "held") <= 64, "{held}");
+    assert!(refused >= 936.0, "refused {refused}");
+    assert!(
+        fds_held <= fds0 + 64 + 16,
+        "the agent holds {fds_held} descriptors (was {fds0})"
+    );
+    assert!(
+        other.success() && other.stdout.contains("lbAttr"),
+        "the API did not answer another address: {}",
+        other.stderr
     );
     lab.down().unwrap();
 }

@@ -1042,7 +1042,9 @@ impl Node for Ha {
         n /= 2;
         self.counters.installed.fetch_add(n, Ordering::Relaxed);
         let (d, malformed) = remove_synced(&mut t, origin, deletes);
-        self.counters.malformed.fetch_add(malformed, Ordering::Relaxed);
+        self.counters
+            .malformed
+            .fetch_add(malformed, Ordering::Relaxed);
         self.counters.deleted.fetch_add(d, Ordering::Relaxed);
         drop(t);
         if !reassert.is_empty()

@@ -13,6 +13,9 @@
   rst_idle DST PORT RSTS IDLE_S           one connection; RSTS spoofed resets with random
                                           sequence numbers on it; IDLE_S idle; then one line
   malformed IFACE DSTMAC SRC DST PORT     one frame of each malformed kind, on IFACE
+  hold DST PORT N SECS                    N TCP connections opened and left idle; after 1 s,
+                                          how many the server had closed; the rest held for
+                                          SECS, then closed
 """
 import json
 import os
@@ -237,6 +240,37 @@ def malformed(iface, dstmac, src, dst, port):
     print(json.dumps(sent))
 
 
+def hold(dst, port, n, secs):
+    conns = []
+    refused = 0
+    for _ in range(n):
+        try:
+            conns.append(socket.create_connection((dst, port), timeout=2))
+        except OSError:
+            refused += 1
+    time.sleep(1.0)
+    open_ = []
+    closed = 0
+    for c in conns:
+        r, _, _ = select.select([c], [], [], 0)
+        gone = False
+        if r:
+            try:
+                gone = c.recv(64) == b""
+            except OSError:
+                gone = True
+        if gone:
+            closed += 1
+            c.close()
+        else:
+            open_.append(c)
+    time.sleep(max(0.0, secs - 1.0))
+    for c in open_:
+        c.close()
+    print(json.dumps({"opened": len(conns), "connect_failed": refused, "closed": closed,
+                      "held": len(open_)}))
+
+
 def main():
     a = sys.argv[1:]
     mode = a[0] if a else ""
@@ -250,6 +284,8 @@ def main():
         reconnect(a[1], int(a[2]), int(a[3]), int(a[4]))
     elif mode == "rst_idle":
         rst_idle(a[1], int(a[2]), int(a[3]), float(a[4]))
+    elif mode == "hold":
+        hold(a[1], int(a[2]), int(a[3]), float(a[4]))
     elif mode == "malformed":
         malformed(a[1], a[2], a[3], a[4], int(a[5]))
     else:
