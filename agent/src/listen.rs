@@ -175,6 +175,8 @@ pub struct Guarded<T> {
     idle: Duration,
     deadline: Pin<Box<Sleep>>,
     stats: Arc<ConnStats>,
+    /// Counted as closed for idleness (once, whichever direction saw it first).
+    timed_out: bool,
     _admission: Admission,
 }
 
@@ -187,6 +189,7 @@ impl<T> Guarded<T> {
             idle,
             deadline: Box::pin(tokio::time::sleep(idle)),
             stats,
+            timed_out: false,
             _admission: admission,
         }
     }
@@ -201,7 +204,9 @@ impl<T> Guarded<T> {
     fn expired(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
         match self.deadline.as_mut().poll(cx) {
             Poll::Ready(()) => {
-                self.stats.idle_closed.fetch_add(1, Ordering::Relaxed);
+                if !std::mem::replace(&mut self.timed_out, true) {
+                    self.stats.idle_closed.fetch_add(1, Ordering::Relaxed);
+                }
                 Poll::Ready(io::Error::new(
                     io::ErrorKind::TimedOut,
                     "REST API connection idle past --api-idle-timeout",
