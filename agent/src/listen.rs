@@ -102,10 +102,6 @@ impl ConnGate {
         })
     }
 
-    pub fn limits(&self) -> ConnLimits {
-        self.limits
-    }
-
     /// A connection from `peer`, admitted (held until the returned value drops) or refused
     /// (counted, and warned about at most every 10 s).
     pub fn admit(self: &Arc<Self>, peer: IpAddr) -> Option<Admission> {
