@@ -168,32 +168,28 @@ impl Drop for Admission {
 /// stops reading an answer, a kept-alive connection left unused).
 pub struct Guarded<T> {
     io: T,
-    idle: Duration,
     deadline: Pin<Box<Sleep>>,
-    stats: Arc<ConnStats>,
     /// Counted as closed for idleness (once, whichever direction saw it first).
     timed_out: bool,
-    _admission: Admission,
+    /// Its place under the limits; its gate holds the idle timeout and the counters.
+    admission: Admission,
 }
 
 impl<T> Guarded<T> {
     pub fn new(io: T, admission: Admission) -> Guarded<T> {
-        let idle = admission.gate.limits.idle;
-        let stats = admission.gate.stats.clone();
         Guarded {
             io,
-            idle,
-            deadline: Box::pin(tokio::time::sleep(idle)),
-            stats,
+            deadline: Box::pin(tokio::time::sleep(admission.gate.limits.idle)),
             timed_out: false,
-            _admission: admission,
+            admission,
         }
     }
 
     fn touch(&mut self) {
+        let idle = self.admission.gate.limits.idle;
         self.deadline
             .as_mut()
-            .reset(tokio::time::Instant::now() + self.idle);
+            .reset(tokio::time::Instant::now() + idle);
     }
 
     /// An I/O call's result seen through the idle deadline: progress (`moved`) puts it off,
@@ -221,7 +217,8 @@ impl<T> Guarded<T> {
         match self.deadline.as_mut().poll(cx) {
             Poll::Ready(()) => {
                 if !std::mem::replace(&mut self.timed_out, true) {
-                    self.stats.idle_closed.fetch_add(1, Ordering::Relaxed);
+                    let stats = &self.admission.gate.stats;
+                    stats.idle_closed.fetch_add(1, Ordering::Relaxed);
                 }
                 Poll::Ready(io::Error::new(
                     io::ErrorKind::TimedOut,
