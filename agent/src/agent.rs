@@ -337,13 +337,16 @@ pub static SYNC_RT_PRIORITY: std::sync::atomic::AtomicU8 = std::sync::atomic::At
 /// The runtime conntrack sync runs on: one worker and its blocking pool, at [`SYNC_NICE`].
 /// Built once and kept for the life of the process (a runtime may not be dropped from inside
 /// another).
+/// Threads of the sync runtime's blocking pool (installs, removals, snapshot walks).
+const SYNC_BLOCKING_THREADS: usize = 4;
+
 fn sync_runtime() -> Result<&'static tokio::runtime::Runtime> {
     static RT: std::sync::OnceLock<Result<tokio::runtime::Runtime, String>> =
         std::sync::OnceLock::new();
     RT.get_or_init(|| {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
-            .max_blocking_threads(4)
+            .max_blocking_threads(SYNC_BLOCKING_THREADS)
             .thread_name("ferrolb-sync")
             .on_thread_start(|| {
                 if let Err(e) = crate::lb::set_thread_nice(SYNC_NICE) {
@@ -369,6 +372,9 @@ async fn start_ha(app: &Shared, ha: &Arc<Ha>, cfg: &Config, sup: &Supervisor) ->
         ),
         ha.cfg.peers.iter().map(|p| p.0).collect(),
     );
+    // A snapshot walk holds a blocking thread until its subscriber has taken the last chunk:
+    // half the pool at most, so that peers' flows are still installed meanwhile.
+    sc.max_snapshot_walks = SYNC_BLOCKING_THREADS / 2;
     // Peers accept sync connections only from the addresses in their --cluster list: connect
     // from the address --ka says is ours toward them.
     sc.source = cfg

@@ -141,6 +141,12 @@ fn roles_mirror_and_sync_cut() {
     assert!(worst < Duration::from_millis(100), "mirror took {worst:?}");
     let lag = metric(&lab, "lb2", "ferrolb_sync_lag_seconds").unwrap();
     assert!(lag < 0.1, "sync lag {lag} s");
+    // lb2's subscription is lb1's one sync connection; none refused or displaced.
+    assert_eq!(metric(&lab, "lb1", "ferrolb_sync_connections"), Some(1.0));
+    assert_eq!(
+        metric(&lab, "lb1", "ferrolb_sync_refused_limit_total"),
+        Some(0.0)
+    );
     // Both directions of the flows crossed lb1 (the MASTER); lb2 only holds synced copies.
     let ct1 = lb_ct(&lab, "lb1");
     let tcp1 = ct1.iter().find(|e| e["sourcePort"] == 41002).unwrap();

@@ -20,13 +20,20 @@
 //!   (`authorization: Bearer …`) or mutual TLS;
 //! - a [`pb::HandoverRequest`] is taken only from the peer address whose subscription reported
 //!   the node id the request claims.
+//! - what one peer address can make the server hold is bounded (`gate.rs`): connections
+//!   ([`Config::max_connections_per_peer`]; a new one takes the place of the oldest that never
+//!   carried an accepted request), subscriptions ([`Config::max_streams_per_peer`]; a new one
+//!   ends the oldest), snapshot walks (one per address, [`Config::max_snapshot_walks`] in all:
+//!   each holds a thread of the blocking pool), and a subscriber that takes nothing for
+//!   [`Config::stall_timeout`] is ended.
 //!
 //! The crate knows nothing of datapaths or roles: the agent implements [`Node`].
 
 pub mod flow;
+mod gate;
 pub mod log;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -96,6 +103,17 @@ pub struct Config {
     /// Ask peers for packed flow records (true). False subscribes as a node of an older
     /// version does, with explicit messages (tests of mixed versions).
     pub packed: bool,
+    /// Connections open at once from one peer address (a new one at the limit takes the
+    /// place of the oldest that has not carried an accepted request, or is refused).
+    pub max_connections_per_peer: usize,
+    /// Subscriptions served at once to one peer address (a new one ends the oldest).
+    pub max_streams_per_peer: usize,
+    /// A subscriber that takes nothing for this long is ended (its snapshot walk stops).
+    pub stall_timeout: Duration,
+    /// Snapshot walks at once (each holds a thread of the blocking pool until it ends; keep
+    /// this below the pool's size so that installs still find threads). One address walks
+    /// one at a time.
+    pub max_snapshot_walks: usize,
 }
 
 impl Config {
@@ -113,6 +131,10 @@ impl Config {
             heartbeat: Duration::from_millis(100),
             dead_after: Duration::from_millis(1000),
             packed: true,
+            max_connections_per_peer: 8,
+            max_streams_per_peer: 4,
+            stall_timeout: Duration::from_secs(10),
+            max_snapshot_walks: 2,
         }
     }
 }
@@ -181,10 +203,41 @@ pub struct Stats {
     pub refused: AtomicU64,
     /// Of those, connections from an address that is not a configured peer's.
     pub refused_address: AtomicU64,
+    /// Of those, connections from a peer address that had
+    /// [`Config::max_connections_per_peer`] open, all in use.
+    pub refused_limit: AtomicU64,
+    /// Connections open now (from peer addresses).
+    pub connections: AtomicU64,
+    /// Connections closed for a newer one from their address (they had carried no accepted
+    /// request).
+    pub evicted: AtomicU64,
+    /// Subscriptions ended for a newer one from their address
+    /// ([`Config::max_streams_per_peer`]).
+    pub streams_ended_limit: AtomicU64,
+    /// Subscriptions ended because the subscriber took nothing for [`Config::stall_timeout`].
+    pub streams_stalled: AtomicU64,
     pub resyncs_served: AtomicU64,
 }
 
-type StreamPos = (u32, Arc<AtomicU64>);
+/// A subscription being served.
+struct Serving {
+    /// The subscriber's address.
+    from: Option<IpAddr>,
+    /// The next sequence number it gets.
+    pos: Arc<AtomicU64>,
+    /// Ends it (for a newer subscription from its address).
+    end: Arc<tokio::sync::Notify>,
+}
+
+/// Which subscription a new one from `new` ends (the oldest from its address, once its
+/// address has more than `limit`), given the addresses of those served, oldest first, the
+/// new one last.
+fn to_end(from: &[Option<IpAddr>], new: Option<IpAddr>, limit: usize) -> Option<usize> {
+    let mine = from.iter().filter(|f| **f == new).count();
+    (mine > limit)
+        .then(|| from.iter().position(|f| *f == new))
+        .flatten()
+}
 
 struct PeerSlot {
     addr: SocketAddr,
@@ -205,8 +258,13 @@ pub struct Consync {
     node: Arc<dyn Node>,
     peers: Vec<Arc<PeerSlot>>,
     stats: Arc<Stats>,
-    /// Each serving stream's subscriber node id and next sequence number.
-    active_streams: Arc<Mutex<Vec<StreamPos>>>,
+    /// The connections open from each peer address.
+    gate: Arc<gate::PeerGate>,
+    /// The subscriptions being served, oldest first.
+    active_streams: Arc<Mutex<Vec<Serving>>>,
+    /// Places for snapshot walks: in all, and one per subscriber address.
+    walks: Arc<tokio::sync::Semaphore>,
+    walks_from: Mutex<HashMap<Option<IpAddr>, Arc<tokio::sync::Semaphore>>>,
 }
 
 impl Consync {
@@ -226,6 +284,8 @@ impl Consync {
             Some(t) => Some(Arc::new(server_tls(t)?)),
             None => None,
         };
+        let stats = Arc::new(Stats::default());
+        let gate = gate::PeerGate::new(cfg.max_connections_per_peer, stats.clone());
         let me = Arc::new(Consync {
             log: Arc::new(ChangeLog::new(cfg.log_capacity)),
             node,
@@ -243,8 +303,11 @@ impl Consync {
                     })
                 })
                 .collect(),
-            stats: Arc::new(Stats::default()),
+            stats,
+            gate,
             active_streams: Arc::new(Mutex::new(Vec::new())),
+            walks: Arc::new(tokio::sync::Semaphore::new(cfg.max_snapshot_walks.max(1))),
+            walks_from: Mutex::new(HashMap::new()),
             cfg,
         });
         let svc = Service { cs: me.clone() };
@@ -259,7 +322,7 @@ impl Consync {
             Arc::new(me.cfg.peers.iter().map(|p| p.ip().to_canonical()).collect());
         match server_tls {
             None => {
-                let incoming = plain_incoming(listener, allowed, me.stats.clone());
+                let incoming = plain_incoming(listener, allowed, me.gate.clone(), me.stats.clone());
                 tokio::spawn(async move {
                     if let Err(e) = router.serve_with_incoming(incoming).await {
                         warn!(error = %e, "conntrack sync server stopped");
@@ -269,7 +332,8 @@ impl Consync {
             Some(config) => {
                 // Our own acceptor, so that a peer failing the handshake (no certificate, or
                 // one the CA did not sign) is counted as refused.
-                let incoming = tls_incoming(listener, config, allowed, me.stats.clone());
+                let incoming =
+                    tls_incoming(listener, config, allowed, me.gate.clone(), me.stats.clone());
                 tokio::spawn(async move {
                     if let Err(e) = router.serve_with_incoming(incoming).await {
                         warn!(error = %e, "conntrack sync server stopped");
@@ -317,7 +381,7 @@ impl Consync {
             .unwrap_or_else(|p| p.into_inner());
         streams
             .iter()
-            .map(|(_, pos)| next.saturating_sub(pos.load(Ordering::Relaxed)))
+            .map(|s| next.saturating_sub(s.pos.load(Ordering::Relaxed)))
             .max()
             .unwrap_or(0)
     }
@@ -381,6 +445,7 @@ impl Consync {
 
     fn check<T>(&self, req: &Request<T>) -> Result<(), Status> {
         let Some(t) = &self.cfg.token else {
+            self.gate.in_use(req.remote_addr());
             return Ok(());
         };
         let ok = req
@@ -390,6 +455,7 @@ impl Consync {
             .and_then(|v| v.strip_prefix("Bearer "))
             .is_some_and(|v| constant_time_eq(v.as_bytes(), t.as_bytes()));
         if ok {
+            self.gate.in_use(req.remote_addr());
             Ok(())
         } else {
             self.stats.refused.fetch_add(1, Ordering::Relaxed);
@@ -465,15 +531,18 @@ fn server_tls(t: &TlsFiles) -> Result<rustls::ServerConfig, Error> {
     Ok(cfg)
 }
 
-type TlsConn = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+type PeerTcp = gate::Gated<tokio::net::TcpStream>;
+type TlsConn = tokio_rustls::server::TlsStream<PeerTcp>;
 
-/// The next connection from a configured peer's address; others are closed at once and
-/// counted (a stranger on the segment gets neither a stream nor a handshake).
+/// The next connection from a configured peer's address, with a place under its address's
+/// limit; others are closed at once and counted (a stranger on the segment gets neither a
+/// stream nor a handshake).
 async fn accept_peer(
     listener: &tokio::net::TcpListener,
     allowed: &HashSet<IpAddr>,
+    gate: &Arc<gate::PeerGate>,
     stats: &Stats,
-) -> (tokio::net::TcpStream, SocketAddr) {
+) -> (PeerTcp, SocketAddr) {
     loop {
         let (tcp, peer) = match listener.accept().await {
             Ok(c) => c,
@@ -494,7 +563,9 @@ async fn accept_peer(
             continue;
         }
         let _ = tcp.set_nodelay(true);
-        return (tcp, peer);
+        if let Some(tcp) = gate.admit(tcp, peer) {
+            return (tcp, peer);
+        }
     }
 }
 
@@ -502,12 +573,13 @@ async fn accept_peer(
 fn plain_incoming(
     listener: tokio::net::TcpListener,
     allowed: Arc<HashSet<IpAddr>>,
+    gate: Arc<gate::PeerGate>,
     stats: Arc<Stats>,
-) -> ReceiverStream<Result<tokio::net::TcpStream, std::io::Error>> {
+) -> ReceiverStream<Result<PeerTcp, std::io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     tokio::spawn(async move {
         loop {
-            let (tcp, _) = accept_peer(&listener, &allowed, &stats).await;
+            let (tcp, _) = accept_peer(&listener, &allowed, &gate, &stats).await;
             if tx.send(Ok(tcp)).await.is_err() {
                 return;
             }
@@ -522,19 +594,22 @@ fn tls_incoming(
     listener: tokio::net::TcpListener,
     config: Arc<rustls::ServerConfig>,
     allowed: Arc<HashSet<IpAddr>>,
+    gate: Arc<gate::PeerGate>,
     stats: Arc<Stats>,
 ) -> ReceiverStream<Result<TlsConn, std::io::Error>> {
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
     tokio::spawn(async move {
         loop {
-            let (tcp, peer) = accept_peer(&listener, &allowed, &stats).await;
+            let (tcp, peer) = accept_peer(&listener, &allowed, &gate, &stats).await;
             let acceptor = acceptor.clone();
             let tx = tx.clone();
             let stats = stats.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(Duration::from_secs(5), acceptor.accept(tcp)).await {
                     Ok(Ok(s)) => {
+                        // A peer with a certificate the CA signed: its connection keeps its place.
+                        s.get_ref().0.mark_in_use();
                         let _ = tx.send(Ok(s)).await;
                     }
                     Ok(Err(e)) => {
@@ -626,17 +701,36 @@ impl ConSync for Service {
             next = r.next_seq,
             "sync subscriber"
         );
+        let from = remote.map(|a| a.ip().to_canonical());
+        let pos = Arc::new(AtomicU64::new(r.next_seq));
+        let end = Arc::new(tokio::sync::Notify::new());
+        let ended = {
+            let mut s = cs.active_streams.lock().unwrap_or_else(|p| p.into_inner());
+            s.push(Serving {
+                from,
+                pos: pos.clone(),
+                end: end.clone(),
+            });
+            let addrs: Vec<Option<IpAddr>> = s.iter().map(|s| s.from).collect();
+            to_end(&addrs, from, cs.cfg.max_streams_per_peer).map(|i| s.remove(i))
+        };
+        if let Some(old) = ended {
+            cs.stats.streams_ended_limit.fetch_add(1, Ordering::Relaxed);
+            debug!(
+                ?remote,
+                "sync stream ended for a newer subscription from its address"
+            );
+            old.end.notify_one();
+        }
         tokio::spawn(async move {
-            let pos = Arc::new(AtomicU64::new(r.next_seq));
+            let res = tokio::select! {
+                r = serve(&cs, &tx, from, (r.epoch, r.next_seq), r.packed, &pos) => r,
+                _ = end.notified() => Err("ended for a newer subscription from its address".into()),
+            };
             cs.active_streams
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .push((r.node_id, pos.clone()));
-            let res = serve(&cs, &tx, r.epoch, r.next_seq, r.packed, &pos).await;
-            cs.active_streams
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .retain(|(_, p)| !Arc::ptr_eq(p, &pos));
+                .retain(|s| !Arc::ptr_eq(&s.pos, &pos));
             if let Err(e) = res {
                 debug!(?remote, error = %e, "sync stream ended");
             }
@@ -720,15 +814,15 @@ type Tx = tokio::sync::mpsc::Sender<Result<pb::SyncBatch, Status>>;
 async fn serve(
     cs: &Arc<Consync>,
     tx: &Tx,
-    epoch: u64,
-    next_seq: u64,
+    from: Option<IpAddr>,
+    (epoch, next_seq): (u64, u64),
     packed: bool,
     pos: &AtomicU64,
 ) -> Result<(), String> {
     let mut wake = cs.log.subscribe();
     let (mut epoch, mut next) = match cs.log.resume(epoch, next_seq) {
         Resume::From(n) => (epoch, n),
-        Resume::Snapshot => send_snapshot(cs, tx, packed).await?,
+        Resume::Snapshot => send_snapshot(cs, tx, from, packed).await?,
     };
     pos.store(next, Ordering::Relaxed);
     let mut last_sent = Instant::now();
@@ -736,7 +830,7 @@ async fn serve(
         match cs.log.read(epoch, next, cs.cfg.batch_max) {
             None => {
                 // Our log moved on (new epoch, or the subscriber fell out of it).
-                (epoch, next) = send_snapshot(cs, tx, packed).await?;
+                (epoch, next) = send_snapshot(cs, tx, from, packed).await?;
                 pos.store(next, Ordering::Relaxed);
                 continue;
             }
@@ -763,7 +857,7 @@ async fn serve(
                 } else {
                     b.changes = changes.iter().map(pb::Change::from).collect();
                 }
-                tx.send(Ok(b)).await.map_err(|_| "subscriber gone")?;
+                send(cs, tx, b).await?;
                 cs.stats.sent.fetch_add(n, Ordering::Relaxed);
                 pos.store(next, Ordering::Relaxed);
                 last_sent = Instant::now();
@@ -776,7 +870,7 @@ async fn serve(
             r = wake.changed() => { if r.is_err() { return Ok(()); } }
             _ = tokio::time::sleep(hb) => {
                 if last_sent.elapsed() >= cs.cfg.heartbeat {
-                    tx.send(Ok(cs.batch(epoch))).await.map_err(|_| "subscriber gone")?;
+                    send(cs, tx, cs.batch(epoch)).await?;
                     last_sent = Instant::now();
                 }
             }
@@ -785,10 +879,33 @@ async fn serve(
     }
 }
 
+/// Hands a batch to the subscriber's stream. A subscriber that takes nothing for
+/// [`Config::stall_timeout`] (its HTTP/2 window full, the stream's queue full) is ended, and
+/// with it a snapshot walk waiting for room.
+async fn send(cs: &Consync, tx: &Tx, b: pb::SyncBatch) -> Result<(), String> {
+    match tokio::time::timeout(cs.cfg.stall_timeout, tx.send(Ok(b))).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) => Err("subscriber gone".into()),
+        Err(_) => {
+            cs.stats.streams_stalled.fetch_add(1, Ordering::Relaxed);
+            Err(format!(
+                "the subscriber took nothing for {:?}",
+                cs.cfg.stall_timeout
+            ))
+        }
+    }
+}
+
 /// Sends a snapshot; returns the (epoch, sequence) the live changes continue from. The
 /// table is walked on the blocking pool and each chunk is sent as soon as it is read, so the
 /// subscriber installs the first flows while the walk goes on.
-async fn send_snapshot(cs: &Arc<Consync>, tx: &Tx, packed: bool) -> Result<(u64, u64), String> {
+async fn send_snapshot(
+    cs: &Arc<Consync>,
+    tx: &Tx,
+    from: Option<IpAddr>,
+    packed: bool,
+) -> Result<(u64, u64), String> {
+    let _places = walk_places(cs, tx, from).await?;
     // Changes from `next` on are in the log (or force another snapshot): the snapshot is at
     // least as new as `next - 1`, and re-applying a change it already contains is harmless.
     let (epoch, next) = cs.log.position();
@@ -811,7 +928,7 @@ async fn send_snapshot(cs: &Arc<Consync>, tx: &Tx, packed: bool) -> Result<(u64,
                 total += n;
                 let mut b = cs.batch(epoch);
                 snapshot_part(&mut b, &part, packed);
-                tx.send(Ok(b)).await.map_err(|_| "subscriber gone")?;
+                send(cs, tx, b).await?;
                 cs.stats.sent.fetch_add(n as u64, Ordering::Relaxed);
                 hb.reset();
             }
@@ -820,7 +937,7 @@ async fn send_snapshot(cs: &Arc<Consync>, tx: &Tx, packed: bool) -> Result<(u64,
                 walking = false;
             }
             _ = hb.tick() => {
-                tx.send(Ok(cs.batch(epoch))).await.map_err(|_| "subscriber gone")?;
+                send(cs, tx, cs.batch(epoch)).await?;
             }
         }
     }
@@ -830,9 +947,39 @@ async fn send_snapshot(cs: &Arc<Consync>, tx: &Tx, packed: bool) -> Result<(u64,
     let mut b = cs.batch(epoch);
     b.snapshot_done = true;
     b.snapshot_seq = next;
-    tx.send(Ok(b)).await.map_err(|_| "subscriber gone")?;
+    send(cs, tx, b).await?;
     debug!(flows = total, epoch, next, packed, "sync snapshot sent");
     Ok((epoch, next))
+}
+
+/// Waits for a place to walk the table: one of [`Config::max_snapshot_walks`], and its
+/// address's one. Heartbeats meanwhile keep the subscriber from giving up.
+async fn walk_places(
+    cs: &Arc<Consync>,
+    tx: &Tx,
+    from: Option<IpAddr>,
+) -> Result<[tokio::sync::OwnedSemaphorePermit; 2], String> {
+    let mine = cs
+        .walks_from
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry(from)
+        .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(1)))
+        .clone();
+    let places = async {
+        let a = mine.acquire_owned().await?;
+        let b = cs.walks.clone().acquire_owned().await?;
+        Ok::<_, tokio::sync::AcquireError>([a, b])
+    };
+    tokio::pin!(places);
+    let mut hb = tokio::time::interval(cs.cfg.heartbeat);
+    hb.tick().await;
+    loop {
+        tokio::select! {
+            p = &mut places => return p.map_err(|e| e.to_string()),
+            _ = hb.tick() => send(cs, tx, cs.batch(cs.log.position().0)).await?,
+        }
+    }
 }
 
 /// Puts a chunk of a snapshot into `b`, packed or explicit.
@@ -1148,4 +1295,22 @@ async fn apply(
     tokio::task::spawn_blocking(move || node.apply(origin, &ups, &dels))
         .await
         .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_subscription_past_its_address_limit_ends_that_address_oldest() {
+        let a = Some(IpAddr::from([10, 0, 0, 1]));
+        let b = Some(IpAddr::from([10, 0, 0, 2]));
+        // Within the limit: nothing ends.
+        assert_eq!(to_end(&[a, b, a], a, 2), None);
+        // Past it: the address's oldest, not another address's older one.
+        assert_eq!(to_end(&[b, a, b, a, a], a, 2), Some(1));
+        assert_eq!(to_end(&[b, a, b, a, a], b, 2), None);
+        // An unknown address is an address of its own.
+        assert_eq!(to_end(&[None, a, None], None, 1), Some(0));
+    }
 }

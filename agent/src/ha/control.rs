@@ -176,7 +176,7 @@ pub fn record_metrics(ha: &Ha) {
     );
     counter(
         "ferrolb_sync_refused_total",
-        "Sync connections and requests refused (address outside --cluster, bad or missing token, failed TLS handshake, forged Handover).",
+        "Sync connections and requests refused (address outside --cluster, address at its connection limit, bad or missing token, failed TLS handshake, forged Handover).",
         &[],
         st.refused.load(Ordering::Relaxed),
     );
@@ -186,6 +186,35 @@ pub fn record_metrics(ha: &Ha) {
         &[],
         st.refused_address.load(Ordering::Relaxed),
     );
+    counter(
+        "ferrolb_sync_refused_limit_total",
+        "Sync connections refused because their address had the most connections allowed open, all in use.",
+        &[],
+        st.refused_limit.load(Ordering::Relaxed),
+    );
+    gauge(
+        "ferrolb_sync_connections",
+        "Sync connections open from peer addresses.",
+        &[],
+        st.connections.load(Ordering::Relaxed) as f64,
+    );
+    counter(
+        "ferrolb_sync_connections_displaced_total",
+        "Sync connections closed for a newer one from their address (they had carried no accepted request).",
+        &[],
+        st.evicted.load(Ordering::Relaxed),
+    );
+    for (reason, v) in [
+        ("replaced", &st.streams_ended_limit),
+        ("stalled", &st.streams_stalled),
+    ] {
+        counter(
+            "ferrolb_sync_streams_ended_total",
+            "Subscriptions this node ended: for a newer one from their address (replaced), or because the subscriber took nothing for the stall timeout (stalled).",
+            &[("reason", reason.to_string())],
+            v.load(Ordering::Relaxed),
+        );
+    }
     let peers = cs.peers();
     gauge(
         "ferrolb_sync_peers_connected",
