@@ -76,7 +76,7 @@ pub(crate) struct PeerGate {
 impl PeerGate {
     pub(crate) fn new(limit: usize, stats: Arc<Stats>) -> Arc<PeerGate> {
         Arc::new(PeerGate {
-            limit,
+            limit: limit.max(1),
             open: Mutex::new(Vec::new()),
             stats,
         })

@@ -262,7 +262,8 @@ pub struct Consync {
     gate: Arc<gate::PeerGate>,
     /// The subscriptions being served, oldest first.
     active_streams: Arc<Mutex<Vec<Serving>>>,
-    /// Places for snapshot walks: in all, and one per subscriber address.
+    /// Places for snapshot walks: in all, and one per subscriber address (only `--cluster`
+    /// addresses connect, so the map holds a few).
     walks: Arc<tokio::sync::Semaphore>,
     walks_from: Mutex<HashMap<Option<IpAddr>, Arc<tokio::sync::Semaphore>>>,
 }
@@ -712,7 +713,7 @@ impl ConSync for Service {
                 end: end.clone(),
             });
             let addrs: Vec<Option<IpAddr>> = s.iter().map(|s| s.from).collect();
-            to_end(&addrs, from, cs.cfg.max_streams_per_peer).map(|i| s.remove(i))
+            to_end(&addrs, from, cs.cfg.max_streams_per_peer.max(1)).map(|i| s.remove(i))
         };
         if let Some(old) = ended {
             cs.stats.streams_ended_limit.fetch_add(1, Ordering::Relaxed);
@@ -905,13 +906,16 @@ async fn send_snapshot(
     from: Option<IpAddr>,
     packed: bool,
 ) -> Result<(u64, u64), String> {
-    let _places = walk_places(cs, tx, from).await?;
+    let places = walk_places(cs, tx, from).await?;
     // Changes from `next` on are in the log (or force another snapshot): the snapshot is at
     // least as new as `next - 1`, and re-applying a change it already contains is harmless.
     let (epoch, next) = cs.log.position();
     let node = cs.node.clone();
     let (ctx, mut chunks) = tokio::sync::mpsc::channel::<Vec<Flow>>(4);
+    // The walk holds its places until its thread is done: a subscriber that goes away (or
+    // stalls) ends it at its next chunk, after this function has returned.
     let mut walk = tokio::task::spawn_blocking(move || {
+        let _places = places;
         node.own_flows(&mut |chunk| chunk.is_empty() || ctx.blocking_send(chunk).is_ok());
     });
     // Walking a large table takes a while: heartbeats keep the subscriber from giving up

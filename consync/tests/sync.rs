@@ -805,3 +805,64 @@ fn idle_unauthenticated_connections_cannot_keep_a_peer_out() {
         drop(held);
     });
 }
+
+/// The agent runs sync on a runtime of its own whose blocking pool has 4 threads, which also
+/// install what peers send, and lets 2 of them walk snapshots. Subscribers on a peer's host
+/// that read nothing must leave threads to install that peer's flows.
+#[test]
+fn stalled_subscribers_leave_threads_to_install_the_peers_flows() {
+    if !ferrolb_tests::private_netns("stalled_subscribers_leave_threads") {
+        return;
+    }
+    // A, on a runtime shaped as the agent's sync runtime.
+    let rt_a = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .max_blocking_threads(4)
+        .enable_all()
+        .build()
+        .unwrap();
+    let a = node_with_flows(0, 20_000);
+    let (pa, pb_) = (addr(22081), SocketAddr::new(PEER, 22082));
+    let mut ca = Config::new(0, pa, vec![pb_]);
+    ca.max_snapshot_walks = 2;
+    let _sa = rt_a.block_on(Consync::start(ca, a.clone())).unwrap();
+    let rt = runtime();
+    rt.block_on(async {
+        // A process on B's host: ten subscriptions to A that read nothing.
+        let ch = channel(PEER, pa).await;
+        let mut stalled = Vec::new();
+        for i in 0..10 {
+            stalled.push(
+                subscribe_and_stall(ch.clone(), 100 + i, None)
+                    .await
+                    .unwrap(),
+            );
+        }
+        let aa = a.clone();
+        wait_async("A walks its table", Duration::from_secs(5), move || {
+            aa.walking.load(Ordering::SeqCst) >= 1
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // B starts, with flows of its own, from that host's address.
+        let b = node_with_flows(1, 1000);
+        let mut cb = Config::new(1, pb_, vec![pa]);
+        cb.source = Some(PEER);
+        let _sb = Consync::start(cb, b).await.unwrap();
+        let t0 = Instant::now();
+        let installed = within(Duration::from_secs(5), || synced_ports(&a).len() == 1000).await;
+        println!(
+            "A installed {} of B's 1000 flows in {:?} with {} snapshot walks held",
+            synced_ports(&a).len(),
+            t0.elapsed(),
+            a.walking.load(Ordering::SeqCst)
+        );
+        assert!(
+            installed,
+            "A installed {} of B's 1000 flows while subscribers on B's host stalled",
+            synced_ports(&a).len()
+        );
+        drop((stalled, ch));
+    });
+    rt_a.shutdown_timeout(Duration::from_secs(2));
+}
