@@ -376,6 +376,7 @@ pub fn record_metrics(
     }
     let auth: u64 = l.iter().map(|p| p.counters.drop_auth).sum();
     for (reason, n) in [
+        ("kernel", c.drop_kernel.load(Relaxed)),
         ("bad_ttl", c.drop_bad_ttl.load(Relaxed)),
         ("malformed", c.drop_malformed.load(Relaxed)),
         ("no_session", c.drop_no_session.load(Relaxed)),

@@ -22,6 +22,21 @@ const FERROCTL: &str = env!("CARGO_BIN_EXE_ferroctl");
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
+/// CPU time (user and system, in clock ticks) of the process's threads named `name`.
+fn thread_ticks(pid: i32, name: &str) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .filter_map(|t| {
+            let p = t.ok()?.path();
+            (std::fs::read_to_string(p.join("comm")).ok()?.trim() == name).then_some(())?;
+            let stat = std::fs::read_to_string(p.join("stat")).ok()?;
+            // Fields after the command's closing parenthesis; utime and stime are 14 and 15.
+            let f: Vec<&str> = stat[stat.rfind(')')? + 2..].split(' ').collect();
+            Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+        })
+        .sum()
+}
+
 fn lab(test: &str, label: &str, ka: &str) -> Option<ferrolb_tests::TestLab> {
     up(test, label, ka, FERROLB)
 }
@@ -277,6 +292,55 @@ fn roles_mirror_and_sync_cut() {
     )
     .unwrap();
     assert_eq!(metric(&lab, "lb2", "ferrolb_sync_peer_up"), Some(1.0));
+
+    // A stranger beyond the ToR floods lb1's BFD port (its datagrams arrive with a TTL below
+    // 255): the kernel's GTSM filter drops them before lb1's real-time BFD thread wakes, and
+    // counts them; no session moves. (Before the filter, the same flood took that thread
+    // ~90 % of a CPU.)
+    let agent = lab
+        .processes("lb1")
+        .unwrap()
+        .into_iter()
+        .find(|p| p.comm == "ferrolb")
+        .expect("lb1's agent");
+    let drops = || metric(&lab, "lb1", "ferrolb_bfd_drops_total{reason=\"kernel\"}").unwrap();
+    let moves = || metric(&lab, "lb1", "ferrolb_bfd_state_transitions_total");
+    let (drops0, moves0, cpu0) = (drops(), moves(), thread_ticks(agent.pid, "ferrolb-bfd"));
+    let t0 = Instant::now();
+    let flood = "import socket,time\n\
+        s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n\
+        p=bytes([0x20,0xc0,3,24])+bytes(20)\n\
+        n=0\n\
+        end=time.time()+4\n\
+        while n<300000 and time.time()<end:\n\
+        \x20 for i in range(100): s.sendto(p,('192.0.2.2',3784))\n\
+        \x20 n+=100\n\
+        print(n)\n";
+    let sent: f64 = lab
+        .exec_ok("client", &["python3", "-c", flood])
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let cpu = thread_ticks(agent.pid, "ferrolb-bfd") - cpu0;
+    let took = t0.elapsed();
+    // The drop count is read from the sockets every second.
+    std::thread::sleep(Duration::from_millis(1500));
+    let dropped = drops() - drops0;
+    eprintln!(
+        "BFD-port flood: {sent} datagrams in {took:?}, {dropped} dropped by the kernel, \
+         the BFD thread used {cpu} ticks"
+    );
+    assert!(sent >= 50_000.0, "the flood fell short: {sent}");
+    assert!(dropped >= sent * 0.9, "{dropped} of {sent} counted");
+    // 100 ticks a second: under a tenth of the flood's time on a CPU.
+    assert!(
+        (cpu as f64) < took.as_secs_f64() * 10.0,
+        "the BFD thread used {cpu} ticks during a {took:?} flood"
+    );
+    assert_eq!(moves(), moves0, "a BFD session moved during the flood");
+    assert_eq!(ha(&lab, "lb1")["peers"][0]["bfd"], "BFDUp");
+
     // ferroctl shows the cluster.
     let out = lab.exec_ok("lb2", &[FERROCTL, "get", "ha"]).unwrap();
     assert!(

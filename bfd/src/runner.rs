@@ -73,6 +73,9 @@ pub struct PeerStatus {
 /// Drops before a session is found, and how punctual the BFD thread is.
 #[derive(Debug, Default)]
 pub struct GlobalCounters {
+    /// Dropped by the kernel before the thread read them (the GTSM filter: TTL not 255; or a
+    /// full receive queue), both families, as the sockets count them (read every second).
+    pub drop_kernel: AtomicU64,
     pub drop_bad_ttl: AtomicU64,
     pub drop_malformed: AtomicU64,
     pub drop_no_session: AtomicU64,
@@ -355,6 +358,7 @@ impl Runner {
         rx6: Option<AsyncFd<RxSocket>>,
     ) {
         let mut buf = vec![0u8; 2048];
+        let mut drops_read = Instant::now();
         loop {
             let deadline = self
                 .schedule
@@ -389,6 +393,15 @@ impl Runner {
             let now = Instant::now();
             self.punctuality(now);
             self.tick(now);
+            if now.duration_since(drops_read) >= Duration::from_secs(1) {
+                drops_read = now;
+                let n = std::iter::once(&rx4)
+                    .chain(rx6.as_ref())
+                    .filter_map(|s| s.get_ref().kernel_drops().ok())
+                    .map(u64::from)
+                    .sum();
+                self.counters.drop_kernel.store(n, Ordering::Relaxed);
+            }
         }
     }
 

@@ -4,12 +4,15 @@
 //!
 //! - Receive: one UDP socket per address family on port 3784 with `IP_RECVTTL` /
 //!   `IPV6_RECVHOPLIMIT`, so every datagram comes with its TTL; GTSM (RFC 5082) drops anything
-//!   that did not arrive with TTL 255.
+//!   that did not arrive with TTL 255, first in the kernel (a classic BPF socket filter: a
+//!   datagram from off the link is never queued, so a flood from afar neither wakes the
+//!   real-time BFD thread nor delays the peers' packets behind it; `IP_MINTTL` would say the
+//!   same but Linux applies it to TCP only), then again in user space.
 //! - Send: one socket per session, bound to the session's local address and a source port in
 //!   49152-65535 (the same port for the session's life), TTL / hop limit 255.
 
 use std::io;
-use std::mem::{size_of, zeroed};
+use std::mem::{size_of, size_of_val, zeroed};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, RawFd};
 
@@ -71,6 +74,35 @@ fn from_sockaddr(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
     }
 }
 
+/// `SO_MEMINFO` (`asm-generic/socket.h`; the libc crate does not have it) and the length of
+/// its answer (`SK_MEMINFO_VARS`).
+const SO_MEMINFO: libc::c_int = 55;
+const SK_MEMINFO_VARS: usize = 9;
+
+/// GTSM in the kernel: a socket filter that keeps a datagram only when its IPv4 TTL (byte 8
+/// of the IP header) or IPv6 hop limit (byte 7) is 255.
+fn gtsm_filter(v6: bool) -> [socket2::SockFilter; 4] {
+    use socket2::SockFilter;
+    // The network header, seen from a UDP socket's filter (which starts at the UDP header).
+    let at = (libc::SKF_NET_OFF + if v6 { 7 } else { 8 }) as u32;
+    [
+        SockFilter::new(
+            (libc::BPF_LD | libc::BPF_B | libc::BPF_ABS) as u16,
+            0,
+            0,
+            at,
+        ),
+        SockFilter::new(
+            (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+            0,
+            1,
+            TTL,
+        ),
+        SockFilter::new((libc::BPF_RET | libc::BPF_K) as u16, 0, 0, u32::MAX),
+        SockFilter::new((libc::BPF_RET | libc::BPF_K) as u16, 0, 0, 0),
+    ]
+}
+
 /// A non-blocking, close-on-exec UDP socket of the family (socket2).
 fn udp_socket(v6: bool) -> io::Result<Socket> {
     let domain = if v6 { Domain::IPV6 } else { Domain::IPV4 };
@@ -110,8 +142,27 @@ impl RxSocket {
             setsockopt_int(fd.as_raw_fd(), libc::IPPROTO_IP, libc::IP_RECVTTL, 1)?;
             SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port)
         };
+        fd.attach_filter(&gtsm_filter(v6))?;
         fd.bind(&SockAddr::from(addr))?;
         Ok(RxSocket { fd })
+    }
+
+    /// Datagrams the kernel dropped for this socket: the GTSM filter's, and any that found
+    /// the receive queue full (`SO_MEMINFO`'s drop count; it wraps at 2^32).
+    pub fn kernel_drops(&self) -> io::Result<u32> {
+        let mut info = [0u32; SK_MEMINFO_VARS];
+        let mut len = size_of_val(&info) as libc::socklen_t;
+        // SAFETY: `info` is writable for `len` bytes, and the kernel writes at most `len`.
+        check(unsafe {
+            libc::getsockopt(
+                self.fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                SO_MEMINFO,
+                info.as_mut_ptr().cast(),
+                &mut len,
+            )
+        })?;
+        Ok(info[libc::SK_MEMINFO_DROPS as usize])
     }
 
     /// Reads one datagram into `buf`; `WouldBlock` when none is queued.
@@ -241,5 +292,50 @@ mod tests {
         assert_eq!(d.ttl, Some(255));
         assert_eq!(d.from, tx.local);
         assert_eq!(&buf[..5], b"hello");
+    }
+
+    /// A datagram that did not arrive with TTL (hop limit) 255 is dropped by the kernel's
+    /// filter: never read, counted in the socket's drops.
+    #[test]
+    fn the_kernel_drops_datagrams_without_ttl_255() {
+        if !ferrolb_tests::private_netns("the_kernel_drops_datagrams_without_ttl_255") {
+            return;
+        }
+        for (v6, lo) in [
+            (false, IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            (true, IpAddr::V6(Ipv6Addr::LOCALHOST)),
+        ] {
+            let rx = RxSocket::bind(v6, CONTROL_PORT).unwrap();
+            let to = SockAddr::from(SocketAddr::new(lo, CONTROL_PORT));
+            let send = |ttl: u32, what: &[u8]| {
+                let s = udp_socket(v6).unwrap();
+                if v6 {
+                    s.set_unicast_hops_v6(ttl).unwrap();
+                } else {
+                    s.set_ttl_v4(ttl).unwrap();
+                }
+                s.send_to(what, &to).unwrap();
+            };
+            for ttl in [1, 64, 254] {
+                send(ttl, b"far");
+            }
+            send(255, b"near");
+            let mut buf = [0u8; 64];
+            let mut got = Vec::new();
+            for _ in 0..40 {
+                match rx.recv(&mut buf) {
+                    Ok(d) => got.push((buf[..d.len].to_vec(), d.ttl)),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        if !got.is_empty() {
+                            break;
+                        }
+                        std::thread::sleep(std::time::Duration::from_millis(5))
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            }
+            assert_eq!(got, vec![(b"near".to_vec(), Some(255))], "v6 {v6}");
+            assert_eq!(rx.kernel_drops().unwrap(), 3, "v6 {v6}");
+        }
     }
 }
