@@ -364,7 +364,9 @@ impl Runner {
                 .schedule
                 .first()
                 .map(|(t, _)| *t)
-                .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600))
+                // The kernel's drop count is read every second, sessions or not.
+                .min(drops_read + Duration::from_secs(1));
             let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline));
             tokio::select! {
                 cmd = cmds.recv() => match cmd {

@@ -74,8 +74,9 @@ fn from_sockaddr(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
     }
 }
 
-/// `SO_MEMINFO` (`asm-generic/socket.h`; the libc crate does not have it) and the length of
-/// its answer (`SK_MEMINFO_VARS`).
+/// `SO_MEMINFO` (`asm-generic/socket.h`: x86_64, aarch64, riscv64; the libc crate does not
+/// have it) and the length of its answer (`SK_MEMINFO_VARS`). Where the number differs
+/// (sparc, parisc), the call fails and the drops read as none.
 const SO_MEMINFO: libc::c_int = 55;
 const SK_MEMINFO_VARS: usize = 9;
 
