@@ -364,14 +364,9 @@ fn floods_and_forgeries_leave_the_vip_serving() {
     // 7. 1,000 idle connections to the REST API from one address (a stranger who reaches
     //    the port): all but its 64 are closed at accept and counted, the agent holds no more
     //    descriptors than those 64 take, and the API answers another address meanwhile.
-    let agent = lab
-        .processes("lb1")
-        .unwrap()
-        .into_iter()
-        .find(|p| p.comm == "ferrolb")
-        .expect("lb1's agent");
+    let agent = ferrolb_tests::agent_pid(&lab, "lb1");
     let fds = || {
-        std::fs::read_dir(format!("/proc/{}/fd", agent.pid))
+        std::fs::read_dir(format!("/proc/{agent}/fd"))
             .unwrap()
             .count()
     };

@@ -177,13 +177,7 @@ fn failover_under_probe(lab: &TestLab, vip: &str, name: &str) -> (Vec<Value>, u6
 fn drain_under_probe(lab: &TestLab, vip: &str, name: &str) -> (Vec<Value>, u64, u64) {
     spawn_udpflow(lab, vip, 6.0, 16, name);
     std::thread::sleep(Duration::from_millis(1000));
-    let pid = lab
-        .processes("lb2")
-        .unwrap()
-        .into_iter()
-        .find(|p| p.comm == "ferrolb")
-        .unwrap()
-        .pid;
+    let pid = ferrolb_tests::agent_pid(lab, "lb2");
     lab.exec_ok("lb2", &["kill", "-TERM", &pid.to_string()])
         .unwrap();
     let flows = read_flows(lab, name);

@@ -96,6 +96,16 @@ pub fn private_netns(test: &str) -> bool {
     true
 }
 
+/// The pid of the ferrolb agent running on `node` (panics when there is none).
+pub fn agent_pid(lab: &Lab, node: &str) -> i32 {
+    lab.processes(node)
+        .expect("the node's processes")
+        .into_iter()
+        .find(|p| p.comm == "ferrolb")
+        .unwrap_or_else(|| panic!("no ferrolb agent runs on {node}"))
+        .pid
+}
+
 /// Waits (up to 20 s) until the agent on `node` answers its REST API.
 pub fn wait_api(lab: &Lab, node: &str) {
     lab.wait_until(&format!("{node}'s API"), Duration::from_secs(20), || {
