@@ -3,15 +3,16 @@
 //! Only `--cluster` addresses connect, but an address is a host, and any process on it can
 //! connect from it. Before these bounds, one such process could open connections without
 //! limit (each a task and a descriptor), and subscriptions that read nothing, each holding a
-//! thread of the blocking pool in a snapshot walk for good; 512 of them would stop every
-//! blocking task of the agent.
+//! thread of the blocking pool in a snapshot walk for good; four of them took every blocking
+//! thread of the agent's sync runtime, which also installs the peers' flows (decision 0012).
 //!
 //! - At most [`crate::Config::max_connections_per_peer`] connections from one address. At the
 //!   limit, a new connection takes the place of the oldest one that has not carried an
 //!   accepted request (a completed mutual-TLS handshake, a request with the token, or any
 //!   request where neither is set); when every one has, it is closed at once. So where the
 //!   peers authenticate, idle or unauthenticated connections cannot keep the real peer out.
-//! - Subscriptions and stalled subscribers are bounded in `lib.rs` (`Streams`, `send`).
+//! - Subscriptions, snapshot walks and stalled subscribers are bounded in `lib.rs` (`to_end`,
+//!   `walk_places`, `send`).
 
 use std::io;
 use std::net::SocketAddr;
