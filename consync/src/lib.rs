@@ -36,7 +36,7 @@ pub mod log;
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -204,7 +204,8 @@ pub struct Stats {
     /// Of those, connections from an address that is not a configured peer's.
     pub refused_address: AtomicU64,
     /// Of those, connections from a peer address that had
-    /// [`Config::max_connections_per_peer`] open, all in use.
+    /// [`Config::max_connections_per_peer`] open, all in use, and Handover requests from a
+    /// peer that had one in progress.
     pub refused_limit: AtomicU64,
     /// Connections open now (from peer addresses).
     pub connections: AtomicU64,
@@ -243,6 +244,27 @@ struct PeerSlot {
     addr: SocketAddr,
     info: Mutex<PeerInfo>,
     wake: tokio::sync::Notify,
+    /// A Handover from this peer is being served (one at a time: each waits up to 3 s for
+    /// the sync to catch up, so without it one connection could keep hundreds waiting).
+    handover: AtomicBool,
+}
+
+/// Holds a peer's Handover place; gives it back when the request ends, however it ends (the
+/// caller gone drops the request's future, and this with it).
+struct HandoverPlace<'a>(&'a AtomicBool);
+
+impl<'a> HandoverPlace<'a> {
+    fn take(flag: &'a AtomicBool) -> Option<HandoverPlace<'a>> {
+        // Not `then_some`: its argument is built either way, and dropping it would give back
+        // a place this call never had.
+        (!flag.swap(true, Ordering::AcqRel)).then(|| HandoverPlace(flag))
+    }
+}
+
+impl Drop for HandoverPlace<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
 }
 
 impl PeerSlot {
@@ -301,6 +323,7 @@ impl Consync {
                             ..Default::default()
                         }),
                         wake: tokio::sync::Notify::new(),
+                        handover: AtomicBool::new(false),
                     })
                 })
                 .collect(),
@@ -747,10 +770,9 @@ impl ConSync for Service {
         let remote = req.remote_addr().map(|a| a.ip().to_canonical());
         let r = req.into_inner();
         // The sender must be the peer whose own stream reported the node id it claims.
-        let Some(from) = self.cs.peers.iter().find_map(|p| {
+        let Some(slot) = self.cs.peers.iter().find(|p| {
             let i = p.info();
-            (i.node_id == Some(r.node_id) && Some(p.addr.ip().to_canonical()) == remote)
-                .then_some(p.addr)
+            i.node_id == Some(r.node_id) && Some(p.addr.ip().to_canonical()) == remote
         }) else {
             self.cs.stats.refused.fetch_add(1, Ordering::Relaxed);
             warn!(
@@ -761,6 +783,23 @@ impl ConSync for Service {
             return Err(Status::permission_denied(format!(
                 "Handover refused: {} is not the address of node {}",
                 remote.map_or_else(|| "an unknown address".to_string(), |a| a.to_string()),
+                r.node_id
+            )));
+        };
+        let from = slot.addr;
+        let Some(_place) = HandoverPlace::take(&slot.handover) else {
+            self.cs.stats.refused.fetch_add(1, Ordering::Relaxed);
+            let n = self.cs.stats.refused_limit.fetch_add(1, Ordering::Relaxed);
+            if n.is_multiple_of(1000) {
+                warn!(
+                    ?remote,
+                    node = r.node_id,
+                    refused = n + 1,
+                    "conntrack sync: Handover refused, one from that node is in progress"
+                );
+            }
+            return Err(Status::resource_exhausted(format!(
+                "Handover refused: one from node {} is in progress",
                 r.node_id
             )));
         };

@@ -506,6 +506,62 @@ fn only_cluster_addresses_connect_and_handovers_come_from_the_claimed_node() {
             a.took.lock().unwrap().is_empty(),
             "no forged handover taken"
         );
+        // Many at once from B's address as B, on one connection, none of which can catch up
+        // (a position B never published): one waits its 3 s, the rest are refused at once.
+        let (epoch, seq) = sb.position();
+        let ch = channel(pb_.ip(), pa).await;
+        let busy_before = sa.stats().refused_limit.load(Ordering::Relaxed);
+        let started = Instant::now();
+        let many: Vec<_> = (0..20)
+            .map(|_| {
+                let mut client = pb::con_sync_client::ConSyncClient::new(ch.clone());
+                tokio::spawn(async move {
+                    let mut req = tonic::Request::new(pb::HandoverRequest {
+                        node_id: 1,
+                        instance: "llb-inst0".into(),
+                        term: 3,
+                        epoch,
+                        seq: seq + 1_000_000,
+                    });
+                    req.set_timeout(Duration::from_secs(5));
+                    let r = client.handover(req).await;
+                    (r.map(|r| r.into_inner()), started.elapsed())
+                })
+            })
+            .collect();
+        let mut answers = Vec::new();
+        for h in many {
+            answers.push(h.await.unwrap());
+        }
+        let waited: Vec<_> = answers.iter().filter(|(r, _)| r.is_ok()).collect();
+        assert_eq!(waited.len(), 1, "one Handover waits: {answers:?}");
+        let (r, took) = waited[0];
+        let r = r.as_ref().unwrap();
+        assert!(!r.accepted && r.reason.contains("not caught up"), "{r:?}");
+        assert!(*took >= Duration::from_millis(2900), "it waited {took:?}");
+        for (r, took) in answers.iter().filter(|(r, _)| r.is_err()) {
+            let e = r.as_ref().unwrap_err();
+            assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+            assert!(*took < Duration::from_secs(1), "refused after {took:?}");
+        }
+        assert_eq!(
+            sa.stats().refused_limit.load(Ordering::Relaxed) - busy_before,
+            19
+        );
+        // A caller that gives up (its deadline, which the server applies too) gives the place
+        // back: the next request is served, not refused.
+        let mut client = pb::con_sync_client::ConSyncClient::new(ch.clone());
+        let mut req = tonic::Request::new(pb::HandoverRequest {
+            node_id: 1,
+            instance: "llb-inst0".into(),
+            term: 3,
+            epoch,
+            seq: seq + 1_000_000,
+        });
+        req.set_timeout(Duration::from_millis(300));
+        let e = client.handover(req).await.unwrap_err();
+        assert_ne!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+        assert!(a.took.lock().unwrap().is_empty(), "nothing taken yet");
         // From B's address as B: the request reaches the node (which decides on terms).
         let r = forge(pb_.ip(), pa, 1, sb.position()).await.unwrap();
         assert!(r.accepted, "{}", r.reason);

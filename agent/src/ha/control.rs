@@ -188,7 +188,7 @@ pub fn record_metrics(ha: &Ha) {
     );
     counter(
         "ferrolb_sync_refused_limit_total",
-        "Sync connections refused because their address had the most connections allowed open, all in use.",
+        "Sync connections refused because their address had the most connections allowed open, all in use, and Handover requests refused because one from the same peer was in progress.",
         &[],
         st.refused_limit.load(Ordering::Relaxed),
     );
