@@ -183,6 +183,39 @@ pub fn unique_name(label: &str) -> String {
     )
 }
 
+/// `SCHED_FIFO` priority of the lab routers' BFD daemons (FRR's `bfdd`), that of the agents'
+/// BFD threads (`--bfd-rt-priority`' default).
+const ROUTER_BFD_RT_PRIORITY: &str = "10";
+
+/// Runs every FRR `bfdd` of the lab at real-time priority, as the agents run their BFD threads.
+/// The lab's routers stand for routers with CPUs of their own; on this machine they share two
+/// cores with the agents, the backends and the load, and a starved ToR `bfdd` once went silent
+/// for 300 ms toward both LB nodes under a test's load (a fixture failure, not ferrolb's).
+fn routers_realtime(lab: &Lab) {
+    for node in lab.topology().nodes.iter().map(|n| n.name.as_str()) {
+        let Ok(procs) = lab.processes(node) else {
+            continue;
+        };
+        for p in procs.iter().filter(|p| p.comm == "bfdd") {
+            let out = std::process::Command::new("chrt")
+                .args(["-a", "-f", "-p", ROUTER_BFD_RT_PRIORITY, &p.pid.to_string()])
+                .output();
+            match out {
+                Ok(o) if o.status.success() => {}
+                Ok(o) => eprintln!(
+                    "warning: {node}'s bfdd ({}) stays at normal priority: {}",
+                    p.pid,
+                    String::from_utf8_lossy(&o.stderr).trim()
+                ),
+                Err(e) => eprintln!(
+                    "warning: {node}'s bfdd ({}) stays at normal priority: chrt: {e}",
+                    p.pid
+                ),
+            }
+        }
+    }
+}
+
 /// A lab owned by one test.
 pub struct TestLab {
     lab: Option<Lab>,
@@ -215,6 +248,7 @@ impl TestLab {
             ..UpOptions::default()
         };
         let lab = Lab::up(repo_root().join(topology), opts)?;
+        routers_realtime(&lab);
         Ok(TestLab {
             lab: Some(lab),
             dir,
