@@ -370,7 +370,11 @@ impl Runner {
             let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline));
             tokio::select! {
                 cmd = cmds.recv() => match cmd {
-                    Some(c) => self.command(c),
+                    Some(c) => {
+                        if self.command(c) {
+                            self.refilter(&rx4, rx6.as_ref());
+                        }
+                    }
                     None => return,
                 },
                 r = rx4.readable() => {
@@ -434,7 +438,19 @@ impl Runner {
         }
     }
 
-    fn command(&mut self, c: Cmd) {
+    /// Names the sessions' peers to the receive sockets' filters, so that the kernel drops
+    /// datagrams from anyone else before they wake this thread.
+    fn refilter(&self, rx4: &AsyncFd<RxSocket>, rx6: Option<&AsyncFd<RxSocket>>) {
+        let peers: Vec<IpAddr> = self.sessions.keys().copied().collect();
+        for s in std::iter::once(rx4).chain(rx6) {
+            if let Err(e) = s.get_ref().set_peers(&peers) {
+                warn!(error = %e, "BFD: the kernel refused the receive filter listing the peers; it checks the TTL alone");
+            }
+        }
+    }
+
+    /// Carries out a command; true when the set of session peers changed.
+    fn command(&mut self, c: Cmd) -> bool {
         let now = Instant::now();
         match c {
             Cmd::Upsert(cfg, reply) => {
@@ -444,14 +460,14 @@ impl Runner {
                             "session to {} exists with source {}; remove it first",
                             cfg.peer, e.cfg.local
                         ))));
-                        return;
+                        return false;
                     }
                     e.fsm.set_config(cfg.session.clone(), now);
                     let peer = cfg.peer;
                     e.cfg = cfg;
                     self.reschedule(peer);
                     let _ = reply.send(Ok(false));
-                    return;
+                    return false;
                 }
                 let mut discr = random_u32();
                 while discr == 0 || self.by_discr.contains_key(&discr) {
@@ -464,7 +480,7 @@ impl Runner {
                             context: format!("bind a BFD source socket on {}", cfg.local),
                             source: e,
                         }));
-                        return;
+                        return false;
                     }
                 };
                 info!(peer = %cfg.peer, local = %tx.local, discr, "BFD session added");
@@ -485,11 +501,12 @@ impl Runner {
                 );
                 self.reschedule(peer);
                 let _ = reply.send(Ok(true));
+                true
             }
             Cmd::Remove(peer, reply) => {
                 let Some(mut e) = self.sessions.remove(&peer) else {
                     let _ = reply.send(false);
-                    return;
+                    return false;
                 };
                 self.reschedule(peer);
                 self.by_discr.remove(&e.fsm.local_discr());
@@ -506,6 +523,7 @@ impl Runner {
                 }
                 info!(%peer, "BFD session removed");
                 let _ = reply.send(true);
+                true
             }
             Cmd::List(reply) => {
                 let mut v: Vec<PeerStatus> = self
@@ -527,6 +545,7 @@ impl Runner {
                     .collect();
                 v.sort_by_key(|p| p.peer);
                 let _ = reply.send(v);
+                false
             }
         }
     }

@@ -80,28 +80,76 @@ fn from_sockaddr(ss: &libc::sockaddr_storage) -> Option<SocketAddr> {
 const SO_MEMINFO: libc::c_int = 55;
 const SK_MEMINFO_VARS: usize = 9;
 
-/// GTSM in the kernel: a socket filter that keeps a datagram only when its IPv4 TTL (byte 8
-/// of the IP header) or IPv6 hop limit (byte 7) is 255.
-fn gtsm_filter(v6: bool) -> [socket2::SockFilter; 4] {
+/// The most session peers of one family the receive filter lists by address; with more, it
+/// checks the TTL alone (the BFD thread still drops the rest, as `no_session`). 9 instructions
+/// an IPv6 address: 256 of them stay well inside classic BPF's 4,096.
+pub const MAX_FILTER_PEERS: usize = 256;
+
+/// The socket filter of a receive socket, in the kernel: it keeps a datagram only when its
+/// IPv4 TTL (byte 8 of the IP header) or IPv6 hop limit (byte 7) is 255 (GTSM, RFC 5881) and,
+/// when `peers` is given, its source address is one of them (the BFD thread would drop any
+/// other as `no_session`: this keeps a flood from neighbours on the link, which can send TTL
+/// 255, from waking it). Every jump is forward and short (each match returns at once), so the
+/// program stays valid whatever the number of peers.
+fn rx_filter(v6: bool, peers: Option<&[IpAddr]>) -> Vec<socket2::SockFilter> {
     use socket2::SockFilter;
-    // The network header, seen from a UDP socket's filter (which starts at the UDP header).
-    let at = (libc::SKF_NET_OFF + if v6 { 7 } else { 8 }) as u32;
-    [
+    const ACCEPT: u32 = u32::MAX;
+    let ld = |size: u32, off: i32| {
         SockFilter::new(
-            (libc::BPF_LD | libc::BPF_B | libc::BPF_ABS) as u16,
+            (libc::BPF_LD | size | libc::BPF_ABS) as u16,
             0,
             0,
-            at,
-        ),
+            // The network header, seen from a UDP socket's filter (which starts at the UDP
+            // header).
+            (libc::SKF_NET_OFF + off) as u32,
+        )
+    };
+    let jeq = |k: u32, jt: u8, jf: u8| {
         SockFilter::new(
             (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
-            0,
-            1,
-            TTL,
-        ),
-        SockFilter::new((libc::BPF_RET | libc::BPF_K) as u16, 0, 0, u32::MAX),
-        SockFilter::new((libc::BPF_RET | libc::BPF_K) as u16, 0, 0, 0),
-    ]
+            jt,
+            jf,
+            k,
+        )
+    };
+    let ret = |k: u32| SockFilter::new((libc::BPF_RET | libc::BPF_K) as u16, 0, 0, k);
+    let mut f = vec![
+        ld(libc::BPF_B, if v6 { 7 } else { 8 }),
+        jeq(TTL, 1, 0),
+        ret(0),
+    ];
+    let Some(peers) = peers else {
+        f.push(ret(ACCEPT));
+        return f;
+    };
+    if v6 {
+        for a in peers.iter().filter_map(|a| match a {
+            IpAddr::V6(a) => Some(a.octets()),
+            IpAddr::V4(_) => None,
+        }) {
+            // Four words of the source address (bytes 8-23); a mismatch skips to the next
+            // peer's block (9 instructions: 4 loads, 4 compares, the return).
+            for w in 0..4 {
+                let word = u32::from_be_bytes([a[4 * w], a[4 * w + 1], a[4 * w + 2], a[4 * w + 3]]);
+                f.push(ld(libc::BPF_W, 8 + 4 * w as i32));
+                // jf counts from the instruction after the compare: the rest of the block
+                // is 2 * (3 - w) loads and compares and the return.
+                f.push(jeq(word, 0, (2 * (3 - w) + 1) as u8));
+            }
+            f.push(ret(ACCEPT));
+        }
+    } else {
+        f.push(ld(libc::BPF_W, 12));
+        for a in peers.iter().filter_map(|a| match a {
+            IpAddr::V4(a) => Some(u32::from(*a)),
+            IpAddr::V6(_) => None,
+        }) {
+            f.push(jeq(a, 0, 1));
+            f.push(ret(ACCEPT));
+        }
+    }
+    f.push(ret(0));
+    f
 }
 
 /// A non-blocking, close-on-exec UDP socket of the family (socket2).
@@ -115,6 +163,7 @@ fn udp_socket(v6: bool) -> io::Result<Socket> {
 /// A receiving socket on port 3784 (or another port, for tests) for one family.
 pub struct RxSocket {
     fd: Socket,
+    v6: bool,
 }
 
 /// One received datagram.
@@ -143,9 +192,26 @@ impl RxSocket {
             setsockopt_int(fd.as_raw_fd(), libc::IPPROTO_IP, libc::IP_RECVTTL, 1)?;
             SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port)
         };
-        fd.attach_filter(&gtsm_filter(v6))?;
+        // No session yet: nothing is kept until the runner names its peers.
+        fd.attach_filter(&rx_filter(v6, Some(&[])))?;
         fd.bind(&SockAddr::from(addr))?;
-        Ok(RxSocket { fd })
+        Ok(RxSocket { fd, v6 })
+    }
+
+    /// Keeps, from now on, only datagrams with TTL 255 from `peers` (those of the other
+    /// family are ignored); past [`MAX_FILTER_PEERS`] of this family, any with TTL 255. The
+    /// kernel swaps the filter whole. When it refuses, the TTL-only filter is tried, so that
+    /// a peer's datagrams are never left to an older list.
+    pub fn set_peers(&self, peers: &[IpAddr]) -> io::Result<()> {
+        let mine = peers.iter().filter(|a| a.is_ipv6() == self.v6).count();
+        let listed = (mine <= MAX_FILTER_PEERS).then_some(peers);
+        match self.fd.attach_filter(&rx_filter(self.v6, listed)) {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                self.fd.attach_filter(&rx_filter(self.v6, None))?;
+                Err(e)
+            }
+        }
     }
 
     /// Datagrams the kernel dropped for this socket: the GTSM filter's, and any that found
@@ -267,6 +333,7 @@ mod tests {
             return;
         }
         let rx = RxSocket::bind(false, CONTROL_PORT).unwrap();
+        rx.set_peers(&[IpAddr::V4(Ipv4Addr::LOCALHOST)]).unwrap();
         let tx = TxSocket::bind(IpAddr::V4(Ipv4Addr::LOCALHOST), 50000).unwrap();
         assert!(SOURCE_PORTS.contains(&tx.local.port()));
         tx.send_to(
@@ -295,11 +362,11 @@ mod tests {
         assert_eq!(&buf[..5], b"hello");
     }
 
-    /// A datagram that did not arrive with TTL (hop limit) 255 is dropped by the kernel's
-    /// filter: never read, counted in the socket's drops.
+    /// The kernel's filter keeps a datagram only when it arrived with TTL (hop limit) 255
+    /// from a session's peer; the rest are never read, and counted in the socket's drops.
     #[test]
-    fn the_kernel_drops_datagrams_without_ttl_255() {
-        if !ferrolb_tests::private_netns("the_kernel_drops_datagrams_without_ttl_255") {
+    fn the_kernel_keeps_only_ttl_255_from_session_peers() {
+        if !ferrolb_tests::private_netns("the_kernel_keeps_only_ttl_255_from_session_peers") {
             return;
         }
         for (v6, lo) in [
@@ -317,26 +384,78 @@ mod tests {
                 }
                 s.send_to(what, &to).unwrap();
             };
+            let mut buf = [0u8; 64];
+            let mut read = || {
+                let mut got = Vec::new();
+                for _ in 0..20 {
+                    match rx.recv(&mut buf) {
+                        Ok(d) => got.push(buf[..d.len].to_vec()),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            if !got.is_empty() {
+                                break;
+                            }
+                            std::thread::sleep(std::time::Duration::from_millis(5))
+                        }
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+                got
+            };
+            // Other peers, of both families, many of them: 200 IPv6 peers are 1,800
+            // instructions, and each block's jumps must land on the next block.
+            let others: Vec<IpAddr> = (1..=200u16)
+                .map(|i| {
+                    if v6 {
+                        IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 1, i))
+                    } else {
+                        IpAddr::V4(Ipv4Addr::new(192, 0, 2, i as u8))
+                    }
+                })
+                .chain([
+                    IpAddr::V4(Ipv4Addr::new(198, 51, 100, 1)),
+                    IpAddr::V6(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1)),
+                    // Differs from the loopback address in its last word only.
+                    if v6 {
+                        IpAddr::V6(Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 2))
+                    } else {
+                        IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2))
+                    },
+                ])
+                .collect();
+            // No session yet: nothing is kept.
+            send(255, b"early");
+            // Sessions with others: a datagram from this address is not theirs.
+            rx.set_peers(&others).unwrap();
+            send(255, b"stranger");
+            assert!(read().is_empty(), "v6 {v6}");
+            assert_eq!(rx.kernel_drops().unwrap(), 2, "v6 {v6}");
+            // A session with this address, last in the list.
+            let mut peers = others.clone();
+            peers.push(lo);
+            rx.set_peers(&peers).unwrap();
             for ttl in [1, 64, 254] {
                 send(ttl, b"far");
             }
             send(255, b"near");
-            let mut buf = [0u8; 64];
-            let mut got = Vec::new();
-            for _ in 0..40 {
-                match rx.recv(&mut buf) {
-                    Ok(d) => got.push((buf[..d.len].to_vec(), d.ttl)),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        if !got.is_empty() {
-                            break;
-                        }
-                        std::thread::sleep(std::time::Duration::from_millis(5))
+            assert_eq!(read(), vec![b"near".to_vec()], "v6 {v6}");
+            assert_eq!(rx.kernel_drops().unwrap(), 5, "v6 {v6}");
+            // More peers of the family than the filter lists: the TTL alone is checked.
+            let many: Vec<IpAddr> = (0..MAX_FILTER_PEERS as u32 + 1)
+                .map(|i| {
+                    if v6 {
+                        IpAddr::V6(Ipv6Addr::from(
+                            0x2001_0db8_0000_0000_0000_0000_0002_0000 + u128::from(i),
+                        ))
+                    } else {
+                        IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i))
                     }
-                    Err(e) => panic!("{e}"),
-                }
-            }
-            assert_eq!(got, vec![(b"near".to_vec(), Some(255))], "v6 {v6}");
-            assert_eq!(rx.kernel_drops().unwrap(), 3, "v6 {v6}");
+                })
+                .collect();
+            rx.set_peers(&many).unwrap();
+            send(64, b"far");
+            send(255, b"unlisted");
+            assert_eq!(read(), vec![b"unlisted".to_vec()], "v6 {v6}");
+            assert_eq!(rx.kernel_drops().unwrap(), 6, "v6 {v6}");
         }
     }
 }
