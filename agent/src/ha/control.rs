@@ -162,47 +162,46 @@ pub fn record_metrics(ha: &Ha) {
         return;
     };
     let st = cs.stats();
-    counter(
-        "ferrolb_sync_entries_sent_total",
-        "Flows and changes sent to subscribers (snapshots included).",
-        &[],
-        st.sent.load(Ordering::Relaxed),
-    );
+    for (name, help, v) in [
+        (
+            "ferrolb_sync_entries_sent_total",
+            "Flows and changes sent to subscribers (snapshots included).",
+            &st.sent,
+        ),
+        (
+            "ferrolb_sync_refused_total",
+            "Sync connections and requests refused (address outside --cluster, address at its connection limit, bad or missing token, failed TLS handshake, forged Handover, Handover while one from the same peer is in progress).",
+            &st.refused,
+        ),
+        (
+            "ferrolb_sync_refused_address_total",
+            "Sync connections refused because the address is not a --cluster peer's.",
+            &st.refused_address,
+        ),
+        (
+            "ferrolb_sync_refused_limit_total",
+            "Sync connections refused because their address had the most connections allowed open, all in use, and Handover requests refused because one from the same peer was in progress.",
+            &st.refused_limit,
+        ),
+        (
+            "ferrolb_sync_connections_displaced_total",
+            "Sync connections closed for a newer one from their address (they had carried no accepted request).",
+            &st.evicted,
+        ),
+    ] {
+        counter(name, help, &[], v.load(Ordering::Relaxed));
+    }
     gauge(
         "ferrolb_sync_queue_depth",
         "Changes not yet sent to the slowest subscriber.",
         &[],
         cs.queue_depth() as f64,
     );
-    counter(
-        "ferrolb_sync_refused_total",
-        "Sync connections and requests refused (address outside --cluster, address at its connection limit, bad or missing token, failed TLS handshake, forged Handover).",
-        &[],
-        st.refused.load(Ordering::Relaxed),
-    );
-    counter(
-        "ferrolb_sync_refused_address_total",
-        "Sync connections refused because the address is not a --cluster peer's.",
-        &[],
-        st.refused_address.load(Ordering::Relaxed),
-    );
-    counter(
-        "ferrolb_sync_refused_limit_total",
-        "Sync connections refused because their address had the most connections allowed open, all in use, and Handover requests refused because one from the same peer was in progress.",
-        &[],
-        st.refused_limit.load(Ordering::Relaxed),
-    );
     gauge(
         "ferrolb_sync_connections",
         "Sync connections open from peer addresses.",
         &[],
         st.connections.load(Ordering::Relaxed) as f64,
-    );
-    counter(
-        "ferrolb_sync_connections_displaced_total",
-        "Sync connections closed for a newer one from their address (they had carried no accepted request).",
-        &[],
-        st.evicted.load(Ordering::Relaxed),
     );
     for (reason, v) in [
         ("replaced", &st.streams_ended_limit),
