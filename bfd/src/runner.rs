@@ -19,7 +19,7 @@ use tracing::{debug, info, warn};
 
 use crate::fsm::{Action, Session, SessionConfig, Status};
 use crate::packet::{Diag, Packet, State};
-use crate::socket::{CONTROL_PORT, RxSocket, TTL, TxSocket};
+use crate::socket::{CONTROL_PORT, MAX_FILTER_PEERS, RxSocket, TTL, TxSocket};
 
 /// One peer's session as the caller describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -262,6 +262,7 @@ pub fn spawn(port: u16, rt_priority: u8) -> Result<Handle, BfdError> {
         events: ev_tx.clone(),
         counters: counters.clone(),
         late_warned: None,
+        filters_unlisted: false,
     };
     let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<Result<(), BfdError>>(1);
     let io_err = |context: &str| {
@@ -348,6 +349,9 @@ struct Runner {
     counters: Arc<GlobalCounters>,
     /// When lateness was last logged.
     late_warned: Option<Instant>,
+    /// The receive filters check the TTL alone: a family has more session peers than they
+    /// list (warned once each time it happens).
+    filters_unlisted: bool,
 }
 
 impl Runner {
@@ -440,8 +444,18 @@ impl Runner {
 
     /// Names the sessions' peers to the receive sockets' filters, so that the kernel drops
     /// datagrams from anyone else before they wake this thread.
-    fn refilter(&self, rx4: &AsyncFd<RxSocket>, rx6: Option<&AsyncFd<RxSocket>>) {
+    fn refilter(&mut self, rx4: &AsyncFd<RxSocket>, rx6: Option<&AsyncFd<RxSocket>>) {
         let peers: Vec<IpAddr> = self.sessions.keys().copied().collect();
+        let v6 = peers.iter().filter(|a| a.is_ipv6()).count();
+        let unlisted = v6.max(peers.len() - v6) > MAX_FILTER_PEERS;
+        if unlisted && !self.filters_unlisted {
+            warn!(
+                sessions = peers.len(),
+                listed_at_most = MAX_FILTER_PEERS,
+                "BFD: more session peers of a family than the kernel filter lists; it checks the TTL alone, and datagrams from strangers on the link reach the BFD thread"
+            );
+        }
+        self.filters_unlisted = unlisted;
         for s in std::iter::once(rx4).chain(rx6) {
             if let Err(e) = s.get_ref().set_peers(&peers) {
                 warn!(error = %e, "BFD: the kernel refused the receive filter listing the peers; it checks the TTL alone");
