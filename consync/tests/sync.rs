@@ -422,6 +422,24 @@ fn at(ip: [u8; 4], port: u16) -> SocketAddr {
     SocketAddr::from((ip, port))
 }
 
+/// A Handover from node 1 at a position a million changes past `seq` (never published, so
+/// the server waits its full 3 s for it), with the caller's deadline `timeout`.
+fn unreachable_handover(
+    epoch: u64,
+    seq: u64,
+    timeout: Duration,
+) -> tonic::Request<pb::HandoverRequest> {
+    let mut req = tonic::Request::new(pb::HandoverRequest {
+        node_id: 1,
+        instance: "llb-inst0".into(),
+        term: 3,
+        epoch,
+        seq: seq + 1_000_000,
+    });
+    req.set_timeout(timeout);
+    req
+}
+
 /// A host outside `--cluster` is refused at accept (no token configured); a Handover is
 /// taken only from the address of the node it claims to come from.
 #[test]
@@ -516,14 +534,7 @@ fn only_cluster_addresses_connect_and_handovers_come_from_the_claimed_node() {
             .map(|_| {
                 let mut client = pb::con_sync_client::ConSyncClient::new(ch.clone());
                 tokio::spawn(async move {
-                    let mut req = tonic::Request::new(pb::HandoverRequest {
-                        node_id: 1,
-                        instance: "llb-inst0".into(),
-                        term: 3,
-                        epoch,
-                        seq: seq + 1_000_000,
-                    });
-                    req.set_timeout(Duration::from_secs(5));
+                    let req = unreachable_handover(epoch, seq, Duration::from_secs(5));
                     let r = client.handover(req).await;
                     (r.map(|r| r.into_inner()), started.elapsed())
                 })
@@ -549,16 +560,9 @@ fn only_cluster_addresses_connect_and_handovers_come_from_the_claimed_node() {
             19
         );
         // A caller that gives up (its deadline, which the server applies too) gives the place
-        // back: the next request is served, not refused.
+        // back at once: the request right after it (below) is served, not refused.
         let mut client = pb::con_sync_client::ConSyncClient::new(ch.clone());
-        let mut req = tonic::Request::new(pb::HandoverRequest {
-            node_id: 1,
-            instance: "llb-inst0".into(),
-            term: 3,
-            epoch,
-            seq: seq + 1_000_000,
-        });
-        req.set_timeout(Duration::from_millis(300));
+        let req = unreachable_handover(epoch, seq, Duration::from_millis(300));
         let e = client.handover(req).await.unwrap_err();
         assert_ne!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
         assert!(a.took.lock().unwrap().is_empty(), "nothing taken yet");
