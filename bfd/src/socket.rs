@@ -214,8 +214,8 @@ impl RxSocket {
         }
     }
 
-    /// Datagrams the kernel dropped for this socket: the GTSM filter's, and any that found
-    /// the receive queue full (`SO_MEMINFO`'s drop count; it wraps at 2^32).
+    /// Datagrams the kernel dropped for this socket: the filter's (TTL, source), and any that
+    /// found the receive queue full (`SO_MEMINFO`'s drop count; it wraps at 2^32).
     pub fn kernel_drops(&self) -> io::Result<u32> {
         let mut info = [0u32; SK_MEMINFO_VARS];
         let mut len = size_of_val(&info) as libc::socklen_t;
