@@ -446,8 +446,15 @@ impl Runner {
     /// datagrams from anyone else before they wake this thread.
     fn refilter(&mut self, rx4: &AsyncFd<RxSocket>, rx6: Option<&AsyncFd<RxSocket>>) {
         let peers: Vec<IpAddr> = self.sessions.keys().copied().collect();
-        let v6 = peers.iter().filter(|a| a.is_ipv6()).count();
-        let unlisted = v6.max(peers.len() - v6) > MAX_FILTER_PEERS;
+        let mut unlisted = false;
+        for s in std::iter::once(rx4).chain(rx6) {
+            match s.get_ref().set_peers(&peers) {
+                Ok(listed) => unlisted |= !listed,
+                Err(e) => {
+                    warn!(error = %e, "BFD: the kernel refused the receive filter listing the peers; it checks the TTL alone");
+                }
+            }
+        }
         if unlisted && !self.filters_unlisted {
             warn!(
                 sessions = peers.len(),
@@ -456,11 +463,6 @@ impl Runner {
             );
         }
         self.filters_unlisted = unlisted;
-        for s in std::iter::once(rx4).chain(rx6) {
-            if let Err(e) = s.get_ref().set_peers(&peers) {
-                warn!(error = %e, "BFD: the kernel refused the receive filter listing the peers; it checks the TTL alone");
-            }
-        }
     }
 
     /// Carries out a command; true when the set of session peers changed.

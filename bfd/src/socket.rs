@@ -201,12 +201,13 @@ impl RxSocket {
     /// Keeps, from now on, only datagrams with TTL 255 from `peers` (those of the other
     /// family are ignored); past [`MAX_FILTER_PEERS`] of this family, any with TTL 255. The
     /// kernel swaps the filter whole. When it refuses, the TTL-only filter is tried, so that
-    /// a peer's datagrams are never left to an older list.
-    pub fn set_peers(&self, peers: &[IpAddr]) -> io::Result<()> {
+    /// a peer's datagrams are never left to an older list. Ok(false): the peers were too many
+    /// to list, and the filter checks the TTL alone.
+    pub fn set_peers(&self, peers: &[IpAddr]) -> io::Result<bool> {
         let mine = peers.iter().filter(|a| a.is_ipv6() == self.v6).count();
         let listed = (mine <= MAX_FILTER_PEERS).then_some(peers);
         match self.fd.attach_filter(&rx_filter(self.v6, listed)) {
-            Ok(()) => Ok(()),
+            Ok(()) => Ok(listed.is_some()),
             Err(e) => {
                 self.fd.attach_filter(&rx_filter(self.v6, None))?;
                 Err(e)

@@ -806,15 +806,14 @@ impl ConSync for Service {
         // Wait until we have applied everything the caller had published when it asked.
         let deadline = Instant::now() + Duration::from_secs(3);
         loop {
-            let caught_up = self.cs.peers.iter().any(|p| {
-                let i = p.info();
-                p.addr == from
-                    && i.node_id == Some(r.node_id)
+            let caught_up = {
+                let i = slot.info();
+                i.node_id == Some(r.node_id)
                     && i.connected
                     && i.synced_once
                     && i.epoch == r.epoch
                     && i.next_seq >= r.seq
-            });
+            };
             if caught_up {
                 break;
             }
